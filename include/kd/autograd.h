@@ -1,0 +1,152 @@
+/*
+ * kd/autograd.h: define-by-run reverse-mode differentiation.
+ *
+ * A kd_graph owns an arena (activations of one step) and a tape (the ops run
+ * so far). Every op below computes its output at once on the graph's backend
+ * and, when gradients are enabled and an input requires them, records itself
+ * on the tape. kd_backward() walks the tape in reverse. Parameters are heap
+ * tensors with persistent .grad buffers that accumulate (+=) across backward
+ * calls until the optimiser zeroes them (gradient accumulation).
+ *
+ * Errors are sticky: an op that fails records the status on the graph and
+ * returns NULL; an op given a NULL input returns NULL at once. Check
+ * kd_graph_status() (or the result of kd_backward) once per step.
+ *
+ * Usage:
+ *     kd_graph *g; kd_graph_init(&g, kd_backend_default());
+ *     for (step...) {
+ *         kd_graph_reset(g);                       // reuses the arena, no malloc
+ *         kd_tensor *x = kd_graph_input(g, batch); // wraps caller memory
+ *         kd_tensor *h = kd_relu(g, kd_conv2d(g, x, w, NULL, &p));
+ *         kd_tensor *loss = kd_cross_entropy(g, kd_linear(g, kd_flatten(g, h), fc_w, fc_b),
+ *                                            labels, 0.0f);
+ *         if (kd_backward(g, loss) != KD_OK) ...;
+ *     }
+ *     kd_graph_free(g);
+ */
+#ifndef KD_AUTOGRAD_H
+#define KD_AUTOGRAD_H
+
+#include "kd/backend.h"
+#include "kd/core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One enum for every differentiable op. Keep kd__op_table in src/autograd in
+ * the same order; a static assertion checks the count. */
+typedef enum {
+    KD_OP_CONV2D = 0,
+    KD_OP_BATCHNORM,     /* 1d (N, C) and 2d (N, C, H, W) */
+    KD_OP_LINEAR,        /* y = x W^T + b, W (out, in) as in PyTorch */
+    KD_OP_MATMUL,        /* (M, K) @ (K, N) */
+    KD_OP_RELU,
+    KD_OP_LEAKY_RELU,
+    KD_OP_ADD,
+    KD_OP_MUL,
+    KD_OP_SCALE,         /* y = s * x, s a constant */
+    KD_OP_AVGPOOL2D,
+    KD_OP_MAXPOOL2D,
+    KD_OP_GLOBAL_AVGPOOL, /* (N, C, H, W) -> (N, C) */
+    KD_OP_RESHAPE,       /* also flatten */
+    KD_OP_TRANSPOSE,     /* swap two axes */
+    KD_OP_CONCAT,
+    KD_OP_SLICE,
+    KD_OP_SOFTMAX,       /* over the last axis */
+    KD_OP_LOG_SOFTMAX,   /* over the last axis */
+    KD_OP_CROSS_ENTROPY, /* mean over the batch, label smoothing */
+    KD_OP_KL_DIV,        /* KL(softmax(t/T) || softmax(s/T)) * T^2, batch-mean */
+    KD_OP_MSE,           /* mean((a - b)^2) */
+    KD_OP_L2_NORMALIZE,  /* x / max(||x||_2, eps) over the last axis */
+    KD_OP_MEAN,          /* over all elements -> scalar */
+    KD_OP_SUM,           /* over all elements -> scalar */
+    KD_OP_EXP,
+    KD_OP_LOG,
+    KD_OP_DROPOUT,       /* inverted dropout, counter-based mask */
+    KD_OP_COUNT
+} kd_op;
+
+typedef struct {
+    const char *name;
+    int has_forward;   /* a plain-C reference forward exists (own code or the ref backend) */
+    int has_backward;  /* a backward rule exists */
+} kd_op_info;
+
+/* Introspection for tests and `kd info`: one entry per kd_op. */
+const kd_op_info *kd_op_get_info(kd_op op);
+
+typedef struct kd_graph kd_graph;
+
+kd_status kd_graph_init(kd_graph **out, kd_backend *be);
+void kd_graph_free(kd_graph *g);
+/* Clears the tape, the arena and the sticky status; keeps the memory. */
+void kd_graph_reset(kd_graph *g);
+kd_status kd_graph_status(const kd_graph *g);
+kd_backend *kd_graph_backend(const kd_graph *g);
+kd_arena *kd_graph_arena(const kd_graph *g);
+/* With gradients disabled no op is recorded (teachers, evaluation). Returns
+ * the previous setting. */
+int kd_graph_set_grad_enabled(kd_graph *g, int enabled);
+int kd_graph_grad_enabled(const kd_graph *g);
+/* Seed and stream key for dropout masks drawn in this step. */
+void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key);
+/* Number of ops currently on the tape. */
+int kd_graph_tape_size(const kd_graph *g);
+
+/* A new arena tensor (uninitialised data, no grad); NULL with the status set on failure. */
+kd_tensor *kd_graph_tensor(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);
+/* A zero-filled arena tensor. */
+kd_tensor *kd_graph_zeros(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);
+/* An arena descriptor that views caller memory (not copied, not owned). */
+kd_tensor *kd_graph_wrap(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape, void *data);
+
+/* Seeds d(loss)/d(loss) = 1 (loss must have one element) and runs the tape
+ * backwards, accumulating into every .grad that requires it. */
+kd_status kd_backward(kd_graph *g, kd_tensor *loss);
+
+/* ---------------------------------------------------------------- ops
+ * Shapes: x (N, C, H, W) for images; (N, D) for vectors. */
+
+kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
+                     const kd_conv2d_params *p);
+/* Batch norm; in training mode it updates running_mean/var in place. */
+kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *beta,
+                        kd_tensor *running_mean, kd_tensor *running_var, const kd_bn_params *p);
+kd_tensor *kd_linear(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b);
+kd_tensor *kd_matmul(kd_graph *g, kd_tensor *a, kd_tensor *b);
+kd_tensor *kd_relu(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_leaky_relu(kd_graph *g, kd_tensor *x, float slope);
+kd_tensor *kd_add(kd_graph *g, kd_tensor *a, kd_tensor *b); /* same shape */
+kd_tensor *kd_mul(kd_graph *g, kd_tensor *a, kd_tensor *b); /* same shape */
+kd_tensor *kd_scale(kd_graph *g, kd_tensor *x, float s);
+kd_tensor *kd_avgpool2d(kd_graph *g, kd_tensor *x, int64_t kernel, int64_t stride, int64_t pad);
+kd_tensor *kd_maxpool2d(kd_graph *g, kd_tensor *x, int64_t kernel, int64_t stride, int64_t pad);
+kd_tensor *kd_pool2d(kd_graph *g, kd_tensor *x, const kd_pool2d_params *p);
+kd_tensor *kd_global_avgpool(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_reshape(kd_graph *g, kd_tensor *x, int ndim, const int64_t *shape);
+kd_tensor *kd_flatten(kd_graph *g, kd_tensor *x); /* (N, ...) -> (N, rest) */
+kd_tensor *kd_transpose(kd_graph *g, kd_tensor *x, int dim0, int dim1);
+kd_tensor *kd_concat(kd_graph *g, kd_tensor *const *xs, int n, int dim);
+kd_tensor *kd_slice(kd_graph *g, kd_tensor *x, int dim, int64_t start, int64_t end);
+kd_tensor *kd_softmax(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_log_softmax(kd_graph *g, kd_tensor *x);
+/* logits (N, C), labels I32 or I64 (N) -> scalar mean over N. */
+kd_tensor *kd_cross_entropy(kd_graph *g, kd_tensor *logits, const kd_tensor *labels,
+                            float label_smoothing);
+/* RepDistiller DistillKL: sum KL(softmax(t/T) || softmax(s/T)) * T^2 / N.
+ * Gradients flow to both inputs when they require them. */
+kd_tensor *kd_kl_div(kd_graph *g, kd_tensor *student_logits, kd_tensor *teacher_logits, float T);
+kd_tensor *kd_mse(kd_graph *g, kd_tensor *a, kd_tensor *b);
+kd_tensor *kd_l2_normalize(kd_graph *g, kd_tensor *x, float eps);
+kd_tensor *kd_mean(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_sum(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_exp(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_log(kd_graph *g, kd_tensor *x);
+/* Inverted dropout with keep-probability 1-p; identity when !training or p == 0. */
+kd_tensor *kd_dropout(kd_graph *g, kd_tensor *x, float p, int training);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KD_AUTOGRAD_H */

@@ -1,0 +1,136 @@
+/*
+ * kd/backend.h: the device kernels behind the autograd layer, as a vtable.
+ *
+ * Backends: "ref" (plain C, slow and obviously correct: the oracle of the
+ * tests) and "cpu" (oneDNN primitives, cached per shape, with the ref kernels
+ * for what oneDNN does not cover). A CUDA backend plugs in the same way.
+ *
+ * Usage:
+ *     kd_backend *be = NULL;
+ *     if (kd_backend_get("cpu", &be) != KD_OK) ...;
+ *     be->conv2d_forward(be, &p, x, w, b, y);
+ *
+ * Conventions for every kernel:
+ *   - Tensors are float32, contiguous, KD_LAYOUT_STRIDED unless the backend
+ *     itself produced an opaque tensor. Shapes are checked by the caller
+ *     (autograd); kernels may assume them.
+ *   - Forward kernels overwrite their outputs.
+ *   - Backward kernels take `accumulate`: 0 overwrites the gradient outputs,
+ *     1 adds into them (gradient accumulation, several consumers of a tensor).
+ *   - A kernel returns KD_OK or a status with kd_error() set; never aborts.
+ */
+#ifndef KD_BACKEND_H
+#define KD_BACKEND_H
+
+#include "kd/core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int64_t stride[2];   /* (h, w) */
+    int64_t pad[2];      /* (h, w), symmetric as in PyTorch */
+    int64_t dilation[2]; /* (h, w); 1 = dense */
+    int64_t groups;
+} kd_conv2d_params;
+
+typedef enum { KD_POOL_MAX = 0, KD_POOL_AVG } kd_pool_kind;
+
+typedef struct {
+    kd_pool_kind kind;
+    int64_t kernel[2], stride[2], pad[2];
+    int count_include_pad; /* avg only; PyTorch's default is 1 */
+} kd_pool2d_params;
+
+typedef struct {
+    float eps;      /* 1e-5 in PyTorch */
+    float momentum; /* 0.1 in PyTorch: running = (1-m)*running + m*batch */
+    int training;   /* 1: batch statistics, update running stats; 0: running stats */
+} kd_bn_params;
+
+typedef enum {
+    KD_ELTWISE_RELU = 0,   /* alpha = negative slope: 0 for ReLU, >0 for leaky ReLU */
+    KD_ELTWISE_EXP,
+    KD_ELTWISE_LOG,
+    KD_ELTWISE_COUNT
+} kd_eltwise_kind;
+
+typedef struct kd_backend kd_backend;
+struct kd_backend {
+    const char *name;
+    kd_device device;
+
+    /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */
+    kd_status (*conv2d_forward)(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
+                                const kd_tensor *w, const kd_tensor *b, kd_tensor *y);
+    /* dy, w -> dx (shape of x). */
+    kd_status (*conv2d_backward_data)(kd_backend *be, const kd_conv2d_params *p,
+                                      const kd_tensor *dy, const kd_tensor *w, kd_tensor *dx,
+                                      int accumulate);
+    /* dy, x -> dw (shape of w), db (O) or NULL. */
+    kd_status (*conv2d_backward_weights)(kd_backend *be, const kd_conv2d_params *p,
+                                         const kd_tensor *dy, const kd_tensor *x, kd_tensor *dw,
+                                         kd_tensor *db, int accumulate);
+
+    /* Batch norm over axis 1 of x (N, C) or (N, C, H, W). gamma, beta,
+     * running_mean, running_var (C). In training mode it writes save_mean and
+     * save_rstd (C) = 1/sqrt(biased_var + eps), normalises with the biased
+     * variance and updates the running variance with the unbiased one, as
+     * PyTorch does. In eval mode save_* may be NULL. */
+    kd_status (*batchnorm_forward)(kd_backend *be, const kd_bn_params *p, const kd_tensor *x,
+                                   const kd_tensor *gamma, const kd_tensor *beta,
+                                   kd_tensor *running_mean, kd_tensor *running_var,
+                                   kd_tensor *y, kd_tensor *save_mean, kd_tensor *save_rstd);
+    /* Training-mode backward (statistics depend on x). dgamma/dbeta may be NULL. */
+    kd_status (*batchnorm_backward)(kd_backend *be, const kd_bn_params *p, const kd_tensor *dy,
+                                    const kd_tensor *x, const kd_tensor *gamma,
+                                    const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                                    kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta,
+                                    int accumulate);
+
+    /* x (N, C, H, W) -> y (N, C, OH, OW). For max pooling `ws` is an int32
+     * tensor shaped like y that receives the argmax (flat h*W+w index within
+     * the input plane); NULL for average pooling. */
+    kd_status (*pool2d_forward)(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *x,
+                                kd_tensor *y, kd_tensor *ws);
+    kd_status (*pool2d_backward)(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *dy,
+                                 const kd_tensor *ws, kd_tensor *dx, int accumulate);
+
+    /* Row-major C (M, N) = alpha * op(A) @ op(B) + beta * C, op = transpose
+     * when trans_* is 1. A is (M, K) (or (K, M) transposed) with leading
+     * dimension lda, likewise B (K, N) and C. */
+    kd_status (*gemm)(kd_backend *be, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                      float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
+                      float beta, float *C, int64_t ldc);
+
+    /* y = f(x) elementwise; alpha as documented per kind. */
+    kd_status (*eltwise_forward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                 const kd_tensor *x, kd_tensor *y);
+    /* dx (+)= dy * f'(.) where `src` is x for RELU and LOG, y for EXP. */
+    kd_status (*eltwise_backward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                  const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
+                                  int accumulate);
+
+    /* Releases cached primitives and scratch memory (not the backend itself). */
+    void (*trim)(kd_backend *be);
+    void *impl; /* backend-private state (primitive cache, engine, stream) */
+};
+
+/* Looks up a built-in backend by name ("ref", "cpu"). The returned object is
+ * process-wide and thread-compatible (one graph at a time per backend). */
+kd_status kd_backend_get(const char *name, kd_backend **out);
+
+/* Default backend for new graphs ("cpu" when oneDNN is built in). */
+kd_backend *kd_backend_default(void);
+
+/* Output spatial size of a convolution or pooling window. */
+static inline int64_t kd_conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad,
+                                       int64_t dil) {
+    return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KD_BACKEND_H */

@@ -1,0 +1,128 @@
+/* Heap tensors, shapes and aligned memory. */
+#include "kd/core.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void *kd_aligned_alloc(size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) bytes = 64;
+    if (posix_memalign(&p, 64, (bytes + 63) & ~(size_t)63) != 0) return NULL;
+    return p;
+}
+
+void kd_aligned_free(void *p) { free(p); }
+
+size_t kd_dtype_size(kd_dtype dt) {
+    switch (dt) {
+    case KD_F32: return 4;
+    case KD_BF16: return 2;
+    case KD_F16: return 2;
+    case KD_I64: return 8;
+    case KD_I32: return 4;
+    case KD_U8: return 1;
+    default: return 0;
+    }
+}
+
+const char *kd_dtype_name(kd_dtype dt) {
+    switch (dt) {
+    case KD_F32: return "F32";
+    case KD_BF16: return "BF16";
+    case KD_F16: return "F16";
+    case KD_I64: return "I64";
+    case KD_I32: return "I32";
+    case KD_U8: return "U8";
+    default: return "?";
+    }
+}
+
+void kd_tensor_set_shape(kd_tensor *t, int ndim, const int64_t *shape) {
+    t->ndim = ndim;
+    int64_t s = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        t->shape[i] = shape[i];
+        t->stride[i] = s;
+        s *= shape[i];
+    }
+    for (int i = ndim; i < KD_MAX_DIMS; i++) {
+        t->shape[i] = 1;
+        t->stride[i] = 1;
+    }
+}
+
+int64_t kd_tensor_numel(const kd_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+size_t kd_tensor_nbytes(const kd_tensor *t) {
+    return (size_t)kd_tensor_numel(t) * kd_dtype_size(t->dtype);
+}
+
+int kd_tensor_is_contiguous(const kd_tensor *t) {
+    if (t->layout != KD_LAYOUT_STRIDED) return 0;
+    int64_t s = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) {
+        if (t->shape[i] != 1 && t->stride[i] != s) return 0;
+        s *= t->shape[i];
+    }
+    return 1;
+}
+
+int kd_tensor_same_shape(const kd_tensor *a, const kd_tensor *b) {
+    if (a->ndim != b->ndim) return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i]) return 0;
+    return 1;
+}
+
+const char *kd_shape_str(const kd_tensor *t, char *buf, size_t n) {
+    size_t off = 0;
+    off += (size_t)snprintf(buf + off, n - off, "(");
+    for (int i = 0; i < t->ndim && off < n; i++)
+        off += (size_t)snprintf(buf + off, n - off, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+    if (off < n) snprintf(buf + off, n - off, ")");
+    return buf;
+}
+
+kd_status kd_tensor_new(kd_dtype dt, int ndim, const int64_t *shape, kd_tensor **out) {
+    *out = NULL;
+    if (ndim < 0 || ndim > KD_MAX_DIMS)
+        return kd_error(KD_ERR_INVALID, "tensor rank %d is outside 0..%d", ndim, KD_MAX_DIMS);
+    if (kd_dtype_size(dt) == 0) return kd_error(KD_ERR_INVALID, "unknown dtype %d", (int)dt);
+    for (int i = 0; i < ndim; i++)
+        if (shape[i] < 0) return kd_error(KD_ERR_INVALID, "negative dimension %lld", (long long)shape[i]);
+    kd_tensor *t = calloc(1, sizeof *t);
+    if (!t) return kd_error(KD_ERR_NOMEM, "out of memory allocating a tensor descriptor");
+    t->dtype = dt;
+    t->device = KD_DEVICE_CPU;
+    t->layout = KD_LAYOUT_STRIDED;
+    t->node = -1;
+    kd_tensor_set_shape(t, ndim, shape);
+    size_t nb = kd_tensor_nbytes(t);
+    t->data = kd_aligned_alloc(nb);
+    if (!t->data) {
+        free(t);
+        return kd_error(KD_ERR_NOMEM, "out of memory allocating %zu bytes", nb);
+    }
+    memset(t->data, 0, nb);
+    t->owns_data = 1;
+    *out = t;
+    return KD_OK;
+}
+
+void kd_tensor_free(kd_tensor *t) {
+    if (!t) return;
+    if (t->grad && t->grad->owns_data) kd_tensor_free(t->grad);
+    if (t->owns_data) kd_aligned_free(t->data);
+    free(t);
+}
+
+kd_status kd_tensor_require_grad(kd_tensor *t) {
+    t->requires_grad = 1;
+    if (t->grad) return KD_OK;
+    return kd_tensor_new(t->dtype, t->ndim, t->shape, &t->grad);
+}
