@@ -36,7 +36,7 @@ void kd_test_fill_uniform(float *x, int64_t n, float lo, float hi, uint64_t seed
 const char *kd_test_tmpdir(const char *tag) {
     static char buf[1024];
     snprintf(buf, sizeof buf, "%s/test_tmp/%s.%d", KD_BINARY_DIR, tag, (int)getpid());
-    char cmd[1100];
+    char cmd[2200];
     snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", buf, buf);
     if (system(cmd) != 0) fprintf(stderr, "cannot create %s\n", buf);
     return buf;

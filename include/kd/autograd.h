@@ -93,6 +93,9 @@ int kd_graph_grad_enabled(const kd_graph *g);
 void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key);
 /* Number of ops currently on the tape. */
 int kd_graph_tape_size(const kd_graph *g);
+/* Heap allocations made on behalf of the graph so far (arena chunks, tape
+ * growth, leaf .grad buffers). Constant across steps of an unchanged shape. */
+size_t kd_graph_heap_allocs(const kd_graph *g);
 
 /* A new arena tensor (uninitialised data, no grad); NULL with the status set on failure. */
 kd_tensor *kd_graph_tensor(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);

@@ -162,7 +162,7 @@ uint64_t kd_rng_key(uint64_t a, uint64_t b);
 typedef enum { KD_LOG_DEBUG = 0, KD_LOG_INFO, KD_LOG_WARN, KD_LOG_ERROR, KD_LOG_QUIET } kd_log_level;
 void kd_log_set_level(kd_log_level lvl);
 kd_log_level kd_log_get_level(void);
-void kd_log(kd_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void kd_log_msg(kd_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* --------------------------------------------------------------- threads */
 

@@ -68,6 +68,13 @@ kd_status kd_st_writer_save(kd_st_writer *w, const char *path);
 /* Writes `n` bytes to path via path.tmp.<pid>, fsync, rename, fsync of the
  * directory: a crash leaves either the old file or the new one. */
 kd_status kd_file_write_atomic(const char *path, const void *data, size_t n);
+/* The same, for data gathered from several buffers written one after another
+ * (a safetensors header and each tensor, without copying them into one). */
+typedef struct {
+    const void *data;
+    size_t n;
+} kd_file_part;
+kd_status kd_file_write_atomic_parts(const char *path, const kd_file_part *parts, int nparts);
 /* Reads a whole file into a malloc'd buffer (NUL-terminated for text). */
 kd_status kd_file_read_all(const char *path, void **data, size_t *n);
 /* mkdir -p. */
@@ -80,6 +87,45 @@ int kd_file_exists(const char *path);
 void kd_json_write_string(FILE *f, const char *s);
 /* Appends a finite double, or null for NaN/inf (JSON has no NaN). */
 void kd_json_write_number(FILE *f, double v);
+
+/* A parsed JSON document (RFC 8259). Strings are NUL-terminated UTF-8; the
+ * escape \u0000 is rejected so that every string is a plain C string. Objects
+ * keep their members in document order, duplicates included.
+ *
+ *     kd_json *doc;
+ *     if (kd_json_parse(text, n, "summary.json", &doc) != KD_OK) ...;
+ *     const kd_json *acc = kd_json_get(doc, "top1");
+ *     if (acc && acc->type == KD_JSON_NUMBER) printf("%g\n", acc->number);
+ *     kd_json_free(doc);
+ */
+typedef enum {
+    KD_JSON_NULL = 0,
+    KD_JSON_FALSE,
+    KD_JSON_TRUE,
+    KD_JSON_NUMBER,
+    KD_JSON_STRING,
+    KD_JSON_ARRAY,
+    KD_JSON_OBJECT
+} kd_json_type;
+
+typedef struct kd_json kd_json;
+struct kd_json {
+    kd_json_type type;
+    double number;   /* KD_JSON_NUMBER */
+    int is_int;      /* the literal has no fraction or exponent and fits int64 */
+    int64_t integer; /* exact value when is_int */
+    char *string;    /* KD_JSON_STRING */
+    int64_t count;   /* members of an object or items of an array */
+    kd_json *items;  /* (count) values */
+    char **keys;     /* (count) member names of an object; NULL for arrays */
+};
+
+/* Parses n bytes of text. On failure returns KD_ERR_FORMAT with a message
+ * "<what>: malformed JSON at byte B (line L, column C): <reason>". */
+kd_status kd_json_parse(const char *text, size_t n, const char *what, kd_json **out);
+void kd_json_free(kd_json *v);
+/* First member named key of an object, or NULL (also when v is no object). */
+const kd_json *kd_json_get(const kd_json *v, const char *key);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,7 @@ static kd_log_level kd__level = KD_LOG_INFO;
 void kd_log_set_level(kd_log_level lvl) { kd__level = lvl; }
 kd_log_level kd_log_get_level(void) { return kd__level; }
 
-void kd_log(kd_log_level lvl, const char *fmt, ...) {
+void kd_log_msg(kd_log_level lvl, const char *fmt, ...) {
     if (lvl < kd__level) return;
     static const char *tags[] = {"debug", "info", "warn", "error"};
     fprintf(stderr, "[kd %s] ", tags[lvl < KD_LOG_QUIET ? lvl : KD_LOG_ERROR]);

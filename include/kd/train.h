@@ -1,0 +1,123 @@
+/*
+ * kd/train.h: the training loop (supervised training and distillation share
+ * it), evaluation, checkpoints, resume, and the run settings.
+ *
+ * Every run writes a run directory:
+ *   config.yaml        the fully resolved settings (`--config` reads it back)
+ *   metrics.jsonl      one JSON object per logged step and per epoch
+ *   summary.json       final metrics, throughput, wall time, versions
+ *   last.safetensors   model + optimiser state after the last epoch (for --resume)
+ *   best.safetensors   model weights with the best test top-1
+ * Checkpoints are written to a temporary file, fsynced and renamed.
+ *
+ * Usage:
+ *     kd_train_cfg c;
+ *     kd_train_cfg_defaults(&c);
+ *     kd_train_cfg_set(&c, "model", "resnet8");
+ *     kd_train_cfg_set(&c, "data", "/usr/share/datasets/fashion-mnist");
+ *     kd_train_result r;
+ *     if (kd_train_run(&c, &r) != KD_OK) fprintf(stderr, "kd: %s\n", kd_last_error());
+ */
+#ifndef KD_TRAIN_H
+#define KD_TRAIN_H
+
+#include "kd/data.h"
+#include "kd/distill.h"
+#include "kd/models.h"
+#include "kd/optim.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    /* data */
+    char data[512];       /* dataset directory or spec (idx:DIR, cifar10:DIR, cifar100:DIR) */
+    int64_t train_subset; /* 0: whole training set; n: class-balanced subset of n */
+    int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
+    int hflip;            /* random horizontal flip */
+    int workers;          /* loader threads; 0 = in the training thread */
+    /* models */
+    char model[48];         /* student (or the model trained by `kd train`) */
+    char teacher[48];       /* teacher architecture; empty: read from the checkpoint */
+    char teacher_ckpt[512]; /* teacher weights (safetensors) */
+    char init_ckpt[512];    /* optional initial weights for the student */
+    /* method and loss weights (NaN: the method's published default) */
+    kd_distill_cfg distill;
+    /* optimisation */
+    int epochs;
+    int batch_size;
+    float lr, momentum, weight_decay;
+    int nesterov;
+    kd_sched sched; /* kind, milestones, gamma, warmup, min_lr (base_lr and epochs come from lr/epochs) */
+    /* runtime */
+    uint64_t seed;
+    int threads;      /* 0: all cores */
+    char backend[16]; /* "cpu" or "ref" */
+    char out[512];    /* run directory */
+    int progress;     /* -1: a bar on a terminal, log lines otherwise; 0: lines; 1: bar */
+    int log_every;    /* steps between step lines in metrics.jsonl (0: epochs only) */
+    int eval_batch;
+    int64_t max_steps_per_epoch; /* 0: whole epochs (tests use small values) */
+} kd_train_cfg;
+
+void kd_train_cfg_defaults(kd_train_cfg *c);
+/* Sets one setting by name ("lr", "model", "milestones" = "150,180,210", ...).
+ * A malformed value fails with a message naming the setting and the value. */
+kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value);
+/* Reads a YAML mapping of settings (as written by kd_train_cfg_save). */
+kd_status kd_train_cfg_load(kd_train_cfg *c, const char *path);
+/* Fills method defaults for unset loss weights, checks the settings. */
+kd_status kd_train_cfg_resolve(kd_train_cfg *c);
+/* Writes every setting as YAML, atomically. */
+kd_status kd_train_cfg_save(const kd_train_cfg *c, const char *path);
+
+/* One help line per setting, for `--help`. */
+typedef struct {
+    const char *key;
+    const char *help;
+} kd_setting_doc;
+const kd_setting_doc *kd_train_settings(int *n);
+/* The current value of a setting as text (for --help defaults and configs). */
+kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, size_t n);
+
+typedef struct {
+    double top1, top5, test_loss; /* last epoch, on the test split */
+    double best_top1;
+    int best_epoch;
+    int epochs_done;
+    double images_per_s; /* training throughput over the run */
+    double wall_s;
+    int64_t params;
+} kd_train_result;
+
+/* Trains cfg->model with cfg->distill.method ("none" = plain training),
+ * writing the run directory cfg->out. */
+kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res);
+/* Continues the run in `dir` from its last checkpoint with its own
+ * config.yaml; the final weights equal those of an uninterrupted run. */
+kd_status kd_train_resume(const char *dir, kd_train_result *res);
+
+/* Top-1/top-5 accuracy (percent) and mean cross-entropy of m on ds, in eval mode. */
+kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,
+                      const kd_transform_cfg *tf, double *top1, double *top5, double *loss);
+
+/* Model weights from a safetensors file with PyTorch names. Every tensor of
+ * the model must be present with its exact shape; extra tensors (optimiser
+ * state) are ignored. */
+kd_status kd_model_load(kd_model *m, const char *path);
+/* Creates the model named in the checkpoint's metadata ("arch") unless arch
+ * is given, and loads it. */
+kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_cfg *cfg,
+                            kd_model **out);
+/* Writes the model's state dict (PyTorch names) with metadata, atomically. */
+kd_status kd_model_save(kd_model *m, const char *path);
+
+/* The per-channel normalisation kd uses for a dataset (CIFAR-100 recipe
+ * values for CIFAR, measured values for Fashion-MNIST/MNIST). */
+void kd_dataset_norm(const kd_dataset *ds, float mean[4], float std[4]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KD_TRAIN_H */

@@ -1,0 +1,138 @@
+/*
+ * autograd_impl.h: the graph, the tape node and the helpers shared by the
+ * files of src/autograd. Internal to libkd (and its tests).
+ *
+ * A node records one op: its inputs, its output, its constant parameters and
+ * the values its backward rule needs (saved in the graph's arena). The tape is
+ * a growable array of nodes whose capacity survives kd_graph_reset(), so a
+ * step of a shape already seen allocates nothing.
+ */
+#ifndef KD_AUTOGRAD_IMPL_H
+#define KD_AUTOGRAD_IMPL_H
+
+#include "kd/autograd.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KD__NODE_MAX_IN 3
+
+typedef struct {
+    kd_op op;
+    int n_in;
+    kd_tensor *in[KD__NODE_MAX_IN]; /* NULL for an absent optional input (bias) */
+    kd_tensor **in_list;            /* concat: n_in inputs, arena array */
+    kd_tensor *out;
+    kd_tensor *saved[2]; /* bn mean/rstd (C), maxpool argmax, kl log-probabilities */
+    float *aux;          /* per-row values: logsumexp (cross_entropy), norms (l2_normalize) */
+    union {
+        kd_conv2d_params conv;
+        struct {
+            kd_bn_params p;
+            int view4d; /* 1 when x was (N, C, L), run as (N, C, L, 1) */
+        } bn;
+        kd_pool2d_params pool;
+        struct {
+            float a, b; /* slope, scale, T, eps, label smoothing, dropout p */
+            uint64_t seed, key; /* dropout stream */
+        } f;
+        struct {
+            int d0, d1;
+            int64_t start, end;
+        } dims;
+        struct {
+            int32_t *labels; /* (N), arena copy */
+            float smoothing;
+        } ce;
+    } p;
+} kd__node;
+
+typedef kd_status (*kd__backward_fn)(kd_graph *g, kd__node *n);
+
+typedef struct {
+    kd_op_info info;
+    kd__backward_fn backward;
+} kd__op_entry;
+
+/* One entry per kd_op, in enum order (graph.c). */
+extern const kd__op_entry kd__op_table[KD_OP_COUNT];
+
+struct kd_graph {
+    kd_backend *be;
+    kd_arena *arena;  /* descriptors, data and saved values of one step */
+    kd__node *tape;   /* (cap) */
+    int n_nodes, cap; /* cap kept across resets */
+    kd_status status; /* sticky: first failure of the step */
+    int grad_enabled;
+    uint64_t seed, step_key; /* dropout streams */
+    uint32_t n_dropout;      /* dropout calls this step (stream index) */
+    size_t heap_allocs;      /* tape growth and leaf .grad allocations */
+};
+
+/* ---- helpers (graph.c) */
+
+/* Records `s` (message already set by kd_error) as the sticky status; returns NULL. */
+kd_tensor *kd__fail(kd_graph *g, kd_status s);
+/* 1 when g may run an op: status ok and every listed input non-NULL. Sets an
+ * error naming `op` when an input is NULL while the status was still ok. */
+int kd__ok_inputs(kd_graph *g, const char *op, int n, kd_tensor *const *xs);
+/* Checks a float32, contiguous, strided tensor; sets the error otherwise. */
+int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
+/* Arena float32 tensor, contiguous, leaf without grad. NULL (status set) on OOM. */
+kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);
+kd_tensor *kd__new_like(kd_graph *g, const kd_tensor *t);
+void *kd__scratch(kd_graph *g, size_t bytes);
+/* 1 when t is a parameter (requires_grad leaf) or the output of a recorded node of g. */
+int kd__needs_grad(const kd_graph *g, const kd_tensor *t);
+/* Appends a node for `out` if gradients are on and some input needs them;
+ * returns it (inputs copied in) or NULL when nothing is recorded. On OOM it
+ * sets the status and returns NULL; callers check g->status. */
+kd__node *kd__record(kd_graph *g, kd_op op, kd_tensor *out, int n_in, kd_tensor *const *in);
+
+/* Gradient buffer of t for writing during backward. *acc is 0 when the
+ * caller must overwrite it, 1 when it must add. Marks t->grad_ready. NULL
+ * (status set) on OOM. */
+kd_tensor *kd__grad(kd_graph *g, kd_tensor *t, int *acc);
+/* Same, but the buffer is zeroed when it held nothing, so callers always add. */
+kd_tensor *kd__grad_acc(kd_graph *g, kd_tensor *t);
+
+/* Gradient buffers of up to 4 tensors (NULL entries skipped, out[i] NULL)
+ * that one kernel writes with a single accumulate flag, which it returns: 0
+ * when all are fresh, else 1 (fresh ones zeroed first). -1 on failure. */
+int kd__grads_common(kd_graph *g, int k, kd_tensor *const *ts, kd_tensor **out);
+
+/* Elementwise helpers (plain C, OpenMP-parallel). dst (+)= s * src. */
+void kd__axpy(float *dst, const float *src, float s, int64_t n, int acc);
+/* Deterministic sum in double: fixed blocks summed in parallel, then in order. */
+double kd__sum_f64(kd_graph *g, const float *x, int64_t n);
+
+#define KD__PAR_MIN 32768 /* elements below which loops stay serial */
+
+/* ---- backward rules (one per op) */
+kd_status kd__conv2d_backward(kd_graph *g, kd__node *n);
+kd_status kd__batchnorm_backward(kd_graph *g, kd__node *n);
+kd_status kd__linear_backward(kd_graph *g, kd__node *n);
+kd_status kd__matmul_backward(kd_graph *g, kd__node *n);
+kd_status kd__relu_backward(kd_graph *g, kd__node *n);
+kd_status kd__add_backward(kd_graph *g, kd__node *n);
+kd_status kd__mul_backward(kd_graph *g, kd__node *n);
+kd_status kd__scale_backward(kd_graph *g, kd__node *n);
+kd_status kd__pool2d_backward(kd_graph *g, kd__node *n);
+kd_status kd__global_avgpool_backward(kd_graph *g, kd__node *n);
+kd_status kd__reshape_backward(kd_graph *g, kd__node *n);
+kd_status kd__transpose_backward(kd_graph *g, kd__node *n);
+kd_status kd__concat_backward(kd_graph *g, kd__node *n);
+kd_status kd__slice_backward(kd_graph *g, kd__node *n);
+kd_status kd__softmax_backward(kd_graph *g, kd__node *n);
+kd_status kd__log_softmax_backward(kd_graph *g, kd__node *n);
+kd_status kd__cross_entropy_backward(kd_graph *g, kd__node *n);
+kd_status kd__kl_div_backward(kd_graph *g, kd__node *n);
+kd_status kd__mse_backward(kd_graph *g, kd__node *n);
+kd_status kd__l2_normalize_backward(kd_graph *g, kd__node *n);
+kd_status kd__mean_backward(kd_graph *g, kd__node *n);
+kd_status kd__sum_backward(kd_graph *g, kd__node *n);
+kd_status kd__exp_backward(kd_graph *g, kd__node *n);
+kd_status kd__log_backward(kd_graph *g, kd__node *n);
+kd_status kd__dropout_backward(kd_graph *g, kd__node *n);
+
+#endif /* KD_AUTOGRAD_IMPL_H */

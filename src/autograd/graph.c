@@ -1,0 +1,371 @@
+/*
+ * graph.c: the define-by-run tape. Graph lifecycle, arena tensors, recording,
+ * gradient buffers, kd_backward() and the op table that holds every backward
+ * rule (the rules themselves live in ops_*.c, one function per op).
+ */
+#include "autograd/autograd_impl.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------- op table */
+
+#define KD__OP(op, name, bwd) [op] = {{name, 1, 1}, bwd}
+
+const kd__op_entry kd__op_table[KD_OP_COUNT] = {
+    KD__OP(KD_OP_CONV2D, "conv2d", kd__conv2d_backward),
+    KD__OP(KD_OP_BATCHNORM, "batchnorm", kd__batchnorm_backward),
+    KD__OP(KD_OP_LINEAR, "linear", kd__linear_backward),
+    KD__OP(KD_OP_MATMUL, "matmul", kd__matmul_backward),
+    KD__OP(KD_OP_RELU, "relu", kd__relu_backward),
+    KD__OP(KD_OP_LEAKY_RELU, "leaky_relu", kd__relu_backward),
+    KD__OP(KD_OP_ADD, "add", kd__add_backward),
+    KD__OP(KD_OP_MUL, "mul", kd__mul_backward),
+    KD__OP(KD_OP_SCALE, "scale", kd__scale_backward),
+    KD__OP(KD_OP_AVGPOOL2D, "avgpool2d", kd__pool2d_backward),
+    KD__OP(KD_OP_MAXPOOL2D, "maxpool2d", kd__pool2d_backward),
+    KD__OP(KD_OP_GLOBAL_AVGPOOL, "global_avgpool", kd__global_avgpool_backward),
+    KD__OP(KD_OP_RESHAPE, "reshape", kd__reshape_backward),
+    KD__OP(KD_OP_TRANSPOSE, "transpose", kd__transpose_backward),
+    KD__OP(KD_OP_CONCAT, "concat", kd__concat_backward),
+    KD__OP(KD_OP_SLICE, "slice", kd__slice_backward),
+    KD__OP(KD_OP_SOFTMAX, "softmax", kd__softmax_backward),
+    KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd__log_softmax_backward),
+    KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd__cross_entropy_backward),
+    KD__OP(KD_OP_KL_DIV, "kl_div", kd__kl_div_backward),
+    KD__OP(KD_OP_MSE, "mse", kd__mse_backward),
+    KD__OP(KD_OP_L2_NORMALIZE, "l2_normalize", kd__l2_normalize_backward),
+    KD__OP(KD_OP_MEAN, "mean", kd__mean_backward),
+    KD__OP(KD_OP_SUM, "sum", kd__sum_backward),
+    KD__OP(KD_OP_EXP, "exp", kd__exp_backward),
+    KD__OP(KD_OP_LOG, "log", kd__log_backward),
+    KD__OP(KD_OP_DROPOUT, "dropout", kd__dropout_backward),
+};
+
+_Static_assert(sizeof(kd__op_table) / sizeof(kd__op_table[0]) == KD_OP_COUNT,
+               "kd__op_table needs one entry per kd_op");
+
+const kd_op_info *kd_op_get_info(kd_op op) {
+    if ((int)op < 0 || op >= KD_OP_COUNT) return NULL;
+    return &kd__op_table[op].info;
+}
+
+/* ----------------------------------------------------------- lifecycle */
+
+kd_status kd_graph_init(kd_graph **out, kd_backend *be) {
+    *out = NULL;
+    if (!be) return kd_error(KD_ERR_INVALID, "kd_graph_init: no backend given");
+    kd_graph *g = calloc(1, sizeof *g);
+    if (!g) return kd_error(KD_ERR_NOMEM, "out of memory creating a graph");
+    kd_status s = kd_arena_init(&g->arena, 0);
+    if (s != KD_OK) goto fail_arena;
+    g->cap = 256;
+    g->tape = malloc((size_t)g->cap * sizeof *g->tape);
+    if (!g->tape) {
+        s = kd_error(KD_ERR_NOMEM, "out of memory creating a graph tape");
+        goto fail_tape;
+    }
+    g->heap_allocs = 1;
+    g->be = be;
+    g->grad_enabled = 1;
+    g->status = KD_OK;
+    *out = g;
+    return KD_OK;
+
+fail_tape:
+    kd_arena_free(g->arena);
+fail_arena:
+    free(g);
+    return s;
+}
+
+void kd_graph_free(kd_graph *g) {
+    if (!g) return;
+    kd_arena_free(g->arena);
+    free(g->tape);
+    free(g);
+}
+
+void kd_graph_reset(kd_graph *g) {
+    if (!g) return;
+    /* The tensors of the last step die with the arena; heap tensors never
+     * carry a tape index, so nothing else needs clearing. */
+    g->n_nodes = 0;
+    kd_arena_reset(g->arena);
+    g->status = KD_OK;
+    g->n_dropout = 0;
+}
+
+kd_status kd_graph_status(const kd_graph *g) { return g ? g->status : KD_ERR_INVALID; }
+kd_backend *kd_graph_backend(const kd_graph *g) { return g->be; }
+kd_arena *kd_graph_arena(const kd_graph *g) { return g->arena; }
+int kd_graph_tape_size(const kd_graph *g) { return g->n_nodes; }
+
+size_t kd_graph_heap_allocs(const kd_graph *g) {
+    return g->heap_allocs + kd_arena_grow_count(g->arena);
+}
+
+int kd_graph_set_grad_enabled(kd_graph *g, int enabled) {
+    int prev = g->grad_enabled;
+    g->grad_enabled = enabled != 0;
+    return prev;
+}
+
+int kd_graph_grad_enabled(const kd_graph *g) { return g->grad_enabled; }
+
+void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key) {
+    g->seed = seed;
+    g->step_key = step_key;
+}
+
+/* ------------------------------------------------------------- helpers */
+
+kd_tensor *kd__fail(kd_graph *g, kd_status s) {
+    if (g->status == KD_OK) g->status = s;
+    return NULL;
+}
+
+int kd__ok_inputs(kd_graph *g, const char *op, int n, kd_tensor *const *xs) {
+    if (g->status != KD_OK) return 0;
+    for (int i = 0; i < n; i++) {
+        if (!xs[i]) {
+            kd__fail(g, kd_error(KD_ERR_INVALID, "%s: input %d is NULL", op, i));
+            return 0;
+        }
+    }
+    return 1;
+}
+
+int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor *t) {
+    if (t->dtype != KD_F32) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "%s: %s has dtype %s, expected F32", op, what,
+                             kd_dtype_name(t->dtype)));
+        return 0;
+    }
+    if (!kd_tensor_is_contiguous(t)) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "%s: %s is not a contiguous strided tensor", op,
+                             what));
+        return 0;
+    }
+    return 1;
+}
+
+void *kd__scratch(kd_graph *g, size_t bytes) {
+    void *p = kd_arena_alloc(g->arena, bytes);
+    if (!p) kd__fail(g, kd_error(KD_ERR_NOMEM, "out of memory: the graph arena cannot grow by "
+                                               "%zu bytes", bytes));
+    return p;
+}
+
+static kd_tensor *kd__desc(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
+    if (ndim < 0 || ndim > KD_MAX_DIMS) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "tensor rank %d is outside 0..%d", ndim,
+                             KD_MAX_DIMS));
+        return NULL;
+    }
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0) {
+            kd__fail(g, kd_error(KD_ERR_INVALID, "negative dimension %lld",
+                                 (long long)shape[i]));
+            return NULL;
+        }
+    }
+    kd_tensor *t = kd__scratch(g, sizeof *t);
+    if (!t) return NULL;
+    memset(t, 0, sizeof *t);
+    t->dtype = dt;
+    t->device = g->be->device;
+    t->layout = KD_LAYOUT_STRIDED;
+    t->node = -1;
+    kd_tensor_set_shape(t, ndim, shape);
+    return t;
+}
+
+kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
+    kd_tensor *t = kd__desc(g, dt, ndim, shape);
+    if (!t) return NULL;
+    t->data = kd__scratch(g, kd_tensor_nbytes(t));
+    return t->data ? t : NULL;
+}
+
+kd_tensor *kd__new_like(kd_graph *g, const kd_tensor *t) {
+    return kd__new(g, KD_F32, t->ndim, t->shape);
+}
+
+kd_tensor *kd_graph_tensor(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
+    if (!g || g->status != KD_OK) return NULL;
+    return kd__new(g, dt, ndim, shape);
+}
+
+kd_tensor *kd_graph_zeros(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
+    kd_tensor *t = kd_graph_tensor(g, dt, ndim, shape);
+    if (t) memset(t->data, 0, kd_tensor_nbytes(t));
+    return t;
+}
+
+kd_tensor *kd_graph_wrap(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape, void *data) {
+    if (!g || g->status != KD_OK) return NULL;
+    kd_tensor *t = kd__desc(g, dt, ndim, shape);
+    if (t) t->data = data;
+    return t;
+}
+
+int kd__needs_grad(const kd_graph *g, const kd_tensor *t) {
+    if (!t) return 0;
+    if (t->node >= 0)
+        return t->node < g->n_nodes && g->tape[t->node].out == t;
+    return t->requires_grad;
+}
+
+kd__node *kd__record(kd_graph *g, kd_op op, kd_tensor *out, int n_in, kd_tensor *const *in) {
+    if (!g->grad_enabled || g->status != KD_OK) return NULL;
+    int any = 0;
+    for (int i = 0; i < n_in && !any; i++) any = kd__needs_grad(g, in[i]);
+    if (!any) return NULL;
+    if (g->n_nodes == g->cap) {
+        int cap = g->cap * 2;
+        kd__node *t = realloc(g->tape, (size_t)cap * sizeof *t);
+        if (!t) {
+            kd__fail(g, kd_error(KD_ERR_NOMEM, "out of memory growing the tape to %d ops", cap));
+            return NULL;
+        }
+        g->tape = t;
+        g->cap = cap;
+        g->heap_allocs++;
+    }
+    kd__node *n = &g->tape[g->n_nodes];
+    memset(n, 0, sizeof *n);
+    n->op = op;
+    n->out = out;
+    if (op == KD_OP_CONCAT) {
+        n->in_list = kd__scratch(g, (size_t)n_in * sizeof *n->in_list);
+        if (!n->in_list) return NULL;
+        memcpy(n->in_list, in, (size_t)n_in * sizeof *in);
+    } else {
+        for (int i = 0; i < n_in && i < KD__NODE_MAX_IN; i++) n->in[i] = in[i];
+    }
+    n->n_in = n_in;
+    out->node = g->n_nodes++;
+    out->grad = NULL;
+    out->grad_ready = 0;
+    return n;
+}
+
+kd_tensor *kd__grad(kd_graph *g, kd_tensor *t, int *acc) {
+    int leaf = t->node < 0;
+    if (!t->grad) {
+        if (leaf && t->owns_data) {
+            /* A heap leaf (parameter) gets a persistent, zeroed .grad once. */
+            kd_status s = kd_tensor_require_grad(t);
+            if (s != KD_OK) return kd__fail(g, s);
+            g->heap_allocs++;
+        } else {
+            t->grad = kd__new_like(g, t);
+            if (!t->grad) return NULL;
+            if (leaf) memset(t->grad->data, 0, kd_tensor_nbytes(t->grad));
+        }
+        t->grad_ready = 0;
+    }
+    *acc = leaf ? 1 : t->grad_ready;
+    t->grad_ready = 1;
+    return t->grad;
+}
+
+kd_tensor *kd__grad_acc(kd_graph *g, kd_tensor *t) {
+    int acc;
+    kd_tensor *d = kd__grad(g, t, &acc);
+    if (d && !acc) memset(d->data, 0, kd_tensor_nbytes(d));
+    return d;
+}
+
+int kd__grads_common(kd_graph *g, int k, kd_tensor *const *ts, kd_tensor **out) {
+    int acc[4], any0 = 0, any1 = 0;
+    for (int i = 0; i < k; i++) {
+        out[i] = NULL;
+        if (!ts[i]) continue;
+        out[i] = kd__grad(g, ts[i], &acc[i]);
+        if (!out[i]) return -1;
+        any0 |= !acc[i];
+        any1 |= acc[i];
+    }
+    if (!(any0 && any1)) return any1;
+    for (int i = 0; i < k; i++)
+        if (out[i] && !acc[i]) memset(out[i]->data, 0, kd_tensor_nbytes(out[i]));
+    return 1;
+}
+
+void kd__axpy(float *dst, const float *src, float s, int64_t n, int acc) {
+    if (acc) {
+#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+        for (int64_t i = 0; i < n; i++) dst[i] += s * src[i];
+    } else if (s == 1.0f) {
+        memcpy(dst, src, (size_t)n * sizeof *dst);
+    } else {
+#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+        for (int64_t i = 0; i < n; i++) dst[i] = s * src[i];
+    }
+}
+
+#define KD__SUM_BLOCK 4096
+
+double kd__sum_f64(kd_graph *g, const float *x, int64_t n) {
+    int64_t nb = (n + KD__SUM_BLOCK - 1) / KD__SUM_BLOCK;
+    if (nb <= 1) {
+        double s = 0;
+        for (int64_t i = 0; i < n; i++) s += x[i];
+        return s;
+    }
+    /* Block partials do not depend on the thread count, nor does their order. */
+    double *part = kd__scratch(g, (size_t)nb * sizeof *part);
+    if (!part) return 0;
+#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t lo = b * KD__SUM_BLOCK, hi = lo + KD__SUM_BLOCK < n ? lo + KD__SUM_BLOCK : n;
+        double s = 0;
+        for (int64_t i = lo; i < hi; i++) s += x[i];
+        part[b] = s;
+    }
+    double s = 0;
+    for (int64_t b = 0; b < nb; b++) s += part[b];
+    return s;
+}
+
+/* ------------------------------------------------------------ backward */
+
+kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
+    if (!g) return kd_error(KD_ERR_INVALID, "kd_backward: graph is NULL");
+    if (g->status != KD_OK) return g->status;
+    if (!loss) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "kd_backward: loss is NULL"));
+        return g->status;
+    }
+    if (kd_tensor_numel(loss) != 1 || loss->dtype != KD_F32) {
+        char buf[96];
+        kd__fail(g, kd_error(KD_ERR_SHAPE, "kd_backward: loss has shape %s, expected a single "
+                                           "float32 element", kd_shape_str(loss, buf, sizeof buf)));
+        return g->status;
+    }
+    if (!kd__needs_grad(g, loss)) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "kd_backward: the loss does not depend on any "
+                                             "tensor that requires grad (were gradients "
+                                             "disabled?)"));
+        return g->status;
+    }
+    /* A second backward over the same tape starts every intermediate afresh. */
+    for (int i = 0; i < g->n_nodes; i++) g->tape[i].out->grad_ready = 0;
+    int acc;
+    kd_tensor *seed = kd__grad(g, loss, &acc);
+    if (!seed) return g->status;
+    kd_f32(seed)[0] = acc ? kd_f32(seed)[0] + 1.0f : 1.0f;
+    for (int i = g->n_nodes - 1; i >= 0; i--) {
+        kd__node *n = &g->tape[i];
+        if (!n->out->grad_ready) continue; /* the loss does not depend on it */
+        kd_status s = kd__op_table[n->op].backward(g, n);
+        if (s == KD_OK && g->status != KD_OK) s = g->status;
+        if (s != KD_OK) {
+            kd__fail(g, s);
+            return s;
+        }
+    }
+    return KD_OK;
+}

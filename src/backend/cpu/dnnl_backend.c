@@ -1,0 +1,1044 @@
+/*
+ * dnnl_backend.c: the "cpu" backend, on oneDNN 2.x through its C API.
+ *
+ * What runs where:
+ *   conv2d forward / backward data / backward weights (+bias)  oneDNN convolution
+ *   batch norm forward (train, eval) and backward             oneDNN batch normalization,
+ *       running statistics and save_rstd computed here (oneDNN does not update them)
+ *   average pooling forward and backward                      oneDNN pooling
+ *   max pooling forward and backward                          here, in C: kd's argmax `ws`
+ *       (flat h*W+w per plane) is not oneDNN's workspace format, and one pass that
+ *       writes y and ws costs less than oneDNN's pass plus an argmax pass
+ *   gemm                                                      dnnl_sgemm (row-major)
+ *   eltwise relu / leaky relu, exp, log forward and backward  oneDNN eltwise
+ * A configuration oneDNN rejects (dnnl_unimplemented or invalid arguments at
+ * descriptor creation) runs on the ref kernels, with a debug log line.
+ *
+ * Performance design:
+ *   - One engine and one stream per process, created on first use.
+ *   - A hash map from a key (op kind, every shape and parameter) to the
+ *     primitive descriptor, the primitive and its memory objects, so a shape
+ *     costs one primitive creation; later calls only swap data handles.
+ *     Rejected configurations are cached too (pd == NULL).
+ *   - User-managed scratchpad: every primitive is created with
+ *     dnnl_scratchpad_mode_user and runs on one growable buffer owned by the
+ *     backend. Kernels that need temporaries (accumulate=1, statistics) take
+ *     them from the same buffer, after the scratchpad part.
+ *   - Memory is plain NCHW / OIHW / GOIHW for now. The layout of each conv
+ *     operand is chosen in one place (conv_layout_tags); moving to
+ *     dnnl_format_tag_any means asking the pd for its exec-arg descriptors
+ *     (entry_md) and inserting cached reorders where they differ from plain.
+ *
+ * Threading and determinism: oneDNN runs on OpenMP with kd's thread count;
+ * every reduction here is either done by oneDNN (fixed partition for a fixed
+ * thread count) or by one thread per output in a fixed order. One mutex
+ * guards the cache, the cached memory objects and the scratch buffer for the
+ * whole of a kernel call (one graph uses a backend at a time anyway).
+ */
+#include "backend/cpu/dnnl_backend.h"
+#include "backend/backend_impl.h"
+
+#include <dnnl.h>
+#include <dnnl_debug.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------ status check */
+
+/* Turns a failing dnnl_status_t into kd_error(KD_ERR_BACKEND) naming the
+ * oneDNN call (the text of `expr` up to its '(') and the status. */
+static kd_status dnnl__check(dnnl_status_t st, const char *expr) {
+    if (st == dnnl_success) return KD_OK;
+    int n = (int)strcspn(expr, "(");
+    return kd_error(KD_ERR_BACKEND, "oneDNN %.*s failed: %s", n, expr, dnnl_status2str(st));
+}
+
+/* Evaluates to KD_OK or the kd_status of a failing oneDNN call; use as
+ * KD_TRY(KD_DNNL_CHECK(dnnl_...(...))). */
+#define KD_DNNL_CHECK(call) dnnl__check((call), #call)
+
+/* ------------------------------------------------------------------ state */
+
+#define CPU_BUCKETS 256 /* power of two */
+#define CPU_KEY_DIMS 18
+#define CPU_MAX_ARGS 12
+
+typedef enum {
+    PK_CONV_FWD = 1,
+    PK_CONV_BWD_DATA,
+    PK_CONV_BWD_WEIGHTS,
+    PK_BN_FWD,
+    PK_BN_BWD,
+    PK_POOL_FWD,
+    PK_POOL_BWD,
+    PK_ELTWISE_FWD,
+    PK_ELTWISE_BWD,
+} prim_kind;
+
+/* Everything that determines a primitive. Zeroed before filling so that it
+ * can be hashed and compared as bytes. */
+typedef struct {
+    int32_t kind;  /* prim_kind */
+    int32_t alg;   /* dnnl_alg_kind_t (conv, pool, eltwise) */
+    int32_t flags; /* conv: has bias; bn: dnnl_normalization_flags_t */
+    int32_t prop;  /* dnnl_prop_kind_t */
+    int64_t d[CPU_KEY_DIMS];
+    float f[2];    /* eltwise alpha; bn eps */
+} prim_key;
+
+typedef struct prim_entry prim_entry;
+struct prim_entry {
+    prim_key key;
+    uint64_t hash;
+    dnnl_primitive_desc_t pd;      /* NULL: oneDNN rejected this key, use ref */
+    dnnl_primitive_desc_t hint_pd; /* forward pd a backward pd was created against */
+    dnnl_primitive_t prim;
+    size_t scratch_bytes;          /* user scratchpad this primitive needs */
+    int nmem;
+    int mem_arg[CPU_MAX_ARGS];     /* DNNL_ARG_* of mem[i] */
+    dnnl_memory_t mem[CPU_MAX_ARGS];
+    prim_entry *next;
+};
+
+typedef struct {
+    pthread_mutex_t lock;
+    dnnl_engine_t engine;
+    dnnl_stream_t stream;
+    prim_entry *buckets[CPU_BUCKETS];
+    int nentries;
+    int nprims_created;
+    void *scratch; /* (scratch_cap) bytes, 64-byte aligned */
+    size_t scratch_cap;
+} cpu_state;
+
+static cpu_state g_cpu = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static kd_status state_init_locked(cpu_state *st) {
+    if (st->stream) return KD_OK;
+    if (!st->engine) KD_TRY(KD_DNNL_CHECK(dnnl_engine_create(&st->engine, dnnl_cpu, 0)));
+    KD_TRY(KD_DNNL_CHECK(dnnl_stream_create(&st->stream, st->engine, dnnl_stream_default_flags)));
+    return KD_OK;
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* Makes the scratch buffer at least `bytes` long. Invalidates earlier
+ * pointers into it, so each kernel reserves once, before carving. */
+static kd_status scratch_reserve(cpu_state *st, size_t bytes) {
+    if (bytes <= st->scratch_cap) return KD_OK;
+    size_t cap = st->scratch_cap + st->scratch_cap / 2;
+    if (cap < bytes) cap = bytes;
+    cap = (cap + 4095) & ~(size_t)4095;
+    kd_aligned_free(st->scratch);
+    st->scratch = kd_aligned_alloc(cap);
+    if (!st->scratch) {
+        st->scratch_cap = 0;
+        return kd_error(KD_ERR_NOMEM, "cpu backend: cannot allocate %zu bytes of scratch", cap);
+    }
+    st->scratch_cap = cap;
+    return KD_OK;
+}
+
+/* Temporary floats after the scratchpad part of the buffer; `off` in floats. */
+static float *scratch_floats(cpu_state *st, const prim_entry *e, size_t off) {
+    return (float *)((char *)st->scratch + align64(e ? e->scratch_bytes : 0)) + off;
+}
+
+static kd_status scratch_reserve_for(cpu_state *st, const prim_entry *e, size_t nfloats) {
+    return scratch_reserve(st, align64(e ? e->scratch_bytes : 0) + nfloats * sizeof(float));
+}
+
+/* ------------------------------------------------------------------ cache */
+
+static void key_init(prim_key *k, prim_kind kind) {
+    memset(k, 0, sizeof *k);
+    k->kind = kind;
+}
+
+static uint64_t key_hash(const prim_key *k) {
+    const unsigned char *p = (const unsigned char *)k;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < sizeof *k; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static prim_entry *cache_find(cpu_state *st, const prim_key *k, uint64_t h) {
+    for (prim_entry *e = st->buckets[h & (CPU_BUCKETS - 1)]; e; e = e->next)
+        if (e->hash == h && memcmp(&e->key, k, sizeof *k) == 0) return e;
+    return NULL;
+}
+
+static void entry_free(prim_entry *e) {
+    for (int i = 0; i < e->nmem; i++) dnnl_memory_destroy(e->mem[i]);
+    if (e->prim) dnnl_primitive_destroy(e->prim);
+    if (e->pd) dnnl_primitive_desc_destroy(e->pd);
+    if (e->hint_pd) dnnl_primitive_desc_destroy(e->hint_pd);
+    free(e);
+}
+
+static const char *kind_name(int kind) {
+    switch (kind) {
+    case PK_CONV_FWD: return "convolution forward";
+    case PK_CONV_BWD_DATA: return "convolution backward data";
+    case PK_CONV_BWD_WEIGHTS: return "convolution backward weights";
+    case PK_BN_FWD: return "batch normalization forward";
+    case PK_BN_BWD: return "batch normalization backward";
+    case PK_POOL_FWD: return "pooling forward";
+    case PK_POOL_BWD: return "pooling backward";
+    case PK_ELTWISE_FWD: return "eltwise forward";
+    case PK_ELTWISE_BWD: return "eltwise backward";
+    }
+    return "primitive";
+}
+
+static int status_is_rejection(dnnl_status_t s) {
+    return s == dnnl_unimplemented || s == dnnl_invalid_arguments;
+}
+
+/* Creates the cache entry for key k: the primitive descriptor for `op` (for a
+ * backward op, against a forward pd made from `hint_op`) and its primitive.
+ * `init_status` is what the op descriptor initialisation returned (both op
+ * and hint). A rejection by oneDNN is cached as an entry with pd == NULL;
+ * other failures are errors. */
+static kd_status cache_insert(cpu_state *st, const prim_key *k, uint64_t h,
+                              dnnl_status_t init_status, const_dnnl_op_desc_t op,
+                              const_dnnl_op_desc_t hint_op, prim_entry **out) {
+    *out = NULL;
+    prim_entry *e = calloc(1, sizeof *e);
+    if (!e) return kd_error(KD_ERR_NOMEM, "cpu backend: out of memory for a cache entry");
+    e->key = *k;
+    e->hash = h;
+    kd_status s = KD_OK;
+    dnnl_status_t ds = init_status;
+    dnnl_primitive_attr_t attr = NULL;
+    if (ds == dnnl_success) {
+        s = KD_DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+        if (s != KD_OK) goto fail;
+        s = KD_DNNL_CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
+        if (s != KD_OK) goto fail;
+    }
+    if (ds == dnnl_success && hint_op)
+        ds = dnnl_primitive_desc_create(&e->hint_pd, hint_op, attr, st->engine, NULL);
+    if (ds == dnnl_success)
+        ds = dnnl_primitive_desc_create(&e->pd, op, attr, st->engine, e->hint_pd);
+    if (ds != dnnl_success) {
+        if (!status_is_rejection(ds)) {
+            s = dnnl__check(ds, "dnnl_primitive_desc_create");
+            goto fail;
+        }
+        /* Rejected: remember it, the caller runs the ref kernel. */
+        if (e->pd) dnnl_primitive_desc_destroy(e->pd);
+        if (e->hint_pd) dnnl_primitive_desc_destroy(e->hint_pd);
+        e->pd = e->hint_pd = NULL;
+        kd_log_msg(KD_LOG_DEBUG, "cpu backend: oneDNN rejects this %s (%s); using the ref kernel",
+               kind_name(k->kind), dnnl_status2str(ds));
+    } else {
+        s = KD_DNNL_CHECK(dnnl_primitive_create(&e->prim, e->pd));
+        if (s != KD_OK) goto fail;
+        st->nprims_created++;
+        const dnnl_memory_desc_t *smd = dnnl_primitive_desc_query_md(e->pd, dnnl_query_scratchpad_md, 0);
+        e->scratch_bytes = smd ? dnnl_memory_desc_get_size(smd) : 0;
+    }
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    prim_entry **b = &st->buckets[h & (CPU_BUCKETS - 1)];
+    e->next = *b;
+    *b = e;
+    st->nentries++;
+    *out = e;
+    return KD_OK;
+fail:
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    entry_free(e);
+    return s;
+}
+
+/* The memory object of argument `arg` of e, created on first use from the
+ * pd's own descriptor for it, pointed at `ptr`. */
+static kd_status entry_mem(cpu_state *st, prim_entry *e, int arg, const void *ptr,
+                           dnnl_memory_t *out) {
+    int i = 0;
+    while (i < e->nmem && e->mem_arg[i] != arg) i++;
+    if (i == e->nmem) {
+        if (e->nmem == CPU_MAX_ARGS)
+            return kd_error(KD_ERR_INTERNAL, "cpu backend: too many arguments for a primitive");
+        const dnnl_memory_desc_t *md = dnnl_primitive_desc_query_md(e->pd, dnnl_query_exec_arg_md, arg);
+        if (!md) return kd_error(KD_ERR_BACKEND, "oneDNN dnnl_primitive_desc_query_md failed for argument %d", arg);
+        KD_TRY(KD_DNNL_CHECK(dnnl_memory_create(&e->mem[i], md, st->engine, DNNL_MEMORY_NONE)));
+        e->mem_arg[i] = arg;
+        e->nmem++;
+    }
+    KD_TRY(KD_DNNL_CHECK(dnnl_memory_set_data_handle(e->mem[i], (void *)ptr)));
+    *out = e->mem[i];
+    return KD_OK;
+}
+
+typedef struct {
+    int arg;
+    const void *ptr;
+} exec_arg;
+
+/* Runs e on (args) plus the scratchpad, which must have been reserved. */
+static kd_status entry_execute(cpu_state *st, prim_entry *e, const exec_arg *args, int nargs) {
+    dnnl_exec_arg_t a[CPU_MAX_ARGS];
+    int n = 0;
+    for (int i = 0; i < nargs; i++) {
+        a[n].arg = args[i].arg;
+        KD_TRY(entry_mem(st, e, args[i].arg, args[i].ptr, &a[n].memory));
+        n++;
+    }
+    if (e->scratch_bytes) {
+        if (st->scratch_cap < e->scratch_bytes)
+            return kd_error(KD_ERR_INTERNAL, "cpu backend: scratchpad not reserved");
+        a[n].arg = DNNL_ARG_SCRATCHPAD;
+        KD_TRY(entry_mem(st, e, DNNL_ARG_SCRATCHPAD, st->scratch, &a[n].memory));
+        n++;
+    }
+    KD_TRY(KD_DNNL_CHECK(dnnl_primitive_execute(e->prim, st->stream, n, a)));
+    KD_TRY(KD_DNNL_CHECK(dnnl_stream_wait(st->stream)));
+    return KD_OK;
+}
+
+/* -------------------------------------------------------------- utilities */
+
+/* dst += src, n floats. */
+static void add_into(float *dst, const float *src, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+static kd_backend *ref_be(void) { return kd__backend_ref(); }
+
+/* The tensors oneDNN gets here: float32, plain row-major, contiguous, on
+ * the CPU. Anything else goes to the ref kernels (which report it). */
+static int plain_f32(const kd_tensor *t) {
+    return t && t->dtype == KD_F32 && t->device == KD_DEVICE_CPU &&
+           t->layout == KD_LAYOUT_STRIDED && t->data && kd_tensor_is_contiguous(t);
+}
+
+/* conv2d and pool2d operands: plain and 4-d. */
+static int plain_4d(const kd_tensor *t) { return plain_f32(t) && t->ndim == 4; }
+
+/* Runs `call` (a *_locked kernel body) under the backend lock, after making
+ * sure the engine and stream exist; its status lands in `s`. */
+#define CPU_RUN_LOCKED(s, call)                          \
+    do {                                                 \
+        pthread_mutex_lock(&g_cpu.lock);                 \
+        (s) = state_init_locked(&g_cpu);                 \
+        if ((s) == KD_OK) (s) = (call);                  \
+        pthread_mutex_unlock(&g_cpu.lock);               \
+    } while (0)
+
+/* ------------------------------------------------------------ convolution */
+
+typedef struct {
+    int64_t N, C, H, W, O, KH, KW, OH, OW, G;
+    /* (h, w) in dnnl_dims_t, the array type oneDNN reads; dil is (dilation - 1). */
+    dnnl_dims_t stride, pad_l, pad_r, dil;
+} conv_shape;
+
+/* oneDNN checks (in + pl + pr - ext) / stride + 1 == out with integer
+ * division; give it the exact right padding the output needs (never below 0). */
+static int64_t right_pad(int64_t in, int64_t out, int64_t ext, int64_t stride, int64_t pl) {
+    int64_t pr = (out - 1) * stride + ext - in - pl;
+    return pr > 0 ? pr : 0;
+}
+
+static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_tensor *x,
+                            const kd_tensor *w, const kd_tensor *y) {
+    memset(c, 0, sizeof *c);
+    c->N = x->shape[0], c->C = x->shape[1], c->H = x->shape[2], c->W = x->shape[3];
+    c->O = w->shape[0], c->KH = w->shape[2], c->KW = w->shape[3];
+    c->OH = y->shape[2], c->OW = y->shape[3];
+    c->G = p->groups > 0 ? p->groups : 1;
+    int64_t in[2] = {c->H, c->W}, out[2] = {c->OH, c->OW}, k[2] = {c->KH, c->KW};
+    for (int i = 0; i < 2; i++) {
+        c->stride[i] = p->stride[i];
+        c->pad_l[i] = p->pad[i];
+        c->dil[i] = p->dilation[i] - 1;
+        c->pad_r[i] = right_pad(in[i], out[i], p->dilation[i] * (k[i] - 1) + 1, p->stride[i],
+                                p->pad[i]);
+    }
+}
+
+static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_bias) {
+    key_init(k, kind);
+    k->flags = has_bias;
+    int64_t v[] = {c->N, c->C, c->H, c->W, c->O, c->KH, c->KW, c->OH, c->OW, c->G,
+                   c->stride[0], c->stride[1], c->pad_l[0], c->pad_l[1], c->dil[0], c->dil[1]};
+    memcpy(k->d, v, sizeof v);
+}
+
+/* The one place that picks conv memory layouts: plain for now. A blocked
+ * version returns dnnl_format_tag_any here and reorders around execution. */
+static void conv_layout_tags(const conv_shape *c, dnnl_format_tag_t *act, dnnl_format_tag_t *wei) {
+    *act = dnnl_nchw;
+    *wei = c->G > 1 ? dnnl_goihw : dnnl_oihw;
+}
+
+/* Memory descriptors of a conv: src (N, C, H, W), weights (O, C/G, KH, KW)
+ * or (G, O/G, C/G, KH, KW), bias (O), dst (N, O, OH, OW). */
+static dnnl_status_t conv_mds(const conv_shape *c, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
+                              dnnl_memory_desc_t *bias, dnnl_memory_desc_t *dst) {
+    dnnl_format_tag_t act_tag, wei_tag;
+    conv_layout_tags(c, &act_tag, &wei_tag);
+    dnnl_dims_t sd = {c->N, c->C, c->H, c->W}, dd = {c->N, c->O, c->OH, c->OW}, bd = {c->O};
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, dnnl_f32, act_tag);
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(dst, 4, dd, dnnl_f32, act_tag);
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(bias, 1, bd, dnnl_f32, dnnl_x);
+    if (s != dnnl_success) return s;
+    if (c->G > 1) {
+        dnnl_dims_t wd = {c->G, c->O / c->G, c->C / c->G, c->KH, c->KW};
+        return dnnl_memory_desc_init_by_tag(wei, 5, wd, dnnl_f32, wei_tag);
+    }
+    dnnl_dims_t wd = {c->O, c->C, c->KH, c->KW};
+    return dnnl_memory_desc_init_by_tag(wei, 4, wd, dnnl_f32, wei_tag);
+}
+
+/* Finds or creates the conv primitive of `kind` for c. */
+static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, int has_bias,
+                            prim_entry **out) {
+    prim_key k;
+    conv_key(&k, kind, c, has_bias);
+    uint64_t h = key_hash(&k);
+    if ((*out = cache_find(st, &k, h))) return KD_OK;
+
+    dnnl_memory_desc_t src, wei, bias, dst;
+    dnnl_convolution_desc_t op, hint;
+    dnnl_status_t s = conv_mds(c, &src, &wei, &bias, &dst);
+    const dnnl_memory_desc_t *bmd = has_bias ? &bias : NULL;
+    if (s == dnnl_success)
+        s = dnnl_dilated_convolution_forward_desc_init(
+            kind == PK_CONV_FWD ? &op : &hint, dnnl_forward_training, dnnl_convolution_direct,
+            &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l, c->pad_r);
+    if (s == dnnl_success && kind == PK_CONV_BWD_DATA)
+        s = dnnl_dilated_convolution_backward_data_desc_init(
+            &op, dnnl_convolution_direct, &src, &wei, &dst, c->stride, c->dil, c->pad_l, c->pad_r);
+    if (s == dnnl_success && kind == PK_CONV_BWD_WEIGHTS)
+        s = dnnl_dilated_convolution_backward_weights_desc_init(
+            &op, dnnl_convolution_direct, &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l,
+            c->pad_r);
+    return cache_insert(st, &k, h, s, &op, kind == PK_CONV_FWD ? NULL : &hint, out);
+}
+
+static kd_status conv_fwd_locked(cpu_state *st, const kd_conv2d_params *p, const kd_tensor *x,
+                                 const kd_tensor *w, const kd_tensor *b, kd_tensor *y,
+                                 int *use_ref) {
+    conv_shape c;
+    conv_shape_init(&c, p, x, w, y);
+    prim_entry *e;
+    KD_TRY(conv_entry(st, PK_CONV_FWD, &c, b != NULL, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    KD_TRY(scratch_reserve_for(st, e, 0));
+    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_WEIGHTS, w->data}, {DNNL_ARG_DST, y->data},
+                     {DNNL_ARG_BIAS, b ? b->data : NULL}};
+    return entry_execute(st, e, a, b ? 4 : 3);
+}
+
+static kd_status cpu_conv2d_forward(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
+                                    const kd_tensor *w, const kd_tensor *b, kd_tensor *y) {
+    if (!plain_4d(x) || !plain_4d(w) || !plain_4d(y) || (b && !plain_f32(b)) || p->groups < 1 ||
+        kd_tensor_numel(y) == 0 || kd_tensor_numel(x) == 0)
+        return ref_be()->conv2d_forward(be, p, x, w, b, y);
+    int use_ref = 0;
+    kd_status s;
+    CPU_RUN_LOCKED(s, conv_fwd_locked(&g_cpu, p, x, w, b, y, &use_ref));
+    if (s == KD_OK && use_ref) return ref_be()->conv2d_forward(be, p, x, w, b, y);
+    return s;
+}
+
+static kd_status conv_bwd_data_locked(cpu_state *st, const kd_conv2d_params *p,
+                                      const kd_tensor *dy, const kd_tensor *w, kd_tensor *dx,
+                                      int accumulate, int *use_ref) {
+    conv_shape c;
+    conv_shape_init(&c, p, dx, w, dy);
+    prim_entry *e;
+    KD_TRY(conv_entry(st, PK_CONV_BWD_DATA, &c, 0, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    int64_t n = kd_tensor_numel(dx);
+    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
+    float *out = accumulate ? scratch_floats(st, e, 0) : kd_f32(dx);
+    exec_arg a[3] = {{DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_WEIGHTS, w->data},
+                     {DNNL_ARG_DIFF_SRC, out}};
+    KD_TRY(entry_execute(st, e, a, 3));
+    if (accumulate) add_into(kd_f32(dx), out, n);
+    return KD_OK;
+}
+
+static kd_status cpu_conv2d_backward_data(kd_backend *be, const kd_conv2d_params *p,
+                                          const kd_tensor *dy, const kd_tensor *w, kd_tensor *dx,
+                                          int accumulate) {
+    if (!plain_4d(dy) || !plain_4d(w) || !plain_4d(dx) || p->groups < 1 ||
+        kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0)
+        return ref_be()->conv2d_backward_data(be, p, dy, w, dx, accumulate);
+    int use_ref = 0;
+    kd_status s;
+    CPU_RUN_LOCKED(s, conv_bwd_data_locked(&g_cpu, p, dy, w, dx, accumulate, &use_ref));
+    if (s == KD_OK && use_ref) return ref_be()->conv2d_backward_data(be, p, dy, w, dx, accumulate);
+    return s;
+}
+
+static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *p,
+                                         const kd_tensor *dy, const kd_tensor *x, kd_tensor *dw,
+                                         kd_tensor *db, int accumulate, int *use_ref) {
+    conv_shape c;
+    conv_shape_init(&c, p, x, dw, dy);
+    prim_entry *e;
+    KD_TRY(conv_entry(st, PK_CONV_BWD_WEIGHTS, &c, db != NULL, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    int64_t nw = kd_tensor_numel(dw), nb = db ? kd_tensor_numel(db) : 0;
+    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)(align64(nw * sizeof(float)) / sizeof(float) + nb) : 0));
+    float *ow = accumulate ? scratch_floats(st, e, 0) : kd_f32(dw);
+    float *ob = db ? (accumulate ? ow + align64(nw * sizeof(float)) / sizeof(float) : kd_f32(db)) : NULL;
+    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DIFF_DST, dy->data},
+                     {DNNL_ARG_DIFF_WEIGHTS, ow}, {DNNL_ARG_DIFF_BIAS, ob}};
+    KD_TRY(entry_execute(st, e, a, db ? 4 : 3));
+    if (accumulate) {
+        add_into(kd_f32(dw), ow, nw);
+        if (db) add_into(kd_f32(db), ob, nb);
+    }
+    return KD_OK;
+}
+
+static kd_status cpu_conv2d_backward_weights(kd_backend *be, const kd_conv2d_params *p,
+                                             const kd_tensor *dy, const kd_tensor *x,
+                                             kd_tensor *dw, kd_tensor *db, int accumulate) {
+    if (!plain_4d(dy) || !plain_4d(x) || !plain_4d(dw) || (db && !plain_f32(db)) ||
+        p->groups < 1 || kd_tensor_numel(dy) == 0 || kd_tensor_numel(x) == 0)
+        return ref_be()->conv2d_backward_weights(be, p, dy, x, dw, db, accumulate);
+    int use_ref = 0;
+    kd_status s;
+    CPU_RUN_LOCKED(s, conv_bwd_weights_locked(&g_cpu, p, dy, x, dw, db, accumulate, &use_ref));
+    if (s == KD_OK && use_ref)
+        return ref_be()->conv2d_backward_weights(be, p, dy, x, dw, db, accumulate);
+    return s;
+}
+
+/* ------------------------------------------------------------- batch norm */
+
+/* x (N, C) or (N, C, d2...) viewed as (N, C, S, 1) NCHW. */
+static void bn_dims(const kd_tensor *x, int64_t *N, int64_t *C, int64_t *S) {
+    *N = x->shape[0];
+    *C = x->ndim > 1 ? x->shape[1] : 1;
+    *S = 1;
+    for (int i = 2; i < x->ndim; i++) *S *= x->shape[i];
+}
+
+static kd_status bn_entry(cpu_state *st, prim_kind kind, int64_t N, int64_t C, int64_t S,
+                          float eps, unsigned flags, dnnl_prop_kind_t prop, prim_entry **out) {
+    prim_key k;
+    key_init(&k, kind);
+    k.flags = (int32_t)flags;
+    k.prop = prop;
+    k.d[0] = N, k.d[1] = C, k.d[2] = S;
+    k.f[0] = eps;
+    uint64_t h = key_hash(&k);
+    if ((*out = cache_find(st, &k, h))) return KD_OK;
+
+    dnnl_memory_desc_t md;
+    dnnl_batch_normalization_desc_t op, hint;
+    dnnl_dims_t dims = {N, C, S, 1};
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 4, dims, dnnl_f32, dnnl_nchw);
+    if (s == dnnl_success && kind == PK_BN_FWD)
+        s = dnnl_batch_normalization_forward_desc_init(&op, prop, &md, eps, flags);
+    if (s == dnnl_success && kind == PK_BN_BWD)
+        s = dnnl_batch_normalization_forward_desc_init(&hint, dnnl_forward_training, &md, eps, flags);
+    if (s == dnnl_success && kind == PK_BN_BWD)
+        s = dnnl_batch_normalization_backward_desc_init(&op, prop, &md, &md, eps, flags);
+    return cache_insert(st, &k, h, s, &op, kind == PK_BN_BWD ? &hint : NULL, out);
+}
+
+static kd_status bn_fwd_locked(cpu_state *st, const kd_bn_params *p, const kd_tensor *x,
+                               const kd_tensor *gamma, const kd_tensor *beta,
+                               kd_tensor *running_mean, kd_tensor *running_var, kd_tensor *y,
+                               kd_tensor *save_mean, kd_tensor *save_rstd, int *use_ref) {
+    int64_t N, C, S;
+    bn_dims(x, &N, &C, &S);
+    unsigned flags = (gamma ? dnnl_use_scale : 0u) | (beta ? dnnl_use_shift : 0u);
+    if (!p->training) flags |= dnnl_use_global_stats;
+    prim_entry *e;
+    KD_TRY(bn_entry(st, PK_BN_FWD, N, C, S, p->eps, flags,
+                    p->training ? dnnl_forward_training : dnnl_forward_inference, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+
+    exec_arg a[6] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DST, y->data}};
+    int na = 2;
+    if (gamma) a[na++] = (exec_arg){DNNL_ARG_SCALE, gamma->data};
+    if (beta) a[na++] = (exec_arg){DNNL_ARG_SHIFT, beta->data};
+    if (!p->training) {
+        a[na++] = (exec_arg){DNNL_ARG_MEAN, running_mean->data};
+        a[na++] = (exec_arg){DNNL_ARG_VARIANCE, running_var->data};
+        KD_TRY(scratch_reserve_for(st, e, 0));
+        KD_TRY(entry_execute(st, e, a, na));
+        /* As the ref kernel: save_* (if given) get the statistics used. */
+        const float *rm = kd_f32(running_mean), *rv = kd_f32(running_var);
+        for (int64_t c = 0; c < C; c++) {
+            if (save_mean) kd_f32(save_mean)[c] = rm[c];
+            if (save_rstd) kd_f32(save_rstd)[c] = (float)(1.0 / sqrt((double)rv[c] + (double)p->eps));
+        }
+        return KD_OK;
+    }
+
+    /* Training: oneDNN writes the batch mean and the biased variance. */
+    KD_TRY(scratch_reserve_for(st, e, (size_t)C));
+    float *mean = kd_f32(save_mean);
+    float *var = scratch_floats(st, e, 0);
+    a[na++] = (exec_arg){DNNL_ARG_MEAN, mean};
+    a[na++] = (exec_arg){DNNL_ARG_VARIANCE, var};
+    KD_TRY(entry_execute(st, e, a, na));
+
+    /* save_rstd from the biased variance; running variance with the unbiased
+     * one (n / (n - 1)), as PyTorch does. */
+    int64_t n = N * S; /* > 1, checked by the caller */
+    double unbias = (double)n / (double)(n - 1);
+    double m = p->momentum;
+    float *rm = running_mean ? kd_f32(running_mean) : NULL;
+    float *rv = running_var ? kd_f32(running_var) : NULL;
+    float *rstd = kd_f32(save_rstd);
+    for (int64_t c = 0; c < C; c++) {
+        rstd[c] = (float)(1.0 / sqrt((double)var[c] + (double)p->eps));
+        if (rm) rm[c] = (float)((1.0 - m) * rm[c] + m * mean[c]);
+        if (rv) rv[c] = (float)((1.0 - m) * rv[c] + m * var[c] * unbias);
+    }
+    return KD_OK;
+}
+
+static kd_status cpu_batchnorm_forward(kd_backend *be, const kd_bn_params *p, const kd_tensor *x,
+                                       const kd_tensor *gamma, const kd_tensor *beta,
+                                       kd_tensor *running_mean, kd_tensor *running_var,
+                                       kd_tensor *y, kd_tensor *save_mean, kd_tensor *save_rstd) {
+    /* The ref kernel reports the invalid cases (training on one value per
+     * channel, missing statistics) with its messages. */
+    int64_t N, C, S;
+    int use_ref = !plain_f32(x) || !plain_f32(y) || x->ndim < 2 || kd_tensor_numel(x) == 0;
+    if (!use_ref) {
+        bn_dims(x, &N, &C, &S);
+        use_ref = p->training ? (N * S < 2 || !save_mean || !save_rstd)
+                              : (!running_mean || !running_var);
+    }
+    kd_status s = KD_OK;
+    if (!use_ref)
+        CPU_RUN_LOCKED(s, bn_fwd_locked(&g_cpu, p, x, gamma, beta, running_mean, running_var,
+                                             y, save_mean, save_rstd, &use_ref));
+    if (s == KD_OK && use_ref)
+        return ref_be()->batchnorm_forward(be, p, x, gamma, beta, running_mean, running_var, y,
+                                           save_mean, save_rstd);
+    return s;
+}
+
+static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_tensor *dy,
+                               const kd_tensor *x, const kd_tensor *gamma,
+                               const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                               kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta, int accumulate,
+                               int *use_ref) {
+    int64_t N, C, S;
+    bn_dims(x, &N, &C, &S);
+    /* Eval-mode backward treats the statistics as constants. */
+    unsigned flags = (gamma ? dnnl_use_scale : 0u) | dnnl_use_shift |
+                     (p->training ? 0u : dnnl_use_global_stats);
+    prim_entry *e;
+    KD_TRY(bn_entry(st, PK_BN_BWD, N, C, S, p->eps, flags, dnnl_backward, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+
+    /* Scratch floats: var (C), dgamma (C), dbeta (C), then dx (numel) when
+     * accumulating or not wanted; the parameter gradients always land in
+     * scratch first so that NULL outputs and accumulate=1 take one path. */
+    int64_t n = kd_tensor_numel(x);
+    int dx_scratch = accumulate || !dx;
+    size_t cpad = align64((size_t)C * sizeof(float)) / sizeof(float);
+    KD_TRY(scratch_reserve_for(st, e, 3 * cpad + (dx_scratch ? (size_t)n : 0)));
+    float *var = scratch_floats(st, e, 0);
+    float *dg = scratch_floats(st, e, cpad);
+    float *dbt = scratch_floats(st, e, 2 * cpad);
+    float *dxo = dx_scratch ? scratch_floats(st, e, 3 * cpad) : kd_f32(dx);
+
+    /* oneDNN wants the variance; rebuild it from rstd = 1/sqrt(var + eps). */
+    const float *rstd = kd_f32(save_rstd);
+    for (int64_t c = 0; c < C; c++) {
+        double r = rstd[c];
+        var[c] = (float)(1.0 / (r * r) - (double)p->eps);
+    }
+    exec_arg a[8] = {{DNNL_ARG_SRC, x->data},         {DNNL_ARG_MEAN, save_mean->data},
+                     {DNNL_ARG_VARIANCE, var},        {DNNL_ARG_DIFF_DST, dy->data},
+                     {DNNL_ARG_DIFF_SRC, dxo},        {DNNL_ARG_DIFF_SHIFT, dbt}};
+    int na = 6;
+    if (gamma) {
+        a[na++] = (exec_arg){DNNL_ARG_SCALE, gamma->data};
+        a[na++] = (exec_arg){DNNL_ARG_DIFF_SCALE, dg};
+    }
+    KD_TRY(entry_execute(st, e, a, na));
+
+    if (accumulate && dx) add_into(kd_f32(dx), dxo, n);
+    if (dgamma) {
+        float *o = kd_f32(dgamma);
+        for (int64_t c = 0; c < C; c++) o[c] = accumulate ? o[c] + dg[c] : dg[c];
+    }
+    if (dbeta) {
+        float *o = kd_f32(dbeta);
+        for (int64_t c = 0; c < C; c++) o[c] = accumulate ? o[c] + dbt[c] : dbt[c];
+    }
+    return KD_OK;
+}
+
+static kd_status cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, const kd_tensor *dy,
+                                        const kd_tensor *x, const kd_tensor *gamma,
+                                        const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                                        kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta,
+                                        int accumulate) {
+    /* dgamma without gamma cannot come from a primitive without use_scale. */
+    int use_ref = !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx)) || x->ndim < 2 ||
+                  kd_tensor_numel(x) == 0 || (dgamma && !gamma);
+    kd_status s = KD_OK;
+    if (!use_ref)
+        CPU_RUN_LOCKED(s, bn_bwd_locked(&g_cpu, p, dy, x, gamma, save_mean, save_rstd, dx,
+                                             dgamma, dbeta, accumulate, &use_ref));
+    if (s == KD_OK && use_ref)
+        return ref_be()->batchnorm_backward(be, p, dy, x, gamma, save_mean, save_rstd, dx, dgamma,
+                                            dbeta, accumulate);
+    return s;
+}
+
+/* ---------------------------------------------------------------- pooling */
+
+typedef struct {
+    int64_t N, C, H, W, OH, OW;
+    dnnl_dims_t kernel, stride, pad_l, pad_r; /* (h, w) */
+} pool_shape;
+
+static void pool_shape_init(pool_shape *q, const kd_pool2d_params *p, const kd_tensor *x,
+                            const kd_tensor *y) {
+    memset(q, 0, sizeof *q);
+    q->N = x->shape[0], q->C = x->shape[1], q->H = x->shape[2], q->W = x->shape[3];
+    q->OH = y->shape[2], q->OW = y->shape[3];
+    int64_t in[2] = {q->H, q->W}, out[2] = {q->OH, q->OW};
+    for (int i = 0; i < 2; i++) {
+        q->kernel[i] = p->kernel[i];
+        q->stride[i] = p->stride[i];
+        q->pad_l[i] = p->pad[i];
+        q->pad_r[i] = right_pad(in[i], out[i], p->kernel[i], p->stride[i], p->pad[i]);
+    }
+}
+
+static dnnl_alg_kind_t pool_alg(const kd_pool2d_params *p) {
+    if (p->kind == KD_POOL_MAX) return dnnl_pooling_max;
+    return p->count_include_pad ? dnnl_pooling_avg_include_padding
+                                : dnnl_pooling_avg_exclude_padding;
+}
+
+static kd_status pool_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg,
+                            const pool_shape *q, prim_entry **out) {
+    prim_key k;
+    key_init(&k, kind);
+    k.alg = alg;
+    int64_t v[] = {q->N, q->C, q->H, q->W, q->OH, q->OW, q->kernel[0], q->kernel[1],
+                   q->stride[0], q->stride[1], q->pad_l[0], q->pad_l[1]};
+    memcpy(k.d, v, sizeof v);
+    uint64_t h = key_hash(&k);
+    if ((*out = cache_find(st, &k, h))) return KD_OK;
+
+    dnnl_memory_desc_t src, dst;
+    dnnl_pooling_desc_t op, hint;
+    dnnl_dims_t sd = {q->N, q->C, q->H, q->W}, dd = {q->N, q->C, q->OH, q->OW};
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&src, 4, sd, dnnl_f32, dnnl_nchw);
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(&dst, 4, dd, dnnl_f32, dnnl_nchw);
+    /* Forward runs as inference: max pooling's argmax is kd's own format. */
+    if (s == dnnl_success)
+        s = dnnl_pooling_forward_desc_init(kind == PK_POOL_FWD ? &op : &hint,
+                                           kind == PK_POOL_FWD ? dnnl_forward_inference
+                                                               : dnnl_forward_training,
+                                           alg, &src, &dst, q->stride, q->kernel, q->pad_l,
+                                           q->pad_r);
+    if (s == dnnl_success && kind == PK_POOL_BWD)
+        s = dnnl_pooling_backward_desc_init(&op, alg, &src, &dst, q->stride, q->kernel, q->pad_l,
+                                            q->pad_r);
+    return cache_insert(st, &k, h, s, &op, kind == PK_POOL_BWD ? &hint : NULL, out);
+}
+
+/* Max pooling forward: y = the window's maximum and ws = its flat index
+ * (h * W + w) by PyTorch's rule (the first maximum; a NaN wins, the last one;
+ * padding never does). One thread per (n, c) plane. */
+static void maxpool_argmax(const pool_shape *q, const float *x, float *y, int32_t *ws) {
+    int64_t planes = q->N * q->C;
+#pragma omp parallel for schedule(static)
+    for (int64_t pl = 0; pl < planes; pl++) {
+        const float *xp = x + pl * q->H * q->W;
+        float *yp = y + pl * q->OH * q->OW;
+        int32_t *wp = ws + pl * q->OH * q->OW;
+        for (int64_t oh = 0; oh < q->OH; oh++) {
+            int64_t h0 = oh * q->stride[0] - q->pad_l[0], h1 = h0 + q->kernel[0];
+            if (h0 < 0) h0 = 0;
+            if (h1 > q->H) h1 = q->H;
+            for (int64_t ow = 0; ow < q->OW; ow++) {
+                int64_t w0 = ow * q->stride[1] - q->pad_l[1], w1 = w0 + q->kernel[1];
+                if (w0 < 0) w0 = 0;
+                if (w1 > q->W) w1 = q->W;
+                float best = -INFINITY;
+                int64_t arg = -1;
+                for (int64_t h = h0; h < h1; h++)
+                    for (int64_t w = w0; w < w1; w++) {
+                        float v = xp[h * q->W + w];
+                        if (arg < 0 || v > best || isnan(v)) best = v, arg = h * q->W + w;
+                    }
+                yp[oh * q->OW + ow] = best;
+                wp[oh * q->OW + ow] = (int32_t)arg;
+            }
+        }
+    }
+}
+
+/* Max pooling backward: dx[n, c, ws] (+)= dy, one thread per plane in a
+ * fixed order, so deterministic. Returns the number of indices outside the
+ * plane (skipped; -1 marks an empty window and is not counted). */
+static int64_t maxpool_scatter(int64_t planes, int64_t in_plane, int64_t out_plane,
+                               const float *dy, const int32_t *ws, float *dx, int accumulate) {
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+    for (int64_t pl = 0; pl < planes; pl++) {
+        float *dxp = dx + pl * in_plane;
+        if (!accumulate) memset(dxp, 0, (size_t)in_plane * sizeof(float));
+        const float *dyp = dy + pl * out_plane;
+        const int32_t *wp = ws + pl * out_plane;
+        for (int64_t i = 0; i < out_plane; i++) {
+            if (wp[i] >= 0 && wp[i] < in_plane)
+                dxp[wp[i]] += dyp[i];
+            else if (wp[i] != -1)
+                bad++;
+        }
+    }
+    return bad;
+}
+
+static kd_status pool_fwd_locked(cpu_state *st, const kd_pool2d_params *p, const kd_tensor *x,
+                                 kd_tensor *y, int *use_ref) {
+    pool_shape q;
+    pool_shape_init(&q, p, x, y);
+    prim_entry *e;
+    KD_TRY(pool_entry(st, PK_POOL_FWD, pool_alg(p), &q, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    KD_TRY(scratch_reserve_for(st, e, 0));
+    exec_arg a[2] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DST, y->data}};
+    return entry_execute(st, e, a, 2);
+}
+
+static kd_status cpu_pool2d_forward(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *x,
+                                    kd_tensor *y, kd_tensor *ws) {
+    int use_ref = !plain_4d(x) || !plain_4d(y) || kd_tensor_numel(y) == 0 ||
+                  kd_tensor_numel(x) == 0 ||
+                  (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
+                                              kd_tensor_numel(ws) != kd_tensor_numel(y)));
+    if (!use_ref && p->kind == KD_POOL_MAX) {
+        pool_shape q;
+        pool_shape_init(&q, p, x, y);
+        maxpool_argmax(&q, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
+        return KD_OK;
+    }
+    kd_status s = KD_OK;
+    if (!use_ref) CPU_RUN_LOCKED(s, pool_fwd_locked(&g_cpu, p, x, y, &use_ref));
+    if (s == KD_OK && use_ref) return ref_be()->pool2d_forward(be, p, x, y, ws);
+    return s;
+}
+
+static kd_status pool_bwd_locked(cpu_state *st, const kd_pool2d_params *p, const kd_tensor *dy,
+                                 kd_tensor *dx, int accumulate, int *use_ref) {
+    pool_shape q;
+    pool_shape_init(&q, p, dx, dy);
+    prim_entry *e;
+    KD_TRY(pool_entry(st, PK_POOL_BWD, pool_alg(p), &q, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    int64_t n = kd_tensor_numel(dx);
+    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
+    float *out = accumulate ? scratch_floats(st, e, 0) : kd_f32(dx);
+    exec_arg a[2] = {{DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_DIFF_SRC, out}};
+    KD_TRY(entry_execute(st, e, a, 2));
+    if (accumulate) add_into(kd_f32(dx), out, n);
+    return KD_OK;
+}
+
+static kd_status cpu_pool2d_backward(kd_backend *be, const kd_pool2d_params *p,
+                                     const kd_tensor *dy, const kd_tensor *ws, kd_tensor *dx,
+                                     int accumulate) {
+    if (!plain_4d(dy) || !plain_4d(dx) || kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0 ||
+        (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
+                                    kd_tensor_numel(ws) != kd_tensor_numel(dy))))
+        return ref_be()->pool2d_backward(be, p, dy, ws, dx, accumulate);
+    if (p->kind == KD_POOL_MAX) {
+        int64_t planes = dx->shape[0] * dx->shape[1], H = dx->shape[2], W = dx->shape[3];
+        int64_t bad = maxpool_scatter(planes, H * W, dy->shape[2] * dy->shape[3], kd_f32(dy),
+                                      (const int32_t *)ws->data, kd_f32(dx), accumulate);
+        if (bad)
+            return kd_error(KD_ERR_INVALID,
+                            "cpu pool2d_backward: %lld argmax indices fall outside the %lldx%lld input plane",
+                            (long long)bad, (long long)H, (long long)W);
+        return KD_OK;
+    }
+    int use_ref = 0;
+    kd_status s;
+    CPU_RUN_LOCKED(s, pool_bwd_locked(&g_cpu, p, dy, dx, accumulate, &use_ref));
+    if (s == KD_OK && use_ref) return ref_be()->pool2d_backward(be, p, dy, ws, dx, accumulate);
+    return s;
+}
+
+/* ------------------------------------------------------------------- gemm */
+
+static kd_status cpu_gemm(kd_backend *be, int trans_a, int trans_b, int64_t M, int64_t N,
+                          int64_t K, float alpha, const float *A, int64_t lda, const float *B,
+                          int64_t ldb, float beta, float *C, int64_t ldc) {
+    if (M <= 0 || N <= 0 || K <= 0)
+        return ref_be()->gemm(be, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    /* dnnl_sgemm is row-major: lda is the row stride of A as stored. */
+    return KD_DNNL_CHECK(dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, alpha, A,
+                                    lda, B, ldb, beta, C, ldc));
+}
+
+/* ---------------------------------------------------------------- eltwise */
+
+/* Exp runs as exp_use_dst_for_bwd so that its backward reads y, as kd's
+ * contract says; relu (alpha = negative slope) and log read x. */
+static dnnl_alg_kind_t eltwise_alg(kd_eltwise_kind kind) {
+    switch (kind) {
+    case KD_ELTWISE_RELU: return dnnl_eltwise_relu;
+    case KD_ELTWISE_EXP: return dnnl_eltwise_exp_use_dst_for_bwd;
+    case KD_ELTWISE_LOG: return dnnl_eltwise_log;
+    default: return dnnl_alg_kind_undef;
+    }
+}
+
+static kd_status eltwise_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg, float alpha,
+                               int64_t n, prim_entry **out) {
+    prim_key k;
+    key_init(&k, kind);
+    k.alg = alg;
+    k.d[0] = n;
+    k.f[0] = alpha;
+    uint64_t h = key_hash(&k);
+    if ((*out = cache_find(st, &k, h))) return KD_OK;
+
+    dnnl_memory_desc_t md;
+    dnnl_eltwise_desc_t op, hint;
+    dnnl_dims_t dims = {n};
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_x);
+    if (s == dnnl_success)
+        s = dnnl_eltwise_forward_desc_init(kind == PK_ELTWISE_FWD ? &op : &hint,
+                                           dnnl_forward_training, alg, &md, alpha, 0.f);
+    if (s == dnnl_success && kind == PK_ELTWISE_BWD)
+        s = dnnl_eltwise_backward_desc_init(&op, alg, &md, &md, alpha, 0.f);
+    return cache_insert(st, &k, h, s, &op, kind == PK_ELTWISE_BWD ? &hint : NULL, out);
+}
+
+static kd_status eltwise_fwd_locked(cpu_state *st, kd_eltwise_kind kind, float alpha,
+                                    const kd_tensor *x, kd_tensor *y, int *use_ref) {
+    prim_entry *e;
+    KD_TRY(eltwise_entry(st, PK_ELTWISE_FWD, eltwise_alg(kind), alpha, kd_tensor_numel(x), &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    KD_TRY(scratch_reserve_for(st, e, 0));
+    exec_arg a[2] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DST, y->data}};
+    return entry_execute(st, e, a, 2);
+}
+
+static kd_status cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                     const kd_tensor *x, kd_tensor *y) {
+    int use_ref = !plain_f32(x) || !plain_f32(y) || kd_tensor_numel(x) == 0 ||
+                  kd_tensor_numel(x) != kd_tensor_numel(y) ||
+                  eltwise_alg(kind) == dnnl_alg_kind_undef;
+    kd_status s = KD_OK;
+    if (!use_ref) CPU_RUN_LOCKED(s, eltwise_fwd_locked(&g_cpu, kind, alpha, x, y, &use_ref));
+    if (s == KD_OK && use_ref) return ref_be()->eltwise_forward(be, kind, alpha, x, y);
+    return s;
+}
+
+static kd_status eltwise_bwd_locked(cpu_state *st, kd_eltwise_kind kind, float alpha,
+                                    const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
+                                    int accumulate, int *use_ref) {
+    int64_t n = kd_tensor_numel(dx);
+    prim_entry *e;
+    KD_TRY(eltwise_entry(st, PK_ELTWISE_BWD, eltwise_alg(kind), alpha, n, &e));
+    if (!e->pd) return *use_ref = 1, KD_OK;
+    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
+    float *out = accumulate ? scratch_floats(st, e, 0) : kd_f32(dx);
+    int src_arg = kind == KD_ELTWISE_EXP ? DNNL_ARG_DST : DNNL_ARG_SRC;
+    exec_arg a[3] = {{src_arg, src->data}, {DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_DIFF_SRC, out}};
+    KD_TRY(entry_execute(st, e, a, 3));
+    if (accumulate) add_into(kd_f32(dx), out, n);
+    return KD_OK;
+}
+
+static kd_status cpu_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                      const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
+                                      int accumulate) {
+    int64_t n = kd_tensor_numel(dx);
+    int use_ref = !plain_f32(dy) || !plain_f32(src) || !plain_f32(dx) || n == 0 ||
+                  kd_tensor_numel(dy) != n || kd_tensor_numel(src) != n ||
+                  eltwise_alg(kind) == dnnl_alg_kind_undef;
+    kd_status s = KD_OK;
+    if (!use_ref)
+        CPU_RUN_LOCKED(s, eltwise_bwd_locked(&g_cpu, kind, alpha, dy, src, dx, accumulate, &use_ref));
+    if (s == KD_OK && use_ref)
+        return ref_be()->eltwise_backward(be, kind, alpha, dy, src, dx, accumulate);
+    return s;
+}
+
+/* ------------------------------------------------------------------- trim */
+
+static void cpu_trim(kd_backend *be) {
+    (void)be;
+    cpu_state *st = &g_cpu;
+    pthread_mutex_lock(&st->lock);
+    for (int b = 0; b < CPU_BUCKETS; b++) {
+        prim_entry *e = st->buckets[b];
+        while (e) {
+            prim_entry *next = e->next;
+            entry_free(e);
+            e = next;
+        }
+        st->buckets[b] = NULL;
+    }
+    st->nentries = 0;
+    kd_aligned_free(st->scratch);
+    st->scratch = NULL;
+    st->scratch_cap = 0;
+    pthread_mutex_unlock(&st->lock);
+}
+
+/* ---------------------------------------------------------------- backend */
+
+static kd_backend g_cpu_backend = {
+    .name = "cpu",
+    .device = KD_DEVICE_CPU,
+    .conv2d_forward = cpu_conv2d_forward,
+    .conv2d_backward_data = cpu_conv2d_backward_data,
+    .conv2d_backward_weights = cpu_conv2d_backward_weights,
+    .batchnorm_forward = cpu_batchnorm_forward,
+    .batchnorm_backward = cpu_batchnorm_backward,
+    .pool2d_forward = cpu_pool2d_forward,
+    .pool2d_backward = cpu_pool2d_backward,
+    .gemm = cpu_gemm,
+    .eltwise_forward = cpu_eltwise_forward,
+    .eltwise_backward = cpu_eltwise_backward,
+    .trim = cpu_trim,
+    .impl = &g_cpu,
+};
+
+kd_backend *kd__backend_cpu(void) { return &g_cpu_backend; }
+
+int kd__cpu_primitive_count(void) {
+    pthread_mutex_lock(&g_cpu.lock);
+    int n = g_cpu.nprims_created;
+    pthread_mutex_unlock(&g_cpu.lock);
+    return n;
+}
+
+int kd__cpu_cache_size(void) {
+    pthread_mutex_lock(&g_cpu.lock);
+    int n = g_cpu.nentries;
+    pthread_mutex_unlock(&g_cpu.lock);
+    return n;
+}
+
+size_t kd__cpu_scratch_bytes(void) {
+    pthread_mutex_lock(&g_cpu.lock);
+    size_t n = g_cpu.scratch_cap;
+    pthread_mutex_unlock(&g_cpu.lock);
+    return n;
+}

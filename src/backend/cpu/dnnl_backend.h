@@ -1,0 +1,30 @@
+/*
+ * dnnl_backend.h: internal hooks of the "cpu" backend (oneDNN), for tests and
+ * benchmarks. The backend object itself comes from kd__backend_cpu()
+ * (backend/backend_impl.h) or kd_backend_get("cpu", ...).
+ *
+ * Usage:
+ *     int before = kd__cpu_primitive_count();
+ *     be->conv2d_forward(be, &p, x, w, b, y);  // same shape twice
+ *     be->conv2d_forward(be, &p, x, w, b, y);
+ *     // kd__cpu_primitive_count() - before == 1
+ */
+#ifndef KD_BACKEND_CPU_DNNL_BACKEND_H
+#define KD_BACKEND_CPU_DNNL_BACKEND_H
+
+#include "kd/backend.h"
+
+kd_backend *kd__backend_cpu(void);
+
+/* oneDNN primitives created since the process started (monotonic; trim does
+ * not reset it). A cache hit creates none. */
+int kd__cpu_primitive_count(void);
+
+/* Entries in the primitive cache right now (0 after trim), including entries
+ * that record a configuration oneDNN rejected (those run on the ref kernels). */
+int kd__cpu_cache_size(void);
+
+/* Bytes held by the backend's scratch buffer (0 after trim). */
+size_t kd__cpu_scratch_bytes(void);
+
+#endif /* KD_BACKEND_CPU_DNNL_BACKEND_H */

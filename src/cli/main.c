@@ -1,0 +1,280 @@
+/* The `kd` program: turns command lines into library calls, and library
+ * statuses into one clear sentence on stderr and a non-zero exit.
+ *   kd train    train a model (a teacher, or a student alone)
+ *   kd distill  train a student from a teacher with a distillation method
+ *   kd eval     accuracy of a checkpoint on a dataset's test split
+ *   kd info     what a checkpoint or dataset holds
+ * Exit status: 0 success, 1 failure while running, 2 bad command line. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+
+#define KD_EXIT_FAIL 1
+#define KD_EXIT_USAGE 2
+
+static int kd__fail(const char *cmd) {
+    fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+    return KD_EXIT_FAIL;
+}
+
+static void kd__print_settings(const kd_train_cfg *c) {
+    int n;
+    const kd_setting_doc *d = kd_train_settings(&n);
+    for (int i = 0; i < n; i++) {
+        char flag[64], v[600];
+        snprintf(flag, sizeof flag, "--%s", d[i].key);
+        for (char *p = flag + 2; *p; p++)
+            if (*p == '_') *p = '-';
+        kd_train_cfg_get(c, d[i].key, v, sizeof v);
+        fprintf(stdout, "  %-24s %s [%s]\n", flag, d[i].help, v);
+    }
+}
+
+static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
+    if (strcmp(cmd, "distill") == 0) {
+        printf("usage: kd distill --teacher-ckpt FILE --model STUDENT [--method kd] [settings...]\n\n"
+               "Trains STUDENT on the data with the teacher's knowledge. The loss is\n"
+               "gamma*CE + alpha*T^2*KL(teacher || student) + beta*method-term, each weight\n"
+               "defaulting to the method's published value (kd: gamma 0.1, alpha 0.9, T 4).\n");
+    } else {
+        printf("usage: kd train --model ARCH --data DIR [settings...]\n\n"
+               "Trains ARCH with cross-entropy (a teacher, or a student alone).\n");
+    }
+    printf("\nEvery run writes a run directory (--out): config.yaml, metrics.jsonl,\n"
+           "summary.json, last.safetensors and best.safetensors.\n\n"
+           "  --config FILE            read settings from a YAML file (flags override it)\n"
+           "  --resume DIR             continue the interrupted run in DIR with its own config\n"
+           "  --help                   this text\n\nsettings [default]:\n");
+    kd__print_settings(defaults);
+    int n;
+    const char *const *names = kd_model_names(&n);
+    printf("\nmodels:");
+    for (int i = 0; i < n; i++) printf(" %s", names[i]);
+    names = kd_distill_names(&n);
+    printf("\nmethods:");
+    for (int i = 0; i < n; i++) printf(" %s", names[i]);
+    printf("\n");
+}
+
+/* Turns "--batch-size" into "batch_size"; returns 0 if arg is not a flag. */
+static int kd__flag_key(const char *arg, char *key, size_t n, const char **inline_value) {
+    if (strncmp(arg, "--", 2) != 0 || !arg[2]) return 0;
+    const char *eq = strchr(arg, '=');
+    size_t len = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+    if (len >= n) len = n - 1;
+    memcpy(key, arg + 2, len);
+    key[len] = '\0';
+    for (char *p = key; *p; p++)
+        if (*p == '-') *p = '_';
+    *inline_value = eq ? eq + 1 : NULL;
+    return 1;
+}
+
+static int kd__cmd_train(const char *cmd, int argc, char **argv) {
+    kd_train_cfg c;
+    kd_train_cfg_defaults(&c);
+    if (strcmp(cmd, "distill") == 0) snprintf(c.distill.method, sizeof c.distill.method, "kd");
+    const char *resume = NULL;
+    /* The config file first, so that flags override it wherever they stand. */
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            kd__usage_train(cmd, &c);
+            return 0;
+        }
+        if (strcmp(argv[i], "--config") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kd %s: --config needs a file\n", cmd);
+                return KD_EXIT_USAGE;
+            }
+            if (kd_train_cfg_load(&c, argv[i + 1]) != KD_OK) return kd__fail(cmd);
+        }
+    }
+    for (int i = 0; i < argc; i++) {
+        char key[64];
+        const char *val;
+        if (!kd__flag_key(argv[i], key, sizeof key, &val)) {
+            fprintf(stderr, "kd %s: unexpected argument '%s' (settings are --name value; see --help)\n", cmd, argv[i]);
+            return KD_EXIT_USAGE;
+        }
+        if (!val) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kd %s: %s needs a value\n", cmd, argv[i]);
+                return KD_EXIT_USAGE;
+            }
+            val = argv[++i];
+        }
+        if (strcmp(key, "config") == 0) continue;
+        if (strcmp(key, "resume") == 0) {
+            resume = val;
+            continue;
+        }
+        if (kd_train_cfg_set(&c, key, val) != KD_OK) {
+            fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+            return KD_EXIT_USAGE;
+        }
+    }
+    kd_train_result r;
+    kd_status s = resume ? kd_train_resume(resume, &r) : kd_train_run(&c, &r);
+    if (s != KD_OK) return kd__fail(cmd);
+    printf("%s: top1 %.2f%%  top5 %.2f%%  best %.2f%% (epoch %d)  %.0f img/s  %.1fs  -> %s\n",
+           resume ? resume : c.out, r.top1, r.top5, r.best_top1, r.best_epoch, r.images_per_s, r.wall_s,
+           resume ? resume : c.out);
+    return 0;
+}
+
+static int kd__cmd_eval(int argc, char **argv) {
+    const char *ckpt = NULL, *data = "/usr/share/datasets/fashion-mnist", *arch = NULL, *backend = "cpu";
+    int batch = 256, json = 0, threads = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: kd eval --ckpt FILE [--data DIR] [--model ARCH] [--batch N] [--threads N]\n"
+                   "               [--backend cpu|ref] [--json]\n\n"
+                   "Top-1, top-5 and cross-entropy of the checkpoint on the test split of DIR\n"
+                   "(default %s). ARCH defaults to the checkpoint's own.\n", data);
+            return 0;
+        }
+        if (!strcmp(a, "--json")) {
+            json = 1;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "kd eval: %s needs a value\n", a);
+            return KD_EXIT_USAGE;
+        }
+        const char *v = argv[++i];
+        if (!strcmp(a, "--ckpt")) ckpt = v;
+        else if (!strcmp(a, "--data")) data = v;
+        else if (!strcmp(a, "--model")) arch = v;
+        else if (!strcmp(a, "--backend")) backend = v;
+        else if (!strcmp(a, "--batch") || !strcmp(a, "--threads")) {
+            kd_train_cfg tmp;
+            kd_train_cfg_defaults(&tmp);
+            if (kd_train_cfg_set(&tmp, !strcmp(a, "--batch") ? "eval_batch" : "threads", v) != KD_OK) {
+                fprintf(stderr, "kd eval: %s\n", kd_last_error());
+                return KD_EXIT_USAGE;
+            }
+            if (!strcmp(a, "--batch")) batch = tmp.eval_batch;
+            else threads = tmp.threads;
+            if (batch < 1) {
+                fprintf(stderr, "kd eval: --batch must be >= 1\n");
+                return KD_EXIT_USAGE;
+            }
+        } else {
+            fprintf(stderr, "kd eval: unknown option '%s' (see --help)\n", a);
+            return KD_EXIT_USAGE;
+        }
+    }
+    if (!ckpt) {
+        fprintf(stderr, "kd eval: --ckpt FILE is required\n");
+        return KD_EXIT_USAGE;
+    }
+    kd_set_num_threads(threads);
+    kd_backend *be = NULL;
+    kd_dataset *train = NULL, *test = NULL;
+    kd_model *m = NULL;
+    int rc = KD_EXIT_FAIL;
+    if (kd_backend_get(backend, &be) != KD_OK) goto done;
+    if (kd_dataset_open(data, 1, &train) != KD_OK) goto done;
+    if (kd_dataset_open(data, 0, &test) != KD_OK) goto done;
+    int classes = kd_dataset_num_classes(train);
+    if (kd_dataset_num_classes(test) > classes) classes = kd_dataset_num_classes(test);
+    kd_model_cfg mc = {kd_dataset_channels(test), classes, 0};
+    if (kd_model_load_new(ckpt, arch, &mc, &m) != KD_OK) goto done;
+    kd_transform_cfg tf = {.normalize = 1};
+    kd_dataset_norm(train, tf.mean, tf.std);
+    double t1, t5, loss;
+    if (kd_evaluate(m, be, test, batch, &tf, &t1, &t5, &loss) != KD_OK) goto done;
+    if (json)
+        printf("{\"ckpt\": \"%s\", \"arch\": \"%s\", \"top1\": %.4f, \"top5\": %.4f, \"loss\": %.6f, \"n\": %lld}\n",
+               ckpt, kd_model_arch(m), t1, t5, loss, (long long)kd_dataset_size(test));
+    else
+        printf("%s (%s) on %s test (%lld images): top1 %.2f%%  top5 %.2f%%  loss %.4f\n", ckpt, kd_model_arch(m),
+               kd_dataset_name(test), (long long)kd_dataset_size(test), t1, t5, loss);
+    rc = 0;
+done:
+    if (rc) kd__fail("eval");
+    kd_model_free(m);
+    kd_dataset_free(test);
+    kd_dataset_free(train);
+    return rc;
+}
+
+static int kd__cmd_info(int argc, char **argv) {
+    if (argc < 1 || !strcmp(argv[0], "--help") || !strcmp(argv[0], "-h")) {
+        printf("usage: kd info PATH\n\nDescribes a checkpoint (.safetensors: architecture, parameters,\n"
+               "tensors) or a dataset directory (format, classes, counts, image size).\n");
+        return argc < 1 ? KD_EXIT_USAGE : 0;
+    }
+    const char *path = argv[0];
+    size_t len = strlen(path);
+    if (len > 12 && strcmp(path + len - 12, ".safetensors") == 0) {
+        kd_st_file *f = NULL;
+        if (kd_st_open(path, &f) != KD_OK) return kd__fail("info");
+        const char *arch = kd_st_meta(f, "arch");
+        int64_t total = 0;
+        for (int i = 0; i < kd_st_count(f); i++) {
+            const kd_st_entry *e = kd_st_get(f, i);
+            if (strncmp(e->name, "optim.", 6) == 0 || strstr(e->name, "running_") || strstr(e->name, "num_batches"))
+                continue;
+            int64_t n = 1;
+            for (int d = 0; d < e->ndim; d++) n *= e->shape[d];
+            total += n;
+        }
+        printf("%s: %d tensors, %lld parameters%s%s\n", path, kd_st_count(f), (long long)total,
+               arch ? ", architecture " : "", arch ? arch : "");
+        const char *keys[] = {"num_classes", "in_channels", "epochs_done", "best_top1", "kd_version"};
+        for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++)
+            if (kd_st_meta(f, keys[k])) printf("  %s: %s\n", keys[k], kd_st_meta(f, keys[k]));
+        for (int i = 0; i < kd_st_count(f); i++) {
+            const kd_st_entry *e = kd_st_get(f, i);
+            printf("  %-48s %-4s (", e->name, kd_dtype_name(e->dtype));
+            for (int d = 0; d < e->ndim; d++) printf(d ? ", %lld" : "%lld", (long long)e->shape[d]);
+            printf(")\n");
+        }
+        kd_st_close(f);
+        return 0;
+    }
+    kd_dataset *tr = NULL, *te = NULL;
+    if (kd_dataset_open(path, 1, &tr) != KD_OK) return kd__fail("info");
+    if (kd_dataset_open(path, 0, &te) != KD_OK) {
+        kd_dataset_free(tr);
+        return kd__fail("info");
+    }
+    printf("%s: %s, %d classes, images %dx%dx%d (C x H x W), train %lld, test %lld\n", path, kd_dataset_name(tr),
+           kd_dataset_num_classes(tr), kd_dataset_channels(tr), kd_dataset_height(tr), kd_dataset_width(tr),
+           (long long)kd_dataset_size(tr), (long long)kd_dataset_size(te));
+    kd_dataset_free(te);
+    kd_dataset_free(tr);
+    return 0;
+}
+
+static void kd__usage(void) {
+    printf("kd %s: knowledge distillation in C\n\n"
+           "usage: kd COMMAND [options]   (kd COMMAND --help for its options)\n\n"
+           "  train     train a model with cross-entropy (a teacher, or a student alone)\n"
+           "  distill   train a student from a teacher (--method kd, ...)\n"
+           "  eval      evaluate a checkpoint on a dataset's test split\n"
+           "  info      describe a checkpoint or a dataset\n",
+           kd_version());
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        kd__usage();
+        return argc < 2 ? KD_EXIT_USAGE : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("kd %s\n", kd_version());
+        return 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "train") || !strcmp(cmd, "distill")) return kd__cmd_train(cmd, argc - 2, argv + 2);
+    if (!strcmp(cmd, "eval")) return kd__cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(cmd, "info")) return kd__cmd_info(argc - 2, argv + 2);
+    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, eval, info)\n", cmd);
+    return KD_EXIT_USAGE;
+}

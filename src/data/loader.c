@@ -1,0 +1,270 @@
+/* The batch loader. The epoch permutation is computed in the caller's thread;
+ * batch b always goes to ring slot b % nslots. Workers claim batch numbers in
+ * order, fill their slot (gather, augment, normalise) without holding the
+ * lock, and mark it ready; the caller takes batches in order and releases a
+ * slot when it asks for the next batch. Each sample's augmentation is drawn
+ * from its own counter-based stream, so the bytes of every batch are the same
+ * for any number of workers. */
+#include "data_internal.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    float *x;        /* (batch_size, C, H, W), 64-byte aligned */
+    int32_t *y;      /* (batch_size) */
+    int64_t *index;  /* (batch_size) */
+    int64_t n;       /* samples filled */
+    int64_t ready;   /* batch number held, -1 when none; guarded by mu */
+    kd_status status;
+    char msg[256];   /* worker's error message when status != KD_OK */
+} kd__slot;
+
+struct kd_loader {
+    const kd_dataset *ds;
+    kd_loader_cfg cfg;
+    kd__transform_tables tables;
+    int64_t per;      /* C * H * W */
+    int64_t nbatches; /* per epoch */
+    int64_t *perm;    /* (N) sample order of the current epoch */
+    int64_t epoch;
+    int nslots;
+    kd__slot *slots;
+    /* Caller side. */
+    int started;
+    int64_t cur; /* next batch to hand out */
+    /* Shared with the workers, guarded by mu. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv_work; /* workers wait: a claim may have become possible */
+    pthread_cond_t cv_done; /* caller waits: a slot got ready or a worker went idle */
+    int sync_init;          /* 1 once mu and the conditions exist */
+    int active;             /* workers may claim batches of the current epoch */
+    int shutdown;
+    int busy;               /* workers filling a slot right now */
+    int64_t next_claim;     /* next batch a worker will take */
+    int64_t released;       /* batches < released have been given back by the caller */
+    int nthreads;  /* configured workers; 0 = synchronous */
+    int nstarted;  /* worker threads running, joined by kd_loader_free */
+    pthread_t *threads;
+};
+
+/* Gathers and augments batch b of the current epoch into slot s. */
+static kd_status kd__loader_fill(kd_loader *l, kd__slot *s, int64_t b) {
+    const kd_dataset *ds = l->ds;
+    const kd_transform_cfg *tc = &l->cfg.transform;
+    int64_t start = b * l->cfg.batch_size, n = ds->n - start;
+    if (n > l->cfg.batch_size) n = l->cfg.batch_size;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t idx = l->perm[start + i];
+        kd_rng r;
+        kd_rng_init(&r, l->cfg.seed, kd_data_sample_key(l->cfg.seed, l->epoch, idx));
+        kd_transform_draw d = kd_transform_draw_from(tc, &r);
+        kd__transform_apply_tables(&l->tables, tc->pad_crop, &d, kd_dataset_image(ds, idx), ds->c,
+                                   ds->h, ds->w, s->x + i * l->per);
+        s->y[i] = ds->labels[idx];
+        s->index[i] = idx;
+    }
+    s->n = n;
+    return KD_OK;
+}
+
+static int kd__loader_can_claim(const kd_loader *l) {
+    return l->active && l->next_claim < l->nbatches && l->next_claim < l->released + l->nslots;
+}
+
+static void *kd__loader_worker(void *arg) {
+    kd_loader *l = arg;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        while (!l->shutdown && !kd__loader_can_claim(l)) pthread_cond_wait(&l->cv_work, &l->mu);
+        if (l->shutdown) break;
+        int64_t b = l->next_claim++;
+        kd__slot *s = &l->slots[b % l->nslots];
+        l->busy++;
+        pthread_mutex_unlock(&l->mu);
+
+        kd_status st = kd__loader_fill(l, s, b);
+        s->status = st;
+        if (st != KD_OK) snprintf(s->msg, sizeof s->msg, "%s", kd_last_error());
+
+        pthread_mutex_lock(&l->mu);
+        l->busy--;
+        s->ready = b;
+        pthread_cond_broadcast(&l->cv_done);
+    }
+    pthread_mutex_unlock(&l->mu);
+    return NULL;
+}
+
+int64_t kd_loader_num_batches(const kd_loader *l) { return l->nbatches; }
+
+kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_cfg *cfg) {
+    if (!out || !ds || !cfg) return kd_error(KD_ERR_INVALID, "kd_loader_init: NULL argument");
+    *out = NULL;
+    if (cfg->batch_size <= 0)
+        return kd_error(KD_ERR_INVALID, "loader: batch_size %lld must be positive",
+                        (long long)cfg->batch_size);
+    if (cfg->num_workers < 0 || cfg->num_workers > 256)
+        return kd_error(KD_ERR_INVALID, "loader: num_workers %d outside [0, 256]", cfg->num_workers);
+    if (cfg->prefetch < 0 || cfg->prefetch > 1024)
+        return kd_error(KD_ERR_INVALID, "loader: prefetch %d outside [0, 1024]", cfg->prefetch);
+    if (ds->n > (int64_t)UINT32_MAX)
+        return kd_error(KD_ERR_UNSUPPORTED, "loader: dataset %s has %lld samples, more than 2^32",
+                        ds->name, (long long)ds->n);
+    KD_TRY(kd_transform_check(&cfg->transform, ds->c));
+
+    kd_status st = KD_OK;
+    kd_loader *l = calloc(1, sizeof *l);
+    if (!l) return kd_error(KD_ERR_NOMEM, "loader: out of memory");
+    l->ds = ds;
+    l->cfg = *cfg;
+    l->per = (int64_t)ds->c * ds->h * ds->w;
+    int64_t bs = cfg->batch_size < ds->n ? cfg->batch_size : ds->n; /* rows ever needed */
+    l->nbatches = cfg->drop_last ? ds->n / cfg->batch_size
+                                 : (ds->n + cfg->batch_size - 1) / cfg->batch_size;
+    kd__transform_tables_init(&cfg->transform, ds->c, &l->tables);
+    l->nthreads = cfg->num_workers;
+    l->nslots = l->nthreads == 0 ? 1 : 1 + (cfg->prefetch ? cfg->prefetch : 2 * l->nthreads);
+
+    l->perm = malloc((size_t)ds->n * sizeof *l->perm);
+    l->slots = calloc((size_t)l->nslots, sizeof *l->slots);
+    if (!l->perm || !l->slots) goto fail_nomem;
+    if (bs > INT64_MAX / 4 / l->per) goto fail_nomem;
+    for (int i = 0; i < l->nslots; i++) {
+        kd__slot *s = &l->slots[i];
+        s->x = kd_aligned_alloc((size_t)(bs * l->per) * sizeof(float));
+        s->y = malloc((size_t)bs * sizeof *s->y);
+        s->index = malloc((size_t)bs * sizeof *s->index);
+        s->ready = -1;
+        if (!s->x || !s->y || !s->index) goto fail_nomem;
+    }
+
+    if (pthread_mutex_init(&l->mu, NULL) != 0) goto fail_sync;
+    if (pthread_cond_init(&l->cv_work, NULL) != 0) {
+        pthread_mutex_destroy(&l->mu);
+        goto fail_sync;
+    }
+    if (pthread_cond_init(&l->cv_done, NULL) != 0) {
+        pthread_cond_destroy(&l->cv_work);
+        pthread_mutex_destroy(&l->mu);
+        goto fail_sync;
+    }
+    l->sync_init = 1;
+    if (l->nthreads > 0) {
+        l->threads = calloc((size_t)l->nthreads, sizeof *l->threads);
+        if (!l->threads) goto fail_nomem;
+        for (int i = 0; i < l->nthreads; i++) {
+            if (pthread_create(&l->threads[i], NULL, kd__loader_worker, l) != 0) {
+                st = kd_error(KD_ERR_INTERNAL, "loader: cannot start worker thread %d of %d", i + 1,
+                              cfg->num_workers);
+                goto fail;
+            }
+            l->nstarted++;
+        }
+    }
+    *out = l;
+    return KD_OK;
+
+fail_sync:
+    st = kd_error(KD_ERR_INTERNAL, "loader: cannot create mutex or condition variables");
+    goto fail;
+fail_nomem:
+    st = kd_error(KD_ERR_NOMEM, "loader: cannot allocate %d batch buffers of %lld x %lld floats",
+                  l->nslots, (long long)bs, (long long)l->per);
+fail:
+    kd_loader_free(l);
+    return st;
+}
+
+kd_status kd_loader_start_epoch(kd_loader *l, int64_t epoch) {
+    if (l->nthreads > 0) {
+        /* Stop new claims and let running fills finish before touching perm. */
+        pthread_mutex_lock(&l->mu);
+        l->active = 0;
+        while (l->busy > 0) pthread_cond_wait(&l->cv_done, &l->mu);
+        pthread_mutex_unlock(&l->mu);
+    }
+    int64_t n = l->ds->n;
+    for (int64_t i = 0; i < n; i++) l->perm[i] = i;
+    if (l->cfg.shuffle) {
+        kd_rng r;
+        kd_rng_init(&r, l->cfg.seed, kd_rng_key(KD_DATA_SHUFFLE_TAG, (uint64_t)epoch));
+        for (int64_t i = n - 1; i > 0; i--) {
+            int64_t j = (int64_t)kd_rng_below(&r, (uint32_t)(i + 1));
+            int64_t t = l->perm[i];
+            l->perm[i] = l->perm[j];
+            l->perm[j] = t;
+        }
+    }
+    l->epoch = epoch;
+    l->cur = 0;
+    l->started = 1;
+    pthread_mutex_lock(&l->mu);
+    for (int i = 0; i < l->nslots; i++) l->slots[i].ready = -1;
+    l->next_claim = 0;
+    l->released = 0;
+    l->active = 1;
+    pthread_cond_broadcast(&l->cv_work);
+    pthread_mutex_unlock(&l->mu);
+    return KD_OK;
+}
+
+int kd_loader_next(kd_loader *l, kd_batch *out) {
+    if (!l->started)
+        return kd_error(KD_ERR_INVALID, "loader: call kd_loader_start_epoch before kd_loader_next");
+    int64_t b = l->cur;
+    kd__slot *s = &l->slots[b % l->nslots];
+    if (l->nthreads == 0) {
+        if (b >= l->nbatches) return 0;
+        s->status = kd__loader_fill(l, s, b);
+        if (s->status != KD_OK) return s->status;
+    } else {
+        pthread_mutex_lock(&l->mu);
+        /* The caller is done with every batch before b. */
+        if (l->released < b) {
+            l->released = b;
+            pthread_cond_broadcast(&l->cv_work);
+        }
+        if (b >= l->nbatches) {
+            pthread_mutex_unlock(&l->mu);
+            return 0;
+        }
+        while (s->ready != b) pthread_cond_wait(&l->cv_done, &l->mu);
+        pthread_mutex_unlock(&l->mu);
+        if (s->status != KD_OK) return kd_error(s->status, "%s", s->msg);
+    }
+    out->n = s->n;
+    out->batch = b;
+    out->x = s->x;
+    out->y = s->y;
+    out->index = s->index;
+    l->cur = b + 1;
+    return 1;
+}
+
+void kd_loader_free(kd_loader *l) {
+    if (!l) return;
+    if (l->sync_init) {
+        pthread_mutex_lock(&l->mu);
+        l->shutdown = 1;
+        pthread_cond_broadcast(&l->cv_work);
+        pthread_mutex_unlock(&l->mu);
+        for (int i = 0; i < l->nstarted; i++) pthread_join(l->threads[i], NULL);
+        pthread_cond_destroy(&l->cv_done);
+        pthread_cond_destroy(&l->cv_work);
+        pthread_mutex_destroy(&l->mu);
+    }
+    free(l->threads);
+    if (l->slots) {
+        for (int i = 0; i < l->nslots; i++) {
+            kd_aligned_free(l->slots[i].x);
+            free(l->slots[i].y);
+            free(l->slots[i].index);
+        }
+    }
+    free(l->slots);
+    free(l->perm);
+    free(l);
+}

@@ -1,0 +1,89 @@
+/* Model and training checkpoints in safetensors with PyTorch state_dict names.
+ * A training checkpoint adds the optimiser state ("optim.<param>.momentum_buffer")
+ * and the distiller's modules ("distill.<param>") to the model's tensors, and
+ * its progress to the metadata; PyTorch loads the model part with
+ * load_state_dict(strict=False) or after filtering those prefixes. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+#include "train/train_impl.h"
+
+kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m) {
+    kd_param_list *pl = kd_model_params(m);
+    for (int i = 0; i < pl->n; i++) KD_TRY(kd_st_writer_add_tensor(w, pl->items[i].name, pl->items[i].t));
+    const kd_model_cfg *mc = kd_model_config(m);
+    char v[32];
+    KD_TRY(kd_st_writer_set_meta(w, "format", "kd-checkpoint-1"));
+    KD_TRY(kd_st_writer_set_meta(w, "arch", kd_model_arch(m)));
+    snprintf(v, sizeof v, "%d", mc->in_channels);
+    KD_TRY(kd_st_writer_set_meta(w, "in_channels", v));
+    snprintf(v, sizeof v, "%d", mc->num_classes);
+    KD_TRY(kd_st_writer_set_meta(w, "num_classes", v));
+    KD_TRY(kd_st_writer_set_meta(w, "kd_version", kd_version()));
+    return KD_OK;
+}
+
+kd_status kd_model_save(kd_model *m, const char *path) {
+    kd_st_writer *w = NULL;
+    KD_TRY(kd_st_writer_init(&w));
+    kd_status s = kd__ckpt_add_model(w, m);
+    if (s == KD_OK) s = kd_st_writer_save(w, path);
+    kd_st_writer_free(w);
+    return s;
+}
+
+kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix) {
+    for (int i = 0; i < pl->n; i++) {
+        char name[200];
+        snprintf(name, sizeof name, "%s%s", prefix, pl->items[i].name);
+        KD_TRY(kd_st_read_into(f, name, pl->items[i].t));
+    }
+    return KD_OK;
+}
+
+kd_status kd__model_load_from(kd_model *m, const kd_st_file *f) {
+    const char *arch = kd_st_meta(f, "arch");
+    if (arch && strcmp(arch, kd_model_arch(m)) != 0)
+        return kd_error(KD_ERR_SHAPE, "%s holds a '%s' model, not a '%s'", kd_st_path(f), arch, kd_model_arch(m));
+    return kd__load_params(kd_model_params(m), f, "");
+}
+
+kd_status kd_model_load(kd_model *m, const char *path) {
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(path, &f));
+    kd_status s = kd__model_load_from(m, f);
+    kd_st_close(f);
+    return s;
+}
+
+kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_cfg *cfg, kd_model **out) {
+    *out = NULL;
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(path, &f));
+    const char *a = (arch && arch[0]) ? arch : kd_st_meta(f, "arch");
+    kd_status s = KD_OK;
+    if (!a) {
+        s = kd_error(KD_ERR_INVALID, "%s does not name its architecture: give it (--teacher ARCH)", path);
+        goto done;
+    }
+    kd_model_cfg mc = *cfg;
+    /* A checkpoint's own class count wins, so a mismatch is reported as such. */
+    const char *nc = kd_st_meta(f, "num_classes");
+    if (nc && atoi(nc) > 0 && atoi(nc) != cfg->num_classes) {
+        s = kd_error(KD_ERR_SHAPE, "%s was trained for %s classes, the data has %d", path, nc, cfg->num_classes);
+        goto done;
+    }
+    s = kd_model_create(a, &mc, out);
+    if (s != KD_OK) goto done;
+    s = kd__model_load_from(*out, f);
+    if (s != KD_OK) {
+        kd_model_free(*out);
+        *out = NULL;
+    }
+done:
+    kd_st_close(f);
+    return s;
+}

@@ -1,0 +1,328 @@
+/* Run settings: one table drives command-line flags, YAML config files, the
+ * resolved config.yaml of each run, and the --help text. */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+
+typedef enum { KD__T_STR, KD__T_INT, KD__T_I64, KD__T_U64, KD__T_FLOAT, KD__T_BOOL, KD__T_SCHED, KD__T_LIST } kd__type;
+
+typedef struct {
+    const char *key;
+    kd__type type;
+    size_t off;
+    size_t size; /* for strings */
+    const char *help;
+} kd__setting;
+
+#define KD__S(key, type, field, help) {key, type, offsetof(kd_train_cfg, field), sizeof(((kd_train_cfg *)0)->field), help}
+
+static const kd__setting kd__settings[] = {
+    KD__S("data", KD__T_STR, data, "dataset directory or spec (idx:DIR, cifar10:DIR, cifar100:DIR)"),
+    KD__S("train_subset", KD__T_I64, train_subset, "use a class-balanced subset of N training images (0: all)"),
+    KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
+    KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
+    KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
+    KD__S("model", KD__T_STR, model, "model to train (the student when distilling)"),
+    KD__S("teacher", KD__T_STR, teacher, "teacher architecture (default: from the checkpoint)"),
+    KD__S("teacher_ckpt", KD__T_STR, teacher_ckpt, "teacher weights (safetensors, PyTorch names)"),
+    KD__S("init_ckpt", KD__T_STR, init_ckpt, "initial weights for the model (optional)"),
+    KD__S("method", KD__T_STR, distill.method, "distillation method: none, kd"),
+    KD__S("gamma", KD__T_FLOAT, distill.gamma, "cross-entropy weight (default: the method's)"),
+    KD__S("alpha", KD__T_FLOAT, distill.alpha, "KL soft-label weight (default: the method's)"),
+    KD__S("beta", KD__T_FLOAT, distill.beta, "method-term weight (default: the method's)"),
+    KD__S("T", KD__T_FLOAT, distill.T, "distillation temperature (default: the method's)"),
+    KD__S("label_smoothing", KD__T_FLOAT, distill.label_smoothing, "label smoothing of the cross-entropy"),
+    KD__S("epochs", KD__T_INT, epochs, "training epochs"),
+    KD__S("batch_size", KD__T_INT, batch_size, "mini-batch size"),
+    KD__S("lr", KD__T_FLOAT, lr, "base learning rate"),
+    KD__S("momentum", KD__T_FLOAT, momentum, "SGD momentum"),
+    KD__S("weight_decay", KD__T_FLOAT, weight_decay, "L2 weight decay"),
+    KD__S("nesterov", KD__T_BOOL, nesterov, "Nesterov momentum (0/1)"),
+    KD__S("schedule", KD__T_SCHED, sched.kind, "learning-rate schedule: constant, multistep, cosine"),
+    KD__S("milestones", KD__T_LIST, sched.milestones, "multistep epochs, comma-separated (e.g. 150,180,210)"),
+    KD__S("lr_decay", KD__T_FLOAT, sched.gamma, "multistep factor"),
+    KD__S("warmup_epochs", KD__T_INT, sched.warmup_epochs, "linear warm-up epochs"),
+    KD__S("min_lr", KD__T_FLOAT, sched.min_lr, "cosine floor"),
+    KD__S("seed", KD__T_U64, seed, "random seed (weights, data order, augmentation)"),
+    KD__S("threads", KD__T_INT, threads, "compute threads (0: all cores)"),
+    KD__S("backend", KD__T_STR, backend, "compute backend: cpu (oneDNN) or ref (plain C)"),
+    KD__S("out", KD__T_STR, out, "run directory"),
+    KD__S("progress", KD__T_INT, progress, "-1: bar on a terminal; 0: log lines; 1: bar"),
+    KD__S("log_every", KD__T_INT, log_every, "steps between step records in metrics.jsonl (0: none)"),
+    KD__S("eval_batch", KD__T_INT, eval_batch, "evaluation batch size"),
+    KD__S("max_steps_per_epoch", KD__T_I64, max_steps_per_epoch, "cut epochs short (0: whole epochs)"),
+};
+#define KD__NSET ((int)(sizeof kd__settings / sizeof kd__settings[0]))
+
+const kd_setting_doc *kd_train_settings(int *n) {
+    static kd_setting_doc docs[KD__NSET];
+    for (int i = 0; i < KD__NSET; i++) docs[i] = (kd_setting_doc){kd__settings[i].key, kd__settings[i].help};
+    *n = KD__NSET;
+    return docs;
+}
+
+void kd_train_cfg_defaults(kd_train_cfg *c) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->data, sizeof c->data, "/usr/share/datasets/fashion-mnist");
+    c->pad_crop = -1;
+    c->hflip = 1;
+    c->workers = 1;
+    snprintf(c->model, sizeof c->model, "resnet8");
+    snprintf(c->distill.method, sizeof c->distill.method, "none");
+    c->distill.gamma = c->distill.alpha = c->distill.beta = c->distill.T = NAN;
+    c->epochs = 240;
+    c->batch_size = 64;
+    c->lr = 0.05f;
+    c->momentum = 0.9f;
+    c->weight_decay = 5e-4f;
+    c->sched.kind = KD_SCHED_MULTISTEP;
+    c->sched.milestones[0] = 150;
+    c->sched.milestones[1] = 180;
+    c->sched.milestones[2] = 210;
+    c->sched.n_milestones = 3;
+    c->sched.gamma = 0.1f;
+    c->seed = 0;
+    c->threads = 0;
+    snprintf(c->backend, sizeof c->backend, "cpu");
+    snprintf(c->out, sizeof c->out, "runs/latest");
+    c->progress = -1;
+    c->log_every = 50;
+    c->eval_batch = 256;
+}
+
+static const kd__setting *kd__find(const char *key) {
+    for (int i = 0; i < KD__NSET; i++)
+        if (strcmp(kd__settings[i].key, key) == 0) return &kd__settings[i];
+    return NULL;
+}
+
+static kd_status kd__parse_i64(const char *key, const char *v, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    while (end && isspace((unsigned char)*end)) end++;
+    if (!*v || errno || *end || x < lo || x > hi)
+        return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected an integer in %lld..%lld", v, key, lo, hi);
+    *out = x;
+    return KD_OK;
+}
+
+static kd_status kd__parse_float(const char *key, const char *v, float *out) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    while (end && isspace((unsigned char)*end)) end++;
+    if (!*v || errno || *end || !isfinite(x))
+        return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected a finite number", v, key);
+    *out = (float)x;
+    return KD_OK;
+}
+
+kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) {
+    const kd__setting *s = kd__find(key);
+    if (!s) return kd_error(KD_ERR_NOT_FOUND, "unknown setting '%s'", key);
+    void *p = (char *)c + s->off;
+    long long x;
+    switch (s->type) {
+    case KD__T_STR:
+        if (strlen(value) >= s->size)
+            return kd_error(KD_ERR_INVALID, "value for %s is too long (%zu characters, at most %zu)", key,
+                            strlen(value), s->size - 1);
+        memcpy(p, value, strlen(value) + 1);
+        return KD_OK;
+    case KD__T_INT:
+        KD_TRY(kd__parse_i64(key, value, -1, 1000000000LL, &x));
+        *(int *)p = (int)x;
+        return KD_OK;
+    case KD__T_I64:
+        KD_TRY(kd__parse_i64(key, value, 0, INT64_MAX, &x));
+        *(int64_t *)p = x;
+        return KD_OK;
+    case KD__T_U64: {
+        char *end;
+        errno = 0;
+        if (!*value || value[0] == '-') return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected an unsigned integer", value, key);
+        unsigned long long u = strtoull(value, &end, 10);
+        if (errno || *end) return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected an unsigned integer", value, key);
+        *(uint64_t *)p = u;
+        return KD_OK;
+    }
+    case KD__T_FLOAT:
+        return kd__parse_float(key, value, (float *)p);
+    case KD__T_BOOL:
+        if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes")) *(int *)p = 1;
+        else if (!strcmp(value, "0") || !strcmp(value, "false") || !strcmp(value, "no")) *(int *)p = 0;
+        else return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected 0 or 1", value, key);
+        return KD_OK;
+    case KD__T_SCHED:
+        return kd_sched_kind_parse(value, (kd_sched_kind *)p);
+    case KD__T_LIST: {
+        int n = 0, v[KD_MAX_MILESTONES];
+        const char *q = value;
+        while (*q) {
+            if (n == KD_MAX_MILESTONES) return kd_error(KD_ERR_INVALID, "%s: at most %d values", key, KD_MAX_MILESTONES);
+            char *end;
+            errno = 0;
+            long e = strtol(q, &end, 10);
+            if (end == q || errno || e < 0 || e > 1000000 || (*end && *end != ','))
+                return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected comma-separated epochs", value, key);
+            v[n++] = (int)e;
+            q = *end ? end + 1 : end;
+        }
+        memcpy(c->sched.milestones, v, sizeof(int) * (size_t)n);
+        c->sched.n_milestones = n;
+        return KD_OK;
+    }
+    }
+    return kd_error(KD_ERR_INTERNAL, "setting %s has no parser", key);
+}
+
+kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, size_t n) {
+    const kd__setting *s = kd__find(key);
+    if (!s) return kd_error(KD_ERR_NOT_FOUND, "unknown setting '%s'", key);
+    const void *p = (const char *)c + s->off;
+    switch (s->type) {
+    case KD__T_STR: snprintf(buf, n, "%s", (const char *)p); break;
+    case KD__T_INT: case KD__T_BOOL: snprintf(buf, n, "%d", *(const int *)p); break;
+    case KD__T_I64: snprintf(buf, n, "%lld", (long long)*(const int64_t *)p); break;
+    case KD__T_U64: snprintf(buf, n, "%llu", (unsigned long long)*(const uint64_t *)p); break;
+    case KD__T_FLOAT: {
+        float f = *(const float *)p;
+        if (isnan(f)) snprintf(buf, n, "default");
+        else snprintf(buf, n, "%.9g", f);
+        break;
+    }
+    case KD__T_SCHED: snprintf(buf, n, "%s", kd_sched_kind_name(*(const kd_sched_kind *)p)); break;
+    case KD__T_LIST: {
+        size_t off = 0;
+        buf[0] = '\0';
+        for (int i = 0; i < c->sched.n_milestones && off < n; i++)
+            off += (size_t)snprintf(buf + off, n - off, i ? ",%d" : "%d", c->sched.milestones[i]);
+        break;
+    }
+    }
+    return KD_OK;
+}
+
+kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
+    const kd_distill_method *m = kd_distill_find(c->distill.method);
+    if (!m) {
+        int n;
+        const char *const *names = kd_distill_names(&n);
+        char list[256] = "";
+        size_t off = 0;
+        for (int i = 0; i < n && off < sizeof list; i++) off += (size_t)snprintf(list + off, sizeof list - off, "%s%s", i ? ", " : "", names[i]);
+        return kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s' (known: %s)", c->distill.method, list);
+    }
+    if (isnan(c->distill.gamma)) c->distill.gamma = m->gamma;
+    if (isnan(c->distill.alpha)) c->distill.alpha = m->alpha;
+    if (isnan(c->distill.beta)) c->distill.beta = m->beta;
+    if (isnan(c->distill.T)) c->distill.T = m->T;
+    c->distill.seed = c->seed;
+    if (!kd_model_exists(c->model)) {
+        kd_model_cfg mc = {1, 1, 0};
+        kd_model *tmp = NULL;
+        return kd_model_create(c->model, &mc, &tmp); /* fails with the list of names */
+    }
+    if (c->teacher[0] && !kd_model_exists(c->teacher)) {
+        kd_model_cfg mc = {1, 1, 0};
+        kd_model *tmp = NULL;
+        kd_model_create(c->teacher, &mc, &tmp);
+        return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", kd_last_error());
+    }
+    if (m->needs_teacher && !c->teacher_ckpt[0])
+        return kd_error(KD_ERR_INVALID, "method '%s' needs a teacher: set teacher_ckpt (--teacher-ckpt FILE)", m->name);
+    if (c->epochs < 1) return kd_error(KD_ERR_INVALID, "epochs must be >= 1, got %d", c->epochs);
+    if (c->batch_size < 1) return kd_error(KD_ERR_INVALID, "batch_size must be >= 1, got %d", c->batch_size);
+    if (c->eval_batch < 1) return kd_error(KD_ERR_INVALID, "eval_batch must be >= 1, got %d", c->eval_batch);
+    if (!(c->lr > 0)) return kd_error(KD_ERR_INVALID, "lr must be > 0, got %g", c->lr);
+    if (c->workers < 0) return kd_error(KD_ERR_INVALID, "workers must be >= 0, got %d", c->workers);
+    if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
+    for (int i = 1; i < c->sched.n_milestones; i++)
+        if (c->sched.milestones[i] <= c->sched.milestones[i - 1])
+            return kd_error(KD_ERR_INVALID, "milestones must increase, got %d after %d", c->sched.milestones[i],
+                            c->sched.milestones[i - 1]);
+    c->sched.base_lr = c->lr;
+    c->sched.epochs = c->epochs;
+    return KD_OK;
+}
+
+kd_status kd_train_cfg_save(const kd_train_cfg *c, const char *path) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return kd_error(KD_ERR_NOMEM, "out of memory writing %s", path);
+    fprintf(f, "# kd %s run settings; `kd train --config %s` repeats this run.\n", kd_version(), path);
+    for (int i = 0; i < KD__NSET; i++) {
+        char v[600];
+        kd_train_cfg_get(c, kd__settings[i].key, v, sizeof v);
+        fprintf(f, "%s: ", kd__settings[i].key);
+        kd_json_write_string(f, v); /* a JSON string is a valid YAML double-quoted scalar */
+        fputc('\n', f);
+    }
+    fclose(f);
+    kd_status s = kd_file_write_atomic(path, text, len);
+    free(text);
+    return s;
+}
+
+kd_status kd_train_cfg_load(kd_train_cfg *c, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return kd_error(KD_ERR_IO, "cannot open config %s: %s", path, strerror(errno));
+    yaml_parser_t parser;
+    yaml_event_t ev;
+    if (!yaml_parser_initialize(&parser)) {
+        fclose(f);
+        return kd_error(KD_ERR_NOMEM, "cannot initialise the YAML parser");
+    }
+    yaml_parser_set_input_file(&parser, f);
+    kd_status st = KD_OK;
+    int depth = 0, expect_key = 1, done = 0;
+    char key[128] = "";
+    while (!done && st == KD_OK) {
+        if (!yaml_parser_parse(&parser, &ev)) {
+            st = kd_error(KD_ERR_FORMAT, "%s:%zu: %s", path, parser.problem_mark.line + 1,
+                          parser.problem ? parser.problem : "malformed YAML");
+            break;
+        }
+        switch (ev.type) {
+        case YAML_MAPPING_START_EVENT:
+            if (++depth > 1) st = kd_error(KD_ERR_FORMAT, "%s:%zu: nested mappings are not settings", path, ev.start_mark.line + 1);
+            break;
+        case YAML_MAPPING_END_EVENT: depth--; break;
+        case YAML_SEQUENCE_START_EVENT:
+            st = kd_error(KD_ERR_FORMAT, "%s:%zu: write lists as \"a,b,c\"", path, ev.start_mark.line + 1);
+            break;
+        case YAML_SCALAR_EVENT: {
+            const char *v = (const char *)ev.data.scalar.value;
+            if (depth != 1) {
+                st = kd_error(KD_ERR_FORMAT, "%s: expected a mapping of settings", path);
+            } else if (expect_key) {
+                snprintf(key, sizeof key, "%s", v);
+                expect_key = 0;
+            } else {
+                expect_key = 1;
+                /* "default" keeps a loss weight at the method's value. */
+                if (strcmp(v, "default") == 0) break;
+                if (kd_train_cfg_set(c, key, v) != KD_OK)
+                    st = kd_error(KD_ERR_INVALID, "%s:%zu: %s", path, ev.start_mark.line + 1, kd_last_error());
+            }
+            break;
+        }
+        case YAML_STREAM_END_EVENT: done = 1; break;
+        default: break;
+        }
+        yaml_event_delete(&ev);
+    }
+    yaml_parser_delete(&parser);
+    fclose(f);
+    return st;
+}

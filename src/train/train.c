@@ -1,0 +1,475 @@
+/* The training loop shared by supervised training and every distillation
+ * method: data, teacher forward without gradients, student forward and
+ * backward, the distiller's loss, SGD, evaluation, checkpoints, resume,
+ * metrics.jsonl, summary.json and a progress display. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+#include "train/train_impl.h"
+
+static double kd__now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void kd_dataset_norm(const kd_dataset *ds, float mean[4], float std[4]) {
+    static const float c100m[3] = {0.5071f, 0.4867f, 0.4408f}, c100s[3] = {0.2675f, 0.2565f, 0.2761f};
+    static const float c10m[3] = {0.4914f, 0.4822f, 0.4465f}, c10s[3] = {0.2470f, 0.2435f, 0.2616f};
+    const char *name = kd_dataset_name(ds);
+    int c = kd_dataset_channels(ds);
+    for (int i = 0; i < 4; i++) mean[i] = 0.0f, std[i] = 1.0f;
+    if (c == 3 && name && (strstr(name, "cifar-100") || strstr(name, "cifar100"))) {
+        memcpy(mean, c100m, sizeof c100m);
+        memcpy(std, c100s, sizeof c100s);
+        return;
+    }
+    if (c == 3 && name && (strstr(name, "cifar-10") || strstr(name, "cifar10"))) {
+        memcpy(mean, c10m, sizeof c10m);
+        memcpy(std, c10s, sizeof c10s);
+        return;
+    }
+    /* Anything else: the dataset's own per-channel statistics. */
+    int64_t n = kd_dataset_size(ds), hw = (int64_t)kd_dataset_height(ds) * kd_dataset_width(ds);
+    for (int ch = 0; ch < c && ch < 4; ch++) {
+        double s = 0, s2 = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const uint8_t *p = kd_dataset_image(ds, i) + ch * hw;
+            uint64_t a = 0, a2 = 0;
+            for (int64_t j = 0; j < hw; j++) a += p[j], a2 += (uint64_t)p[j] * p[j];
+            s += (double)a;
+            s2 += (double)a2;
+        }
+        double cnt = (double)n * (double)hw, mu = s / cnt / 255.0;
+        double var = s2 / cnt / (255.0 * 255.0) - mu * mu;
+        mean[ch] = (float)mu;
+        std[ch] = var > 1e-12 ? (float)sqrt(var) : 1.0f;
+    }
+}
+
+/* Top-1 and top-5 hits of logits (n, k) against labels. */
+static void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *r = logits + i * k;
+        float ly = r[y[i]];
+        int64_t rank = 0; /* classes strictly better, ties broken by index as torch.topk does on CPU */
+        for (int64_t j = 0; j < k; j++)
+            if (r[j] > ly || (r[j] == ly && j < y[i])) rank++;
+        if (rank == 0) (*top1)++;
+        if (rank < 5) (*top5)++;
+    }
+}
+
+kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,
+                      const kd_transform_cfg *tf, double *top1, double *top5, double *loss) {
+    kd_loader_cfg lc = {.batch_size = batch, .shuffle = 0, .num_workers = 1, .transform = *tf};
+    lc.transform.pad_crop = 0;
+    lc.transform.hflip = 0;
+    kd_loader *ld = NULL;
+    kd_graph *g = NULL;
+    KD_TRY(kd_loader_init(&ld, ds, &lc));
+    kd_status s = kd_graph_init(&g, be);
+    if (s != KD_OK) {
+        kd_loader_free(ld);
+        return s;
+    }
+    int was_training = kd_model_training(m);
+    kd_model_set_training(m, 0);
+    kd_graph_set_grad_enabled(g, 0);
+    int64_t h1 = 0, h5 = 0, seen = 0;
+    double lsum = 0;
+    int C = kd_dataset_channels(ds), H = kd_dataset_height(ds), W = kd_dataset_width(ds);
+    kd_batch b;
+    int r;
+    s = kd_loader_start_epoch(ld, 0);
+    while (s == KD_OK && (r = kd_loader_next(ld, &b)) == 1) {
+        kd_graph_reset(g);
+        int64_t xs[4] = {b.n, C, H, W};
+        kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
+        kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b.n, b.y);
+        kd_model_out o;
+        s = kd_model_forward(m, g, x, 0, &o);
+        if (s != KD_OK) break;
+        kd_tensor *ce = kd_cross_entropy(g, o.logits, y, 0.0f);
+        if ((s = kd_graph_status(g)) != KD_OK) break;
+        lsum += (double)kd_f32(ce)[0] * (double)b.n;
+        kd__count_hits(kd_f32(o.logits), b.y, b.n, o.logits->shape[1], &h1, &h5);
+        seen += b.n;
+    }
+    if (s == KD_OK && r < 0) s = (kd_status)r;
+    kd_model_set_training(m, was_training);
+    kd_graph_free(g);
+    kd_loader_free(ld);
+    if (s != KD_OK) return s;
+    if (seen == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
+    *top1 = 100.0 * (double)h1 / (double)seen;
+    *top5 = 100.0 * (double)h5 / (double)seen;
+    *loss = lsum / (double)seen;
+    return KD_OK;
+}
+
+/* ----------------------------------------------------------- the run */
+
+typedef struct {
+    kd_train_cfg c;
+    kd_backend *be;
+    kd_dataset *train, *test;
+    kd_model *student, *teacher;
+    kd_distiller *dist;
+    kd_sgd *opt;
+    kd_loader *loader;
+    kd_graph *g;
+    FILE *metrics;
+    kd_transform_cfg tf;
+    int start_epoch;
+    int64_t steps_per_epoch;
+    double best_top1, wall_before, train_time_before;
+    int best_epoch;
+    int64_t images_before;
+    int bar;
+} kd__run;
+
+static void kd__run_free(kd__run *r) {
+    if (r->metrics) fclose(r->metrics);
+    kd_graph_free(r->g);
+    kd_loader_free(r->loader);
+    kd_sgd_free(r->opt);
+    kd_distiller_free(r->dist);
+    kd_model_free(r->teacher);
+    kd_model_free(r->student);
+    kd_dataset_free(r->test);
+    kd_dataset_free(r->train);
+}
+
+static void kd__path(char *buf, size_t n, const char *dir, const char *file) { snprintf(buf, n, "%s/%s", dir, file); }
+
+static kd_status kd__save_last(kd__run *r, int epochs_done, double wall, double train_time, int64_t images) {
+    kd_st_writer *w = NULL;
+    KD_TRY(kd_st_writer_init(&w));
+    kd_status s = kd__ckpt_add_model(w, r->student);
+    for (int i = 0; s == KD_OK && i < kd_sgd_state_count(r->opt); i++) {
+        const char *name;
+        kd_tensor *t;
+        char full[200];
+        s = kd_sgd_state_get(r->opt, i, &name, &t);
+        snprintf(full, sizeof full, "optim.%s", name);
+        if (s == KD_OK) s = kd_st_writer_add_tensor(w, full, t);
+    }
+    kd_param_list *dp = kd_distiller_params(r->dist);
+    char names[64][200];
+    for (int i = 0; s == KD_OK && i < dp->n; i++) {
+        if (i >= 64) {
+            s = kd_error(KD_ERR_UNSUPPORTED, "too many distiller tensors to checkpoint");
+            break;
+        }
+        snprintf(names[i], sizeof names[i], "distill.%s", dp->items[i].name);
+        s = kd_st_writer_add_tensor(w, names[i], dp->items[i].t);
+    }
+    char v[64];
+#define KD__META(k, fmt, val)                                   \
+    if (s == KD_OK) {                                           \
+        snprintf(v, sizeof v, fmt, val);                        \
+        s = kd_st_writer_set_meta(w, k, v);                     \
+    }
+    KD__META("epochs_done", "%d", epochs_done);
+    KD__META("opt_steps", "%lld", (long long)kd_sgd_steps(r->opt));
+    KD__META("best_top1", "%.17g", r->best_top1);
+    KD__META("best_epoch", "%d", r->best_epoch);
+    KD__META("wall_s", "%.17g", wall);
+    KD__META("train_s", "%.17g", train_time);
+    KD__META("train_images", "%lld", (long long)images);
+#undef KD__META
+    char path[600];
+    kd__path(path, sizeof path, r->c.out, "last.safetensors");
+    if (s == KD_OK) s = kd_st_writer_save(w, path);
+    kd_st_writer_free(w);
+    return s;
+}
+
+static kd_status kd__load_last(kd__run *r) {
+    char path[600];
+    kd__path(path, sizeof path, r->c.out, "last.safetensors");
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(path, &f));
+    kd_status s = kd__model_load_from(r->student, f);
+    for (int i = 0; s == KD_OK && i < kd_sgd_state_count(r->opt); i++) {
+        const char *name;
+        kd_tensor *t;
+        char full[200];
+        s = kd_sgd_state_get(r->opt, i, &name, &t);
+        snprintf(full, sizeof full, "optim.%s", name);
+        if (s == KD_OK) s = kd_st_read_into(f, full, t);
+    }
+    if (s == KD_OK) s = kd__load_params(kd_distiller_params(r->dist), f, "distill.");
+    const char *ed = kd_st_meta(f, "epochs_done"), *os = kd_st_meta(f, "opt_steps");
+    if (s == KD_OK && (!ed || !os))
+        s = kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no epochs_done/opt_steps)", path);
+    if (s == KD_OK) {
+        r->start_epoch = atoi(ed);
+        kd_sgd_state_loaded(r->opt, atoll(os));
+        const char *v;
+        if ((v = kd_st_meta(f, "best_top1"))) r->best_top1 = atof(v);
+        if ((v = kd_st_meta(f, "best_epoch"))) r->best_epoch = atoi(v);
+        if ((v = kd_st_meta(f, "wall_s"))) r->wall_before = atof(v);
+        if ((v = kd_st_meta(f, "train_s"))) r->train_time_before = atof(v);
+        if ((v = kd_st_meta(f, "train_images"))) r->images_before = atoll(v);
+    }
+    kd_st_close(f);
+    return s;
+}
+
+static void kd__progress(kd__run *r, int epoch, int64_t step, int64_t steps, double loss, float lr, double ips) {
+    if (!r->bar) return;
+    int width = 30, fill = (int)(width * (step + 1) / (steps ? steps : 1));
+    char bar[64];
+    for (int i = 0; i < width; i++) bar[i] = i < fill ? '=' : (i == fill ? '>' : ' ');
+    bar[width] = '\0';
+    fprintf(stderr, "\repoch %d/%d [%s] %lld/%lld loss %.4f lr %.4g %.0f img/s ", epoch + 1, r->c.epochs, bar,
+            (long long)(step + 1), (long long)steps, loss, lr, ips);
+    fflush(stderr);
+}
+
+static kd_status kd__setup(kd__run *r, int resume) {
+    kd_train_cfg *c = &r->c;
+    kd_set_num_threads(c->threads);
+    KD_TRY(kd_backend_get(c->backend, &r->be));
+    KD_TRY(kd_dataset_open(c->data, 1, &r->train));
+    KD_TRY(kd_dataset_open(c->data, 0, &r->test));
+    if (c->train_subset > 0 && c->train_subset < kd_dataset_size(r->train)) {
+        kd_dataset *sub = NULL;
+        KD_TRY(kd_dataset_subset(r->train, c->train_subset, c->seed, &sub));
+        kd_dataset_free(r->train);
+        r->train = sub;
+    }
+    if (kd_dataset_channels(r->train) != kd_dataset_channels(r->test) ||
+        kd_dataset_height(r->train) != kd_dataset_height(r->test))
+        return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);
+    int classes = kd_dataset_num_classes(r->train);
+    if (kd_dataset_num_classes(r->test) > classes) classes = kd_dataset_num_classes(r->test);
+    kd_model_cfg mc = {kd_dataset_channels(r->train), classes, c->seed};
+    KD_TRY(kd_model_create(c->model, &mc, &r->student));
+    if (c->init_ckpt[0] && !resume) KD_TRY(kd_model_load(r->student, c->init_ckpt));
+
+    kd_distill_shapes shp = {classes, kd_model_feat_dim(r->student), 0, kd_dataset_size(r->train)};
+    if (kd_distill_find(c->distill.method) && kd_distill_find(c->distill.method)->needs_teacher) {
+        kd_status s = kd_model_load_new(c->teacher_ckpt, c->teacher, &mc, &r->teacher);
+        if (s != KD_OK) return kd_error(s, "teacher: %s", kd_last_error());
+        kd_model_set_training(r->teacher, 0);
+        shp.t_feat_dim = kd_model_feat_dim(r->teacher);
+    }
+    KD_TRY(kd_distiller_create(&c->distill, &shp, &r->dist));
+
+    kd_param_list *lists[2] = {kd_model_params(r->student), kd_distiller_params(r->dist)};
+    kd_sgd_cfg oc = {.lr = c->lr, .momentum = c->momentum, .weight_decay = c->weight_decay, .nesterov = c->nesterov};
+    KD_TRY(kd_sgd_init(&r->opt, lists, 2, &oc));
+
+    r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (kd_dataset_height(r->train) >= 32 ? 4 : 2);
+    r->tf.hflip = c->hflip;
+    r->tf.normalize = 1;
+    kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
+    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
+                        .num_workers = c->workers, .transform = r->tf};
+    KD_TRY(kd_loader_init(&r->loader, r->train, &lc));
+    r->steps_per_epoch = kd_loader_num_batches(r->loader);
+    if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
+        r->steps_per_epoch = c->max_steps_per_epoch;
+    KD_TRY(kd_graph_init(&r->g, r->be));
+
+    KD_TRY(kd_mkdirs(c->out));
+    char path[600];
+    kd__path(path, sizeof path, c->out, "last.safetensors");
+    if (resume) {
+        KD_TRY(kd__load_last(r));
+    } else if (kd_file_exists(path)) {
+        return kd_error(KD_ERR_INVALID, "%s already holds a run (%s); continue it with --resume %s or choose another --out",
+                        c->out, path, c->out);
+    }
+    if (!resume) {
+        kd__path(path, sizeof path, c->out, "config.yaml");
+        KD_TRY(kd_train_cfg_save(c, path));
+    }
+    kd__path(path, sizeof path, c->out, "metrics.jsonl");
+    r->metrics = fopen(path, resume ? "a" : "w");
+    if (!r->metrics) return kd_error(KD_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    r->bar = c->progress == 1 || (c->progress < 0 && isatty(2));
+    return KD_OK;
+}
+
+static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return kd_error(KD_ERR_NOMEM, "out of memory writing the summary");
+    fprintf(f, "{\n  \"model\": ");
+    kd_json_write_string(f, r->c.model);
+    fprintf(f, ",\n  \"method\": ");
+    kd_json_write_string(f, r->c.distill.method);
+    fprintf(f, ",\n  \"teacher\": ");
+    kd_json_write_string(f, r->teacher ? kd_model_arch(r->teacher) : "");
+    fprintf(f, ",\n  \"data\": ");
+    kd_json_write_string(f, r->c.data);
+#define KD__NUM(k, v)                 \
+    fprintf(f, ",\n  \"" k "\": ");   \
+    kd_json_write_number(f, (double)(v));
+    KD__NUM("top1", res->top1);
+    KD__NUM("top5", res->top5);
+    KD__NUM("test_loss", res->test_loss);
+    KD__NUM("best_top1", res->best_top1);
+    KD__NUM("best_epoch", res->best_epoch);
+    KD__NUM("epochs", res->epochs_done);
+    KD__NUM("images_per_s", res->images_per_s);
+    KD__NUM("wall_s", res->wall_s);
+    KD__NUM("params", res->params);
+    KD__NUM("seed", r->c.seed);
+    KD__NUM("threads", kd_get_num_threads());
+    KD__NUM("train_images", kd_dataset_size(r->train));
+#undef KD__NUM
+    fprintf(f, ",\n  \"backend\": ");
+    kd_json_write_string(f, r->be->name);
+    fprintf(f, ",\n  \"kd_version\": ");
+    kd_json_write_string(f, kd_version());
+    fprintf(f, "\n}\n");
+    fclose(f);
+    char path[600];
+    kd__path(path, sizeof path, r->c.out, "summary.json");
+    kd_status s = kd_file_write_atomic(path, text, len);
+    free(text);
+    return s;
+}
+
+static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
+    const kd_train_cfg *c = &r->c;
+    const double t_start = kd__now();
+    double train_time = r->train_time_before;
+    int64_t images = r->images_before;
+    int C = kd_dataset_channels(r->train), H = kd_dataset_height(r->train), W = kd_dataset_width(r->train);
+    double top1 = 0, top5 = 0, tloss = 0;
+    int last_epoch_done = r->start_epoch;
+    if (r->start_epoch >= c->epochs) kd_log_msg(KD_LOG_INFO, "%s: all %d epochs already done", c->out, c->epochs);
+    for (int epoch = r->start_epoch; epoch < c->epochs; epoch++) {
+        kd_model_set_training(r->student, 1);
+        KD_TRY(kd_loader_start_epoch(r->loader, epoch));
+        double t0 = kd__now(), lsum = 0;
+        int64_t seen = 0, hits = 0, h5 = 0;
+        kd_distill_terms terms = {0}, tsum = {0};
+        kd_batch b;
+        int got;
+        int64_t step = 0;
+        while (step < r->steps_per_epoch && (got = kd_loader_next(r->loader, &b)) == 1) {
+            float lr = kd_sched_lr(&c->sched, epoch, step, r->steps_per_epoch);
+            kd_graph *g = r->g;
+            kd_graph_reset(g);
+            kd_graph_set_rng(g, c->seed, kd_rng_key((uint64_t)epoch, (uint64_t)step));
+            int64_t xs[4] = {b.n, C, H, W};
+            kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
+            kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b.n, b.y);
+            kd_model_out so, to, *top = NULL;
+            if (r->teacher && kd_distiller_needs_teacher(r->dist)) {
+                int prev = kd_graph_set_grad_enabled(g, 0);
+                KD_TRY(kd_model_forward(r->teacher, g, x, 0, &to));
+                kd_graph_set_grad_enabled(g, prev);
+                top = &to;
+            }
+            KD_TRY(kd_model_forward(r->student, g, x, 0, &so));
+            kd_tensor *loss = NULL;
+            KD_TRY(kd_distiller_loss(r->dist, g, &so, top, y, b.index, &loss, &terms));
+            if (!isfinite(terms.total))
+                return kd_error(KD_ERR_NUMERIC,
+                                "loss became %g at epoch %d step %lld (lr %g); the last good checkpoint is %s/last.safetensors",
+                                terms.total, epoch + 1, (long long)step + 1, lr, c->out);
+            kd_sgd_zero_grad(r->opt);
+            KD_TRY(kd_backward(g, loss));
+            kd_sgd_set_lr(r->opt, lr);
+            KD_TRY(kd_sgd_step(r->opt));
+            lsum += terms.total * (double)b.n;
+            tsum.ce += terms.ce * (float)b.n;
+            tsum.kl += terms.kl * (float)b.n;
+            kd__count_hits(kd_f32(so.logits), b.y, b.n, so.logits->shape[1], &hits, &h5);
+            seen += b.n;
+            step++;
+            double el = kd__now() - t0;
+            kd__progress(r, epoch, step - 1, r->steps_per_epoch, lsum / (double)seen, lr, (double)seen / el);
+            if (c->log_every > 0 && step % c->log_every == 0) {
+                fprintf(r->metrics,
+                        "{\"type\": \"step\", \"epoch\": %d, \"step\": %lld, \"lr\": %.9g, \"loss\": ", epoch + 1,
+                        (long long)(epoch * r->steps_per_epoch + step), lr);
+                kd_json_write_number(r->metrics, terms.total);
+                fprintf(r->metrics, ", \"images_per_s\": %.1f}\n", (double)seen / el);
+            }
+        }
+        if (step < r->steps_per_epoch && got < 0) return (kd_status)got;
+        double ep_time = kd__now() - t0;
+        train_time += ep_time;
+        images += seen;
+        if (r->bar) fputc('\n', stderr);
+        KD_TRY(kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, &top1, &top5, &tloss));
+        int best = top1 > r->best_top1 || r->best_epoch == 0;
+        if (best) {
+            r->best_top1 = top1;
+            r->best_epoch = epoch + 1;
+            char path[600];
+            kd__path(path, sizeof path, c->out, "best.safetensors");
+            KD_TRY(kd_model_save(r->student, path));
+        }
+        double wall = r->wall_before + (kd__now() - t_start);
+        KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
+        last_epoch_done = epoch + 1;
+        double ips = (double)seen / ep_time;
+        fprintf(r->metrics,
+                "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g, \"train_ce\": %.9g, "
+                "\"train_kl\": %.9g, \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
+                "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
+                epoch + 1, kd_sgd_get_lr(r->opt), lsum / (double)seen, tsum.ce / (double)seen,
+                tsum.kl / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
+        fflush(r->metrics);
+        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
+                   epoch + 1, c->epochs, lsum / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, ips,
+                   ep_time);
+    }
+    if (r->start_epoch >= c->epochs)
+        KD_TRY(kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, &top1, &top5, &tloss));
+    res->top1 = top1;
+    res->top5 = top5;
+    res->test_loss = tloss;
+    res->best_top1 = r->best_top1;
+    res->best_epoch = r->best_epoch;
+    res->epochs_done = last_epoch_done;
+    res->images_per_s = train_time > 0 ? (double)images / train_time : 0;
+    res->wall_s = r->wall_before + (kd__now() - t_start);
+    res->params = kd_model_num_params(r->student);
+    return kd__write_summary(r, res);
+}
+
+static kd_status kd__run_main(const kd_train_cfg *cfg, int resume, kd_train_result *res) {
+    kd__run r;
+    memset(&r, 0, sizeof r);
+    memset(res, 0, sizeof *res);
+    r.c = *cfg;
+    kd_status s = kd_train_cfg_resolve(&r.c);
+    if (s == KD_OK) s = kd__setup(&r, resume);
+    if (s == KD_OK) s = kd__train_loop(&r, res);
+    if (s != KD_OK && r.bar) fputc('\n', stderr);
+    kd__run_free(&r);
+    return s;
+}
+
+kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return kd__run_main(cfg, 0, res); }
+
+kd_status kd_train_resume(const char *dir, kd_train_result *res) {
+    kd_train_cfg c;
+    kd_train_cfg_defaults(&c);
+    char path[600];
+    kd__path(path, sizeof path, dir, "config.yaml");
+    KD_TRY(kd_train_cfg_load(&c, path));
+    /* The run directory may have moved since it was written. */
+    if (strlen(dir) >= sizeof c.out) return kd_error(KD_ERR_INVALID, "run directory path %s is too long", dir);
+    snprintf(c.out, sizeof c.out, "%s", dir);
+    return kd__run_main(&c, 1, res);
+}

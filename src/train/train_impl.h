@@ -1,0 +1,12 @@
+/* Internal helpers shared by the train-layer files. */
+#ifndef KD_TRAIN_IMPL_H
+#define KD_TRAIN_IMPL_H
+
+#include "kd/io.h"
+#include "kd/train.h"
+
+kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m);
+kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix);
+kd_status kd__model_load_from(kd_model *m, const kd_st_file *f);
+
+#endif

@@ -1,0 +1,535 @@
+/*
+ * test_backend_cpu.c: every kernel of the "cpu" (oneDNN) backend against the
+ * "ref" backend on random inputs, over grids of shapes and parameters, plus
+ * the primitive cache, trim, determinism and error reporting.
+ *
+ * Each kernel runs on both backends from identical inputs (and identical
+ * starting gradients for accumulate=1) and the outputs are compared with
+ * KD_ASSERT_CLOSE: |cpu - ref| <= atol + rtol * |ref| elementwise. The ref
+ * kernels sum in double, so the error measured is oneDNN's float32 error.
+ * Tolerances:
+ *   - conv2d forward / backward data: dot products of up to Cg*K*K = 200
+ *     terms in [-1, 1]; oneDNN blocks and reorders them (and uses FMA):
+ *     atol 1e-4, rtol 1e-4.
+ *   - conv2d backward weights / bias: sums of up to N*OH*OW ~ 360 products,
+ *     values reach ~20: atol 2e-4, rtol 1e-4.
+ *   - batch norm: normalised outputs and the three-term input gradient
+ *     (cancellation), statistics in float32 in oneDNN: atol 1e-4, rtol 1e-4;
+ *     running statistics and save_rstd: atol 1e-5, rtol 1e-4.
+ *   - average pooling: at most 9 terms: atol 1e-6, rtol 1e-5. Max pooling
+ *     (values and argmax) must match exactly.
+ *   - gemm: up to K = 65 terms of magnitude 1: atol 1e-4, rtol 1e-4.
+ *   - eltwise: relu is exact; oneDNN's exp/log are polynomial approximations
+ *     a few ulps from libm: atol 1e-6, rtol 1e-5.
+ */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend_impl.h"
+#include "backend/cpu/dnnl_backend.h"
+#include "kd/backend.h"
+
+static kd_backend *g_cpu, *g_ref;
+static uint64_t g_seed = 1;
+
+/* ------------------------------------------------------------- helpers */
+
+static kd_tensor *tnew(kd_dtype dt, int ndim, const int64_t *shape) {
+    kd_tensor *t = NULL;
+    KD_ASSERT_OK(kd_tensor_new(dt, ndim, shape, &t));
+    return t;
+}
+
+static kd_tensor *tnew4(int64_t a, int64_t b, int64_t c, int64_t d) {
+    int64_t s[4] = {a, b, c, d};
+    return tnew(KD_F32, 4, s);
+}
+
+static kd_tensor *tnew1(int64_t a) { return tnew(KD_F32, 1, &a); }
+
+static kd_tensor *trand(kd_tensor *t, float lo, float hi) {
+    kd_test_fill_uniform(kd_f32(t), kd_tensor_numel(t), lo, hi, g_seed++);
+    return t;
+}
+
+/* A new tensor with t's shape and data. */
+static kd_tensor *tclone(const kd_tensor *t) {
+    kd_tensor *c = tnew(t->dtype, t->ndim, t->shape);
+    memcpy(c->data, t->data, kd_tensor_nbytes(t));
+    return c;
+}
+
+static void tcopy(kd_tensor *dst, const kd_tensor *src) {
+    memcpy(dst->data, src->data, kd_tensor_nbytes(src));
+}
+
+#define CLOSE(a, b, atol, rtol, what) \
+    KD_ASSERT_CLOSE(kd_f32(a), kd_f32(b), kd_tensor_numel(b), (atol), (rtol), (what))
+
+static int setup(void **state) {
+    (void)state;
+    if (kd_backend_get("cpu", &g_cpu) != KD_OK || kd_backend_get("ref", &g_ref) != KD_OK) {
+        fprintf(stderr, "cannot get backends: %s\n", kd_last_error());
+        return -1;
+    }
+    return g_cpu == kd__backend_cpu() && g_ref == kd__backend_ref() ? 0 : -1;
+}
+
+/* ---------------------------------------------------------------- conv */
+
+typedef struct {
+    int64_t N, C, H, W, O, K, stride, pad, dil, groups;
+    int bias;
+} conv_cfg;
+
+/* Runs forward, backward data and backward weights (accumulate 0 and 1) on
+ * both backends for one configuration. Returns 0 if the output would be empty. */
+static int check_conv(const conv_cfg *c) {
+    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups};
+    int64_t OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
+    int64_t OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
+    if (OH < 1 || OW < 1) return 0;
+    char what[160];
+    snprintf(what, sizeof what, "conv N%lld C%lld %lldx%lld O%lld k%lld s%lld p%lld d%lld g%lld b%d",
+             (long long)c->N, (long long)c->C, (long long)c->H, (long long)c->W, (long long)c->O,
+             (long long)c->K, (long long)c->stride, (long long)c->pad, (long long)c->dil,
+             (long long)c->groups, c->bias);
+
+    kd_tensor *x = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1);
+    kd_tensor *w = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
+    kd_tensor *b = c->bias ? trand(tnew1(c->O), -1, 1) : NULL;
+    kd_tensor *y0 = tnew4(c->N, c->O, OH, OW), *y1 = tnew4(c->N, c->O, OH, OW);
+    KD_ASSERT_OK(g_ref->conv2d_forward(g_ref, &p, x, w, b, y0));
+    KD_ASSERT_OK(g_cpu->conv2d_forward(g_cpu, &p, x, w, b, y1));
+    char msg[200];
+    snprintf(msg, sizeof msg, "%s: forward", what);
+    CLOSE(y1, y0, 1e-4, 1e-4, msg);
+
+    kd_tensor *dy = trand(tnew4(c->N, c->O, OH, OW), -1, 1);
+    kd_tensor *dx_init = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1);
+    kd_tensor *dw_init = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
+    kd_tensor *db_init = trand(tnew1(c->O), -1, 1);
+    for (int acc = 0; acc <= 1; acc++) {
+        kd_tensor *dx0 = tclone(dx_init), *dx1 = tclone(dx_init);
+        KD_ASSERT_OK(g_ref->conv2d_backward_data(g_ref, &p, dy, w, dx0, acc));
+        KD_ASSERT_OK(g_cpu->conv2d_backward_data(g_cpu, &p, dy, w, dx1, acc));
+        snprintf(msg, sizeof msg, "%s: backward data acc %d", what, acc);
+        CLOSE(dx1, dx0, 1e-4, 1e-4, msg);
+
+        kd_tensor *dw0 = tclone(dw_init), *dw1 = tclone(dw_init);
+        kd_tensor *db0 = c->bias ? tclone(db_init) : NULL, *db1 = c->bias ? tclone(db_init) : NULL;
+        KD_ASSERT_OK(g_ref->conv2d_backward_weights(g_ref, &p, dy, x, dw0, db0, acc));
+        KD_ASSERT_OK(g_cpu->conv2d_backward_weights(g_cpu, &p, dy, x, dw1, db1, acc));
+        snprintf(msg, sizeof msg, "%s: backward weights acc %d", what, acc);
+        CLOSE(dw1, dw0, 2e-4, 1e-4, msg);
+        if (c->bias) {
+            snprintf(msg, sizeof msg, "%s: backward bias acc %d", what, acc);
+            CLOSE(db1, db0, 2e-4, 1e-4, msg);
+        }
+        kd_tensor_free(dx0), kd_tensor_free(dx1), kd_tensor_free(dw0), kd_tensor_free(dw1);
+        kd_tensor_free(db0), kd_tensor_free(db1);
+    }
+    kd_tensor_free(x), kd_tensor_free(w), kd_tensor_free(b), kd_tensor_free(y0);
+    kd_tensor_free(y1), kd_tensor_free(dy), kd_tensor_free(dx_init), kd_tensor_free(dw_init);
+    kd_tensor_free(db_init);
+    return 1;
+}
+
+/* The full grid: kernel 1/3/5, stride 1/2, pad 0/1/2, dilation 1/2, groups
+ * 1/2/4/depthwise, bias or not, batch 1 and 3, odd non-square planes. */
+static void test_conv_grid(void **state) {
+    (void)state;
+    static const int64_t ks[] = {1, 3, 5}, strides[] = {1, 2}, pads[] = {0, 1, 2}, dils[] = {1, 2};
+    static const int64_t groups[] = {1, 2, 4, 8}, batches[] = {1, 3};
+    int ran = 0;
+    for (int ik = 0; ik < 3; ik++)
+        for (int is = 0; is < 2; is++)
+            for (int ip = 0; ip < 3; ip++)
+                for (int id = 0; id < 2; id++)
+                    for (int ig = 0; ig < 4; ig++)
+                        for (int ib = 0; ib < 2; ib++)
+                            for (int in = 0; in < 2; in++) {
+                                conv_cfg c = {batches[in], 8, 9, 11, 8, ks[ik], strides[is],
+                                              pads[ip], dils[id], groups[ig], ib};
+                                ran += check_conv(&c);
+                            }
+    assert_true(ran > 500);
+}
+
+/* Shapes of real networks: wider channel counts, depthwise with a channel
+ * multiplier, a 7x7 stride-2 stem, 1x1 projections with stride 2. */
+static void test_conv_shapes(void **state) {
+    (void)state;
+    static const conv_cfg cs[] = {
+        {2, 3, 17, 15, 16, 7, 2, 3, 1, 1, 0},  /* stem */
+        {2, 16, 8, 8, 32, 1, 2, 0, 1, 1, 0},   /* downsample projection */
+        {2, 32, 7, 7, 32, 3, 1, 1, 1, 1, 1},   /* 3x3 */
+        {2, 16, 9, 9, 32, 3, 2, 1, 1, 16, 1},  /* depthwise, multiplier 2 */
+        {3, 24, 6, 5, 24, 3, 1, 1, 1, 24, 0},  /* depthwise */
+        {1, 12, 13, 13, 18, 3, 1, 2, 2, 3, 1}, /* dilated grouped */
+        {2, 64, 4, 4, 10, 4, 1, 0, 1, 1, 1},   /* kernel = input: a linear layer */
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) assert_true(check_conv(&cs[i]));
+}
+
+/* ------------------------------------------------------------ batchnorm */
+
+static void check_bn(int ndim, const int64_t *shape, int affine, int training, int with_running) {
+    int64_t C = shape[1];
+    char what[128];
+    snprintf(what, sizeof what, "bn %dd C%lld affine %d training %d running %d", ndim - 2 > 0 ? 2 : 1,
+             (long long)C, affine, training, with_running);
+    char msg[200];
+    kd_bn_params p = {1e-5f, 0.1f, training};
+    kd_tensor *x = trand(tnew(KD_F32, ndim, shape), -1, 3);
+    kd_tensor *gamma = affine ? trand(tnew1(C), 0.5f, 1.5f) : NULL;
+    kd_tensor *beta = affine ? trand(tnew1(C), -0.5f, 0.5f) : NULL;
+    kd_tensor *rm0 = NULL, *rv0 = NULL, *rm1 = NULL, *rv1 = NULL;
+    if (with_running) {
+        rm0 = trand(tnew1(C), -0.2f, 0.2f);
+        rv0 = trand(tnew1(C), 0.5f, 1.5f);
+        rm1 = tclone(rm0), rv1 = tclone(rv0);
+    }
+    kd_tensor *y0 = tnew(KD_F32, ndim, shape), *y1 = tnew(KD_F32, ndim, shape);
+    kd_tensor *sm0 = tnew1(C), *sr0 = tnew1(C), *sm1 = tnew1(C), *sr1 = tnew1(C);
+    KD_ASSERT_OK(g_ref->batchnorm_forward(g_ref, &p, x, gamma, beta, rm0, rv0, y0, sm0, sr0));
+    KD_ASSERT_OK(g_cpu->batchnorm_forward(g_cpu, &p, x, gamma, beta, rm1, rv1, y1, sm1, sr1));
+    snprintf(msg, sizeof msg, "%s: y", what);
+    CLOSE(y1, y0, 1e-4, 1e-4, msg);
+    snprintf(msg, sizeof msg, "%s: save_mean", what);
+    CLOSE(sm1, sm0, 1e-5, 1e-4, msg);
+    snprintf(msg, sizeof msg, "%s: save_rstd", what);
+    CLOSE(sr1, sr0, 1e-5, 1e-4, msg);
+    if (with_running) {
+        snprintf(msg, sizeof msg, "%s: running_mean", what);
+        CLOSE(rm1, rm0, 1e-5, 1e-4, msg);
+        snprintf(msg, sizeof msg, "%s: running_var", what);
+        CLOSE(rv1, rv0, 1e-5, 1e-4, msg);
+    }
+
+    /* Backward from the ref's saved statistics, so both see the same input. */
+    kd_tensor *dy = trand(tnew(KD_F32, ndim, shape), -1, 1);
+    kd_tensor *dx_init = trand(tnew(KD_F32, ndim, shape), -1, 1);
+    kd_tensor *dg_init = trand(tnew1(C), -1, 1), *dbt_init = trand(tnew1(C), -1, 1);
+    for (int acc = 0; acc <= 1; acc++) {
+        kd_tensor *dx0 = tclone(dx_init), *dx1 = tclone(dx_init);
+        kd_tensor *dg0 = affine ? tclone(dg_init) : NULL, *dg1 = affine ? tclone(dg_init) : NULL;
+        kd_tensor *db0 = affine ? tclone(dbt_init) : NULL, *db1 = affine ? tclone(dbt_init) : NULL;
+        KD_ASSERT_OK(g_ref->batchnorm_backward(g_ref, &p, dy, x, gamma, sm0, sr0, dx0, dg0, db0, acc));
+        KD_ASSERT_OK(g_cpu->batchnorm_backward(g_cpu, &p, dy, x, gamma, sm0, sr0, dx1, dg1, db1, acc));
+        snprintf(msg, sizeof msg, "%s: dx acc %d", what, acc);
+        CLOSE(dx1, dx0, 1e-4, 1e-4, msg);
+        if (affine) {
+            snprintf(msg, sizeof msg, "%s: dgamma acc %d", what, acc);
+            CLOSE(dg1, dg0, 1e-4, 1e-4, msg);
+            snprintf(msg, sizeof msg, "%s: dbeta acc %d", what, acc);
+            CLOSE(db1, db0, 1e-4, 1e-4, msg);
+        }
+        kd_tensor_free(dx0), kd_tensor_free(dx1), kd_tensor_free(dg0), kd_tensor_free(dg1);
+        kd_tensor_free(db0), kd_tensor_free(db1);
+    }
+    /* Only the parameter gradients (dx NULL), as for a frozen input. */
+    if (affine) {
+        kd_tensor *dg0 = tnew1(C), *dg1 = tnew1(C), *db0 = tnew1(C), *db1 = tnew1(C);
+        KD_ASSERT_OK(g_ref->batchnorm_backward(g_ref, &p, dy, x, gamma, sm0, sr0, NULL, dg0, db0, 0));
+        KD_ASSERT_OK(g_cpu->batchnorm_backward(g_cpu, &p, dy, x, gamma, sm0, sr0, NULL, dg1, db1, 0));
+        snprintf(msg, sizeof msg, "%s: dgamma without dx", what);
+        CLOSE(dg1, dg0, 1e-4, 1e-4, msg);
+        snprintf(msg, sizeof msg, "%s: dbeta without dx", what);
+        CLOSE(db1, db0, 1e-4, 1e-4, msg);
+        kd_tensor_free(dg0), kd_tensor_free(dg1), kd_tensor_free(db0), kd_tensor_free(db1);
+    }
+    kd_tensor_free(x), kd_tensor_free(gamma), kd_tensor_free(beta), kd_tensor_free(rm0);
+    kd_tensor_free(rv0), kd_tensor_free(rm1), kd_tensor_free(rv1), kd_tensor_free(y0);
+    kd_tensor_free(y1), kd_tensor_free(sm0), kd_tensor_free(sr0), kd_tensor_free(sm1);
+    kd_tensor_free(sr1), kd_tensor_free(dy), kd_tensor_free(dx_init), kd_tensor_free(dg_init);
+    kd_tensor_free(dbt_init);
+}
+
+static void test_batchnorm(void **state) {
+    (void)state;
+    static const int64_t s1[2] = {4, 5}, s1b[2] = {32, 17}, s2[4] = {3, 6, 5, 7}, s2b[4] = {2, 16, 8, 8};
+    for (int affine = 0; affine <= 1; affine++) {
+        for (int running = 0; running <= 1; running++) {
+            check_bn(2, s1, affine, 1, running);
+            check_bn(2, s1b, affine, 1, running);
+            check_bn(4, s2, affine, 1, running);
+            check_bn(4, s2b, affine, 1, running);
+        }
+        check_bn(2, s1, affine, 0, 1);
+        check_bn(4, s2, affine, 0, 1);
+        check_bn(4, s2b, affine, 0, 1);
+    }
+}
+
+/* Several training steps update the running statistics as PyTorch does. */
+static void test_batchnorm_running_steps(void **state) {
+    (void)state;
+    int64_t shape[4] = {4, 3, 5, 5};
+    kd_bn_params p = {1e-5f, 0.1f, 1};
+    kd_tensor *x = tnew(KD_F32, 4, shape), *y = tnew(KD_F32, 4, shape);
+    kd_tensor *rm0 = tnew1(3), *rv0 = tnew1(3), *rm1 = tnew1(3), *rv1 = tnew1(3);
+    kd_tensor *sm = tnew1(3), *sr = tnew1(3);
+    for (int i = 0; i < 3; i++) kd_f32(rv0)[i] = kd_f32(rv1)[i] = 1.0f;
+    for (int step = 0; step < 5; step++) {
+        trand(x, -2.0f + step, 2.0f + 2 * step);
+        KD_ASSERT_OK(g_ref->batchnorm_forward(g_ref, &p, x, NULL, NULL, rm0, rv0, y, sm, sr));
+        KD_ASSERT_OK(g_cpu->batchnorm_forward(g_cpu, &p, x, NULL, NULL, rm1, rv1, y, sm, sr));
+    }
+    CLOSE(rm1, rm0, 1e-5, 1e-4, "running_mean after 5 steps");
+    CLOSE(rv1, rv0, 1e-5, 1e-4, "running_var after 5 steps");
+    kd_tensor_free(x), kd_tensor_free(y), kd_tensor_free(rm0), kd_tensor_free(rv0);
+    kd_tensor_free(rm1), kd_tensor_free(rv1), kd_tensor_free(sm), kd_tensor_free(sr);
+}
+
+/* ------------------------------------------------------------- pooling */
+
+static void check_pool(kd_pool_kind kind, int64_t k, int64_t s, int64_t pad, int cip, int64_t N,
+                       int64_t C, int64_t H, int64_t W, int ties) {
+    kd_pool2d_params p = {kind, {k, k}, {s, s}, {pad, pad}, cip};
+    int64_t OH = kd_conv_out_size(H, k, s, pad, 1), OW = kd_conv_out_size(W, k, s, pad, 1);
+    char what[128], msg[200];
+    snprintf(what, sizeof what, "%s pool k%lld s%lld p%lld cip %d %lldx%lld ties %d",
+             kind == KD_POOL_MAX ? "max" : "avg", (long long)k, (long long)s, (long long)pad, cip,
+             (long long)H, (long long)W, ties);
+    kd_tensor *x = trand(tnew4(N, C, H, W), -1, 1);
+    if (ties) /* few distinct values: argmax tie-breaking must agree */
+        for (int64_t i = 0; i < kd_tensor_numel(x); i++) kd_f32(x)[i] = floorf(kd_f32(x)[i] * 2.0f);
+    kd_tensor *y0 = tnew4(N, C, OH, OW), *y1 = tnew4(N, C, OH, OW);
+    int64_t ys[4] = {N, C, OH, OW};
+    kd_tensor *ws0 = kind == KD_POOL_MAX ? tnew(KD_I32, 4, ys) : NULL;
+    kd_tensor *ws1 = kind == KD_POOL_MAX ? tnew(KD_I32, 4, ys) : NULL;
+    KD_ASSERT_OK(g_ref->pool2d_forward(g_ref, &p, x, y0, ws0));
+    KD_ASSERT_OK(g_cpu->pool2d_forward(g_cpu, &p, x, y1, ws1));
+    snprintf(msg, sizeof msg, "%s: forward", what);
+    if (kind == KD_POOL_MAX) {
+        CLOSE(y1, y0, 0, 0, msg);
+        assert_memory_equal(ws1->data, ws0->data, kd_tensor_nbytes(ws0));
+    } else {
+        CLOSE(y1, y0, 1e-6, 1e-5, msg);
+    }
+    kd_tensor *dy = trand(tnew4(N, C, OH, OW), -1, 1);
+    kd_tensor *dx_init = trand(tnew4(N, C, H, W), -1, 1);
+    for (int acc = 0; acc <= 1; acc++) {
+        kd_tensor *dx0 = tclone(dx_init), *dx1 = tclone(dx_init);
+        KD_ASSERT_OK(g_ref->pool2d_backward(g_ref, &p, dy, ws0, dx0, acc));
+        KD_ASSERT_OK(g_cpu->pool2d_backward(g_cpu, &p, dy, ws0, dx1, acc));
+        snprintf(msg, sizeof msg, "%s: backward acc %d", what, acc);
+        CLOSE(dx1, dx0, 1e-6, 1e-5, msg);
+        kd_tensor_free(dx0), kd_tensor_free(dx1);
+    }
+    kd_tensor_free(x), kd_tensor_free(y0), kd_tensor_free(y1), kd_tensor_free(ws0);
+    kd_tensor_free(ws1), kd_tensor_free(dy), kd_tensor_free(dx_init);
+}
+
+static void test_pool(void **state) {
+    (void)state;
+    /* (kernel, stride, pad): k2s2, k3s2p1, k3s1p1, k2s1, k3s3 */
+    static const int64_t kps[][3] = {{2, 2, 0}, {3, 2, 1}, {3, 1, 1}, {2, 1, 0}, {3, 3, 0}};
+    static const int64_t hw[][2] = {{8, 8}, {9, 7}, {5, 6}};
+    for (size_t i = 0; i < sizeof kps / sizeof kps[0]; i++)
+        for (size_t j = 0; j < sizeof hw / sizeof hw[0]; j++) {
+            for (int ties = 0; ties <= 1; ties++)
+                check_pool(KD_POOL_MAX, kps[i][0], kps[i][1], kps[i][2], 1, 2, 3, hw[j][0], hw[j][1], ties);
+            for (int cip = 0; cip <= 1; cip++)
+                check_pool(KD_POOL_AVG, kps[i][0], kps[i][1], kps[i][2], cip, 2, 3, hw[j][0], hw[j][1], 0);
+        }
+    /* A global average pool as at the end of a ResNet. */
+    check_pool(KD_POOL_AVG, 7, 7, 0, 1, 3, 16, 7, 7, 0);
+}
+
+/* ---------------------------------------------------------------- gemm */
+
+static void check_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, float beta,
+                       int64_t pad) {
+    int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+    int64_t lda = ac + pad, ldb = bc + pad, ldc = N + pad;
+    float *A = malloc(sizeof(float) * (size_t)(ar * lda)), *B = malloc(sizeof(float) * (size_t)(br * ldb));
+    float *C0 = malloc(sizeof(float) * (size_t)(M * ldc)), *C1 = malloc(sizeof(float) * (size_t)(M * ldc));
+    assert_non_null(A), assert_non_null(B), assert_non_null(C0), assert_non_null(C1);
+    kd_test_fill_uniform(A, ar * lda, -1, 1, g_seed++);
+    kd_test_fill_uniform(B, br * ldb, -1, 1, g_seed++);
+    kd_test_fill_uniform(C0, M * ldc, -1, 1, g_seed++);
+    /* With beta = 0, C must not be read: NaN there must not leak. The
+     * padding columns (between N and ldc) must stay untouched. */
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < ldc; j++)
+            if (beta == 0.0f || j >= N) C0[i * ldc + j] = j >= N ? 7.0f : NAN;
+    memcpy(C1, C0, sizeof(float) * (size_t)(M * ldc));
+    KD_ASSERT_OK(g_ref->gemm(g_ref, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc));
+    KD_ASSERT_OK(g_cpu->gemm(g_cpu, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C1, ldc));
+    char msg[160];
+    snprintf(msg, sizeof msg, "gemm ta %d tb %d M%lld N%lld K%lld alpha %g beta %g ld+%lld", ta, tb,
+             (long long)M, (long long)N, (long long)K, alpha, beta, (long long)pad);
+    KD_ASSERT_CLOSE(C1, C0, M * ldc, 1e-4, 1e-4, msg);
+    free(A), free(B), free(C0), free(C1);
+}
+
+static void test_gemm(void **state) {
+    (void)state;
+    static const int64_t mnk[][3] = {{7, 5, 9}, {1, 1, 1}, {64, 48, 33}, {3, 65, 65}, {31, 1, 17}};
+    static const float ab[][2] = {{1, 0}, {0.5f, 1}, {-1.5f, -0.7f}};
+    for (int ta = 0; ta <= 1; ta++)
+        for (int tb = 0; tb <= 1; tb++)
+            for (size_t i = 0; i < sizeof mnk / sizeof mnk[0]; i++)
+                for (size_t j = 0; j < sizeof ab / sizeof ab[0]; j++)
+                    for (int64_t pad = 0; pad <= 3; pad += 3)
+                        check_gemm(ta, tb, mnk[i][0], mnk[i][1], mnk[i][2], ab[j][0], ab[j][1], pad);
+    check_gemm(0, 0, 4, 3, 0, 1.0f, 0.5f, 1); /* K = 0: C = beta * C */
+}
+
+/* ------------------------------------------------------------- eltwise */
+
+static void check_eltwise(kd_eltwise_kind kind, float alpha, int ndim, const int64_t *shape) {
+    static const char *names[] = {"relu", "exp", "log"};
+    char what[96], msg[160];
+    snprintf(what, sizeof what, "%s alpha %g", names[kind], alpha);
+    float lo = kind == KD_ELTWISE_LOG ? 0.01f : -3.0f, hi = 3.0f;
+    kd_tensor *x = trand(tnew(KD_F32, ndim, shape), lo, hi);
+    kd_tensor *y0 = tnew(KD_F32, ndim, shape), *y1 = tnew(KD_F32, ndim, shape);
+    KD_ASSERT_OK(g_ref->eltwise_forward(g_ref, kind, alpha, x, y0));
+    KD_ASSERT_OK(g_cpu->eltwise_forward(g_cpu, kind, alpha, x, y1));
+    snprintf(msg, sizeof msg, "%s: forward", what);
+    CLOSE(y1, y0, 1e-6, 1e-5, msg);
+    const kd_tensor *src = kind == KD_ELTWISE_EXP ? y0 : x;
+    kd_tensor *dy = trand(tnew(KD_F32, ndim, shape), -1, 1);
+    kd_tensor *dx_init = trand(tnew(KD_F32, ndim, shape), -1, 1);
+    for (int acc = 0; acc <= 1; acc++) {
+        kd_tensor *dx0 = tclone(dx_init), *dx1 = tclone(dx_init);
+        KD_ASSERT_OK(g_ref->eltwise_backward(g_ref, kind, alpha, dy, src, dx0, acc));
+        KD_ASSERT_OK(g_cpu->eltwise_backward(g_cpu, kind, alpha, dy, src, dx1, acc));
+        snprintf(msg, sizeof msg, "%s: backward acc %d", what, acc);
+        CLOSE(dx1, dx0, 1e-6, 1e-5, msg);
+        kd_tensor_free(dx0), kd_tensor_free(dx1);
+    }
+    /* In place, as autograd may do for a forward whose input is dead. */
+    kd_tensor *xi = tclone(x);
+    KD_ASSERT_OK(g_cpu->eltwise_forward(g_cpu, kind, alpha, xi, xi));
+    snprintf(msg, sizeof msg, "%s: forward in place", what);
+    CLOSE(xi, y0, 1e-6, 1e-5, msg);
+    kd_tensor_free(xi), kd_tensor_free(x), kd_tensor_free(y0), kd_tensor_free(y1);
+    kd_tensor_free(dy), kd_tensor_free(dx_init);
+}
+
+static void test_eltwise(void **state) {
+    (void)state;
+    static const int64_t s4[4] = {3, 5, 7, 9}, s1[1] = {1003}, s2[2] = {1, 1};
+    static const float alphas[] = {0.0f, 0.1f, 0.2f};
+    for (int i = 0; i < 3; i++) {
+        check_eltwise(KD_ELTWISE_RELU, alphas[i], 4, s4);
+        check_eltwise(KD_ELTWISE_RELU, alphas[i], 1, s1);
+    }
+    for (int k = KD_ELTWISE_EXP; k <= KD_ELTWISE_LOG; k++) {
+        check_eltwise((kd_eltwise_kind)k, 0.0f, 4, s4);
+        check_eltwise((kd_eltwise_kind)k, 0.0f, 1, s1);
+        check_eltwise((kd_eltwise_kind)k, 0.0f, 2, s2);
+    }
+}
+
+/* ---------------------------------------------------- cache and friends */
+
+static void conv_once(int64_t N, int64_t C, int64_t HW) {
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_tensor *x = trand(tnew4(N, C, HW, HW), -1, 1), *w = trand(tnew4(C, C, 3, 3), -1, 1);
+    kd_tensor *y = tnew4(N, C, HW, HW);
+    KD_ASSERT_OK(g_cpu->conv2d_forward(g_cpu, &p, x, w, NULL, y));
+    kd_tensor_free(x), kd_tensor_free(w), kd_tensor_free(y);
+}
+
+static void test_cache_reuse_and_trim(void **state) {
+    (void)state;
+    g_cpu->trim(g_cpu);
+    assert_int_equal(kd__cpu_cache_size(), 0);
+    assert_int_equal(kd__cpu_scratch_bytes(), 0);
+    int n0 = kd__cpu_primitive_count();
+    conv_once(2, 8, 10);
+    assert_int_equal(kd__cpu_primitive_count(), n0 + 1);
+    conv_once(2, 8, 10); /* same shape: a cache hit, no new primitive */
+    assert_int_equal(kd__cpu_primitive_count(), n0 + 1);
+    assert_int_equal(kd__cpu_cache_size(), 1);
+    conv_once(3, 8, 10); /* another batch size: a new primitive */
+    assert_int_equal(kd__cpu_primitive_count(), n0 + 2);
+    conv_once(2, 8, 10);
+    assert_int_equal(kd__cpu_primitive_count(), n0 + 2);
+    assert_int_equal(kd__cpu_cache_size(), 2);
+    g_cpu->trim(g_cpu);
+    assert_int_equal(kd__cpu_cache_size(), 0);
+    assert_int_equal(kd__cpu_scratch_bytes(), 0);
+    conv_once(2, 8, 10); /* after trim the primitive is created again */
+    assert_int_equal(kd__cpu_primitive_count(), n0 + 3);
+    assert_int_equal(kd__cpu_cache_size(), 1);
+}
+
+/* Same inputs, same thread count: bitwise the same outputs. */
+static void test_deterministic(void **state) {
+    (void)state;
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_tensor *x = trand(tnew4(4, 16, 12, 12), -1, 1), *dy = trand(tnew4(4, 16, 12, 12), -1, 1);
+    kd_tensor *dw0 = tnew4(16, 16, 3, 3), *dw1 = tnew4(16, 16, 3, 3);
+    kd_tensor *db0 = tnew1(16), *db1 = tnew1(16);
+    KD_ASSERT_OK(g_cpu->conv2d_backward_weights(g_cpu, &p, dy, x, dw0, db0, 0));
+    g_cpu->trim(g_cpu); /* a fresh primitive must give the same numbers too */
+    KD_ASSERT_OK(g_cpu->conv2d_backward_weights(g_cpu, &p, dy, x, dw1, db1, 0));
+    assert_memory_equal(dw0->data, dw1->data, kd_tensor_nbytes(dw0));
+    assert_memory_equal(db0->data, db1->data, kd_tensor_nbytes(db0));
+    int64_t s2[2] = {64, 40};
+    kd_bn_params bp = {1e-5f, 0.1f, 1};
+    kd_tensor *bx = trand(tnew(KD_F32, 2, s2), -1, 1), *by0 = tnew(KD_F32, 2, s2), *by1 = tnew(KD_F32, 2, s2);
+    kd_tensor *sm = tnew1(40), *sr = tnew1(40);
+    KD_ASSERT_OK(g_cpu->batchnorm_forward(g_cpu, &bp, bx, NULL, NULL, NULL, NULL, by0, sm, sr));
+    KD_ASSERT_OK(g_cpu->batchnorm_forward(g_cpu, &bp, bx, NULL, NULL, NULL, NULL, by1, sm, sr));
+    assert_memory_equal(by0->data, by1->data, kd_tensor_nbytes(by0));
+    kd_tensor_free(x), kd_tensor_free(dy), kd_tensor_free(dw0), kd_tensor_free(dw1);
+    kd_tensor_free(db0), kd_tensor_free(db1), kd_tensor_free(bx), kd_tensor_free(by0);
+    kd_tensor_free(by1), kd_tensor_free(sm), kd_tensor_free(sr);
+}
+
+/* Failures come back as statuses with a message, never silently. */
+static void test_errors(void **state) {
+    (void)state;
+    /* A oneDNN failure goes through the CHECK macro: sgemm with lda < K. */
+    float A[6] = {0}, B[6] = {0}, C[4] = {0};
+    kd_clear_error();
+    kd_status s = g_cpu->gemm(g_cpu, 0, 0, 2, 2, 3, 1.0f, A, 1, B, 2, 0.0f, C, 2);
+    assert_int_equal(s, KD_ERR_BACKEND);
+    assert_non_null(strstr(kd_last_error(), "oneDNN dnnl_sgemm failed"));
+
+    /* What oneDNN is not given (a non-float tensor) goes to the ref kernel,
+     * which reports it. */
+    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1};
+    int64_t xs[4] = {1, 2, 4, 4};
+    kd_tensor *x = tnew(KD_I32, 4, xs), *w = tnew4(2, 2, 3, 3), *y = tnew4(1, 2, 2, 2);
+    kd_clear_error();
+    s = g_cpu->conv2d_forward(g_cpu, &p, x, w, NULL, y);
+    assert_int_not_equal(s, KD_OK);
+    assert_true(strlen(kd_last_error()) > 0);
+
+    /* Batch norm training on one value per channel is refused, as by PyTorch. */
+    int64_t bs[2] = {1, 3};
+    kd_tensor *bx = tnew(KD_F32, 2, bs), *by = tnew(KD_F32, 2, bs), *sm = tnew1(3), *sr = tnew1(3);
+    kd_bn_params bp = {1e-5f, 0.1f, 1};
+    s = g_cpu->batchnorm_forward(g_cpu, &bp, bx, NULL, NULL, NULL, NULL, by, sm, sr);
+    assert_int_not_equal(s, KD_OK);
+    kd_tensor_free(x), kd_tensor_free(w), kd_tensor_free(y), kd_tensor_free(bx);
+    kd_tensor_free(by), kd_tensor_free(sm), kd_tensor_free(sr);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_conv_grid),
+        cmocka_unit_test(test_conv_shapes),
+        cmocka_unit_test(test_batchnorm),
+        cmocka_unit_test(test_batchnorm_running_steps),
+        cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_gemm),
+        cmocka_unit_test(test_eltwise),
+        cmocka_unit_test(test_cache_reuse_and_trim),
+        cmocka_unit_test(test_deterministic),
+        cmocka_unit_test(test_errors),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}

@@ -1,0 +1,251 @@
+/* Models, optimiser and schedules: parameter counts against METHODS.md
+ * section 11, feature shapes, PyTorch names, and the first five SGD steps of
+ * RepDistiller's resnet8 against PyTorch (tests/fixtures/resnet8_5steps). */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kd/io.h"
+#include "kd/models.h"
+#include "kd/optim.h"
+#include "testutil.h"
+
+/* METHODS.md section 11, 100 classes, published to 0.01 M. */
+static void test_param_counts(void **state) {
+    (void)state;
+    static const struct {
+        const char *name;
+        double millions;
+    } rows[] = {{"resnet20", 0.28}, {"resnet32", 0.47},  {"resnet56", 0.86},   {"resnet110", 1.74},
+                {"resnet8x4", 1.23}, {"resnet32x4", 7.43}, {"wrn_16_2", 0.70}, {"wrn_40_2", 2.26},
+                {"wrn_40_1", 0.57}};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        kd_model *m = NULL;
+        kd_model_cfg cfg = {3, 100, 1};
+        KD_ASSERT_OK(kd_model_create(rows[i].name, &cfg, &m));
+        double got = (double)kd_model_num_params(m) / 1e6;
+        printf("  %-12s %.4f M (published %.2f M)\n", rows[i].name, got, rows[i].millions);
+        if (fabs(got - rows[i].millions) > 0.005 + 1e-9)
+            fail_msg("%s has %.4f M parameters, METHODS.md says %.2f M", rows[i].name, got, rows[i].millions);
+        kd_model_free(m);
+    }
+}
+
+static void test_unknown_model(void **state) {
+    (void)state;
+    kd_model *m = NULL;
+    kd_model_cfg cfg = {3, 10, 0};
+    assert_int_equal(kd_model_create("resnet9000", &cfg, &m), KD_ERR_NOT_FOUND);
+    assert_null(m);
+    assert_non_null(strstr(kd_last_error(), "resnet9000"));
+    assert_non_null(strstr(kd_last_error(), "resnet8x4")); /* lists the known names */
+}
+
+/* Every registered model runs forward on 1-channel 28x28 and 3-channel 32x32
+ * input and exposes RepDistiller's feature list. */
+static void test_forward_shapes(void **state) {
+    (void)state;
+    kd_backend *be = NULL;
+    KD_ASSERT_OK(kd_backend_get("cpu", &be) == KD_OK ? KD_OK : kd_backend_get("ref", &be));
+    int n;
+    const char *const *names = kd_model_names(&n);
+    for (int i = 0; i < n; i++) {
+        if (strcmp(names[i], "resnet110") == 0 || strcmp(names[i], "resnet32x4") == 0) continue; /* slow, same code */
+        for (int v = 0; v < 2; v++) {
+            int C = v ? 3 : 1, H = v ? 32 : 28;
+            kd_model_cfg cfg = {C, 7, 3};
+            kd_model *m = NULL;
+            KD_ASSERT_OK(kd_model_create(names[i], &cfg, &m));
+            kd_graph *g = NULL;
+            KD_ASSERT_OK(kd_graph_init(&g, be));
+            int64_t xs[4] = {2, C, H, H};
+            kd_tensor *x = kd_graph_tensor(g, KD_F32, 4, xs);
+            kd_test_fill_uniform(kd_f32(x), kd_tensor_numel(x), -1, 1, 5);
+            kd_model_out o;
+            KD_ASSERT_OK(kd_model_forward(m, g, x, KD_FWD_PREACT, &o));
+            assert_int_equal(o.n_feat, 5);
+            assert_int_equal(o.logits->shape[0], 2);
+            assert_int_equal(o.logits->shape[1], 7);
+            assert_int_equal(o.feat[4]->ndim, 2);
+            assert_int_equal(o.feat[4]->shape[1], kd_model_feat_dim(m));
+            assert_int_equal(o.feat[3]->ndim, 4);
+            assert_int_equal(o.feat[3]->shape[2], (H + 3) / 4); /* two stride-2 stages */
+            for (int k = 0; k < 5; k++) {
+                assert_non_null(o.preact[k]);
+                assert_true(kd_tensor_same_shape(o.preact[k], o.feat[k]));
+            }
+            kd_graph_free(g);
+            kd_model_free(m);
+        }
+    }
+}
+
+/* The names and shapes of resnet8 equal the PyTorch state_dict's. */
+static void test_pytorch_names(void **state) {
+    (void)state;
+    kd_st_file *f = NULL;
+    KD_ASSERT_OK(kd_st_open(KD_FIXTURE("resnet8_5steps.safetensors"), &f));
+    kd_model_cfg cfg = {3, 10, 0};
+    kd_model *m = NULL;
+    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
+    kd_param_list *pl = kd_model_params(m);
+    int torch_entries = 0;
+    for (int i = 0; i < kd_st_count(f); i++)
+        if (strncmp(kd_st_get(f, i)->name, "init.", 5) == 0) torch_entries++;
+    assert_int_equal(pl->n, torch_entries);
+    for (int i = 0; i < pl->n; i++) {
+        char name[200];
+        snprintf(name, sizeof name, "init.%s", pl->items[i].name);
+        KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
+    }
+    kd_model_free(m);
+    kd_st_close(f);
+}
+
+static void run_resnet8_steps(const char *backend, double tol_loss, double tol_param) {
+    kd_backend *be = NULL;
+    if (kd_backend_get(backend, &be) != KD_OK) {
+        printf("  backend %s not built: skipped\n", backend);
+        return;
+    }
+    kd_st_file *f = NULL;
+    KD_ASSERT_OK(kd_st_open(KD_FIXTURE("resnet8_5steps.safetensors"), &f));
+    kd_model_cfg cfg = {3, 10, 0};
+    kd_model *m = NULL;
+    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
+    kd_param_list *pl = kd_model_params(m);
+    char name[256];
+    for (int i = 0; i < pl->n; i++) {
+        snprintf(name, sizeof name, "init.%s", pl->items[i].name);
+        KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
+    }
+    kd_sgd *opt = NULL;
+    kd_sgd_cfg oc = {.lr = 0.1f, .momentum = 0.9f, .weight_decay = 5e-4f};
+    KD_ASSERT_OK(kd_sgd_init(&opt, &pl, 1, &oc));
+    kd_graph *g = NULL;
+    KD_ASSERT_OK(kd_graph_init(&g, be));
+    for (int k = 1; k <= 5; k++) {
+        kd_graph_reset(g);
+        snprintf(name, sizeof name, "batch%d.x", k);
+        const kd_st_entry *ex = kd_st_find(f, name);
+        snprintf(name, sizeof name, "batch%d.y", k);
+        const kd_st_entry *ey = kd_st_find(f, name);
+        assert_non_null(ex);
+        assert_non_null(ey);
+        kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, ex->shape, (void *)ex->data);
+        kd_tensor *y = kd_graph_wrap(g, KD_I64, 1, ey->shape, (void *)ey->data);
+        kd_model_out o;
+        KD_ASSERT_OK(kd_model_forward(m, g, x, 0, &o));
+        if (k == 1) {
+            const kd_st_entry *el = kd_st_find(f, "step1.logits");
+            KD_ASSERT_CLOSE(kd_f32(o.logits), el->data, 80, tol_param, tol_param, "step1.logits");
+        }
+        kd_tensor *loss = kd_cross_entropy(g, o.logits, y, 0.0f);
+        kd_sgd_zero_grad(opt);
+        KD_ASSERT_OK(kd_backward(g, loss));
+        if (k == 1) {
+            for (int i = 0; i < pl->n; i++) {
+                if (pl->items[i].kind == KD_PARAM_BUFFER) continue;
+                snprintf(name, sizeof name, "step1.grad.%s", pl->items[i].name);
+                const kd_st_entry *e = kd_st_find(f, name);
+                assert_non_null(e);
+                KD_ASSERT_CLOSE(kd_f32(pl->items[i].t->grad), e->data, kd_tensor_numel(pl->items[i].t), tol_param,
+                                tol_param * 10, name);
+            }
+        }
+        KD_ASSERT_OK(kd_sgd_step(opt));
+        snprintf(name, sizeof name, "step%d.loss", k);
+        const kd_st_entry *el = kd_st_find(f, name);
+        double got = kd_f32(loss)[0], want = ((const float *)el->data)[0];
+        printf("  %s step %d loss %.7f (torch %.7f)\n", backend, k, got, want);
+        if (fabs(got - want) > tol_loss) fail_msg("%s: step %d loss %.7f, PyTorch %.7f", backend, k, got, want);
+        for (int i = 0; i < pl->n; i++) {
+            kd_tensor *t = pl->items[i].t;
+            snprintf(name, sizeof name, "step%d.%s", k, pl->items[i].name);
+            const kd_st_entry *e = kd_st_find(f, name);
+            assert_non_null(e);
+            if (t->dtype == KD_I64) {
+                assert_int_equal(((int64_t *)t->data)[0], ((const int64_t *)e->data)[0]);
+                continue;
+            }
+            KD_ASSERT_CLOSE(kd_f32(t), e->data, kd_tensor_numel(t), tol_param, tol_param * 10, name);
+        }
+    }
+    kd_graph_free(g);
+    kd_sgd_free(opt);
+    kd_model_free(m);
+    kd_st_close(f);
+}
+
+/* Tolerances: fp32 sums in a different order than PyTorch's grow with depth
+ * and steps; 5 steps of lr 0.1 keep parameters within ~1e-5 of PyTorch, so
+ * 1e-4 absolute (+1e-3 relative) flags any real error (a wrong gradient moves
+ * a parameter by ~lr * |g| ~ 1e-2). */
+static void test_resnet8_5steps_ref(void **state) {
+    (void)state;
+    run_resnet8_steps("ref", 1e-4, 1e-4);
+}
+
+static void test_resnet8_5steps_cpu(void **state) {
+    (void)state;
+    run_resnet8_steps("cpu", 1e-4, 1e-4);
+}
+
+/* torch.optim.SGD on a hand-computed 1-parameter sequence. */
+static void test_sgd_formula(void **state) {
+    (void)state;
+    kd_param_list pl = {0};
+    kd_tensor *w = NULL;
+    int64_t one = 1;
+    KD_ASSERT_OK(kd_params_new(&pl, "", "w", KD_F32, 1, &one, KD_PARAM_WEIGHT, &w));
+    kd_f32(w)[0] = 1.0f;
+    kd_param_list *lists[1] = {&pl};
+    for (int nesterov = 0; nesterov < 2; nesterov++) {
+        kd_f32(w)[0] = 1.0f;
+        kd_sgd *o = NULL;
+        kd_sgd_cfg c = {.lr = 0.1f, .momentum = 0.9f, .weight_decay = 0.01f, .nesterov = nesterov};
+        KD_ASSERT_OK(kd_sgd_init(&o, lists, 1, &c));
+        double p = 1.0, buf = 0;
+        for (int s = 0; s < 4; s++) {
+            double g = 0.5 + s; /* any gradient sequence */
+            kd_f32(w->grad)[0] = (float)g;
+            KD_ASSERT_OK(kd_sgd_step(o));
+            double d = g + 0.01 * p;
+            buf = s == 0 ? d : 0.9 * buf + d;
+            d = nesterov ? d + 0.9 * buf : buf;
+            p -= 0.1 * d;
+            assert_true(fabs(kd_f32(w)[0] - p) < 1e-6);
+        }
+        kd_sgd_free(o);
+    }
+    kd_params_free(&pl);
+}
+
+static void test_schedules(void **state) {
+    (void)state;
+    kd_sched s = {.kind = KD_SCHED_MULTISTEP, .base_lr = 0.05f, .gamma = 0.1f, .milestones = {150, 180, 210},
+                  .n_milestones = 3, .epochs = 240};
+    assert_float_equal(kd_sched_lr(&s, 0, 0, 100), 0.05, 1e-9);
+    assert_float_equal(kd_sched_lr(&s, 149, 99, 100), 0.05, 1e-9);
+    assert_float_equal(kd_sched_lr(&s, 150, 0, 100), 0.005, 1e-9);
+    assert_float_equal(kd_sched_lr(&s, 239, 0, 100), 0.00005, 1e-10);
+    kd_sched c = {.kind = KD_SCHED_COSINE, .base_lr = 1.0f, .epochs = 10, .min_lr = 0.0f, .warmup_epochs = 2};
+    assert_float_equal(kd_sched_lr(&c, 0, 0, 10), 1.0 / 20, 1e-6);  /* first warm-up step */
+    assert_float_equal(kd_sched_lr(&c, 1, 9, 10), 1.0, 1e-6);       /* end of warm-up */
+    assert_float_equal(kd_sched_lr(&c, 6, 0, 10), 0.5, 1e-6);       /* half-way through the cosine */
+    assert_float_equal(kd_sched_lr(&c, 10, 0, 10), 0.0, 1e-6);
+    kd_sched_kind k;
+    assert_int_equal(kd_sched_kind_parse("cosine", &k), KD_OK);
+    assert_int_equal(k, KD_SCHED_COSINE);
+    assert_int_equal(kd_sched_kind_parse("triangle", &k), KD_ERR_NOT_FOUND);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_param_counts),       cmocka_unit_test(test_unknown_model),
+        cmocka_unit_test(test_forward_shapes),     cmocka_unit_test(test_pytorch_names),
+        cmocka_unit_test(test_resnet8_5steps_ref), cmocka_unit_test(test_resnet8_5steps_cpu),
+        cmocka_unit_test(test_sgd_formula),        cmocka_unit_test(test_schedules),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
