@@ -12,13 +12,16 @@
  *     allocation, sticky errors, dropout determinism, bad labels, and
  *     thread-count independence of the plain-C reductions.
  *
- * Finite-difference tolerance: |num - ana| <= 3e-3 + 1e-2 * |ana|. With
+ * Finite-difference tolerance: |num - ana| <= 1e-3 + 5e-3 * |num|. With
  * h = 1e-2 the truncation error of a central difference is h^2/6 * f''',
- * about 1e-4 for these smooth inputs, and float32 rounding of the forward
- * outputs perturbs J by ~1e-6, i.e. ~1e-4 after dividing by 2h; the bound
- * leaves a 10-30x margin, while a wrong rule (missing factor, sign, index)
- * errs by O(|grad|) ~ 0.1-1. Kinks are avoided: ReLU inputs have |x| >= 0.1,
- * max-pool inputs are distinct values spaced 0.05 apart (> 2h).
+ * at most ~1e-4 for these inputs (log on [0.7, 2] is the worst), and float32
+ * rounding of the forward outputs perturbs J by ~1e-6, i.e. ~5e-5 after
+ * dividing by 2h. Measured worst cases (KD_FD_VERBOSE=1 prints them) are
+ * 2e-4 (log, l2_normalize, batchnorm), so the bound has a 4-10x margin, while
+ * a wrong rule (missing factor, sign, term, index) errs by O(|grad|) ~ 0.1-1;
+ * the small label-smoothing term is tested with eps = 0.25 so that dropping
+ * it errs by ~1e-2. Kinks are avoided: ReLU inputs have |x| >= 0.1, max-pool
+ * inputs are distinct values spaced 0.05 apart (> 2h).
  */
 #include "testutil.h"
 
@@ -31,8 +34,8 @@
 #include "kd/autograd.h"
 #include "kd/backend.h"
 
-#define FD_ATOL 3e-3
-#define FD_RTOL 1e-2
+#define FD_ATOL 1e-3
+#define FD_RTOL 5e-3
 
 /* ------------------------------------------------------------- helpers */
 
@@ -133,7 +136,7 @@ static kd_tensor *b_softmax(kd_graph *g, kd_tensor **in) { return kd_softmax(g, 
 static kd_tensor *b_log_softmax(kd_graph *g, kd_tensor **in) { return kd_log_softmax(g, in[0]); }
 static kd_tensor *b_ce(kd_graph *g, kd_tensor **in) { return kd_cross_entropy(g, in[0], in[1], 0.0f); }
 static kd_tensor *b_ce_ls(kd_graph *g, kd_tensor **in) {
-    return kd_cross_entropy(g, in[0], in[1], 0.1f);
+    return kd_cross_entropy(g, in[0], in[1], 0.25f);
 }
 static kd_tensor *b_kl(kd_graph *g, kd_tensor **in) { return kd_kl_div(g, in[0], in[1], 4.0f); }
 static kd_tensor *b_kl1(kd_graph *g, kd_tensor **in) { return kd_kl_div(g, in[0], in[1], 1.0f); }
@@ -231,7 +234,7 @@ static const fd_case fd_cases[] = {
     {"mean", b_mean, IN1(((in_spec){S2(3, 4), U(-1, 1), 1}))},
     {"sum", b_sum, IN1(((in_spec){S2(3, 4), U(-1, 1), 1}))},
     {"exp", b_exp, IN1(((in_spec){S2(3, 4), U(-1, 1), 1}))},
-    {"log", b_log, IN1(((in_spec){S2(3, 4), U(0.5f, 2), 1}))},
+    {"log", b_log, IN1(((in_spec){S2(3, 4), U(0.7f, 2), 1}))},
     {"dropout", b_dropout, IN1(((in_spec){S2(4, 50), U(-1, 1), 1}))},
     {"chain with a shared intermediate", b_chain,
      IN2(((in_spec){S2(3, 5), U(-1, 1), 1}), ((in_spec){S2(4, 5), U(-1, 1), 1}))},
@@ -284,9 +287,23 @@ static double fd_eval(kd_graph *g, const fd_case *c, kd_tensor **in, const kd_te
     return objective(out, r);
 }
 
+/* Resets g with every arena byte set to 0xFF (a float NaN), so that a rule
+ * that reads a gradient buffer it should overwrite produces NaN. */
+static void poison_arena(kd_graph *g) {
+    kd_graph_reset(g);
+    int64_t n = (int64_t)kd_arena_capacity(kd_graph_arena(g)) - 4096;
+    kd_tensor *t = kd_graph_tensor(g, KD_U8, 1, &n);
+    assert_non_null(t);
+    memset(t->data, 0xFF, (size_t)n);
+    kd_graph_reset(g);
+}
+
 /* Runs one case on backend `be`; marks the ops it recorded in seen[]. */
 static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
     kd_graph *g = graph_new(be);
+    int64_t big = 4 << 20; /* one 4 MiB arena block, enough for every case */
+    assert_non_null(kd_graph_tensor(g, KD_U8, 1, &big));
+    kd_graph_reset(g);
     kd_tensor *in[4] = {NULL, NULL, NULL, NULL};
     for (int k = 0; k < c->n_in; k++) {
         const in_spec *s = &c->in[k];
@@ -296,14 +313,40 @@ static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
     }
     kd_graph_set_rng(g, 42, 7);
 
-    /* Analytic gradients: backward of sum(out * r). */
-    kd_tensor *out = c->build(g, in);
-    if (!out) fail_msg("%s: forward failed: %s", c->name, kd_last_error());
-    kd_tensor *r = tnew(KD_F32, out->ndim, out->shape);
-    kd_test_fill_uniform(kd_f32(r), kd_tensor_numel(r), -1, 1, 99);
-    kd_tensor *loss = kd_sum(g, kd_mul(g, out, r));
-    KD_ASSERT_OK(kd_backward(g, loss));
-    for (int i = 0; i < g->n_nodes; i++) seen[g->tape[i].op] = 1;
+    /* Analytic gradients of J = sum(out * r), twice: pass 0 feeds the leaves
+     * straight in (their .grad accumulates onto a pre-filled 0.25), pass 1
+     * feeds scale(leaf, 1), so each rule writes a fresh intermediate gradient
+     * (accumulate = 0) into reused, stale arena memory. */
+    kd_tensor *r = NULL;
+    float *ana[2][4] = {{NULL}};
+    for (int pass = 0; pass < 2; pass++) {
+        poison_arena(g);
+        kd_tensor *use[4] = {NULL, NULL, NULL, NULL};
+        for (int k = 0; k < c->n_in; k++) {
+            use[k] = in[k];
+            if (!c->in[k].diff) continue;
+            for (int64_t i = 0; i < kd_tensor_numel(in[k]); i++) kd_f32(in[k]->grad)[i] = 0.25f;
+            if (pass == 1) use[k] = kd_scale(g, in[k], 1.0f);
+        }
+        kd_tensor *out = c->build(g, use);
+        if (!out) fail_msg("%s [%s]: forward failed: %s", c->name, be->name, kd_last_error());
+        if (!r) {
+            /* r in +-[0.5, 1.5]: every output contributes with weight of order 1. */
+            static const in_spec r_spec = {0, {0}, FILL_AWAY0, 0.5f, 1.5f, 0};
+            r = tnew(KD_F32, out->ndim, out->shape);
+            fill_input(r, &r_spec, 99);
+        }
+        kd_tensor *loss = kd_sum(g, kd_mul(g, out, r));
+        if (kd_backward(g, loss) != KD_OK)
+            fail_msg("%s [%s]: backward failed: %s", c->name, be->name, kd_last_error());
+        for (int i = 0; i < g->n_nodes; i++) seen[g->tape[i].op] = 1;
+        for (int k = 0; k < c->n_in; k++) {
+            if (!c->in[k].diff) continue;
+            int64_t n = kd_tensor_numel(in[k]);
+            ana[pass][k] = malloc((size_t)n * sizeof(float));
+            for (int64_t i = 0; i < n; i++) ana[pass][k][i] = kd_f32(in[k]->grad)[i] - 0.25f;
+        }
+    }
 
     /* Numerical gradients with the tape off. */
     kd_graph_set_grad_enabled(g, 0);
@@ -325,9 +368,18 @@ static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
             x[i] = x0;
             num[i] = (float)((jp - jm) / (2.0 * (double)h));
         }
-        char what[160];
-        snprintf(what, sizeof what, "%s [%s]: d/d input %d", c->name, be->name, k);
-        KD_ASSERT_CLOSE(kd_f32(in[k]->grad), num, n, FD_ATOL, FD_RTOL, what);
+        for (int pass = 0; pass < 2; pass++) {
+            char what[160];
+            snprintf(what, sizeof what, "%s [%s]: d/d input %d (%s)", c->name, be->name, k,
+                     pass ? "fresh" : "accumulated");
+            double err = KD_ASSERT_CLOSE(ana[pass][k], num, n, FD_ATOL, FD_RTOL, what);
+            if (getenv("KD_FD_VERBOSE")) {
+                double mx = 0;
+                for (int64_t i = 0; i < n; i++) mx = fmax(mx, fabs(num[i]));
+                fprintf(stderr, "  %-72s max|err| %.2e max|grad| %.2e\n", what, err, mx);
+            }
+            free(ana[pass][k]);
+        }
         free(num);
     }
     kd_tensor_free(r);

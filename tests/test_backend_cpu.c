@@ -19,8 +19,11 @@
  *   - average pooling: at most 9 terms: atol 1e-6, rtol 1e-5. Max pooling
  *     (values and argmax) must match exactly.
  *   - gemm: up to K = 65 terms of magnitude 1: atol 1e-4, rtol 1e-4.
- *   - eltwise: relu is exact; oneDNN's exp/log are polynomial approximations
- *     a few ulps from libm: atol 1e-6, rtol 1e-5.
+ *   - eltwise: relu is exact; oneDNN's exp and log are polynomial
+ *     approximations. Measured over wide ranges: exp within 2.1e-7 relative;
+ *     log within 4.3e-6 absolute on [1e-3, 1e5] (so its relative error is
+ *     large only where log(x) is near 0): atol 1e-5, rtol 1e-5. Backward
+ *     passes are a product or quotient: atol 1e-6, rtol 1e-5.
  */
 #include "testutil.h"
 
@@ -61,10 +64,6 @@ static kd_tensor *tclone(const kd_tensor *t) {
     kd_tensor *c = tnew(t->dtype, t->ndim, t->shape);
     memcpy(c->data, t->data, kd_tensor_nbytes(t));
     return c;
-}
-
-static void tcopy(kd_tensor *dst, const kd_tensor *src) {
-    memcpy(dst->data, src->data, kd_tensor_nbytes(src));
 }
 
 #define CLOSE(a, b, atol, rtol, what) \
@@ -394,7 +393,7 @@ static void check_eltwise(kd_eltwise_kind kind, float alpha, int ndim, const int
     KD_ASSERT_OK(g_ref->eltwise_forward(g_ref, kind, alpha, x, y0));
     KD_ASSERT_OK(g_cpu->eltwise_forward(g_cpu, kind, alpha, x, y1));
     snprintf(msg, sizeof msg, "%s: forward", what);
-    CLOSE(y1, y0, 1e-6, 1e-5, msg);
+    CLOSE(y1, y0, 1e-5, 1e-5, msg);
     const kd_tensor *src = kind == KD_ELTWISE_EXP ? y0 : x;
     kd_tensor *dy = trand(tnew(KD_F32, ndim, shape), -1, 1);
     kd_tensor *dx_init = trand(tnew(KD_F32, ndim, shape), -1, 1);
@@ -410,7 +409,7 @@ static void check_eltwise(kd_eltwise_kind kind, float alpha, int ndim, const int
     kd_tensor *xi = tclone(x);
     KD_ASSERT_OK(g_cpu->eltwise_forward(g_cpu, kind, alpha, xi, xi));
     snprintf(msg, sizeof msg, "%s: forward in place", what);
-    CLOSE(xi, y0, 1e-6, 1e-5, msg);
+    CLOSE(xi, y0, 1e-5, 1e-5, msg);
     kd_tensor_free(xi), kd_tensor_free(x), kd_tensor_free(y0), kd_tensor_free(y1);
     kd_tensor_free(dy), kd_tensor_free(dx_init);
 }

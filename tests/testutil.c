@@ -20,9 +20,10 @@ double kd_test_check_close(const float *a, const float *b, int64_t n, double ato
         if (excess > worst) { worst = excess; wi = i; }
     }
     if (wi >= 0 && worst > 0) {
-        _fail(file, line);
+        /* Print first: _fail() jumps out of the test. */
         fprintf(stderr, "%s:%d: %s: element %lld got %.8g want %.8g (atol %g rtol %g, n %lld)\n",
                 file, line, what, (long long)wi, a[wi], b[wi], atol, rtol, (long long)n);
+        _fail(file, line);
     }
     return maxabs;
 }

@@ -192,6 +192,9 @@ def build_ops():
          (1, 1), 1)
     conv("conv2d_rect", randn(2, 3, 7, 6), randn(5, 3, 3, 2) * 0.3, randn(5), (2, 1), (1, 0),
          (1, 1), 1)
+    # Channel counts of resnet8 (multiples of 16): oneDNN's blocked kernels.
+    conv("conv2d_c16_s2", randn(2, 16, 8, 8), randn(32, 16, 3, 3) * 0.1, None, (2, 2), (1, 1),
+         (1, 1), 1)
 
     # batchnorm: in0 x, in1 gamma, in2 beta, in3 running_mean, in4 running_var.
     def bn(case, x, training):
@@ -210,6 +213,7 @@ def build_ops():
 
     bn("batchnorm_2d_train", randn(4, 3, 5, 5), True)
     bn("batchnorm_2d_eval", randn(4, 3, 5, 5), False)
+    bn("batchnorm_2d_c16_train", randn(2, 16, 4, 4), True)
     bn("batchnorm_1d_train", randn(8, 5), True)
     bn("batchnorm_1d_eval", randn(8, 5), False)
 
@@ -250,6 +254,8 @@ def build_ops():
     pool("maxpool2d_k2s2", "maxpool2d", distinct(2, 3, 6, 6), 2, 2, 0)
     pool("maxpool2d_k2s2_odd", "maxpool2d", distinct(2, 2, 7, 7), 2, 2, 0)
     pool("maxpool2d_k3s2p1", "maxpool2d", distinct(2, 3, 7, 7), 3, 2, 1)
+    pool("avgpool2d_c16_k2s2", "avgpool2d", randn(2, 16, 4, 4), 2, 2, 0)
+    pool("maxpool2d_c16_k3s2p1", "maxpool2d", distinct(2, 16, 5, 5), 3, 2, 1)
 
     c.add("global_avgpool", {"op": "global_avgpool"},
           lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1), [randn(2, 3, 4, 5)], [True])
@@ -304,6 +310,8 @@ def build_ops():
     c.add("sum", {"op": "sum"}, torch.sum, [randn(3, 4, 5)], [True])
     c.add("exp", {"op": "exp"}, torch.exp, [torch.rand(3, 4) * 4 - 2], [True])
     c.add("log", {"op": "log"}, torch.log, [torch.rand(3, 4) * 3 + 0.2], [True])
+    # Ratios of probabilities near 1 (PKT, KL-style method losses): log x ~ x - 1.
+    c.add("log_near1", {"op": "log"}, torch.log, [1 + (torch.rand(4, 8) - 0.5) * 0.02], [True])
 
     # dropout: only the identities (kd's mask RNG is not torch's).
     c.add("dropout_p0", {"op": "dropout", "p": 0.0, "training": 1},

@@ -59,6 +59,7 @@ typedef struct {
     int log_every;    /* steps between step lines in metrics.jsonl (0: epochs only) */
     int eval_batch;
     int64_t max_steps_per_epoch; /* 0: whole epochs (tests use small values) */
+    int stop_after;              /* >0: stop (resumably) after this many epochs of this invocation */
 } kd_train_cfg;
 
 void kd_train_cfg_defaults(kd_train_cfg *c);

@@ -12,8 +12,6 @@
 
 #define SHP(t, buf) kd_shape_str((t), (buf), sizeof(buf))
 
-static kd_tensor *kd__be_fail(kd_graph *g, kd_status s) { return kd__fail(g, s); }
-
 /* ------------------------------------------------------------- conv2d */
 
 kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
@@ -68,7 +66,7 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     kd_tensor *y = kd__new(g, KD_F32, 4, ys);
     if (!y) return NULL;
     kd_status s = g->be->conv2d_forward(g->be, p, x, w, b, y);
-    if (s != KD_OK) return kd__be_fail(g, s);
+    if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_CONV2D, y, 3, in);
     if (n) n->p.conv = *p;
     return g->status == KD_OK ? y : NULL;
@@ -178,7 +176,7 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     kd_status s = g->be->batchnorm_forward(g->be, p, &xv, gm, bt, rm, rv, &yv,
                                            p->training ? smean : NULL,
                                            p->training ? srstd : NULL);
-    if (s != KD_OK) return kd__be_fail(g, s);
+    if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_BATCHNORM, y, 3, in);
     if (n) {
         n->in[1] = gm; /* the backward rule needs gamma even when it is a constant */
@@ -285,7 +283,7 @@ kd_tensor *kd_linear(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b) {
     if (M > 0 && O > 0) {
         kd_status s = g->be->gemm(g->be, 0, 1, M, O, I, 1.0f, kd_f32(x), I, kd_f32(w), I,
                                   b ? 1.0f : 0.0f, yd, O);
-        if (s != KD_OK) return kd__be_fail(g, s);
+        if (s != KD_OK) return kd__fail(g, s);
     }
     kd__record(g, KD_OP_LINEAR, y, 3, in);
     return g->status == KD_OK ? y : NULL;
@@ -354,7 +352,7 @@ kd_tensor *kd_matmul(kd_graph *g, kd_tensor *a, kd_tensor *b) {
         for (int64_t i = 0; i < nb; i++) {
             kd_status s = g->be->gemm(g->be, 0, 0, rows, N, K, 1.0f, kd_f32(a) + i * M * K, K,
                                       kd_f32(b) + i * K * N, N, 0.0f, kd_f32(y) + i * M * N, N);
-            if (s != KD_OK) return kd__be_fail(g, s);
+            if (s != KD_OK) return kd__fail(g, s);
         }
     }
     kd__record(g, KD_OP_MATMUL, y, 2, in);
@@ -400,7 +398,7 @@ static kd_tensor *kd__eltwise(kd_graph *g, kd_op op, const char *name, kd_eltwis
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     kd_status s = g->be->eltwise_forward(g->be, kind, alpha, x, y);
-    if (s != KD_OK) return kd__be_fail(g, s);
+    if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, op, y, 1, &x);
     if (n) n->p.f.a = alpha;
     return g->status == KD_OK ? y : NULL;
@@ -476,7 +474,7 @@ kd_tensor *kd_pool2d(kd_graph *g, kd_tensor *x, const kd_pool2d_params *p) {
     if (!y) return NULL;
     if (p->kind == KD_POOL_MAX && !(ws = kd__new(g, KD_I32, 4, ys))) return NULL;
     kd_status s = g->be->pool2d_forward(g->be, p, x, y, ws);
-    if (s != KD_OK) return kd__be_fail(g, s);
+    if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, p->kind == KD_POOL_MAX ? KD_OP_MAXPOOL2D : KD_OP_AVGPOOL2D, y, 1,
                              &x);
     if (n) {

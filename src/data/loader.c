@@ -58,6 +58,11 @@ static kd_status kd__loader_fill(kd_loader *l, kd__slot *s, int64_t b) {
     if (n > l->cfg.batch_size) n = l->cfg.batch_size;
     for (int64_t i = 0; i < n; i++) {
         int64_t idx = l->perm[start + i];
+        if (i + 1 < n) {
+            /* Shuffled reads miss the cache; start fetching the next image. */
+            const uint8_t *next = kd_dataset_image(ds, l->perm[start + i + 1]);
+            for (int64_t o = 0; o < l->per; o += 64) __builtin_prefetch(next + o);
+        }
         kd_rng r;
         kd_rng_init(&r, l->cfg.seed, kd_data_sample_key(l->cfg.seed, l->epoch, idx));
         kd_transform_draw d = kd_transform_draw_from(tc, &r);

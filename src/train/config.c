@@ -59,6 +59,7 @@ static const kd__setting kd__settings[] = {
     KD__S("log_every", KD__T_INT, log_every, "steps between step records in metrics.jsonl (0: none)"),
     KD__S("eval_batch", KD__T_INT, eval_batch, "evaluation batch size"),
     KD__S("max_steps_per_epoch", KD__T_I64, max_steps_per_epoch, "cut epochs short (0: whole epochs)"),
+    KD__S("stop_after", KD__T_INT, stop_after, "pause after N epochs of this invocation; --resume continues (0: never)"),
 };
 #define KD__NSET ((int)(sizeof kd__settings / sizeof kd__settings[0]))
 
@@ -236,7 +237,7 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         kd_model_cfg mc = {1, 1, 0};
         kd_model *tmp = NULL;
         kd_model_create(c->teacher, &mc, &tmp);
-        return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", kd_last_error());
+        { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", m); }
     }
     if (m->needs_teacher && !c->teacher_ckpt[0])
         return kd_error(KD_ERR_INVALID, "method '%s' needs a teacher: set teacher_ckpt (--teacher-ckpt FILE)", m->name);
@@ -313,7 +314,7 @@ kd_status kd_train_cfg_load(kd_train_cfg *c, const char *path) {
                 /* "default" keeps a loss weight at the method's value. */
                 if (strcmp(v, "default") == 0) break;
                 if (kd_train_cfg_set(c, key, v) != KD_OK)
-                    st = kd_error(KD_ERR_INVALID, "%s:%zu: %s", path, ev.start_mark.line + 1, kd_last_error());
+                    { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); st = kd_error(KD_ERR_INVALID, "%s:%zu: %s", path, ev.start_mark.line + 1, m); } /* kd_error must not read its own buffer */
             }
             break;
         }

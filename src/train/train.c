@@ -260,7 +260,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
     kd_distill_shapes shp = {classes, kd_model_feat_dim(r->student), 0, kd_dataset_size(r->train)};
     if (kd_distill_find(c->distill.method) && kd_distill_find(c->distill.method)->needs_teacher) {
         kd_status s = kd_model_load_new(c->teacher_ckpt, c->teacher, &mc, &r->teacher);
-        if (s != KD_OK) return kd_error(s, "teacher: %s", kd_last_error());
+        if (s != KD_OK) { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); return kd_error(s, "teacher: %s", m); }
         kd_model_set_training(r->teacher, 0);
         shp.t_feat_dim = kd_model_feat_dim(r->teacher);
     }
@@ -353,7 +353,9 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
     double top1 = 0, top5 = 0, tloss = 0;
     int last_epoch_done = r->start_epoch;
     if (r->start_epoch >= c->epochs) kd_log_msg(KD_LOG_INFO, "%s: all %d epochs already done", c->out, c->epochs);
-    for (int epoch = r->start_epoch; epoch < c->epochs; epoch++) {
+    int end_epoch = c->epochs;
+    if (c->stop_after > 0 && r->start_epoch + c->stop_after < end_epoch) end_epoch = r->start_epoch + c->stop_after;
+    for (int epoch = r->start_epoch; epoch < end_epoch; epoch++) {
         kd_model_set_training(r->student, 1);
         KD_TRY(kd_loader_start_epoch(r->loader, epoch));
         double t0 = kd__now(), lsum = 0;
@@ -471,5 +473,6 @@ kd_status kd_train_resume(const char *dir, kd_train_result *res) {
     /* The run directory may have moved since it was written. */
     if (strlen(dir) >= sizeof c.out) return kd_error(KD_ERR_INVALID, "run directory path %s is too long", dir);
     snprintf(c.out, sizeof c.out, "%s", dir);
+    c.stop_after = 0; /* a pause applies to the invocation that asked for it */
     return kd__run_main(&c, 1, res);
 }

@@ -488,10 +488,12 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
     prim_entry *e;
     KD_TRY(conv_entry(st, PK_CONV_BWD_WEIGHTS, &c, db != NULL, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
+    /* With accumulate=1 the gradients land in scratch: dw, then db (64-byte aligned). */
     int64_t nw = kd_tensor_numel(dw), nb = db ? kd_tensor_numel(db) : 0;
-    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)(align64(nw * sizeof(float)) / sizeof(float) + nb) : 0));
+    size_t nw_pad = align64((size_t)nw * sizeof(float)) / sizeof(float);
+    KD_TRY(scratch_reserve_for(st, e, accumulate ? nw_pad + (size_t)nb : 0));
     float *ow = accumulate ? scratch_floats(st, e, 0) : kd_f32(dw);
-    float *ob = db ? (accumulate ? ow + align64(nw * sizeof(float)) / sizeof(float) : kd_f32(db)) : NULL;
+    float *ob = !db ? NULL : accumulate ? scratch_floats(st, e, nw_pad) : kd_f32(db);
     exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DIFF_DST, dy->data},
                      {DNNL_ARG_DIFF_WEIGHTS, ow}, {DNNL_ARG_DIFF_BIAS, ob}};
     KD_TRY(entry_execute(st, e, a, db ? 4 : 3));
@@ -635,24 +637,27 @@ static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
                                int *use_ref) {
     int64_t N, C, S;
     bn_dims(x, &N, &C, &S);
-    /* Eval-mode backward treats the statistics as constants. */
-    unsigned flags = (gamma ? dnnl_use_scale : 0u) | dnnl_use_shift |
+    /* Scale and shift go together; eval-mode backward treats the statistics
+     * as constants. */
+    unsigned flags = (gamma ? dnnl_use_scale | dnnl_use_shift : 0u) |
                      (p->training ? 0u : dnnl_use_global_stats);
     prim_entry *e;
     KD_TRY(bn_entry(st, PK_BN_BWD, N, C, S, p->eps, flags, dnnl_backward, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
-    /* Scratch floats: var (C), dgamma (C), dbeta (C), then dx (numel) when
-     * accumulating or not wanted; the parameter gradients always land in
-     * scratch first so that NULL outputs and accumulate=1 take one path. */
+    /* Scratch floats: var (C), dgamma (C), dbeta (C), a zero shift (C), then
+     * dx (numel) when accumulating or not wanted; the parameter gradients
+     * always land in scratch first so that NULL outputs and accumulate=1
+     * take one path. */
     int64_t n = kd_tensor_numel(x);
     int dx_scratch = accumulate || !dx;
     size_t cpad = align64((size_t)C * sizeof(float)) / sizeof(float);
-    KD_TRY(scratch_reserve_for(st, e, 3 * cpad + (dx_scratch ? (size_t)n : 0)));
+    KD_TRY(scratch_reserve_for(st, e, 4 * cpad + (dx_scratch ? (size_t)n : 0)));
     float *var = scratch_floats(st, e, 0);
     float *dg = scratch_floats(st, e, cpad);
     float *dbt = scratch_floats(st, e, 2 * cpad);
-    float *dxo = dx_scratch ? scratch_floats(st, e, 3 * cpad) : kd_f32(dx);
+    float *shift = scratch_floats(st, e, 3 * cpad);
+    float *dxo = dx_scratch ? scratch_floats(st, e, 4 * cpad) : kd_f32(dx);
 
     /* oneDNN wants the variance; rebuild it from rstd = 1/sqrt(var + eps). */
     const float *rstd = kd_f32(save_rstd);
@@ -660,13 +665,19 @@ static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
         double r = rstd[c];
         var[c] = (float)(1.0 / (r * r) - (double)p->eps);
     }
-    exec_arg a[8] = {{DNNL_ARG_SRC, x->data},         {DNNL_ARG_MEAN, save_mean->data},
-                     {DNNL_ARG_VARIANCE, var},        {DNNL_ARG_DIFF_DST, dy->data},
-                     {DNNL_ARG_DIFF_SRC, dxo},        {DNNL_ARG_DIFF_SHIFT, dbt}};
-    int na = 6;
+    exec_arg a[9] = {{DNNL_ARG_SRC, x->data},  {DNNL_ARG_MEAN, save_mean->data},
+                     {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_DIFF_DST, dy->data},
+                     {DNNL_ARG_DIFF_SRC, dxo}};
+    int na = 5;
     if (gamma) {
         a[na++] = (exec_arg){DNNL_ARG_SCALE, gamma->data};
         a[na++] = (exec_arg){DNNL_ARG_DIFF_SCALE, dg};
+        a[na++] = (exec_arg){DNNL_ARG_DIFF_SHIFT, dbt};
+        /* oneDNN 2.6 counts SHIFT among a use_shift backward's inputs (and
+         * fails the execution without it) though the gradients do not
+         * depend on it; kd's backward has no beta, so it gets zeros. */
+        memset(shift, 0, (size_t)C * sizeof(float));
+        a[na++] = (exec_arg){DNNL_ARG_SHIFT, shift};
     }
     KD_TRY(entry_execute(st, e, a, na));
 
@@ -687,9 +698,10 @@ static kd_status cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, c
                                         const kd_tensor *save_mean, const kd_tensor *save_rstd,
                                         kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta,
                                         int accumulate) {
-    /* dgamma without gamma cannot come from a primitive without use_scale. */
+    /* Parameter gradients without gamma cannot come from a primitive without
+     * use_scale. */
     int use_ref = !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx)) || x->ndim < 2 ||
-                  kd_tensor_numel(x) == 0 || (dgamma && !gamma);
+                  kd_tensor_numel(x) == 0 || (!gamma && (dgamma || dbeta));
     kd_status s = KD_OK;
     if (!use_ref)
         CPU_RUN_LOCKED(s, bn_bwd_locked(&g_cpu, p, dy, x, gamma, save_mean, save_rstd, dx,
@@ -939,9 +951,11 @@ static kd_status eltwise_fwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
 
 static kd_status cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                      const kd_tensor *x, kd_tensor *y) {
+    /* oneDNN 2.6's log has up to ~4e-6 absolute error (98,000 ulp near x = 1),
+     * which matters for log-ratios in distillation losses: use libm's logf. */
     int use_ref = !plain_f32(x) || !plain_f32(y) || kd_tensor_numel(x) == 0 ||
                   kd_tensor_numel(x) != kd_tensor_numel(y) ||
-                  eltwise_alg(kind) == dnnl_alg_kind_undef;
+                  eltwise_alg(kind) == dnnl_alg_kind_undef || kind == KD_ELTWISE_LOG;
     kd_status s = KD_OK;
     if (!use_ref) CPU_RUN_LOCKED(s, eltwise_fwd_locked(&g_cpu, kind, alpha, x, y, &use_ref));
     if (s == KD_OK && use_ref) return ref_be()->eltwise_forward(be, kind, alpha, x, y);

@@ -1,0 +1,1373 @@
+/* End-to-end tests of the `kd` program and the trainer behind it: the run
+ * directory, reproducibility from config.yaml, resume (paused and killed),
+ * distillation, and bad input (missing, truncated and malformed files, wrong
+ * architectures, unknown names, malformed numbers, NaN loss, existing runs).
+ *
+ * Every case runs the real binary (KD_BINARY_DIR "/kd") in a child process on
+ * a tiny generated IDX dataset with the ref backend, capturing the exit status,
+ * stdout and stderr. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kd/io.h"
+#include "testutil.h"
+
+extern char **environ;
+
+#define KD_EXE KD_BINARY_DIR "/kd"
+#define DIRN 700
+#define PATHN 1000
+
+/* ------------------------------------------------------------ fixtures */
+
+/* The tiny dataset: S x S images, 4 classes; class k has a bright horizontal
+ * band in rows 2k, 2k+1 (invariant to horizontal flips, robust to a 1-pixel
+ * crop shift) on dark noise. */
+#define IMG 8
+#define NTRAIN 128
+#define NTEST 32
+
+static char g_root[512];    /* scratch directory of this program */
+static char g_data[600];    /* the good dataset */
+static char g_run_a[600];   /* reference run: 3 epochs, uninterrupted */
+static int g_run_a_state;    /* 0: not tried, 1: ok, -1: failed */
+
+static void put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static void write_bytes(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
+    if (fwrite(data, 1, n, f) != n) fail_msg("short write to %s", path);
+    fclose(f);
+}
+
+static void write_idx_split(const char *dir, const char *prefix, int n, uint64_t seed) {
+    size_t nimg = 16 + (size_t)n * IMG * IMG, nlab = 8 + (size_t)n;
+    unsigned char *im = malloc(nimg), *lb = malloc(nlab);
+    assert_non_null(im);
+    assert_non_null(lb);
+    put_be32(im, 0x00000803);
+    put_be32(im + 4, (uint32_t)n);
+    put_be32(im + 8, IMG);
+    put_be32(im + 12, IMG);
+    put_be32(lb, 0x00000801);
+    put_be32(lb + 4, (uint32_t)n);
+    kd_rng r;
+    kd_rng_init(&r, seed, 0xda7a);
+    for (int i = 0; i < n; i++) {
+        int k = i % 4;
+        lb[8 + i] = (unsigned char)k;
+        unsigned char *p = im + 16 + (size_t)i * IMG * IMG;
+        for (int y = 0; y < IMG; y++)
+            for (int x = 0; x < IMG; x++) {
+                int bright = y / 2 == k;
+                p[y * IMG + x] = (unsigned char)(bright ? 190 + kd_rng_below(&r, 66) : kd_rng_below(&r, 70));
+            }
+    }
+    char path[DIRN];
+    snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte", dir, prefix);
+    write_bytes(path, im, nimg);
+    snprintf(path, sizeof path, "%s/%s-labels-idx1-ubyte", dir, prefix);
+    write_bytes(path, lb, nlab);
+    free(im);
+    free(lb);
+}
+
+static void make_dataset(const char *dir) {
+    mkdir(dir, 0755);
+    write_idx_split(dir, "train", NTRAIN, 1);
+    write_idx_split(dir, "t10k", NTEST, 2);
+}
+
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap + 1);
+    size_t got;
+    while ((got = fread(buf + len, 1, cap - len, f)) > 0) {
+        len += got;
+        if (len == cap) buf = realloc(buf, (cap *= 2) + 1);
+    }
+    fclose(f);
+    buf[len] = '\0';
+    if (n) *n = len;
+    return buf;
+}
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+static void copy_file(const char *src, const char *dst, size_t limit) {
+    size_t n;
+    char *d = slurp(src, &n);
+    if (!d) fail_msg("cannot read %s", src);
+    write_bytes(dst, d, n < limit ? n : limit);
+    free(d);
+}
+
+static void copy_dataset(const char *dst) {
+    static const char *files[] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                                  "t10k-labels-idx1-ubyte"};
+    mkdir(dst, 0755);
+    for (int i = 0; i < 4; i++) {
+        char a[DIRN], b[DIRN];
+        snprintf(a, sizeof a, "%s/%s", g_data, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dst, files[i]);
+        copy_file(a, b, (size_t)-1);
+    }
+}
+
+static const char *tmp_path(char *buf, size_t n, const char *name) {
+    snprintf(buf, n, "%s/%s", g_root, name);
+    return buf;
+}
+
+/* ----------------------------------------------------------- processes */
+
+typedef struct {
+    int status;   /* exit status, or -1 when killed by a signal */
+    int signal;   /* the signal, or 0 */
+    char *out;    /* stdout */
+    char *err;    /* stderr */
+    double secs;
+} kd_proc;
+
+static void proc_free(kd_proc *p) {
+    free(p->out);
+    free(p->err);
+    memset(p, 0, sizeof *p);
+}
+
+static int g_spawn_id;
+
+static pid_t spawn_kd(const char *const *args, char *outp, char *errp, size_t n) {
+    int id = ++g_spawn_id;
+    snprintf(outp, n, "%s/proc%d.out", g_root, id);
+    snprintf(errp, n, "%s/proc%d.err", g_root, id);
+    char *argv[64];
+    int argc = 0;
+    argv[argc++] = (char *)KD_EXE;
+    for (int i = 0; args[i]; i++) {
+        if (argc >= 63) fail_msg("too many arguments");
+        argv[argc++] = (char *)args[i];
+    }
+    argv[argc] = NULL;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, outp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid;
+    int rc = posix_spawn(&pid, KD_EXE, &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) fail_msg("cannot start %s: %s", KD_EXE, strerror(rc));
+    return pid;
+}
+
+static void collect(kd_proc *p, int wstatus, const char *outp, const char *errp) {
+    if (WIFEXITED(wstatus)) {
+        p->status = WEXITSTATUS(wstatus);
+        p->signal = 0;
+    } else {
+        p->status = -1;
+        p->signal = WIFSIGNALED(wstatus) ? WTERMSIG(wstatus) : -1;
+    }
+    p->out = slurp(outp, NULL);
+    p->err = slurp(errp, NULL);
+    if (!p->out) p->out = strdup("");
+    if (!p->err) p->err = strdup("");
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Runs kd with the NULL-terminated args and waits. */
+static kd_proc run_kd(const char *const *args) {
+    char outp[DIRN], errp[DIRN];
+    double t0 = now_s();
+    pid_t pid = spawn_kd(args, outp, errp, sizeof outp);
+    int ws = 0;
+    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
+    }
+    kd_proc p;
+    memset(&p, 0, sizeof p);
+    collect(&p, ws, outp, errp);
+    p.secs = now_s() - t0;
+    return p;
+}
+
+#define RUN(...) run_kd((const char *const[]){__VA_ARGS__, NULL})
+
+/* The common training flags (tiny, reference backend, 2 threads). */
+#define TRAIN_FLAGS(data, out, epochs)                                                                               \
+    "--data", (data), "--model", "resnet8", "--epochs", (epochs), "--batch-size", "16", "--backend", "ref",         \
+        "--threads", "2", "--workers", "1", "--out", (out), "--progress", "0", "--lr", "0.1", "--schedule", "cosine", \
+        "--hflip", "1", "--pad-crop", "1", "--log-every", "4"
+
+static void dump(const kd_proc *p) {
+    fprintf(stderr, "---- exit %d signal %d (%.1fs)\n---- stdout:\n%s---- stderr:\n%s----\n", p->status, p->signal,
+            p->secs, p->out, p->err);
+}
+
+static void expect_ok(const kd_proc *p, const char *what) {
+    if (p->signal || p->status != 0) {
+        dump(p);
+        fail_msg("%s: expected exit 0, got status %d signal %d", what, p->status, p->signal);
+    }
+}
+
+/* Lines of text that are not log lines ("[kd info] ..."). */
+static int count_lines(const char *s, int skip_log, const char **first) {
+    int n = 0;
+    *first = NULL;
+    for (const char *l = s; *l;) {
+        const char *e = strchr(l, '\n');
+        size_t len = e ? (size_t)(e - l) : strlen(l);
+        if (len > 0 && !(skip_log && strncmp(l, "[kd ", 4) == 0)) {
+            if (!*first) *first = l;
+            n++;
+        }
+        l += len + (e ? 1 : 0);
+    }
+    return n;
+}
+
+static int contains_ci(const char *hay, size_t len, const char *needle) {
+    size_t m = strlen(needle);
+    for (size_t i = 0; i + m <= len; i++) {
+        size_t j = 0;
+        while (j < m && (hay[i + j] | 0x20) == (needle[j] | 0x20)) j++;
+        if (j == m) return 1;
+    }
+    return 0;
+}
+
+/* Checks a failure: the exact exit status (or 1..2 when want < 0), no signal,
+ * and one error line on stderr (log lines aside; none at all when
+ * strict_one_line) that contains every NULL-terminated needle
+ * (case-insensitive). */
+static void expect_fail_v(const kd_proc *p, int want, int strict_one_line, const char *const *needles) {
+    if (p->signal) {
+        dump(p);
+        fail_msg("kd died from signal %d", p->signal);
+    }
+    int status_ok = want >= 0 ? p->status == want : (p->status == 1 || p->status == 2);
+    if (!status_ok) {
+        dump(p);
+        fail_msg("expected exit status %d, got %d", want, p->status);
+    }
+    const char *first;
+    int all = count_lines(p->err, 0, &first);
+    int errs = count_lines(p->err, 1, &first);
+    if (errs != 1 || (strict_one_line && all != 1)) {
+        dump(p);
+        fail_msg("expected exactly one error line on stderr, got %d (%d lines in all)", errs, all);
+    }
+    const char *e = strchr(first, '\n');
+    size_t len = e ? (size_t)(e - first) : strlen(first);
+    if (strncmp(first, "kd", 2) != 0) {
+        dump(p);
+        fail_msg("the error line does not start with 'kd'");
+    }
+    for (int i = 0; needles[i]; i++)
+        if (!contains_ci(first, len, needles[i])) {
+            dump(p);
+            fail_msg("the error line does not name '%s'", needles[i]);
+        }
+}
+#define EXPECT_FAIL(p, want, ...) expect_fail_v((p), (want), 1, (const char *const[]){__VA_ARGS__, NULL})
+#define EXPECT_FAIL_AFTER_LOG(p, want, ...) expect_fail_v((p), (want), 0, (const char *const[]){__VA_ARGS__, NULL})
+
+/* ---------------------------------------------------------- checkpoints */
+
+static kd_st_file *open_ckpt(const char *path) {
+    kd_st_file *f = NULL;
+    if (kd_st_open(path, &f) != KD_OK) fail_msg("kd_st_open(%s): %s", path, kd_last_error());
+    return f;
+}
+
+/* Every tensor (all, or those without the "optim." prefix) equal byte for byte;
+ * returns the number of tensors compared. */
+static int compare_ckpts(const char *pa, const char *pb, int with_optim) {
+    kd_st_file *a = open_ckpt(pa), *b = open_ckpt(pb);
+    int compared = 0, optim = 0;
+    char msg[512] = "";
+    for (int i = 0; i < kd_st_count(a) && !msg[0]; i++) {
+        const kd_st_entry *ea = kd_st_get(a, i);
+        int is_opt = strncmp(ea->name, "optim.", 6) == 0;
+        if (is_opt && !with_optim) continue;
+        const kd_st_entry *eb = kd_st_find(b, ea->name);
+        if (!eb) {
+            snprintf(msg, sizeof msg, "%s lacks tensor %s", pb, ea->name);
+            break;
+        }
+        int same_shape = ea->dtype == eb->dtype && ea->ndim == eb->ndim && ea->nbytes == eb->nbytes;
+        for (int d = 0; same_shape && d < ea->ndim; d++) same_shape = ea->shape[d] == eb->shape[d];
+        if (!same_shape) {
+            snprintf(msg, sizeof msg, "tensor %s differs in dtype/shape", ea->name);
+            break;
+        }
+        if (memcmp(ea->data, eb->data, ea->nbytes) != 0) {
+            double worst = 0;
+            if (ea->dtype == KD_F32)
+                for (size_t k = 0; k < ea->nbytes / 4; k++) {
+                    double d = fabs((double)((const float *)ea->data)[k] - (double)((const float *)eb->data)[k]);
+                    if (d > worst || d != d) worst = d;
+                }
+            snprintf(msg, sizeof msg, "tensor %s differs (max abs diff %.3g) between %s and %s", ea->name, worst, pa,
+                     pb);
+            break;
+        }
+        compared++;
+        optim += is_opt;
+    }
+    /* The same set of tensors on both sides. */
+    if (!msg[0]) {
+        int nb = 0;
+        for (int i = 0; i < kd_st_count(b); i++)
+            if (with_optim || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0) nb++;
+        if (nb != compared) snprintf(msg, sizeof msg, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
+    }
+    if (!msg[0] && with_optim && optim == 0) snprintf(msg, sizeof msg, "%s holds no optim. tensors", pa);
+    kd_st_close(a);
+    kd_st_close(b);
+    if (msg[0]) fail_msg("%s", msg);
+    return compared;
+}
+
+static void expect_same_file(const char *path, const char *before, size_t nbefore) {
+    size_t n;
+    char *now = slurp(path, &n);
+    if (!now) fail_msg("%s is gone", path);
+    int same = n == nbefore && memcmp(now, before, n) == 0;
+    free(now);
+    if (!same) fail_msg("%s was modified", path);
+}
+
+/* ------------------------------------------------------------ run A */
+
+static int group_setup(void **state) {
+    (void)state;
+    snprintf(g_root, sizeof g_root, "%s", kd_test_tmpdir("test_cli"));
+    snprintf(g_data, sizeof g_data, "%s/data", g_root);
+    snprintf(g_run_a, sizeof g_run_a, "%s/run_a", g_root);
+    make_dataset(g_data);
+    if (access(KD_EXE, X_OK) != 0) {
+        fprintf(stderr, "%s is not built\n", KD_EXE);
+        return -1;
+    }
+    return 0;
+}
+
+/* The reference run, trained once and shared by the tests that need it. */
+static void need_run_a(void) {
+    if (g_run_a_state == 0) {
+        g_run_a_state = -1;
+        kd_proc p = RUN("train", TRAIN_FLAGS(g_data, g_run_a, "3"));
+        expect_ok(&p, "kd train (run A)");
+        proc_free(&p);
+        g_run_a_state = 1;
+    }
+    if (g_run_a_state < 0) fail_msg("the reference run A failed (see the first test that needed it)");
+}
+
+static void run_a_file(char *buf, size_t n, const char *file) { snprintf(buf, n, "%s/%s", g_run_a, file); }
+
+/* ====================================================== 1. run directory */
+
+static const kd_json *json_num(const kd_json *doc, const char *key, const char *what) {
+    const kd_json *v = kd_json_get(doc, key);
+    if (!v || v->type != KD_JSON_NUMBER) fail_msg("%s: no number \"%s\"", what, key);
+    return v;
+}
+
+static void test_run_directory(void **state) {
+    (void)state;
+    need_run_a();
+    char path[DIRN];
+    static const char *files[] = {"config.yaml", "metrics.jsonl", "summary.json", "last.safetensors",
+                                  "best.safetensors"};
+    for (int i = 0; i < 5; i++) {
+        run_a_file(path, sizeof path, files[i]);
+        if (!file_exists(path)) fail_msg("the run directory lacks %s", files[i]);
+    }
+
+    /* metrics.jsonl: every line a JSON object; one epoch record per epoch, in order. */
+    run_a_file(path, sizeof path, "metrics.jsonl");
+    size_t n;
+    char *text = slurp(path, &n);
+    assert_non_null(text);
+    int epochs = 0, steps = 0, line_no = 0;
+    for (char *l = text; *l;) {
+        char *e = strchr(l, '\n');
+        if (!e) fail_msg("metrics.jsonl: line %d has no newline", line_no + 1);
+        line_no++;
+        kd_json *doc = NULL;
+        if (kd_json_parse(l, (size_t)(e - l), "metrics.jsonl line", &doc) != KD_OK)
+            fail_msg("metrics.jsonl line %d: %s", line_no, kd_last_error());
+        if (doc->type != KD_JSON_OBJECT) fail_msg("metrics.jsonl line %d is no object", line_no);
+        const kd_json *t = kd_json_get(doc, "type");
+        if (!t || t->type != KD_JSON_STRING) fail_msg("metrics.jsonl line %d has no \"type\"", line_no);
+        if (!strcmp(t->string, "epoch")) {
+            epochs++;
+            const kd_json *ep = json_num(doc, "epoch", "metrics epoch record");
+            assert_int_equal((int)ep->number, epochs);
+            const kd_json *acc = json_num(doc, "test_top1", "metrics epoch record");
+            assert_true(acc->number >= 0 && acc->number <= 100);
+            const kd_json *loss = json_num(doc, "train_loss", "metrics epoch record");
+            assert_true(isfinite(loss->number) && loss->number > 0);
+        } else if (!strcmp(t->string, "step")) {
+            steps++;
+        } else {
+            fail_msg("metrics.jsonl line %d: unknown type '%s'", line_no, t->string);
+        }
+        kd_json_free(doc);
+        l = e + 1;
+    }
+    free(text);
+    assert_int_equal(epochs, 3);
+    assert_int_equal(steps, 3 * (NTRAIN / 16) / 4); /* --log-every 4 */
+
+    /* summary.json */
+    run_a_file(path, sizeof path, "summary.json");
+    text = slurp(path, &n);
+    assert_non_null(text);
+    kd_json *sum = NULL;
+    if (kd_json_parse(text, n, "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
+    free(text);
+    double top1 = json_num(sum, "top1", "summary.json")->number;
+    double top5 = json_num(sum, "top5", "summary.json")->number;
+    assert_int_equal((int)json_num(sum, "epochs", "summary.json")->number, 3);
+    assert_true(json_num(sum, "images_per_s", "summary.json")->number > 0);
+    assert_true(json_num(sum, "wall_s", "summary.json")->number > 0);
+    const kd_json *method = kd_json_get(sum, "method");
+    assert_non_null(method);
+    assert_string_equal(method->string, "none");
+    if (!(top1 > 40.0)) fail_msg("top-1 %.2f%% is not above chance (25%%) by a margin on easy data", top1);
+    assert_true(top5 >= top1);
+    kd_json_free(sum);
+
+    /* Checkpoints: PyTorch names, architecture metadata; optimiser state only in last. */
+    static const char *ck[] = {"last.safetensors", "best.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        run_a_file(path, sizeof path, ck[i]);
+        kd_st_file *f = open_ckpt(path);
+        static const char *names[] = {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight",
+                                      "layer1.0.bn1.weight", "fc.weight", "fc.bias"};
+        for (int k = 0; k < 6; k++)
+            if (!kd_st_find(f, names[k])) fail_msg("%s has no tensor %s", ck[i], names[k]);
+        const kd_st_entry *fc = kd_st_find(f, "fc.weight");
+        assert_int_equal(fc->ndim, 2);
+        assert_int_equal(fc->shape[0], 4);
+        const char *arch = kd_st_meta(f, "arch");
+        if (!arch || strcmp(arch, "resnet8") != 0) fail_msg("%s: metadata arch is %s", ck[i], arch ? arch : "(none)");
+        const char *nc = kd_st_meta(f, "num_classes");
+        assert_non_null(nc);
+        assert_string_equal(nc, "4");
+        int optim = 0;
+        for (int k = 0; k < kd_st_count(f); k++) optim += strncmp(kd_st_get(f, k)->name, "optim.", 6) == 0;
+        if (i == 0) {
+            assert_true(optim > 0);
+            assert_non_null(kd_st_meta(f, "epochs_done"));
+            assert_string_equal(kd_st_meta(f, "epochs_done"), "3");
+        } else {
+            assert_int_equal(optim, 0);
+        }
+        kd_st_close(f);
+    }
+}
+
+/* The program's final line on stdout names the run directory. */
+static void test_eval_of_run(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN];
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    kd_proc p = RUN("eval", "--ckpt", ck, "--data", g_data, "--backend", "ref", "--threads", "2", "--json");
+    expect_ok(&p, "kd eval");
+    kd_json *doc = NULL;
+    if (kd_json_parse(p.out, strlen(p.out), "kd eval --json", &doc) != KD_OK) fail_msg("%s", kd_last_error());
+    const kd_json *a = kd_json_get(doc, "arch");
+    assert_non_null(a);
+    assert_string_equal(a->string, "resnet8");
+    assert_true(json_num(doc, "top1", "eval")->number > 40.0);
+    assert_int_equal((int)json_num(doc, "n", "eval")->number, NTEST);
+    kd_json_free(doc);
+    proc_free(&p);
+}
+
+/* ============================================ 2. config.yaml reproduces */
+
+static void test_config_reproduces(void **state) {
+    (void)state;
+    need_run_a();
+    char cfg[PATHN], other[DIRN], la[PATHN], lb[PATHN];
+    run_a_file(cfg, sizeof cfg, "config.yaml");
+    tmp_path(other, sizeof other, "run_repro");
+    kd_proc p = RUN("train", "--config", cfg, "--out", other);
+    expect_ok(&p, "kd train --config");
+    proc_free(&p);
+    run_a_file(la, sizeof la, "last.safetensors");
+    snprintf(lb, sizeof lb, "%s/last.safetensors", other);
+    compare_ckpts(la, lb, 1);
+    run_a_file(la, sizeof la, "best.safetensors");
+    snprintf(lb, sizeof lb, "%s/best.safetensors", other);
+    compare_ckpts(la, lb, 0);
+    /* The resolved settings are the same apart from the run directory. */
+    snprintf(lb, sizeof lb, "%s/config.yaml", other);
+    char *ta = slurp(cfg, NULL), *tb = slurp(lb, NULL);
+    assert_non_null(ta);
+    assert_non_null(tb);
+    char *oa = strstr(ta, "\nout:"), *ob = strstr(tb, "\nout:");
+    assert_non_null(oa);
+    assert_non_null(ob);
+    *strchr(oa + 1, '\n') = '\0';
+    char *resta = oa + strlen(oa) + 1;
+    *strchr(ob + 1, '\n') = '\0';
+    char *restb = ob + strlen(ob) + 1;
+    *oa = *ob = '\0';
+    /* Skip the comment line, which names the file. */
+    assert_string_equal(strchr(ta, '\n'), strchr(tb, '\n'));
+    assert_string_equal(resta, restb);
+    free(ta);
+    free(tb);
+}
+
+/* ============================================================ 3. resume */
+
+static void test_resume_after_pause(void **state) {
+    (void)state;
+    need_run_a();
+    char b[DIRN], la[PATHN], lb[PATHN];
+    tmp_path(b, sizeof b, "run_b");
+    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, b, "3"), "--stop-after", "1");
+    expect_ok(&p, "kd train --stop-after 1");
+    proc_free(&p);
+    snprintf(lb, sizeof lb, "%s/last.safetensors", b);
+    kd_st_file *f = open_ckpt(lb);
+    const char *ed = kd_st_meta(f, "epochs_done");
+    if (!ed || strcmp(ed, "1") != 0) fail_msg("after --stop-after 1, epochs_done is %s", ed ? ed : "(none)");
+    kd_st_close(f);
+
+    p = RUN("train", "--resume", b);
+    expect_ok(&p, "kd train --resume");
+    proc_free(&p);
+    run_a_file(la, sizeof la, "last.safetensors");
+    compare_ckpts(la, lb, 1);
+    run_a_file(la, sizeof la, "best.safetensors");
+    snprintf(lb, sizeof lb, "%s/best.safetensors", b);
+    compare_ckpts(la, lb, 0);
+
+    /* metrics.jsonl continues: three epoch records in all. */
+    snprintf(lb, sizeof lb, "%s/metrics.jsonl", b);
+    char *m = slurp(lb, NULL);
+    assert_non_null(m);
+    int n = 0;
+    for (char *q = m; (q = strstr(q, "\"type\": \"epoch\"")); q++) n++;
+    free(m);
+    assert_int_equal(n, 3);
+    snprintf(lb, sizeof lb, "%s/summary.json", b);
+    m = slurp(lb, NULL);
+    assert_non_null(m);
+    kd_json *sum = NULL;
+    if (kd_json_parse(m, strlen(m), "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
+    assert_int_equal((int)json_num(sum, "epochs", "summary.json")->number, 3);
+    kd_json_free(sum);
+    free(m);
+}
+
+static void test_resume_after_kill(void **state) {
+    (void)state;
+    need_run_a();
+    char c[DIRN], lc[PATHN], la[PATHN], outp[PATHN], errp[PATHN];
+    tmp_path(c, sizeof c, "run_c");
+    snprintf(lc, sizeof lc, "%s/last.safetensors", c);
+    pid_t pid = spawn_kd((const char *const[]){"train", TRAIN_FLAGS(g_data, c, "3"), NULL}, outp, errp, sizeof outp);
+    int ws = 0, finished = 0;
+    double t0 = now_s();
+    for (;;) {
+        pid_t w = waitpid(pid, &ws, WNOHANG);
+        if (w == pid) {
+            finished = 1;
+            break;
+        }
+        if (file_exists(lc)) break;
+        if (now_s() - t0 > 300) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &ws, 0);
+            fail_msg("run C wrote no checkpoint in 300 s");
+        }
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    if (!finished) {
+        kill(pid, SIGKILL);
+        while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
+        }
+    }
+    if (finished || !WIFSIGNALED(ws)) {
+        kd_proc p;
+        memset(&p, 0, sizeof p);
+        collect(&p, ws, outp, errp);
+        int ok = p.status == 0 && !p.signal;
+        if (!ok) dump(&p);
+        proc_free(&p);
+        if (!ok) fail_msg("run C failed before it could be killed");
+        skip(); /* it finished before the kill */
+        return;
+    }
+    /* The checkpoint left behind is whole (atomic replacement). */
+    kd_st_file *f = open_ckpt(lc);
+    const char *ed = kd_st_meta(f, "epochs_done");
+    assert_non_null(ed);
+    int done = atoi(ed);
+    kd_st_close(f);
+    if (done >= 3) {
+        skip();
+        return;
+    }
+    assert_true(done >= 1);
+    kd_proc p = RUN("train", "--resume", c);
+    expect_ok(&p, "kd train --resume after SIGKILL");
+    proc_free(&p);
+    run_a_file(la, sizeof la, "last.safetensors");
+    compare_ckpts(la, lc, 1);
+}
+
+/* =========================================================== 4. distill */
+
+static void test_distill(void **state) {
+    (void)state;
+    need_run_a();
+    char t[PATHN], d[DIRN], path[PATHN];
+    run_a_file(t, sizeof t, "best.safetensors");
+    tmp_path(d, sizeof d, "run_distill");
+    kd_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
+    expect_ok(&p, "kd distill");
+    proc_free(&p);
+    snprintf(path, sizeof path, "%s/summary.json", d);
+    char *text = slurp(path, NULL);
+    if (!text) fail_msg("kd distill wrote no %s", path);
+    kd_json *sum = NULL;
+    if (kd_json_parse(text, strlen(text), "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
+    free(text);
+    const kd_json *m = kd_json_get(sum, "method"), *te = kd_json_get(sum, "teacher");
+    assert_non_null(m);
+    assert_non_null(te);
+    assert_string_equal(m->string, "kd");
+    assert_string_equal(te->string, "resnet8");
+    assert_int_equal((int)json_num(sum, "epochs", "summary.json")->number, 1);
+    kd_json_free(sum);
+    /* The KL term took part. */
+    snprintf(path, sizeof path, "%s/metrics.jsonl", d);
+    text = slurp(path, NULL);
+    assert_non_null(text);
+    char *kl = strstr(text, "\"train_kl\": ");
+    assert_non_null(kl);
+    double v = strtod(kl + 12, NULL);
+    free(text);
+    if (!(v > 0)) fail_msg("train_kl is %g in a kd run", v);
+    snprintf(path, sizeof path, "%s/last.safetensors", d);
+    kd_st_file *f = open_ckpt(path);
+    kd_st_close(f);
+}
+
+/* A missing teacher checkpoint is named. */
+static void test_distill_missing_teacher(void **state) {
+    (void)state;
+    char d[DIRN], t[DIRN];
+    tmp_path(d, sizeof d, "run_distill_noteacher");
+    tmp_path(t, sizeof t, "no-such-teacher.safetensors");
+    kd_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
+    EXPECT_FAIL(&p, 1, t); /* the whole path, intact */
+    if (strncmp(p.err, "kd distill: teacher: /", 22) != 0) {
+        dump(&p);
+        fail_msg("expected 'kd distill: teacher: %s: ...'", t);
+    }
+    proc_free(&p);
+    char last[PATHN];
+    snprintf(last, sizeof last, "%s/last.safetensors", d);
+    assert_false(file_exists(last));
+}
+
+/* ======================================================== 5. bad input */
+
+/* An unknown teacher architecture is named (and the message is not garbled). */
+static void test_distill_unknown_teacher_arch(void **state) {
+    (void)state;
+    char d[DIRN];
+    tmp_path(d, sizeof d, "run_distill_badteacher");
+    kd_proc p = RUN("distill", "--teacher-ckpt", "t.safetensors", "--teacher", "resnet9", TRAIN_FLAGS(g_data, d, "1"));
+    EXPECT_FAIL(&p, -1, "teacher: unknown model 'resnet9'");
+    proc_free(&p);
+    assert_false(file_exists(d));
+}
+
+/* a. missing dataset directory */
+static void test_bad_missing_dataset(void **state) {
+    (void)state;
+    char d[DIRN], out[DIRN];
+    tmp_path(d, sizeof d, "no-such-dataset");
+    tmp_path(out, sizeof out, "run_missing_data");
+    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    EXPECT_FAIL(&p, 1, "no-such-dataset");
+    proc_free(&p);
+    char path[PATHN];
+    snprintf(path, sizeof path, "%s/last.safetensors", out);
+    assert_false(file_exists(path));
+    p = RUN("eval", "--ckpt", "whatever.safetensors", "--data", d, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, "no-such-dataset");
+    proc_free(&p);
+}
+
+/* b. truncated images file */
+static void test_bad_truncated_images(void **state) {
+    (void)state;
+    char d[DIRN], out[DIRN], f[PATHN];
+    tmp_path(d, sizeof d, "data_truncated");
+    copy_dataset(d);
+    snprintf(f, sizeof f, "%s/train-images-idx3-ubyte", d);
+    copy_file(f, f, 16 + 50 * IMG * IMG + 7); /* cut mid-image */
+    tmp_path(out, sizeof out, "run_truncated");
+    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    EXPECT_FAIL(&p, 1, "train-images-idx3-ubyte");
+    proc_free(&p);
+    snprintf(f, sizeof f, "%s/last.safetensors", out);
+    assert_false(file_exists(f));
+}
+
+/* b'. truncated labels file, and a header cut short */
+static void test_bad_truncated_labels(void **state) {
+    (void)state;
+    char d[DIRN], out[DIRN], f[PATHN];
+    tmp_path(d, sizeof d, "data_truncated_labels");
+    copy_dataset(d);
+    snprintf(f, sizeof f, "%s/t10k-labels-idx1-ubyte", d);
+    copy_file(f, f, 8 + NTEST - 3);
+    tmp_path(out, sizeof out, "run_truncated_labels");
+    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    EXPECT_FAIL(&p, 1, "t10k-labels-idx1-ubyte");
+    proc_free(&p);
+    snprintf(f, sizeof f, "%s/t10k-labels-idx1-ubyte", d);
+    copy_file(f, f, 5); /* not even a header */
+    p = RUN("info", d);
+    EXPECT_FAIL(&p, 1, "t10k-labels-idx1-ubyte");
+    proc_free(&p);
+}
+
+/* c. bad magic number */
+static void test_bad_magic(void **state) {
+    (void)state;
+    char d[DIRN], out[DIRN], f[PATHN];
+    tmp_path(d, sizeof d, "data_badmagic");
+    copy_dataset(d);
+    snprintf(f, sizeof f, "%s/t10k-images-idx3-ubyte", d);
+    size_t n;
+    char *b = slurp(f, &n);
+    assert_non_null(b);
+    b[2] = 0x0d; /* 0x00000d03 */
+    write_bytes(f, b, n);
+    free(b);
+    tmp_path(out, sizeof out, "run_badmagic");
+    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    EXPECT_FAIL(&p, 1, "t10k-images-idx3-ubyte");
+    proc_free(&p);
+    snprintf(f, sizeof f, "%s/last.safetensors", out);
+    assert_false(file_exists(f));
+}
+
+/* c'. labels out of step with images (counts differ) */
+static void test_bad_count_mismatch(void **state) {
+    (void)state;
+    char d[DIRN], out[DIRN], f[PATHN];
+    tmp_path(d, sizeof d, "data_count");
+    copy_dataset(d);
+    snprintf(f, sizeof f, "%s/train-labels-idx1-ubyte", d);
+    size_t n;
+    unsigned char *b = (unsigned char *)slurp(f, &n);
+    assert_non_null(b);
+    put_be32(b + 4, NTRAIN - 1);
+    write_bytes(f, b, n - 1);
+    free(b);
+    tmp_path(out, sizeof out, "run_count");
+    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    EXPECT_FAIL(&p, 1, "train-");
+    proc_free(&p);
+}
+
+/* d. checkpoint of another architecture */
+static void test_bad_arch_mismatch(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN];
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    kd_proc p = RUN("eval", "--ckpt", ck, "--model", "resnet14", "--data", g_data, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, ck, "resnet8", "resnet14");
+    proc_free(&p);
+}
+
+/* d'. the same architecture name but a mis-shaped tensor (or a missing one) */
+static void write_doctored(const char *src, const char *dst, const char *reshape, const char *drop) {
+    kd_st_file *f = open_ckpt(src);
+    kd_st_writer *w = NULL;
+    KD_ASSERT_OK(kd_st_writer_init(&w));
+    for (int i = 0; i < kd_st_count(f); i++) {
+        const kd_st_entry *e = kd_st_get(f, i);
+        if (drop && !strcmp(e->name, drop)) continue;
+        int64_t shape[KD_MAX_DIMS];
+        memcpy(shape, e->shape, sizeof shape);
+        if (reshape && !strcmp(e->name, reshape)) shape[e->ndim - 1] /= 2; /* fewer elements: data stays in bounds */
+        KD_ASSERT_OK(kd_st_writer_add(w, e->name, e->dtype, e->ndim, shape, e->data));
+    }
+    static const char *keys[] = {"format", "arch", "in_channels", "num_classes", "kd_version"};
+    for (int k = 0; k < 5; k++)
+        if (kd_st_meta(f, keys[k])) KD_ASSERT_OK(kd_st_writer_set_meta(w, keys[k], kd_st_meta(f, keys[k])));
+    KD_ASSERT_OK(kd_st_writer_save(w, dst));
+    kd_st_writer_free(w);
+    kd_st_close(f);
+}
+
+static void test_bad_misshaped_tensor(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN], bad[DIRN];
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    tmp_path(bad, sizeof bad, "misshaped.safetensors");
+    write_doctored(ck, bad, "layer1.0.conv1.weight", NULL);
+    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, "misshaped.safetensors", "layer1.0.conv1.weight");
+    proc_free(&p);
+    /* The same file as a teacher. */
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_misshaped_teacher");
+    p = RUN("distill", "--teacher-ckpt", bad, TRAIN_FLAGS(g_data, out, "1"));
+    EXPECT_FAIL(&p, 1, bad, "teacher", "layer1.0.conv1.weight");
+    proc_free(&p);
+}
+
+static void test_bad_missing_tensor(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN], bad[DIRN];
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    tmp_path(bad, sizeof bad, "missing-tensor.safetensors");
+    write_doctored(ck, bad, NULL, "fc.bias");
+    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, "missing-tensor.safetensors", "fc.bias");
+    proc_free(&p);
+}
+
+/* e. unknown names */
+static void test_bad_unknown_model(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_unknown_model");
+    kd_proc p = RUN("train", "--data", g_data, "--model", "resnet9000", "--backend", "ref", "--out", out,
+                    "--epochs", "1", "--progress", "0");
+    EXPECT_FAIL(&p, -1, "resnet9000");
+    proc_free(&p);
+    assert_false(file_exists(out));
+}
+
+static void test_bad_unknown_method(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_unknown_method");
+    kd_proc p = RUN("train", "--data", g_data, "--method", "nope", "--backend", "ref", "--out", out, "--epochs", "1",
+                    "--progress", "0");
+    EXPECT_FAIL(&p, -1, "nope");
+    proc_free(&p);
+    assert_false(file_exists(out));
+}
+
+static void test_bad_unknown_backend(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_unknown_backend");
+    kd_proc p = RUN("train", "--data", g_data, "--backend", "abacus", "--out", out, "--epochs", "1", "--progress", "0");
+    EXPECT_FAIL(&p, -1, "abacus");
+    proc_free(&p);
+    assert_false(file_exists(out));
+}
+
+static void test_bad_unknown_flag(void **state) {
+    (void)state;
+    kd_proc p = RUN("train", "--data", g_data, "--lr-typo", "1");
+    EXPECT_FAIL(&p, 2, "lr");
+    if (!strstr(p.err, "lr-typo") && !strstr(p.err, "lr_typo")) {
+        dump(&p);
+        fail_msg("the message does not name the flag --lr-typo");
+    }
+    proc_free(&p);
+    p = RUN("eval", "--ckpt", "x.safetensors", "--lr-typo", "1");
+    EXPECT_FAIL(&p, 2, "--lr-typo");
+    proc_free(&p);
+    p = RUN("train", "stray-argument");
+    EXPECT_FAIL(&p, 2, "stray-argument");
+    proc_free(&p);
+    p = RUN("train", "--epochs");
+    EXPECT_FAIL(&p, 2, "--epochs");
+    proc_free(&p);
+}
+
+/* f. malformed numbers: the message names the setting and the value; a run
+ * directory given as --out is left as it was. */
+static char g_victim[600];
+
+static void need_victim(void) {
+    need_run_a();
+    if (g_victim[0]) return;
+    tmp_path(g_victim, sizeof g_victim, "victim");
+    mkdir(g_victim, 0755);
+    static const char *files[] = {"config.yaml", "metrics.jsonl", "summary.json", "last.safetensors",
+                                  "best.safetensors"};
+    for (int i = 0; i < 5; i++) {
+        char a[DIRN], b[PATHN];
+        run_a_file(a, sizeof a, files[i]);
+        snprintf(b, sizeof b, "%s/%s", g_victim, files[i]);
+        copy_file(a, b, (size_t)-1);
+    }
+}
+
+/* Runs `kd train ... --out victim FLAG VALUE` and checks the failure and that
+ * the victim run is untouched. */
+static void bad_setting(const char *flag, const char *value, const char *setting, int want) {
+    need_victim();
+    static const char *files[] = {"config.yaml", "metrics.jsonl", "summary.json", "last.safetensors",
+                                  "best.safetensors"};
+    char *before[5];
+    size_t n[5];
+    char paths[5][PATHN];
+    for (int i = 0; i < 5; i++) {
+        snprintf(paths[i], sizeof paths[i], "%s/%s", g_victim, files[i]);
+        before[i] = slurp(paths[i], &n[i]);
+        assert_non_null(before[i]);
+    }
+    kd_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--out", g_victim, "--progress", "0", flag, value);
+    EXPECT_FAIL(&p, want, value);
+    const char *first;
+    count_lines(p.err, 1, &first);
+    if (!contains_ci(first, strcspn(first, "\n"), setting) && !contains_ci(first, strcspn(first, "\n"), flag + 2)) {
+        dump(&p);
+        fail_msg("the message does not name the setting %s", setting);
+    }
+    proc_free(&p);
+    for (int i = 0; i < 5; i++) {
+        expect_same_file(paths[i], before[i], n[i]);
+        free(before[i]);
+    }
+}
+
+static void test_bad_lr_suffix(void **state) {
+    (void)state;
+    bad_setting("--lr", "0.1x", "lr", 2);
+}
+static void test_bad_epochs_word(void **state) {
+    (void)state;
+    bad_setting("--epochs", "ten", "epochs", 2);
+}
+static void test_bad_batch_negative(void **state) {
+    (void)state;
+    bad_setting("--batch-size", "-5", "batch_size", 2);
+}
+static void test_bad_batch_zero(void **state) {
+    (void)state;
+    bad_setting("--batch-size", "0", "batch_size", -1);
+}
+static void test_bad_lr_nan(void **state) {
+    (void)state;
+    bad_setting("--lr", "nan", "lr", 2);
+}
+static void test_bad_lr_negative(void **state) {
+    (void)state;
+    bad_setting("--lr", "-0.1", "lr", -1);
+}
+static void test_bad_epochs_huge(void **state) {
+    (void)state;
+    bad_setting("--epochs", "99999999999999999999", "epochs", 2);
+}
+static void test_bad_milestones(void **state) {
+    (void)state;
+    bad_setting("--milestones", "5,x", "milestones", 2);
+}
+static void test_bad_schedule(void **state) {
+    (void)state;
+    bad_setting("--schedule", "zigzag", "schedule", 2);
+}
+static void test_bad_seed(void **state) {
+    (void)state;
+    bad_setting("--seed", "-3", "seed", 2);
+}
+static void test_bad_eval_batch(void **state) {
+    (void)state;
+    kd_proc p = RUN("eval", "--ckpt", "x.safetensors", "--batch", "12abc");
+    EXPECT_FAIL(&p, 2, "12abc");
+    proc_free(&p);
+    p = RUN("eval", "--ckpt", "x.safetensors", "--batch", "0");
+    EXPECT_FAIL(&p, 2, "batch");
+    proc_free(&p);
+    p = RUN("eval", "--data", g_data);
+    EXPECT_FAIL(&p, 2, "--ckpt");
+    proc_free(&p);
+}
+
+/* Bad config files: missing, malformed YAML, a bad value (file:line named). */
+static void test_bad_config_file(void **state) {
+    (void)state;
+    char cfg[DIRN], out[DIRN];
+    tmp_path(out, sizeof out, "run_badcfg");
+    tmp_path(cfg, sizeof cfg, "no-such-config.yaml");
+    kd_proc p = RUN("train", "--config", cfg, "--out", out);
+    EXPECT_FAIL(&p, -1, "no-such-config.yaml");
+    proc_free(&p);
+    tmp_path(cfg, sizeof cfg, "bad-value.yaml");
+    const char *text = "model: resnet8\nlr: \"fast\"\n";
+    write_bytes(cfg, text, strlen(text));
+    p = RUN("train", "--config", cfg, "--out", out);
+    EXPECT_FAIL(&p, -1, cfg, "bad-value.yaml:2", "'fast' for lr");
+    proc_free(&p);
+    tmp_path(cfg, sizeof cfg, "bad-key.yaml");
+    text = "model: resnet8\nlearning_rate: 0.1\n";
+    write_bytes(cfg, text, strlen(text));
+    p = RUN("train", "--config", cfg, "--out", out);
+    EXPECT_FAIL(&p, -1, "bad-key.yaml", "learning_rate");
+    proc_free(&p);
+    tmp_path(cfg, sizeof cfg, "bad-yaml.yaml");
+    text = "model: [resnet8\nlr: 0.1\n";
+    write_bytes(cfg, text, strlen(text));
+    p = RUN("train", "--config", cfg, "--out", out);
+    EXPECT_FAIL(&p, -1, "bad-yaml.yaml");
+    proc_free(&p);
+    assert_false(file_exists(out));
+}
+
+/* g. NaN loss: epoch 2 explodes; epoch 1's checkpoint survives and works. */
+static void test_nan_loss(void **state) {
+    (void)state;
+    char out[DIRN], last[PATHN];
+    tmp_path(out, sizeof out, "run_nan");
+    kd_proc p = RUN("train", "--data", g_data, "--model", "resnet8", "--epochs", "3", "--batch-size", "16", "--backend",
+                    "ref", "--threads", "2", "--workers", "1", "--out", out, "--progress", "0", "--lr", "0.05",
+                    "--schedule", "multistep", "--milestones", "1", "--lr-decay", "1e30");
+    EXPECT_FAIL_AFTER_LOG(&p, 1, "epoch 2", "last.safetensors");
+    const char *first;
+    count_lines(p.err, 1, &first);
+    size_t len = strcspn(first, "\n");
+    if (!contains_ci(first, len, "nan") && !contains_ci(first, len, "inf")) {
+        dump(&p);
+        fail_msg("the message does not say NaN or inf");
+    }
+    proc_free(&p);
+    snprintf(last, sizeof last, "%s/last.safetensors", out);
+    kd_st_file *f = open_ckpt(last);
+    const char *ed = kd_st_meta(f, "epochs_done");
+    if (!ed || strcmp(ed, "1") != 0) fail_msg("epochs_done is %s, expected 1", ed ? ed : "(none)");
+    /* Its weights are finite. */
+    for (int i = 0; i < kd_st_count(f); i++) {
+        const kd_st_entry *e = kd_st_get(f, i);
+        if (e->dtype != KD_F32) continue;
+        for (size_t k = 0; k < e->nbytes / 4; k++)
+            if (!isfinite(((const float *)e->data)[k])) fail_msg("%s holds a non-finite value in %s", last, e->name);
+    }
+    kd_st_close(f);
+    p = RUN("eval", "--ckpt", last, "--data", g_data, "--backend", "ref", "--threads", "2");
+    expect_ok(&p, "kd eval of the last good checkpoint");
+    proc_free(&p);
+    char path[PATHN];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", out);
+    char *m = slurp(path, NULL);
+    assert_non_null(m);
+    int n = 0;
+    for (char *q = m; (q = strstr(q, "\"type\": \"epoch\"")); q++) n++;
+    free(m);
+    assert_int_equal(n, 1);
+}
+
+/* h. a second `kd train` into an existing run refuses and changes nothing */
+static void test_existing_run_refused(void **state) {
+    (void)state;
+    need_victim();
+    static const char *files[] = {"config.yaml", "metrics.jsonl", "summary.json", "last.safetensors",
+                                  "best.safetensors"};
+    char *before[5];
+    size_t n[5];
+    char paths[5][PATHN];
+    for (int i = 0; i < 5; i++) {
+        snprintf(paths[i], sizeof paths[i], "%s/%s", g_victim, files[i]);
+        before[i] = slurp(paths[i], &n[i]);
+        assert_non_null(before[i]);
+    }
+    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, g_victim, "1"));
+    EXPECT_FAIL(&p, 1, "--resume", g_victim);
+    proc_free(&p);
+    for (int i = 0; i < 5; i++) {
+        expect_same_file(paths[i], before[i], n[i]);
+        free(before[i]);
+    }
+}
+
+/* Resuming a directory that holds no run names it. */
+static void test_resume_missing(void **state) {
+    (void)state;
+    char d[DIRN];
+    tmp_path(d, sizeof d, "no-such-run");
+    kd_proc p = RUN("train", "--resume", d);
+    EXPECT_FAIL(&p, 1, "no-such-run");
+    proc_free(&p);
+}
+
+/* --resume of a run whose last checkpoint is corrupt names it and changes nothing. */
+static void test_resume_corrupt_checkpoint(void **state) {
+    (void)state;
+    need_victim();
+    char d[DIRN], last[PATHN], metrics[PATHN];
+    tmp_path(d, sizeof d, "run_corrupt_resume");
+    mkdir(d, 0755);
+    static const char *files[] = {"config.yaml", "metrics.jsonl", "last.safetensors"};
+    for (int i = 0; i < 3; i++) {
+        char a[PATHN], b[PATHN];
+        snprintf(a, sizeof a, "%s/%s", g_victim, files[i]);
+        snprintf(b, sizeof b, "%s/%s", d, files[i]);
+        copy_file(a, b, i == 2 ? 1000 : (size_t)-1);
+    }
+    snprintf(last, sizeof last, "%s/last.safetensors", d);
+    snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", d);
+    size_t nl, nm;
+    char *bl = slurp(last, &nl), *bm = slurp(metrics, &nm);
+    kd_proc p = RUN("train", "--resume", d);
+    EXPECT_FAIL(&p, 1, last);
+    proc_free(&p);
+    expect_same_file(last, bl, nl);
+    expect_same_file(metrics, bm, nm);
+    free(bl);
+    free(bm);
+}
+
+/* i. corrupt checkpoint: truncated copies */
+static void test_corrupt_checkpoint(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN], bad[DIRN];
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    size_t n;
+    char *b = slurp(ck, &n);
+    assert_non_null(b);
+    free(b);
+    static const size_t cuts[] = {0, 5, 100, 0};
+    for (int i = 0; i < 4; i++) {
+        size_t cut = i == 0 ? n / 2 : i == 3 ? n - 1 : cuts[i];
+        char name[64];
+        snprintf(name, sizeof name, "truncated%d.safetensors", i);
+        tmp_path(bad, sizeof bad, name);
+        copy_file(ck, bad, cut);
+        kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+        EXPECT_FAIL(&p, 1, name);
+        proc_free(&p);
+        p = RUN("info", bad);
+        EXPECT_FAIL(&p, 1, name);
+        proc_free(&p);
+    }
+    /* A header that is not JSON. */
+    tmp_path(bad, sizeof bad, "garbage.safetensors");
+    const char garbage[] = "\x10\x00\x00\x00\x00\x00\x00\x00{not json at all";
+    write_bytes(bad, garbage, sizeof garbage - 1);
+    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, "garbage.safetensors");
+    proc_free(&p);
+    /* The original is intact. */
+    kd_st_close(open_ckpt(ck));
+}
+
+/* A checkpoint trained for another class count. */
+static void test_bad_class_count(void **state) {
+    (void)state;
+    need_run_a();
+    char d[DIRN], ck[DIRN];
+    tmp_path(d, sizeof d, "data_2class");
+    copy_dataset(d);
+    /* Relabel: classes 0..1 only. */
+    static const char *lab[] = {"train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"};
+    for (int i = 0; i < 2; i++) {
+        char f[PATHN];
+        snprintf(f, sizeof f, "%s/%s", d, lab[i]);
+        size_t n;
+        char *b = slurp(f, &n);
+        for (size_t k = 8; k < n; k++) b[k] = (char)(b[k] & 1);
+        write_bytes(f, b, n);
+        free(b);
+    }
+    run_a_file(ck, sizeof ck, "best.safetensors");
+    kd_proc p = RUN("eval", "--ckpt", ck, "--data", d, "--backend", "ref");
+    EXPECT_FAIL(&p, 1, ck, "classes");
+    proc_free(&p);
+}
+
+/* j. kd info */
+static void test_info_dataset(void **state) {
+    (void)state;
+    kd_proc p = RUN("info", g_data);
+    expect_ok(&p, "kd info DATASET");
+    if (!strstr(p.out, "4 classes")) {
+        dump(&p);
+        fail_msg("kd info does not print the class count");
+    }
+    char want[64];
+    snprintf(want, sizeof want, "train %d, test %d", NTRAIN, NTEST);
+    if (!strstr(p.out, want)) {
+        dump(&p);
+        fail_msg("kd info does not print '%s'", want);
+    }
+    proc_free(&p);
+}
+
+static void test_info_checkpoint(void **state) {
+    (void)state;
+    need_run_a();
+    char ck[DIRN];
+    run_a_file(ck, sizeof ck, "last.safetensors");
+    kd_proc p = RUN("info", ck);
+    expect_ok(&p, "kd info CKPT");
+    if (!strstr(p.out, "architecture resnet8") || !strstr(p.out, "layer1.0.conv1.weight") ||
+        !strstr(p.out, "epochs_done: 3")) {
+        dump(&p);
+        fail_msg("kd info does not describe the checkpoint");
+    }
+    proc_free(&p);
+}
+
+static void test_info_nonexistent(void **state) {
+    (void)state;
+    kd_proc p = RUN("info", "/nonexistent");
+    EXPECT_FAIL(&p, 1, "/nonexistent");
+    proc_free(&p);
+    p = RUN("info", "/nonexistent/model.safetensors");
+    EXPECT_FAIL(&p, 1, "/nonexistent/model.safetensors");
+    proc_free(&p);
+    p = RUN("info");
+    if (p.signal || p.status != 2) {
+        dump(&p);
+        fail_msg("kd info without a path: expected exit 2");
+    }
+    proc_free(&p);
+}
+
+/* ============================================================== 6. help */
+
+static void expect_usage(const char *const *args, const char *must) {
+    kd_proc p = run_kd(args);
+    expect_ok(&p, args[0]);
+    if (!strstr(p.out, "usage") || (must && !strstr(p.out, must))) {
+        dump(&p);
+        fail_msg("no usage text (%s) on stdout", must ? must : "usage");
+    }
+    proc_free(&p);
+}
+
+static void test_help_top(void **state) {
+    (void)state;
+    expect_usage((const char *const[]){"--help", NULL}, "distill");
+    expect_usage((const char *const[]){"help", NULL}, "eval");
+}
+static void test_help_train(void **state) {
+    (void)state;
+    expect_usage((const char *const[]){"train", "--help", NULL}, "--batch-size");
+}
+static void test_help_distill(void **state) {
+    (void)state;
+    expect_usage((const char *const[]){"distill", "--help", NULL}, "--teacher-ckpt");
+}
+static void test_help_eval(void **state) {
+    (void)state;
+    expect_usage((const char *const[]){"eval", "--help", NULL}, "--ckpt");
+}
+static void test_help_info(void **state) {
+    (void)state;
+    expect_usage((const char *const[]){"info", "--help", NULL}, "PATH");
+}
+static void test_unknown_command(void **state) {
+    (void)state;
+    kd_proc p = RUN("frobnicate");
+    EXPECT_FAIL(&p, 2, "frobnicate");
+    proc_free(&p);
+    p = RUN(NULL);
+    if (p.signal || p.status != 2) {
+        dump(&p);
+        fail_msg("kd without a command: expected exit 2, got %d", p.status);
+    }
+    proc_free(&p);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_help_top),
+        cmocka_unit_test(test_help_train),
+        cmocka_unit_test(test_help_distill),
+        cmocka_unit_test(test_help_eval),
+        cmocka_unit_test(test_help_info),
+        cmocka_unit_test(test_unknown_command),
+        cmocka_unit_test(test_run_directory),
+        cmocka_unit_test(test_eval_of_run),
+        cmocka_unit_test(test_config_reproduces),
+        cmocka_unit_test(test_resume_after_pause),
+        cmocka_unit_test(test_resume_after_kill),
+        cmocka_unit_test(test_distill),
+        cmocka_unit_test(test_distill_missing_teacher),
+        cmocka_unit_test(test_distill_unknown_teacher_arch),
+        cmocka_unit_test(test_bad_missing_dataset),
+        cmocka_unit_test(test_bad_truncated_images),
+        cmocka_unit_test(test_bad_truncated_labels),
+        cmocka_unit_test(test_bad_magic),
+        cmocka_unit_test(test_bad_count_mismatch),
+        cmocka_unit_test(test_bad_arch_mismatch),
+        cmocka_unit_test(test_bad_misshaped_tensor),
+        cmocka_unit_test(test_bad_missing_tensor),
+        cmocka_unit_test(test_bad_class_count),
+        cmocka_unit_test(test_bad_unknown_model),
+        cmocka_unit_test(test_bad_unknown_method),
+        cmocka_unit_test(test_bad_unknown_backend),
+        cmocka_unit_test(test_bad_unknown_flag),
+        cmocka_unit_test(test_bad_lr_suffix),
+        cmocka_unit_test(test_bad_epochs_word),
+        cmocka_unit_test(test_bad_batch_negative),
+        cmocka_unit_test(test_bad_batch_zero),
+        cmocka_unit_test(test_bad_lr_nan),
+        cmocka_unit_test(test_bad_lr_negative),
+        cmocka_unit_test(test_bad_epochs_huge),
+        cmocka_unit_test(test_bad_milestones),
+        cmocka_unit_test(test_bad_schedule),
+        cmocka_unit_test(test_bad_seed),
+        cmocka_unit_test(test_bad_eval_batch),
+        cmocka_unit_test(test_bad_config_file),
+        cmocka_unit_test(test_nan_loss),
+        cmocka_unit_test(test_existing_run_refused),
+        cmocka_unit_test(test_resume_missing),
+        cmocka_unit_test(test_resume_corrupt_checkpoint),
+        cmocka_unit_test(test_corrupt_checkpoint),
+        cmocka_unit_test(test_info_dataset),
+        cmocka_unit_test(test_info_checkpoint),
+        cmocka_unit_test(test_info_nonexistent),
+    };
+    return cmocka_run_group_tests(tests, group_setup, NULL);
+}
