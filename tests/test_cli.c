@@ -308,25 +308,25 @@ static kd_st_file *open_ckpt(const char *path) {
     return f;
 }
 
-/* Every tensor (all, or those without the "optim." prefix) equal byte for byte;
- * returns the number of tensors compared. */
-static int compare_ckpts(const char *pa, const char *pb, int with_optim) {
+/* Whether two checkpoints differ in any tensor (all, or those without the
+ * "optim." prefix), byte for byte; msg says where. */
+static int ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn) {
     kd_st_file *a = open_ckpt(pa), *b = open_ckpt(pb);
     int compared = 0, optim = 0;
-    char msg[512] = "";
+    msg[0] = '\0';
     for (int i = 0; i < kd_st_count(a) && !msg[0]; i++) {
         const kd_st_entry *ea = kd_st_get(a, i);
         int is_opt = strncmp(ea->name, "optim.", 6) == 0;
         if (is_opt && !with_optim) continue;
         const kd_st_entry *eb = kd_st_find(b, ea->name);
         if (!eb) {
-            snprintf(msg, sizeof msg, "%s lacks tensor %s", pb, ea->name);
+            snprintf(msg, msgn, "%s lacks tensor %s", pb, ea->name);
             break;
         }
         int same_shape = ea->dtype == eb->dtype && ea->ndim == eb->ndim && ea->nbytes == eb->nbytes;
         for (int d = 0; same_shape && d < ea->ndim; d++) same_shape = ea->shape[d] == eb->shape[d];
         if (!same_shape) {
-            snprintf(msg, sizeof msg, "tensor %s differs in dtype/shape", ea->name);
+            snprintf(msg, msgn, "tensor %s differs in dtype/shape", ea->name);
             break;
         }
         if (memcmp(ea->data, eb->data, ea->nbytes) != 0) {
@@ -336,8 +336,7 @@ static int compare_ckpts(const char *pa, const char *pb, int with_optim) {
                     double d = fabs((double)((const float *)ea->data)[k] - (double)((const float *)eb->data)[k]);
                     if (d > worst || d != d) worst = d;
                 }
-            snprintf(msg, sizeof msg, "tensor %s differs (max abs diff %.3g) between %s and %s", ea->name, worst, pa,
-                     pb);
+            snprintf(msg, msgn, "tensor %s differs (max abs diff %.3g) between %s and %s", ea->name, worst, pa, pb);
             break;
         }
         compared++;
@@ -348,13 +347,18 @@ static int compare_ckpts(const char *pa, const char *pb, int with_optim) {
         int nb = 0;
         for (int i = 0; i < kd_st_count(b); i++)
             if (with_optim || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0) nb++;
-        if (nb != compared) snprintf(msg, sizeof msg, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
+        if (nb != compared) snprintf(msg, msgn, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
     }
-    if (!msg[0] && with_optim && optim == 0) snprintf(msg, sizeof msg, "%s holds no optim. tensors", pa);
+    if (!msg[0] && with_optim && optim == 0) snprintf(msg, msgn, "%s holds no optim. tensors", pa);
     kd_st_close(a);
     kd_st_close(b);
-    if (msg[0]) fail_msg("%s", msg);
-    return compared;
+    return msg[0] != 0;
+}
+
+/* Fails unless every tensor is equal byte for byte. */
+static void compare_ckpts(const char *pa, const char *pb, int with_optim) {
+    char msg[2048];
+    if (ckpts_differ(pa, pb, with_optim, msg, sizeof msg)) fail_msg("%s", msg);
 }
 
 static void expect_same_file(const char *path, const char *before, size_t nbefore) {
@@ -553,6 +557,30 @@ static void test_config_reproduces(void **state) {
     assert_string_equal(resta, restb);
     free(ta);
     free(tb);
+}
+
+/* The number of loader threads changes nothing; the seed changes the weights
+ * (a control that the byte comparison can fail). */
+static void test_workers_and_seed(void **state) {
+    (void)state;
+    char w1[DIRN], w3[DIRN], s7[DIRN], p1[PATHN], p3[PATHN], p7[PATHN], msg[2048];
+    tmp_path(w1, sizeof w1, "run_w1");
+    tmp_path(w3, sizeof w3, "run_w3");
+    tmp_path(s7, sizeof s7, "run_s7");
+    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, w1, "1"));
+    expect_ok(&p, "kd train --workers 1");
+    proc_free(&p);
+    p = RUN("train", TRAIN_FLAGS(g_data, w3, "1"), "--workers", "3");
+    expect_ok(&p, "kd train --workers 3");
+    proc_free(&p);
+    p = RUN("train", TRAIN_FLAGS(g_data, s7, "1"), "--seed", "7");
+    expect_ok(&p, "kd train --seed 7");
+    proc_free(&p);
+    snprintf(p1, sizeof p1, "%s/last.safetensors", w1);
+    snprintf(p3, sizeof p3, "%s/last.safetensors", w3);
+    snprintf(p7, sizeof p7, "%s/last.safetensors", s7);
+    compare_ckpts(p1, p3, 1);
+    if (!ckpts_differ(p1, p7, 0, msg, sizeof msg)) fail_msg("--seed 7 gives the same weights as --seed 0");
 }
 
 /* ============================================================ 3. resume */
@@ -1330,6 +1358,7 @@ int main(void) {
         cmocka_unit_test(test_run_directory),
         cmocka_unit_test(test_eval_of_run),
         cmocka_unit_test(test_config_reproduces),
+        cmocka_unit_test(test_workers_and_seed),
         cmocka_unit_test(test_resume_after_pause),
         cmocka_unit_test(test_resume_after_kill),
         cmocka_unit_test(test_distill),

@@ -96,8 +96,12 @@ typedef struct {
  * writing the run directory cfg->out. */
 kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res);
 /* Continues the run in `dir` from its last checkpoint with its own
- * config.yaml; the final weights equal those of an uninterrupted run. */
-kd_status kd_train_resume(const char *dir, kd_train_result *res);
+ * config.yaml; the final weights equal those of an uninterrupted run.
+ * `overrides` holds n key/value pairs (keys[i], values[i]) of settings that
+ * do not change the result: threads, workers, progress, log_every,
+ * stop_after; any other key is refused. */
+kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
+                          kd_train_result *res);
 
 /* Top-1/top-5 accuracy (percent) and mean cross-entropy of m on ds, in eval mode. */
 kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,

@@ -79,6 +79,8 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     kd_train_cfg_defaults(&c);
     if (strcmp(cmd, "distill") == 0) snprintf(c.distill.method, sizeof c.distill.method, "kd");
     const char *resume = NULL;
+    const char *keys[64], *vals[64];
+    int nkv = 0;
     /* The config file first, so that flags override it wherever they stand. */
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -90,16 +92,21 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
                 fprintf(stderr, "kd %s: --config needs a file\n", cmd);
                 return KD_EXIT_USAGE;
             }
-            if (kd_train_cfg_load(&c, argv[i + 1]) != KD_OK) return kd__fail(cmd);
+            if (kd_train_cfg_load(&c, argv[i + 1]) != KD_OK) {
+                fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+                return KD_EXIT_USAGE;
+            }
         }
     }
+    static char keybuf[64][64];
     for (int i = 0; i < argc; i++) {
-        char key[64];
+        char *key = keybuf[nkv < 64 ? nkv : 63];
         const char *val;
-        if (!kd__flag_key(argv[i], key, sizeof key, &val)) {
+        if (!kd__flag_key(argv[i], key, sizeof keybuf[0], &val)) {
             fprintf(stderr, "kd %s: unexpected argument '%s' (settings are --name value; see --help)\n", cmd, argv[i]);
             return KD_EXIT_USAGE;
         }
+        const char *flag = argv[i];
         if (!val) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kd %s: %s needs a value\n", cmd, argv[i]);
@@ -112,13 +119,34 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             resume = val;
             continue;
         }
-        if (kd_train_cfg_set(&c, key, val) != KD_OK) {
+        kd_status st = kd_train_cfg_set(&c, key, val);
+        if (st == KD_ERR_NOT_FOUND) {
+            fprintf(stderr, "kd %s: unknown option '%.*s' (see kd %s --help)\n", cmd,
+                    (int)strcspn(flag, "="), flag, cmd);
+            return KD_EXIT_USAGE;
+        }
+        if (st != KD_OK) {
+            fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+            return KD_EXIT_USAGE;
+        }
+        if (nkv == 64) {
+            fprintf(stderr, "kd %s: too many options\n", cmd);
+            return KD_EXIT_USAGE;
+        }
+        keys[nkv] = key;
+        vals[nkv++] = val;
+    }
+    if (!resume) {
+        /* Check the settings now, so a bad command line is reported as one. */
+        kd_train_cfg check = c;
+        kd_backend *be = NULL;
+        if (kd_train_cfg_resolve(&check) != KD_OK || kd_backend_get(check.backend, &be) != KD_OK) {
             fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
             return KD_EXIT_USAGE;
         }
     }
     kd_train_result r;
-    kd_status s = resume ? kd_train_resume(resume, &r) : kd_train_run(&c, &r);
+    kd_status s = resume ? kd_train_resume(resume, keys, vals, nkv, &r) : kd_train_run(&c, &r);
     if (s != KD_OK) return kd__fail(cmd);
     printf("%s: top1 %.2f%%  top5 %.2f%%  best %.2f%% (epoch %d)  %.0f img/s  %.1fs  -> %s\n",
            resume ? resume : c.out, r.top1, r.top5, r.best_top1, r.best_epoch, r.images_per_s, r.wall_s,

@@ -18,10 +18,14 @@ const char *kd_status_str(kd_status s) {
 }
 
 kd_status kd_error(kd_status s, const char *fmt, ...) {
+    /* Format into a local buffer first: callers may pass kd_last_error() as
+     * an argument to wrap the previous message. */
+    char tmp[sizeof kd__errbuf];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(kd__errbuf, sizeof kd__errbuf, fmt, ap);
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
+    memcpy(kd__errbuf, tmp, sizeof tmp);
     kd__errstat = s;
     return s;
 }

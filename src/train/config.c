@@ -164,7 +164,10 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) 
         else return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected 0 or 1", value, key);
         return KD_OK;
     case KD__T_SCHED:
-        return kd_sched_kind_parse(value, (kd_sched_kind *)p);
+        /* An unknown value is a bad value, not an unknown setting. */
+        if (kd_sched_kind_parse(value, (kd_sched_kind *)p) != KD_OK)
+            return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected constant, multistep or cosine", value, key);
+        return KD_OK;
     case KD__T_LIST: {
         int n = 0, v[KD_MAX_MILESTONES];
         const char *q = value;
@@ -237,7 +240,7 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         kd_model_cfg mc = {1, 1, 0};
         kd_model *tmp = NULL;
         kd_model_create(c->teacher, &mc, &tmp);
-        { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", m); }
+        return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", kd_last_error());
     }
     if (m->needs_teacher && !c->teacher_ckpt[0])
         return kd_error(KD_ERR_INVALID, "method '%s' needs a teacher: set teacher_ckpt (--teacher-ckpt FILE)", m->name);
@@ -314,7 +317,7 @@ kd_status kd_train_cfg_load(kd_train_cfg *c, const char *path) {
                 /* "default" keeps a loss weight at the method's value. */
                 if (strcmp(v, "default") == 0) break;
                 if (kd_train_cfg_set(c, key, v) != KD_OK)
-                    { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); st = kd_error(KD_ERR_INVALID, "%s:%zu: %s", path, ev.start_mark.line + 1, m); } /* kd_error must not read its own buffer */
+                    st = kd_error(KD_ERR_INVALID, "%s:%zu: %s", path, ev.start_mark.line + 1, kd_last_error());
             }
             break;
         }

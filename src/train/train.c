@@ -236,6 +236,36 @@ static void kd__progress(kd__run *r, int epoch, int64_t step, int64_t steps, dou
     fflush(stderr);
 }
 
+/* On resume, drops the records of epochs after the checkpoint (an
+ * interrupted epoch's step lines, or a line written after the checkpoint). */
+static kd_status kd__metrics_truncate(const char *path, int epochs_done) {
+    void *data = NULL;
+    size_t n = 0;
+    if (!kd_file_exists(path)) return KD_OK;
+    KD_TRY(kd_file_read_all(path, &data, &n));
+    char *text = data, *out = malloc(n + 1);
+    if (!out) {
+        free(data);
+        return kd_error(KD_ERR_NOMEM, "out of memory reading %s", path);
+    }
+    size_t m = 0;
+    for (char *line = text; line < text + n;) {
+        char *end = memchr(line, '\n', (size_t)(text + n - line));
+        size_t len = end ? (size_t)(end - line) + 1 : (size_t)(text + n - line);
+        const char *e = strstr(line, "\"epoch\": ");
+        int keep = e && e < line + len && atoi(e + 9) <= epochs_done;
+        if (keep && end) {
+            memcpy(out + m, line, len);
+            m += len;
+        }
+        line += len;
+    }
+    free(data);
+    kd_status s = kd_file_write_atomic(path, out, m);
+    free(out);
+    return s;
+}
+
 static kd_status kd__setup(kd__run *r, int resume) {
     kd_train_cfg *c = &r->c;
     kd_set_num_threads(c->threads);
@@ -260,7 +290,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
     kd_distill_shapes shp = {classes, kd_model_feat_dim(r->student), 0, kd_dataset_size(r->train)};
     if (kd_distill_find(c->distill.method) && kd_distill_find(c->distill.method)->needs_teacher) {
         kd_status s = kd_model_load_new(c->teacher_ckpt, c->teacher, &mc, &r->teacher);
-        if (s != KD_OK) { char m[1024]; snprintf(m, sizeof m, "%s", kd_last_error()); return kd_error(s, "teacher: %s", m); }
+        if (s != KD_OK) return kd_error(s, "teacher: %s", kd_last_error());
         kd_model_set_training(r->teacher, 0);
         shp.t_feat_dim = kd_model_feat_dim(r->teacher);
     }
@@ -296,6 +326,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
         KD_TRY(kd_train_cfg_save(c, path));
     }
     kd__path(path, sizeof path, c->out, "metrics.jsonl");
+    if (resume) KD_TRY(kd__metrics_truncate(path, r->start_epoch));
     r->metrics = fopen(path, resume ? "a" : "w");
     if (!r->metrics) return kd_error(KD_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     r->bar = c->progress == 1 || (c->progress < 0 && isatty(2));
@@ -384,8 +415,8 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
             KD_TRY(kd_distiller_loss(r->dist, g, &so, top, y, b.index, &loss, &terms));
             if (!isfinite(terms.total))
                 return kd_error(KD_ERR_NUMERIC,
-                                "loss became %g at epoch %d step %lld (lr %g); the last good checkpoint is %s/last.safetensors",
-                                terms.total, epoch + 1, (long long)step + 1, lr, c->out);
+                                "loss became %s at epoch %d step %lld (lr %g); the last good checkpoint is %s/last.safetensors",
+                                isnan(terms.total) ? "NaN" : "infinite", epoch + 1, (long long)step + 1, lr, c->out);
             kd_sgd_zero_grad(r->opt);
             KD_TRY(kd_backward(g, loss));
             kd_sgd_set_lr(r->opt, lr);
@@ -464,7 +495,9 @@ static kd_status kd__run_main(const kd_train_cfg *cfg, int resume, kd_train_resu
 
 kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return kd__run_main(cfg, 0, res); }
 
-kd_status kd_train_resume(const char *dir, kd_train_result *res) {
+kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
+                          kd_train_result *res) {
+    static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after"};
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
     char path[600];
@@ -474,5 +507,15 @@ kd_status kd_train_resume(const char *dir, kd_train_result *res) {
     if (strlen(dir) >= sizeof c.out) return kd_error(KD_ERR_INVALID, "run directory path %s is too long", dir);
     snprintf(c.out, sizeof c.out, "%s", dir);
     c.stop_after = 0; /* a pause applies to the invocation that asked for it */
+    for (int i = 0; i < n; i++) {
+        int ok = 0;
+        for (size_t k = 0; k < sizeof runtime / sizeof runtime[0]; k++) ok |= strcmp(keys[i], runtime[k]) == 0;
+        if (!ok)
+            return kd_error(KD_ERR_INVALID,
+                            "a resumed run keeps its settings (%s); only threads, workers, progress, log_every and "
+                            "stop_after may change, not %s",
+                            path, keys[i]);
+        KD_TRY(kd_train_cfg_set(&c, keys[i], values[i]));
+    }
     return kd__run_main(&c, 1, res);
 }
