@@ -28,10 +28,13 @@ asan: deps
 	@cmake --build build-asan -j $(JOBS)
 	@cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1
 
-# Regenerates tests/fixtures with Debian's python3-torch (not needed to build or test).
+# Regenerates tests/fixtures with Debian's python3-torch and python3-torchvision
+# (not needed to build or test).
 fixtures:
-	@KD_DEPS_EXTRA="python3-torch python3-numpy" bash tools/install-deps.sh
+	@KD_DEPS_EXTRA="python3-torch python3-torchvision python3-numpy" bash tools/install-deps.sh
 	@/usr/bin/python3 tools/gen_fixtures.py tests/fixtures
+	@/usr/bin/python3 tools/gen_zoo_fixtures.py tests/fixtures
+	@/usr/bin/python3 tools/gen_imagenet_fixtures.py tests/fixtures
 
 clean:
 	rm -rf $(BUILD) build-asan

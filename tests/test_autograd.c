@@ -147,6 +147,20 @@ static kd_tensor *b_sum(kd_graph *g, kd_tensor **in) { return kd_sum(g, in[0]); 
 static kd_tensor *b_exp(kd_graph *g, kd_tensor **in) { return kd_exp(g, in[0]); }
 static kd_tensor *b_log(kd_graph *g, kd_tensor **in) { return kd_log(g, in[0]); }
 static kd_tensor *b_dropout(kd_graph *g, kd_tensor **in) { return kd_dropout(g, in[0], 0.3f, 1); }
+static kd_tensor *b_sigmoid(kd_graph *g, kd_tensor **in) { return kd_sigmoid(g, in[0]); }
+static kd_tensor *b_hardswish(kd_graph *g, kd_tensor **in) { return kd_hardswish(g, in[0]); }
+static kd_tensor *b_hardsigmoid(kd_graph *g, kd_tensor **in) { return kd_hardsigmoid(g, in[0]); }
+static kd_tensor *b_silu(kd_graph *g, kd_tensor **in) { return kd_silu(g, in[0]); }
+static kd_tensor *b_relu6(kd_graph *g, kd_tensor **in) { return kd_relu6(g, in[0]); }
+static kd_tensor *b_mul_channel(kd_graph *g, kd_tensor **in) {
+    return kd_mul_channel(g, in[0], in[1]);
+}
+/* Squeeze-and-excitation as the mobile networks build it: the scale is
+ * computed from x itself, so x gets gradient through both paths. */
+static kd_tensor *b_se(kd_graph *g, kd_tensor **in) {
+    kd_tensor *s = kd_hardsigmoid(g, kd_scale(g, kd_global_avgpool(g, in[0]), 2.0f));
+    return kd_mul_channel(g, in[0], s);
+}
 /* A small chain: an intermediate with two consumers inside one case. */
 static kd_tensor *b_chain(kd_graph *g, kd_tensor **in) {
     kd_tensor *h = kd_linear(g, in[0], in[1], NULL);
@@ -236,6 +250,23 @@ static const fd_case fd_cases[] = {
     {"exp", b_exp, IN1(((in_spec){S2(3, 4), U(-1, 1), 1}))},
     {"log", b_log, IN1(((in_spec){S2(3, 4), U(0.7f, 2), 1}))},
     {"dropout", b_dropout, IN1(((in_spec){S2(4, 50), U(-1, 1), 1}))},
+    /* Activations: inputs stay > 2h = 0.02 away from the kinks (+-3 for the
+     * hard ones, 0 and 6 for relu6); the outer pieces are separate cases. */
+    {"sigmoid", b_sigmoid, IN1(((in_spec){S2(4, 6), U(-4, 4), 1}))},
+    {"hardswish inner", b_hardswish, IN1(((in_spec){S2(4, 6), U(-2.9f, 2.9f), 1}))},
+    {"hardswish outer", b_hardswish, IN1(((in_spec){S2(4, 6), FILL_AWAY0, 3.1f, 5, 1}))},
+    {"hardsigmoid inner", b_hardsigmoid, IN1(((in_spec){S2(4, 6), U(-2.9f, 2.9f), 1}))},
+    {"hardsigmoid outer", b_hardsigmoid, IN1(((in_spec){S2(4, 6), FILL_AWAY0, 3.1f, 5, 1}))},
+    {"silu", b_silu, IN1(((in_spec){S3(2, 3, 4), U(-4, 4), 1}))},
+    {"relu6 below 6", b_relu6, IN1(((in_spec){S2(4, 6), FILL_AWAY0, 0.1f, 5.9f, 1}))},
+    {"relu6 above 6", b_relu6, IN1(((in_spec){S2(3, 4), U(6.1f, 8), 1}))},
+    {"mul_channel (N, C)", b_mul_channel,
+     IN2(((in_spec){S4(2, 3, 2, 3), U(-1, 1), 1}), ((in_spec){S2(2, 3), U(-1, 1), 1}))},
+    {"mul_channel (N, 1)", b_mul_channel,
+     IN2(((in_spec){S4(3, 2, 2, 2), U(-1, 1), 1}), ((in_spec){S2(3, 1), U(-1, 1), 1}))},
+    {"mul_channel, constant scale", b_mul_channel,
+     IN2(((in_spec){S3(2, 3, 4), U(-1, 1), 1}), ((in_spec){S2(2, 3), U(-1, 1), 0}))},
+    {"squeeze-excitation chain", b_se, IN1(((in_spec){S4(2, 3, 3, 3), U(-1, 1), 1}))},
     {"chain with a shared intermediate", b_chain,
      IN2(((in_spec){S2(3, 5), U(-1, 1), 1}), ((in_spec){S2(4, 5), U(-1, 1), 1}))},
 };

@@ -3,6 +3,7 @@
  * RepDistiller's resnet8 against PyTorch (tests/fixtures/resnet8_5steps). */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kd/io.h"
@@ -16,9 +17,10 @@ static void test_param_counts(void **state) {
     static const struct {
         const char *name;
         double millions;
-    } rows[] = {{"resnet20", 0.28}, {"resnet32", 0.47},  {"resnet56", 0.86},   {"resnet110", 1.74},
-                {"resnet8x4", 1.23}, {"resnet32x4", 7.43}, {"wrn_16_2", 0.70}, {"wrn_40_2", 2.26},
-                {"wrn_40_1", 0.57}};
+    } rows[] = {{"resnet20", 0.28},   {"resnet32", 0.47},    {"resnet56", 0.86},    {"resnet110", 1.74},
+                {"resnet8x4", 1.23},  {"resnet32x4", 7.43},  {"wrn_16_2", 0.70},    {"wrn_40_2", 2.26},
+                {"wrn_40_1", 0.57},   {"vgg8", 3.97},        {"vgg13", 9.46},       {"MobileNetV2", 0.81},
+                {"mobile_half", 0.81}, {"ShuffleV1", 0.95},  {"ShuffleV2", 1.36},   {"ResNet50", 23.71}};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         kd_model *m = NULL;
         kd_model_cfg cfg = {3, 100, 1};
@@ -28,6 +30,24 @@ static void test_param_counts(void **state) {
         if (fabs(got - rows[i].millions) > 0.005 + 1e-9)
             fail_msg("%s has %.4f M parameters, METHODS.md says %.2f M", rows[i].name, got, rows[i].millions);
         kd_model_free(m);
+    }
+    /* Models METHODS.md does not list: the exact count of the PyTorch
+     * reference (tools/gen_zoo_fixtures.py stores it in the fixture). */
+    static const char *const exact[] = {"vgg11", "vgg16", "vgg19"};
+    for (size_t i = 0; i < sizeof exact / sizeof exact[0]; i++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/tests/fixtures/zoo_%s.safetensors", KD_SOURCE_DIR, exact[i]);
+        kd_st_file *f = NULL;
+        KD_ASSERT_OK(kd_st_open(path, &f));
+        const char *want = kd_st_meta(f, "params");
+        assert_non_null(want);
+        kd_model *m = NULL;
+        kd_model_cfg cfg = {3, 100, 1};
+        KD_ASSERT_OK(kd_model_create(exact[i], &cfg, &m));
+        printf("  %-12s %lld (PyTorch %s)\n", exact[i], (long long)kd_model_num_params(m), want);
+        assert_int_equal(kd_model_num_params(m), atoll(want));
+        kd_model_free(m);
+        kd_st_close(f);
     }
 }
 
@@ -41,6 +61,28 @@ static void test_unknown_model(void **state) {
     assert_non_null(strstr(kd_last_error(), "resnet8x4")); /* lists the known names */
 }
 
+/* Feature list length and the spatial size of the last feature map on 28x28
+ * and 32x32 inputs, per family of RepDistiller's CIFAR zoo. */
+static const struct {
+    const char *names; /* space-separated */
+    int n_feat, h28, h32;
+} kd_feat_expect[] = {
+    /* two stride-2 stages */
+    {"resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet8x4 resnet32x4", 5, 7, 8},
+    {"wrn_16_1 wrn_16_2 wrn_40_1 wrn_40_2", 5, 7, 8},
+    {"vgg8 vgg11 vgg13 vgg16 vgg19", 6, 3, 4},  /* three 2x2 max pools (floor) */
+    {"MobileNetV2 mobile_half", 6, 2, 2},       /* stride-2 stem, three stride-2 stages */
+    {"ShuffleV1 ShuffleV2", 5, 4, 4},           /* three stride-2 stages */
+    {"ResNet50", 6, 4, 4},                      /* three stride-2 stages */
+};
+
+static int kd_name_in_list(const char *list, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
+        if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == 0)) return 1;
+    return 0;
+}
+
 /* Every registered model runs forward on 1-channel 28x28 and 3-channel 32x32
  * input and exposes RepDistiller's feature list. */
 static void test_forward_shapes(void **state) {
@@ -50,7 +92,17 @@ static void test_forward_shapes(void **state) {
     int n;
     const char *const *names = kd_model_names(&n);
     for (int i = 0; i < n; i++) {
-        if (strcmp(names[i], "resnet110") == 0 || strcmp(names[i], "resnet32x4") == 0) continue; /* slow, same code */
+        /* Slow, and the same code as a smaller member of the family (the
+         * large ones run on 32x32 in test_zoo_torch). */
+        static const char *const skip[] = {"resnet110", "resnet32x4", "vgg13", "vgg16",
+                                           "vgg19",     "ResNet50",   "mobile_half"};
+        int skipped = 0;
+        for (size_t k = 0; k < sizeof skip / sizeof skip[0]; k++) skipped |= strcmp(names[i], skip[k]) == 0;
+        if (skipped) continue;
+        int row = -1;
+        for (int r = 0; r < (int)(sizeof kd_feat_expect / sizeof kd_feat_expect[0]); r++)
+            if (kd_name_in_list(kd_feat_expect[r].names, names[i])) row = r;
+        if (row < 0) continue; /* not a CIFAR-zoo family (ImageNet models have their own test) */
         for (int v = 0; v < 2; v++) {
             int C = v ? 3 : 1, H = v ? 32 : 28;
             kd_model_cfg cfg = {C, 7, 3};
@@ -63,14 +115,15 @@ static void test_forward_shapes(void **state) {
             kd_test_fill_uniform(kd_f32(x), kd_tensor_numel(x), -1, 1, 5);
             kd_model_out o;
             KD_ASSERT_OK(kd_model_forward(m, g, x, KD_FWD_PREACT, &o));
-            assert_int_equal(o.n_feat, 5);
+            int nf = kd_feat_expect[row].n_feat;
+            if (o.n_feat != nf) fail_msg("%s returns %d features, expected %d", names[i], o.n_feat, nf);
             assert_int_equal(o.logits->shape[0], 2);
             assert_int_equal(o.logits->shape[1], 7);
-            assert_int_equal(o.feat[4]->ndim, 2);
-            assert_int_equal(o.feat[4]->shape[1], kd_model_feat_dim(m));
-            assert_int_equal(o.feat[3]->ndim, 4);
-            assert_int_equal(o.feat[3]->shape[2], (H + 3) / 4); /* two stride-2 stages */
-            for (int k = 0; k < 5; k++) {
+            assert_int_equal(o.feat[nf - 1]->ndim, 2);
+            assert_int_equal(o.feat[nf - 1]->shape[1], kd_model_feat_dim(m));
+            assert_int_equal(o.feat[nf - 2]->ndim, 4);
+            assert_int_equal(o.feat[nf - 2]->shape[2], v ? kd_feat_expect[row].h32 : kd_feat_expect[row].h28);
+            for (int k = 0; k < nf; k++) {
                 assert_non_null(o.preact[k]);
                 assert_true(kd_tensor_same_shape(o.preact[k], o.feat[k]));
             }

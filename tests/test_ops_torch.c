@@ -276,6 +276,12 @@ static kd_tensor *build_op(kd_graph *g, const fx_case *c, kd_tensor **in, int n_
     if (!strcmp(op, "log")) return kd_log(g, in[0]);
     if (!strcmp(op, "dropout"))
         return kd_dropout(g, in[0], (float)meta_num(c, "p"), (int)meta_num(c, "training"));
+    if (!strcmp(op, "sigmoid")) return kd_sigmoid(g, in[0]);
+    if (!strcmp(op, "hardswish")) return kd_hardswish(g, in[0]);
+    if (!strcmp(op, "hardsigmoid")) return kd_hardsigmoid(g, in[0]);
+    if (!strcmp(op, "silu")) return kd_silu(g, in[0]);
+    if (!strcmp(op, "relu6")) return kd_relu6(g, in[0]);
+    if (!strcmp(op, "mul_channel")) return kd_mul_channel(g, in[0], in[1]);
     fail_msg("%s: the test has no dispatch for op \"%s\"", c->name, op);
     return NULL;
 }

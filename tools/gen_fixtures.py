@@ -155,6 +155,15 @@ def away_from_zero(*shape):
     return torch.sign(u) * (0.1 + u.abs())
 
 
+def away_from(x, kinks, gap=0.1):
+    """x with every value within `gap` of a kink moved to kink +- gap."""
+    for k in kinks:
+        d = x - k
+        near = d.abs() < gap
+        x = torch.where(near, k + torch.where(d < 0, -gap, gap) * torch.ones_like(x), x)
+    return x
+
+
 def distinct(*shape):
     """A random permutation of evenly spaced values in [-2, 2): no ties."""
     n = 1
@@ -318,6 +327,23 @@ def build_ops():
           lambda x: F.dropout(x, 0.0, training=True), [randn(3, 4)], [True])
     c.add("dropout_eval", {"op": "dropout", "p": 0.5, "training": 0},
           lambda x: F.dropout(x, 0.5, training=False), [randn(3, 4)], [True])
+
+    # Activations of the mobile networks. Inputs of the piecewise-linear ones
+    # stay >= 0.1 away from their kinks (hardswish, hardsigmoid: -3 and 3;
+    # relu6: 0 and 6).
+    c.add("sigmoid", {"op": "sigmoid"}, torch.sigmoid, [3 * randn(3, 4, 5)], [True])
+    c.add("hardswish", {"op": "hardswish"}, F.hardswish, [away_from(3 * randn(4, 30), (-3, 3))],
+          [True])
+    c.add("hardsigmoid", {"op": "hardsigmoid"}, F.hardsigmoid,
+          [away_from(3 * randn(4, 30), (-3, 3))], [True])
+    c.add("silu", {"op": "silu"}, F.silu, [3 * randn(3, 4, 5)], [True])
+    c.add("relu6", {"op": "relu6"}, F.relu6, [away_from(2 + 3 * randn(4, 30), (0, 6))], [True])
+
+    # mul_channel: in0 x (N, C, H, W), in1 s (N, C) or (N, 1); y = x * s[:, :, None, None].
+    c.add("mul_channel", {"op": "mul_channel"}, lambda x, s: x * s[:, :, None, None],
+          [randn(2, 3, 4, 5), randn(2, 3)], [True, True])
+    c.add("mul_channel_n1", {"op": "mul_channel"}, lambda x, s: x * s[:, :, None, None],
+          [randn(3, 4, 2, 3), randn(3, 1)], [True, True])
 
     c.meta["cases"] = ",".join(c.names)
     c.meta["generator"] = "tools/gen_fixtures.py"

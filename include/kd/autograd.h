@@ -64,6 +64,12 @@ typedef enum {
     KD_OP_EXP,
     KD_OP_LOG,
     KD_OP_DROPOUT,       /* inverted dropout, counter-based mask */
+    KD_OP_SIGMOID,       /* 1 / (1 + exp(-x)) */
+    KD_OP_HARDSWISH,     /* x * relu6(x + 3) / 6 (PyTorch nn.Hardswish) */
+    KD_OP_HARDSIGMOID,   /* relu6(x + 3) / 6 (PyTorch nn.Hardsigmoid) */
+    KD_OP_SILU,          /* x * sigmoid(x) (swish) */
+    KD_OP_RELU6,         /* min(max(x, 0), 6) */
+    KD_OP_MUL_CHANNEL,   /* x (N, C, H, W) * s (N, C) or (N, 1) broadcast over H, W */
     KD_OP_COUNT
 } kd_op;
 
@@ -148,6 +154,20 @@ kd_tensor *kd_exp(kd_graph *g, kd_tensor *x);
 kd_tensor *kd_log(kd_graph *g, kd_tensor *x);
 /* Inverted dropout with keep-probability 1-p; identity when !training or p == 0. */
 kd_tensor *kd_dropout(kd_graph *g, kd_tensor *x, float p, int training);
+
+/* Smooth and piecewise-linear activations of the mobile networks (plain C,
+ * any shape). At the kinks of the piecewise ones the gradient follows
+ * PyTorch: hardswish uses (2x + 3) / 6 on [-3, 3]; hardsigmoid and relu6
+ * have zero gradient at and outside the ends of their linear pieces. */
+kd_tensor *kd_sigmoid(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_hardswish(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_hardsigmoid(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_silu(kd_graph *g, kd_tensor *x);
+kd_tensor *kd_relu6(kd_graph *g, kd_tensor *x);
+/* Channel scaling for squeeze-and-excitation and stochastic depth:
+ * y = x * s[:, :, None, None] for x (N, C, H, W) and s (N, C), or
+ * y = x * s[:, 0, None, None, None] for s (N, 1). Gradients flow to both. */
+kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s);
 
 #ifdef __cplusplus
 }

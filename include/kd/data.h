@@ -1,8 +1,10 @@
 /*
- * kd/data.h: the data layer. In-memory image datasets (MNIST-style IDX files,
- * CIFAR-10/100 binary), per-sample augmentation (random crop with zero
- * padding, horizontal flip, per-channel normalisation) and a threaded batch
- * loader with prefetch whose output does not depend on the number of workers.
+ * kd/data.h: the data layer. Image datasets (MNIST-style IDX files, CIFAR-10/100
+ * binary, STL-10 binary, folders of JPEG/PNG images, file lists), per-sample
+ * augmentation (an optional geometry step to a fixed output size, random crop
+ * with zero padding, horizontal flip, per-channel normalisation) and a
+ * threaded batch loader with prefetch whose output does not depend on the
+ * number of workers.
  *
  * Usage:
  *     kd_dataset *ds = NULL;
@@ -28,13 +30,25 @@
  *     kd_loader_free(ld);   // before the dataset it reads
  *     kd_dataset_free(ds);
  *
+ * Image folders and other variable-size data are opened the same way; the
+ * dataset holds paths and labels only, the loader's workers decode each
+ * image when its batch is prepared, and transform.out_h/out_w fix the batch
+ * shape (resize shorter side + centre crop unless a geometry hook is given):
+ *     kd_dataset_open_split("folder:/data/imagenette", KD_SPLIT_TRAIN, &ds);
+ *     cfg.transform.out_h = cfg.transform.out_w = 224;
+ *     cfg.transform.resize = 256;     // eval: Resize(256) + CenterCrop(224)
+ *     cfg.skip_bad = 1;               // substitute unreadable images, count them
+ *
  * Reproducibility. Everything random is drawn from the counter-based kd_rng:
  *   - the epoch permutation (shuffle = 1) is a Fisher-Yates shuffle driven by
  *     kd_rng_init(&r, seed, kd_rng_key(KD_DATA_SHUFFLE_TAG, epoch)), drawing
  *     j = kd_rng_below(&r, i + 1) for i = N-1 down to 1;
  *   - sample `index` (its index in the dataset, not its position in the epoch)
  *     is augmented with kd_rng_init(&r, seed, kd_data_sample_key(seed, epoch, index)),
- *     where kd_data_sample_key = kd_rng_key(kd_rng_key(seed, epoch), index).
+ *     where kd_data_sample_key = kd_rng_key(kd_rng_key(seed, epoch), index);
+ *     a geometry hook draws first, then the crop and flip;
+ *   - with skip_bad, an unreadable sample is replaced by the next readable
+ *     index (wrapping), augmented with that index's stream.
  * So a batch depends only on (dataset, cfg, seed, epoch), never on num_workers,
  * prefetch or timing; the bytes are identical for any worker count.
  */
@@ -51,10 +65,20 @@ extern "C" {
 
 /* --------------------------------------------------------------- datasets */
 
-/* An in-memory labelled image dataset: uint8 images (N, C, H, W) and int32
- * labels (N) in [0, num_classes). Immutable once opened, so any number of
- * loaders and threads may read it at the same time. */
+/* An image dataset: N samples of uint8 images (C, H, W) and int32 labels (N)
+ * in [0, num_classes), or -1 for an unlabeled sample. IDX and CIFAR datasets
+ * (and those from memory) hold every image in memory; STL-10 reads records
+ * on demand from its file (pread), and image folders and file lists hold
+ * paths and decode on demand ("lazy" datasets: kd_dataset_image returns NULL,
+ * kd_dataset_read fetches a sample). Folder images may differ in size; such
+ * a dataset reports height = width = 0. Immutable once opened, so any number
+ * of loaders and threads may read it at the same time. */
 typedef struct kd_dataset kd_dataset;
+
+/* Which part of a dataset to open. UNLABELED is the dataset's unlabeled data
+ * (STL-10 unlabeled_X.bin, an image folder's unlabeled/ subdirectory) or,
+ * when it has none, its training images with labels dropped (-1). */
+typedef enum { KD_SPLIT_TRAIN = 0, KD_SPLIT_TEST = 1, KD_SPLIT_UNLABELED = 2 } kd_split;
 
 /* MNIST-format IDX files (MNIST, Fashion-MNIST, KMNIST, EMNIST). `dir` is a
  * directory holding train-images-idx3-ubyte, train-labels-idx1-ubyte,
@@ -74,13 +98,49 @@ kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out);
  * fine label is used). Images are (3, 32, 32); num_classes = variant. */
 kd_status kd_dataset_open_cifar(const char *dir, int variant, int train, kd_dataset **out);
 
-/* Opens whatever `spec_or_dir` holds. A spec may force the format:
- * "idx:DIR", "cifar10:DIR", "cifar100:DIR". A plain directory is probed for
- * IDX files (*idx3-ubyte[.gz]), CIFAR-10 (data_batch_1.bin / test_batch.bin),
- * CIFAR-100 (train.bin / test.bin), then the subdirectories the official
- * archives unpack to (cifar-10-batches-bin, cifar-100-binary). A path that is
- * not a directory is tried as an IDX prefix (DIR/PREFIX). Nothing found:
- * KD_ERR_NOT_FOUND naming the directory and what was looked for. */
+/* STL-10 binary version: DIR/{train,test}_X.bin with {train,test}_y.bin, and
+ * unlabeled_X.bin. Images are 96x96x3 uint8 stored column-major per channel
+ * and returned as (3, 96, 96) row-major; labels 1..10 become 0..9, unlabeled
+ * samples get -1 (num_classes stays 10). File sizes and label ranges are
+ * checked when opening; records are read with pread when needed. */
+kd_status kd_dataset_open_stl10(const char *dir, kd_split split, kd_dataset **out);
+
+/* A torchvision ImageFolder: DIR/<class>/.../NAME.{jpg,jpeg,png} (any case).
+ * Classes are the subdirectories sorted by name (byte order), label = rank;
+ * each class's images are found recursively and ordered by directory path,
+ * then file name, as torchvision does. Other files and hidden entries
+ * (names starting with ".") are ignored. A class with
+ * no image is an error naming its folder. Images decode to RGB (C = 3). */
+kd_status kd_dataset_open_folder(const char *dir, kd_dataset **out);
+
+/* Every *.{jpg,jpeg,png} under dir, recursively, in the same order, with
+ * label -1 and num_classes 0. */
+kd_status kd_dataset_open_unlabeled(const char *dir, kd_dataset **out);
+
+/* A text file of "PATH LABEL" lines (label a non-negative integer, the last
+ * field; PATH may hold spaces; relative paths are relative to the list's
+ * directory); empty lines and lines starting with '#' are skipped. A list
+ * whose lines have no labels is unlabeled (-1). num_classes = largest label
+ * + 1. Files are not checked until they are read. */
+kd_status kd_dataset_open_list(const char *list_file, kd_dataset **out);
+
+/* Opens a split of whatever `spec_or_dir` holds. A spec may force the
+ * format: "idx:DIR", "cifar10:DIR", "cifar100:DIR", "stl10:DIR",
+ * "folder:DIR" (DIR/train and DIR/val or DIR/test when present, else DIR for
+ * every split), "unlabeled:DIR" (every split: all images, label -1) and
+ * "list:FILE" (every split). A plain directory is probed for IDX files
+ * (*idx3-ubyte[.gz]), CIFAR-10 (data_batch_1.bin / test_batch.bin),
+ * CIFAR-100 (train.bin / test.bin), STL-10 (*_X.bin), the subdirectories the
+ * official archives unpack to (cifar-10-batches-bin, cifar-100-binary,
+ * stl10_binary), then image folders: DIR/train (+ DIR/val or DIR/test) of
+ * class folders, or DIR itself of class folders (its train split only; use
+ * "folder:DIR" to evaluate on it), or a flat folder of images (unlabeled
+ * split only). A regular file that is not an IDX prefix is read as a file
+ * list. Nothing found: KD_ERR_NOT_FOUND naming the path and what was looked
+ * for. */
+kd_status kd_dataset_open_split(const char *spec_or_dir, kd_split split, kd_dataset **out);
+
+/* kd_dataset_open_split with KD_SPLIT_TRAIN (train != 0) or KD_SPLIT_TEST. */
 kd_status kd_dataset_open(const char *spec_or_dir, int train, kd_dataset **out);
 
 /* A dataset from caller memory (copied): images (n, c, h, w), labels (n),
@@ -92,28 +152,92 @@ kd_status kd_dataset_from_memory(const char *name, int64_t n, int c, int h, int 
 /* A class-balanced random subset of n samples (copied, kept in dataset
  * order): each class gets n / num_classes samples (the first n % num_classes
  * classes one more); a class with too few samples gives all it has and the
- * shortfall is spread over the others. Deterministic in (ds, n, seed). */
+ * shortfall is spread over the others. Unlabeled data: a uniform subset.
+ * Lazy datasets copy their record indices or paths, not images.
+ * Deterministic in (ds, n, seed). */
 kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_dataset **out);
 
 void kd_dataset_free(kd_dataset *ds); /* NULL is fine */
 
 int64_t kd_dataset_size(const kd_dataset *ds);
 int kd_dataset_channels(const kd_dataset *ds);
-int kd_dataset_height(const kd_dataset *ds);
-int kd_dataset_width(const kd_dataset *ds);
+int kd_dataset_height(const kd_dataset *ds); /* 0: images differ in size */
+int kd_dataset_width(const kd_dataset *ds);  /* 0: images differ in size */
 int kd_dataset_num_classes(const kd_dataset *ds);
-int32_t kd_dataset_label(const kd_dataset *ds, int64_t i);
-const uint8_t *kd_dataset_image(const kd_dataset *ds, int64_t i); /* (C, H, W) */
+int32_t kd_dataset_label(const kd_dataset *ds, int64_t i); /* -1: unlabeled */
+/* (C, H, W) in memory, or NULL for a lazy dataset (use kd_dataset_read). */
+const uint8_t *kd_dataset_image(const kd_dataset *ds, int64_t i);
 const int32_t *kd_dataset_labels(const kd_dataset *ds);            /* (N) */
-/* "fashion-mnist", "cifar-10", ... (directory or file-prefix name for IDX). */
+/* "fashion-mnist", "cifar-10", "stl-10", a folder's or list's base name. */
 const char *kd_dataset_name(const kd_dataset *ds);
 int kd_dataset_is_train(const kd_dataset *ds);
+kd_split kd_dataset_split(const kd_dataset *ds);
+int kd_dataset_is_lazy(const kd_dataset *ds); /* 1: samples are read on demand */
+/* Class k's name (folder name, STL-10 class), or NULL when unknown. */
+const char *kd_dataset_class_name(const kd_dataset *ds, int k);
+/* The file sample i is read from (image file, STL-10 images file), or NULL
+ * for in-memory datasets. */
+const char *kd_dataset_path(const kd_dataset *ds, int64_t i);
+
+/* A decoded image (C, H, W) in buffers that grow as needed and are reused
+ * from call to call. Zero-initialise; release with kd_image_free. */
+typedef struct {
+    uint8_t *data; /* (c, h, w) */
+    int c, h, w;
+    size_t cap;    /* bytes allocated at data */
+    struct {
+        uint8_t *p;
+        size_t cap;
+    } raw, row;    /* internal: file bytes, one decoded row */
+} kd_image;
+void kd_image_free(kd_image *im);
+
+/* Decodes the JPEG (libjpeg-turbo) or PNG (libpng) file at path, detected by
+ * content, to RGB (3, h, w) uint8: grayscale is replicated, alpha dropped,
+ * palettes expanded, 16-bit samples reduced to their high byte. A missing or
+ * unreadable file, a truncated or corrupt image, or a file that is not a
+ * JPEG or PNG fails with a message naming the path and the problem. */
+kd_status kd_image_read(const char *path, kd_image *im);
+
+/* Only the size of the image file at path (header read). */
+kd_status kd_image_probe(const char *path, int *c, int *h, int *w);
+
+/* Sample i at its own size into im (copied from memory, read or decoded). */
+kd_status kd_dataset_read(const kd_dataset *ds, int64_t i, kd_image *im);
+/* Only its size: free for fixed-size datasets, a header read for files. */
+kd_status kd_dataset_probe(const kd_dataset *ds, int64_t i, int *c, int *h, int *w);
+
+/* Per-channel mean and standard deviation of pixel values / 255 over up to
+ * max_samples samples spread evenly over ds (all when max_samples <= 0);
+ * unreadable samples are left out. Channels beyond 4 are ignored. */
+kd_status kd_dataset_channel_stats(const kd_dataset *ds, int64_t max_samples, float mean[4],
+                                   float std[4]);
 
 /* ------------------------------------------------------------- transforms */
 
-/* Per-sample augmentation, applied in torchvision order: RandomCrop(H x W,
- * padding = pad_crop) with zero padding, RandomHorizontalFlip(0.5),
- * ToTensor (x / 255), Normalize(mean, std). A zeroed config gives x / 255. */
+/* A growable scratch buffer for per-sample work (one per loader worker). */
+typedef struct {
+    void *p;
+    size_t cap;
+} kd_scratch;
+/* At least `bytes` bytes (64-byte aligned), reusing the buffer; NULL when out
+ * of memory. The contents are not kept across calls. */
+void *kd_scratch_get(kd_scratch *s, size_t bytes);
+void kd_scratch_free(kd_scratch *s);
+
+/* The geometry step: maps a sample at its own size, src (c, h, w), to the
+ * output size, dst (c, out_h, out_w), drawing any random choices from r
+ * (the sample's stream, before the crop and flip draws). The SSL transforms
+ * (random-resized-crop, ...) plug in here; scratch is the worker's. Must be
+ * thread-safe and deterministic in (ctx, r, src). */
+typedef kd_status (*kd_geometry_fn)(const void *ctx, kd_rng *r, const uint8_t *src, int c, int h,
+                                    int w, uint8_t *dst, int out_h, int out_w, kd_scratch *scratch);
+
+/* Per-sample augmentation, applied in torchvision order: the geometry step
+ * (only when a hook is set or the sample's size differs from out_h x out_w),
+ * RandomCrop(H x W, padding = pad_crop) with zero padding,
+ * RandomHorizontalFlip(0.5), ToTensor (x / 255), Normalize(mean, std). A
+ * zeroed config gives x / 255 at the dataset's own (fixed) size. */
 typedef struct {
     int pad_crop;  /* p > 0: pad p zeros on each side, then take an H x W window
                       whose top-left corner is uniform in [0, 2p] x [0, 2p] */
@@ -121,6 +245,14 @@ typedef struct {
     int normalize; /* 1: (x / 255 - mean[c]) / std[c]; 0: x / 255 */
     float mean[4]; /* per channel, C <= 4 */
     float std[4];
+    /* Output size. 0: the dataset's image size (required when its images
+     * differ in size). A sample of another size goes through `geometry`, or
+     * by default Resize(resize) + CenterCrop(out_h, out_w) as torchvision
+     * (bilinear with antialiasing, zero padding where the crop is larger). */
+    int out_h, out_w;
+    int resize;              /* shorter side before the centre crop; 0: max(out_h, out_w) */
+    kd_geometry_fn geometry; /* NULL: the default above */
+    const void *geometry_ctx;
 } kd_transform_cfg;
 
 /* The random choices made for one sample (for tests and debugging). */
@@ -133,8 +265,9 @@ typedef struct {
  * pad_crop > 0), then flip (if hflip). */
 kd_transform_draw kd_transform_draw_from(const kd_transform_cfg *cfg, kd_rng *r);
 
-/* src: (C, H, W) uint8; dst: (C, H, W) float32. Checks nothing: the config
- * must have passed kd_transform_check for this channel count. */
+/* The crop, flip and normalisation (not the geometry step): src (C, H, W)
+ * uint8; dst: (C, H, W) float32. Checks nothing: the config must have
+ * passed kd_transform_check for this channel count. */
 void kd_transform_apply(const kd_transform_cfg *cfg, const kd_transform_draw *d, const uint8_t *src,
                         int c, int h, int w, float *dst);
 
@@ -146,8 +279,22 @@ kd_status kd_transform_check(const kd_transform_cfg *cfg, int c);
  * kd_rng_key(kd_rng_key(seed, epoch), index). */
 uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index);
 
+/* Resamples the box [x0, x1) x [y0, y1) of src (c, h, w) (pixel units,
+ * fractional allowed, inside the image) to a (c, dh, dw) window of dst, a
+ * (c, dst_h, dst_w) image, with top-left corner (oy, ox): bilinear with
+ * antialiasing when shrinking (PIL's filter support), rounded to uint8. */
+kd_status kd_image_resample(const uint8_t *src, int c, int h, int w, double x0, double y0,
+                            double x1, double y1, uint8_t *dst, int dst_h, int dst_w, int oy,
+                            int ox, int dh, int dw, kd_scratch *scratch);
+
+/* The default geometry: Resize(resize, shorter side; 0: max(out_h, out_w))
+ * then CenterCrop(out_h, out_w), zero-padded where the crop is larger. */
+kd_status kd_image_resize_center_crop(const uint8_t *src, int c, int h, int w, int resize,
+                                      uint8_t *dst, int out_h, int out_w, kd_scratch *scratch);
+
 /* What the loader computes for dataset sample `index` in `epoch` under
- * `seed`: draws from the sample's stream, then applies. dst: (C, H, W). */
+ * `seed`: reads the sample, draws from its stream, then applies (geometry
+ * step, crop, flip, normalisation). dst: (C, out_h, out_w). */
 kd_status kd_transform_sample(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
                               uint64_t seed, int64_t epoch, float *dst);
 
@@ -164,6 +311,9 @@ typedef struct {
     int num_workers;    /* decoding threads; 0 = synchronous in the caller */
     int prefetch;       /* batches prepared ahead of the one the caller holds;
                            0 = 2 * num_workers. Ignored when num_workers = 0. */
+    int skip_bad;       /* 1: an unreadable sample (corrupt, truncated, missing
+                           image) is replaced by the next readable index, logged
+                           once and counted; 0: it fails the batch */
     kd_transform_cfg transform;
 } kd_loader_cfg;
 
@@ -192,6 +342,13 @@ kd_status kd_loader_start_epoch(kd_loader *l, int64_t epoch);
 int kd_loader_next(kd_loader *l, kd_batch *out);
 
 int64_t kd_loader_num_batches(const kd_loader *l); /* per epoch */
+
+/* The shape of one output sample (C, out_h, out_w). */
+void kd_loader_sample_shape(const kd_loader *l, int *c, int *h, int *w);
+
+/* Distinct unreadable samples found so far (skip_bad); each is counted and
+ * logged once, and not read again. */
+int64_t kd_loader_skipped(const kd_loader *l);
 
 /* Stops and joins the workers (also mid-epoch) and frees the buffers. */
 void kd_loader_free(kd_loader *l); /* NULL is fine */

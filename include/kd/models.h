@@ -7,6 +7,23 @@
  * penultimate embedding (N, feat_dim). preact[k] holds the pre-activation
  * version of feat[k] where the architecture defines one (else feat[k]).
  *
+ * torchvision's ImageNet models (names as in torchvision.models; any input
+ * size from 32x32; state_dict names and init as torchvision) index feat[] by
+ * output stride:
+ *   resnet18/34/50      n_feat 6: [0] stem after the max pool (stride 4),
+ *                       [1..4] layer1..layer4 (strides 4, 8, 16, 32; [4] is
+ *                       also the final map), [5] pooled (N, 512 or 2048).
+ *   mobilenet_v3_large  n_feat 8: [0] stem (stride 2), [1..5] last block at
+ *                       strides 2, 4, 8, 16, 32, [6] final 1x1 conv (960),
+ *                       [7] pooled (N, 960), the classifier's input.
+ *   mobilenet_v3_small  n_feat 7: [0] stem (2), [1..4] strides 4, 8, 16, 32,
+ *                       [5] final 1x1 conv (576), [6] pooled (N, 576).
+ *   efficientnet_b0     n_feat 8: [0] stem (2), [1..5] features.1, 2, 3, 5, 7
+ *                       (strides 2, 4, 8, 16, 32), [6] features.8 (1280),
+ *                       [7] pooled (N, 1280).
+ * preact[] of the ResNets holds each stage's last sum before the ReLU; of the
+ * mobile nets, the final conv's BN output before its activation.
+ *
  * Usage:
  *     kd_model *m;
  *     kd_model_cfg cfg = {.in_channels = 1, .num_classes = 10, .seed = 0};

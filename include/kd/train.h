@@ -32,11 +32,12 @@ extern "C" {
 
 typedef struct {
     /* data */
-    char data[512];       /* dataset directory or spec (idx:DIR, cifar10:DIR, cifar100:DIR) */
+    char data[512];       /* dataset directory or spec (idx:DIR, cifar10:DIR, stl10:DIR, folder:DIR, ...) */
     int64_t train_subset; /* 0: whole training set; n: class-balanced subset of n */
     int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
     int hflip;            /* random horizontal flip */
     int workers;          /* loader threads; 0 = in the training thread */
+    int skip_bad_images;  /* 1: replace unreadable training images (loader skip_bad) */
     /* models */
     char model[48];         /* student (or the model trained by `kd train`) */
     char teacher[48];       /* teacher architecture; empty: read from the checkpoint */

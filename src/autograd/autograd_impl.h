@@ -134,5 +134,7 @@ kd_status kd__sum_backward(kd_graph *g, kd__node *n);
 kd_status kd__exp_backward(kd_graph *g, kd__node *n);
 kd_status kd__log_backward(kd_graph *g, kd__node *n);
 kd_status kd__dropout_backward(kd_graph *g, kd__node *n);
+kd_status kd__act_backward(kd_graph *g, kd__node *n); /* sigmoid .. relu6 (ops_act.c) */
+kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n);
 
 #endif /* KD_AUTOGRAD_IMPL_H */

@@ -40,6 +40,12 @@ const kd__op_entry kd__op_table[KD_OP_COUNT] = {
     KD__OP(KD_OP_EXP, "exp", kd__exp_backward),
     KD__OP(KD_OP_LOG, "log", kd__log_backward),
     KD__OP(KD_OP_DROPOUT, "dropout", kd__dropout_backward),
+    KD__OP(KD_OP_SIGMOID, "sigmoid", kd__act_backward),
+    KD__OP(KD_OP_HARDSWISH, "hardswish", kd__act_backward),
+    KD__OP(KD_OP_HARDSIGMOID, "hardsigmoid", kd__act_backward),
+    KD__OP(KD_OP_SILU, "silu", kd__act_backward),
+    KD__OP(KD_OP_RELU6, "relu6", kd__act_backward),
+    KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward),
 };
 
 _Static_assert(sizeof(kd__op_table) / sizeof(kd__op_table[0]) == KD_OP_COUNT,

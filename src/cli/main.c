@@ -267,15 +267,62 @@ static int kd__cmd_info(int argc, char **argv) {
         kd_st_close(f);
         return 0;
     }
-    kd_dataset *tr = NULL, *te = NULL;
-    if (kd_dataset_open(path, 1, &tr) != KD_OK) return kd__fail("info");
-    if (kd_dataset_open(path, 0, &te) != KD_OK) {
+    kd_dataset *tr = NULL, *te = NULL, *un = NULL;
+    kd_status st = kd_dataset_open(path, 1, &tr);
+    if (st != KD_OK) {
+        /* No labelled data: maybe a folder of unlabeled images. */
+        char why[1024];
+        snprintf(why, sizeof why, "%s", kd_last_error());
+        if (st != KD_ERR_NOT_FOUND || kd_dataset_open_split(path, KD_SPLIT_UNLABELED, &un) != KD_OK) {
+            kd_error(st, "%s", why);
+            return kd__fail("info");
+        }
+    }
+    if (tr && kd_dataset_open(path, 0, &te) != KD_OK && !kd_dataset_is_lazy(tr)) {
         kd_dataset_free(tr);
         return kd__fail("info");
     }
-    printf("%s: %s, %d classes, images %dx%dx%d (C x H x W), train %lld, test %lld\n", path, kd_dataset_name(tr),
-           kd_dataset_num_classes(tr), kd_dataset_channels(tr), kd_dataset_height(tr), kd_dataset_width(tr),
-           (long long)kd_dataset_size(tr), (long long)kd_dataset_size(te));
+    /* Datasets read from files: their unlabeled split, when they have their own. */
+    if (tr && kd_dataset_is_lazy(tr) && kd_dataset_open_split(path, KD_SPLIT_UNLABELED, &un) == KD_OK &&
+        kd_dataset_path(un, 0) && strcmp(kd_dataset_path(un, 0), kd_dataset_path(tr, 0)) == 0 &&
+        kd_dataset_size(un) == kd_dataset_size(tr)) {
+        kd_dataset_free(un); /* only the training images without labels */
+        un = NULL;
+    }
+    const kd_dataset *d = tr ? tr : un;
+    char size[160];
+    if (kd_dataset_height(d) > 0) {
+        snprintf(size, sizeof size, "%dx%dx%d (C x H x W)", kd_dataset_channels(d), kd_dataset_height(d),
+                 kd_dataset_width(d));
+    } else {
+        /* Differing sizes: the range over an even sample of up to 200 headers. */
+        int64_t n = kd_dataset_size(d), m = n < 200 ? n : 200, bad = 0;
+        int hmin = 0, hmax = 0, wmin = 0, wmax = 0, c = 0, h, w, seen = 0;
+        for (int64_t k = 0; k < m; k++) {
+            if (kd_dataset_probe(d, k * n / m, &c, &h, &w) != KD_OK) {
+                bad++;
+                continue;
+            }
+            if (!seen++ || h < hmin) hmin = h;
+            if (seen == 1 || h > hmax) hmax = h;
+            if (seen == 1 || w < wmin) wmin = w;
+            if (seen == 1 || w > wmax) wmax = w;
+        }
+        snprintf(size, sizeof size, "variable, %d channels; H %d..%d, W %d..%d in a sample of %lld%s", kd_dataset_channels(d),
+                 hmin, hmax, wmin, wmax, (long long)m, bad ? " (some unreadable)" : "");
+    }
+    printf("%s: %s, %d classes, images %s", path, kd_dataset_name(d), kd_dataset_num_classes(d), size);
+    if (tr) printf(", train %lld", (long long)kd_dataset_size(tr));
+    if (te) printf(", test %lld", (long long)kd_dataset_size(te));
+    else if (tr) printf(", no test split");
+    if (un) printf(", unlabeled %lld", (long long)kd_dataset_size(un));
+    printf("\n");
+    if (kd_dataset_class_name(d, 0)) {
+        printf("  classes:");
+        for (int k = 0; k < kd_dataset_num_classes(d); k++) printf(" %s", kd_dataset_class_name(d, k));
+        printf("\n");
+    }
+    kd_dataset_free(un);
     kd_dataset_free(te);
     kd_dataset_free(tr);
     return 0;

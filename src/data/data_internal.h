@@ -1,5 +1,6 @@
 /* Internal to the data layer: the dataset struct shared by the format readers,
- * and whole-file reading (plain or gzip) with errors naming the file. */
+ * whole-file reading (plain or gzip) with errors naming the file, and the
+ * per-sample pipeline shared by the loader and kd_transform_sample. */
 #ifndef KD_DATA_INTERNAL_H
 #define KD_DATA_INTERNAL_H
 
@@ -9,14 +10,33 @@
 #include "kd/core.h"
 #include "kd/data.h"
 
+/* Where a dataset's images live. */
+typedef enum {
+    KD__SRC_MEMORY = 0, /* images[] */
+    KD__SRC_STL10,      /* records of `path`, read with pread(fd) */
+    KD__SRC_FILES,      /* one image file per sample */
+} kd__source;
+
 struct kd_dataset {
     char name[128];
     int64_t n;
-    int c, h, w;
+    int c, h, w; /* h = w = 0: samples differ in size */
     int num_classes;
     int train;
-    uint8_t *images; /* (N, C, H, W), malloc'd */
-    int32_t *labels; /* (N), malloc'd */
+    kd_split split;
+    kd__source source;
+    uint8_t *images; /* (N, C, H, W), malloc'd; KD__SRC_MEMORY only */
+    int32_t *labels; /* (N), malloc'd; -1 = unlabeled */
+    /* KD__SRC_STL10 */
+    int fd;          /* open images file, -1 if none */
+    int64_t *recs;   /* (N) record of each sample in the file */
+    /* KD__SRC_FILES: sample i is pool + offs[i] */
+    char *pool;
+    int64_t *offs;
+    /* Class names (folders, STL-10): class k is cpool + coffs[k]. */
+    char *cpool;
+    int64_t *coffs;
+    char path[4096]; /* images file (STL-10) or root folder / list, for messages */
 };
 
 /* An empty dataset with room for n images of (c, h, w); contents unset. */
@@ -29,7 +49,19 @@ kd_status kd__dataset_alloc(const char *name, int64_t n, int c, int h, int w, in
  * KD_ERR_NOMEM, each naming the path. */
 kd_status kd__read_whole_file(const char *path, uint8_t **buf, size_t *len);
 
+/* A lazy dataset shell (no images, labels allocated, fd = -1). */
+kd_status kd__dataset_alloc_lazy(const char *name, int64_t n, int c, int h, int w,
+                                 kd__source source, kd_dataset **out);
+
+/* Copies class names (k of them) into ds. */
+kd_status kd__dataset_set_classes(kd_dataset *ds, const char *const *names, int k);
+
+/* Sets every label to -1 and the split to UNLABELED (num_classes kept). */
+void kd__dataset_drop_labels(kd_dataset *ds);
+
 int kd__is_dir(const char *path);
+/* 1 if name ends with .jpg, .jpeg or .png (any case) and is not hidden. */
+int kd__is_image_name(const char *name);
 int kd__is_file(const char *path);
 
 /* The last path component without trailing slashes, into buf. */
@@ -46,5 +78,30 @@ typedef struct {
 void kd__transform_tables_init(const kd_transform_cfg *cfg, int c, kd__transform_tables *t);
 void kd__transform_apply_tables(const kd__transform_tables *t, int pad, const kd_transform_draw *d,
                                 const uint8_t *src, int c, int h, int w, float *dst);
+
+/* Reads n bytes at offset off of fd (retrying short reads); the messages name
+ * `path` and the record. */
+kd_status kd__pread_full(int fd, void *buf, size_t n, int64_t off, const char *path,
+                         int64_t record);
+
+/* STL-10: record r of ds's images file into dst (3, 96, 96), transposed. */
+kd_status kd__stl10_read(const kd_dataset *ds, int64_t r, uint8_t *dst);
+
+/* The work buffers of one loader worker (or of a kd_transform_sample call). */
+typedef struct {
+    kd_image img;     /* the decoded sample at its own size */
+    uint8_t *geo;     /* (C, out_h, out_w) after the geometry step */
+    size_t geo_cap;
+    kd_scratch scratch;
+} kd__sample_ctx;
+
+void kd__sample_ctx_free(kd__sample_ctx *x);
+
+/* Runs the per-sample pipeline: geometry (if the sample's size differs from
+ * (out_h, out_w) or a hook is set), crop, flip, normalisation, into dst
+ * (c, out_h, out_w). src is (c, h, w). */
+kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tables *t, kd_rng *r,
+                           const uint8_t *src, int c, int h, int w, int out_h, int out_w,
+                           kd__sample_ctx *x, float *dst);
 
 #endif

@@ -1,14 +1,17 @@
-/* The in-memory dataset: construction, accessors, class-balanced subsets,
- * whole-file reading (plain or gzip), and format autodetection for
- * kd_dataset_open. The format readers live in idx.c and cifar.c. */
+/* The dataset: construction (in memory or lazy), accessors, reading one
+ * sample, channel statistics, class-balanced subsets, whole-file reading
+ * (plain or gzip), and format autodetection for kd_dataset_open_split. The
+ * format readers live in idx.c, cifar.c, stl10.c and folder.c. */
 #include "data_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
 /* ------------------------------------------------------------ construction */
@@ -31,6 +34,9 @@ kd_status kd__dataset_alloc(const char *name, int64_t n, int c, int h, int w, in
     ds->h = h;
     ds->w = w;
     ds->train = train;
+    ds->split = train ? KD_SPLIT_TRAIN : KD_SPLIT_TEST;
+    ds->source = KD__SRC_MEMORY;
+    ds->fd = -1;
     ds->images = malloc((size_t)(n * per));
     if (!ds->images) goto fail_nomem;
     ds->labels = malloc((size_t)n * sizeof *ds->labels);
@@ -41,6 +47,63 @@ fail_nomem:
     kd_dataset_free(ds);
     return kd_error(KD_ERR_NOMEM, "dataset %s: cannot allocate %lld images of %dx%dx%d", name,
                     (long long)n, c, h, w);
+}
+
+kd_status kd__dataset_alloc_lazy(const char *name, int64_t n, int c, int h, int w,
+                                 kd__source source, kd_dataset **out) {
+    *out = NULL;
+    if (n <= 0 || c <= 0 || h < 0 || w < 0)
+        return kd_error(KD_ERR_INVALID, "dataset %s: bad shape (%lld, %d, %d, %d)", name,
+                        (long long)n, c, h, w);
+    kd_dataset *ds = calloc(1, sizeof *ds);
+    if (!ds) goto fail_nomem;
+    snprintf(ds->name, sizeof ds->name, "%s", name);
+    ds->n = n;
+    ds->c = c;
+    ds->h = h;
+    ds->w = w;
+    ds->train = 1;
+    ds->split = KD_SPLIT_TRAIN;
+    ds->source = source;
+    ds->fd = -1;
+    ds->labels = malloc((size_t)n * sizeof *ds->labels);
+    if (!ds->labels) goto fail_nomem;
+    *out = ds;
+    return KD_OK;
+fail_nomem:
+    kd_dataset_free(ds);
+    return kd_error(KD_ERR_NOMEM, "dataset %s: cannot allocate the index of %lld samples", name,
+                    (long long)n);
+}
+
+kd_status kd__dataset_set_classes(kd_dataset *ds, const char *const *names, int k) {
+    size_t total = 0;
+    for (int i = 0; i < k; i++) total += strlen(names[i]) + 1;
+    free(ds->cpool);
+    free(ds->coffs);
+    ds->cpool = malloc(total ? total : 1);
+    ds->coffs = malloc((size_t)(k ? k : 1) * sizeof *ds->coffs);
+    if (!ds->cpool || !ds->coffs) {
+        free(ds->cpool);
+        free(ds->coffs);
+        ds->cpool = NULL;
+        ds->coffs = NULL;
+        return kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for class names", ds->name);
+    }
+    size_t o = 0;
+    for (int i = 0; i < k; i++) {
+        size_t l = strlen(names[i]) + 1;
+        memcpy(ds->cpool + o, names[i], l);
+        ds->coffs[i] = (int64_t)o;
+        o += l;
+    }
+    return KD_OK;
+}
+
+void kd__dataset_drop_labels(kd_dataset *ds) {
+    for (int64_t i = 0; i < ds->n; i++) ds->labels[i] = -1;
+    ds->split = KD_SPLIT_UNLABELED;
+    ds->train = 1;
 }
 
 kd_status kd_dataset_from_memory(const char *name, int64_t n, int c, int h, int w,
@@ -67,8 +130,14 @@ kd_status kd_dataset_from_memory(const char *name, int64_t n, int c, int h, int 
 
 void kd_dataset_free(kd_dataset *ds) {
     if (!ds) return;
+    if (ds->source == KD__SRC_STL10 && ds->fd >= 0) close(ds->fd);
     free(ds->images);
     free(ds->labels);
+    free(ds->recs);
+    free(ds->pool);
+    free(ds->offs);
+    free(ds->cpool);
+    free(ds->coffs);
     free(ds);
 }
 
@@ -83,14 +152,166 @@ int32_t kd_dataset_label(const kd_dataset *ds, int64_t i) { return ds->labels[i]
 const int32_t *kd_dataset_labels(const kd_dataset *ds) { return ds->labels; }
 const char *kd_dataset_name(const kd_dataset *ds) { return ds->name; }
 int kd_dataset_is_train(const kd_dataset *ds) { return ds->train; }
+kd_split kd_dataset_split(const kd_dataset *ds) { return ds->split; }
+int kd_dataset_is_lazy(const kd_dataset *ds) { return ds->source != KD__SRC_MEMORY; }
 
 const uint8_t *kd_dataset_image(const kd_dataset *ds, int64_t i) {
+    if (ds->source != KD__SRC_MEMORY) return NULL;
     return ds->images + i * (int64_t)ds->c * ds->h * ds->w;
+}
+
+const char *kd_dataset_class_name(const kd_dataset *ds, int k) {
+    if (!ds->cpool || k < 0 || k >= ds->num_classes) return NULL;
+    return ds->cpool + ds->coffs[k];
+}
+
+const char *kd_dataset_path(const kd_dataset *ds, int64_t i) {
+    if (i < 0 || i >= ds->n) return NULL;
+    if (ds->source == KD__SRC_FILES) return ds->pool + ds->offs[i];
+    if (ds->source == KD__SRC_STL10) return ds->path;
+    return NULL;
+}
+
+/* ------------------------------------------------------- reading a sample */
+
+static kd_status kd__image_reserve(kd_image *im, size_t bytes, const char *what) {
+    if (im->cap >= bytes) return KD_OK;
+    uint8_t *p = realloc(im->data, bytes);
+    if (!p) return kd_error(KD_ERR_NOMEM, "%s: cannot allocate %zu bytes for an image", what, bytes);
+    im->data = p;
+    im->cap = bytes;
+    return KD_OK;
+}
+
+kd_status kd_dataset_read(const kd_dataset *ds, int64_t i, kd_image *im) {
+    if (i < 0 || i >= ds->n)
+        return kd_error(KD_ERR_INVALID, "dataset %s: sample %lld outside [0, %lld)", ds->name,
+                        (long long)i, (long long)ds->n);
+    size_t per = (size_t)ds->c * (size_t)ds->h * (size_t)ds->w;
+    switch (ds->source) {
+    case KD__SRC_MEMORY:
+        KD_TRY(kd__image_reserve(im, per, ds->name));
+        memcpy(im->data, kd_dataset_image(ds, i), per);
+        break;
+    case KD__SRC_STL10:
+        KD_TRY(kd__image_reserve(im, per, ds->path));
+        KD_TRY(kd__stl10_read(ds, ds->recs[i], im->data));
+        break;
+    case KD__SRC_FILES:
+        return kd_image_read(ds->pool + ds->offs[i], im);
+    }
+    im->c = ds->c;
+    im->h = ds->h;
+    im->w = ds->w;
+    return KD_OK;
+}
+
+kd_status kd_dataset_probe(const kd_dataset *ds, int64_t i, int *c, int *h, int *w) {
+    if (i < 0 || i >= ds->n)
+        return kd_error(KD_ERR_INVALID, "dataset %s: sample %lld outside [0, %lld)", ds->name,
+                        (long long)i, (long long)ds->n);
+    if (ds->source == KD__SRC_FILES) return kd_image_probe(ds->pool + ds->offs[i], c, h, w);
+    *c = ds->c;
+    *h = ds->h;
+    *w = ds->w;
+    return KD_OK;
+}
+
+kd_status kd_dataset_channel_stats(const kd_dataset *ds, int64_t max_samples, float mean[4],
+                                   float std[4]) {
+    int64_t m = max_samples > 0 && max_samples < ds->n ? max_samples : ds->n;
+    double s[4] = {0}, s2[4] = {0}, cnt = 0;
+    kd_image im = {0};
+    int used = 0;
+    for (int64_t k = 0; k < m; k++) {
+        int64_t i = m == ds->n ? k : (int64_t)((double)k * (double)ds->n / (double)m);
+        if (kd_dataset_read(ds, i, &im) != KD_OK) continue; /* unreadable: left out */
+        int64_t hw = (int64_t)im.h * im.w;
+        for (int ch = 0; ch < im.c && ch < 4; ch++) {
+            const uint8_t *p = im.data + ch * hw;
+            uint64_t a = 0, a2 = 0;
+            for (int64_t j = 0; j < hw; j++) a += p[j], a2 += (uint64_t)p[j] * p[j];
+            s[ch] += (double)a;
+            s2[ch] += (double)a2;
+        }
+        cnt += (double)hw;
+        used++;
+    }
+    kd_image_free(&im);
+    for (int ch = 0; ch < 4; ch++) mean[ch] = 0.0f, std[ch] = 1.0f;
+    if (!used)
+        return kd_error(KD_ERR_FORMAT, "dataset %s: none of %lld samples could be read", ds->name,
+                        (long long)m);
+    for (int ch = 0; ch < ds->c && ch < 4; ch++) {
+        double mu = s[ch] / cnt / 255.0, var = s2[ch] / cnt / (255.0 * 255.0) - mu * mu;
+        mean[ch] = (float)mu;
+        std[ch] = var > 1e-12 ? (float)sqrt(var) : 1.0f;
+    }
+    return KD_OK;
 }
 
 /* ------------------------------------------------------------------ subset */
 
 #define KD__SUBSET_TAG 0x535542534554ull /* "SUBSET" */
+
+/* The kept samples of a lazy dataset: record indices or paths, labels. */
+static kd_status kd__subset_lazy(const kd_dataset *ds, const char *name, int64_t n,
+                                 const uint8_t *keep, kd_dataset **out) {
+    kd_dataset *sub = NULL;
+    KD_TRY(kd__dataset_alloc_lazy(name, n, ds->c, ds->h, ds->w, ds->source, &sub));
+    sub->num_classes = ds->num_classes;
+    sub->train = ds->train;
+    sub->split = ds->split;
+    memcpy(sub->path, ds->path, sizeof sub->path);
+    size_t pool = 0;
+    if (ds->source == KD__SRC_FILES)
+        for (int64_t i = 0; i < ds->n; i++)
+            if (keep[i]) pool += strlen(ds->pool + ds->offs[i]) + 1;
+    if (ds->source == KD__SRC_STL10) {
+        sub->recs = malloc((size_t)n * sizeof *sub->recs);
+        sub->fd = dup(ds->fd);
+        if (sub->fd < 0) {
+            kd_dataset_free(sub);
+            return kd_error(KD_ERR_IO, "%s: cannot duplicate the file descriptor: %s", ds->path,
+                            strerror(errno));
+        }
+    } else {
+        sub->pool = malloc(pool ? pool : 1);
+        sub->offs = malloc((size_t)n * sizeof *sub->offs);
+    }
+    if ((ds->source == KD__SRC_STL10 && !sub->recs) ||
+        (ds->source == KD__SRC_FILES && (!sub->pool || !sub->offs))) {
+        kd_dataset_free(sub);
+        return kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for a subset", ds->name);
+    }
+    if (ds->cpool) {
+        const char **names = malloc((size_t)ds->num_classes * sizeof *names);
+        kd_status st = names ? KD_OK : kd_error(KD_ERR_NOMEM, "out of memory");
+        for (int k = 0; names && k < ds->num_classes; k++) names[k] = ds->cpool + ds->coffs[k];
+        if (st == KD_OK) st = kd__dataset_set_classes(sub, names, ds->num_classes);
+        free(names);
+        if (st != KD_OK) {
+            kd_dataset_free(sub);
+            return st;
+        }
+    }
+    int64_t m = 0;
+    size_t o = 0;
+    for (int64_t i = 0; i < ds->n; i++) {
+        if (!keep[i]) continue;
+        if (ds->source == KD__SRC_STL10) {
+            sub->recs[m] = ds->recs[i];
+        } else {
+            size_t l = strlen(ds->pool + ds->offs[i]) + 1;
+            memcpy(sub->pool + o, ds->pool + ds->offs[i], l);
+            sub->offs[m] = (int64_t)o;
+            o += l;
+        }
+        sub->labels[m++] = ds->labels[i];
+    }
+    *out = sub;
+    return KD_OK;
+}
 
 kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_dataset **out) {
     *out = NULL;
@@ -98,7 +319,10 @@ kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_d
         return kd_error(KD_ERR_INVALID, "dataset %s: subset of %lld samples out of %lld", ds->name,
                         (long long)n, (long long)ds->n);
     kd_status st = KD_OK;
-    int K = ds->num_classes;
+    /* Unlabeled data is one class: a uniform subset. */
+    int labeled = ds->labels[0] >= 0 && ds->num_classes > 0;
+    int K = labeled ? ds->num_classes : 1;
+#define KD__CLS(i) (labeled ? ds->labels[i] : 0)
     int64_t *count = calloc((size_t)K, sizeof *count);
     int64_t *quota = calloc((size_t)K, sizeof *quota);
     int64_t *start = calloc((size_t)K + 1, sizeof *start);
@@ -109,12 +333,12 @@ kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_d
         st = kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for a subset", ds->name);
         goto cleanup;
     }
-    for (int64_t i = 0; i < ds->n; i++) count[ds->labels[i]]++;
+    for (int64_t i = 0; i < ds->n; i++) count[KD__CLS(i)]++;
     for (int k = 0; k < K; k++) start[k + 1] = start[k] + count[k];
     {
         int64_t *fill = quota; /* reuse as a cursor before computing quotas */
         for (int k = 0; k < K; k++) fill[k] = start[k];
-        for (int64_t i = 0; i < ds->n; i++) order[fill[ds->labels[i]]++] = i;
+        for (int64_t i = 0; i < ds->n; i++) order[fill[KD__CLS(i)]++] = i;
     }
     /* Quotas: an even split, capped by what each class has; the shortfall is
      * handed out one sample at a time, in class order, to classes with spare. */
@@ -140,16 +364,23 @@ kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_d
             keep[cls[i]] = 1;
         }
     }
+#undef KD__CLS
     char name[160];
     snprintf(name, sizeof name, "%s[%lld]", ds->name, (long long)n);
-    st = kd__dataset_alloc(name, n, ds->c, ds->h, ds->w, ds->train, &sub);
-    if (st != KD_OK) goto cleanup;
-    sub->num_classes = ds->num_classes;
-    int64_t per = (int64_t)ds->c * ds->h * ds->w, m = 0;
-    for (int64_t i = 0; i < ds->n; i++) {
-        if (!keep[i]) continue;
-        memcpy(sub->images + m * per, ds->images + i * per, (size_t)per);
-        sub->labels[m++] = ds->labels[i];
+    if (ds->source == KD__SRC_MEMORY) {
+        st = kd__dataset_alloc(name, n, ds->c, ds->h, ds->w, ds->train, &sub);
+        if (st != KD_OK) goto cleanup;
+        sub->num_classes = ds->num_classes;
+        sub->split = ds->split;
+        int64_t per = (int64_t)ds->c * ds->h * ds->w, m = 0;
+        for (int64_t i = 0; i < ds->n; i++) {
+            if (!keep[i]) continue;
+            memcpy(sub->images + m * per, ds->images + i * per, (size_t)per);
+            sub->labels[m++] = ds->labels[i];
+        }
+    } else {
+        st = kd__subset_lazy(ds, name, n, keep, &sub);
+        if (st != KD_OK) goto cleanup;
     }
     *out = sub;
 cleanup:
@@ -297,31 +528,149 @@ static int kd__is_idx_prefix(const char *path) {
     return found;
 }
 
-kd_status kd_dataset_open(const char *spec, int train, kd_dataset **out) {
-    if (!spec || !out) return kd_error(KD_ERR_INVALID, "kd_dataset_open: NULL argument");
-    *out = NULL;
-    if (strncmp(spec, "idx:", 4) == 0) return kd_dataset_open_idx(spec + 4, train, out);
-    if (strncmp(spec, "cifar10:", 8) == 0) return kd_dataset_open_cifar(spec + 8, 10, train, out);
-    if (strncmp(spec, "cifar100:", 9) == 0) return kd_dataset_open_cifar(spec + 9, 100, train, out);
+/* 1 if dir directly holds a .jpg/.jpeg/.png file (a flat folder of images),
+ * else 2 if one of its subdirectories does (class folders), else 0. */
+static int kd__dir_image_kind(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int direct = 0, nested = 0;
+    struct dirent *e;
+    while (!direct && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        if (kd__is_image_name(e->d_name)) {
+            direct = 1;
+            continue;
+        }
+        char p[4096];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (nested || !kd__is_dir(p)) continue;
+        DIR *sd = opendir(p);
+        struct dirent *f;
+        while (sd && !nested && (f = readdir(sd)) != NULL) nested = kd__is_image_name(f->d_name);
+        if (sd) closedir(sd);
+    }
+    closedir(d);
+    return direct ? 1 : nested ? 2 : 0;
+}
+
+/* Finishes a dataset opened for `split` from a labelled source: marks the
+ * split, or drops the labels for UNLABELED. */
+static kd_status kd__as_split(kd_status st, kd_split split, kd_dataset **out) {
+    if (st != KD_OK) return st;
+    if (split == KD_SPLIT_UNLABELED) kd__dataset_drop_labels(*out);
+    else {
+        (*out)->split = split;
+        (*out)->train = split == KD_SPLIT_TRAIN;
+    }
+    return KD_OK;
+}
+
+/* An image folder with split subdirectories (DIR/train, DIR/val or DIR/test,
+ * DIR/unlabeled), or DIR itself for every split when `any_split`. */
+static kd_status kd__open_folder_split(const char *dir, kd_split split, int any_split,
+                                       kd_dataset **out) {
+    char p[4096];
+    snprintf(p, sizeof p, "%s/train", dir);
+    int has_train = kd__is_dir(p);
+    if (split == KD_SPLIT_UNLABELED) {
+        snprintf(p, sizeof p, "%s/unlabeled", dir);
+        if (kd__is_dir(p)) return kd__as_split(kd_dataset_open_unlabeled(p, out), split, out);
+        snprintf(p, sizeof p, "%s%s", dir, has_train ? "/train" : "");
+        return kd__as_split(kd_dataset_open_unlabeled(p, out), split, out);
+    }
+    if (has_train) {
+        if (split == KD_SPLIT_TRAIN) {
+            snprintf(p, sizeof p, "%s/train", dir);
+            return kd__as_split(kd_dataset_open_folder(p, out), split, out);
+        }
+        static const char *test_dirs[] = {"val", "test"};
+        for (int i = 0; i < 2; i++) {
+            snprintf(p, sizeof p, "%s/%s", dir, test_dirs[i]);
+            if (kd__is_dir(p)) return kd__as_split(kd_dataset_open_folder(p, out), split, out);
+        }
+        return kd_error(KD_ERR_NOT_FOUND, "%s: image folder has train/ but no val/ or test/ split",
+                        dir);
+    }
+    if (split == KD_SPLIT_TEST && !any_split)
+        return kd_error(KD_ERR_NOT_FOUND,
+                        "%s: image folder has no test split (no val/ or test/ subdirectory); pass "
+                        "folder:%s to use the same images for every split",
+                        dir, dir);
+    return kd__as_split(kd_dataset_open_folder(dir, out), split, out);
+}
+
+static kd_status kd__open_any(const char *spec, kd_split split, kd_dataset **out) {
+    int train = split != KD_SPLIT_TEST;
+    if (strncmp(spec, "idx:", 4) == 0)
+        return kd__as_split(kd_dataset_open_idx(spec + 4, train, out), split, out);
+    if (strncmp(spec, "cifar10:", 8) == 0)
+        return kd__as_split(kd_dataset_open_cifar(spec + 8, 10, train, out), split, out);
+    if (strncmp(spec, "cifar100:", 9) == 0)
+        return kd__as_split(kd_dataset_open_cifar(spec + 9, 100, train, out), split, out);
+    if (strncmp(spec, "stl10:", 6) == 0) return kd_dataset_open_stl10(spec + 6, split, out);
+    if (strncmp(spec, "folder:", 7) == 0) {
+        if (!kd__is_dir(spec + 7)) return kd_error(KD_ERR_NOT_FOUND, "%s: no such directory", spec + 7);
+        return kd__open_folder_split(spec + 7, split, 1, out);
+    }
+    if (strncmp(spec, "unlabeled:", 10) == 0) {
+        KD_TRY(kd_dataset_open_unlabeled(spec + 10, out));
+        (*out)->split = split;
+        (*out)->train = split != KD_SPLIT_TEST;
+        return KD_OK;
+    }
+    if (strncmp(spec, "list:", 5) == 0)
+        return kd__as_split(kd_dataset_open_list(spec + 5, out), split, out);
     if (!kd__is_dir(spec)) {
-        if (kd__is_idx_prefix(spec)) return kd_dataset_open_idx(spec, train, out);
+        if (kd__is_idx_prefix(spec))
+            return kd__as_split(kd_dataset_open_idx(spec, train, out), split, out);
+        if (kd__is_file(spec)) return kd__as_split(kd_dataset_open_list(spec, out), split, out);
         return kd_error(KD_ERR_NOT_FOUND, "%s: no such directory", spec);
     }
-    if (kd__dir_has_idx(spec)) return kd_dataset_open_idx(spec, train, out);
+    if (kd__dir_has_idx(spec)) return kd__as_split(kd_dataset_open_idx(spec, train, out), split, out);
     if (kd__dir_has(spec, "data_batch_1.bin") || kd__dir_has(spec, "test_batch.bin"))
-        return kd_dataset_open_cifar(spec, 10, train, out);
+        return kd__as_split(kd_dataset_open_cifar(spec, 10, train, out), split, out);
     if (kd__dir_has(spec, "train.bin") || kd__dir_has(spec, "test.bin"))
-        return kd_dataset_open_cifar(spec, 100, train, out);
-    static const char *subdirs[] = {"cifar-10-batches-bin", "cifar-100-binary"};
+        return kd__as_split(kd_dataset_open_cifar(spec, 100, train, out), split, out);
+    if (kd__dir_has(spec, "train_X.bin") || kd__dir_has(spec, "test_X.bin") ||
+        kd__dir_has(spec, "unlabeled_X.bin"))
+        return kd_dataset_open_stl10(spec, split, out);
+    static const char *subdirs[] = {"cifar-10-batches-bin", "cifar-100-binary", "stl10_binary"};
     for (size_t i = 0; i < sizeof subdirs / sizeof subdirs[0]; i++) {
         char sub[4096];
         snprintf(sub, sizeof sub, "%s/%s", spec, subdirs[i]);
-        if (kd__is_dir(sub)) return kd_dataset_open_cifar(sub, i == 0 ? 10 : 100, train, out);
+        if (!kd__is_dir(sub)) continue;
+        if (i == 2) return kd_dataset_open_stl10(sub, split, out);
+        return kd__as_split(kd_dataset_open_cifar(sub, i == 0 ? 10 : 100, train, out), split, out);
+    }
+    char tr[4096];
+    snprintf(tr, sizeof tr, "%s/train", spec);
+    int kind = kd__dir_image_kind(spec);
+    if (kd__dir_image_kind(tr) == 2 || kind == 2) return kd__open_folder_split(spec, split, 0, out);
+    if (kind == 1) {
+        if (split != KD_SPLIT_UNLABELED)
+            return kd_error(KD_ERR_NOT_FOUND,
+                            "%s: holds images but no class folders; it can be opened as unlabeled "
+                            "data (unlabeled:%s)",
+                            spec, spec);
+        return kd_dataset_open_unlabeled(spec, out);
     }
     return kd_error(KD_ERR_NOT_FOUND,
                     "%s: no dataset found (looked for MNIST-style IDX files "
                     "*train-images-idx3-ubyte[.gz] etc., CIFAR-10 data_batch_1..5.bin / "
-                    "test_batch.bin, CIFAR-100 train.bin / test.bin, and the subdirectories "
-                    "cifar-10-batches-bin, cifar-100-binary)",
+                    "test_batch.bin, CIFAR-100 train.bin / test.bin, STL-10 *_X.bin, the "
+                    "subdirectories cifar-10-batches-bin, cifar-100-binary, stl10_binary, and "
+                    "class folders of .jpg/.png images)",
                     spec);
+}
+
+kd_status kd_dataset_open_split(const char *spec, kd_split split, kd_dataset **out) {
+    if (!spec || !out) return kd_error(KD_ERR_INVALID, "kd_dataset_open_split: NULL argument");
+    *out = NULL;
+    if (split != KD_SPLIT_TRAIN && split != KD_SPLIT_TEST && split != KD_SPLIT_UNLABELED)
+        return kd_error(KD_ERR_INVALID, "%s: unknown split %d", spec, (int)split);
+    return kd__open_any(spec, split, out);
+}
+
+kd_status kd_dataset_open(const char *spec, int train, kd_dataset **out) {
+    return kd_dataset_open_split(spec, train ? KD_SPLIT_TRAIN : KD_SPLIT_TEST, out);
 }

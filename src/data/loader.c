@@ -1,13 +1,16 @@
 /* The batch loader. The epoch permutation is computed in the caller's thread;
  * batch b always goes to ring slot b % nslots. Workers claim batch numbers in
- * order, fill their slot (gather, augment, normalise) without holding the
- * lock, and mark it ready; the caller takes batches in order and releases a
- * slot when it asks for the next batch. Each sample's augmentation is drawn
- * from its own counter-based stream, so the bytes of every batch are the same
- * for any number of workers. */
+ * order, fill their slot (gather or read/decode, augment, normalise) without
+ * holding the lock, and mark it ready; the caller takes batches in order and
+ * releases a slot when it asks for the next batch. Each sample's augmentation
+ * is drawn from its own counter-based stream, so the bytes of every batch are
+ * the same for any number of workers. In-memory datasets at their own size
+ * take a direct path (no copy); other samples are read into the worker's
+ * buffers and go through the geometry step first. */
 #include "data_internal.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,14 +22,25 @@ typedef struct {
     int64_t n;       /* samples filled */
     int64_t ready;   /* batch number held, -1 when none; guarded by mu */
     kd_status status;
-    char msg[256];   /* worker's error message when status != KD_OK */
+    char msg[1024];  /* worker's error message when status != KD_OK */
 } kd__slot;
+
+/* A worker thread (or, with num_workers = 0, the caller) and its buffers. */
+typedef struct {
+    struct kd_loader *l;
+    kd__sample_ctx x;
+} kd__worker;
 
 struct kd_loader {
     const kd_dataset *ds;
     kd_loader_cfg cfg;
     kd__transform_tables tables;
-    int64_t per;      /* C * H * W */
+    int out_h, out_w; /* output sample size */
+    int direct;       /* 1: in-memory images at the output size, no geometry hook */
+    int64_t per;      /* C * out_h * out_w */
+    _Atomic unsigned char *bad; /* (N) with skip_bad: 1 = known unreadable */
+    atomic_llong skipped;       /* distinct unreadable samples found */
+    kd__worker *workers;        /* max(1, nthreads) */
     int64_t nbatches; /* per epoch */
     int64_t *perm;    /* (N) sample order of the current epoch */
     int64_t epoch;
@@ -50,12 +64,67 @@ struct kd_loader {
     pthread_t *threads;
 };
 
+static int kd__skippable(kd_status st) {
+    return st == KD_ERR_FORMAT || st == KD_ERR_IO || st == KD_ERR_NOT_FOUND ||
+           st == KD_ERR_UNSUPPORTED;
+}
+
+/* Reads, augments and writes dataset sample idx to dst; with skip_bad, an
+ * unreadable sample is replaced by the next readable index (*used). */
+static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx, float *dst,
+                                   int64_t *used) {
+    const kd_dataset *ds = l->ds;
+    for (int64_t k = 0; k < ds->n; k++) {
+        int64_t j = idx + k < ds->n ? idx + k : idx + k - ds->n;
+        if (l->bad && atomic_load_explicit(&l->bad[j], memory_order_relaxed)) continue;
+        const uint8_t *src = kd_dataset_image(ds, j);
+        int c = ds->c, h = ds->h, w = ds->w;
+        if (!src) {
+            kd_status st = kd_dataset_read(ds, j, &x->img);
+            if (st != KD_OK) {
+                if (!l->bad || !kd__skippable(st))
+                    return kd_error(st, "dataset %s, sample %lld: %s", ds->name, (long long)j,
+                                    kd_last_error());
+                if (!atomic_exchange(&l->bad[j], 1)) {
+                    atomic_fetch_add(&l->skipped, 1);
+                    kd_log_msg(KD_LOG_WARN, "dataset %s: skipping unreadable sample %lld: %s",
+                               ds->name, (long long)j, kd_last_error());
+                }
+                continue;
+            }
+            src = x->img.data;
+            c = x->img.c, h = x->img.h, w = x->img.w;
+            if (c != ds->c)
+                return kd_error(KD_ERR_FORMAT, "dataset %s, sample %lld: %d channels, expected %d",
+                                ds->name, (long long)j, c, ds->c);
+        }
+        kd_rng r;
+        kd_rng_init(&r, l->cfg.seed, kd_data_sample_key(l->cfg.seed, l->epoch, j));
+        KD_TRY(kd__sample_apply(&l->cfg.transform, &l->tables, &r, src, c, h, w, l->out_h,
+                                l->out_w, x, dst));
+        *used = j;
+        return KD_OK;
+    }
+    return kd_error(KD_ERR_FORMAT, "dataset %s: none of its %lld samples could be read", ds->name,
+                    (long long)ds->n);
+}
+
 /* Gathers and augments batch b of the current epoch into slot s. */
-static kd_status kd__loader_fill(kd_loader *l, kd__slot *s, int64_t b) {
+static kd_status kd__loader_fill(kd_loader *l, kd__sample_ctx *x, kd__slot *s, int64_t b) {
     const kd_dataset *ds = l->ds;
     const kd_transform_cfg *tc = &l->cfg.transform;
     int64_t start = b * l->cfg.batch_size, n = ds->n - start;
     if (n > l->cfg.batch_size) n = l->cfg.batch_size;
+    if (!l->direct) {
+        for (int64_t i = 0; i < n; i++) {
+            int64_t used = 0;
+            KD_TRY(kd__loader_sample(l, x, l->perm[start + i], s->x + i * l->per, &used));
+            s->y[i] = ds->labels[used];
+            s->index[i] = used;
+        }
+        s->n = n;
+        return KD_OK;
+    }
     for (int64_t i = 0; i < n; i++) {
         int64_t idx = l->perm[start + i];
         if (i + 1 < n) {
@@ -80,7 +149,8 @@ static int kd__loader_can_claim(const kd_loader *l) {
 }
 
 static void *kd__loader_worker(void *arg) {
-    kd_loader *l = arg;
+    kd__worker *wk = arg;
+    kd_loader *l = wk->l;
     pthread_mutex_lock(&l->mu);
     for (;;) {
         while (!l->shutdown && !kd__loader_can_claim(l)) pthread_cond_wait(&l->cv_work, &l->mu);
@@ -90,7 +160,7 @@ static void *kd__loader_worker(void *arg) {
         l->busy++;
         pthread_mutex_unlock(&l->mu);
 
-        kd_status st = kd__loader_fill(l, s, b);
+        kd_status st = kd__loader_fill(l, &wk->x, s, b);
         s->status = st;
         if (st != KD_OK) snprintf(s->msg, sizeof s->msg, "%s", kd_last_error());
 
@@ -104,6 +174,16 @@ static void *kd__loader_worker(void *arg) {
 }
 
 int64_t kd_loader_num_batches(const kd_loader *l) { return l->nbatches; }
+
+void kd_loader_sample_shape(const kd_loader *l, int *c, int *h, int *w) {
+    *c = l->ds->c;
+    *h = l->out_h;
+    *w = l->out_w;
+}
+
+int64_t kd_loader_skipped(const kd_loader *l) {
+    return (int64_t)atomic_load(&((kd_loader *)l)->skipped);
+}
 
 kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_cfg *cfg) {
     if (!out || !ds || !cfg) return kd_error(KD_ERR_INVALID, "kd_loader_init: NULL argument");
@@ -119,13 +199,24 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         return kd_error(KD_ERR_UNSUPPORTED, "loader: dataset %s has %lld samples, more than 2^32",
                         ds->name, (long long)ds->n);
     KD_TRY(kd_transform_check(&cfg->transform, ds->c));
+    const kd_transform_cfg *tc = &cfg->transform;
+    int out_h = tc->out_h ? tc->out_h : ds->h, out_w = tc->out_w ? tc->out_w : ds->w;
+    if (out_h <= 0 || out_w <= 0)
+        return kd_error(KD_ERR_INVALID,
+                        "loader: dataset %s has images of different sizes; set an output size "
+                        "(transform out_h, out_w)",
+                        ds->name);
 
     kd_status st = KD_OK;
     kd_loader *l = calloc(1, sizeof *l);
     if (!l) return kd_error(KD_ERR_NOMEM, "loader: out of memory");
     l->ds = ds;
     l->cfg = *cfg;
-    l->per = (int64_t)ds->c * ds->h * ds->w;
+    l->out_h = out_h;
+    l->out_w = out_w;
+    l->direct = !kd_dataset_is_lazy(ds) && !tc->geometry && out_h == ds->h && out_w == ds->w;
+    atomic_init(&l->skipped, 0);
+    l->per = (int64_t)ds->c * out_h * out_w;
     int64_t bs = cfg->batch_size < ds->n ? cfg->batch_size : ds->n; /* rows ever needed */
     l->nbatches = cfg->drop_last ? ds->n / cfg->batch_size
                                  : (ds->n + cfg->batch_size - 1) / cfg->batch_size;
@@ -135,7 +226,20 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
 
     l->perm = malloc((size_t)ds->n * sizeof *l->perm);
     l->slots = calloc((size_t)l->nslots, sizeof *l->slots);
-    if (!l->perm || !l->slots) goto fail_nomem;
+    l->workers = calloc((size_t)(l->nthreads ? l->nthreads : 1), sizeof *l->workers);
+    if (!l->perm || !l->slots || !l->workers) goto fail_nomem;
+    for (int i = 0; i < (l->nthreads ? l->nthreads : 1); i++) {
+        kd__worker *wk = &l->workers[i];
+        wk->l = l;
+        if (!l->direct) { /* the geometry output buffer, at its final size */
+            wk->x.geo_cap = (size_t)l->per;
+            if (!(wk->x.geo = malloc(wk->x.geo_cap))) goto fail_nomem;
+        }
+    }
+    if (cfg->skip_bad) {
+        l->bad = calloc((size_t)ds->n, sizeof *l->bad);
+        if (!l->bad) goto fail_nomem;
+    }
     if (bs > INT64_MAX / 4 / l->per) goto fail_nomem;
     for (int i = 0; i < l->nslots; i++) {
         kd__slot *s = &l->slots[i];
@@ -161,7 +265,7 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         l->threads = calloc((size_t)l->nthreads, sizeof *l->threads);
         if (!l->threads) goto fail_nomem;
         for (int i = 0; i < l->nthreads; i++) {
-            if (pthread_create(&l->threads[i], NULL, kd__loader_worker, l) != 0) {
+            if (pthread_create(&l->threads[i], NULL, kd__loader_worker, &l->workers[i]) != 0) {
                 st = kd_error(KD_ERR_INTERNAL, "loader: cannot start worker thread %d of %d", i + 1,
                               cfg->num_workers);
                 goto fail;
@@ -223,7 +327,7 @@ int kd_loader_next(kd_loader *l, kd_batch *out) {
     kd__slot *s = &l->slots[b % l->nslots];
     if (l->nthreads == 0) {
         if (b >= l->nbatches) return 0;
-        s->status = kd__loader_fill(l, s, b);
+        s->status = kd__loader_fill(l, &l->workers[0].x, s, b);
         if (s->status != KD_OK) return s->status;
     } else {
         pthread_mutex_lock(&l->mu);
@@ -270,6 +374,10 @@ void kd_loader_free(kd_loader *l) {
         }
     }
     free(l->slots);
+    if (l->workers)
+        for (int i = 0; i < (l->nthreads ? l->nthreads : 1); i++) kd__sample_ctx_free(&l->workers[i].x);
+    free(l->workers);
+    free((void *)l->bad);
     free(l->perm);
     free(l);
 }

@@ -1,9 +1,11 @@
-/* Per-sample augmentation: random crop with zero padding, horizontal flip,
+/* Per-sample augmentation: the geometry step to a fixed output size (a hook,
+ * or Resize + CenterCrop), random crop with zero padding, horizontal flip,
  * and ToTensor + Normalize through a per-channel 256-entry lookup table, so
  * the float32 values equal torchvision's (x / 255 - mean) / std exactly. */
 #include "data_internal.h"
 
 #include <math.h>
+#include <stdlib.h>
 
 uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index) {
     return kd_rng_key(kd_rng_key(seed, (uint64_t)epoch), (uint64_t)index);
@@ -12,6 +14,14 @@ uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index) {
 kd_status kd_transform_check(const kd_transform_cfg *cfg, int c) {
     if (cfg->pad_crop < 0 || cfg->pad_crop > 4096)
         return kd_error(KD_ERR_INVALID, "transform: pad_crop %d outside [0, 4096]", cfg->pad_crop);
+    if (cfg->out_h < 0 || cfg->out_w < 0 || cfg->out_h > 16384 || cfg->out_w > 16384 ||
+        (cfg->out_h > 0) != (cfg->out_w > 0))
+        return kd_error(KD_ERR_INVALID,
+                        "transform: output size %dx%d: both must be 0 (the dataset's size) or "
+                        "in [1, 16384]",
+                        cfg->out_h, cfg->out_w);
+    if (cfg->resize < 0 || cfg->resize > 65536)
+        return kd_error(KD_ERR_INVALID, "transform: resize %d outside [0, 65536]", cfg->resize);
     if (!cfg->normalize) return KD_OK;
     if (c > 4)
         return kd_error(KD_ERR_INVALID,
@@ -94,15 +104,67 @@ void kd_transform_apply(const kd_transform_cfg *cfg, const kd_transform_draw *d,
     kd__transform_apply_tables(&t, cfg->pad_crop, d, src, c, h, w, dst);
 }
 
+void kd__sample_ctx_free(kd__sample_ctx *x) {
+    if (!x) return;
+    kd_image_free(&x->img);
+    free(x->geo);
+    kd_scratch_free(&x->scratch);
+    x->geo = NULL;
+    x->geo_cap = 0;
+}
+
+kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tables *t, kd_rng *r,
+                           const uint8_t *src, int c, int h, int w, int out_h, int out_w,
+                           kd__sample_ctx *x, float *dst) {
+    if (cfg->geometry || h != out_h || w != out_w) {
+        size_t need = (size_t)c * out_h * out_w;
+        if (x->geo_cap < need) {
+            uint8_t *p = realloc(x->geo, need);
+            if (!p) return kd_error(KD_ERR_NOMEM, "transform: cannot allocate %zu bytes", need);
+            x->geo = p;
+            x->geo_cap = need;
+        }
+        if (cfg->geometry)
+            KD_TRY(cfg->geometry(cfg->geometry_ctx, r, src, c, h, w, x->geo, out_h, out_w,
+                                 &x->scratch));
+        else
+            KD_TRY(kd_image_resize_center_crop(src, c, h, w, cfg->resize, x->geo, out_h, out_w,
+                                               &x->scratch));
+        src = x->geo;
+    }
+    kd_transform_draw d = kd_transform_draw_from(cfg, r);
+    kd__transform_apply_tables(t, cfg->pad_crop, &d, src, c, out_h, out_w, dst);
+    return KD_OK;
+}
+
 kd_status kd_transform_sample(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
                               uint64_t seed, int64_t epoch, float *dst) {
     if (index < 0 || index >= ds->n)
         return kd_error(KD_ERR_INVALID, "dataset %s: sample %lld outside [0, %lld)", ds->name,
                         (long long)index, (long long)ds->n);
     KD_TRY(kd_transform_check(cfg, ds->c));
+    int out_h = cfg->out_h ? cfg->out_h : ds->h, out_w = cfg->out_w ? cfg->out_w : ds->w;
+    if (out_h <= 0 || out_w <= 0)
+        return kd_error(KD_ERR_INVALID,
+                        "dataset %s: images differ in size; set the transform's out_h and out_w",
+                        ds->name);
     kd_rng r;
     kd_rng_init(&r, seed, kd_data_sample_key(seed, epoch, index));
-    kd_transform_draw d = kd_transform_draw_from(cfg, &r);
-    kd_transform_apply(cfg, &d, kd_dataset_image(ds, index), ds->c, ds->h, ds->w, dst);
-    return KD_OK;
+    if (!kd_dataset_is_lazy(ds) && !cfg->geometry && out_h == ds->h && out_w == ds->w) {
+        kd_transform_draw d = kd_transform_draw_from(cfg, &r);
+        kd_transform_apply(cfg, &d, kd_dataset_image(ds, index), ds->c, ds->h, ds->w, dst);
+        return KD_OK;
+    }
+    kd__sample_ctx x = {0};
+    kd__transform_tables *t = malloc(sizeof *t);
+    kd_status st = t ? kd_dataset_read(ds, index, &x.img)
+                     : kd_error(KD_ERR_NOMEM, "transform: out of memory");
+    if (st == KD_OK) {
+        kd__transform_tables_init(cfg, ds->c, t);
+        st = kd__sample_apply(cfg, t, &r, x.img.data, x.img.c, x.img.h, x.img.w, out_h, out_w, &x,
+                              dst);
+    }
+    free(t);
+    kd__sample_ctx_free(&x);
+    return st;
 }

@@ -28,5 +28,41 @@ typedef struct {
 
 kd_status kd__resnet_cifar_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
 kd_status kd__wrn_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+/* depth 8, 11, 13, 16 or 19 (RepDistiller's vgg*_bn). */
+kd_status kd__vgg_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+/* widths[0] = expansion T, widths[1] = width multiplier in percent. */
+kd_status kd__mobilenetv2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+kd_status kd__shufflev1_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+kd_status kd__shufflev2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+/* widths = bottleneck blocks per stage (3, 4, 6, 3 for ResNet50). */
+kd_status kd__resnetv2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+
+/* Helpers shared by the architecture files. */
+
+/* bn(conv(x)), followed by ReLU when relu != 0. */
+static inline kd_tensor *kd__conv_bn(kd_graph *g, const kd_conv2d_layer *c, kd_bn_layer *b, kd_tensor *x,
+                                     int training, int relu) {
+    kd_tensor *y = kd_bn_layer_forward(g, b, kd_conv2d_layer_forward(g, c, x), training);
+    return relu ? kd_relu(g, y) : y;
+}
+
+/* Registers a bias-free conv and the batch norm that follows it, under their
+ * full state_dict prefixes. */
+static inline kd_status kd__conv_bn_init(kd_conv2d_layer *c, kd_bn_layer *b, kd_param_list *pl,
+                                         const char *conv_name, const char *bn_name, int64_t in,
+                                         int64_t out, int64_t k, int64_t stride, int64_t pad,
+                                         int64_t groups) {
+    KD_TRY(kd_conv2d_layer_init(c, pl, conv_name, in, out, k, stride, pad, groups, 0));
+    return kd_bn_layer_init(b, pl, bn_name, out);
+}
+
+/* ShuffleNet channel shuffle (N, C, H, W) -> view (N, g, C/g, H*W) ->
+ * swap axes 1, 2 -> (N, C, H, W), as x.view(N,g,C//g,H,W).permute(0,2,1,3,4). */
+static inline kd_tensor *kd__channel_shuffle(kd_graph *g, kd_tensor *x, int64_t groups) {
+    if (!x || groups == 1) return x;
+    int64_t n = x->shape[0], c = x->shape[1], h = x->shape[2], w = x->shape[3];
+    int64_t sv[4] = {n, groups, c / groups, h * w}, s4[4] = {n, c, h, w};
+    return kd_reshape(g, kd_transpose(g, kd_reshape(g, x, 4, sv), 1, 2), 4, s4);
+}
 
 #endif

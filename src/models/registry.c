@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "models/model_impl.h"
+#include "models/zoo_blocks.h"
 
 typedef struct {
     const char *name;
@@ -11,7 +12,10 @@ typedef struct {
     kd__arch_arg arg;
 } kd__arch_row;
 
-/* RepDistiller's CIFAR zoo (models/resnet.py, models/wrn.py). */
+/* RepDistiller's CIFAR zoo (models/__init__.py model_dict: resnet.py, wrn.py,
+ * vgg.py, mobilenetv2.py, ShuffleNetv1.py, ShuffleNetv2.py, resnetv2.py).
+ * "MobileNetV2" and "mobile_half" are the same width-0.5 network: the
+ * reference's model_dict used the first name, later the second. */
 static const kd__arch_row kd__archs[] = {
     {"resnet8", kd__resnet_cifar_build, {8, {16, 16, 32, 64}}},
     {"resnet14", kd__resnet_cifar_build, {14, {16, 16, 32, 64}}},
@@ -26,6 +30,23 @@ static const kd__arch_row kd__archs[] = {
     {"wrn_16_2", kd__wrn_build, {16, {2}}},
     {"wrn_40_1", kd__wrn_build, {40, {1}}},
     {"wrn_40_2", kd__wrn_build, {40, {2}}},
+    {"vgg8", kd__vgg_build, {8, {0}}},
+    {"vgg11", kd__vgg_build, {11, {0}}},
+    {"vgg13", kd__vgg_build, {13, {0}}},
+    {"vgg16", kd__vgg_build, {16, {0}}},
+    {"vgg19", kd__vgg_build, {19, {0}}},
+    {"MobileNetV2", kd__mobilenetv2_build, {0, {6, 50}}},
+    {"mobile_half", kd__mobilenetv2_build, {0, {6, 50}}},
+    {"ShuffleV1", kd__shufflev1_build, {0, {0}}},
+    {"ShuffleV2", kd__shufflev2_build, {0, {0}}},
+    {"ResNet50", kd__resnetv2_build, {50, {3, 4, 6, 3}}},
+    /* torchvision's ImageNet models (resnet.py, mobilenetv3.py, efficientnet.py). */
+    {"resnet18", kd__resnet_imagenet_build, {18, {2, 2, 2, 2}}},
+    {"resnet34", kd__resnet_imagenet_build, {34, {3, 4, 6, 3}}},
+    {"resnet50", kd__resnet_imagenet_build, {50, {3, 4, 6, 3}}},
+    {"mobilenet_v3_large", kd__mobilenetv3_build, {0, {0}}},
+    {"mobilenet_v3_small", kd__mobilenetv3_build, {1, {0}}},
+    {"efficientnet_b0", kd__efficientnet_build, {0, {0}}},
 };
 #define KD__NARCH ((int)(sizeof kd__archs / sizeof kd__archs[0]))
 
@@ -48,7 +69,7 @@ kd_status kd_model_create(const char *arch, const kd_model_cfg *cfg, kd_model **
     *out = NULL;
     const kd__arch_row *row = arch ? kd__find_arch(arch) : NULL;
     if (!row) {
-        char list[512] = "";
+        char list[1024] = "";
         size_t off = 0;
         for (int i = 0; i < KD__NARCH && off < sizeof list; i++)
             off += (size_t)snprintf(list + off, sizeof list - off, "%s%s", i ? ", " : "", kd__archs[i].name);

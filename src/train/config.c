@@ -25,11 +25,12 @@ typedef struct {
 #define KD__S(key, type, field, help) {key, type, offsetof(kd_train_cfg, field), sizeof(((kd_train_cfg *)0)->field), help}
 
 static const kd__setting kd__settings[] = {
-    KD__S("data", KD__T_STR, data, "dataset directory or spec (idx:DIR, cifar10:DIR, cifar100:DIR)"),
+    KD__S("data", KD__T_STR, data, "dataset directory or spec (idx:, cifar10:, cifar100:, stl10:, folder:DIR, list:FILE)"),
     KD__S("train_subset", KD__T_I64, train_subset, "use a class-balanced subset of N training images (0: all)"),
     KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
     KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
     KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
+    KD__S("skip_bad_images", KD__T_BOOL, skip_bad_images, "replace unreadable training images by the next readable one (0/1)"),
     KD__S("model", KD__T_STR, model, "model to train (the student when distilling)"),
     KD__S("teacher", KD__T_STR, teacher, "teacher architecture (default: from the checkpoint)"),
     KD__S("teacher_ckpt", KD__T_STR, teacher_ckpt, "teacher weights (safetensors, PyTorch names)"),

@@ -36,6 +36,12 @@ void kd_dataset_norm(const kd_dataset *ds, float mean[4], float std[4]) {
         memcpy(std, c10s, sizeof c10s);
         return;
     }
+    /* Images read on demand: statistics of an even sample of up to 2000. */
+    if (kd_dataset_is_lazy(ds)) {
+        if (kd_dataset_channel_stats(ds, 2000, mean, std) != KD_OK)
+            for (int i = 0; i < 4; i++) mean[i] = 0.0f, std[i] = 1.0f;
+        return;
+    }
     /* Anything else: the dataset's own per-channel statistics. */
     int64_t n = kd_dataset_size(ds), hw = (int64_t)kd_dataset_height(ds) * kd_dataset_width(ds);
     for (int ch = 0; ch < c && ch < 4; ch++) {
@@ -85,7 +91,8 @@ kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int bat
     kd_graph_set_grad_enabled(g, 0);
     int64_t h1 = 0, h5 = 0, seen = 0;
     double lsum = 0;
-    int C = kd_dataset_channels(ds), H = kd_dataset_height(ds), W = kd_dataset_width(ds);
+    int C, H, W;
+    kd_loader_sample_shape(ld, &C, &H, &W);
     kd_batch b;
     int r;
     s = kd_loader_start_epoch(ld, 0);
@@ -305,7 +312,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->tf.normalize = 1;
     kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
     kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
-                        .num_workers = c->workers, .transform = r->tf};
+                        .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
     KD_TRY(kd_loader_init(&r->loader, r->train, &lc));
     r->steps_per_epoch = kd_loader_num_batches(r->loader);
     if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
@@ -380,7 +387,8 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
     const double t_start = kd__now();
     double train_time = r->train_time_before;
     int64_t images = r->images_before;
-    int C = kd_dataset_channels(r->train), H = kd_dataset_height(r->train), W = kd_dataset_width(r->train);
+    int C, H, W;
+    kd_loader_sample_shape(r->loader, &C, &H, &W);
     double top1 = 0, top5 = 0, tloss = 0;
     int last_epoch_done = r->start_epoch;
     if (r->start_epoch >= c->epochs) kd_log_msg(KD_LOG_INFO, "%s: all %d epochs already done", c->out, c->epochs);

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# bench/run.sh: kd against PyTorch, side by side in one run, on the same
+# models, batch and FLOP convention. See docs/PERFORMANCE.md.
+#
+#   bash bench/run.sh                  full run (3 rounds; about an hour on a 2-core machine)
+#   bash bench/run.sh --quick          1 round, fewer repeats: a fast, rough look (about 10 minutes)
+#   options: --rounds N   --rows resnet20,kd   (row names or model names, comma-separated)
+#            --write-baseline          also rewrite bench/baseline.json (the CI guard's baseline)
+#   env:     KD_BENCH_BUILD=DIR        build directory (default build)
+#
+# What it does:
+#   1. installs python3-torch if missing (KD_DEPS_EXTRA with tools/install-deps.sh,
+#      Debian's PyTorch 1.13, run as /usr/bin/python3) and builds bench_train_step and
+#      bench_peak (cmake, RelWithDebInfo as `make build`);
+#   2. measures this machine's fp32 peak with bench_peak (AVX-512 FMA loop, 2 threads),
+#      at the start and before every row; the table uses the highest figure;
+#   3. for every row runs kd (build/bench/bench_train_step), PyTorch NCHW and PyTorch
+#      channels_last (bench/torch_step.py) INTERLEAVED, round after round, each
+#      measurement in its own process (so its peak RSS is its own), alternating which
+#      framework goes first, so that machine noise hits both;
+#   4. prints the table (bench/report.py) and writes bench/results/latest.json and
+#      latest.md; the raw lines go to bench/results/raw-<date>.jsonl.
+# Rows: train and inference of resnet8x4, resnet32x4, wrn_16_2, wrn_40_2, resnet20,
+# resnet56, and the KD step resnet32x4 -> resnet8x4; batch 64 of 3x32x32 noise, 100
+# classes, 2 threads, SGD momentum 0.9 weight decay 5e-4; the step definitions and
+# the FLOP convention (2*MACs of convs and linears, training = 3x forward) are in the
+# headers of bench/train_step.c and bench/torch_step.py.
+# Threads and OpenMP: both sides use 2 threads. kd's binary re-executes itself with
+# GOMP_SPINCOUNT=10000, as the kd program does (src/cli/main.c); PyTorch runs with its
+# defaults. This script clears GOMP_SPINCOUNT, OMP_WAIT_POLICY, KD_OMP_TUNED and
+# OMP_NUM_THREADS for every run so that each framework gets exactly its own default.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cd "$root"
+quick=0 rounds="" only="" write_baseline=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --rounds) rounds="$2"; shift ;;
+    --rows) only="$2"; shift ;;
+    --write-baseline) write_baseline=1 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $1 (see bash bench/run.sh --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+build="${KD_BENCH_BUILD:-build}"
+py=/usr/bin/python3
+
+# 1. PyTorch and the build.
+if ! $py -c "import torch" 2>/dev/null; then
+  KD_DEPS_EXTRA="python3-torch python3-numpy" bash tools/install-deps.sh
+fi
+$py -c "import torch" || { echo "run.sh: PyTorch (python3-torch) is not importable by $py" >&2; exit 1; }
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build "$build" -j "$(nproc)" --target bench_train_step bench_peak >/dev/null
+bin="$build/bench"
+
+# Row table: name, mode, model, teacher, steps per timed repeat (full run).
+# Steps are sized so a repeat lasts a few seconds on a 2-core machine.
+rows=(
+  "resnet8x4/train train resnet8x4 - 2"
+  "resnet8x4/infer infer resnet8x4 - 6"
+  "resnet32x4/train train resnet32x4 - 1"
+  "resnet32x4/infer infer resnet32x4 - 2"
+  "wrn_16_2/train train wrn_16_2 - 3"
+  "wrn_16_2/infer infer wrn_16_2 - 8"
+  "wrn_40_2/train train wrn_40_2 - 1"
+  "wrn_40_2/infer infer wrn_40_2 - 3"
+  "resnet20/train train resnet20 - 6"
+  "resnet20/infer infer resnet20 - 16"
+  "resnet56/train train resnet56 - 2"
+  "resnet56/infer infer resnet56 - 6"
+  "kd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1"
+)
+if [ $quick -eq 1 ]; then warmup=1 repeats=3 rounds="${rounds:-1}"; else warmup=2 repeats=5 rounds="${rounds:-3}"; fi
+
+mkdir -p bench/results
+stamp="$(date +%Y%m%d-%H%M%S)"
+raw="bench/results/raw-$stamp.jsonl"
+: >"$raw"
+clean_env=(env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY -u KD_OMP_TUNED -u OMP_NUM_THREADS)
+
+# tag ROW ROUND: prefix each JSON line of stdin with the row and round.
+tag() { sed -n "s|^{|{\"row\": \"$1\", \"round\": $2, |p"; }
+peak() { "${clean_env[@]}" "$bin/bench_peak" --threads 2 --ms 100 --repeats 5 | sed 's/^{/{"kind": "peak", /' >>"$raw"; }
+
+echo "run.sh: $( [ $quick -eq 1 ] && echo quick || echo full ) run, $rounds round(s), raw lines in $raw" >&2
+echo "run.sh: kd $(git -C "$root" describe --always --dirty 2>/dev/null || echo '?'), $($py -c 'import torch; print("torch", torch.__version__)')" >&2
+peak
+n=0
+for spec in "${rows[@]}"; do
+  read -r name mode model teacher steps <<<"$spec"
+  if [ -n "$only" ] && ! tr ',' '\n' <<<"$only" | grep -qxF -e "$name" -e "$model" -e "$mode"; then continue; fi
+  n=$((n + 1))
+  if [ $quick -eq 1 ]; then steps=$(( (steps + 2) / 3 )); fi
+  args=(--model "$model" --mode "$mode" --batch 64 --threads 2 --classes 100
+        --warmup "$warmup" --repeats "$repeats" --steps "$steps")
+  [ "$teacher" = "-" ] || args+=(--teacher "$teacher")
+  peak
+  for ((r = 1; r <= rounds; r++)); do
+    runs=(kd pytorch:nchw pytorch:channels_last)
+    if [ $((r % 2)) -eq 0 ]; then runs=(pytorch:channels_last pytorch:nchw kd); fi
+    for fw in "${runs[@]}"; do
+      if [ "$fw" = kd ]; then
+        cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}")
+      else
+        cmd=("${clean_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#pytorch:}")
+      fi
+      if out="$("${cmd[@]}")"; then
+        tag "$name" "$r" <<<"$out" >>"$raw"
+        echo "  [$name round $r/$rounds] $fw: $(sed -n 's/.*"img_s_median": \([0-9.]*\).*/\1/p' <<<"$out") img/s" >&2
+      else
+        echo "  [$name round $r/$rounds] $fw: FAILED: ${cmd[*]}" >&2
+      fi
+    done
+  done
+done
+peak
+[ $n -gt 0 ] || { echo "run.sh: no row matches --rows $only" >&2; exit 2; }
+
+report_args=("$raw" bench/results/latest.json --markdown bench/results/latest.md)
+if [ $write_baseline -eq 1 ]; then
+  guard="bench/results/guard-$stamp.jsonl"
+  "${clean_env[@]}" bash bench/guard.sh --measure "$build" >"$guard"
+  report_args+=(--baseline bench/baseline.json --guard "$guard"
+                --source "bash bench/run.sh$( [ $quick -eq 1 ] && echo ' --quick') --write-baseline")
+fi
+$py bench/report.py "${report_args[@]}"
+echo "run.sh: wrote bench/results/latest.json, bench/results/latest.md$( [ $write_baseline -eq 1 ] && echo ', bench/baseline.json')" >&2

@@ -1,0 +1,283 @@
+/* Training-step benchmark: times kd's real training step, inference and the
+ * distillation step on one fixed random batch, and prints one JSON line.
+ *
+ *   build/bench/bench_train_step --model resnet8x4 --mode train|infer
+ *   build/bench/bench_train_step --model resnet8x4 --teacher resnet32x4 --mode kd
+ *       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]
+ *       [--steps 10] [--backend cpu] [--lr 0.01]
+ *
+ * What one step is (the same sequence as src/train/train.c, minus data loading):
+ *   train  graph reset, student forward (train mode), kd_distiller_loss with
+ *          method "none" (cross-entropy), zero grads, kd_backward, kd_sgd_step
+ *          (momentum 0.9, weight decay 5e-4);
+ *   infer  graph reset, forward in eval mode with gradients disabled;
+ *   kd     graph reset, teacher forward in eval mode without gradients, then the
+ *          train step with kd_distiller_loss method "kd" (0.1 CE + 0.9 KL, T 4).
+ * The input is one batch of (N, 3, 32, 32) uniform noise with random labels in
+ * [0, classes), made once: the benchmark measures compute, not the loader.
+ * After `warmup` steps it times `repeats` runs of `steps` steps each; each run
+ * gives images/s = steps * N / seconds, and the line reports their median, min
+ * and max.
+ *
+ * FLOP convention (also used by bench/torch_step.py): a forward pass costs
+ * 2 * MACs of every convolution and linear layer (MACs = output elements *
+ * input channels per group * KH * KW for a convolution, N * in * out for a
+ * linear layer); batch norm, ReLU, pooling, additions, the loss and SGD count
+ * nothing. A training step counts 3x the forward (forward, backward to the
+ * data, backward to the weights); the kd step counts the teacher's forward
+ * (1x) plus the student's training step (3x). The forward count is measured,
+ * not assumed: one eval-mode forward of a single image runs on a copy of the
+ * backend whose conv2d_forward and gemm entries add up those figures.
+ *
+ * Peak memory is getrusage's ru_maxrss of this process (MiB), so run each
+ * measurement in its own process (bench/run.sh does). rss_start_mib is the
+ * resident size before any model exists.
+ *
+ * OpenMP: like the kd program (src/cli/main.c), the binary re-executes itself
+ * once with GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY, GOMP_SPINCOUNT or
+ * KD_OMP_TUNED is already set, so it measures what `kd train` runs. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kd/distill.h"
+#include "kd/models.h"
+#include "kd/optim.h"
+
+typedef struct {
+    const char *model, *teacher, *mode, *backend;
+    int batch, threads, classes, warmup, repeats, steps;
+    float lr;
+} bench_cfg;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double peak_rss_mib(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0; /* Linux reports KiB */
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "bench_train_step: %s: %s\n", what, kd_last_error());
+    exit(1);
+}
+
+#define CHECK(expr, what)                  \
+    do {                                   \
+        if ((expr) != KD_OK) die(what);    \
+    } while (0)
+
+/* ------------------------------------------------------------ FLOP counter */
+
+/* The counting backend: a copy of the real one whose conv2d_forward and gemm
+ * add 2 * MACs to g_flops before calling the original. */
+static kd_backend g_count_be;
+static kd_backend *g_real_be;
+static double g_flops;
+
+static kd_status count_conv2d_forward(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
+                                      const kd_tensor *w, const kd_tensor *b, kd_tensor *y) {
+    /* y (N, O, OH, OW); w (O, C/groups, KH, KW). */
+    g_flops += 2.0 * (double)kd_tensor_numel(y) * (double)(w->shape[1] * w->shape[2] * w->shape[3]);
+    return g_real_be->conv2d_forward(be, p, x, w, b, y);
+}
+
+static kd_status count_gemm(kd_backend *be, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                            float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
+                            float beta, float *C, int64_t ldc) {
+    g_flops += 2.0 * (double)M * (double)N * (double)K;
+    return g_real_be->gemm(be, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* Forward FLOPs per image of m (eval mode, one 3x32x32 image). */
+static double forward_flops_per_image(kd_model *m) {
+    g_count_be = *g_real_be;
+    g_count_be.conv2d_forward = count_conv2d_forward;
+    g_count_be.gemm = count_gemm;
+    kd_graph *g;
+    CHECK(kd_graph_init(&g, &g_count_be), "graph");
+    kd_graph_set_grad_enabled(g, 0);
+    int was = kd_model_training(m);
+    kd_model_set_training(m, 0);
+    static float img[3 * 32 * 32];
+    int64_t xs[4] = {1, 3, 32, 32};
+    kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, img);
+    kd_model_out o;
+    g_flops = 0;
+    CHECK(kd_model_forward(m, g, x, 0, &o), "counting forward");
+    CHECK(kd_graph_status(g), "counting forward");
+    kd_model_set_training(m, was);
+    kd_graph_free(g);
+    return g_flops;
+}
+
+/* ------------------------------------------------------------------- main */
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: bench_train_step --model NAME [--mode train|infer|kd] [--teacher NAME]\n"
+            "       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]\n"
+            "       [--steps 10] [--backend cpu] [--lr 0.01]\n");
+    exit(2);
+}
+
+static void parse(int argc, char **argv, bench_cfg *c) {
+    *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu",
+                     .batch = 64, .threads = 2, .classes = 100, .warmup = 5, .repeats = 5, .steps = 10,
+                     .lr = 0.01f};
+    for (int i = 1; i < argc; i++) {
+        const char *k = argv[i];
+        if (i + 1 >= argc) usage();
+        const char *v = argv[++i];
+        if (!strcmp(k, "--model")) c->model = v;
+        else if (!strcmp(k, "--teacher")) c->teacher = v;
+        else if (!strcmp(k, "--mode")) c->mode = v;
+        else if (!strcmp(k, "--backend")) c->backend = v;
+        else if (!strcmp(k, "--batch")) c->batch = atoi(v);
+        else if (!strcmp(k, "--threads")) c->threads = atoi(v);
+        else if (!strcmp(k, "--classes")) c->classes = atoi(v);
+        else if (!strcmp(k, "--warmup")) c->warmup = atoi(v);
+        else if (!strcmp(k, "--repeats")) c->repeats = atoi(v);
+        else if (!strcmp(k, "--steps")) c->steps = atoi(v);
+        else if (!strcmp(k, "--lr")) c->lr = (float)atof(v);
+        else usage();
+    }
+    if (!c->model || c->batch < 1 || c->classes < 2 || c->warmup < 0 || c->repeats < 1 || c->steps < 1 ||
+        (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")))
+        usage();
+}
+
+/* Same policy as the kd program: a short OpenMP spin unless the user chose one. */
+static void tune_openmp(char **argv) {
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT") || getenv("KD_OMP_TUNED")) return;
+    setenv("GOMP_SPINCOUNT", "10000", 1);
+    setenv("KD_OMP_TUNED", "1", 1);
+    execv("/proc/self/exe", argv);
+}
+
+int main(int argc, char **argv) {
+    tune_openmp(argv);
+    bench_cfg c;
+    parse(argc, argv, &c);
+    const double rss_start = peak_rss_mib();
+    kd_set_num_threads(c.threads);
+    CHECK(kd_backend_get(c.backend, &g_real_be), "backend");
+    const int kd_mode = !strcmp(c.mode, "kd"), infer = !strcmp(c.mode, "infer");
+
+    kd_model_cfg mc = {.in_channels = 3, .num_classes = c.classes, .seed = 1};
+    kd_model *student = NULL, *teacher = NULL;
+    CHECK(kd_model_create(c.model, &mc, &student), "student");
+    if (kd_mode) {
+        mc.seed = 2;
+        CHECK(kd_model_create(c.teacher, &mc, &teacher), "teacher");
+        kd_model_set_training(teacher, 0);
+    }
+    double fwd = forward_flops_per_image(student);
+    double t_fwd = teacher ? forward_flops_per_image(teacher) : 0.0;
+    double flops_img = infer ? fwd : 3.0 * fwd + t_fwd;
+
+    kd_distill_cfg dc = kd_distill_defaults(kd_mode ? "kd" : "none");
+    kd_distill_shapes shp = {c.classes, kd_model_feat_dim(student), teacher ? kd_model_feat_dim(teacher) : 0,
+                             c.batch};
+    kd_distiller *dist = NULL;
+    CHECK(kd_distiller_create(&dc, &shp, &dist), "distiller");
+    kd_param_list *lists[2] = {kd_model_params(student), kd_distiller_params(dist)};
+    kd_sgd_cfg oc = {.lr = c.lr, .momentum = 0.9f, .weight_decay = 5e-4f};
+    kd_sgd *opt = NULL;
+    CHECK(kd_sgd_init(&opt, lists, 2, &oc), "sgd");
+    kd_graph *g = NULL;
+    CHECK(kd_graph_init(&g, g_real_be), "graph");
+
+    /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes). */
+    const int64_t N = c.batch;
+    float *xb = malloc(sizeof(float) * (size_t)(N * 3 * 32 * 32));
+    int32_t *yb = malloc(sizeof(int32_t) * (size_t)N);
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)N);
+    if (!xb || !yb || !idx) {
+        fprintf(stderr, "bench_train_step: out of memory\n");
+        return 1;
+    }
+    kd_rng rng;
+    kd_rng_init(&rng, 7, 1);
+    for (int64_t i = 0; i < N * 3 * 32 * 32; i++) xb[i] = 2.0f * kd_rng_uniform(&rng) - 1.0f;
+    for (int64_t i = 0; i < N; i++) {
+        yb[i] = (int32_t)(kd_rng_uniform(&rng) * (float)c.classes) % c.classes;
+        idx[i] = i;
+    }
+
+    kd_model_set_training(student, !infer);
+    if (infer) kd_graph_set_grad_enabled(g, 0);
+    int64_t step = 0;
+    double *ips = malloc(sizeof(double) * (size_t)c.repeats);
+    if (!ips) return 1;
+    for (int r = -1; r < c.repeats; r++) {
+        int n = r < 0 ? c.warmup : c.steps;
+        double t0 = now_s();
+        for (int k = 0; k < n; k++, step++) {
+            kd_graph_reset(g);
+            kd_graph_set_rng(g, 1, (uint64_t)step);
+            int64_t xs[4] = {N, 3, 32, 32};
+            kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb);
+            kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &N, yb);
+            kd_model_out so, to;
+            if (infer) {
+                CHECK(kd_model_forward(student, g, x, 0, &so), "forward");
+                CHECK(kd_graph_status(g), "forward");
+                continue;
+            }
+            if (teacher) {
+                int prev = kd_graph_set_grad_enabled(g, 0);
+                CHECK(kd_model_forward(teacher, g, x, 0, &to), "teacher forward");
+                kd_graph_set_grad_enabled(g, prev);
+            }
+            CHECK(kd_model_forward(student, g, x, 0, &so), "student forward");
+            kd_tensor *loss = NULL;
+            kd_distill_terms terms = {0};
+            CHECK(kd_distiller_loss(dist, g, &so, teacher ? &to : NULL, y, idx, &loss, &terms), "loss");
+            if (!isfinite(terms.total)) {
+                fprintf(stderr, "bench_train_step: loss became %g at step %lld\n", terms.total, (long long)step);
+                return 1;
+            }
+            kd_sgd_zero_grad(opt);
+            CHECK(kd_backward(g, loss), "backward");
+            CHECK(kd_sgd_step(opt), "sgd step");
+        }
+        double dt = now_s() - t0;
+        if (r >= 0) ips[r] = (double)n * (double)N / dt;
+    }
+    qsort(ips, (size_t)c.repeats, sizeof ips[0], cmp_d);
+    double med = c.repeats % 2 ? ips[c.repeats / 2] : 0.5 * (ips[c.repeats / 2 - 1] + ips[c.repeats / 2]);
+    printf("{\"framework\": \"kd\", \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
+           "\"backend\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"warmup\": %d, \"repeats\": %d, "
+           "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
+           "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
+           "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"}\n",
+           c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend,
+           c.batch, kd_get_num_threads(), c.classes, c.warmup, c.repeats, c.steps, med, ips[0],
+           ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
+           peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");
+    free(ips);
+    free(xb);
+    free(yb);
+    free(idx);
+    kd_graph_free(g);
+    kd_sgd_free(opt);
+    kd_distiller_free(dist);
+    kd_model_free(student);
+    kd_model_free(teacher);
+    return 0;
+}
