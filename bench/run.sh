@@ -3,7 +3,7 @@
 # models, batch and FLOP convention. See docs/PERFORMANCE.md.
 #
 #   bash bench/run.sh                  full run (3 rounds; about an hour on a 2-core machine)
-#   bash bench/run.sh --quick          1 round, fewer repeats: a fast, rough look (about 10 minutes)
+#   bash bench/run.sh --quick          1 round, fewer repeats: a rough look (10-25 minutes on 2 cores)
 #   options: --rounds N   --rows resnet20,kd   (row names or model names, comma-separated)
 #            --write-baseline          also rewrite bench/baseline.json (the CI guard's baseline)
 #   env:     KD_BENCH_BUILD=DIR        build directory (default build)

@@ -37,6 +37,8 @@ typedef struct {
     int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
     int hflip;            /* random horizontal flip */
     int workers;          /* loader threads; 0 = in the training thread */
+    int image_size;       /* output side for variable-size images (0: the dataset's own size) */
+    int resize;           /* shorter side before the centre crop (0: image_size) */
     int skip_bad_images;  /* 1: replace unreadable training images (loader skip_bad) */
     /* models */
     char model[48];         /* student (or the model trained by `kd train`) */

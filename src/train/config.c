@@ -30,6 +30,8 @@ static const kd__setting kd__settings[] = {
     KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
     KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
     KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
+    KD__S("image_size", KD__T_INT, image_size, "output side for image folders of varying size (0: the images' own size)"),
+    KD__S("resize", KD__T_INT, resize, "shorter side before the centre crop (0: image_size)"),
     KD__S("skip_bad_images", KD__T_BOOL, skip_bad_images, "replace unreadable training images by the next readable one (0/1)"),
     KD__S("model", KD__T_STR, model, "model to train (the student when distilling)"),
     KD__S("teacher", KD__T_STR, teacher, "teacher architecture (default: from the checkpoint)"),
@@ -249,6 +251,8 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
     if (c->batch_size < 1) return kd_error(KD_ERR_INVALID, "batch_size must be >= 1, got %d", c->batch_size);
     if (c->eval_batch < 1) return kd_error(KD_ERR_INVALID, "eval_batch must be >= 1, got %d", c->eval_batch);
     if (!(c->lr > 0)) return kd_error(KD_ERR_INVALID, "lr must be > 0, got %g", c->lr);
+    if (c->image_size < 0 || c->resize < 0)
+        return kd_error(KD_ERR_INVALID, "image_size %d and resize %d must be >= 0", c->image_size, c->resize);
     if (c->workers < 0) return kd_error(KD_ERR_INVALID, "workers must be >= 0, got %d", c->workers);
     if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
     for (int i = 1; i < c->sched.n_milestones; i++)

@@ -307,9 +307,12 @@ static kd_status kd__setup(kd__run *r, int resume) {
     kd_sgd_cfg oc = {.lr = c->lr, .momentum = c->momentum, .weight_decay = c->weight_decay, .nesterov = c->nesterov};
     KD_TRY(kd_sgd_init(&r->opt, lists, 2, &oc));
 
-    r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (kd_dataset_height(r->train) >= 32 ? 4 : 2);
+    int side = c->image_size ? c->image_size : kd_dataset_height(r->train);
+    r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (side >= 32 ? 4 : 2);
     r->tf.hflip = c->hflip;
     r->tf.normalize = 1;
+    r->tf.out_h = r->tf.out_w = c->image_size;
+    r->tf.resize = c->resize;
     kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
     kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
                         .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
