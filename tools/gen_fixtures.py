@@ -345,6 +345,10 @@ def build_ops():
     c.add("mul_channel_n1", {"op": "mul_channel"}, lambda x, s: x * s[:, :, None, None],
           [randn(3, 4, 2, 3), randn(3, 1)], [True, True])
 
+    # to_strided: kd's layout conversion, values unchanged (identity). kd runs the case as
+    # NCHW -> NCHW16C -> NCHW where the backend has blocked layouts (C % 16 == 0).
+    c.add("to_strided", {"op": "to_strided"}, lambda x: x.clone(), [randn(2, 32, 3, 4)], [True])
+
     c.meta["cases"] = ",".join(c.names)
     c.meta["generator"] = "tools/gen_fixtures.py"
     c.meta["torch"] = torch.__version__

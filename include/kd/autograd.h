@@ -70,6 +70,9 @@ typedef enum {
     KD_OP_SILU,          /* x * sigmoid(x) (swish) */
     KD_OP_RELU6,         /* min(max(x, 0), 6) */
     KD_OP_MUL_CHANNEL,   /* x (N, C, H, W) * s (N, C) or (N, 1) broadcast over H, W */
+    KD_OP_TO_STRIDED,    /* layout conversion (values unchanged): NCHW16C -> strided
+                          * before ops that need plain tensors (and the reverse for
+                          * kd_graph_to_blocked); the backward reorders the gradient */
     KD_OP_COUNT
 } kd_op;
 
@@ -97,6 +100,24 @@ int kd_graph_set_grad_enabled(kd_graph *g, int enabled);
 int kd_graph_grad_enabled(const kd_graph *g);
 /* Seed and stream key for dropout masks drawn in this step. */
 void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key);
+/* Activation layout optimisation: with it on (only on backends with
+ * `blocked_channels`, e.g. "cpu"; off by default for now, KD_LAYOUT_OPT=1 in
+ * the environment turns the default on) conv2d writes KD_LAYOUT_NCHW16C outputs when O % 16 == 0,
+ * and batch norm, pooling, the activations, add/mul, scale, dropout,
+ * mul_channel and global_avgpool keep that layout; every other op converts
+ * a blocked input to strided first (a recorded KD_OP_TO_STRIDED node).
+ * Tensors a caller reads directly (features, kd_model_out) may therefore be
+ * blocked: use kd_graph_to_strided. Returns the previous setting; has no
+ * effect on backends without blocked layouts. */
+int kd_graph_set_layout_opt(kd_graph *g, int on);
+int kd_graph_layout_opt(const kd_graph *g);
+/* x in plain strided layout: x itself when it is strided, else a converted
+ * copy (differentiable). NULL in, NULL out. */
+kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x);
+/* x in KD_LAYOUT_NCHW16C when the backend supports it and x is a 4-d float32
+ * tensor with C % 16 == 0 (differentiable); otherwise x itself. */
+kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
+
 /* Number of ops currently on the tape. */
 int kd_graph_tape_size(const kd_graph *g);
 /* Heap allocations made on behalf of the graph so far (arena chunks, tape

@@ -11,9 +11,14 @@
  *     be->conv2d_forward(be, &p, x, w, b, y);
  *
  * Conventions for every kernel:
- *   - Tensors are float32, contiguous, KD_LAYOUT_STRIDED unless the backend
- *     itself produced an opaque tensor. Shapes are checked by the caller
- *     (autograd); kernels may assume them.
+ *   - Tensors are float32, contiguous, KD_LAYOUT_STRIDED; on a backend with
+ *     `blocked_channels` == 16 the activations of conv2d, batch norm (4-d),
+ *     pool2d and eltwise kernels (x, y, dy, dx, and max pooling's ws) may
+ *     also be KD_LAYOUT_NCHW16C, each read and written in the layout its own
+ *     descriptor says (a conv may take plain x and write blocked y). Weights,
+ *     biases, per-channel vectors and their gradients are always plain
+ *     (OIHW as in PyTorch). Shapes are checked by the caller (autograd);
+ *     kernels may assume them.
  *   - Forward kernels overwrite their outputs.
  *   - Backward kernels take `accumulate`: 0 overwrites the gradient outputs,
  *     1 adds into them (gradient accumulation, several consumers of a tensor).
@@ -60,6 +65,9 @@ typedef struct kd_backend kd_backend;
 struct kd_backend {
     const char *name;
     kd_device device;
+    /* Channel block of the blocked activation layout the kernels accept:
+     * 16 (KD_LAYOUT_NCHW16C) or 0 (plain tensors only). */
+    int blocked_channels;
 
     /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */
     kd_status (*conv2d_forward)(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,

@@ -77,11 +77,18 @@ const char *kd_dtype_name(kd_dtype dt); /* safetensors spelling: "F32", "BF16", 
 typedef enum { KD_DEVICE_CPU = 0, KD_DEVICE_CUDA } kd_device;
 
 /* How the elements are laid out in memory. KD_LAYOUT_STRIDED is the plain
- * row-major (possibly strided) layout that every op understands. A backend
- * may hand out KD_LAYOUT_OPAQUE tensors (e.g. oneDNN's nChw16c blocked
- * format); then `layout_desc` points to the backend's own descriptor and only
- * that backend reads the data. Converting back is the backend's reorder. */
-typedef enum { KD_LAYOUT_STRIDED = 0, KD_LAYOUT_OPAQUE } kd_layout;
+ * row-major (possibly strided) layout that every op understands.
+ * KD_LAYOUT_NCHW16C is the channel-blocked activation layout of oneDNN
+ * (nChw16c): a 4-d tensor of shape (N, C, H, W) with C % 16 == 0 stored as
+ * [N][C/16][H][W][16]. There is no padding (nbytes == numel * 4), so
+ * elementwise loops over the flat buffer are exact when every operand has the
+ * same layout; the `stride` fields of such a tensor are unused (0). The
+ * autograd layer creates them only on backends with `blocked_channels` (see
+ * backend.h). KD_LAYOUT_OPAQUE is reserved for a backend's own descriptor
+ * (`layout_desc`). */
+typedef enum { KD_LAYOUT_STRIDED = 0, KD_LAYOUT_OPAQUE, KD_LAYOUT_NCHW16C } kd_layout;
+
+#define KD_LAYOUT_BLOCK 16 /* channel block of KD_LAYOUT_NCHW16C */
 
 typedef struct kd_tensor kd_tensor;
 struct kd_tensor {
@@ -118,6 +125,22 @@ void kd_tensor_set_shape(kd_tensor *t, int ndim, const int64_t *shape);
 /* "(64, 3, 32, 32)" into buf; returns buf. */
 const char *kd_shape_str(const kd_tensor *t, char *buf, size_t n);
 static inline float *kd_f32(const kd_tensor *t) { return (float *)t->data; }
+
+/* Layout reorders between contiguous NCHW and NCHW16C (C % 16 == 0), on raw
+ * float buffers of N*C*HW elements: dst = src, or dst += src when
+ * `accumulate`. Plain C, OpenMP over (n, channel block); deterministic. */
+void kd_layout_to_nchw16c(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                          int accumulate);
+void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                          int accumulate);
+/* Offset of element (n, c, hw) of a 4-d (N, C, H*W) tensor in `layout`. */
+static inline int64_t kd_layout_offset(kd_layout layout, int64_t n, int64_t c, int64_t hw,
+                                       int64_t C, int64_t HW) {
+    if (layout == KD_LAYOUT_NCHW16C)
+        return ((n * (C / KD_LAYOUT_BLOCK) + c / KD_LAYOUT_BLOCK) * HW + hw) * KD_LAYOUT_BLOCK +
+               c % KD_LAYOUT_BLOCK;
+    return (n * C + c) * HW + hw;
+}
 
 /* ----------------------------------------------------------------- arena */
 

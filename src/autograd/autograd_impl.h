@@ -64,6 +64,7 @@ struct kd_graph {
     int n_nodes, cap; /* cap kept across resets */
     kd_status status; /* sticky: first failure of the step */
     int grad_enabled;
+    int layout_opt;   /* blocked activations (backend has blocked_channels) */
     uint64_t seed, step_key; /* dropout streams */
     uint32_t n_dropout;      /* dropout calls this step (stream index) */
     size_t heap_allocs;      /* tape growth and leaf .grad allocations */
@@ -78,8 +79,21 @@ kd_tensor *kd__fail(kd_graph *g, kd_status s);
 int kd__ok_inputs(kd_graph *g, const char *op, int n, kd_tensor *const *xs);
 /* Checks a float32, contiguous, strided tensor; sets the error otherwise. */
 int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
+/* Same, but a KD_LAYOUT_NCHW16C tensor passes too (ops that keep layouts). */
+int kd__check_f32_any(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
+static inline int kd__blocked(const kd_tensor *t) { return t && t->layout == KD_LAYOUT_NCHW16C; }
+/* x converted to strided (a recorded KD_OP_TO_STRIDED node) when blocked,
+ * else x; NULL stays NULL (and a failure returns NULL with the status set). */
+kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x);
+/* 1 when ops of g may produce NCHW16C tensors of C channels. */
+int kd__blocked_ok(const kd_graph *g, int64_t C);
+/* Arena tensor in `layout` (KD_LAYOUT_NCHW16C: 4-d, C % 16 == 0, strides 0). */
+kd_tensor *kd__new_lay(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape,
+                       kd_layout layout);
 /* Arena float32 tensor, contiguous, leaf without grad. NULL (status set) on OOM. */
 kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);
+/* Float32 arena tensor of t's shape and layout (outputs of layout-keeping
+ * ops, gradient buffers). */
 kd_tensor *kd__new_like(kd_graph *g, const kd_tensor *t);
 void *kd__scratch(kd_graph *g, size_t bytes);
 /* 1 when t is a parameter (requires_grad leaf) or the output of a recorded node of g. */
@@ -136,5 +150,6 @@ kd_status kd__log_backward(kd_graph *g, kd__node *n);
 kd_status kd__dropout_backward(kd_graph *g, kd__node *n);
 kd_status kd__act_backward(kd_graph *g, kd__node *n); /* sigmoid .. relu6 (ops_act.c) */
 kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n);
+kd_status kd__to_strided_backward(kd_graph *g, kd__node *n);
 
 #endif /* KD_AUTOGRAD_IMPL_H */

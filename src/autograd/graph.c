@@ -46,6 +46,7 @@ const kd__op_entry kd__op_table[KD_OP_COUNT] = {
     KD__OP(KD_OP_SILU, "silu", kd__act_backward),
     KD__OP(KD_OP_RELU6, "relu6", kd__act_backward),
     KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward),
+    KD__OP(KD_OP_TO_STRIDED, "to_strided", kd__to_strided_backward),
 };
 
 _Static_assert(sizeof(kd__op_table) / sizeof(kd__op_table[0]) == KD_OP_COUNT,
@@ -74,6 +75,10 @@ kd_status kd_graph_init(kd_graph **out, kd_backend *be) {
     g->heap_allocs = 1;
     g->be = be;
     g->grad_enabled = 1;
+    const char *lo = getenv("KD_LAYOUT_OPT");
+    /* Off by default until the blocked cpu path passes every FD case (see
+     * the report of issue 4 item 2); KD_LAYOUT_OPT=1 turns it on. */
+    g->layout_opt = be->blocked_channels == KD_LAYOUT_BLOCK && lo && lo[0] == '1';
     g->status = KD_OK;
     *out = g;
     return KD_OK;
@@ -119,6 +124,14 @@ int kd_graph_set_grad_enabled(kd_graph *g, int enabled) {
 
 int kd_graph_grad_enabled(const kd_graph *g) { return g->grad_enabled; }
 
+int kd_graph_set_layout_opt(kd_graph *g, int on) {
+    int prev = g->layout_opt;
+    g->layout_opt = on && g->be->blocked_channels == KD_LAYOUT_BLOCK;
+    return prev;
+}
+
+int kd_graph_layout_opt(const kd_graph *g) { return g->layout_opt; }
+
 void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key) {
     g->seed = seed;
     g->step_key = step_key;
@@ -154,6 +167,11 @@ int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor
         return 0;
     }
     return 1;
+}
+
+int kd__check_f32_any(kd_graph *g, const char *op, const char *what, const kd_tensor *t) {
+    if (t->layout == KD_LAYOUT_NCHW16C && t->dtype == KD_F32) return 1;
+    return kd__check_f32(g, op, what, t);
 }
 
 void *kd__scratch(kd_graph *g, size_t bytes) {
@@ -194,8 +212,74 @@ kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
     return t->data ? t : NULL;
 }
 
+kd_tensor *kd__new_lay(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape,
+                       kd_layout layout) {
+    kd_tensor *t = kd__new(g, dt, ndim, shape);
+    if (t && layout == KD_LAYOUT_NCHW16C) {
+        t->layout = layout;
+        for (int i = 0; i < ndim; i++) t->stride[i] = 0; /* unused for blocked tensors */
+    }
+    return t;
+}
+
 kd_tensor *kd__new_like(kd_graph *g, const kd_tensor *t) {
-    return kd__new(g, KD_F32, t->ndim, t->shape);
+    return kd__new_lay(g, KD_F32, t->ndim, t->shape, t->layout);
+}
+
+int kd__blocked_ok(const kd_graph *g, int64_t C) {
+    return g->layout_opt && C > 0 && C % KD_LAYOUT_BLOCK == 0;
+}
+
+/* ------------------------------------------------------ layout conversion */
+
+/* x reordered into `layout` (strided or NCHW16C), recorded as a
+ * KD_OP_TO_STRIDED node whose backward reorders the gradient back. */
+static kd_tensor *kd__relayout(kd_graph *g, kd_tensor *x, kd_layout layout) {
+    if (x->dtype != KD_F32 || x->ndim != 4 || x->shape[1] % KD_LAYOUT_BLOCK)
+        return kd__fail(g, kd_error(KD_ERR_INVALID, "to_strided: a blocked tensor must be a "
+                                                    "4-d float32 tensor with C %% 16 == 0"));
+    kd_tensor *y = kd__new_lay(g, KD_F32, 4, x->shape, layout);
+    if (!y) return NULL;
+    int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    if (layout == KD_LAYOUT_NCHW16C)
+        kd_layout_to_nchw16c(kd_f32(y), kd_f32(x), N, C, HW, 0);
+    else
+        kd_layout_to_strided(kd_f32(y), kd_f32(x), N, C, HW, 0);
+    kd__record(g, KD_OP_TO_STRIDED, y, 1, &x);
+    return g->status == KD_OK ? y : NULL;
+}
+
+kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x) {
+    if (!x || g->status != KD_OK || x->layout != KD_LAYOUT_NCHW16C) return x;
+    return kd__relayout(g, x, KD_LAYOUT_STRIDED);
+}
+
+kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x) {
+    if (!g || !kd__ok_inputs(g, "to_strided", 1, &x)) return NULL;
+    return kd__to_strided(g, x);
+}
+
+kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x) {
+    if (!g || !kd__ok_inputs(g, "to_blocked", 1, &x)) return NULL;
+    if (x->layout != KD_LAYOUT_STRIDED || g->be->blocked_channels != KD_LAYOUT_BLOCK ||
+        x->dtype != KD_F32 || x->ndim != 4 || x->shape[1] % KD_LAYOUT_BLOCK ||
+        !kd_tensor_is_contiguous(x))
+        return x;
+    return kd__relayout(g, x, KD_LAYOUT_NCHW16C);
+}
+
+kd_status kd__to_strided_backward(kd_graph *g, kd__node *n) {
+    kd_tensor *x = n->in[0], *dy = n->out->grad;
+    int acc;
+    if (!kd__needs_grad(g, x)) return KD_OK;
+    kd_tensor *dx = kd__grad(g, x, &acc);
+    if (!dx) return g->status;
+    int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
+    if (x->layout == KD_LAYOUT_NCHW16C)
+        kd_layout_to_nchw16c(kd_f32(dx), kd_f32(dy), N, C, HW, acc);
+    else
+        kd_layout_to_strided(kd_f32(dx), kd_f32(dy), N, C, HW, acc);
+    return KD_OK;
 }
 
 kd_tensor *kd_graph_tensor(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {

@@ -58,7 +58,7 @@ static inline float kd__relu6f(float v) { return fminf(fmaxf(v, 0.0f), 6.0f); }
 
 static kd_tensor *kd__act(kd_graph *g, kd_op op, const char *name, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
-    if (!kd__check_f32(g, name, "input", x)) return NULL;
+    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(x);
@@ -123,11 +123,30 @@ kd_status kd__act_backward(kd_graph *g, kd__node *n) {
 
 /* ---------------------------------------------------------- mul_channel */
 
+/* NCHW16C x: d (+)= x * s[n, c] (s (N, C), or (N, 1) when sc == 1), one
+ * (n, channel block) per iteration. */
+static void kd__mul_channel_blocked(float *d, const float *x, const float *s, int64_t N,
+                                    int64_t C, int64_t S, int64_t sc, int acc) {
+    enum { B = KD_LAYOUT_BLOCK };
+    int64_t CB = C / B;
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+    for (int64_t nb = 0; nb < N * CB; nb++) {
+        int64_t n = nb / CB, c0 = (nb % CB) * B;
+        float k[B];
+        for (int l = 0; l < B; l++) k[l] = sc == 1 ? s[n] : s[n * C + c0 + l];
+        const float *xp = x + nb * S * B;
+        float *dp = d + nb * S * B;
+        for (int64_t j = 0; j < S; j++)
+            for (int l = 0; l < B; l++)
+                dp[j * B + l] = acc ? dp[j * B + l] + xp[j * B + l] * k[l] : xp[j * B + l] * k[l];
+    }
+}
+
 kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s) {
     kd_tensor *in[2] = {x, s};
     char bx[96], bs[96];
     if (!g || !kd__ok_inputs(g, "mul_channel", 2, in)) return NULL;
-    if (!kd__check_f32(g, "mul_channel", "x", x) || !kd__check_f32(g, "mul_channel", "s", s))
+    if (!kd__check_f32_any(g, "mul_channel", "x", x) || !kd__check_f32(g, "mul_channel", "s", s))
         return NULL;
     if (x->ndim < 2 || s->ndim != 2 || s->shape[0] != x->shape[0] ||
         (s->shape[1] != x->shape[1] && s->shape[1] != 1))
@@ -140,6 +159,11 @@ kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s) {
     int64_t sc = s->shape[1]; /* C or 1 */
     const float *xd = kd_f32(x), *sd = kd_f32(s);
     float *yd = kd_f32(y);
+    if (kd__blocked(x)) {
+        kd__mul_channel_blocked(yd, xd, sd, N, C, S, sc, 0);
+        kd__record(g, KD_OP_MUL_CHANNEL, y, 2, in);
+        return g->status == KD_OK ? y : NULL;
+    }
 #pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
     for (int64_t p = 0; p < N * C; p++) {
         float k = sd[sc == 1 ? p / C : p];
@@ -161,6 +185,9 @@ kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n) {
         kd_tensor *dx = kd__grad(g, x, &acc);
         if (!dx) return g->status;
         float *d = kd_f32(dx);
+        if (kd__blocked(x)) {
+            kd__mul_channel_blocked(d, dy, sd, N, C, S, sc, acc);
+        } else {
 #pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
         for (int64_t p = 0; p < N * C; p++) {
             float k = sd[sc == 1 ? p / C : p];
@@ -171,18 +198,32 @@ kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n) {
             else
                 for (int64_t j = 0; j < S; j++) dp[j] = gp[j] * k;
         }
+        }
     }
     if (kd__needs_grad(g, s)) {
         /* One double sum per (n, c) plane; for s (N, 1) the planes of a
          * sample are then added in channel order. */
         double *plane = kd__scratch(g, (size_t)(N * C > 0 ? N * C : 1) * sizeof *plane);
         if (!plane) return g->status;
+        if (kd__blocked(x)) {
+            /* Same per-plane order (j ascending) as the plain loop. */
+            enum { B = KD_LAYOUT_BLOCK };
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+            for (int64_t nb = 0; nb < N * C / B; nb++) {
+                double a[B] = {0};
+                const float *gp = dy + nb * S * B, *xp = xd + nb * S * B;
+                for (int64_t j = 0; j < S; j++)
+                    for (int l = 0; l < B; l++) a[l] += (double)gp[j * B + l] * xp[j * B + l];
+                for (int l = 0; l < B; l++) plane[nb * B + l] = a[l];
+            }
+        } else {
 #pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
         for (int64_t p = 0; p < N * C; p++) {
             const float *gp = dy + p * S, *xp = xd + p * S;
             double acc_p = 0;
             for (int64_t j = 0; j < S; j++) acc_p += (double)gp[j] * xp[j];
             plane[p] = acc_p;
+        }
         }
         kd_tensor *ds = kd__grad(g, s, &acc);
         if (!ds) return g->status;

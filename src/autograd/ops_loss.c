@@ -51,6 +51,7 @@ static kd_tensor *kd__softmax_any(kd_graph *g, kd_tensor *x, int logsm) {
     kd_op op = logsm ? KD_OP_LOG_SOFTMAX : KD_OP_SOFTMAX;
     const char *name = logsm ? "log_softmax" : "softmax";
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (!kd__check_rows(g, name, x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
@@ -124,6 +125,7 @@ kd_tensor *kd_cross_entropy(kd_graph *g, kd_tensor *logits, const kd_tensor *lab
     kd_tensor *in[2] = {logits, (kd_tensor *)labels};
     char bx[96], bl[96];
     if (!g || !kd__ok_inputs(g, "cross_entropy", 2, in)) return NULL;
+    if (!(logits = in[0] = kd__to_strided(g, logits))) return NULL;
     if (!kd__check_f32(g, "cross_entropy", "logits", logits)) return NULL;
     if (logits->ndim != 2 || logits->shape[0] == 0 || logits->shape[1] == 0)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "cross_entropy: logits %s must be (N, C) with "
@@ -212,6 +214,9 @@ kd_tensor *kd_kl_div(kd_graph *g, kd_tensor *student_logits, kd_tensor *teacher_
     kd_tensor *in[2] = {student_logits, teacher_logits};
     char bs[96], bt[96];
     if (!g || !kd__ok_inputs(g, "kl_div", 2, in)) return NULL;
+    if (!(student_logits = in[0] = kd__to_strided(g, student_logits)) ||
+        !(teacher_logits = in[1] = kd__to_strided(g, teacher_logits)))
+        return NULL;
     if (!kd__check_rows(g, "kl_div", student_logits) ||
         !kd__check_rows(g, "kl_div", teacher_logits))
         return NULL;
@@ -299,6 +304,7 @@ kd_tensor *kd_mse(kd_graph *g, kd_tensor *a, kd_tensor *b) {
     kd_tensor *in[2] = {a, b};
     char ba[96], bb[96];
     if (!g || !kd__ok_inputs(g, "mse", 2, in)) return NULL;
+    if (!(a = in[0] = kd__to_strided(g, a)) || !(b = in[1] = kd__to_strided(g, b))) return NULL;
     if (!kd__check_f32(g, "mse", "a", a) || !kd__check_f32(g, "mse", "b", b)) return NULL;
     if (!kd_tensor_same_shape(a, b))
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "mse: shapes %s and %s differ", SHP(a, ba),
@@ -348,6 +354,7 @@ kd_status kd__mse_backward(kd_graph *g, kd__node *n) {
 
 kd_tensor *kd_l2_normalize(kd_graph *g, kd_tensor *x, float eps) {
     if (!g || !kd__ok_inputs(g, "l2_normalize", 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (!kd__check_rows(g, "l2_normalize", x)) return NULL;
     if (!(eps >= 0.0f))
         return kd__fail(g, kd_error(KD_ERR_INVALID, "l2_normalize: eps %g is negative",

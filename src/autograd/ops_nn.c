@@ -20,7 +20,7 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     char bx[96], bw[96];
     if (!g || !kd__ok_inputs(g, "conv2d", 2, in)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "conv2d: params are NULL"));
-    if (!kd__check_f32(g, "conv2d", "input", x) || !kd__check_f32(g, "conv2d", "weight", w) ||
+    if (!kd__check_f32_any(g, "conv2d", "input", x) || !kd__check_f32(g, "conv2d", "weight", w) ||
         (b && !kd__check_f32(g, "conv2d", "bias", b)))
         return NULL;
     if (x->ndim != 4)
@@ -62,8 +62,18 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
                                     SHP(x, bx), SHP(w, bw), (long long)p->pad[0],
                                     (long long)p->pad[1], (long long)p->dilation[0],
                                     (long long)p->dilation[1]));
+    /* Layout: a blocked output when the graph allows it and every group is
+     * whole channel blocks (or depthwise); the input may be either then.
+     * Otherwise both are plain. */
+    int64_t G = p->groups;
+    int blk = kd__blocked_ok(g, O) &&
+              (G == 1 || (G == C && G == O) ||
+               ((C / G) % KD_LAYOUT_BLOCK == 0 && (O / G) % KD_LAYOUT_BLOCK == 0));
+    if (!blk && kd__blocked(x)) {
+        if (!(x = in[0] = kd__to_strided(g, x))) return NULL;
+    }
     int64_t ys[4] = {N, O, OH, OW};
-    kd_tensor *y = kd__new(g, KD_F32, 4, ys);
+    kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
     if (!y) return NULL;
     kd_status s = g->be->conv2d_forward(g->be, p, x, w, b, y);
     if (s != KD_OK) return kd__fail(g, s);
@@ -72,13 +82,17 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     return g->status == KD_OK ? y : NULL;
 }
 
-/* db (O) (+)= sum of dy (N, O, HW) over N and HW. */
+/* db (O) (+)= sum of dy (N, O, HW) over N and HW; dy in `lay`. */
 static void kd__bias_grad_nchw(float *db, const float *dy, int64_t N, int64_t O, int64_t HW,
-                               int acc) {
+                               int acc, kd_layout lay) {
 #pragma omp parallel for schedule(static) if (N * O * HW >= KD__PAR_MIN)
     for (int64_t o = 0; o < O; o++) {
         double s = 0;
         for (int64_t i = 0; i < N; i++) {
+            if (lay == KD_LAYOUT_NCHW16C) {
+                for (int64_t j = 0; j < HW; j++) s += dy[kd_layout_offset(lay, i, o, j, O, HW)];
+                continue;
+            }
             const float *p = dy + (i * O + o) * HW;
             for (int64_t j = 0; j < HW; j++) s += p[j];
         }
@@ -105,7 +119,7 @@ kd_status kd__conv2d_backward(kd_graph *g, kd__node *n) {
         kd_tensor *db = kd__grad(g, b, &acc);
         if (!db) return g->status;
         kd__bias_grad_nchw(kd_f32(db), kd_f32(dy), dy->shape[0], dy->shape[1],
-                           dy->shape[2] * dy->shape[3], acc);
+                           dy->shape[2] * dy->shape[3], acc, dy->layout);
     }
     return KD_OK;
 }
@@ -147,7 +161,7 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     char bx[96];
     if (!g || !kd__ok_inputs(g, "batchnorm", 1, in)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "batchnorm: params are NULL"));
-    if (!kd__check_f32(g, "batchnorm", "input", x)) return NULL;
+    if (!kd__check_f32_any(g, "batchnorm", "input", x)) return NULL;
     if (x->ndim < 2 || x->ndim > 4)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "batchnorm: input %s must be (N, C), "
                                                   "(N, C, L) or (N, C, H, W)", SHP(x, bx)));
@@ -194,17 +208,21 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     return g->status == KD_OK ? y : NULL;
 }
 
-/* Eval mode: y = (x - mean) * rstd * gamma + beta with constant statistics. */
+/* Eval mode: y = (x - mean) * rstd * gamma + beta with constant statistics.
+ * Every tensor in `lay` (element (n, c, j) at kd_layout_offset). */
 static void kd__bn_eval_backward(const float *dy, const float *x, const float *mean,
                                  const float *rstd, const float *gamma, float *dx, float *dgamma,
-                                 float *dbeta, int64_t N, int64_t C, int64_t S, int acc) {
+                                 float *dbeta, int64_t N, int64_t C, int64_t S, int acc,
+                                 kd_layout lay) {
+    int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
 #pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
     for (int64_t c = 0; c < C; c++) {
         double sg = 0, sb = 0;
         float k = gamma[c] * rstd[c];
         for (int64_t i = 0; i < N; i++) {
-            int64_t o = (i * C + c) * S;
-            for (int64_t j = 0; j < S; j++) {
+            int64_t o = kd_layout_offset(lay, i, c, 0, C, S);
+            for (int64_t jj = 0; jj < S; jj++) {
+                int64_t j = jj * step;
                 float d = dy[o + j];
                 sb += d;
                 sg += (double)d * (x[o + j] - mean[c]) * rstd[c];
@@ -230,7 +248,7 @@ kd_status kd__batchnorm_backward(kd_graph *g, kd__node *n) {
         kd__bn_eval_backward(kd_f32(dy), kd_f32(x), kd_f32(n->saved[0]), kd_f32(n->saved[1]),
                              kd_f32(gamma), ds[0] ? kd_f32(ds[0]) : NULL,
                              ds[1] ? kd_f32(ds[1]) : NULL, ds[2] ? kd_f32(ds[2]) : NULL, N, C,
-                             S, acc);
+                             S, acc, x->layout);
         return KD_OK;
     }
     kd_tensor *dx = ds[0];
@@ -252,6 +270,7 @@ kd_tensor *kd_linear(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b) {
     kd_tensor *in[3] = {x, w, b};
     char bx[96], bw[96];
     if (!g || !kd__ok_inputs(g, "linear", 2, in)) return NULL;
+    if (!(x = in[0] = kd__to_strided(g, x))) return NULL;
     if (!kd__check_f32(g, "linear", "input", x) || !kd__check_f32(g, "linear", "weight", w) ||
         (b && !kd__check_f32(g, "linear", "bias", b)))
         return NULL;
@@ -329,6 +348,7 @@ kd_tensor *kd_matmul(kd_graph *g, kd_tensor *a, kd_tensor *b) {
     kd_tensor *in[2] = {a, b};
     char ba[96], bb[96];
     if (!g || !kd__ok_inputs(g, "matmul", 2, in)) return NULL;
+    if (!(a = in[0] = kd__to_strided(g, a)) || !(b = in[1] = kd__to_strided(g, b))) return NULL;
     if (!kd__check_f32(g, "matmul", "a", a) || !kd__check_f32(g, "matmul", "b", b)) return NULL;
     int ok = a->ndim >= 2 && b->ndim >= 2 && (b->ndim == 2 || b->ndim == a->ndim);
     for (int i = 0; ok && b->ndim > 2 && i < a->ndim - 2; i++) ok = a->shape[i] == b->shape[i];
@@ -394,7 +414,7 @@ kd_status kd__matmul_backward(kd_graph *g, kd__node *n) {
 static kd_tensor *kd__eltwise(kd_graph *g, kd_op op, const char *name, kd_eltwise_kind kind,
                               float alpha, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
-    if (!kd__check_f32(g, name, "input", x)) return NULL;
+    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     kd_status s = g->be->eltwise_forward(g->be, kind, alpha, x, y);
@@ -449,7 +469,7 @@ kd_tensor *kd_pool2d(kd_graph *g, kd_tensor *x, const kd_pool2d_params *p) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "pool2d: params are NULL"));
-    if (!kd__check_f32(g, name, "input", x)) return NULL;
+    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
     if (x->ndim != 4)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "%s: input %s must be 4-d (N, C, H, W)", name,
                                     SHP(x, bx)));
@@ -470,9 +490,10 @@ kd_tensor *kd_pool2d(kd_graph *g, kd_tensor *x, const kd_pool2d_params *p) {
                                     name, SHP(x, bx), (long long)p->kernel[0],
                                     (long long)p->kernel[1]));
     int64_t ys[4] = {x->shape[0], x->shape[1], OH, OW};
-    kd_tensor *y = kd__new(g, KD_F32, 4, ys), *ws = NULL;
+    /* y (and max pooling's argmax, in y's element order) keep x's layout. */
+    kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, x->layout), *ws = NULL;
     if (!y) return NULL;
-    if (p->kind == KD_POOL_MAX && !(ws = kd__new(g, KD_I32, 4, ys))) return NULL;
+    if (p->kind == KD_POOL_MAX && !(ws = kd__new_lay(g, KD_I32, 4, ys, x->layout))) return NULL;
     kd_status s = g->be->pool2d_forward(g->be, p, x, y, ws);
     if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, p->kind == KD_POOL_MAX ? KD_OP_MAXPOOL2D : KD_OP_AVGPOOL2D, y, 1,
@@ -512,7 +533,7 @@ kd_status kd__pool2d_backward(kd_graph *g, kd__node *n) {
 kd_tensor *kd_global_avgpool(kd_graph *g, kd_tensor *x) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, "global_avgpool", 1, &x)) return NULL;
-    if (!kd__check_f32(g, "global_avgpool", "input", x)) return NULL;
+    if (!kd__check_f32_any(g, "global_avgpool", "input", x)) return NULL;
     if (x->ndim != 4 || x->shape[2] * x->shape[3] == 0)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "global_avgpool: input %s must be 4-d "
                                                   "(N, C, H, W) with H, W > 0", SHP(x, bx)));
@@ -521,11 +542,24 @@ kd_tensor *kd_global_avgpool(kd_graph *g, kd_tensor *x) {
     if (!y) return NULL;
     const float *xd = kd_f32(x);
     float *yd = kd_f32(y);
+    if (kd__blocked(x)) {
+        /* One (n, channel block) per iteration; each lane's sum in plane order. */
+        enum { B = KD_LAYOUT_BLOCK };
 #pragma omp parallel for schedule(static) if (NC * S >= KD__PAR_MIN)
-    for (int64_t i = 0; i < NC; i++) {
-        double s = 0;
-        for (int64_t j = 0; j < S; j++) s += xd[i * S + j];
-        yd[i] = (float)(s / (double)S);
+        for (int64_t nb = 0; nb < NC / B; nb++) {
+            double s[B] = {0};
+            const float *p = xd + nb * S * B;
+            for (int64_t j = 0; j < S; j++)
+                for (int l = 0; l < B; l++) s[l] += p[j * B + l];
+            for (int l = 0; l < B; l++) yd[nb * B + l] = (float)(s[l] / (double)S);
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (NC * S >= KD__PAR_MIN)
+        for (int64_t i = 0; i < NC; i++) {
+            double s = 0;
+            for (int64_t j = 0; j < S; j++) s += xd[i * S + j];
+            yd[i] = (float)(s / (double)S);
+        }
     }
     kd__record(g, KD_OP_GLOBAL_AVGPOOL, y, 1, &x);
     return g->status == KD_OK ? y : NULL;
@@ -540,6 +574,18 @@ kd_status kd__global_avgpool_backward(kd_graph *g, kd__node *n) {
     int64_t NC = x->shape[0] * x->shape[1], S = x->shape[2] * x->shape[3];
     const float *dy = kd_f32(n->out->grad);
     float *d = kd_f32(dx), inv = 1.0f / (float)S;
+    if (kd__blocked(dx)) {
+        enum { B = KD_LAYOUT_BLOCK };
+#pragma omp parallel for schedule(static) if (NC * S >= KD__PAR_MIN)
+        for (int64_t nb = 0; nb < NC / B; nb++) {
+            float v[B];
+            for (int l = 0; l < B; l++) v[l] = dy[nb * B + l] * inv;
+            float *p = d + nb * S * B;
+            for (int64_t j = 0; j < S; j++)
+                for (int l = 0; l < B; l++) p[j * B + l] = acc ? p[j * B + l] + v[l] : v[l];
+        }
+        return KD_OK;
+    }
 #pragma omp parallel for schedule(static) if (NC * S >= KD__PAR_MIN)
     for (int64_t i = 0; i < NC; i++) {
         float v = dy[i] * inv;

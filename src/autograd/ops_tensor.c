@@ -18,7 +18,12 @@ static kd_tensor *kd__binary(kd_graph *g, kd_op op, const char *name, kd_tensor 
     kd_tensor *in[2] = {a, b};
     char ba[96], bb[96];
     if (!g || !kd__ok_inputs(g, name, 2, in)) return NULL;
-    if (!kd__check_f32(g, name, "a", a) || !kd__check_f32(g, name, "b", b)) return NULL;
+    /* Same layouts stay (flat loops are exact); else the blocked one goes plain. */
+    if (a->layout != b->layout) {
+        if (!(a = in[0] = kd__to_strided(g, a)) || !(b = in[1] = kd__to_strided(g, b)))
+            return NULL;
+    }
+    if (!kd__check_f32_any(g, name, "a", a) || !kd__check_f32_any(g, name, "b", b)) return NULL;
     if (!kd_tensor_same_shape(a, b))
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "%s: shapes %s and %s differ", name,
                                     SHP(a, ba), SHP(b, bb)));
@@ -86,7 +91,7 @@ kd_status kd__mul_backward(kd_graph *g, kd__node *n) {
 
 kd_tensor *kd_scale(kd_graph *g, kd_tensor *x, float s) {
     if (!g || !kd__ok_inputs(g, "scale", 1, &x)) return NULL;
-    if (!kd__check_f32(g, "scale", "input", x)) return NULL;
+    if (!kd__check_f32_any(g, "scale", "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     kd__axpy(kd_f32(y), kd_f32(x), s, kd_tensor_numel(x), 0);
@@ -112,6 +117,7 @@ kd_status kd__scale_backward(kd_graph *g, kd__node *n) {
 kd_tensor *kd_reshape(kd_graph *g, kd_tensor *x, int ndim, const int64_t *shape) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, "reshape", 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (!kd__check_f32(g, "reshape", "input", x)) return NULL;
     if (ndim < 0 || ndim > KD_MAX_DIMS || (ndim && !shape))
         return kd__fail(g, kd_error(KD_ERR_INVALID, "reshape: rank %d is outside 0..%d", ndim,
@@ -153,6 +159,7 @@ kd_tensor *kd_reshape(kd_graph *g, kd_tensor *x, int ndim, const int64_t *shape)
 
 kd_tensor *kd_flatten(kd_graph *g, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, "flatten", 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (x->ndim < 1) return kd__fail(g, kd_error(KD_ERR_SHAPE, "flatten: input is a scalar"));
     int64_t n0 = x->shape[0];
     int64_t s[2] = {n0, n0 ? kd_tensor_numel(x) / n0 : 0};
@@ -199,6 +206,7 @@ static void kd__swap_axes(float *dst, const float *src, int ndim, const int64_t 
 kd_tensor *kd_transpose(kd_graph *g, kd_tensor *x, int dim0, int dim1) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, "transpose", 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (!kd__check_f32(g, "transpose", "input", x)) return NULL;
     if (dim0 < 0) dim0 += x->ndim;
     if (dim1 < 0) dim1 += x->ndim;
@@ -272,6 +280,15 @@ kd_tensor *kd_concat(kd_graph *g, kd_tensor *const *xs, int n, int dim) {
     if (!xs || n < 1)
         return kd__fail(g, kd_error(KD_ERR_INVALID, "concat: needs at least one input"));
     if (!kd__ok_inputs(g, "concat", n, xs)) return NULL;
+    int any_blocked = 0;
+    for (int k = 0; k < n; k++) any_blocked |= kd__blocked(xs[k]);
+    if (any_blocked) {
+        kd_tensor **cv = kd__scratch(g, (size_t)n * sizeof *cv);
+        if (!cv) return NULL;
+        for (int k = 0; k < n; k++)
+            if (!(cv[k] = kd__to_strided(g, xs[k]))) return NULL;
+        xs = cv;
+    }
     kd_tensor *x0 = xs[0];
     if (dim < 0) dim += x0->ndim;
     if (dim < 0 || dim >= x0->ndim)
@@ -328,6 +345,7 @@ kd_status kd__concat_backward(kd_graph *g, kd__node *n) {
 kd_tensor *kd_slice(kd_graph *g, kd_tensor *x, int dim, int64_t start, int64_t end) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, "slice", 1, &x)) return NULL;
+    if (!(x = kd__to_strided(g, x))) return NULL;
     if (!kd__check_f32(g, "slice", "input", x)) return NULL;
     if (dim < 0) dim += x->ndim;
     if (dim < 0 || dim >= x->ndim)
@@ -377,7 +395,8 @@ kd_status kd__slice_backward(kd_graph *g, kd__node *n) {
 
 static kd_tensor *kd__reduce(kd_graph *g, kd_op op, const char *name, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
-    if (!kd__check_f32(g, name, "input", x)) return NULL;
+    /* A sum over every element reads any layout (the gradient is uniform). */
+    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
     kd_tensor *y = kd__new(g, KD_F32, 0, NULL);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(x);
@@ -457,7 +476,7 @@ kd_tensor *kd_dropout(kd_graph *g, kd_tensor *x, float p, int training) {
         return kd__fail(g, kd_error(KD_ERR_INVALID, "dropout: probability %g is outside [0, 1]",
                                     (double)p));
     if (!training || p == 0.0f) return x;
-    if (!kd__check_f32(g, "dropout", "input", x)) return NULL;
+    if (!kd__check_f32_any(g, "dropout", "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     uint64_t key = kd_rng_key(g->step_key, g->n_dropout++);

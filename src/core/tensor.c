@@ -126,3 +126,37 @@ kd_status kd_tensor_require_grad(kd_tensor *t) {
     if (t->grad) return KD_OK;
     return kd_tensor_new(t->dtype, t->ndim, t->shape, &t->grad);
 }
+
+/* ---------------------------------------------------------- layout reorders */
+
+void kd_layout_to_nchw16c(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                          int accumulate) {
+    const int64_t B = KD_LAYOUT_BLOCK, CB = C / B;
+#pragma omp parallel for schedule(static) if (N * C * HW >= 32768)
+    for (int64_t nb = 0; nb < N * CB; nb++) {
+        const float *s = src + nb * B * HW; /* (n, cb*16 + l, hw) at s[l*HW + hw] */
+        float *d = dst + nb * B * HW;
+        for (int64_t j = 0; j < HW; j++) {
+            if (accumulate)
+                for (int64_t l = 0; l < B; l++) d[j * B + l] += s[l * HW + j];
+            else
+                for (int64_t l = 0; l < B; l++) d[j * B + l] = s[l * HW + j];
+        }
+    }
+}
+
+void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                          int accumulate) {
+    const int64_t B = KD_LAYOUT_BLOCK, CB = C / B;
+#pragma omp parallel for schedule(static) if (N * C * HW >= 32768)
+    for (int64_t nb = 0; nb < N * CB; nb++) {
+        const float *s = src + nb * B * HW;
+        float *d = dst + nb * B * HW;
+        for (int64_t l = 0; l < B; l++) {
+            if (accumulate)
+                for (int64_t j = 0; j < HW; j++) d[l * HW + j] += s[j * B + l];
+            else
+                for (int64_t j = 0; j < HW; j++) d[l * HW + j] = s[j * B + l];
+        }
+    }
+}

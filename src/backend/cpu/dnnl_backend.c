@@ -24,10 +24,16 @@
  *     dnnl_scratchpad_mode_user and runs on one growable buffer owned by the
  *     backend. Kernels that need temporaries (accumulate=1, statistics) take
  *     them from the same buffer, after the scratchpad part.
- *   - Memory is plain NCHW / OIHW / GOIHW for now. The layout of each conv
- *     operand is chosen in one place (conv_layout_tags); moving to
- *     dnnl_format_tag_any means asking the pd for its exec-arg descriptors
- *     (entry_md) and inserting cached reorders where they differ from plain.
+ *   - Activations are plain NCHW or kd's blocked NCHW16C (oneDNN nChw16c),
+ *     each operand in its own tensor's layout (blocked_channels = 16). A conv
+ *     with a blocked operand is created with dnnl_format_tag_any weights:
+ *     kd's weights stay OIHW, and a cached reorder (OIHW -> the pd's format
+ *     before forward / backward data; the pd's format -> OIHW after backward
+ *     weights) runs into the scratch buffer every call (weights change every
+ *     step; they are small). All-plain convs keep plain OIHW weights. The
+ *     formats are chosen in one place (conv_layout_tags).
+ *   - A configuration that ends on the ref kernels with blocked operands
+ *     runs them on plain heap copies (a rare path: shapes oneDNN rejects).
  *
  * Threading and determinism: oneDNN runs on OpenMP with kd's thread count;
  * every reduction here is either done by oneDNN (fixed partition for a fixed
@@ -85,6 +91,7 @@ typedef struct {
     int32_t alg;   /* dnnl_alg_kind_t (conv, pool, eltwise) */
     int32_t flags; /* conv: has bias; bn: dnnl_normalization_flags_t */
     int32_t prop;  /* dnnl_prop_kind_t */
+    int32_t lay;   /* layout bits: 1 src (x / dx) blocked, 2 dst (y / dy) blocked */
     int64_t d[CPU_KEY_DIMS];
     float f[2];    /* eltwise alpha; bn eps */
 } prim_key;
@@ -96,7 +103,14 @@ struct prim_entry {
     dnnl_primitive_desc_t pd;      /* NULL: oneDNN rejected this key, use ref */
     dnnl_primitive_desc_t hint_pd; /* forward pd a backward pd was created against */
     dnnl_primitive_t prim;
-    size_t scratch_bytes;          /* user scratchpad this primitive needs */
+    size_t scratch_bytes;          /* scratch bytes before the kernel's temporary floats */
+    size_t pad_bytes;              /* user scratchpad the primitive itself needs */
+    /* Conv with format_tag_any weights in a format other than OIHW: the
+     * cached reorder between kd's OIHW and the pd's format. The reordered
+     * weights live in scratch at wofs (after the scratchpads), wbytes long. */
+    dnnl_primitive_t wre;
+    dnnl_memory_t wre_mem[3];      /* from, to, scratchpad */
+    size_t wre_pad, wofs, wbytes;
     int nmem;
     int mem_arg[CPU_MAX_ARGS];     /* DNNL_ARG_* of mem[i] */
     dnnl_memory_t mem[CPU_MAX_ARGS];
@@ -173,6 +187,9 @@ static prim_entry *cache_find(cpu_state *st, const prim_key *k, uint64_t h) {
 
 static void entry_free(prim_entry *e) {
     for (int i = 0; i < e->nmem; i++) dnnl_memory_destroy(e->mem[i]);
+    for (int i = 0; i < 3; i++)
+        if (e->wre_mem[i]) dnnl_memory_destroy(e->wre_mem[i]);
+    if (e->wre) dnnl_primitive_destroy(e->wre);
     if (e->prim) dnnl_primitive_destroy(e->prim);
     if (e->pd) dnnl_primitive_desc_destroy(e->pd);
     if (e->hint_pd) dnnl_primitive_desc_destroy(e->hint_pd);
@@ -240,7 +257,8 @@ static kd_status cache_insert(cpu_state *st, const prim_key *k, uint64_t h,
         if (s != KD_OK) goto fail;
         st->nprims_created++;
         const dnnl_memory_desc_t *smd = dnnl_primitive_desc_query_md(e->pd, dnnl_query_scratchpad_md, 0);
-        e->scratch_bytes = smd ? dnnl_memory_desc_get_size(smd) : 0;
+        e->pad_bytes = smd ? dnnl_memory_desc_get_size(smd) : 0;
+        e->scratch_bytes = e->pad_bytes;
     }
     if (attr) dnnl_primitive_attr_destroy(attr);
     prim_entry **b = &st->buckets[h & (CPU_BUCKETS - 1)];
@@ -289,7 +307,7 @@ static kd_status entry_execute(cpu_state *st, prim_entry *e, const exec_arg *arg
         KD_TRY(entry_mem(st, e, args[i].arg, args[i].ptr, &a[n].memory));
         n++;
     }
-    if (e->scratch_bytes) {
+    if (e->pad_bytes) {
         if (st->scratch_cap < e->scratch_bytes)
             return kd_error(KD_ERR_INTERNAL, "cpu backend: scratchpad not reserved");
         a[n].arg = DNNL_ARG_SCRATCHPAD;
@@ -321,6 +339,168 @@ static int plain_f32(const kd_tensor *t) {
 /* conv2d and pool2d operands: plain and 4-d. */
 static int plain_4d(const kd_tensor *t) { return plain_f32(t) && t->ndim == 4; }
 
+static int blocked(const kd_tensor *t) { return t && t->layout == KD_LAYOUT_NCHW16C; }
+
+/* A 4-d float32 activation oneDNN can take: plain contiguous NCHW, or
+ * NCHW16C with C % 16 == 0. */
+static int act_4d(const kd_tensor *t) {
+    if (blocked(t))
+        return t->dtype == KD_F32 && t->device == KD_DEVICE_CPU && t->data && t->ndim == 4 &&
+               t->shape[1] % KD_LAYOUT_BLOCK == 0;
+    return plain_4d(t);
+}
+
+static dnnl_format_tag_t act_tag(int is_blocked) { return is_blocked ? dnnl_nChw16c : dnnl_nchw; }
+
+/* ---- ref fallback for blocked operands: plain heap copies (rare path) */
+
+#define PS_MAX 6
+typedef struct {
+    int n;
+    kd_tensor tmp[PS_MAX];
+    kd_tensor *orig[PS_MAX];
+    int is_out[PS_MAX];
+} plain_set;
+
+/* t itself when it is not blocked, else a plain heap copy of it (NULL and
+ * *s set on OOM). Outputs are copied too (accumulate reads them). */
+static kd_tensor *ps_plain(plain_set *ps, const kd_tensor *t, int is_out, kd_status *s) {
+    if (!blocked(t) || *s != KD_OK) return (kd_tensor *)t;
+    if (ps->n == PS_MAX) {
+        *s = kd_error(KD_ERR_INTERNAL, "cpu backend: too many blocked operands");
+        return NULL;
+    }
+    kd_tensor *c = &ps->tmp[ps->n];
+    *c = *t;
+    c->layout = KD_LAYOUT_STRIDED;
+    kd_tensor_set_shape(c, t->ndim, t->shape);
+    c->data = kd_aligned_alloc(kd_tensor_nbytes(t) ? kd_tensor_nbytes(t) : 64);
+    if (!c->data) {
+        *s = kd_error(KD_ERR_NOMEM, "cpu backend: out of memory for a plain copy of %zu bytes",
+                      kd_tensor_nbytes(t));
+        return NULL;
+    }
+    int64_t HW = t->shape[2] * t->shape[3];
+    kd_layout_to_strided(kd_f32(c), kd_f32(t), t->shape[0], t->shape[1], HW, 0);
+    ps->orig[ps->n] = (kd_tensor *)t;
+    ps->is_out[ps->n] = is_out;
+    ps->n++;
+    return c;
+}
+
+/* Converts the outputs back into their blocked tensors (when s is KD_OK)
+ * and frees the copies; returns s. */
+static kd_status ps_finish(plain_set *ps, kd_status s) {
+    for (int i = 0; i < ps->n; i++) {
+        kd_tensor *o = ps->orig[i], *c = &ps->tmp[i];
+        if (s == KD_OK && ps->is_out[i])
+            kd_layout_to_nchw16c(kd_f32(o), kd_f32(c), o->shape[0], o->shape[1],
+                                 o->shape[2] * o->shape[3], 0);
+        kd_aligned_free(c->data);
+    }
+    ps->n = 0;
+    return s;
+}
+
+/* The ref kernels, taking blocked operands through plain copies. */
+static kd_status ref_conv_fwd(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
+                              const kd_tensor *w, const kd_tensor *b, kd_tensor *y) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *px = ps_plain(&ps, x, 0, &s), *py = ps_plain(&ps, y, 1, &s);
+    if (s == KD_OK) s = ref_be()->conv2d_forward(be, p, px, w, b, py);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_conv_bwd_data(kd_backend *be, const kd_conv2d_params *p,
+                                   const kd_tensor *dy, const kd_tensor *w, kd_tensor *dx,
+                                   int accumulate) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *pdy = ps_plain(&ps, dy, 0, &s), *pdx = ps_plain(&ps, dx, 1, &s);
+    if (s == KD_OK) s = ref_be()->conv2d_backward_data(be, p, pdy, w, pdx, accumulate);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_conv_bwd_weights(kd_backend *be, const kd_conv2d_params *p,
+                                      const kd_tensor *dy, const kd_tensor *x, kd_tensor *dw,
+                                      kd_tensor *db, int accumulate) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *pdy = ps_plain(&ps, dy, 0, &s), *px = ps_plain(&ps, x, 0, &s);
+    if (s == KD_OK) s = ref_be()->conv2d_backward_weights(be, p, pdy, px, dw, db, accumulate);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_bn_fwd(kd_backend *be, const kd_bn_params *p, const kd_tensor *x,
+                            const kd_tensor *gamma, const kd_tensor *beta,
+                            kd_tensor *running_mean, kd_tensor *running_var, kd_tensor *y,
+                            kd_tensor *save_mean, kd_tensor *save_rstd) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *px = ps_plain(&ps, x, 0, &s), *py = ps_plain(&ps, y, 1, &s);
+    if (s == KD_OK)
+        s = ref_be()->batchnorm_forward(be, p, px, gamma, beta, running_mean, running_var, py,
+                                        save_mean, save_rstd);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_bn_bwd(kd_backend *be, const kd_bn_params *p, const kd_tensor *dy,
+                            const kd_tensor *x, const kd_tensor *gamma,
+                            const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                            kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta, int accumulate) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *pdy = ps_plain(&ps, dy, 0, &s), *px = ps_plain(&ps, x, 0, &s);
+    kd_tensor *pdx = ps_plain(&ps, dx, 1, &s);
+    if (s == KD_OK)
+        s = ref_be()->batchnorm_backward(be, p, pdy, px, gamma, save_mean, save_rstd, pdx,
+                                         dgamma, dbeta, accumulate);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_pool_fwd(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *x,
+                              kd_tensor *y, kd_tensor *ws) {
+    if (ws && blocked(ws))
+        return kd_error(KD_ERR_UNSUPPORTED, "cpu pool2d: blocked argmax needs blocked x and y");
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *px = ps_plain(&ps, x, 0, &s), *py = ps_plain(&ps, y, 1, &s);
+    if (s == KD_OK) s = ref_be()->pool2d_forward(be, p, px, py, ws);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_pool_bwd(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *dy,
+                              const kd_tensor *ws, kd_tensor *dx, int accumulate) {
+    if (ws && blocked(ws))
+        return kd_error(KD_ERR_UNSUPPORTED, "cpu pool2d: blocked argmax needs blocked dy and dx");
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *pdy = ps_plain(&ps, dy, 0, &s), *pdx = ps_plain(&ps, dx, 1, &s);
+    if (s == KD_OK) s = ref_be()->pool2d_backward(be, p, pdy, ws, pdx, accumulate);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_eltwise_fwd(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                 const kd_tensor *x, kd_tensor *y) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *px = ps_plain(&ps, x, 0, &s), *py = ps_plain(&ps, y, 1, &s);
+    if (s == KD_OK) s = ref_be()->eltwise_forward(be, kind, alpha, px, py);
+    return ps_finish(&ps, s);
+}
+
+static kd_status ref_eltwise_bwd(kd_backend *be, kd_eltwise_kind kind, float alpha,
+                                 const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
+                                 int accumulate) {
+    plain_set ps = {0};
+    kd_status s = KD_OK;
+    kd_tensor *pdy = ps_plain(&ps, dy, 0, &s), *psrc = ps_plain(&ps, src, 0, &s);
+    kd_tensor *pdx = ps_plain(&ps, dx, 1, &s);
+    if (s == KD_OK) s = ref_be()->eltwise_backward(be, kind, alpha, pdy, psrc, pdx, accumulate);
+    return ps_finish(&ps, s);
+}
+
 /* Runs `call` (a *_locked kernel body) under the backend lock, after making
  * sure the engine and stream exist; its status lands in `s`. */
 #define CPU_RUN_LOCKED(s, call)                          \
@@ -335,6 +515,7 @@ static int plain_4d(const kd_tensor *t) { return plain_f32(t) && t->ndim == 4; }
 
 typedef struct {
     int64_t N, C, H, W, O, KH, KW, OH, OW, G;
+    int xb, yb; /* x (dx) / y (dy) in NCHW16C */
     /* (h, w) in dnnl_dims_t, the array type oneDNN reads; dil is (dilation - 1). */
     dnnl_dims_t stride, pad_l, pad_r, dil;
 } conv_shape;
@@ -353,6 +534,8 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
     c->O = w->shape[0], c->KH = w->shape[2], c->KW = w->shape[3];
     c->OH = y->shape[2], c->OW = y->shape[3];
     c->G = p->groups > 0 ? p->groups : 1;
+    c->xb = blocked(x);
+    c->yb = blocked(y);
     int64_t in[2] = {c->H, c->W}, out[2] = {c->OH, c->OW}, k[2] = {c->KH, c->KW};
     for (int i = 0; i < 2; i++) {
         c->stride[i] = p->stride[i];
@@ -366,27 +549,43 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
 static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_bias) {
     key_init(k, kind);
     k->flags = has_bias;
+    k->lay = c->xb | c->yb << 1;
     int64_t v[] = {c->N, c->C, c->H, c->W, c->O, c->KH, c->KW, c->OH, c->OW, c->G,
                    c->stride[0], c->stride[1], c->pad_l[0], c->pad_l[1], c->dil[0], c->dil[1]};
     memcpy(k->d, v, sizeof v);
 }
 
-/* The one place that picks conv memory layouts: plain for now. A blocked
- * version returns dnnl_format_tag_any here and reorders around execution. */
-static void conv_layout_tags(const conv_shape *c, dnnl_format_tag_t *act, dnnl_format_tag_t *wei) {
-    *act = dnnl_nchw;
-    *wei = c->G > 1 ? dnnl_goihw : dnnl_oihw;
+/* The one place that picks conv memory layouts: activations in their
+ * tensors' layouts; weights plain when both activations are plain, else
+ * dnnl_format_tag_any (oneDNN's blocked kernels want blocked weights, and
+ * each of forward / backward data / backward weights picks its own: forcing
+ * the forward's format on the backward passes falls back to ref:any). */
+static void conv_layout_tags(const conv_shape *c, dnnl_format_tag_t *src, dnnl_format_tag_t *dst,
+                             dnnl_format_tag_t *wei) {
+    *src = act_tag(c->xb);
+    *dst = act_tag(c->yb);
+    *wei = (c->xb || c->yb) ? dnnl_format_tag_any : c->G > 1 ? dnnl_goihw : dnnl_oihw;
+}
+
+/* kd's weight layout: OIHW, or GOIHW for grouped convs. */
+static dnnl_status_t conv_plain_wmd(const conv_shape *c, dnnl_memory_desc_t *wei) {
+    if (c->G > 1) {
+        dnnl_dims_t wd = {c->G, c->O / c->G, c->C / c->G, c->KH, c->KW};
+        return dnnl_memory_desc_init_by_tag(wei, 5, wd, dnnl_f32, dnnl_goihw);
+    }
+    dnnl_dims_t wd = {c->O, c->C, c->KH, c->KW};
+    return dnnl_memory_desc_init_by_tag(wei, 4, wd, dnnl_f32, dnnl_oihw);
 }
 
 /* Memory descriptors of a conv: src (N, C, H, W), weights (O, C/G, KH, KW)
  * or (G, O/G, C/G, KH, KW), bias (O), dst (N, O, OH, OW). */
 static dnnl_status_t conv_mds(const conv_shape *c, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
                               dnnl_memory_desc_t *bias, dnnl_memory_desc_t *dst) {
-    dnnl_format_tag_t act_tag, wei_tag;
-    conv_layout_tags(c, &act_tag, &wei_tag);
+    dnnl_format_tag_t src_tag, dst_tag, wei_tag;
+    conv_layout_tags(c, &src_tag, &dst_tag, &wei_tag);
     dnnl_dims_t sd = {c->N, c->C, c->H, c->W}, dd = {c->N, c->O, c->OH, c->OW}, bd = {c->O};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, dnnl_f32, act_tag);
-    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(dst, 4, dd, dnnl_f32, act_tag);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, dnnl_f32, src_tag);
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(dst, 4, dd, dnnl_f32, dst_tag);
     if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(bias, 1, bd, dnnl_f32, dnnl_x);
     if (s != dnnl_success) return s;
     if (c->G > 1) {
@@ -396,6 +595,65 @@ static dnnl_status_t conv_mds(const conv_shape *c, dnnl_memory_desc_t *src, dnnl
     dnnl_dims_t wd = {c->O, c->C, c->KH, c->KW};
     return dnnl_memory_desc_init_by_tag(wei, 4, wd, dnnl_f32, wei_tag);
 }
+
+/* For a conv entry created with format_tag_any weights: when the pd's
+ * weight format is not kd's OIHW, the cached reorder between the two
+ * (OIHW -> pd before forward and backward data; pd -> OIHW after backward
+ * weights) and the scratch layout [scratchpads | weights | floats]. */
+static kd_status conv_weight_reorder(cpu_state *st, prim_entry *e, prim_kind kind,
+                                     const conv_shape *c) {
+    const dnnl_memory_desc_t *chosen = dnnl_primitive_desc_query_md(
+        e->pd, kind == PK_CONV_BWD_WEIGHTS ? dnnl_query_diff_weights_md : dnnl_query_weights_md,
+        0);
+    if (!chosen) return kd_error(KD_ERR_BACKEND, "oneDNN: conv pd has no weights descriptor");
+    dnnl_memory_desc_t plain;
+    KD_TRY(KD_DNNL_CHECK(conv_plain_wmd(c, &plain)));
+    if (dnnl_memory_desc_equal(chosen, &plain)) return KD_OK;
+    int to_pd = kind != PK_CONV_BWD_WEIGHTS;
+    const dnnl_memory_desc_t *from = to_pd ? &plain : chosen, *to = to_pd ? chosen : &plain;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t rpd = NULL;
+    kd_status s = KD_DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+    if (s == KD_OK)
+        s = KD_DNNL_CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
+    if (s == KD_OK)
+        s = KD_DNNL_CHECK(dnnl_reorder_primitive_desc_create(&rpd, from, st->engine, to,
+                                                             st->engine, attr));
+    if (s == KD_OK) s = KD_DNNL_CHECK(dnnl_primitive_create(&e->wre, rpd));
+    if (s == KD_OK) {
+        const dnnl_memory_desc_t *smd = dnnl_primitive_desc_query_md(rpd, dnnl_query_scratchpad_md, 0);
+        e->wre_pad = smd ? dnnl_memory_desc_get_size(smd) : 0;
+        s = KD_DNNL_CHECK(dnnl_memory_create(&e->wre_mem[0], from, st->engine, DNNL_MEMORY_NONE));
+        if (s == KD_OK)
+            s = KD_DNNL_CHECK(dnnl_memory_create(&e->wre_mem[1], to, st->engine, DNNL_MEMORY_NONE));
+        if (s == KD_OK && e->wre_pad)
+            s = KD_DNNL_CHECK(dnnl_memory_create(&e->wre_mem[2], smd, st->engine, DNNL_MEMORY_NONE));
+    }
+    if (s == KD_OK) {
+        size_t pad = e->pad_bytes > e->wre_pad ? e->pad_bytes : e->wre_pad;
+        e->wofs = align64(pad);
+        e->wbytes = dnnl_memory_desc_get_size(chosen);
+        e->scratch_bytes = e->wofs + align64(e->wbytes);
+        st->nprims_created++;
+    }
+    if (rpd) dnnl_primitive_desc_destroy(rpd);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    return s;
+}
+
+/* Runs e's weight reorder from `from` to `to` (scratch reserved). */
+static kd_status conv_run_reorder(cpu_state *st, prim_entry *e, const void *from, void *to) {
+    dnnl_exec_arg_t a[3] = {{DNNL_ARG_FROM, e->wre_mem[0]}, {DNNL_ARG_TO, e->wre_mem[1]},
+                            {DNNL_ARG_SCRATCHPAD, e->wre_mem[2]}};
+    KD_TRY(KD_DNNL_CHECK(dnnl_memory_set_data_handle(e->wre_mem[0], (void *)from)));
+    KD_TRY(KD_DNNL_CHECK(dnnl_memory_set_data_handle(e->wre_mem[1], to)));
+    if (e->wre_pad)
+        KD_TRY(KD_DNNL_CHECK(dnnl_memory_set_data_handle(e->wre_mem[2], st->scratch)));
+    KD_TRY(KD_DNNL_CHECK(dnnl_primitive_execute(e->wre, st->stream, e->wre_pad ? 3 : 2, a)));
+    return KD_DNNL_CHECK(dnnl_stream_wait(st->stream));
+}
+
+static void *conv_wbuf(cpu_state *st, const prim_entry *e) { return (char *)st->scratch + e->wofs; }
 
 /* Finds or creates the conv primitive of `kind` for c. */
 static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, int has_bias,
@@ -420,7 +678,19 @@ static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, 
         s = dnnl_dilated_convolution_backward_weights_desc_init(
             &op, dnnl_convolution_direct, &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l,
             c->pad_r);
-    return cache_insert(st, &k, h, s, &op, kind == PK_CONV_FWD ? NULL : &hint, out);
+    KD_TRY(cache_insert(st, &k, h, s, &op, kind == PK_CONV_FWD ? NULL : &hint, out));
+    if ((*out)->pd && (c->xb || c->yb)) {
+        kd_status ks = conv_weight_reorder(st, *out, kind, c);
+        if (ks != KD_OK) {
+            /* Keep the cache consistent: the entry stays, rejected. */
+            dnnl_primitive_destroy((*out)->prim);
+            dnnl_primitive_desc_destroy((*out)->pd);
+            (*out)->prim = NULL;
+            (*out)->pd = NULL;
+            return ks;
+        }
+    }
+    return KD_OK;
 }
 
 static kd_status conv_fwd_locked(cpu_state *st, const kd_conv2d_params *p, const kd_tensor *x,
@@ -432,20 +702,25 @@ static kd_status conv_fwd_locked(cpu_state *st, const kd_conv2d_params *p, const
     KD_TRY(conv_entry(st, PK_CONV_FWD, &c, b != NULL, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     KD_TRY(scratch_reserve_for(st, e, 0));
-    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_WEIGHTS, w->data}, {DNNL_ARG_DST, y->data},
+    const void *wp = w->data;
+    if (e->wre) {
+        wp = conv_wbuf(st, e);
+        KD_TRY(conv_run_reorder(st, e, w->data, (void *)wp));
+    }
+    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, y->data},
                      {DNNL_ARG_BIAS, b ? b->data : NULL}};
     return entry_execute(st, e, a, b ? 4 : 3);
 }
 
 static kd_status cpu_conv2d_forward(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
                                     const kd_tensor *w, const kd_tensor *b, kd_tensor *y) {
-    if (!plain_4d(x) || !plain_4d(w) || !plain_4d(y) || (b && !plain_f32(b)) || p->groups < 1 ||
+    if (!act_4d(x) || !plain_4d(w) || !act_4d(y) || (b && !plain_f32(b)) || p->groups < 1 ||
         kd_tensor_numel(y) == 0 || kd_tensor_numel(x) == 0)
-        return ref_be()->conv2d_forward(be, p, x, w, b, y);
+        return ref_conv_fwd(be, p, x, w, b, y);
     int use_ref = 0;
     kd_status s;
     CPU_RUN_LOCKED(s, conv_fwd_locked(&g_cpu, p, x, w, b, y, &use_ref));
-    if (s == KD_OK && use_ref) return ref_be()->conv2d_forward(be, p, x, w, b, y);
+    if (s == KD_OK && use_ref) return ref_conv_fwd(be, p, x, w, b, y);
     return s;
 }
 
@@ -460,7 +735,12 @@ static kd_status conv_bwd_data_locked(cpu_state *st, const kd_conv2d_params *p,
     int64_t n = kd_tensor_numel(dx);
     KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
     float *out = accumulate ? scratch_floats(st, e, 0) : kd_f32(dx);
-    exec_arg a[3] = {{DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_WEIGHTS, w->data},
+    const void *wp = w->data;
+    if (e->wre) {
+        wp = conv_wbuf(st, e);
+        KD_TRY(conv_run_reorder(st, e, w->data, (void *)wp));
+    }
+    exec_arg a[3] = {{DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_WEIGHTS, wp},
                      {DNNL_ARG_DIFF_SRC, out}};
     KD_TRY(entry_execute(st, e, a, 3));
     if (accumulate) add_into(kd_f32(dx), out, n);
@@ -470,13 +750,13 @@ static kd_status conv_bwd_data_locked(cpu_state *st, const kd_conv2d_params *p,
 static kd_status cpu_conv2d_backward_data(kd_backend *be, const kd_conv2d_params *p,
                                           const kd_tensor *dy, const kd_tensor *w, kd_tensor *dx,
                                           int accumulate) {
-    if (!plain_4d(dy) || !plain_4d(w) || !plain_4d(dx) || p->groups < 1 ||
+    if (!act_4d(dy) || !plain_4d(w) || !act_4d(dx) || p->groups < 1 ||
         kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0)
-        return ref_be()->conv2d_backward_data(be, p, dy, w, dx, accumulate);
+        return ref_conv_bwd_data(be, p, dy, w, dx, accumulate);
     int use_ref = 0;
     kd_status s;
     CPU_RUN_LOCKED(s, conv_bwd_data_locked(&g_cpu, p, dy, w, dx, accumulate, &use_ref));
-    if (s == KD_OK && use_ref) return ref_be()->conv2d_backward_data(be, p, dy, w, dx, accumulate);
+    if (s == KD_OK && use_ref) return ref_conv_bwd_data(be, p, dy, w, dx, accumulate);
     return s;
 }
 
@@ -494,9 +774,12 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
     KD_TRY(scratch_reserve_for(st, e, accumulate ? nw_pad + (size_t)nb : 0));
     float *ow = accumulate ? scratch_floats(st, e, 0) : kd_f32(dw);
     float *ob = !db ? NULL : accumulate ? scratch_floats(st, e, nw_pad) : kd_f32(db);
+    /* Weights in the pd's format land in the weights buffer, then reorder to OIHW. */
     exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DIFF_DST, dy->data},
-                     {DNNL_ARG_DIFF_WEIGHTS, ow}, {DNNL_ARG_DIFF_BIAS, ob}};
+                     {DNNL_ARG_DIFF_WEIGHTS, e->wre ? conv_wbuf(st, e) : (void *)ow},
+                     {DNNL_ARG_DIFF_BIAS, ob}};
     KD_TRY(entry_execute(st, e, a, db ? 4 : 3));
+    if (e->wre) KD_TRY(conv_run_reorder(st, e, conv_wbuf(st, e), ow));
     if (accumulate) {
         add_into(kd_f32(dw), ow, nw);
         if (db) add_into(kd_f32(db), ob, nb);
@@ -507,14 +790,14 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
 static kd_status cpu_conv2d_backward_weights(kd_backend *be, const kd_conv2d_params *p,
                                              const kd_tensor *dy, const kd_tensor *x,
                                              kd_tensor *dw, kd_tensor *db, int accumulate) {
-    if (!plain_4d(dy) || !plain_4d(x) || !plain_4d(dw) || (db && !plain_f32(db)) ||
+    if (!act_4d(dy) || !act_4d(x) || !plain_4d(dw) || (db && !plain_f32(db)) ||
         p->groups < 1 || kd_tensor_numel(dy) == 0 || kd_tensor_numel(x) == 0)
-        return ref_be()->conv2d_backward_weights(be, p, dy, x, dw, db, accumulate);
+        return ref_conv_bwd_weights(be, p, dy, x, dw, db, accumulate);
     int use_ref = 0;
     kd_status s;
     CPU_RUN_LOCKED(s, conv_bwd_weights_locked(&g_cpu, p, dy, x, dw, db, accumulate, &use_ref));
     if (s == KD_OK && use_ref)
-        return ref_be()->conv2d_backward_weights(be, p, dy, x, dw, db, accumulate);
+        return ref_conv_bwd_weights(be, p, dy, x, dw, db, accumulate);
     return s;
 }
 
@@ -528,21 +811,33 @@ static void bn_dims(const kd_tensor *x, int64_t *N, int64_t *C, int64_t *S) {
     for (int i = 2; i < x->ndim; i++) *S *= x->shape[i];
 }
 
-static kd_status bn_entry(cpu_state *st, prim_kind kind, int64_t N, int64_t C, int64_t S,
+/* The 4-d dims oneDNN gets for a bn input: (N, C, H, W) of a blocked x,
+ * else x (N, C) or (N, C, d2...) seen as (N, C, S, 1). */
+static void bn_dims4(const kd_tensor *x, int64_t d[4]) {
+    if (blocked(x)) {
+        for (int i = 0; i < 4; i++) d[i] = x->shape[i];
+        return;
+    }
+    bn_dims(x, &d[0], &d[1], &d[2]);
+    d[3] = 1;
+}
+
+static kd_status bn_entry(cpu_state *st, prim_kind kind, const int64_t d4[4], int blk,
                           float eps, unsigned flags, dnnl_prop_kind_t prop, prim_entry **out) {
     prim_key k;
     key_init(&k, kind);
     k.flags = (int32_t)flags;
     k.prop = prop;
-    k.d[0] = N, k.d[1] = C, k.d[2] = S;
+    k.lay = blk;
+    k.d[0] = d4[0], k.d[1] = d4[1], k.d[2] = d4[2], k.d[3] = d4[3];
     k.f[0] = eps;
     uint64_t h = key_hash(&k);
     if ((*out = cache_find(st, &k, h))) return KD_OK;
 
     dnnl_memory_desc_t md;
     dnnl_batch_normalization_desc_t op, hint;
-    dnnl_dims_t dims = {N, C, S, 1};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 4, dims, dnnl_f32, dnnl_nchw);
+    dnnl_dims_t dims = {d4[0], d4[1], d4[2], d4[3]};
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 4, dims, dnnl_f32, act_tag(blk));
     if (s == dnnl_success && kind == PK_BN_FWD)
         s = dnnl_batch_normalization_forward_desc_init(&op, prop, &md, eps, flags);
     if (s == dnnl_success && kind == PK_BN_BWD)
@@ -560,8 +855,10 @@ static kd_status bn_fwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     bn_dims(x, &N, &C, &S);
     unsigned flags = (gamma ? dnnl_use_scale : 0u) | (beta ? dnnl_use_shift : 0u);
     if (!p->training) flags |= dnnl_use_global_stats;
+    int64_t d4[4];
+    bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(bn_entry(st, PK_BN_FWD, N, C, S, p->eps, flags,
+    KD_TRY(bn_entry(st, PK_BN_FWD, d4, blocked(x), p->eps, flags,
                     p->training ? dnnl_forward_training : dnnl_forward_inference, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
@@ -614,7 +911,9 @@ static kd_status cpu_batchnorm_forward(kd_backend *be, const kd_bn_params *p, co
     /* The ref kernel reports the invalid cases (training on one value per
      * channel, missing statistics) with its messages. */
     int64_t N, C, S;
-    int use_ref = !plain_f32(x) || !plain_f32(y) || x->ndim < 2 || kd_tensor_numel(x) == 0;
+    int use_ref = blocked(x) ? !act_4d(x) || y->layout != x->layout
+                             : !plain_f32(x) || !plain_f32(y);
+    use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0;
     if (!use_ref) {
         bn_dims(x, &N, &C, &S);
         use_ref = p->training ? (N * S < 2 || !save_mean || !save_rstd)
@@ -625,7 +924,7 @@ static kd_status cpu_batchnorm_forward(kd_backend *be, const kd_bn_params *p, co
         CPU_RUN_LOCKED(s, bn_fwd_locked(&g_cpu, p, x, gamma, beta, running_mean, running_var,
                                              y, save_mean, save_rstd, &use_ref));
     if (s == KD_OK && use_ref)
-        return ref_be()->batchnorm_forward(be, p, x, gamma, beta, running_mean, running_var, y,
+        return ref_bn_fwd(be, p, x, gamma, beta, running_mean, running_var, y,
                                            save_mean, save_rstd);
     return s;
 }
@@ -641,8 +940,10 @@ static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
      * as constants. */
     unsigned flags = (gamma ? dnnl_use_scale | dnnl_use_shift : 0u) |
                      (p->training ? 0u : dnnl_use_global_stats);
+    int64_t d4[4];
+    bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(bn_entry(st, PK_BN_BWD, N, C, S, p->eps, flags, dnnl_backward, &e));
+    KD_TRY(bn_entry(st, PK_BN_BWD, d4, blocked(x), p->eps, flags, dnnl_backward, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
     /* Scratch floats: var (C), dgamma (C), dbeta (C), a zero shift (C), then
@@ -700,14 +1001,16 @@ static kd_status cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, c
                                         int accumulate) {
     /* Parameter gradients without gamma cannot come from a primitive without
      * use_scale. */
-    int use_ref = !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx)) || x->ndim < 2 ||
-                  kd_tensor_numel(x) == 0 || (!gamma && (dgamma || dbeta));
+    int use_ref = blocked(x) ? !act_4d(x) || dy->layout != x->layout ||
+                                   (dx && dx->layout != x->layout)
+                             : !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx));
+    use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0 || (!gamma && (dgamma || dbeta));
     kd_status s = KD_OK;
     if (!use_ref)
         CPU_RUN_LOCKED(s, bn_bwd_locked(&g_cpu, p, dy, x, gamma, save_mean, save_rstd, dx,
                                              dgamma, dbeta, accumulate, &use_ref));
     if (s == KD_OK && use_ref)
-        return ref_be()->batchnorm_backward(be, p, dy, x, gamma, save_mean, save_rstd, dx, dgamma,
+        return ref_bn_bwd(be, p, dy, x, gamma, save_mean, save_rstd, dx, dgamma,
                                             dbeta, accumulate);
     return s;
 }
@@ -716,6 +1019,7 @@ static kd_status cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, c
 
 typedef struct {
     int64_t N, C, H, W, OH, OW;
+    int xb, yb; /* x (dx) / y (dy) in NCHW16C */
     dnnl_dims_t kernel, stride, pad_l, pad_r; /* (h, w) */
 } pool_shape;
 
@@ -724,6 +1028,8 @@ static void pool_shape_init(pool_shape *q, const kd_pool2d_params *p, const kd_t
     memset(q, 0, sizeof *q);
     q->N = x->shape[0], q->C = x->shape[1], q->H = x->shape[2], q->W = x->shape[3];
     q->OH = y->shape[2], q->OW = y->shape[3];
+    q->xb = blocked(x);
+    q->yb = blocked(y);
     int64_t in[2] = {q->H, q->W}, out[2] = {q->OH, q->OW};
     for (int i = 0; i < 2; i++) {
         q->kernel[i] = p->kernel[i];
@@ -744,6 +1050,7 @@ static kd_status pool_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg,
     prim_key k;
     key_init(&k, kind);
     k.alg = alg;
+    k.lay = q->xb | q->yb << 1;
     int64_t v[] = {q->N, q->C, q->H, q->W, q->OH, q->OW, q->kernel[0], q->kernel[1],
                    q->stride[0], q->stride[1], q->pad_l[0], q->pad_l[1]};
     memcpy(k.d, v, sizeof v);
@@ -753,8 +1060,8 @@ static kd_status pool_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg,
     dnnl_memory_desc_t src, dst;
     dnnl_pooling_desc_t op, hint;
     dnnl_dims_t sd = {q->N, q->C, q->H, q->W}, dd = {q->N, q->C, q->OH, q->OW};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&src, 4, sd, dnnl_f32, dnnl_nchw);
-    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(&dst, 4, dd, dnnl_f32, dnnl_nchw);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&src, 4, sd, dnnl_f32, act_tag(q->xb));
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(&dst, 4, dd, dnnl_f32, act_tag(q->yb));
     /* Forward runs as inference: max pooling's argmax is kd's own format. */
     if (s == dnnl_success)
         s = dnnl_pooling_forward_desc_init(kind == PK_POOL_FWD ? &op : &hint,
@@ -800,6 +1107,65 @@ static void maxpool_argmax(const pool_shape *q, const float *x, float *y, int32_
     }
 }
 
+/* The same on NCHW16C x, y and ws (ws in y's blocked order, its values the
+ * flat h*W+w index within the channel's plane as in the plain version).
+ * One thread per (n, channel block, output row); the 16 lanes of a block
+ * run side by side with the same tie rule per lane. */
+static void maxpool_argmax_blocked(const pool_shape *q, const float *x, float *y, int32_t *ws) {
+    enum { B = KD_LAYOUT_BLOCK };
+    int64_t rows = q->N * (q->C / B) * q->OH;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t nb = r / q->OH, oh = r % q->OH;
+        const float *xp = x + nb * q->H * q->W * B;
+        float *yp = y + (nb * q->OH + oh) * q->OW * B;
+        int32_t *wp = ws + (nb * q->OH + oh) * q->OW * B;
+        int64_t h0 = oh * q->stride[0] - q->pad_l[0], h1 = h0 + q->kernel[0];
+        if (h0 < 0) h0 = 0;
+        if (h1 > q->H) h1 = q->H;
+        for (int64_t ow = 0; ow < q->OW; ow++) {
+            int64_t w0 = ow * q->stride[1] - q->pad_l[1], w1 = w0 + q->kernel[1];
+            if (w0 < 0) w0 = 0;
+            if (w1 > q->W) w1 = q->W;
+            float best[B];
+            int32_t arg[B];
+            for (int l = 0; l < B; l++) best[l] = -INFINITY, arg[l] = -1;
+            for (int64_t h = h0; h < h1; h++)
+                for (int64_t w = w0; w < w1; w++) {
+                    const float *v = xp + (h * q->W + w) * B;
+                    int32_t idx = (int32_t)(h * q->W + w);
+                    for (int l = 0; l < B; l++)
+                        if (arg[l] < 0 || v[l] > best[l] || isnan(v[l])) best[l] = v[l], arg[l] = idx;
+                }
+            for (int l = 0; l < B; l++) yp[ow * B + l] = best[l], wp[ow * B + l] = arg[l];
+        }
+    }
+}
+
+/* Blocked backward: dx[n, c, ws] (+)= dy on NCHW16C dy, ws, dx; one thread
+ * per (n, channel block), fixed order. Returns the count of bad indices. */
+static int64_t maxpool_scatter_blocked(int64_t nblocks, int64_t in_plane, int64_t out_plane,
+                                       const float *dy, const int32_t *ws, float *dx,
+                                       int accumulate) {
+    enum { B = KD_LAYOUT_BLOCK };
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+    for (int64_t nb = 0; nb < nblocks; nb++) {
+        float *dxp = dx + nb * in_plane * B;
+        if (!accumulate) memset(dxp, 0, (size_t)(in_plane * B) * sizeof(float));
+        const float *dyp = dy + nb * out_plane * B;
+        const int32_t *wp = ws + nb * out_plane * B;
+        for (int64_t i = 0; i < out_plane * B; i++) {
+            int32_t a = wp[i];
+            if (a >= 0 && a < in_plane)
+                dxp[a * B + i % B] += dyp[i];
+            else if (a != -1)
+                bad++;
+        }
+    }
+    return bad;
+}
+
 /* Max pooling backward: dx[n, c, ws] (+)= dy, one thread per plane in a
  * fixed order, so deterministic. Returns the number of indices outside the
  * plane (skipped; -1 marks an empty window and is not counted). */
@@ -836,19 +1202,25 @@ static kd_status pool_fwd_locked(cpu_state *st, const kd_pool2d_params *p, const
 
 static kd_status cpu_pool2d_forward(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *x,
                                     kd_tensor *y, kd_tensor *ws) {
-    int use_ref = !plain_4d(x) || !plain_4d(y) || kd_tensor_numel(y) == 0 ||
+    int use_ref = !act_4d(x) || !act_4d(y) || kd_tensor_numel(y) == 0 ||
                   kd_tensor_numel(x) == 0 ||
                   (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
                                               kd_tensor_numel(ws) != kd_tensor_numel(y)));
     if (!use_ref && p->kind == KD_POOL_MAX) {
         pool_shape q;
         pool_shape_init(&q, p, x, y);
+        if (q.xb && q.yb && blocked(ws)) {
+            maxpool_argmax_blocked(&q, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
+            return KD_OK;
+        }
+        if (q.xb || q.yb || blocked(ws))
+            return kd_error(KD_ERR_UNSUPPORTED, "cpu max pooling: x, y and ws must share a layout");
         maxpool_argmax(&q, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
         return KD_OK;
     }
     kd_status s = KD_OK;
     if (!use_ref) CPU_RUN_LOCKED(s, pool_fwd_locked(&g_cpu, p, x, y, &use_ref));
-    if (s == KD_OK && use_ref) return ref_be()->pool2d_forward(be, p, x, y, ws);
+    if (s == KD_OK && use_ref) return ref_pool_fwd(be, p, x, y, ws);
     return s;
 }
 
@@ -871,14 +1243,22 @@ static kd_status pool_bwd_locked(cpu_state *st, const kd_pool2d_params *p, const
 static kd_status cpu_pool2d_backward(kd_backend *be, const kd_pool2d_params *p,
                                      const kd_tensor *dy, const kd_tensor *ws, kd_tensor *dx,
                                      int accumulate) {
-    if (!plain_4d(dy) || !plain_4d(dx) || kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0 ||
+    if (!act_4d(dy) || !act_4d(dx) || kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0 ||
         (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
                                     kd_tensor_numel(ws) != kd_tensor_numel(dy))))
-        return ref_be()->pool2d_backward(be, p, dy, ws, dx, accumulate);
+        return ref_pool_bwd(be, p, dy, ws, dx, accumulate);
     if (p->kind == KD_POOL_MAX) {
         int64_t planes = dx->shape[0] * dx->shape[1], H = dx->shape[2], W = dx->shape[3];
-        int64_t bad = maxpool_scatter(planes, H * W, dy->shape[2] * dy->shape[3], kd_f32(dy),
-                                      (const int32_t *)ws->data, kd_f32(dx), accumulate);
+        int all_b = blocked(dy) && blocked(dx) && blocked(ws);
+        if (!all_b && (blocked(dy) || blocked(dx) || blocked(ws)))
+            return kd_error(KD_ERR_UNSUPPORTED, "cpu max pooling: dy, ws and dx must share a layout");
+        int64_t bad = all_b ? maxpool_scatter_blocked(planes / KD_LAYOUT_BLOCK, H * W,
+                                                      dy->shape[2] * dy->shape[3], kd_f32(dy),
+                                                      (const int32_t *)ws->data, kd_f32(dx),
+                                                      accumulate)
+                            : maxpool_scatter(planes, H * W, dy->shape[2] * dy->shape[3],
+                                              kd_f32(dy), (const int32_t *)ws->data, kd_f32(dx),
+                                              accumulate);
         if (bad)
             return kd_error(KD_ERR_INVALID,
                             "cpu pool2d_backward: %lld argmax indices fall outside the %lldx%lld input plane",
@@ -888,7 +1268,7 @@ static kd_status cpu_pool2d_backward(kd_backend *be, const kd_pool2d_params *p,
     int use_ref = 0;
     kd_status s;
     CPU_RUN_LOCKED(s, pool_bwd_locked(&g_cpu, p, dy, dx, accumulate, &use_ref));
-    if (s == KD_OK && use_ref) return ref_be()->pool2d_backward(be, p, dy, ws, dx, accumulate);
+    if (s == KD_OK && use_ref) return ref_pool_bwd(be, p, dy, ws, dx, accumulate);
     return s;
 }
 
@@ -949,8 +1329,23 @@ static kd_status eltwise_fwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
     return entry_execute(st, e, a, 2);
 }
 
+/* An elementwise operand of a blocked tensor seen as a flat plain tensor of
+ * the same shape (exact when every operand has the same layout). */
+static kd_tensor flat_view(const kd_tensor *t) {
+    kd_tensor v = *t;
+    if (blocked(t)) {
+        v.layout = KD_LAYOUT_STRIDED;
+        kd_tensor_set_shape(&v, t->ndim, t->shape);
+    }
+    return v;
+}
+
 static kd_status cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                      const kd_tensor *x, kd_tensor *y) {
+    if ((blocked(x) || blocked(y)) && x->layout == y->layout) {
+        kd_tensor xv = flat_view(x), yv = flat_view(y);
+        return cpu_eltwise_forward(be, kind, alpha, &xv, &yv);
+    }
     /* oneDNN 2.6's log has up to ~4e-6 absolute error (98,000 ulp near x = 1),
      * which matters for log-ratios in distillation losses: use libm's logf. */
     int use_ref = !plain_f32(x) || !plain_f32(y) || kd_tensor_numel(x) == 0 ||
@@ -958,7 +1353,7 @@ static kd_status cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float
                   eltwise_alg(kind) == dnnl_alg_kind_undef || kind == KD_ELTWISE_LOG;
     kd_status s = KD_OK;
     if (!use_ref) CPU_RUN_LOCKED(s, eltwise_fwd_locked(&g_cpu, kind, alpha, x, y, &use_ref));
-    if (s == KD_OK && use_ref) return ref_be()->eltwise_forward(be, kind, alpha, x, y);
+    if (s == KD_OK && use_ref) return ref_eltwise_fwd(be, kind, alpha, x, y);
     return s;
 }
 
@@ -981,6 +1376,11 @@ static kd_status eltwise_bwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
 static kd_status cpu_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                       const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
                                       int accumulate) {
+    if ((blocked(dy) || blocked(src) || blocked(dx)) && dy->layout == dx->layout &&
+        src->layout == dx->layout) {
+        kd_tensor dyv = flat_view(dy), sv = flat_view(src), dxv = flat_view(dx);
+        return cpu_eltwise_backward(be, kind, alpha, &dyv, &sv, &dxv, accumulate);
+    }
     int64_t n = kd_tensor_numel(dx);
     int use_ref = !plain_f32(dy) || !plain_f32(src) || !plain_f32(dx) || n == 0 ||
                   kd_tensor_numel(dy) != n || kd_tensor_numel(src) != n ||
@@ -989,7 +1389,7 @@ static kd_status cpu_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, floa
     if (!use_ref)
         CPU_RUN_LOCKED(s, eltwise_bwd_locked(&g_cpu, kind, alpha, dy, src, dx, accumulate, &use_ref));
     if (s == KD_OK && use_ref)
-        return ref_be()->eltwise_backward(be, kind, alpha, dy, src, dx, accumulate);
+        return ref_eltwise_bwd(be, kind, alpha, dy, src, dx, accumulate);
     return s;
 }
 
@@ -1020,6 +1420,7 @@ static void cpu_trim(kd_backend *be) {
 static kd_backend g_cpu_backend = {
     .name = "cpu",
     .device = KD_DEVICE_CPU,
+    .blocked_channels = KD_LAYOUT_BLOCK,
     .conv2d_forward = cpu_conv2d_forward,
     .conv2d_backward_data = cpu_conv2d_backward_data,
     .conv2d_backward_weights = cpu_conv2d_backward_weights,

@@ -703,6 +703,7 @@ static void ref_trim(kd_backend *be) { (void)be; }
 static kd_backend ref_backend = {
     .name = "ref",
     .device = KD_DEVICE_CPU,
+    .blocked_channels = 0, /* plain tensors only */
     .conv2d_forward = ref_conv2d_forward,
     .conv2d_backward_data = ref_conv2d_backward_data,
     .conv2d_backward_weights = ref_conv2d_backward_weights,
