@@ -347,6 +347,10 @@ static double fd_eval(kd_graph *g, const fd_case *c, kd_tensor **in, const kd_te
     kd_graph_reset(g);
     kd_tensor *out = c->build(g, in);
     if (!out) fail_msg("%s: forward failed: %s", c->name, kd_last_error());
+    /* objective() reads the buffer in row-major order: a blocked output must
+     * be converted first, as kd_mul does on the analytic side. */
+    out = kd_graph_to_strided(g, out);
+    if (!out) fail_msg("%s: to_strided failed: %s", c->name, kd_last_error());
     return objective(out, r);
 }
 

@@ -221,7 +221,9 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
                 assert_int_equal(((int64_t *)t->data)[0], ((const int64_t *)e->data)[0]);
                 continue;
             }
-            KD_ASSERT_CLOSE(kd_f32(t), e->data, kd_tensor_numel(t), tol_param, tol_param * 10, name);
+            /* Steps 4 and 5 get 10x the tolerance: see test_resnet8_5steps_cpu. */
+            double tp = k <= 3 ? tol_param : 10 * tol_param;
+            KD_ASSERT_CLOSE(kd_f32(t), e->data, kd_tensor_numel(t), tp, tp * 10, name);
         }
     }
     kd_graph_free(g);
@@ -241,15 +243,13 @@ static void test_resnet8_5steps_ref(void **state) {
 
 static void test_resnet8_5steps_cpu(void **state) {
     (void)state;
-    /* Step 4 of this fixture sits near a kink: with some reduction orders
-     * (1 thread plain NCHW, 2 threads blocked NCHW16C) the parameters jump
-     * by 3e-4 there while steps 1-3 agree to 2e-7; 3, 4 and 8 threads stay
-     * within 4e-7 in both layouts. Pin the thread count so the comparison
-     * does not depend on the machine. */
-    int threads = kd_get_num_threads();
-    kd_set_num_threads(4);
+    /* Step 4 of this fixture sits near a ReLU kink: with some summation
+     * orders (1 thread plain NCHW, 2 threads blocked NCHW16C) one
+     * pre-activation changes sign and conv1.weight moves by 3e-4 there, while
+     * steps 1-3 agree to 2e-7 and the loss to 3e-7 at every step. Steps 4-5
+     * therefore compare parameters at 1e-3 (a wrong rule moves them by ~1e-2),
+     * on whatever thread count the machine gives. */
     run_resnet8_steps("cpu", 1e-4, 1e-4);
-    kd_set_num_threads(threads);
 }
 
 /* torch.optim.SGD on a hand-computed 1-parameter sequence. */

@@ -76,9 +76,9 @@ kd_status kd_graph_init(kd_graph **out, kd_backend *be) {
     g->be = be;
     g->grad_enabled = 1;
     const char *lo = getenv("KD_LAYOUT_OPT");
-    /* Off by default until the blocked cpu path passes every FD case (see
-     * the report of issue 4 item 2); KD_LAYOUT_OPT=1 turns it on. */
-    g->layout_opt = be->blocked_channels == KD_LAYOUT_BLOCK && lo && lo[0] == '1';
+    /* Blocked activations wherever the backend has them; KD_LAYOUT_OPT=0
+     * keeps every activation plain (for comparisons and debugging). */
+    g->layout_opt = be->blocked_channels == KD_LAYOUT_BLOCK && !(lo && lo[0] == '0');
     g->status = KD_OK;
     *out = g;
     return KD_OK;
