@@ -11,9 +11,9 @@ DATA=${QS_DATA:-/usr/share/datasets/fashion-mnist}
 OUT=${QS_OUT:-runs/quickstart}
 TEACHER=${QS_TEACHER:-resnet20}
 STUDENT=${QS_STUDENT:-resnet8}
-TE=${QS_TEACHER_EPOCHS:-3}
-SE=${QS_STUDENT_EPOCHS:-2}
-SUBSET=${QS_SUBSET:-0}
+TE=${QS_TEACHER_EPOCHS:-6}
+SE=${QS_STUDENT_EPOCHS:-5}
+SUBSET=${QS_SUBSET:-10000}
 SEED=${QS_SEED:-1}
 common=(--data "$DATA" --seed "$SEED" --batch-size 64 --schedule cosine --weight-decay 5e-4 --workers 1)
 
@@ -28,11 +28,11 @@ start=$(date +%s)
 echo "== 1/3 teacher: $TEACHER, $TE epochs on all training images"
 "$KD" train "${common[@]}" --model "$TEACHER" --epochs "$TE" --lr 0.1 --out "$OUT/teacher"
 
-echo "== 2/3 student alone: $STUDENT, $SE epochs"
+echo "== 2/3 student alone: $STUDENT, $SE epochs on a class-balanced subset of $SUBSET training images"
 "$KD" train "${common[@]}" --model "$STUDENT" --epochs "$SE" --lr 0.1 --train-subset "$SUBSET" \
   --out "$OUT/student-alone"
 
-echo "== 3/3 student with KD from the teacher: $STUDENT, $SE epochs"
+echo "== 3/3 student with KD from the teacher: $STUDENT, same budget, seed and subset"
 "$KD" distill "${common[@]}" --model "$STUDENT" --epochs "$SE" --lr 0.1 --train-subset "$SUBSET" \
   --method kd --teacher-ckpt "$OUT/teacher/best.safetensors" --out "$OUT/student-kd"
 
@@ -40,9 +40,9 @@ wall=$(( $(date +%s) - start ))
 val() { sed -n "s/^  \"$2\": \"\\{0,1\\}\\([^\",]*\\)\"\\{0,1\\},\\{0,1\\}$/\\1/p" "$OUT/$1/summary.json"; }
 {
   echo
-  printf '%-26s %-10s %8s %8s %8s %10s\n' "run" "model" "epochs" "top1 %" "top5 %" "img/s"
+  printf '%-32s %-10s %8s %8s %8s %10s\n' "run" "model" "epochs" "top1 %" "top5 %" "img/s"
   for r in teacher student-alone student-kd; do
-    printf '%-26s %-10s %8s %8.2f %8.2f %10.0f\n' "$OUT/$r" "$(val $r model)" "$(val $r epochs)" \
+    printf '%-32s %-10s %8s %8.2f %8.2f %10.0f\n' "$OUT/$r" "$(val $r model)" "$(val $r epochs)" \
       "$(val $r top1)" "$(val $r top5)" "$(val $r images_per_s)"
   done
   echo
