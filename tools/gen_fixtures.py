@@ -62,49 +62,13 @@ resnet8_5steps.safetensors: five SGD steps of RepDistiller's CIFAR resnet8
 
 import json
 import os
-import struct
 import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DTYPES = {torch.float32: ("F32", 4), torch.int64: ("I64", 8)}
-
-
-def save_safetensors(path, tensors, metadata):
-    """Writes `tensors` (name -> tensor) with a str->str `metadata` map.
-
-    Layout: 8-byte little-endian header length, JSON header padded with spaces
-    to a multiple of 8, then the raw little-endian data with no gaps. Entries
-    are ordered by element size (largest first), then by name, so every tensor
-    starts at an offset aligned to its element size.
-    """
-    items = []
-    for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name}: unsupported dtype {t.dtype}")
-        items.append((name, t))
-    items.sort(key=lambda it: (-DTYPES[it[1].dtype][1], it[0]))
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    blobs, off = [], 0
-    for name, t in items:
-        raw = t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": DTYPES[t.dtype][0], "shape": list(t.shape),
-                        "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    hjson += b" " * ((-len(hjson)) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hjson)))
-        f.write(hjson)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
-    return 8 + len(hjson) + off
+from st_io import save_safetensors  # noqa: E402,F401 (re-exported for the other generators)
 
 
 # --------------------------------------------------------------------- ops
