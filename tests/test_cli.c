@@ -412,11 +412,27 @@ static void test_run_directory(void **state) {
     need_run_a();
     char path[DIRN];
     static const char *files[] = {"config.yaml", "metrics.jsonl", "summary.json", "last.safetensors",
-                                  "best.safetensors"};
-    for (int i = 0; i < 5; i++) {
+                                  "best.safetensors", "curves.svg"};
+    for (int i = 0; i < 6; i++) {
         run_a_file(path, sizeof path, files[i]);
         if (!file_exists(path)) fail_msg("the run directory lacks %s", files[i]);
     }
+    /* curves.svg: one polyline per curve, each with one point per epoch (3). */
+    run_a_file(path, sizeof path, "curves.svg");
+    size_t svg_n;
+    char *svg = slurp(path, &svg_n);
+    assert_non_null(svg);
+    int lines = 0;
+    for (char *q = strstr(svg, "<polyline"); q; q = strstr(q + 1, "<polyline")) {
+        char *pts = strstr(q, "points='");
+        assert_non_null(pts);
+        int commas = 0;
+        for (char *c = pts + 8; *c && *c != '\''; c++) commas += *c == ',';
+        assert_int_equal(commas, 3);
+        lines++;
+    }
+    assert_int_equal(lines, 4);
+    free(svg);
 
     /* metrics.jsonl: every line a JSON object; one epoch record per epoch, in order. */
     run_a_file(path, sizeof path, "metrics.jsonl");

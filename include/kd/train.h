@@ -8,6 +8,7 @@
  *   summary.json       final metrics, throughput, wall time, versions
  *   last.safetensors   model + optimiser state after the last epoch (for --resume)
  *   best.safetensors   model weights with the best test top-1
+ *   curves.svg         loss and accuracy per epoch (from metrics.jsonl)
  * Checkpoints are written to a temporary file, fsynced and renamed.
  *
  * Usage:

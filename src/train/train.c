@@ -473,6 +473,7 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                 epoch + 1, kd_sgd_get_lr(r->opt), lsum / (double)seen, tsum.ce / (double)seen,
                 tsum.kl / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
         fflush(r->metrics);
+        KD_TRY(kd__write_curves(c->out));
         kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
                    epoch + 1, c->epochs, lsum / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, ips,
                    ep_time);

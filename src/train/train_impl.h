@@ -9,4 +9,7 @@ kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m);
 kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix);
 kd_status kd__model_load_from(kd_model *m, const kd_st_file *f);
 
+/* Writes DIR/curves.svg from DIR/metrics.jsonl (loss and accuracy per epoch). */
+kd_status kd__write_curves(const char *dir);
+
 #endif
