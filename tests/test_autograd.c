@@ -561,6 +561,25 @@ static void test_accumulation(void **state) {
     for (int i = 0; i < 12; i++) want[i] = 2.0f * (2.0f * kd_f32(h)[i] + 1.0f);
     KD_ASSERT_CLOSE(kd_f32(x->grad), want, 12, 1e-6, 1e-6, "two consumers");
     assert_int_equal(h->grad_ready, 1);
+    /* Its gradient buffer went back to the graph once h's own rule had run. */
+    assert_null(h->grad);
+
+    /* Recycled buffers: a chain of 64 same-shape ops (16 KiB each) needs a
+     * couple of live gradient buffers, not 64 (1 MiB); only the small
+     * descriptors are new per op. */
+    int64_t big_n = 4096;
+    kd_tensor *big = NULL;
+    KD_ASSERT_OK(kd_tensor_new(KD_F32, 1, &big_n, &big));
+    KD_ASSERT_OK(kd_tensor_require_grad(big));
+    kd_graph_reset(g);
+    kd_tensor *c = big;
+    for (int i = 0; i < 64; i++) c = kd_scale(g, c, 1.0f);
+    size_t before = kd_arena_used(kd_graph_arena(g));
+    KD_ASSERT_OK(kd_backward(g, kd_sum(g, c)));
+    size_t grew = kd_arena_used(kd_graph_arena(g)) - before;
+    if (grew > 4 * 16384 + 64 * 512)
+        fail_msg("backward of 64 scales took %zu arena bytes: gradient buffers are not recycled", grew);
+    kd_tensor_free(big);
 
     kd_tensor_free(x);
     kd_tensor_free(w);

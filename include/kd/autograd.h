@@ -132,7 +132,9 @@ kd_tensor *kd_graph_zeros(kd_graph *g, kd_dtype dt, int ndim, const int64_t *sha
 kd_tensor *kd_graph_wrap(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape, void *data);
 
 /* Seeds d(loss)/d(loss) = 1 (loss must have one element) and runs the tape
- * backwards, accumulating into every .grad that requires it. */
+ * backwards, accumulating into every .grad that requires it. Gradients of
+ * op outputs other than the loss are recycled as soon as their op's rule has
+ * used them: afterwards only leaves' (parameters') .grad can be read. */
 kd_status kd_backward(kd_graph *g, kd_tensor *loss);
 
 /* ---------------------------------------------------------------- ops

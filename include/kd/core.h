@@ -102,12 +102,14 @@ struct kd_tensor {
     const void *layout_desc;     /* backend descriptor for KD_LAYOUT_OPAQUE */
     int owns_data;
     /* Autograd. `grad` has the same shape; for parameters it is persistent and
-     * accumulates (+=) until zeroed. `node` is the tape index of the op that
-     * produced this tensor, or -1 for a leaf. */
+     * accumulates (+=) until zeroed; for an op output (other than the loss)
+     * kd_backward recycles it once the op's rule has used it, leaving NULL.
+     * `node` is the tape index of the op that produced this tensor, or -1 for
+     * a leaf. */
     int requires_grad;
     kd_tensor *grad;
     int32_t node;
-    int32_t grad_ready; /* 1 once `grad` holds a value during the current backward */
+    int32_t grad_ready; /* 1 once `grad` got a value during the current backward */
 };
 
 /* Heap tensors (parameters, buffers, datasets). Data is zeroed, 64-byte aligned. */

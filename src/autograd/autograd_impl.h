@@ -47,6 +47,15 @@ typedef struct {
     } p;
 } kd__node;
 
+/* Free list of released intermediate-gradient buffers of one rounded byte
+ * size (singly linked through the first bytes of each free buffer). */
+typedef struct {
+    size_t bytes;
+    void *head;
+} kd__gbin;
+
+#define KD__GBINS 64 /* distinct sizes recycled per step; further sizes are not */
+
 typedef kd_status (*kd__backward_fn)(kd_graph *g, kd__node *n);
 
 typedef struct {
@@ -68,6 +77,12 @@ struct kd_graph {
     uint64_t seed, step_key; /* dropout streams */
     uint32_t n_dropout;      /* dropout calls this step (stream index) */
     size_t heap_allocs;      /* tape growth and leaf .grad allocations */
+    /* Intermediate gradients are recycled during kd_backward: the buffer of
+     * a node's output gradient goes to the free list of its size once the
+     * node's rule ran, and kd__grad takes buffers of the same size from it
+     * before bump-allocating in the arena. Cleared by kd_graph_reset. */
+    kd__gbin gbin[KD__GBINS];
+    int n_gbin;
 };
 
 /* ---- helpers (graph.c) */

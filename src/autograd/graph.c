@@ -8,6 +8,24 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Under AddressSanitizer a recycled gradient buffer is poisoned while it
+ * sits on a free list, so a rule that reads a released gradient is caught. */
+#if defined(__SANITIZE_ADDRESS__)
+#define KD__ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KD__ASAN 1
+#endif
+#endif
+#ifdef KD__ASAN
+#include <sanitizer/asan_interface.h>
+#define KD__POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define KD__UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define KD__POISON(p, n) ((void)(p), (void)(n))
+#define KD__UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 /* ------------------------------------------------------------- op table */
 
 #define KD__OP(op, name, bwd) [op] = {{name, 1, 1}, bwd}
@@ -90,8 +108,22 @@ fail_arena:
     return s;
 }
 
+/* Empties the gradient free lists (their buffers die with the arena). */
+static void kd__gbins_clear(kd_graph *g) {
+#ifdef KD__ASAN
+    for (int i = 0; i < g->n_gbin; i++) {
+        for (void *p = g->gbin[i].head; p;) {
+            KD__UNPOISON(p, g->gbin[i].bytes);
+            p = *(void **)p;
+        }
+    }
+#endif
+    g->n_gbin = 0;
+}
+
 void kd_graph_free(kd_graph *g) {
     if (!g) return;
+    kd__gbins_clear(g);
     kd_arena_free(g->arena);
     free(g->tape);
     free(g);
@@ -102,6 +134,7 @@ void kd_graph_reset(kd_graph *g) {
     /* The tensors of the last step die with the arena; heap tensors never
      * carry a tape index, so nothing else needs clearing. */
     g->n_nodes = 0;
+    kd__gbins_clear(g);
     kd_arena_reset(g->arena);
     g->status = KD_OK;
     g->n_dropout = 0;
@@ -341,6 +374,59 @@ kd__node *kd__record(kd_graph *g, kd_op op, kd_tensor *out, int n_in, kd_tensor 
     return n;
 }
 
+/* Bytes an arena block of `bytes` really takes (kd_arena_alloc's rounding). */
+static size_t kd__gbytes(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    return bytes ? bytes : 64;
+}
+
+static kd__gbin *kd__gbin_find(kd_graph *g, size_t bytes) {
+    for (int i = 0; i < g->n_gbin; i++)
+        if (g->gbin[i].bytes == bytes) return &g->gbin[i];
+    return NULL;
+}
+
+/* A gradient tensor like t: a fresh arena descriptor whose data is a
+ * recycled buffer of the same rounded size when one is free, else new arena
+ * memory. Contents are undefined (callers overwrite or zero). */
+static kd_tensor *kd__grad_new(kd_graph *g, const kd_tensor *t) {
+    kd_tensor *d = kd__desc(g, KD_F32, t->ndim, t->shape);
+    if (!d) return NULL;
+    if (t->layout == KD_LAYOUT_NCHW16C) {
+        d->layout = t->layout;
+        for (int i = 0; i < d->ndim; i++) d->stride[i] = 0; /* as kd__new_lay */
+    }
+    size_t bytes = kd__gbytes(kd_tensor_nbytes(d));
+    kd__gbin *b = kd__gbin_find(g, bytes);
+    if (b && b->head) {
+        d->data = b->head;
+        KD__UNPOISON(d->data, bytes);
+        b->head = *(void **)d->data;
+        return d;
+    }
+    d->data = kd__scratch(g, bytes);
+    return d->data ? d : NULL;
+}
+
+/* Returns t's gradient buffer to the free list of its size; t->grad becomes
+ * NULL (grad_ready stays 1: t did get its gradient in this backward). A
+ * buffer whose size finds no free bin stays in the arena unused. */
+static void kd__grad_release(kd_graph *g, kd_tensor *t) {
+    size_t bytes = kd__gbytes(kd_tensor_nbytes(t->grad));
+    kd__gbin *b = kd__gbin_find(g, bytes);
+    if (!b && g->n_gbin < KD__GBINS) {
+        b = &g->gbin[g->n_gbin++];
+        b->bytes = bytes;
+        b->head = NULL;
+    }
+    if (b) {
+        *(void **)t->grad->data = b->head;
+        b->head = t->grad->data;
+        KD__POISON(t->grad->data, bytes);
+    }
+    t->grad = NULL;
+}
+
 kd_tensor *kd__grad(kd_graph *g, kd_tensor *t, int *acc) {
     int leaf = t->node < 0;
     if (!t->grad) {
@@ -350,7 +436,7 @@ kd_tensor *kd__grad(kd_graph *g, kd_tensor *t, int *acc) {
             if (s != KD_OK) return kd__fail(g, s);
             g->heap_allocs++;
         } else {
-            t->grad = kd__new_like(g, t);
+            t->grad = kd__grad_new(g, t);
             if (!t->grad) return NULL;
             if (leaf) memset(t->grad->data, 0, kd_tensor_nbytes(t->grad));
         }
@@ -456,6 +542,10 @@ kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
             kd__fail(g, s);
             return s;
         }
+        /* Every consumer of n->out comes later on the tape, so its gradient
+         * was complete when this rule ran and is dead now: recycle the
+         * buffer (the loss keeps its seed). */
+        if (n->out != loss) kd__grad_release(g, n->out);
     }
     return KD_OK;
 }
