@@ -36,6 +36,8 @@ transforms.safetensors holds
     resized_crop   top, left, height, width, oh, ow, interp: F.resized_crop
     hflip          F.hflip
     rot90          k: torch.rot90(img, k, dims=[1, 2])
+    rotate         angle, interp ("nearest" | "bilinear"): F.rotate(img,
+                   angle, interp) (expand=False, center=None, fill=None)
     brightness | contrast | saturation | hue   factor: F.adjust_*
     grayscale      out_c: F.rgb_to_grayscale(img, out_c)
     jitter         order (list of 4 ids: 0 brightness, 1 contrast,
@@ -68,7 +70,8 @@ import torchvision.transforms.functional as F
 from torchvision.transforms import InterpolationMode
 
 from st_io import save_safetensors  # noqa: E402
-INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+          "nearest": InterpolationMode.NEAREST}
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -211,6 +214,12 @@ def build_cases(imgs):
     for k in (1, 2, 3, -1, 4):
         add(f"rot90_k{k}".replace("-", "m"), "rot90", "rand",
             lambda x, k=k: torch.rot90(x, k, dims=[1, 2]), k=k)
+    for src in ("rand", "mono"):
+        for angle in (30.0, -45.0, 90.0, 137.5, -7.25):
+            for mode in ("nearest", "bilinear"):
+                name = f"rotate_{src}_{angle}_{mode}".replace("-", "m").replace(".", "p")
+                add(name, "rotate", src, lambda x, a=angle, m=mode: F.rotate(x, a, INTERP[m]),
+                    angle=angle, interp=mode)
 
     adjust = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
               "saturation": F.adjust_saturation, "hue": F.adjust_hue}

@@ -33,7 +33,8 @@
  *
  * Buffers. Apply functions write dst and allocate nothing. Point-wise ones
  * (flip, colour, grayscale, solarize, normalise) and the blur accept
- * dst == src; resampling ones (crop, resize, rot90) need dst and src apart.
+ * dst == src; resampling ones (crop, resize, rot90, rotate) need dst and src
+ * apart.
  * The blur takes a caller workspace of h * w floats.
  *
  * Differences from the papers' code (which run on PIL images): resizing is
@@ -58,7 +59,8 @@ extern "C" {
 
 typedef enum {
     KD_INTERP_BILINEAR = 0, /* F.interpolate(mode="bilinear", align_corners=False) */
-    KD_INTERP_BICUBIC = 1   /* mode="bicubic" (A = -0.75, borders clamped, no clamp of values) */
+    KD_INTERP_BICUBIC = 1,  /* mode="bicubic" (A = -0.75, borders clamped, no clamp of values) */
+    KD_INTERP_NEAREST = 2   /* kd_tf_rotate only; the resize functions take bilinear or bicubic */
 } kd_interp;
 
 /* A crop window in input pixels. Parts outside the image read as 0 (F.crop). */
@@ -96,6 +98,23 @@ void kd_tf_hflip(const float *src, int c, int h, int w, float *dst);
  * the image a quarter counter-clockwise, out[y][x] = in[x][w - 1 - y]. dst is
  * (c, w, h) for odd k, (c, h, w) for even k; dst must not overlap src. */
 void kd_tf_rot90(const float *src, int c, int h, int w, int k, float *dst);
+
+/* F.rotate(img, angle_deg, interp, expand=False, center=None, fill=None) on
+ * a float tensor: turns the image angle_deg degrees counter-clockwise about
+ * its centre, keeping (c, h, w). Each output pixel samples the input at the
+ * inverse-rotated position with grid_sample(align_corners=False, padding
+ * zeros): interp KD_INTERP_NEAREST (ties round half to even, as torch does)
+ * or KD_INTERP_BILINEAR; positions outside the image read 0. The grid is
+ * formed in float32 exactly as _gen_affine_grid forms it, so even nearest
+ * picks the pixels torchvision picks. KD_ERR_INVALID for bicubic (torchvision
+ * refuses it too), a non-finite angle, a bad size, or dst == src; dst must
+ * not overlap src. */
+kd_status kd_tf_rotate(const float *src, int c, int h, int w, float angle_deg, kd_interp interp,
+                       float *dst);
+
+/* RandomRotation(degrees).get_params: angle ~ U(-degrees, degrees) (one
+ * uniform, (float)(lo + u * (hi - lo)) like every uniform factor here). */
+float kd_tf_rotation_draw(kd_rng *r, float degrees);
 
 /* RandomResizedCrop.get_params: up to 10 attempts, each drawing an area
  * fraction s ~ U(scale) and log-aspect ~ U(log ratio) (2 uniforms), then

@@ -205,6 +205,84 @@ static float kd__uniform(kd_rng *r, float lo, float hi) {
     return (float)((double)lo + u * ((double)hi - (double)lo));
 }
 
+/* F.rotate(img, angle, interp, expand=False, center=None, fill=None) on a
+ * float tensor, step by step:
+ *   - _get_inverse_affine_matrix([0, 0], -angle, [0, 0], 1, [0, 0]) in
+ *     double: rot = radians(-angle), matrix = [cos, sin, 0, -sin, cos, 0];
+ *   - theta = that matrix in float32; _gen_affine_grid divides its columns
+ *     by (0.5 w, 0.5 h) in float32 and multiplies the centred pixel
+ *     coordinates (x - w/2 + 0.5, y - h/2 + 0.5, 1) by it: two float32
+ *     products and a sum (the third term, 1 * 0, changes nothing);
+ *   - grid_sample(align_corners=False, padding zeros) unnormalises as the
+ *     vectorised CPU kernel does, (g + 1) * (size / 2) - 0.5, then reads the
+ *     nearest pixel (round half to even, like nearbyint / _mm256_round_ps) or
+ *     blends the four neighbours with weights (1 - dy)(1 - dx), (1 - dy) dx,
+ *     dy (1 - dx), dy dx, summed nw, ne, sw, se, outside pixels reading 0.
+ *     torch's AVX2 kernel is compiled with FMA contraction: the unnormalise
+ *     is one fma and the blend an fma chain (measured bit for bit against
+ *     torch 1.13 on x86-64), so kd uses fmaf there; a torch build without
+ *     FMA differs by an ulp or so. The grid itself (_gen_affine_grid's bmm)
+ *     matches plain float32 products and sum, no fma. */
+kd_status kd_tf_rotate(const float *src, int c, int h, int w, float angle_deg, kd_interp interp,
+                       float *dst) {
+    if (interp != KD_INTERP_NEAREST && interp != KD_INTERP_BILINEAR)
+        return kd_error(KD_ERR_INVALID, "rotate: interpolation %d is not nearest or bilinear",
+                        (int)interp);
+    if (c < 1 || h < 1 || w < 1)
+        return kd_error(KD_ERR_INVALID, "rotate: bad image size (%d, %d, %d)", c, h, w);
+    if (!isfinite(angle_deg)) return kd_error(KD_ERR_INVALID, "rotate: angle is not finite");
+    if (!src || !dst || src == dst) return kd_error(KD_ERR_INVALID, "rotate: bad buffers");
+
+    const double rot = -(double)angle_deg * (M_PI / 180.0); /* math.radians(-angle) */
+    const double cr = cos(rot), sr = sin(rot);
+    const float t00 = (float)cr, t01 = (float)sr, t10 = (float)(-sr), t11 = (float)cr;
+    const float hw = (float)(0.5 * w), hh = (float)(0.5 * h);
+    const float r00 = t00 / hw, r10 = t01 / hw; /* grid x = bx * r00 + by * r10 */
+    const float r01 = t10 / hh, r11 = t11 / hh; /* grid y = bx * r01 + by * r11 */
+    const float sx = (float)w / 2.0f, sy = (float)h / 2.0f;
+    const size_t plane = (size_t)h * w;
+
+    for (int y = 0; y < h; y++) {
+        const float by = (float)y - (float)(h * 0.5) + 0.5f; /* linspace, exact */
+        for (int x = 0; x < w; x++) {
+            const float bx = (float)x - (float)(w * 0.5) + 0.5f;
+            const float px = bx * r00, py = by * r10;
+            const float qx = bx * r01, qy = by * r11;
+            const float gx = px + py, gy = qx + qy;
+            const float ix = fmaf(gx + 1.0f, sx, -0.5f);
+            const float iy = fmaf(gy + 1.0f, sy, -0.5f);
+            const size_t o = (size_t)y * w + x;
+            if (interp == KD_INTERP_NEAREST) {
+                const float nx = nearbyintf(ix), ny = nearbyintf(iy);
+                const int in = nx >= 0.0f && nx < (float)w && ny >= 0.0f && ny < (float)h;
+                const size_t i = in ? (size_t)ny * w + (size_t)nx : 0;
+                for (int ch = 0; ch < c; ch++)
+                    dst[(size_t)ch * plane + o] = in ? src[(size_t)ch * plane + i] : 0.0f;
+            } else {
+                const float fx = floorf(ix), fy = floorf(iy);
+                const float dx = ix - fx, dy = iy - fy;
+                const float ex = 1.0f - dx, sy1 = 1.0f - dy;
+                const float wnw = sy1 * ex, wne = sy1 * dx, wsw = dy * ex, wse = dy * dx;
+                const int x0 = (int)fx, y0 = (int)fy, x1 = x0 + 1, y1 = y0 + 1;
+                const int vx0 = fx >= 0.0f && fx < (float)w, vx1 = x1 >= 0 && x1 < w;
+                const int vy0 = fy >= 0.0f && fy < (float)h, vy1 = y1 >= 0 && y1 < h;
+                for (int ch = 0; ch < c; ch++) {
+                    const float *s = src + (size_t)ch * plane;
+                    const float nw = vy0 && vx0 ? s[(size_t)y0 * w + x0] : 0.0f;
+                    const float ne = vy0 && vx1 ? s[(size_t)y0 * w + x1] : 0.0f;
+                    const float sw = vy1 && vx0 ? s[(size_t)y1 * w + x0] : 0.0f;
+                    const float se = vy1 && vx1 ? s[(size_t)y1 * w + x1] : 0.0f;
+                    dst[(size_t)ch * plane + o] =
+                        fmaf(se, wse, fmaf(sw, wsw, fmaf(ne, wne, nw * wnw)));
+                }
+            }
+        }
+    }
+    return KD_OK;
+}
+
+float kd_tf_rotation_draw(kd_rng *r, float degrees) { return kd__uniform(r, -degrees, degrees); }
+
 int kd_tf_coin(kd_rng *r, float p) { return kd_rng_uniform(r) < p; }
 
 kd_crop_box kd_tf_rrc_draw(kd_rng *r, int h, int w, const float scale[2], const float ratio[2]) {
