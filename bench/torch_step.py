@@ -26,8 +26,8 @@ FLOPs: 2 * MACs of every Conv2d and Linear in a forward pass, counted by
 forward hooks on one eval-mode image; a training step counts 3x that, the kd
 step the teacher's forward plus 3x the student's (see bench/train_step.c).
 
-Models: RepDistiller's CIFAR definitions (models/resnet.py, models/wrn.py),
-written in the style of tools/gen_fixtures.py.
+Models: RepDistiller's CIFAR definitions (models/resnet.py, models/wrn.py) as
+written in tools/gen_zoo_fixtures.py, which the round-trip tests check against kd.
 """
 import argparse
 import json
@@ -42,128 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+# RepDistiller's models, the same definitions the round-trip tests check
+# against kd (tools/gen_zoo_fixtures.py); forward(x) returns the logits.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from gen_zoo_fixtures import build  # noqa: E402
 
-
-class BasicBlock(nn.Module):
-    """RepDistiller models/resnet.py BasicBlock (post-activation)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = conv3x3(cin, cout, stride)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = conv3x3(cout, cout)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
-
-
-class CifarResNet(nn.Module):
-    """RepDistiller's CIFAR ResNet with BasicBlocks: depth 6n+2."""
-
-    def __init__(self, depth, widths, num_classes, in_channels=3):
-        super().__init__()
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        cin = widths[0]
-        for i, (w, s) in enumerate(zip(widths[1:], (1, 2, 2))):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(cin, w, s if j == 0 else 1))
-                cin = w
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc(x)
-
-
-class WrnBlock(nn.Module):
-    """RepDistiller models/wrn.py BasicBlock (pre-activation, dropRate 0)."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = conv3x3(cin, cout, stride)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = conv3x3(cout, cout)
-        self.equal = cin == cout
-        self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-    def forward(self, x):
-        if self.equal:
-            out = F.relu(self.bn1(x))
-        else:
-            x = F.relu(self.bn1(x))
-            out = x
-        out = F.relu(self.bn2(self.conv1(out)))
-        out = self.conv2(out)
-        return (x if self.equal else self.convShortcut(x)) + out
-
-
-class WideResNet(nn.Module):
-    """RepDistiller's WideResNet: depth 6n+4, widths 16, 16k, 32k, 64k."""
-
-    def __init__(self, depth, widen, num_classes, in_channels=3):
-        super().__init__()
-        ch = [16, 16 * widen, 32 * widen, 64 * widen]
-        n = (depth - 4) // 6
-        self.conv1 = nn.Conv2d(in_channels, ch[0], 3, padding=1, bias=False)
-        for i, s in enumerate((1, 2, 2)):
-            blocks = [WrnBlock(ch[i] if j == 0 else ch[i + 1], ch[i + 1], s if j == 0 else 1) for j in range(n)]
-            setattr(self, f"block{i + 1}", nn.Sequential(*blocks))
-        self.bn1 = nn.BatchNorm2d(ch[3])
-        self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
-        x = F.relu(self.bn1(x))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc(x)
-
-
-MODELS = {
-    "resnet8": lambda k: CifarResNet(8, (16, 16, 32, 64), k),
-    "resnet14": lambda k: CifarResNet(14, (16, 16, 32, 64), k),
-    "resnet20": lambda k: CifarResNet(20, (16, 16, 32, 64), k),
-    "resnet32": lambda k: CifarResNet(32, (16, 16, 32, 64), k),
-    "resnet44": lambda k: CifarResNet(44, (16, 16, 32, 64), k),
-    "resnet56": lambda k: CifarResNet(56, (16, 16, 32, 64), k),
-    "resnet110": lambda k: CifarResNet(110, (16, 16, 32, 64), k),
-    "resnet8x4": lambda k: CifarResNet(8, (32, 64, 128, 256), k),
-    "resnet32x4": lambda k: CifarResNet(32, (32, 64, 128, 256), k),
-    "wrn_16_1": lambda k: WideResNet(16, 1, k),
-    "wrn_16_2": lambda k: WideResNet(16, 2, k),
-    "wrn_40_1": lambda k: WideResNet(40, 1, k),
-    "wrn_40_2": lambda k: WideResNet(40, 2, k),
-}
+MODELS = {name: (lambda k, n=name: build(n, num_classes=k))
+          for name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
+                       "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2",
+                       "wrn_40_1", "wrn_40_2")}
 
 
 def forward_flops_per_image(model):
