@@ -62,24 +62,8 @@ static void kd__mnv3_free(void *p) {
 static kd_status kd__mnv3_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags,
                                   kd_model_out *out) {
     kd__mnv3 *r = m->impl;
-    int tr = m->training, k = 0;
-    kd_tensor *h = kd__cna_forward(g, &r->stem, x, tr, NULL);
-    out->feat[k++] = h;
-    for (int i = 0; i < r->nblocks; i++) {
-        h = kd__mbconv_forward(g, &r->blocks[i], h, tr);
-        if (i == r->nblocks - 1 || r->blocks[i + 1].stride == 2) out->feat[k++] = h;
-    }
-    kd_tensor *pre = NULL;
-    h = kd__cna_forward(g, &r->last, h, tr, &pre);
-    int last = k;
-    out->feat[k++] = h;
-    kd_tensor *emb = kd_global_avgpool(g, h);
-    out->feat[k++] = emb;
-    out->n_feat = k;
-    if (flags & KD_FWD_PREACT) {
-        for (int i = 0; i < k; i++) out->preact[i] = out->feat[i];
-        out->preact[last] = pre;
-    }
+    int tr = m->training;
+    kd_tensor *emb = kd__mbnet_trunk(g, &r->stem, r->blocks, r->nblocks, &r->last, x, tr, flags, out);
     kd_tensor *z = kd_hardswish(g, kd_linear_layer_forward(g, &r->fc1, emb));
     z = kd_dropout(g, z, r->dropout, tr);
     out->logits = kd_linear_layer_forward(g, &r->fc2, z);

@@ -123,3 +123,26 @@ void kd__init_convs_fan_out(kd_param_list *pl, kd_rng *r) {
         if (p->t->ndim == 4) kd_init_kaiming_normal_fan_out(p->t, r);
     }
 }
+
+kd_tensor *kd__mbnet_trunk(kd_graph *g, kd__cna *stem, kd__mbconv *blocks, int nblocks, kd__cna *last_unit,
+                           kd_tensor *x, int training, int flags, kd_model_out *out) {
+    int k = 0;
+    kd_tensor *h = kd__cna_forward(g, stem, x, training, NULL);
+    out->feat[k++] = h;
+    for (int i = 0; i < nblocks; i++) {
+        h = kd__mbconv_forward(g, &blocks[i], h, training);
+        if (i == nblocks - 1 || blocks[i + 1].stride == 2) out->feat[k++] = h;
+    }
+    kd_tensor *pre = NULL;
+    h = kd__cna_forward(g, last_unit, h, training, &pre);
+    int last = k;
+    out->feat[k++] = h;
+    kd_tensor *emb = kd_global_avgpool(g, h);
+    out->feat[k++] = emb;
+    out->n_feat = k;
+    if (flags & KD_FWD_PREACT) {
+        for (int i = 0; i < k; i++) out->preact[i] = out->feat[i];
+        out->preact[last] = pre;
+    }
+    return emb;
+}

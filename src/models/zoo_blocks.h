@@ -79,6 +79,15 @@ kd_status kd__mbconv_init(kd__mbconv *b, kd_param_list *pl, const char *prefix,
                           const kd__mbconv_cfg *c, kd__bn_cfg bn);
 kd_tensor *kd__mbconv_forward(kd_graph *g, kd__mbconv *b, kd_tensor *x, int training);
 
+/* The shared MobileNetV3 / EfficientNet trunk: stem, the inverted-residual
+ * blocks, the last 1x1 conv unit and global average pooling. Fills
+ * out->feat (stem, each stage's output before a stride-2 block and the last
+ * block, the last conv map, the pooled embedding), out->n_feat and, with
+ * KD_FWD_PREACT, out->preact (the last conv unit's pre-activation). Returns
+ * the pooled embedding (N, C). */
+kd_tensor *kd__mbnet_trunk(kd_graph *g, kd__cna *stem, kd__mbconv *blocks, int nblocks, kd__cna *last_unit,
+                           kd_tensor *x, int training, int flags, kd_model_out *out);
+
 /* torchvision's _make_divisible(v, divisor) with min_value = divisor. */
 int64_t kd__make_divisible(double v, int64_t divisor);
 
