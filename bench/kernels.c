@@ -52,7 +52,7 @@ static int cmp_d(const void *a, const void *b) {
     } while (0)
 
 static void bench_backend(kd_backend *be, int64_t N, int64_t C, int64_t H) {
-    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
     kd_tensor *x = mk(4, N, C, H, H, 1), *w = mk(4, C, C, 3, 3, 2), *y = mk(4, N, C, H, H, 3);
     kd_tensor *dx = mk(4, N, C, H, H, 4), *dw = mk(4, C, C, 3, 3, 5), *dy = mk(4, N, C, H, H, 6);
     double cf = 2.0 * N * C * H * H * C * 9;

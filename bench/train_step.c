@@ -4,7 +4,7 @@
  *   build/bench/bench_train_step --model resnet8x4 --mode train|infer
  *   build/bench/bench_train_step --model resnet8x4 --teacher resnet32x4 --mode kd
  *       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]
- *       [--steps 10] [--backend cpu] [--lr 0.01]
+ *       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16]
  *
  * What one step is (the same sequence as src/train/train.c, minus data loading):
  *   train  graph reset, student forward (train mode), kd_distiller_loss with
@@ -49,7 +49,7 @@
 #include "kd/optim.h"
 
 typedef struct {
-    const char *model, *teacher, *mode, *backend;
+    const char *model, *teacher, *mode, *backend, *precision;
     int batch, threads, classes, warmup, repeats, steps;
     float lr;
 } bench_cfg;
@@ -131,12 +131,12 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bench_train_step --model NAME [--mode train|infer|kd] [--teacher NAME]\n"
             "       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]\n"
-            "       [--steps 10] [--backend cpu] [--lr 0.01]\n");
+            "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16]\n");
     exit(2);
 }
 
 static void parse(int argc, char **argv, bench_cfg *c) {
-    *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu",
+    *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu", .precision = "f32",
                      .batch = 64, .threads = 2, .classes = 100, .warmup = 5, .repeats = 5, .steps = 10,
                      .lr = 0.01f};
     for (int i = 1; i < argc; i++) {
@@ -147,6 +147,7 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         else if (!strcmp(k, "--teacher")) c->teacher = v;
         else if (!strcmp(k, "--mode")) c->mode = v;
         else if (!strcmp(k, "--backend")) c->backend = v;
+        else if (!strcmp(k, "--precision")) c->precision = v;
         else if (!strcmp(k, "--batch")) c->batch = atoi(v);
         else if (!strcmp(k, "--threads")) c->threads = atoi(v);
         else if (!strcmp(k, "--classes")) c->classes = atoi(v);
@@ -157,7 +158,8 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         else usage();
     }
     if (!c->model || c->batch < 1 || c->classes < 2 || c->warmup < 0 || c->repeats < 1 || c->steps < 1 ||
-        (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")))
+        (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")) ||
+        (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16")))
         usage();
 }
 
@@ -201,6 +203,7 @@ int main(int argc, char **argv) {
     CHECK(kd_sgd_init(&opt, lists, 2, &oc), "sgd");
     kd_graph *g = NULL;
     CHECK(kd_graph_init(&g, g_real_be), "graph");
+    CHECK(kd_graph_set_precision(g, strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16), "precision");
 
     /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes). */
     const int64_t N = c.batch;
@@ -262,11 +265,11 @@ int main(int argc, char **argv) {
     qsort(ips, (size_t)c.repeats, sizeof ips[0], cmp_d);
     double med = c.repeats % 2 ? ips[c.repeats / 2] : 0.5 * (ips[c.repeats / 2 - 1] + ips[c.repeats / 2]);
     printf("{\"framework\": \"kd\", \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
-           "\"backend\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"warmup\": %d, \"repeats\": %d, "
+           "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"warmup\": %d, \"repeats\": %d, "
            "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
            "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
            "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"}\n",
-           c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend,
+           c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
            c.batch, kd_get_num_threads(), c.classes, c.warmup, c.repeats, c.steps, med, ips[0],
            ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
            peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");

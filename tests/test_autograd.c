@@ -82,15 +82,15 @@ typedef struct {
 static kd_tensor *g_rmean, *g_rvar;
 
 static kd_tensor *b_conv_groups(kd_graph *g, kd_tensor **in) {
-    kd_conv2d_params p = {{2, 1}, {1, 2}, {1, 2}, 2};
+    kd_conv2d_params p = {{2, 1}, {1, 2}, {1, 2}, 2, 0};
     return kd_conv2d(g, in[0], in[1], in[2], &p);
 }
 static kd_tensor *b_conv_plain(kd_graph *g, kd_tensor **in) {
-    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     return kd_conv2d(g, in[0], in[1], NULL, &p);
 }
 static kd_tensor *b_conv_dw(kd_graph *g, kd_tensor **in) { /* depthwise, stride 2 */
-    kd_conv2d_params p = {{2, 2}, {1, 1}, {1, 1}, 3};
+    kd_conv2d_params p = {{2, 2}, {1, 1}, {1, 1}, 3, 0};
     return kd_conv2d(g, in[0], in[1], in[2], &p);
 }
 static kd_tensor *b_bn_train(kd_graph *g, kd_tensor **in) {
@@ -164,7 +164,7 @@ static kd_tensor *b_se(kd_graph *g, kd_tensor **in) {
 /* Blocked-layout chains (NCHW16C on cpu; on ref kd_graph_to_blocked is the
  * identity, so they run plain): conv (blocked out) -> bn -> sigmoid -> avgpool. */
 static kd_tensor *b_blk_conv(kd_graph *g, kd_tensor **in) {
-    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
     kd_bn_params bp = {1e-5f, 0.1f, 1};
     kd_tensor *h = kd_conv2d(g, kd_graph_to_blocked(g, in[0]), in[1], NULL, &p);
     h = kd_sigmoid(g, kd_batchnorm(g, h, in[2], NULL, NULL, NULL, &bp));
@@ -181,7 +181,7 @@ static __attribute__((unused)) kd_tensor *b_blk_pool(kd_graph *g, kd_tensor **in
 /* A blocked input into a conv whose output cannot be blocked (O = 8), and
  * an explicit round trip. */
 static kd_tensor *b_blk_mixed(kd_graph *g, kd_tensor **in) {
-    kd_conv2d_params p = {{2, 2}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p = {{2, 2}, {0, 0}, {1, 1}, 1, 0};
     kd_tensor *b = kd_graph_to_blocked(g, in[0]);
     kd_tensor *y = kd_conv2d(g, b, in[1], NULL, &p);
     kd_tensor *s = kd_avgpool2d(g, kd_slice(g, kd_graph_to_strided(g, b), 1, 0, 8), 2, 2, 0);
@@ -632,7 +632,7 @@ typedef struct {
 } small_net;
 
 static kd_tensor *small_step(kd_graph *g, small_net *m) {
-    kd_conv2d_params cp = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params cp = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
     kd_bn_params bp = {1e-5f, 0.1f, 1};
     kd_tensor *h = kd_conv2d(g, m->x, m->cw, m->cb, &cp);
     h = kd_batchnorm(g, h, m->gamma, m->beta, m->rm, m->rv, &bp);
@@ -703,7 +703,7 @@ static void test_sticky_errors(void **state) {
     kd_tensor *x = tnew(KD_F32, 4, (const int64_t[]){2, 3, 8, 8});
     kd_tensor *w = tnew(KD_F32, 4, (const int64_t[]){4, 16, 3, 3});
     KD_ASSERT_OK(kd_tensor_require_grad(w));
-    kd_conv2d_params cp = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params cp = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
 
     kd_tensor *ok = kd_relu(g, x);
     assert_non_null(ok);

@@ -34,6 +34,7 @@
 
 #include "backend/backend_impl.h"
 #include "backend/cpu/dnnl_backend.h"
+#include "kd/autograd.h"
 #include "kd/backend.h"
 
 static kd_backend *g_cpu, *g_ref;
@@ -88,7 +89,7 @@ typedef struct {
 /* Runs forward, backward data and backward weights (accumulate 0 and 1) on
  * both backends for one configuration. Returns 0 if the output would be empty. */
 static int check_conv(const conv_cfg *c) {
-    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups};
+    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups, 0};
     int64_t OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
     int64_t OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
     if (OH < 1 || OW < 1) return 0;
@@ -173,6 +174,145 @@ static void test_conv_shapes(void **state) {
         {2, 64, 4, 4, 10, 4, 1, 0, 1, 1, 1},   /* kernel = input: a linear layer */
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) assert_true(check_conv(&cs[i]));
+}
+
+/* ----------------------------------------------------------- bf16 conv */
+
+/* t with every value rounded to bfloat16 (nearest even), as torch's
+ * .to(torch.bfloat16).float(). */
+static kd_tensor *round_bf16(const kd_tensor *t) {
+    kd_tensor *r = tclone(t);
+    float *v = kd_f32(r);
+    for (int64_t i = 0; i < kd_tensor_numel(r); i++) {
+        uint32_t u;
+        memcpy(&u, &v[i], 4);
+        u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        memcpy(&v[i], &u, 4);
+    }
+    return r;
+}
+
+/* A copy of plain t in KD_LAYOUT_NCHW16C (C % 16 == 0), or back. */
+static kd_tensor *relayout(const kd_tensor *t, kd_layout to) {
+    kd_tensor *r = tclone(t);
+    int64_t N = t->shape[0], C = t->shape[1], HW = t->shape[2] * t->shape[3];
+    if (to == KD_LAYOUT_NCHW16C)
+        kd_layout_to_nchw16c(kd_f32(r), kd_f32(t), N, C, HW, 0);
+    else
+        kd_layout_to_strided(kd_f32(r), kd_f32(t), N, C, HW, 0);
+    r->layout = to;
+    return r;
+}
+
+static double max_rel_err(const kd_tensor *a, const kd_tensor *b) {
+    double m = 0, s = 0;
+    for (int64_t i = 0; i < kd_tensor_numel(b); i++) s = fmax(s, fabs(kd_f32(b)[i]));
+    for (int64_t i = 0; i < kd_tensor_numel(b); i++)
+        m = fmax(m, fabs((double)kd_f32(a)[i] - kd_f32(b)[i]) / (s > 0 ? s : 1));
+    return m;
+}
+
+/* params.bf16 = 1: the cpu kernels must compute exactly the float32 conv of
+ * the bf16-rounded operands (what they read: x and w forward, dy and w for
+ * backward data, x and dy for backward weights), up to float32 summation
+ * order: same tolerances as the fp32 grid. And they must really use bf16:
+ * against the unrounded operands the error is that of bf16 rounding
+ * (~2^-9 relative per operand), far above float32's. Plain and blocked
+ * activations, accumulate 0 and 1. */
+static void check_conv_bf16(const conv_cfg *c, int blk) {
+    if (!g_cpu->bf16) return;
+    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups, 1};
+    kd_conv2d_params pf = p;
+    pf.bf16 = 0;
+    int64_t OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
+    int64_t OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
+    char msg[200];
+    kd_tensor *x = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1);
+    kd_tensor *w = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
+    kd_tensor *dy = trand(tnew4(c->N, c->O, OH, OW), -1, 1);
+    kd_tensor *xr = round_bf16(x), *wr = round_bf16(w), *dyr = round_bf16(dy);
+    int xb = blk && c->C % 16 == 0, yb = blk;
+    kd_tensor *xk = xb ? relayout(x, KD_LAYOUT_NCHW16C) : tclone(x);
+    kd_tensor *dyk = yb ? relayout(dy, KD_LAYOUT_NCHW16C) : tclone(dy);
+
+    /* forward */
+    kd_tensor *y0 = tnew4(c->N, c->O, OH, OW), *yk = tnew4(c->N, c->O, OH, OW);
+    kd_tensor *yf = tnew4(c->N, c->O, OH, OW);
+    yk->layout = yb ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED;
+    KD_ASSERT_OK(g_ref->conv2d_forward(g_ref, &pf, xr, wr, NULL, y0));
+    KD_ASSERT_OK(g_ref->conv2d_forward(g_ref, &pf, x, w, NULL, yf));
+    KD_ASSERT_OK(g_cpu->conv2d_forward(g_cpu, &p, xk, w, NULL, yk));
+    kd_tensor *y1 = yb ? relayout(yk, KD_LAYOUT_STRIDED) : tclone(yk);
+    snprintf(msg, sizeof msg, "bf16 conv C%lld O%lld k%lld g%lld blk %d: forward", (long long)c->C,
+             (long long)c->O, (long long)c->K, (long long)c->groups, blk);
+    CLOSE(y1, y0, 1e-4, 1e-4, msg);
+    double e_fp32 = max_rel_err(y1, yf);
+    if (e_fp32 < 1e-4) fail_msg("%s: matches the fp32 conv to %.2g: bf16 was not used", msg, e_fp32);
+
+    for (int acc = 0; acc <= 1; acc++) {
+        /* backward data */
+        kd_tensor *dx0 = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1);
+        kd_tensor *dxk = xb ? relayout(dx0, KD_LAYOUT_NCHW16C) : tclone(dx0);
+        KD_ASSERT_OK(g_ref->conv2d_backward_data(g_ref, &pf, dyr, wr, dx0, acc));
+        KD_ASSERT_OK(g_cpu->conv2d_backward_data(g_cpu, &p, dyk, w, dxk, acc));
+        kd_tensor *dx1 = xb ? relayout(dxk, KD_LAYOUT_STRIDED) : tclone(dxk);
+        snprintf(msg, sizeof msg, "bf16 conv C%lld O%lld k%lld blk %d: backward data acc %d",
+                 (long long)c->C, (long long)c->O, (long long)c->K, blk, acc);
+        CLOSE(dx1, dx0, 1e-4, 1e-4, msg);
+        /* backward weights */
+        kd_tensor *dw0 = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
+        kd_tensor *dw1 = tclone(dw0);
+        KD_ASSERT_OK(g_ref->conv2d_backward_weights(g_ref, &pf, dyr, xr, dw0, NULL, acc));
+        KD_ASSERT_OK(g_cpu->conv2d_backward_weights(g_cpu, &p, dyk, xk, dw1, NULL, acc));
+        snprintf(msg, sizeof msg, "bf16 conv C%lld O%lld k%lld blk %d: backward weights acc %d",
+                 (long long)c->C, (long long)c->O, (long long)c->K, blk, acc);
+        CLOSE(dw1, dw0, 2e-4, 1e-4, msg);
+        kd_tensor_free(dx0), kd_tensor_free(dxk), kd_tensor_free(dx1);
+        kd_tensor_free(dw0), kd_tensor_free(dw1);
+    }
+    kd_tensor_free(x), kd_tensor_free(w), kd_tensor_free(dy), kd_tensor_free(xr);
+    kd_tensor_free(wr), kd_tensor_free(dyr), kd_tensor_free(xk), kd_tensor_free(dyk);
+    kd_tensor_free(y0), kd_tensor_free(yk), kd_tensor_free(yf), kd_tensor_free(y1);
+}
+
+static void test_conv_bf16(void **state) {
+    (void)state;
+    if (!g_cpu->bf16) {
+        /* Only machines without AVX-512-BF16 get here; the graph refuses
+         * bf16 there (test_autograd checks that). */
+        fprintf(stderr, "test_conv_bf16: this CPU has no native bf16; skipped\n");
+        return;
+    }
+    static const conv_cfg cs[] = {
+        {4, 16, 10, 10, 16, 3, 1, 1, 1, 1, 0}, /* 3x3, resnet20's first stage */
+        {2, 32, 9, 9, 64, 3, 2, 1, 1, 1, 0},   /* strided 3x3 */
+        {2, 64, 6, 6, 32, 1, 1, 0, 1, 1, 0},   /* 1x1 */
+        {2, 32, 7, 7, 32, 3, 1, 1, 1, 32, 0},  /* depthwise */
+        {3, 3, 12, 12, 16, 3, 1, 1, 1, 1, 0},  /* stem: 3-channel plain input */
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        check_conv_bf16(&cs[i], 0);
+        check_conv_bf16(&cs[i], 1);
+    }
+}
+
+/* The graph setting: bf16 only where the backend has it natively; the
+ * refusal names the backend and leaves the graph in float32. */
+static void test_graph_precision(void **state) {
+    (void)state;
+    kd_graph *g = NULL;
+    KD_ASSERT_OK(kd_graph_init(&g, g_ref));
+    assert_int_equal(kd_graph_set_precision(g, KD_BF16), KD_ERR_UNSUPPORTED);
+    assert_non_null(strstr(kd_last_error(), "'ref'"));
+    assert_int_equal(kd_graph_precision(g), KD_F32);
+    assert_int_equal(kd_graph_set_precision(g, KD_I32), KD_ERR_INVALID);
+    kd_graph_free(g);
+    KD_ASSERT_OK(kd_graph_init(&g, g_cpu));
+    assert_int_equal(kd_graph_set_precision(g, KD_BF16), g_cpu->bf16 ? KD_OK : KD_ERR_UNSUPPORTED);
+    assert_int_equal(kd_graph_precision(g), g_cpu->bf16 ? KD_BF16 : KD_F32);
+    KD_ASSERT_OK(kd_graph_set_precision(g, KD_F32));
+    assert_int_equal(kd_graph_precision(g), KD_F32);
+    kd_graph_free(g);
 }
 
 /* ------------------------------------------------------------ batchnorm */
@@ -432,7 +572,7 @@ static void test_eltwise(void **state) {
 /* ---------------------------------------------------- cache and friends */
 
 static void conv_once(int64_t N, int64_t C, int64_t HW) {
-    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
     kd_tensor *x = trand(tnew4(N, C, HW, HW), -1, 1), *w = trand(tnew4(C, C, 3, 3), -1, 1);
     kd_tensor *y = tnew4(N, C, HW, HW);
     KD_ASSERT_OK(g_cpu->conv2d_forward(g_cpu, &p, x, w, NULL, y));
@@ -466,7 +606,7 @@ static void test_cache_reuse_and_trim(void **state) {
 /* Same inputs, same thread count: bitwise the same outputs. */
 static void test_deterministic(void **state) {
     (void)state;
-    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
     kd_tensor *x = trand(tnew4(4, 16, 12, 12), -1, 1), *dy = trand(tnew4(4, 16, 12, 12), -1, 1);
     kd_tensor *dw0 = tnew4(16, 16, 3, 3), *dw1 = tnew4(16, 16, 3, 3);
     kd_tensor *db0 = tnew1(16), *db1 = tnew1(16);
@@ -499,7 +639,7 @@ static void test_errors(void **state) {
 
     /* What oneDNN is not given (a non-float tensor) goes to the ref kernel,
      * which reports it. */
-    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     int64_t xs[4] = {1, 2, 4, 4};
     kd_tensor *x = tnew(KD_I32, 4, xs), *w = tnew4(2, 2, 3, 3), *y = tnew4(1, 2, 2, 2);
     kd_clear_error();
@@ -521,6 +661,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_conv_grid),
         cmocka_unit_test(test_conv_shapes),
+        cmocka_unit_test(test_conv_bf16),
+        cmocka_unit_test(test_graph_precision),
         cmocka_unit_test(test_batchnorm),
         cmocka_unit_test(test_batchnorm_running_steps),
         cmocka_unit_test(test_pool),

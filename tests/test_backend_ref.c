@@ -142,13 +142,13 @@ typedef struct {
 } conv_cfg;
 
 static conv_cfg conv_cfgs[] = {
-    {"basic 3x3 pad 1", 2, 3, 6, 7, 4, 3, 3, {{1, 1}, {1, 1}, {1, 1}, 1}, 1},
-    {"stride 2 pad 1", 2, 3, 8, 9, 4, 3, 3, {{2, 2}, {1, 1}, {1, 1}, 1}, 1},
-    {"dilation 2 pad 2", 1, 2, 9, 8, 3, 3, 3, {{1, 1}, {2, 2}, {2, 2}, 1}, 1},
-    {"groups 2", 2, 4, 6, 6, 6, 3, 3, {{1, 1}, {0, 0}, {1, 1}, 2}, 1},
-    {"mixed 3x2 s(2,1) p(1,0) d(1,2) g2", 2, 4, 9, 8, 4, 3, 2, {{2, 1}, {1, 0}, {1, 2}, 2}, 0},
-    {"depthwise", 2, 4, 5, 6, 4, 3, 3, {{1, 1}, {1, 1}, {1, 1}, 4}, 1},
-    {"1x1 stride 2", 2, 5, 7, 6, 3, 1, 1, {{2, 2}, {0, 0}, {1, 1}, 1}, 1},
+    {"basic 3x3 pad 1", 2, 3, 6, 7, 4, 3, 3, {{1, 1}, {1, 1}, {1, 1}, 1, 0}, 1},
+    {"stride 2 pad 1", 2, 3, 8, 9, 4, 3, 3, {{2, 2}, {1, 1}, {1, 1}, 1, 0}, 1},
+    {"dilation 2 pad 2", 1, 2, 9, 8, 3, 3, 3, {{1, 1}, {2, 2}, {2, 2}, 1, 0}, 1},
+    {"groups 2", 2, 4, 6, 6, 6, 3, 3, {{1, 1}, {0, 0}, {1, 1}, 2, 0}, 1},
+    {"mixed 3x2 s(2,1) p(1,0) d(1,2) g2", 2, 4, 9, 8, 4, 3, 2, {{2, 1}, {1, 0}, {1, 2}, 2, 0}, 0},
+    {"depthwise", 2, 4, 5, 6, 4, 3, 3, {{1, 1}, {1, 1}, {1, 1}, 4, 0}, 1},
+    {"1x1 stride 2", 2, 5, 7, 6, 3, 1, 1, {{2, 2}, {0, 0}, {1, 1}, 1, 0}, 1},
 };
 
 /* All tensors of one conv configuration: x (N, C, H, W), w (O, C/G, KH, KW),
@@ -343,13 +343,13 @@ static void test_conv_hand(void **state) {
     for (int i = 0; i < 4; i++) kd_f32(w)[i] = (float)(i + 1);
     kd_f32(b)[0] = 0.5f;
 
-    kd_conv2d_params p1 = {{1, 1}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p1 = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     kd_tensor *y1 = T4(1, 1, 2, 2);
     KD_ASSERT_OK(be->conv2d_forward(be, &p1, x, w, b, y1));
     const float want1[4] = {37.5f, 47.5f, 67.5f, 77.5f};
     KD_ASSERT_CLOSE(kd_f32(y1), want1, 4, 0, 0, "conv stride 1 by hand");
 
-    kd_conv2d_params p2 = {{2, 2}, {1, 1}, {1, 1}, 1};
+    kd_conv2d_params p2 = {{2, 2}, {1, 1}, {1, 1}, 1, 0};
     kd_tensor *y2 = T4(1, 1, 2, 2);
     KD_ASSERT_OK(be->conv2d_forward(be, &p2, x, w, NULL, y2));
     const float want2[4] = {4.0f, 18.0f, 36.0f, 77.0f};
@@ -375,7 +375,7 @@ static void test_conv_1x1_is_gemm(void **state) {
     tfill(x, -1, 1, 31);
     tfill(w, -1, 1, 32);
     tfill(b, -1, 1, 33);
-    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     KD_ASSERT_OK(be->conv2d_forward(be, &p, x, w, b, y));
     float *want = malloc(kd_tensor_nbytes(y));
     for (int64_t n = 0; n < N; n++) {
@@ -976,7 +976,7 @@ static void test_errors(void **state) {
     (void)state;
     kd_backend *be = ref_be();
     kd_tensor *x = T4(1, 4, 5, 5), *w = T4(2, 4, 3, 3), *y = T4(1, 2, 3, 3), *bad = NULL;
-    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1};
+    kd_conv2d_params p = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     KD_ASSERT_OK(be->conv2d_forward(be, &p, x, w, NULL, y));
     KD_ASSERT_OK(kd_tensor_new(KD_I32, 4, x->shape, &bad));
     assert_int_equal(be->conv2d_forward(be, &p, bad, w, NULL, y), KD_ERR_UNSUPPORTED);

@@ -118,6 +118,15 @@ kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x);
  * tensor with C % 16 == 0 (differentiable); otherwise x itself. */
 kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
 
+/* Compute precision of the graph's convolutions: KD_F32 (default) or KD_BF16
+ * (bf16 multiplies, float32 accumulation; activations, gradients and the
+ * parameters stay float32, so the optimiser keeps float32 master weights).
+ * KD_BF16 needs a backend with native bf16 (`be->bf16`): otherwise
+ * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. Every
+ * other op runs in float32 either way. */
+kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute);
+kd_dtype kd_graph_precision(const kd_graph *g);
+
 /* Number of ops currently on the tape. */
 int kd_graph_tape_size(const kd_graph *g);
 /* Heap allocations made on behalf of the graph so far (arena chunks, tape

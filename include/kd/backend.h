@@ -38,6 +38,11 @@ typedef struct {
     int64_t pad[2];      /* (h, w), symmetric as in PyTorch */
     int64_t dilation[2]; /* (h, w); 1 = dense */
     int64_t groups;
+    /* Compute precision: 0 float32; 1 bfloat16 multiplies with float32
+     * accumulation (backends whose `bf16` is 1). Operands and results stay
+     * float32 in memory: the kernel rounds x (dy) and w to bf16 on the way
+     * in and writes float32 y, dx, dw. Backends without bf16 ignore it. */
+    int bf16;
 } kd_conv2d_params;
 
 typedef enum { KD_POOL_MAX = 0, KD_POOL_AVG } kd_pool_kind;
@@ -68,6 +73,10 @@ struct kd_backend {
     /* Channel block of the blocked activation layout the kernels accept:
      * 16 (KD_LAYOUT_NCHW16C) or 0 (plain tensors only). */
     int blocked_channels;
+    /* 1 when conv2d kernels honour kd_conv2d_params.bf16 with native bf16
+     * arithmetic (oneDNN on AVX-512-BF16 or AMX); set when the backend is
+     * first looked up. */
+    int bf16;
 
     /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */
     kd_status (*conv2d_forward)(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,

@@ -58,6 +58,7 @@ typedef struct {
     uint64_t seed;
     int threads;      /* 0: all cores */
     char backend[16]; /* "cpu" or "ref" */
+    char precision[8]; /* convolutions: "f32" or "bf16" (float32 master weights either way) */
     char out[512];    /* run directory */
     int progress;     /* -1: a bar on a terminal, log lines otherwise; 0: lines; 1: bar */
     int log_every;    /* steps between step lines in metrics.jsonl (0: epochs only) */

@@ -74,6 +74,7 @@ struct kd_graph {
     kd_status status; /* sticky: first failure of the step */
     int grad_enabled;
     int layout_opt;   /* blocked activations (backend has blocked_channels) */
+    int conv_bf16;    /* kd_graph_set_precision(KD_BF16): convs in bf16 */
     uint64_t seed, step_key; /* dropout streams */
     uint32_t n_dropout;      /* dropout calls this step (stream index) */
     size_t heap_allocs;      /* tape growth and leaf .grad allocations */

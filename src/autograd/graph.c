@@ -165,6 +165,25 @@ int kd_graph_set_layout_opt(kd_graph *g, int on) {
 
 int kd_graph_layout_opt(const kd_graph *g) { return g->layout_opt; }
 
+kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute) {
+    if (compute == KD_F32) {
+        g->conv_bf16 = 0;
+        return KD_OK;
+    }
+    if (compute != KD_BF16)
+        return kd_error(KD_ERR_INVALID, "precision %s is not supported (use f32 or bf16)",
+                        kd_dtype_name(compute));
+    if (g->be->bf16 != 1)
+        return kd_error(KD_ERR_UNSUPPORTED, "precision bf16 needs native bf16 arithmetic, which "
+                                            "backend '%s' does not have on this machine (the cpu "
+                                            "backend needs a CPU with AVX-512-BF16 or AMX)",
+                        g->be->name);
+    g->conv_bf16 = 1;
+    return KD_OK;
+}
+
+kd_dtype kd_graph_precision(const kd_graph *g) { return g->conv_bf16 ? KD_BF16 : KD_F32; }
+
 void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key) {
     g->seed = seed;
     g->step_key = step_key;

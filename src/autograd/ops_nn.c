@@ -75,10 +75,12 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     int64_t ys[4] = {N, O, OH, OW};
     kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
     if (!y) return NULL;
-    kd_status s = g->be->conv2d_forward(g->be, p, x, w, b, y);
+    kd_conv2d_params pc = *p;
+    pc.bf16 = g->conv_bf16;
+    kd_status s = g->be->conv2d_forward(g->be, &pc, x, w, b, y);
     if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_CONV2D, y, 3, in);
-    if (n) n->p.conv = *p;
+    if (n) n->p.conv = pc;
     return g->status == KD_OK ? y : NULL;
 }
 

@@ -120,7 +120,7 @@ kd_status kd_conv2d_layer_init(kd_conv2d_layer *l, kd_param_list *pl, const char
     int64_t ws[4] = {out_ch, in_ch / groups, kernel, kernel};
     KD_TRY(kd_params_new(pl, prefix, "weight", KD_F32, 4, ws, KD_PARAM_WEIGHT, &l->weight));
     if (bias) KD_TRY(kd_params_new(pl, prefix, "bias", KD_F32, 1, &out_ch, KD_PARAM_NO_DECAY, &l->bias));
-    l->p = (kd_conv2d_params){{stride, stride}, {pad, pad}, {1, 1}, groups};
+    l->p = (kd_conv2d_params){{stride, stride}, {pad, pad}, {1, 1}, groups, 0};
     return KD_OK;
 }
 

@@ -57,6 +57,7 @@ static const kd__setting kd__settings[] = {
     KD__S("seed", KD__T_U64, seed, "random seed (weights, data order, augmentation)"),
     KD__S("threads", KD__T_INT, threads, "compute threads (0: all cores)"),
     KD__S("backend", KD__T_STR, backend, "compute backend: cpu (oneDNN) or ref (plain C)"),
+    KD__S("precision", KD__T_STR, precision, "convolution arithmetic: f32, or bf16 (AVX-512-BF16/AMX; float32 weights, activations and evaluation)"),
     KD__S("out", KD__T_STR, out, "run directory"),
     KD__S("progress", KD__T_INT, progress, "-1: bar on a terminal; 0: log lines; 1: bar"),
     KD__S("log_every", KD__T_INT, log_every, "steps between step records in metrics.jsonl (0: none)"),
@@ -96,6 +97,7 @@ void kd_train_cfg_defaults(kd_train_cfg *c) {
     c->seed = 0;
     c->threads = 0;
     snprintf(c->backend, sizeof c->backend, "cpu");
+    snprintf(c->precision, sizeof c->precision, "f32");
     snprintf(c->out, sizeof c->out, "runs/latest");
     c->progress = -1;
     c->log_every = 50;

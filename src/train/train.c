@@ -321,6 +321,10 @@ static kd_status kd__setup(kd__run *r, int resume) {
     if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
         r->steps_per_epoch = c->max_steps_per_epoch;
     KD_TRY(kd_graph_init(&r->g, r->be));
+    if (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16"))
+        return kd_error(KD_ERR_INVALID, "invalid value '%s' for precision: expected f32 or bf16",
+                        c->precision);
+    KD_TRY(kd_graph_set_precision(r->g, strcmp(c->precision, "bf16") ? KD_F32 : KD_BF16));
 
     KD_TRY(kd_mkdirs(c->out));
     char path[600];
@@ -374,6 +378,8 @@ static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
 #undef KD__NUM
     fprintf(f, ",\n  \"backend\": ");
     kd_json_write_string(f, r->be->name);
+    fprintf(f, ",\n  \"precision\": ");
+    kd_json_write_string(f, kd_graph_precision(r->g) == KD_BF16 ? "bf16" : "f32");
     fprintf(f, ",\n  \"kd_version\": ");
     kd_json_write_string(f, kd_version());
     fprintf(f, "\n}\n");

@@ -129,6 +129,7 @@ typedef struct {
 } cpu_state;
 
 static cpu_state g_cpu = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static kd_backend g_cpu_backend; /* defined at the end of the file */
 
 static kd_status state_init_locked(cpu_state *st) {
     if (st->stream) return KD_OK;
@@ -329,6 +330,22 @@ static void add_into(float *dst, const float *src, int64_t n) {
 
 static kd_backend *ref_be(void) { return kd__backend_ref(); }
 
+/* Floats of scratch that hold n bf16 values, rounded up to 64 bytes. */
+static size_t bf16_floats(int64_t n) { return align64((size_t)n * 2) / sizeof(float); }
+
+/* dst = bf16(src), n values, rounding to nearest even as PyTorch's
+ * .to(torch.bfloat16) and oneDNN's reorders do; NaN stays a quiet NaN. The
+ * integer form vectorises; the kernel reads the result as dnnl_bf16. */
+static void cvt_f32_bf16(uint16_t *dst, const float *src, int64_t n) {
+    const uint32_t *u = (const uint32_t *)(const void *)src;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t v = u[i];
+        uint32_t r = (v + 0x7fffu + ((v >> 16) & 1u)) >> 16;
+        dst[i] = (uint16_t)((v & 0x7fffffffu) > 0x7f800000u ? (v >> 16) | 0x40u : r);
+    }
+}
+
 /* The tensors oneDNN gets here: float32, plain row-major, contiguous, on
  * the CPU. Anything else goes to the ref kernels (which report it). */
 static int plain_f32(const kd_tensor *t) {
@@ -516,6 +533,7 @@ static kd_status ref_eltwise_bwd(kd_backend *be, kd_eltwise_kind kind, float alp
 typedef struct {
     int64_t N, C, H, W, O, KH, KW, OH, OW, G;
     int xb, yb; /* x (dx) / y (dy) in NCHW16C */
+    int bf16;   /* bf16 operands (converted in scratch), f32 results */
     /* (h, w) in dnnl_dims_t, the array type oneDNN reads; dil is (dilation - 1). */
     dnnl_dims_t stride, pad_l, pad_r, dil;
 } conv_shape;
@@ -536,6 +554,7 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
     c->G = p->groups > 0 ? p->groups : 1;
     c->xb = blocked(x);
     c->yb = blocked(y);
+    c->bf16 = p->bf16 && g_cpu_backend.bf16;
     int64_t in[2] = {c->H, c->W}, out[2] = {c->OH, c->OW}, k[2] = {c->KH, c->KW};
     for (int i = 0; i < 2; i++) {
         c->stride[i] = p->stride[i];
@@ -549,7 +568,7 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
 static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_bias) {
     key_init(k, kind);
     k->flags = has_bias;
-    k->lay = c->xb | c->yb << 1;
+    k->lay = c->xb | c->yb << 1 | c->bf16 << 2;
     int64_t v[] = {c->N, c->C, c->H, c->W, c->O, c->KH, c->KW, c->OH, c->OW, c->G,
                    c->stride[0], c->stride[1], c->pad_l[0], c->pad_l[1], c->dil[0], c->dil[1]};
     memcpy(k->d, v, sizeof v);
@@ -577,23 +596,34 @@ static dnnl_status_t conv_plain_wmd(const conv_shape *c, dnnl_memory_desc_t *wei
     return dnnl_memory_desc_init_by_tag(wei, 4, wd, dnnl_f32, dnnl_oihw);
 }
 
-/* Memory descriptors of a conv: src (N, C, H, W), weights (O, C/G, KH, KW)
- * or (G, O/G, C/G, KH, KW), bias (O), dst (N, O, OH, OW). */
-static dnnl_status_t conv_mds(const conv_shape *c, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
-                              dnnl_memory_desc_t *bias, dnnl_memory_desc_t *dst) {
+/* Memory descriptors of a conv of `kind`: src (N, C, H, W), weights
+ * (O, C/G, KH, KW) or (G, O/G, C/G, KH, KW), bias (O), dst (N, O, OH, OW).
+ * All float32, except in bf16 mode, where what the kernel reads is bf16
+ * (forward: src, weights; backward data: diff_dst, weights; backward
+ * weights: src, diff_dst) and what it writes stays float32. kind 0 gives the
+ * all-bf16 forward that backward pds are hinted with. */
+static dnnl_status_t conv_mds(const conv_shape *c, int kind, dnnl_memory_desc_t *src,
+                              dnnl_memory_desc_t *wei, dnnl_memory_desc_t *bias,
+                              dnnl_memory_desc_t *dst) {
     dnnl_format_tag_t src_tag, dst_tag, wei_tag;
     conv_layout_tags(c, &src_tag, &dst_tag, &wei_tag);
+    dnnl_data_type_t ts = dnnl_f32, tw = dnnl_f32, td = dnnl_f32;
+    if (c->bf16) {
+        ts = kind == PK_CONV_BWD_DATA ? dnnl_f32 : dnnl_bf16;
+        tw = kind == PK_CONV_BWD_WEIGHTS ? dnnl_f32 : dnnl_bf16;
+        td = kind == PK_CONV_FWD ? dnnl_f32 : dnnl_bf16;
+    }
     dnnl_dims_t sd = {c->N, c->C, c->H, c->W}, dd = {c->N, c->O, c->OH, c->OW}, bd = {c->O};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, dnnl_f32, src_tag);
-    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(dst, 4, dd, dnnl_f32, dst_tag);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, ts, src_tag);
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(dst, 4, dd, td, dst_tag);
     if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(bias, 1, bd, dnnl_f32, dnnl_x);
     if (s != dnnl_success) return s;
     if (c->G > 1) {
         dnnl_dims_t wd = {c->G, c->O / c->G, c->C / c->G, c->KH, c->KW};
-        return dnnl_memory_desc_init_by_tag(wei, 5, wd, dnnl_f32, wei_tag);
+        return dnnl_memory_desc_init_by_tag(wei, 5, wd, tw, wei_tag);
     }
     dnnl_dims_t wd = {c->O, c->C, c->KH, c->KW};
-    return dnnl_memory_desc_init_by_tag(wei, 4, wd, dnnl_f32, wei_tag);
+    return dnnl_memory_desc_init_by_tag(wei, 4, wd, tw, wei_tag);
 }
 
 /* For a conv entry created with format_tag_any weights: when the pd's
@@ -663,14 +693,20 @@ static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, 
     uint64_t h = key_hash(&k);
     if ((*out = cache_find(st, &k, h))) return KD_OK;
 
-    dnnl_memory_desc_t src, wei, bias, dst;
+    dnnl_memory_desc_t src, wei, bias, dst, hsrc, hwei, hbias, hdst;
     dnnl_convolution_desc_t op, hint;
-    dnnl_status_t s = conv_mds(c, &src, &wei, &bias, &dst);
-    const dnnl_memory_desc_t *bmd = has_bias ? &bias : NULL;
+    dnnl_status_t s = conv_mds(c, kind, &src, &wei, &bias, &dst);
     if (s == dnnl_success)
+        s = conv_mds(c, c->bf16 ? 0 : PK_CONV_FWD, &hsrc, &hwei, &hbias, &hdst);
+    const dnnl_memory_desc_t *bmd = has_bias ? &bias : NULL;
+    if (s == dnnl_success && kind == PK_CONV_FWD)
         s = dnnl_dilated_convolution_forward_desc_init(
-            kind == PK_CONV_FWD ? &op : &hint, dnnl_forward_training, dnnl_convolution_direct,
-            &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l, c->pad_r);
+            &op, dnnl_forward_training, dnnl_convolution_direct, &src, &wei, bmd, &dst,
+            c->stride, c->dil, c->pad_l, c->pad_r);
+    if (s == dnnl_success && kind != PK_CONV_FWD)
+        s = dnnl_dilated_convolution_forward_desc_init(
+            &hint, dnnl_forward_training, dnnl_convolution_direct, &hsrc, &hwei,
+            has_bias ? &hbias : NULL, &hdst, c->stride, c->dil, c->pad_l, c->pad_r);
     if (s == dnnl_success && kind == PK_CONV_BWD_DATA)
         s = dnnl_dilated_convolution_backward_data_desc_init(
             &op, dnnl_convolution_direct, &src, &wei, &dst, c->stride, c->dil, c->pad_l, c->pad_r);
@@ -679,7 +715,7 @@ static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, 
             &op, dnnl_convolution_direct, &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l,
             c->pad_r);
     KD_TRY(cache_insert(st, &k, h, s, &op, kind == PK_CONV_FWD ? NULL : &hint, out));
-    if ((*out)->pd && (c->xb || c->yb)) {
+    if ((*out)->pd && (c->xb || c->yb || c->bf16)) {
         kd_status ks = conv_weight_reorder(st, *out, kind, c);
         if (ks != KD_OK) {
             /* Keep the cache consistent: the entry stays, rejected. */
@@ -701,13 +737,18 @@ static kd_status conv_fwd_locked(cpu_state *st, const kd_conv2d_params *p, const
     prim_entry *e;
     KD_TRY(conv_entry(st, PK_CONV_FWD, &c, b != NULL, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
-    KD_TRY(scratch_reserve_for(st, e, 0));
-    const void *wp = w->data;
+    int64_t nx = kd_tensor_numel(x);
+    KD_TRY(scratch_reserve_for(st, e, c.bf16 ? bf16_floats(nx) : 0));
+    const void *xp = x->data, *wp = w->data;
+    if (c.bf16) {
+        xp = scratch_floats(st, e, 0);
+        cvt_f32_bf16((uint16_t *)xp, kd_f32(x), nx);
+    }
     if (e->wre) {
         wp = conv_wbuf(st, e);
         KD_TRY(conv_run_reorder(st, e, w->data, (void *)wp));
     }
-    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, y->data},
+    exec_arg a[4] = {{DNNL_ARG_SRC, xp}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, y->data},
                      {DNNL_ARG_BIAS, b ? b->data : NULL}};
     return entry_execute(st, e, a, b ? 4 : 3);
 }
@@ -732,15 +773,21 @@ static kd_status conv_bwd_data_locked(cpu_state *st, const kd_conv2d_params *p,
     prim_entry *e;
     KD_TRY(conv_entry(st, PK_CONV_BWD_DATA, &c, 0, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
-    int64_t n = kd_tensor_numel(dx);
-    KD_TRY(scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
+    int64_t n = kd_tensor_numel(dx), ndy = kd_tensor_numel(dy);
+    /* scratch floats: [dx when accumulating | dy in bf16] */
+    size_t nacc = accumulate ? align64((size_t)n * sizeof(float)) / sizeof(float) : 0;
+    KD_TRY(scratch_reserve_for(st, e, nacc + (c.bf16 ? bf16_floats(ndy) : 0)));
     float *out = accumulate ? scratch_floats(st, e, 0) : kd_f32(dx);
-    const void *wp = w->data;
+    const void *dyp = dy->data, *wp = w->data;
+    if (c.bf16) {
+        dyp = scratch_floats(st, e, nacc);
+        cvt_f32_bf16((uint16_t *)dyp, kd_f32(dy), ndy);
+    }
     if (e->wre) {
         wp = conv_wbuf(st, e);
         KD_TRY(conv_run_reorder(st, e, w->data, (void *)wp));
     }
-    exec_arg a[3] = {{DNNL_ARG_DIFF_DST, dy->data}, {DNNL_ARG_WEIGHTS, wp},
+    exec_arg a[3] = {{DNNL_ARG_DIFF_DST, dyp}, {DNNL_ARG_WEIGHTS, wp},
                      {DNNL_ARG_DIFF_SRC, out}};
     KD_TRY(entry_execute(st, e, a, 3));
     if (accumulate) add_into(kd_f32(dx), out, n);
@@ -771,11 +818,21 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
     /* With accumulate=1 the gradients land in scratch: dw, then db (64-byte aligned). */
     int64_t nw = kd_tensor_numel(dw), nb = db ? kd_tensor_numel(db) : 0;
     size_t nw_pad = align64((size_t)nw * sizeof(float)) / sizeof(float);
-    KD_TRY(scratch_reserve_for(st, e, accumulate ? nw_pad + (size_t)nb : 0));
+    size_t nacc = accumulate ? nw_pad + align64((size_t)nb * sizeof(float)) / sizeof(float) : 0;
+    /* scratch floats: [dw, db when accumulating | x in bf16 | dy in bf16] */
+    int64_t nx = kd_tensor_numel(x), ndy = kd_tensor_numel(dy);
+    KD_TRY(scratch_reserve_for(st, e, nacc + (c.bf16 ? bf16_floats(nx) + bf16_floats(ndy) : 0)));
     float *ow = accumulate ? scratch_floats(st, e, 0) : kd_f32(dw);
     float *ob = !db ? NULL : accumulate ? scratch_floats(st, e, nw_pad) : kd_f32(db);
+    const void *xp = x->data, *dyp = dy->data;
+    if (c.bf16) {
+        xp = scratch_floats(st, e, nacc);
+        dyp = scratch_floats(st, e, nacc + bf16_floats(nx));
+        cvt_f32_bf16((uint16_t *)xp, kd_f32(x), nx);
+        cvt_f32_bf16((uint16_t *)dyp, kd_f32(dy), ndy);
+    }
     /* Weights in the pd's format land in the weights buffer, then reorder to OIHW. */
-    exec_arg a[4] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DIFF_DST, dy->data},
+    exec_arg a[4] = {{DNNL_ARG_SRC, xp}, {DNNL_ARG_DIFF_DST, dyp},
                      {DNNL_ARG_DIFF_WEIGHTS, e->wre ? conv_wbuf(st, e) : (void *)ow},
                      {DNNL_ARG_DIFF_BIAS, ob}};
     KD_TRY(entry_execute(st, e, a, db ? 4 : 3));
@@ -1421,6 +1478,7 @@ static kd_backend g_cpu_backend = {
     .name = "cpu",
     .device = KD_DEVICE_CPU,
     .blocked_channels = KD_LAYOUT_BLOCK,
+    .bf16 = -1, /* resolved by kd__backend_cpu() */
     .conv2d_forward = cpu_conv2d_forward,
     .conv2d_backward_data = cpu_conv2d_backward_data,
     .conv2d_backward_weights = cpu_conv2d_backward_weights,
@@ -1435,7 +1493,23 @@ static kd_backend g_cpu_backend = {
     .impl = &g_cpu,
 };
 
-kd_backend *kd__backend_cpu(void) { return &g_cpu_backend; }
+/* bf16 convolutions run natively when oneDNN finds AVX-512-BF16 (or AMX,
+ * which includes it); elsewhere oneDNN would emulate them slowly, so kd
+ * reports no bf16 and the graph refuses the setting. KD_BF16=0 in the
+ * environment hides it (to compare). */
+static void cpu_detect_bf16(void) {
+    const char *env = getenv("KD_BF16");
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    int native = ((int)isa & (int)dnnl_cpu_isa_avx512_core_bf16) ==
+                 (int)dnnl_cpu_isa_avx512_core_bf16;
+    g_cpu_backend.bf16 = native && !(env && env[0] == '0');
+}
+
+kd_backend *kd__backend_cpu(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, cpu_detect_bf16);
+    return &g_cpu_backend;
+}
 
 int kd__cpu_primitive_count(void) {
     pthread_mutex_lock(&g_cpu.lock);
