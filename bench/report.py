@@ -56,7 +56,10 @@ def summarise(raw):
         if key not in rows:
             rows[key] = {}
             order.append(key)
-        fw = "kd" if r["framework"] == "kd" else "pytorch:" + r["layout"]
+        if r["framework"] == "kd":
+            fw = "kd:bf16" if r.get("precision") == "bf16" else "kd"
+        else:
+            fw = "pytorch:" + r["layout"]
         rows[key].setdefault(fw, []).append(r)
     out = []
     for key in order:
@@ -69,6 +72,13 @@ def summarise(raw):
             best = max(torch, key=lambda k: torch[k]["img_s_median"])
             row["pytorch"] = dict(torch[best], layout=best)
             row["pytorch_layouts"] = {k: v["img_s_median"] for k, v in torch.items()}
+        if "kd:bf16" in d:
+            row["kd_bf16"] = combine(d["kd:bf16"])
+            b = row["kd_bf16"]["img_s_median"]
+            if "kd" in row:
+                row["ratio_bf16_over_fp32"] = round(b / row["kd"]["img_s_median"], 3)
+            if "pytorch" in row:
+                row["ratio_bf16_over_pytorch"] = round(b / row["pytorch"]["img_s_median"], 3)
         if "kd" in row and "pytorch" in row:
             row["ratio_kd_over_pytorch"] = round(row["kd"]["img_s_median"] / row["pytorch"]["img_s_median"], 3)
             if row["kd"]["flops_per_image"] != row["pytorch"]["flops_per_image"]:
@@ -91,6 +101,9 @@ def summarise(raw):
 def table(s):
     hdr = ("row", "kd img/s med [min-max]", "PyTorch img/s med [min-max] (layout)", "kd/PT",
            "kd GFLOP/s (% peak)", "GFLOP/img", "peak RSS kd / PT (MiB)")
+    bf = any("kd_bf16" in r for r in s["rows"])
+    if bf:
+        hdr += ("kd bf16 img/s med [min-max]", "bf16/fp32", "bf16/PT", "bf16 RSS (MiB)")
     lines = []
     for r in s["rows"]:
         k, p = r.get("kd"), r.get("pytorch")
@@ -102,7 +115,14 @@ def table(s):
         fl = f"{(k or p)['flops_per_image'] * 1e-9:.3f}"
         rss = f"{k['peak_rss_mib']:.0f} / {p['peak_rss_mib']:.0f}" if k and p else (
             f"{k['peak_rss_mib']:.0f} / -" if k else "-")
-        lines.append((r["row"], kd_s, pt_s, ratio, gf, fl, rss))
+        line = (r["row"], kd_s, pt_s, ratio, gf, fl, rss)
+        if bf:
+            b = r.get("kd_bf16")
+            line += ((f"{b['img_s_median']:.1f} [{b['img_s_min']:.1f}-{b['img_s_max']:.1f}]",
+                      f"{r['ratio_bf16_over_fp32']:.2f}" if "ratio_bf16_over_fp32" in r else "-",
+                      f"{r['ratio_bf16_over_pytorch']:.2f}" if "ratio_bf16_over_pytorch" in r else "-",
+                      f"{b['peak_rss_mib']:.0f}") if b else ("-", "-", "-", "-"))
+        lines.append(line)
     return hdr, lines
 
 

@@ -6,6 +6,8 @@
 #   bash bench/run.sh --quick          1 round, fewer repeats: a rough look (10-25 minutes on 2 cores)
 #   options: --rounds N   --rows resnet20,kd   (row names or model names, comma-separated)
 #            --write-baseline          also rewrite bench/baseline.json (the CI guard's baseline)
+#            --no-bf16                 skip kd's bf16 runs (default: measured wherever the CPU has
+#                                      AVX-512-BF16 or AMX, as a fourth process per row and round)
 #   env:     KD_BENCH_BUILD=DIR        build directory (default build)
 #
 # What it does:
@@ -18,6 +20,8 @@
 #      channels_last (bench/torch_step.py) INTERLEAVED, round after round, each
 #      measurement in its own process (so its peak RSS is its own), alternating which
 #      framework goes first, so that machine noise hits both;
+#      kd with --precision bf16 runs in the same rotation (bf16 convolutions, float32
+#      master weights; its speed-up over kd fp32 and PyTorch fp32 is reported per row);
 #   4. prints the table (bench/report.py) and writes bench/results/latest.json and
 #      latest.md; the raw lines go to bench/results/raw-<date>.jsonl.
 # Rows: train and inference of resnet8x4, resnet32x4, wrn_16_2, wrn_40_2, resnet20,
@@ -34,14 +38,15 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 cd "$root"
-quick=0 rounds="" only="" write_baseline=0
+quick=0 rounds="" only="" write_baseline=0 bf16=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --rounds) rounds="$2"; shift ;;
     --rows) only="$2"; shift ;;
     --write-baseline) write_baseline=1 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    --no-bf16) bf16=0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see bash bench/run.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -57,6 +62,10 @@ $py -c "import torch" || { echo "run.sh: PyTorch (python3-torch) is not importab
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j "$(nproc)" --target bench_train_step bench_peak >/dev/null
 bin="$build/bench"
+if [ $bf16 -eq 1 ] && ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
+  echo "run.sh: this CPU has no AVX-512-BF16/AMX: skipping the bf16 runs" >&2
+  bf16=0
+fi
 
 # Row table: name, mode, model, teacher, steps per timed repeat (full run).
 # Steps are sized so a repeat lasts a few seconds on a 2-core machine.
@@ -102,10 +111,13 @@ for spec in "${rows[@]}"; do
   peak
   for ((r = 1; r <= rounds; r++)); do
     runs=(kd pytorch:nchw pytorch:channels_last)
-    if [ $((r % 2)) -eq 0 ]; then runs=(pytorch:channels_last pytorch:nchw kd); fi
+    [ $bf16 -eq 0 ] || runs+=(kd:bf16)
+    if [ $((r % 2)) -eq 0 ]; then runs=($(printf '%s\n' "${runs[@]}" | tac)); fi
     for fw in "${runs[@]}"; do
       if [ "$fw" = kd ]; then
         cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}")
+      elif [ "$fw" = kd:bf16 ]; then
+        cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}" --precision bf16)
       else
         cmd=("${clean_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#pytorch:}")
       fi

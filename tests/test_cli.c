@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kd/backend.h"
 #include "kd/io.h"
 #include "testutil.h"
 
@@ -1024,6 +1025,37 @@ static void bad_setting(const char *flag, const char *value, const char *setting
     }
 }
 
+static void test_bad_precision(void **state) {
+    (void)state;
+    bad_setting("--precision", "fp16", "precision", 2);
+}
+
+/* --precision bf16: where the CPU has native bf16 a short run works and
+ * records its precision; elsewhere (and always on the ref backend) it is
+ * refused with a message naming bf16, before anything is written. */
+static void test_precision_bf16(void **state) {
+    (void)state;
+    char out[DIRN], path[PATHN];
+    tmp_path(out, sizeof out, "run_bf16_ref");
+    kd_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--precision", "bf16", "--out", out,
+                    "--epochs", "1", "--progress", "0");
+    EXPECT_FAIL(&p, -1, "bf16");
+    proc_free(&p);
+    assert_false(file_exists(out));
+    kd_backend *cpu = NULL;
+    if (kd_backend_get("cpu", &cpu) != KD_OK || !cpu->bf16) return;
+    tmp_path(out, sizeof out, "run_bf16");
+    p = RUN("train", TRAIN_FLAGS(g_data, out, "1"), "--backend", "cpu", "--precision", "bf16");
+    expect_ok(&p, "kd train --precision bf16");
+    proc_free(&p);
+    snprintf(path, sizeof path, "%s/summary.json", out);
+    size_t n;
+    char *s = slurp(path, &n);
+    assert_non_null(s);
+    if (!strstr(s, "\"precision\": \"bf16\"")) fail_msg("%s does not record precision bf16:\n%s", path, s);
+    free(s);
+}
+
 static void test_bad_lr_suffix(void **state) {
     (void)state;
     bad_setting("--lr", "0.1x", "lr", 2);
@@ -1393,6 +1425,8 @@ int main(void) {
         cmocka_unit_test(test_bad_unknown_method),
         cmocka_unit_test(test_bad_unknown_backend),
         cmocka_unit_test(test_bad_unknown_flag),
+        cmocka_unit_test(test_bad_precision),
+        cmocka_unit_test(test_precision_bf16),
         cmocka_unit_test(test_bad_lr_suffix),
         cmocka_unit_test(test_bad_epochs_word),
         cmocka_unit_test(test_bad_batch_negative),

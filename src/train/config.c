@@ -142,6 +142,8 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) 
         if (strlen(value) >= s->size)
             return kd_error(KD_ERR_INVALID, "value for %s is too long (%zu characters, at most %zu)", key,
                             strlen(value), s->size - 1);
+        if (!strcmp(key, "precision") && strcmp(value, "f32") && strcmp(value, "bf16"))
+            return kd_error(KD_ERR_INVALID, "invalid value '%s' for precision: expected f32 or bf16", value);
         memcpy(p, value, strlen(value) + 1);
         return KD_OK;
     case KD__T_INT:
