@@ -262,7 +262,11 @@ static void check_conv_bf16(const conv_cfg *c, int blk) {
         /* backward weights */
         kd_tensor *dw0 = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
         kd_tensor *dw1 = tclone(dw0);
-        KD_ASSERT_OK(g_ref->conv2d_backward_weights(g_ref, &pf, dyr, xr, dw0, NULL, acc));
+        /* Strided spatial convs compute their weight gradient in float32
+         * (oneDNN 2.6's bf16 kernel is pathologically slow there). */
+        int w_f32 = c->stride > 1 && c->K > 1;
+        KD_ASSERT_OK(g_ref->conv2d_backward_weights(g_ref, &pf, w_f32 ? dy : dyr, w_f32 ? x : xr, dw0,
+                                                    NULL, acc));
         KD_ASSERT_OK(g_cpu->conv2d_backward_weights(g_cpu, &p, dyk, xk, dw1, NULL, acc));
         snprintf(msg, sizeof msg, "bf16 conv C%lld O%lld k%lld blk %d: backward weights acc %d",
                  (long long)c->C, (long long)c->O, (long long)c->K, blk, acc);
@@ -288,7 +292,7 @@ static void test_conv_bf16(void **state) {
         {2, 32, 9, 9, 64, 3, 2, 1, 1, 1, 0},   /* strided 3x3 */
         {2, 64, 6, 6, 32, 1, 1, 0, 1, 1, 0},   /* 1x1 */
         {2, 32, 7, 7, 32, 3, 1, 1, 1, 32, 0},  /* depthwise */
-        {3, 3, 12, 12, 16, 3, 1, 1, 1, 1, 0},  /* stem: 3-channel plain input */
+        {3, 3, 11, 11, 16, 3, 1, 1, 1, 1, 0},  /* stem: 3-channel plain input (x: 1089 values, a scalar tail) */
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
         check_conv_bf16(&cs[i], 0);
