@@ -155,7 +155,34 @@ static void test_pytorch_names(void **state) {
     kd_st_close(f);
 }
 
-static void run_resnet8_steps(const char *backend, double tol_loss, double tol_param) {
+/* ||a - b||_2 / ||b||_2 over n floats (b == 0: ||a||). */
+static double rel_l2(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num) / (den > 0 ? sqrt(den) : 1.0);
+}
+
+static double g_worst_rel; /* largest rel_l2 seen by close_or_rel */
+
+/* Elementwise check (float32: |a - b| <= atol + rtol |b|), or for bf16 runs a
+ * relative L2 check per tensor: bf16 rounding errors in sums with heavy
+ * cancellation (the stem's weight gradient sums 65k products whose result is
+ * ~1e-3) are large per element but small for the tensor as a whole. */
+static void close_or_rel(kd_dtype prec, const float *a, const float *b, int64_t n, double atol,
+                         double rtol, double tol_rel, const char *what) {
+    if (prec != KD_BF16) {
+        KD_ASSERT_CLOSE(a, b, n, atol, rtol, what);
+        return;
+    }
+    double r = rel_l2(a, b, n);
+    if (r > g_worst_rel) g_worst_rel = r;
+    if (r > tol_rel) fail_msg("%s: relative L2 error %.3g > %.3g", what, r, tol_rel);
+}
+
+static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_loss, double tol_param) {
     kd_backend *be = NULL;
     if (kd_backend_get(backend, &be) != KD_OK) {
         printf("  backend %s not built: skipped\n", backend);
@@ -177,6 +204,8 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
     KD_ASSERT_OK(kd_sgd_init(&opt, &pl, 1, &oc));
     kd_graph *g = NULL;
     KD_ASSERT_OK(kd_graph_init(&g, be));
+    KD_ASSERT_OK(kd_graph_set_precision(g, prec));
+    double max_dloss = 0;
     for (int k = 1; k <= 5; k++) {
         kd_graph_reset(g);
         snprintf(name, sizeof name, "batch%d.x", k);
@@ -191,7 +220,8 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
         KD_ASSERT_OK(kd_model_forward(m, g, x, 0, &o));
         if (k == 1) {
             const kd_st_entry *el = kd_st_find(f, "step1.logits");
-            KD_ASSERT_CLOSE(kd_f32(o.logits), el->data, 80, tol_param, tol_param, "step1.logits");
+            close_or_rel(prec, kd_f32(o.logits), el->data, 80, tol_param, tol_param, 1e-2,
+                         "step1.logits");
         }
         kd_tensor *loss = kd_cross_entropy(g, o.logits, y, 0.0f);
         kd_sgd_zero_grad(opt);
@@ -202,15 +232,16 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
                 snprintf(name, sizeof name, "step1.grad.%s", pl->items[i].name);
                 const kd_st_entry *e = kd_st_find(f, name);
                 assert_non_null(e);
-                KD_ASSERT_CLOSE(kd_f32(pl->items[i].t->grad), e->data, kd_tensor_numel(pl->items[i].t), tol_param,
-                                tol_param * 10, name);
+                close_or_rel(prec, kd_f32(pl->items[i].t->grad), e->data, kd_tensor_numel(pl->items[i].t),
+                             tol_param, tol_param * 10, 0.25, name);
             }
         }
         KD_ASSERT_OK(kd_sgd_step(opt));
         snprintf(name, sizeof name, "step%d.loss", k);
         const kd_st_entry *el = kd_st_find(f, name);
         double got = kd_f32(loss)[0], want = ((const float *)el->data)[0];
-        printf("  %s step %d loss %.7f (torch %.7f)\n", backend, k, got, want);
+        printf("  %s %s step %d loss %.7f (torch %.7f)\n", backend, kd_dtype_name(prec), k, got, want);
+        max_dloss = fmax(max_dloss, fabs(got - want));
         if (fabs(got - want) > tol_loss) fail_msg("%s: step %d loss %.7f, PyTorch %.7f", backend, k, got, want);
         for (int i = 0; i < pl->n; i++) {
             kd_tensor *t = pl->items[i].t;
@@ -223,9 +254,37 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
             }
             /* Steps 4 and 5 get 10x the tolerance: see test_resnet8_5steps_cpu. */
             double tp = k <= 3 ? tol_param : 10 * tol_param;
-            KD_ASSERT_CLOSE(kd_f32(t), e->data, kd_tensor_numel(t), tp, tp * 10, name);
+            if (prec == KD_BF16) {
+                /* bf16: the update since init (p_k - p_0) within 0.35 relative L2,
+                 * as the gradients (a parameter's own norm says nothing for
+                 * zero-initialised biases). */
+                char iname[300];
+                snprintf(iname, sizeof iname, "init.%s", pl->items[i].name);
+                const kd_st_entry *e0 = kd_st_find(f, iname);
+                assert_non_null(e0);
+                int64_t n = kd_tensor_numel(t);
+                float *dk = malloc(sizeof(float) * (size_t)n), *dp = malloc(sizeof(float) * (size_t)n);
+                assert_non_null(dk);
+                assert_non_null(dp);
+                for (int64_t j = 0; j < n; j++) {
+                    float p0 = ((const float *)e0->data)[j];
+                    dk[j] = kd_f32(t)[j] - p0;
+                    dp[j] = ((const float *)e->data)[j] - p0;
+                }
+                close_or_rel(prec, dk, dp, n, 0, 0, 0.35, name);
+                free(dk);
+                free(dp);
+                continue;
+            }
+            close_or_rel(prec, kd_f32(t), e->data, kd_tensor_numel(t), tp, tp * 10, 0, name);
         }
     }
+    /* bf16 must really have been used: float32 runs match PyTorch's loss to
+     * ~3e-7, bf16 convolutions move it by ~1e-4 or more. */
+    if (prec == KD_BF16)
+        printf("  bf16: worst relative L2 error %.3g, worst loss error %.3g\n", g_worst_rel, max_dloss);
+    if (prec == KD_BF16 && max_dloss < 1e-5)
+        fail_msg("bf16 run matches the float32 losses to %.2g: bf16 was not used", max_dloss);
     kd_graph_free(g);
     kd_sgd_free(opt);
     kd_model_free(m);
@@ -238,7 +297,7 @@ static void run_resnet8_steps(const char *backend, double tol_loss, double tol_p
  * a parameter by ~lr * |g| ~ 1e-2). */
 static void test_resnet8_5steps_ref(void **state) {
     (void)state;
-    run_resnet8_steps("ref", 1e-4, 1e-4);
+    run_resnet8_steps("ref", KD_F32, 1e-4, 1e-4);
 }
 
 static void test_resnet8_5steps_cpu(void **state) {
@@ -249,7 +308,27 @@ static void test_resnet8_5steps_cpu(void **state) {
      * steps 1-3 agree to 2e-7 and the loss to 3e-7 at every step. Steps 4-5
      * therefore compare parameters at 1e-3 (a wrong rule moves them by ~1e-2),
      * on whatever thread count the machine gives. */
-    run_resnet8_steps("cpu", 1e-4, 1e-4);
+    run_resnet8_steps("cpu", KD_F32, 1e-4, 1e-4);
+}
+
+/* Mixed precision (bf16 convolutions, float32 master weights) follows
+ * PyTorch's float32 trajectory within bf16's rounding: every conv operand is
+ * rounded to 8 significant bits (relative error <= 2^-9). Per tensor
+ * (relative L2): logits within 1e-2, loss within 1e-2, the step-1
+ * gradients within 0.25 and the parameters' updates (p_k - p_0) within 0.35. The gradients' bound comes from PyTorch
+ * itself: torch.autocast("cpu", torch.bfloat16) on this fixture's first step
+ * gives conv-weight gradients 0.10-0.18 off float32 (conv1.weight 0.181;
+ * batch 8, sums with heavy cancellation; kd: 0.155), and over the 5 SGD
+ * steps its parameter updates drift up to 0.348 (kd: 0.254). So kd in bf16
+ * must stay within PyTorch's own bf16 error. A wrong rule is off by O(1). Skipped where the CPU has no native bf16. */
+static void test_resnet8_5steps_cpu_bf16(void **state) {
+    (void)state;
+    kd_backend *be = NULL;
+    if (kd_backend_get("cpu", &be) != KD_OK || !be->bf16) {
+        printf("  no native bf16 on this machine: skipped\n");
+        return;
+    }
+    run_resnet8_steps("cpu", KD_BF16, 1e-2, 3e-3);
 }
 
 /* torch.optim.SGD on a hand-computed 1-parameter sequence. */
@@ -306,6 +385,7 @@ int main(void) {
         cmocka_unit_test(test_param_counts),       cmocka_unit_test(test_unknown_model),
         cmocka_unit_test(test_forward_shapes),     cmocka_unit_test(test_pytorch_names),
         cmocka_unit_test(test_resnet8_5steps_ref), cmocka_unit_test(test_resnet8_5steps_cpu),
+        cmocka_unit_test(test_resnet8_5steps_cpu_bf16),
         cmocka_unit_test(test_sgd_formula),        cmocka_unit_test(test_schedules),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
