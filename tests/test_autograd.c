@@ -383,11 +383,21 @@ static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
     /* Analytic gradients of J = sum(out * r), twice: pass 0 feeds the leaves
      * straight in (their .grad accumulates onto a pre-filled 0.25), pass 1
      * feeds scale(leaf, 1), so each rule writes a fresh intermediate gradient
-     * (accumulate = 0) into reused, stale arena memory. */
+     * (accumulate = 0) into reused, stale arena memory. Pass 1 also checks
+     * the op table's retention: every tensor is tracked, the case runs in a
+     * scope that keeps only scale(out, 1), and released buffers are filled
+     * with NaN, so a rule that reads a tensor its op does not retain (an
+     * input, the output, a saved value) gets NaN or reused data. */
     kd_tensor *r = NULL;
     float *ana[2][4] = {{NULL}};
     for (int pass = 0; pass < 2; pass++) {
         poison_arena(g);
+        size_t scope = 0;
+        if (pass == 1) {
+            g->track_min = 0;
+            g->scribble = 1;
+            scope = kd_graph_scope_begin(g);
+        }
         kd_tensor *use[4] = {NULL, NULL, NULL, NULL};
         for (int k = 0; k < c->n_in; k++) {
             use[k] = in[k];
@@ -397,6 +407,9 @@ static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
         }
         kd_tensor *out = c->build(g, use);
         if (!out) fail_msg("%s [%s]: forward failed: %s", c->name, be->name, kd_last_error());
+        if (pass == 1) {
+            out = kd_graph_scope_return(g, scope, kd_scale(g, out, 1.0f));
+        }
         if (!r) {
             /* r in +-[0.5, 1.5]: every output contributes with weight of order 1. */
             static const in_spec r_spec = {0, {0}, FILL_AWAY0, 0.5f, 1.5f, 0};
@@ -406,6 +419,8 @@ static void run_fd_case(kd_backend *be, const fd_case *c, int *seen) {
         kd_tensor *loss = kd_sum(g, kd_mul(g, out, r));
         if (kd_backward(g, loss) != KD_OK)
             fail_msg("%s [%s]: backward failed: %s", c->name, be->name, kd_last_error());
+        g->track_min = KD__TRACK_MIN;
+        g->scribble = 0;
         for (int i = 0; i < g->n_nodes; i++) seen[g->tape[i].op] = 1;
         for (int k = 0; k < c->n_in; k++) {
             if (!c->in[k].diff) continue;

@@ -12,6 +12,13 @@
  * returns NULL; an op given a NULL input returns NULL at once. Check
  * kd_graph_status() (or the result of kd_backward) once per step.
  *
+ * Memory: op outputs live in the graph's arena until kd_graph_reset, unless
+ * a scope releases them earlier (kd_graph_scope_begin/_end below, the C
+ * analogue of Python variables going out of scope): a released buffer is
+ * reused by later op outputs and gradients of the same size, so a no-grad
+ * forward holds one block's intermediates at a time, and a training forward
+ * holds only what backward rules read.
+ *
  * Usage:
  *     kd_graph *g; kd_graph_init(&g, kd_backend_default());
  *     for (step...) {
@@ -130,8 +137,44 @@ kd_dtype kd_graph_precision(const kd_graph *g);
 /* Number of ops currently on the tape. */
 int kd_graph_tape_size(const kd_graph *g);
 /* Heap allocations made on behalf of the graph so far (arena chunks, tape
- * growth, leaf .grad buffers). Constant across steps of an unchanged shape. */
+ * and buffer-table growth, leaf .grad buffers). Constant across steps of an
+ * unchanged shape. */
 size_t kd_graph_heap_allocs(const kd_graph *g);
+
+/* Scopes. Every op output (and kd_graph_tensor) whose data takes at least
+ * 64 KiB is a tracked buffer. kd_graph_scope_end releases each tracked
+ * buffer allocated since the matching kd_graph_scope_begin unless
+ *   (a) it is the data of one of the `keep` tensors (NULL entries are
+ *       skipped; a view made by kd_reshape/kd_flatten keeps its base), or
+ *   (b) the backward rule of a recorded op reads it (a conv's input, a batch
+ *       norm's input, a ReLU's output, ...): then it is released during
+ *       kd_backward, right after the last rule that reads it has run.
+ * Kept buffers belong to the enclosing scope from then on (or to the step,
+ * at top level). Tensors allocated before the scope began are not affected.
+ * With gradients off nothing is retained by (b). A released tensor's
+ * descriptor stays valid, but its data must not be read again (under
+ * AddressSanitizer doing so is reported). Scopes nest and must end in
+ * reverse order; small tensors are never released before kd_graph_reset.
+ * After a backward that released saved buffers, the tape cannot be walked
+ * a second time (kd_backward fails): record the step again.
+ *
+ *     size_t s = kd_graph_scope_begin(g);
+ *     kd_tensor *h = kd_relu(g, kd_batchnorm(g, kd_conv2d(g, x, w, NULL, &p), ...));
+ *     h = kd_graph_scope_return(g, s, h);   // conv and BN outputs released
+ */
+size_t kd_graph_scope_begin(kd_graph *g);
+void kd_graph_scope_end(kd_graph *g, size_t scope, int n_keep, kd_tensor *const *keep);
+/* kd_graph_scope_end keeping only `keep`; returns keep (NULL stays NULL). */
+kd_tensor *kd_graph_scope_return(kd_graph *g, size_t scope, kd_tensor *keep);
+/* Scopes release buffers (the default) or, with 0, do nothing, so that
+ * every activation lives until kd_graph_reset (KD_MEM_RELEASE=0 in the
+ * environment sets the default). Results are bit-identical either way.
+ * Returns the previous setting. */
+int kd_graph_set_mem_release(kd_graph *g, int on);
+int kd_graph_mem_release(const kd_graph *g);
+/* The most arena bytes (activations, gradients, descriptors, saved values)
+ * in use at any time since kd_graph_init. */
+size_t kd_graph_peak_bytes(const kd_graph *g);
 
 /* A new arena tensor (uninitialised data, no grad); NULL with the status set on failure. */
 kd_tensor *kd_graph_tensor(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape);

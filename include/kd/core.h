@@ -157,6 +157,7 @@ void kd_arena_reset(kd_arena *a);
 size_t kd_arena_used(const kd_arena *a);
 size_t kd_arena_capacity(const kd_arena *a);
 size_t kd_arena_grow_count(const kd_arena *a); /* chunk mallocs since init */
+size_t kd_arena_high_water(const kd_arena *a); /* most bytes in use at once since init */
 
 /* ------------------------------------------------------------------- rng */
 

@@ -6,6 +6,12 @@
  * the values its backward rule needs (saved in the graph's arena). The tape is
  * a growable array of nodes whose capacity survives kd_graph_reset(), so a
  * step of a shape already seen allocates nothing.
+ *
+ * Memory: the data of every op output of at least `track_min` bytes is a
+ * tracked buffer (an entry of g->mem). kd_graph_scope_end releases the
+ * tracked buffers of a scope that the caller does not keep: to the free list
+ * of their size at once, or, when a recorded node's backward rule reads them
+ * (the op's `retain` flags), once kd_backward has run the first such node.
  */
 #ifndef KD_AUTOGRAD_IMPL_H
 #define KD_AUTOGRAD_IMPL_H
@@ -16,6 +22,7 @@
 #include <stdint.h>
 
 #define KD__NODE_MAX_IN 3
+#define KD__NODE_MAX_RET 6 /* in[0..2], out, saved[0..1] */
 
 typedef struct {
     kd_op op;
@@ -25,6 +32,10 @@ typedef struct {
     kd_tensor *out;
     kd_tensor *saved[2]; /* bn mean/rstd (C), maxpool argmax, kl log-probabilities */
     float *aux;          /* per-row values: logsumexp (cross_entropy), norms (l2_normalize) */
+    /* Tracked buffers (g->mem indices) that this node is the first on the
+     * tape to retain: the last backward rule that reads them is this one. */
+    int32_t ret[KD__NODE_MAX_RET];
+    int n_ret;
     union {
         kd_conv2d_params conv;
         struct {
@@ -47,20 +58,51 @@ typedef struct {
     } p;
 } kd__node;
 
-/* Free list of released intermediate-gradient buffers of one rounded byte
- * size (singly linked through the first bytes of each free buffer). */
+/* Free list of released buffers (activations and intermediate gradients)
+ * of one rounded byte size, singly linked through the first bytes of each
+ * free buffer; poisoned under AddressSanitizer while free. */
 typedef struct {
     size_t bytes;
     void *head;
-} kd__gbin;
+} kd__bin;
 
-#define KD__GBINS 64 /* distinct sizes recycled per step; further sizes are not */
+#define KD__BINS 256 /* distinct sizes recycled per step; further sizes are not */
+
+/* Activation data from this many (rounded) bytes up is tracked and
+ * released by scopes; smaller tensors stay plain arena allocations. */
+#define KD__TRACK_MIN ((size_t)64 << 10)
+
+typedef enum {
+    KD__MEM_LIVE = 0, /* reachable by the caller: inside an open scope, kept, or top level */
+    KD__MEM_ORPHAN,   /* its scope ended; only a recorded node still reads it */
+    KD__MEM_FREE      /* back on a free list (the buffer may serve a newer entry) */
+} kd__mem_state;
+
+/* One tracked activation buffer. The table is append-only within a step
+ * (indices stay valid until kd_graph_reset) and keeps its capacity. */
+typedef struct {
+    unsigned char *p;
+    size_t bytes;       /* rounded size, the free-list class */
+    int32_t first_node; /* lowest tape index of a node whose rule reads it; -1 none */
+    uint8_t state;      /* kd__mem_state */
+    uint8_t keep;       /* mark during kd_graph_scope_end */
+} kd__mem;
 
 typedef kd_status (*kd__backward_fn)(kd_graph *g, kd__node *n);
+
+/* Which of a node's tensors its backward rule reads (retains). */
+enum {
+    KD__RET_IN0 = 1,
+    KD__RET_IN1 = 2,
+    KD__RET_IN2 = 4,
+    KD__RET_OUT = 8,
+    KD__RET_SAVED = 16 /* saved[0] and saved[1] */
+};
 
 typedef struct {
     kd_op_info info;
     kd__backward_fn backward;
+    unsigned retain; /* KD__RET_* */
 } kd__op_entry;
 
 /* One entry per kd_op, in enum order (graph.c). */
@@ -77,13 +119,23 @@ struct kd_graph {
     int conv_bf16;    /* kd_graph_set_precision(KD_BF16): convs in bf16 */
     uint64_t seed, step_key; /* dropout streams */
     uint32_t n_dropout;      /* dropout calls this step (stream index) */
-    size_t heap_allocs;      /* tape growth and leaf .grad allocations */
-    /* Intermediate gradients are recycled during kd_backward: the buffer of
-     * a node's output gradient goes to the free list of its size once the
-     * node's rule ran, and kd__grad takes buffers of the same size from it
-     * before bump-allocating in the arena. Cleared by kd_graph_reset. */
-    kd__gbin gbin[KD__GBINS];
-    int n_gbin;
+    size_t heap_allocs;      /* tape and mem-table growth, leaf .grad allocations */
+    /* Free lists, by rounded size, of released buffers: activations released
+     * by scopes (at scope end, or during kd_backward once the last rule that
+     * reads them ran) and intermediate gradients (once the rule of the node
+     * that produced the tensor ran). Op outputs and gradients take a buffer
+     * of their size from here before bump-allocating in the arena. Cleared
+     * by kd_graph_reset. */
+    kd__bin bin[KD__BINS];
+    int n_bin;
+    kd__mem *mem;          /* (cap_mem) tracked activation buffers of this step */
+    int n_mem, cap_mem;    /* cap_mem kept across resets */
+    size_t track_min;      /* KD__TRACK_MIN; tests lower it to track every tensor */
+    int mem_release;       /* scopes release buffers (KD_MEM_RELEASE=0: never) */
+    int scribble;          /* tests: fill released buffers with 0xFF (NaN) */
+    int n_flushed;         /* tape nodes whose retained buffers are registered */
+    int tape_consumed;     /* kd_backward freed buffers the tape reads: no second walk */
+    size_t live_bytes, live_peak; /* tracked bytes not on a free list, and their peak */
 };
 
 /* ---- helpers (graph.c) */
@@ -118,6 +170,15 @@ int kd__needs_grad(const kd_graph *g, const kd_tensor *t);
  * returns it (inputs copied in) or NULL when nothing is recorded. On OOM it
  * sets the status and returns NULL; callers check g->status. */
 kd__node *kd__record(kd_graph *g, kd_op op, kd_tensor *out, int n_in, kd_tensor *const *in);
+
+/* 1 when the ReLU / leaky ReLU node n takes its backward from its output
+ * (slope >= 0: y > 0 exactly where x > 0), so x need not be retained. */
+static inline int kd__relu_uses_out(const kd__node *n) { return n->p.f.a >= 0.0f; }
+
+/* A scratch tensor like t for use within one backward rule, from the free
+ * lists when possible; give it back with kd__tmp_free. NULL (status set) on OOM. */
+kd_tensor *kd__tmp_like(kd_graph *g, const kd_tensor *t);
+void kd__tmp_free(kd_graph *g, kd_tensor *t);
 
 /* Gradient buffer of t for writing during backward. *acc is 0 when the
  * caller must overwrite it, 1 when it must add. Marks t->grad_ready. NULL

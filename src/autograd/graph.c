@@ -1,15 +1,16 @@
 /*
  * graph.c: the define-by-run tape. Graph lifecycle, arena tensors, recording,
- * gradient buffers, kd_backward() and the op table that holds every backward
- * rule (the rules themselves live in ops_*.c, one function per op).
+ * scopes and buffer recycling, gradient buffers, kd_backward() and the op
+ * table that holds every backward rule and what it retains (the rules
+ * themselves live in ops_*.c, one function per op).
  */
 #include "autograd/autograd_impl.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-/* Under AddressSanitizer a recycled gradient buffer is poisoned while it
- * sits on a free list, so a rule that reads a released gradient is caught. */
+/* Under AddressSanitizer a released buffer (activation or gradient) is
+ * poisoned while it sits on a free list, so reading it is caught. */
 #if defined(__SANITIZE_ADDRESS__)
 #define KD__ASAN 1
 #elif defined(__has_feature)
@@ -28,44 +29,58 @@
 
 /* ------------------------------------------------------------- op table */
 
-#define KD__OP(op, name, bwd) [op] = {{name, 1, 1}, bwd}
+/* `retain`: the tensors each backward rule reads besides gradients and
+ * parameters. A tracked buffer listed here outlives its scope until
+ * kd_backward has run the rule; anything else is released at scope end.
+ * ReLU and leaky ReLU with slope >= 0 read their output (kd__relu_uses_out),
+ * otherwise their input; kd__retain_flush applies that exception. */
+#define KD__OP(op, name, bwd, ret) [op] = {{name, 1, 1}, bwd, ret}
+#define I0 KD__RET_IN0
+#define I1 KD__RET_IN1
+#define OUT KD__RET_OUT
+#define SAVED KD__RET_SAVED
 
 const kd__op_entry kd__op_table[KD_OP_COUNT] = {
-    KD__OP(KD_OP_CONV2D, "conv2d", kd__conv2d_backward),
-    KD__OP(KD_OP_BATCHNORM, "batchnorm", kd__batchnorm_backward),
-    KD__OP(KD_OP_LINEAR, "linear", kd__linear_backward),
-    KD__OP(KD_OP_MATMUL, "matmul", kd__matmul_backward),
-    KD__OP(KD_OP_RELU, "relu", kd__relu_backward),
-    KD__OP(KD_OP_LEAKY_RELU, "leaky_relu", kd__relu_backward),
-    KD__OP(KD_OP_ADD, "add", kd__add_backward),
-    KD__OP(KD_OP_MUL, "mul", kd__mul_backward),
-    KD__OP(KD_OP_SCALE, "scale", kd__scale_backward),
-    KD__OP(KD_OP_AVGPOOL2D, "avgpool2d", kd__pool2d_backward),
-    KD__OP(KD_OP_MAXPOOL2D, "maxpool2d", kd__pool2d_backward),
-    KD__OP(KD_OP_GLOBAL_AVGPOOL, "global_avgpool", kd__global_avgpool_backward),
-    KD__OP(KD_OP_RESHAPE, "reshape", kd__reshape_backward),
-    KD__OP(KD_OP_TRANSPOSE, "transpose", kd__transpose_backward),
-    KD__OP(KD_OP_CONCAT, "concat", kd__concat_backward),
-    KD__OP(KD_OP_SLICE, "slice", kd__slice_backward),
-    KD__OP(KD_OP_SOFTMAX, "softmax", kd__softmax_backward),
-    KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd__log_softmax_backward),
-    KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd__cross_entropy_backward),
-    KD__OP(KD_OP_KL_DIV, "kl_div", kd__kl_div_backward),
-    KD__OP(KD_OP_MSE, "mse", kd__mse_backward),
-    KD__OP(KD_OP_L2_NORMALIZE, "l2_normalize", kd__l2_normalize_backward),
-    KD__OP(KD_OP_MEAN, "mean", kd__mean_backward),
-    KD__OP(KD_OP_SUM, "sum", kd__sum_backward),
-    KD__OP(KD_OP_EXP, "exp", kd__exp_backward),
-    KD__OP(KD_OP_LOG, "log", kd__log_backward),
-    KD__OP(KD_OP_DROPOUT, "dropout", kd__dropout_backward),
-    KD__OP(KD_OP_SIGMOID, "sigmoid", kd__act_backward),
-    KD__OP(KD_OP_HARDSWISH, "hardswish", kd__act_backward),
-    KD__OP(KD_OP_HARDSIGMOID, "hardsigmoid", kd__act_backward),
-    KD__OP(KD_OP_SILU, "silu", kd__act_backward),
-    KD__OP(KD_OP_RELU6, "relu6", kd__act_backward),
-    KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward),
-    KD__OP(KD_OP_TO_STRIDED, "to_strided", kd__to_strided_backward),
+    KD__OP(KD_OP_CONV2D, "conv2d", kd__conv2d_backward, I0 | I1),   /* x (dw), w (dx) */
+    KD__OP(KD_OP_BATCHNORM, "batchnorm", kd__batchnorm_backward, I0 | I1 | SAVED),
+    KD__OP(KD_OP_LINEAR, "linear", kd__linear_backward, I0 | I1),
+    KD__OP(KD_OP_MATMUL, "matmul", kd__matmul_backward, I0 | I1),
+    KD__OP(KD_OP_RELU, "relu", kd__relu_backward, OUT),
+    KD__OP(KD_OP_LEAKY_RELU, "leaky_relu", kd__relu_backward, OUT),
+    KD__OP(KD_OP_ADD, "add", kd__add_backward, 0),
+    KD__OP(KD_OP_MUL, "mul", kd__mul_backward, I0 | I1),
+    KD__OP(KD_OP_SCALE, "scale", kd__scale_backward, 0),
+    KD__OP(KD_OP_AVGPOOL2D, "avgpool2d", kd__pool2d_backward, 0),
+    KD__OP(KD_OP_MAXPOOL2D, "maxpool2d", kd__pool2d_backward, SAVED), /* argmax */
+    KD__OP(KD_OP_GLOBAL_AVGPOOL, "global_avgpool", kd__global_avgpool_backward, 0),
+    KD__OP(KD_OP_RESHAPE, "reshape", kd__reshape_backward, 0),
+    KD__OP(KD_OP_TRANSPOSE, "transpose", kd__transpose_backward, 0),
+    KD__OP(KD_OP_CONCAT, "concat", kd__concat_backward, 0),
+    KD__OP(KD_OP_SLICE, "slice", kd__slice_backward, 0),
+    KD__OP(KD_OP_SOFTMAX, "softmax", kd__softmax_backward, OUT),
+    KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd__log_softmax_backward, OUT),
+    KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd__cross_entropy_backward, I0),
+    KD__OP(KD_OP_KL_DIV, "kl_div", kd__kl_div_backward, SAVED), /* both log-probabilities */
+    KD__OP(KD_OP_MSE, "mse", kd__mse_backward, I0 | I1),
+    KD__OP(KD_OP_L2_NORMALIZE, "l2_normalize", kd__l2_normalize_backward, OUT),
+    KD__OP(KD_OP_MEAN, "mean", kd__mean_backward, 0),
+    KD__OP(KD_OP_SUM, "sum", kd__sum_backward, 0),
+    KD__OP(KD_OP_EXP, "exp", kd__exp_backward, OUT),
+    KD__OP(KD_OP_LOG, "log", kd__log_backward, I0),
+    KD__OP(KD_OP_DROPOUT, "dropout", kd__dropout_backward, 0), /* mask recomputed */
+    KD__OP(KD_OP_SIGMOID, "sigmoid", kd__act_backward, OUT),
+    KD__OP(KD_OP_HARDSWISH, "hardswish", kd__act_backward, I0),
+    KD__OP(KD_OP_HARDSIGMOID, "hardsigmoid", kd__act_backward, I0),
+    KD__OP(KD_OP_SILU, "silu", kd__act_backward, I0),
+    KD__OP(KD_OP_RELU6, "relu6", kd__act_backward, OUT),
+    KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward, I0 | I1),
+    KD__OP(KD_OP_TO_STRIDED, "to_strided", kd__to_strided_backward, 0),
 };
+
+#undef I0
+#undef I1
+#undef OUT
+#undef SAVED
 
 _Static_assert(sizeof(kd__op_table) / sizeof(kd__op_table[0]) == KD_OP_COUNT,
                "kd__op_table needs one entry per kd_op");
@@ -93,6 +108,11 @@ kd_status kd_graph_init(kd_graph **out, kd_backend *be) {
     g->heap_allocs = 1;
     g->be = be;
     g->grad_enabled = 1;
+    g->track_min = KD__TRACK_MIN;
+    const char *mr = getenv("KD_MEM_RELEASE");
+    /* KD_MEM_RELEASE=0 makes scopes no-ops: every activation then lives
+     * until kd_graph_reset (for comparisons and debugging). */
+    g->mem_release = !(mr && mr[0] == '0');
     const char *lo = getenv("KD_LAYOUT_OPT");
     /* Blocked activations wherever the backend has them; KD_LAYOUT_OPT=0
      * keeps every activation plain (for comparisons and debugging). */
@@ -108,23 +128,24 @@ fail_arena:
     return s;
 }
 
-/* Empties the gradient free lists (their buffers die with the arena). */
-static void kd__gbins_clear(kd_graph *g) {
+/* Empties the free lists (their buffers die with the arena). */
+static void kd__bins_clear(kd_graph *g) {
 #ifdef KD__ASAN
-    for (int i = 0; i < g->n_gbin; i++) {
-        for (void *p = g->gbin[i].head; p;) {
-            KD__UNPOISON(p, g->gbin[i].bytes);
+    for (int i = 0; i < g->n_bin; i++) {
+        for (void *p = g->bin[i].head; p;) {
+            KD__UNPOISON(p, g->bin[i].bytes);
             p = *(void **)p;
         }
     }
 #endif
-    g->n_gbin = 0;
+    g->n_bin = 0;
 }
 
 void kd_graph_free(kd_graph *g) {
     if (!g) return;
-    kd__gbins_clear(g);
+    kd__bins_clear(g);
     kd_arena_free(g->arena);
+    free(g->mem);
     free(g->tape);
     free(g);
 }
@@ -134,7 +155,11 @@ void kd_graph_reset(kd_graph *g) {
     /* The tensors of the last step die with the arena; heap tensors never
      * carry a tape index, so nothing else needs clearing. */
     g->n_nodes = 0;
-    kd__gbins_clear(g);
+    g->n_flushed = 0;
+    g->n_mem = 0;
+    g->tape_consumed = 0;
+    g->live_bytes = 0;
+    kd__bins_clear(g);
     kd_arena_reset(g->arena);
     g->status = KD_OK;
     g->n_dropout = 0;
@@ -183,6 +208,16 @@ kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute) {
 }
 
 kd_dtype kd_graph_precision(const kd_graph *g) { return g->conv_bf16 ? KD_BF16 : KD_F32; }
+
+int kd_graph_set_mem_release(kd_graph *g, int on) {
+    int prev = g->mem_release;
+    g->mem_release = on != 0;
+    return prev;
+}
+
+int kd_graph_mem_release(const kd_graph *g) { return g->mem_release; }
+
+size_t kd_graph_peak_bytes(const kd_graph *g) { return kd_arena_high_water(g->arena); }
 
 void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key) {
     g->seed = seed;
@@ -233,6 +268,91 @@ void *kd__scratch(kd_graph *g, size_t bytes) {
     return p;
 }
 
+/* ------------------------------------------------------ buffer recycling */
+
+/* Bytes an arena block of `bytes` really takes (kd_arena_alloc's rounding). */
+static size_t kd__rbytes(size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    return bytes ? bytes : 64;
+}
+
+/* The free list of rounded size `bytes`; created when `create` and a slot
+ * is left, else NULL. */
+static kd__bin *kd__bin_find(kd_graph *g, size_t bytes, int create) {
+    for (int i = 0; i < g->n_bin; i++)
+        if (g->bin[i].bytes == bytes) return &g->bin[i];
+    if (!create || g->n_bin == KD__BINS) return NULL;
+    kd__bin *b = &g->bin[g->n_bin++];
+    b->bytes = bytes;
+    b->head = NULL;
+    return b;
+}
+
+/* A free buffer of exactly `bytes` (rounded) bytes, or NULL. */
+static void *kd__bin_take(kd_graph *g, size_t bytes) {
+    kd__bin *b = kd__bin_find(g, bytes, 0);
+    if (!b || !b->head) return NULL;
+    void *p = b->head;
+    KD__UNPOISON(p, bytes);
+    b->head = *(void **)p;
+    return p;
+}
+
+/* Puts buffer p of `bytes` (rounded) bytes on its free list and poisons it.
+ * A size that finds no free slot stays in the arena unused. */
+static void kd__bin_put(kd_graph *g, void *p, size_t bytes) {
+    kd__bin *b = kd__bin_find(g, bytes, 1);
+    if (!b) return;
+    if (g->scribble) memset(p, 0xFF, bytes);
+    *(void **)p = b->head;
+    b->head = p;
+    KD__POISON(p, bytes);
+}
+
+/* Data for a new tensor of `bytes`: below track_min plain arena memory;
+ * otherwise a tracked buffer (a new g->mem entry, LIVE), recycled from the
+ * free list of its size when one is there. NULL (status set) on OOM. */
+static void *kd__data_alloc(kd_graph *g, size_t bytes) {
+    size_t rb = kd__rbytes(bytes);
+    if (rb < g->track_min) return kd__scratch(g, bytes);
+    if (g->n_mem == g->cap_mem) {
+        int cap = g->cap_mem ? 2 * g->cap_mem : 256;
+        kd__mem *m = realloc(g->mem, (size_t)cap * sizeof *m);
+        if (!m) {
+            kd__fail(g, kd_error(KD_ERR_NOMEM, "out of memory growing the graph's buffer table "
+                                               "to %d entries", cap));
+            return NULL;
+        }
+        g->mem = m;
+        g->cap_mem = cap;
+        g->heap_allocs++;
+    }
+    unsigned char *p = kd__bin_take(g, rb);
+    if (!p && !(p = kd__scratch(g, rb))) return NULL;
+    g->mem[g->n_mem++] = (kd__mem){p, rb, -1, KD__MEM_LIVE, 0};
+    g->live_bytes += rb;
+    if (g->live_bytes > g->live_peak) g->live_peak = g->live_bytes;
+    return p;
+}
+
+/* Index of the tracked buffer (LIVE or ORPHAN) that holds address p, among
+ * entries [from, n_mem), newest first; -1 when none. Views (reshape,
+ * flatten) point into their base's buffer, so they resolve to it. */
+static int kd__mem_find(const kd_graph *g, const void *p, int from) {
+    const unsigned char *a = p;
+    for (int i = g->n_mem - 1; i >= from; i--) {
+        const kd__mem *e = &g->mem[i];
+        if (e->state != KD__MEM_FREE && a >= e->p && a < e->p + e->bytes) return i;
+    }
+    return -1;
+}
+
+static void kd__mem_release(kd_graph *g, kd__mem *e) {
+    kd__bin_put(g, e->p, e->bytes);
+    e->state = KD__MEM_FREE;
+    g->live_bytes -= e->bytes;
+}
+
 static kd_tensor *kd__desc(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
     if (ndim < 0 || ndim > KD_MAX_DIMS) {
         kd__fail(g, kd_error(KD_ERR_INVALID, "tensor rank %d is outside 0..%d", ndim,
@@ -260,7 +380,7 @@ static kd_tensor *kd__desc(kd_graph *g, kd_dtype dt, int ndim, const int64_t *sh
 kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
     kd_tensor *t = kd__desc(g, dt, ndim, shape);
     if (!t) return NULL;
-    t->data = kd__scratch(g, kd_tensor_nbytes(t));
+    t->data = kd__data_alloc(g, kd_tensor_nbytes(t));
     return t->data ? t : NULL;
 }
 
@@ -393,19 +513,70 @@ kd__node *kd__record(kd_graph *g, kd_op op, kd_tensor *out, int n_in, kd_tensor 
     return n;
 }
 
-/* Bytes an arena block of `bytes` really takes (kd_arena_alloc's rounding). */
-static size_t kd__gbytes(size_t bytes) {
-    bytes = (bytes + 63) & ~(size_t)63;
-    return bytes ? bytes : 64;
+/* ------------------------------------------------------------- scopes */
+
+size_t kd_graph_scope_begin(kd_graph *g) { return g ? (size_t)g->n_mem : 0; }
+
+/* Registers the tracked buffers that nodes recorded since the last call
+ * retain (the op table's `retain`): each buffer remembers the first node
+ * that reads it, and that node lists it in ret[]. */
+static void kd__retain_one(kd_graph *g, kd__node *n, int node, const kd_tensor *t) {
+    if (!t || !t->data || t->owns_data) return; /* parameters and NULL inputs */
+    int i = kd__mem_find(g, t->data, 0);
+    if (i < 0 || g->mem[i].first_node >= 0) return;
+    g->mem[i].first_node = node;
+    n->ret[n->n_ret++] = i;
 }
 
-static kd__gbin *kd__gbin_find(kd_graph *g, size_t bytes) {
-    for (int i = 0; i < g->n_gbin; i++)
-        if (g->gbin[i].bytes == bytes) return &g->gbin[i];
-    return NULL;
+static void kd__retain_flush(kd_graph *g) {
+    for (; g->n_flushed < g->n_nodes; g->n_flushed++) {
+        int i = g->n_flushed;
+        kd__node *n = &g->tape[i];
+        unsigned r = kd__op_table[n->op].retain;
+        if ((n->op == KD_OP_RELU || n->op == KD_OP_LEAKY_RELU) && !kd__relu_uses_out(n))
+            r = KD__RET_IN0;
+        for (int k = 0; k < KD__NODE_MAX_IN; k++)
+            if (r & (KD__RET_IN0 << k)) kd__retain_one(g, n, i, n->in[k]);
+        if (r & KD__RET_OUT) kd__retain_one(g, n, i, n->out);
+        if (r & KD__RET_SAVED) {
+            kd__retain_one(g, n, i, n->saved[0]);
+            kd__retain_one(g, n, i, n->saved[1]);
+        }
+    }
 }
 
-/* A gradient tensor like t: a fresh arena descriptor whose data is a
+void kd_graph_scope_end(kd_graph *g, size_t scope, int n_keep, kd_tensor *const *keep) {
+    /* A scope index past the table comes from before a reset: nothing to do. */
+    if (!g || !g->mem_release || scope >= (size_t)g->n_mem) return;
+    kd__retain_flush(g);
+    int from = (int)scope;
+    for (int k = 0; k < n_keep; k++) {
+        if (!keep || !keep[k] || !keep[k]->data) continue;
+        int i = kd__mem_find(g, keep[k]->data, from);
+        if (i < 0) continue;
+        g->mem[i].keep = 1;
+        g->mem[i].state = KD__MEM_LIVE; /* an orphan of an inner scope kept here lives on */
+    }
+    for (int i = from; i < g->n_mem; i++) {
+        kd__mem *e = &g->mem[i];
+        if (e->keep) {
+            e->keep = 0; /* now belongs to the enclosing scope */
+            continue;
+        }
+        if (e->state != KD__MEM_LIVE) continue;
+        if (e->first_node >= 0)
+            e->state = KD__MEM_ORPHAN; /* kd_backward frees it after its last reader */
+        else
+            kd__mem_release(g, e);
+    }
+}
+
+kd_tensor *kd_graph_scope_return(kd_graph *g, size_t scope, kd_tensor *keep) {
+    kd_graph_scope_end(g, scope, 1, &keep);
+    return keep;
+}
+
+/* A gradient-like tensor like t: a fresh arena descriptor whose data is a
  * recycled buffer of the same rounded size when one is free, else new arena
  * memory. Contents are undefined (callers overwrite or zero). */
 static kd_tensor *kd__grad_new(kd_graph *g, const kd_tensor *t) {
@@ -415,34 +586,22 @@ static kd_tensor *kd__grad_new(kd_graph *g, const kd_tensor *t) {
         d->layout = t->layout;
         for (int i = 0; i < d->ndim; i++) d->stride[i] = 0; /* as kd__new_lay */
     }
-    size_t bytes = kd__gbytes(kd_tensor_nbytes(d));
-    kd__gbin *b = kd__gbin_find(g, bytes);
-    if (b && b->head) {
-        d->data = b->head;
-        KD__UNPOISON(d->data, bytes);
-        b->head = *(void **)d->data;
-        return d;
-    }
-    d->data = kd__scratch(g, bytes);
+    size_t bytes = kd__rbytes(kd_tensor_nbytes(d));
+    d->data = kd__bin_take(g, bytes);
+    if (!d->data) d->data = kd__scratch(g, bytes);
     return d->data ? d : NULL;
 }
 
+kd_tensor *kd__tmp_like(kd_graph *g, const kd_tensor *t) { return kd__grad_new(g, t); }
+
+void kd__tmp_free(kd_graph *g, kd_tensor *t) {
+    if (t) kd__bin_put(g, t->data, kd__rbytes(kd_tensor_nbytes(t)));
+}
+
 /* Returns t's gradient buffer to the free list of its size; t->grad becomes
- * NULL (grad_ready stays 1: t did get its gradient in this backward). A
- * buffer whose size finds no free bin stays in the arena unused. */
+ * NULL (grad_ready stays 1: t did get its gradient in this backward). */
 static void kd__grad_release(kd_graph *g, kd_tensor *t) {
-    size_t bytes = kd__gbytes(kd_tensor_nbytes(t->grad));
-    kd__gbin *b = kd__gbin_find(g, bytes);
-    if (!b && g->n_gbin < KD__GBINS) {
-        b = &g->gbin[g->n_gbin++];
-        b->bytes = bytes;
-        b->head = NULL;
-    }
-    if (b) {
-        *(void **)t->grad->data = b->head;
-        b->head = t->grad->data;
-        KD__POISON(t->grad->data, bytes);
-    }
+    kd__bin_put(g, t->grad->data, kd__rbytes(kd_tensor_nbytes(t->grad)));
     t->grad = NULL;
 }
 
@@ -546,6 +705,13 @@ kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
                                              "disabled?)"));
         return g->status;
     }
+    if (g->tape_consumed) {
+        kd__fail(g, kd_error(KD_ERR_INVALID, "kd_backward: this tape was walked before and "
+                                             "the activations it saved were released (scopes); "
+                                             "run the forward again"));
+        return g->status;
+    }
+    if (g->mem_release) kd__retain_flush(g);
     /* A second backward over the same tape starts every intermediate afresh. */
     for (int i = 0; i < g->n_nodes; i++) g->tape[i].out->grad_ready = 0;
     int acc;
@@ -554,17 +720,27 @@ kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
     kd_f32(seed)[0] = acc ? kd_f32(seed)[0] + 1.0f : 1.0f;
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         kd__node *n = &g->tape[i];
-        if (!n->out->grad_ready) continue; /* the loss does not depend on it */
-        kd_status s = kd__op_table[n->op].backward(g, n);
-        if (s == KD_OK && g->status != KD_OK) s = g->status;
-        if (s != KD_OK) {
-            kd__fail(g, s);
-            return s;
+        if (n->out->grad_ready) { /* else the loss does not depend on it */
+            kd_status s = kd__op_table[n->op].backward(g, n);
+            if (s == KD_OK && g->status != KD_OK) s = g->status;
+            if (s != KD_OK) {
+                kd__fail(g, s);
+                return s;
+            }
+            /* Every consumer of n->out comes later on the tape, so its
+             * gradient was complete when this rule ran and is dead now:
+             * recycle the buffer (the loss keeps its seed). */
+            if (n->out != loss) kd__grad_release(g, n->out);
         }
-        /* Every consumer of n->out comes later on the tape, so its gradient
-         * was complete when this rule ran and is dead now: recycle the
-         * buffer (the loss keeps its seed). */
-        if (n->out != loss) kd__grad_release(g, n->out);
+        /* No rule before this one reads the buffers this node was the first
+         * to retain: those whose scope has ended go back to the free lists,
+         * where the gradients of earlier nodes find them. */
+        for (int k = 0; k < n->n_ret; k++) {
+            kd__mem *e = &g->mem[n->ret[k]];
+            if (e->state != KD__MEM_ORPHAN) continue;
+            kd__mem_release(g, e);
+            g->tape_consumed = 1;
+        }
     }
     return KD_OK;
 }

@@ -30,24 +30,21 @@
         }                                                                        \
     } while (0)
 
-/* d[i] (+)= dy[i] * DERIV, where DERIV may use v = x[i] and o = y[i]. */
-#define KD__MAP_GRAD(d, dy, x, y, n, acc, DERIV)                                     \
+/* d[i] (+)= dy[i] * DERIV, where DERIV uses v = src[i]: the op's input x or
+ * its output y, whichever the op table says the rule retains. */
+#define KD__MAP_GRAD(d, dy, src, n, acc, DERIV)                                      \
     do {                                                                             \
         int64_t kd__cnt = (n);                                                       \
         if (acc) {                                                                   \
             _Pragma("omp parallel for schedule(static) if (kd__cnt >= KD__PAR_MIN)") \
             for (int64_t i = 0; i < kd__cnt; i++) {                                  \
-                float v = (x)[i], o = (y)[i];                                        \
-                (void)v;                                                             \
-                (void)o;                                                             \
+                float v = (src)[i];                                                  \
                 (d)[i] += (dy)[i] * (DERIV);                                         \
             }                                                                        \
         } else {                                                                     \
             _Pragma("omp parallel for schedule(static) if (kd__cnt >= KD__PAR_MIN)") \
             for (int64_t i = 0; i < kd__cnt; i++) {                                  \
-                float v = (x)[i], o = (y)[i];                                        \
-                (void)v;                                                             \
-                (void)o;                                                             \
+                float v = (src)[i];                                                  \
                 (d)[i] = (dy)[i] * (DERIV);                                          \
             }                                                                        \
         }                                                                            \
@@ -93,26 +90,31 @@ kd_status kd__act_backward(kd_graph *g, kd__node *n) {
     kd_tensor *dx = kd__grad(g, x, &acc);
     if (!dx) return g->status;
     int64_t cnt = kd_tensor_numel(x);
-    const float *xd = kd_f32(x), *yd = kd_f32(n->out), *dy = kd_f32(n->out->grad);
+    /* Only the tensor the op table retains is read: y for sigmoid and relu6,
+     * x for the others. */
+    const float *dy = kd_f32(n->out->grad);
     float *d = kd_f32(dx);
     switch (n->op) {
-    case KD_OP_SIGMOID: KD__MAP_GRAD(d, dy, xd, yd, cnt, acc, o * (1.0f - o)); break;
+    case KD_OP_SIGMOID: KD__MAP_GRAD(d, dy, kd_f32(n->out), cnt, acc, v * (1.0f - v)); break;
     case KD_OP_HARDSWISH:
-        KD__MAP_GRAD(d, dy, xd, yd, cnt, acc,
+        KD__MAP_GRAD(d, dy, kd_f32(x), cnt, acc,
                      v < -3.0f ? 0.0f : (v <= 3.0f ? v / 3.0f + 0.5f : 1.0f));
         break;
     case KD_OP_HARDSIGMOID:
-        KD__MAP_GRAD(d, dy, xd, yd, cnt, acc, (v > -3.0f && v < 3.0f) ? 1.0f / 6.0f : 0.0f);
+        KD__MAP_GRAD(d, dy, kd_f32(x), cnt, acc, (v > -3.0f && v < 3.0f) ? 1.0f / 6.0f : 0.0f);
         break;
     case KD_OP_SILU: {
         /* d/dx x s(x) = s (1 + x (1 - s)), s recomputed from x. */
 #define KD__SILU_D(v) (kd__sigmoidf(v) * (1.0f + (v) * (1.0f - kd__sigmoidf(v))))
-        KD__MAP_GRAD(d, dy, xd, yd, cnt, acc, KD__SILU_D(v));
+        KD__MAP_GRAD(d, dy, kd_f32(x), cnt, acc, KD__SILU_D(v));
 #undef KD__SILU_D
         break;
     }
     case KD_OP_RELU6:
-        KD__MAP_GRAD(d, dy, xd, yd, cnt, acc, (v > 0.0f && v < 6.0f) ? 1.0f : 0.0f);
+        /* y = min(max(x, 0), 6) lies strictly inside (0, 6) exactly where x
+         * does (a NaN x gives y = 0 and gradient 0 either way), so the mask
+         * from y equals PyTorch's mask from x. */
+        KD__MAP_GRAD(d, dy, kd_f32(n->out), cnt, acc, (v > 0.0f && v < 6.0f) ? 1.0f : 0.0f);
         break;
     default:
         kd__fail(g, kd_error(KD_ERR_INVALID, "activation backward: op %d", (int)n->op));

@@ -253,17 +253,19 @@ kd_status kd__batchnorm_backward(kd_graph *g, kd__node *n) {
                              S, acc, x->layout);
         return KD_OK;
     }
-    kd_tensor *dx = ds[0];
+    kd_tensor *dx = ds[0], *tmp = NULL;
     if (!dx) { /* the kernel always writes dx; give it scratch */
-        dx = kd__new_like(g, x);
+        dx = tmp = kd__tmp_like(g, x);
         if (!dx) return g->status;
         if (acc) memset(dx->data, 0, kd_tensor_nbytes(dx));
     }
     int view = n->p.bn.view4d;
     kd_tensor dyv = view ? kd__view4d(dy) : *dy, xv = view ? kd__view4d(x) : *x;
     kd_tensor dxv = view ? kd__view4d(dx) : *dx;
-    return g->be->batchnorm_backward(g->be, &n->p.bn.p, &dyv, &xv, gamma, n->saved[0],
-                                     n->saved[1], &dxv, ds[1], ds[2], acc);
+    kd_status s = g->be->batchnorm_backward(g->be, &n->p.bn.p, &dyv, &xv, gamma, n->saved[0],
+                                            n->saved[1], &dxv, ds[1], ds[2], acc);
+    kd__tmp_free(g, tmp);
+    return s;
 }
 
 /* -------------------------------------------------------------- linear */
@@ -452,8 +454,11 @@ static kd_status kd__eltwise_backward(kd_graph *g, kd__node *n, kd_eltwise_kind 
     return g->be->eltwise_backward(g->be, kind, n->p.f.a, n->out->grad, src, dx, acc);
 }
 
+/* The kernels test only the sign of `src` (dx = dy where src > 0, else
+ * slope * dy). For slope >= 0, y > 0 exactly where x > 0 (NaN stays NaN), so
+ * y gives bit-identical gradients and x need not outlive the forward. */
 kd_status kd__relu_backward(kd_graph *g, kd__node *n) {
-    return kd__eltwise_backward(g, n, KD_ELTWISE_RELU, n->in[0]);
+    return kd__eltwise_backward(g, n, KD_ELTWISE_RELU, kd__relu_uses_out(n) ? n->out : n->in[0]);
 }
 
 kd_status kd__exp_backward(kd_graph *g, kd__node *n) {

@@ -99,3 +99,5 @@ size_t kd_arena_capacity(const kd_arena *a) {
 }
 
 size_t kd_arena_grow_count(const kd_arena *a) { return a->grows; }
+
+size_t kd_arena_high_water(const kd_arena *a) { return a->high_water; }

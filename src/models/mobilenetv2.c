@@ -43,11 +43,14 @@ static void kd__mbv2_free(void *p) {
     free(v);
 }
 
+/* Inverted residual: expand, depthwise, project (each a scoped conv-BN
+ * unit), plus x when use_res; the block's scope keeps only its output. */
 static kd_tensor *kd__ir_forward(kd_graph *g, kd__ir_block *b, kd_tensor *x, int tr) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *o = kd__conv_bn(g, &b->expand, &b->bn_expand, x, tr, 1);
-    o = kd__conv_bn(g, &b->dw, &b->bn_dw, o, tr, 1);
-    o = kd__conv_bn(g, &b->project, &b->bn_project, o, tr, 0);
-    return b->use_res ? kd_add(g, x, o) : o;
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->dw, &b->bn_dw, o, tr, 1));
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->project, &b->bn_project, o, tr, 0));
+    return b->use_res ? kd_graph_scope_return(g, sc, kd_add(g, x, o)) : o;
 }
 
 static kd_status kd__mbv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
@@ -55,11 +58,15 @@ static kd_status kd__mbv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fl
     int tr = m->training;
     /* Stages after which RepDistiller takes f1..f4. */
     static const int feat_after[7] = {0, 1, 2, 0, 3, 0, 4};
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__conv_bn(g, &v->conv1, &v->bn1, x, tr, 1);
     out->feat[0] = h;
     for (int s = 0; s < 7; s++) {
-        for (int i = 0; i < v->n[s]; i++) h = kd__ir_forward(g, &v->stage[s][i], h, tr);
-        if (feat_after[s]) out->feat[feat_after[s]] = h;
+        for (int i = 0; i < v->n[s]; i++) {
+            h = kd__ir_forward(g, &v->stage[s][i], h, tr);
+            if (feat_after[s] && i == v->n[s] - 1) out->feat[feat_after[s]] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
     h = kd__conv_bn(g, &v->conv2, &v->bn2, h, tr, 1);
     kd_tensor *emb = kd_global_avgpool(g, h);

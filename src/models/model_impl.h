@@ -39,11 +39,30 @@ kd_status kd__resnetv2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
 
 /* Helpers shared by the architecture files. */
 
-/* bn(conv(x)), followed by ReLU when relu != 0. */
+/* bn(conv(x)), followed by ReLU when relu != 0, in its own scope: the
+ * conv output (and with ReLU the BN output) is released at once unless a
+ * backward rule reads it. */
 static inline kd_tensor *kd__conv_bn(kd_graph *g, const kd_conv2d_layer *c, kd_bn_layer *b, kd_tensor *x,
                                      int training, int relu) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *y = kd_bn_layer_forward(g, b, kd_conv2d_layer_forward(g, c, x), training);
-    return relu ? kd_relu(g, y) : y;
+    return kd_graph_scope_return(g, sc, relu ? kd_relu(g, y) : y);
+}
+
+/* Ends the trunk scope `sc` (begun before the first layer) keeping h and
+ * every feature recorded in out so far (feat[], preact[]). Called after
+ * each block of a chain h = block(h), it releases the previous h and the
+ * block's leftovers, so the chain holds only its newest output. Returns h. */
+static inline kd_tensor *kd__trunk_keep(kd_graph *g, size_t sc, kd_tensor *h, const kd_model_out *out) {
+    kd_tensor *keep[1 + 2 * KD_MAX_FEATS];
+    int n = 0;
+    keep[n++] = h;
+    for (int k = 0; k < KD_MAX_FEATS; k++) {
+        keep[n++] = out->feat[k];
+        keep[n++] = out->preact[k];
+    }
+    kd_graph_scope_end(g, sc, n, keep);
+    return h;
 }
 
 /* Registers a bias-free conv and the batch norm that follows it, under their

@@ -111,7 +111,18 @@ kd_status kd_model_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd
         return kd_error(KD_ERR_SHAPE, "model '%s' expects input (N, %d, H, W), got %s", m->arch,
                         m->cfg.in_channels, kd_shape_str(x, b, sizeof b));
     }
+    /* One scope around the whole forward: whatever an architecture leaves
+     * behind besides its results is released here. */
+    size_t sc = kd_graph_scope_begin(g);
     kd_status s = m->vt->forward(m, g, x, flags, out);
+    kd_tensor *keep[1 + 2 * KD_MAX_FEATS];
+    int n = 0;
+    keep[n++] = out->logits;
+    for (int k = 0; k < KD_MAX_FEATS; k++) {
+        keep[n++] = out->feat[k];
+        keep[n++] = out->preact[k];
+    }
+    kd_graph_scope_end(g, sc, n, keep);
     if (s == KD_OK) s = kd_graph_status(g);
     return s;
 }

@@ -32,33 +32,47 @@ static void kd__resnet_free(void *p) {
     free(r);
 }
 
-/* out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); *preact gets the sum before relu. */
+/* out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); *preact (when
+ * preact is not NULL) gets the sum before the ReLU. Scopes: each conv-BN
+ * unit, the residual branch, and the sum (the branch outputs die once added),
+ * so a no-grad forward holds at most four block-sized tensors. */
 static kd_tensor *kd__block_forward(kd_graph *g, kd__basic_block *b, kd_tensor *x, int training,
                                     kd_tensor **preact) {
-    kd_tensor *o = kd_relu(g, kd_bn_layer_forward(g, &b->bn1, kd_conv2d_layer_forward(g, &b->conv1, x), training));
-    o = kd_bn_layer_forward(g, &b->bn2, kd_conv2d_layer_forward(g, &b->conv2, o), training);
+    size_t sc = kd_graph_scope_begin(g);
+    size_t sb = kd_graph_scope_begin(g);
+    kd_tensor *o = kd__conv_bn(g, &b->conv1, &b->bn1, x, training, 1);
+    o = kd_graph_scope_return(g, sb, kd__conv_bn(g, &b->conv2, &b->bn2, o, training, 0));
     kd_tensor *res = x;
-    if (b->has_down) res = kd_bn_layer_forward(g, &b->down_bn, kd_conv2d_layer_forward(g, &b->down_conv, x), training);
-    kd_tensor *sum = kd_add(g, o, res);
-    *preact = sum;
-    return kd_relu(g, sum);
+    if (b->has_down) res = kd__conv_bn(g, &b->down_conv, &b->down_bn, x, training, 0);
+    /* Ending sc twice: first keeping the sum (the branch outputs die), then
+     * keeping the block's results (the sum dies unless it is the preact). */
+    kd_tensor *sum = kd_graph_scope_return(g, sc, kd_add(g, o, res));
+    kd_tensor *out = kd_relu(g, sum);
+    if (preact) *preact = sum;
+    kd_tensor *keep[2] = {out, preact ? sum : NULL};
+    kd_graph_scope_end(g, sc, 2, keep);
+    return out;
 }
 
 static kd_status kd__resnet_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
     kd__resnet *r = m->impl;
-    int tr = m->training;
-    kd_tensor *h = kd_relu(g, kd_bn_layer_forward(g, &r->bn1, kd_conv2d_layer_forward(g, &r->conv1, x), tr));
+    int tr = m->training, pa = flags & KD_FWD_PREACT;
+    size_t sc = kd_graph_scope_begin(g);
+    kd_tensor *h = kd__conv_bn(g, &r->conv1, &r->bn1, x, tr, 1);
     out->feat[0] = h;
-    if (flags & KD_FWD_PREACT) out->preact[0] = h;
+    if (pa) out->preact[0] = h;
     for (int s = 0; s < 3; s++) {
-        kd_tensor *pre = NULL;
-        for (int i = 0; i < r->n; i++) h = kd__block_forward(g, &r->stage[s][i], h, tr, &pre);
-        out->feat[1 + s] = h;
-        if (flags & KD_FWD_PREACT) out->preact[1 + s] = pre;
+        for (int i = 0; i < r->n; i++) {
+            /* Only the last block's pre-activation is a feature. */
+            int last = i == r->n - 1;
+            h = kd__block_forward(g, &r->stage[s][i], h, tr, pa && last ? &out->preact[1 + s] : NULL);
+            if (last) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[4] = emb;
-    if (flags & KD_FWD_PREACT) out->preact[4] = emb;
+    if (pa) out->preact[4] = emb;
     out->n_feat = 5;
     out->logits = kd_linear_layer_forward(g, &r->fc, emb);
     return kd_graph_status(g);

@@ -42,39 +42,50 @@ static void kd__resnet_in_free(void *p) {
     free(r);
 }
 
+/* torchvision's BasicBlock / Bottleneck: relu(units(x) + downsample(x));
+ * *preact (when preact is not NULL) gets the sum before the ReLU. Each unit
+ * is scoped (kd__cna_forward); the block's scope is ended after each unit
+ * and after the sum, so only the newest intermediate survives. */
 static kd_tensor *kd__rblock_forward(kd_graph *g, kd__rblock *b, int bottleneck, kd_tensor *x,
                                      int tr, kd_tensor **preact) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__cna_forward(g, &b->c1, x, tr, NULL);
-    h = kd__cna_forward(g, &b->c2, h, tr, NULL);
-    if (bottleneck) h = kd__cna_forward(g, &b->c3, h, tr, NULL);
+    h = kd_graph_scope_return(g, sc, kd__cna_forward(g, &b->c2, h, tr, NULL));
+    if (bottleneck) h = kd_graph_scope_return(g, sc, kd__cna_forward(g, &b->c3, h, tr, NULL));
     kd_tensor *res = b->has_down ? kd__cna_forward(g, &b->down, x, tr, NULL) : x;
-    kd_tensor *sum = kd_add(g, h, res);
-    *preact = sum;
-    return kd_relu(g, sum);
+    kd_tensor *sum = kd_graph_scope_return(g, sc, kd_add(g, h, res));
+    kd_tensor *keep[2] = {kd_relu(g, sum), preact ? sum : NULL};
+    if (preact) *preact = sum;
+    kd_graph_scope_end(g, sc, 2, keep);
+    return keep[0];
 }
 
 static kd_status kd__resnet_in_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags,
                                        kd_model_out *out) {
     kd__resnet_in *r = m->impl;
-    int tr = m->training;
+    int tr = m->training, pa = flags & KD_FWD_PREACT;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd_maxpool2d(g, kd__cna_forward(g, &r->stem, x, tr, NULL), 3, 2, 1);
     out->feat[0] = h;
-    if (flags & KD_FWD_PREACT) out->preact[0] = h;
+    if (pa) out->preact[0] = h;
+    kd__trunk_keep(g, sc, h, out);
     for (int s = 0; s < 4; s++) {
-        kd_tensor *pre = NULL;
-        for (int i = 0; i < r->n[s]; i++)
-            h = kd__rblock_forward(g, &r->stage[s][i], r->bottleneck, h, tr, &pre);
-        out->feat[1 + s] = h;
-        if (flags & KD_FWD_PREACT) out->preact[1 + s] = pre;
+        for (int i = 0; i < r->n[s]; i++) {
+            /* Only the last block's pre-activation is a feature. */
+            int last = i == r->n[s] - 1;
+            h = kd__rblock_forward(g, &r->stage[s][i], r->bottleneck, h, tr,
+                                   pa && last ? &out->preact[1 + s] : NULL);
+            if (last) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[5] = emb;
-    if (flags & KD_FWD_PREACT) out->preact[5] = emb;
+    if (pa) out->preact[5] = emb;
     out->n_feat = 6;
     out->logits = kd_linear_layer_forward(g, &r->fc, emb);
     return kd_graph_status(g);
 }
-
 static const kd__model_vt kd__resnet_in_vt = {kd__resnet_in_forward, kd__resnet_in_free};
 
 static kd_status kd__rblock_init(kd__rblock *b, kd_param_list *pl, const char *prefix,

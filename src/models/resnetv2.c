@@ -38,27 +38,38 @@ static void kd__resnetv2_free(void *p) {
 }
 
 /* Returns relu(branch + shortcut); *preact gets the sum. */
+/* relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x));
+ * *preact (when preact is not NULL) gets the sum before the ReLU. One scope
+ * per conv-BN unit, one for the residual branch, and the block's scope
+ * (ended twice: keeping the sum, then the results). */
 static kd_tensor *kd__bottleneck_forward(kd_graph *g, kd__bottleneck *b, kd_tensor *x, int tr, kd_tensor **preact) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *o = kd__conv_bn(g, &b->conv1, &b->bn1, x, tr, 1);
-    o = kd__conv_bn(g, &b->conv2, &b->bn2, o, tr, 1);
-    o = kd__conv_bn(g, &b->conv3, &b->bn3, o, tr, 0);
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->conv2, &b->bn2, o, tr, 1));
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->conv3, &b->bn3, o, tr, 0));
     kd_tensor *res = b->has_shortcut ? kd__conv_bn(g, &b->sc_conv, &b->sc_bn, x, tr, 0) : x;
-    kd_tensor *sum = kd_add(g, o, res);
-    *preact = sum;
-    return kd_relu(g, sum);
+    kd_tensor *sum = kd_graph_scope_return(g, sc, kd_add(g, o, res));
+    kd_tensor *keep[2] = {kd_relu(g, sum), preact ? sum : NULL};
+    if (preact) *preact = sum;
+    kd_graph_scope_end(g, sc, 2, keep);
+    return keep[0];
 }
 
 static kd_status kd__resnetv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
     kd__resnetv2 *r = m->impl;
     int tr = m->training, pa = flags & KD_FWD_PREACT;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__conv_bn(g, &r->conv1, &r->bn1, x, tr, 1);
     out->feat[0] = h;
     if (pa) out->preact[0] = h;
     for (int s = 0; s < 4; s++) {
-        kd_tensor *pre = NULL;
-        for (int i = 0; i < r->n[s]; i++) h = kd__bottleneck_forward(g, &r->stage[s][i], h, tr, &pre);
-        out->feat[1 + s] = h;
-        if (pa) out->preact[1 + s] = pre;
+        for (int i = 0; i < r->n[s]; i++) {
+            /* Only the last block's pre-activation is a feature. */
+            int last = i == r->n[s] - 1;
+            h = kd__bottleneck_forward(g, &r->stage[s][i], h, tr, pa && last ? &out->preact[1 + s] : NULL);
+            if (last) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[5] = emb;
@@ -67,7 +78,6 @@ static kd_status kd__resnetv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, in
     out->logits = kd_linear_layer_forward(g, &r->linear, emb);
     return kd_graph_status(g);
 }
-
 static const kd__model_vt kd__resnetv2_vt = {kd__resnetv2_forward, kd__resnetv2_free};
 
 kd_status kd__resnetv2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *rng) {

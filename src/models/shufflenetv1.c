@@ -38,11 +38,16 @@ static void kd__sv1_free(void *p) {
 }
 
 /* Returns relu(preact); *preact gets the concatenation or sum before it. */
+/* relu(bn3(gconv3(shuffle(relu(bn2(dwconv2(relu(bn1(gconv1(x))))))))) (+ x, or
+ * concatenated with avgpool(x) when downsampling); *preact (when preact is
+ * not NULL) gets the value before the final ReLU. One scope per conv-BN
+ * unit; the block's scope keeps its output (and the preact). */
 static kd_tensor *kd__sv1_block_forward(kd_graph *g, kd__sv1_block *b, kd_tensor *x, int tr, kd_tensor **preact) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *o = kd__conv_bn(g, &b->conv1, &b->bn1, x, tr, 1);
-    o = kd__channel_shuffle(g, o, b->groups1);
-    o = kd__conv_bn(g, &b->conv2, &b->bn2, o, tr, 1);
-    o = kd__conv_bn(g, &b->conv3, &b->bn3, o, tr, 0);
+    o = kd_graph_scope_return(g, sc, kd__channel_shuffle(g, o, b->groups1));
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->conv2, &b->bn2, o, tr, 1));
+    o = kd_graph_scope_return(g, sc, kd__conv_bn(g, &b->conv3, &b->bn3, o, tr, 0));
     kd_tensor *pre;
     if (b->stride == 2) {
         kd_tensor *parts[2] = {o, kd_avgpool2d(g, x, 3, 2, 1)};
@@ -50,21 +55,28 @@ static kd_tensor *kd__sv1_block_forward(kd_graph *g, kd__sv1_block *b, kd_tensor
     } else {
         pre = kd_add(g, o, x);
     }
-    *preact = pre;
-    return kd_relu(g, pre);
+    pre = kd_graph_scope_return(g, sc, pre);
+    kd_tensor *keep[2] = {kd_relu(g, pre), preact ? pre : NULL};
+    if (preact) *preact = pre;
+    kd_graph_scope_end(g, sc, 2, keep);
+    return keep[0];
 }
 
 static kd_status kd__sv1_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
     kd__sv1 *v = m->impl;
     int tr = m->training, pa = flags & KD_FWD_PREACT;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__conv_bn(g, &v->conv1, &v->bn1, x, tr, 1);
     out->feat[0] = h;
     if (pa) out->preact[0] = h;
     for (int s = 0; s < 3; s++) {
-        kd_tensor *pre = NULL;
-        for (int i = 0; i < v->n[s]; i++) h = kd__sv1_block_forward(g, &v->stage[s][i], h, tr, &pre);
-        out->feat[1 + s] = h;
-        if (pa) out->preact[1 + s] = pre;
+        for (int i = 0; i < v->n[s]; i++) {
+            /* Only the last block's pre-activation is a feature. */
+            int last = i == v->n[s] - 1;
+            h = kd__sv1_block_forward(g, &v->stage[s][i], h, tr, pa && last ? &out->preact[1 + s] : NULL);
+            if (last) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[4] = emb;
@@ -73,7 +85,6 @@ static kd_status kd__sv1_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     out->logits = kd_linear_layer_forward(g, &v->linear, emb);
     return kd_graph_status(g);
 }
-
 static const kd__model_vt kd__sv1_vt = {kd__sv1_forward, kd__sv1_free};
 
 kd_status kd__shufflev1_build(kd_model *m, const kd__arch_arg *arg, kd_rng *rng) {

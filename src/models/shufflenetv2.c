@@ -39,8 +39,14 @@ static void kd__sv2_free(void *p) {
     free(v);
 }
 
+/* A ShuffleNetV2 unit: downsampling (two branches over x) or basic (x split
+ * in halves, the second through conv-BN units), concatenated and shuffled.
+ * *preact (when preact is not NULL) gets the concatenation before the last
+ * ReLU (basic units only). One scope per conv-BN unit; the block's scope
+ * keeps its output (and the preact). */
 static kd_tensor *kd__sv2_block_forward(kd_graph *g, kd__sv2_block *b, kd_tensor *x, int tr, kd_tensor **preact) {
     kd_tensor *parts[2];
+    size_t sc = kd_graph_scope_begin(g);
     if (b->down) {
         kd_tensor *l = kd__conv_bn(g, &b->conv[0], &b->bn[0], x, tr, 0);
         parts[0] = kd__conv_bn(g, &b->conv[1], &b->bn[1], l, tr, 1);
@@ -48,7 +54,8 @@ static kd_tensor *kd__sv2_block_forward(kd_graph *g, kd__sv2_block *b, kd_tensor
         r = kd__conv_bn(g, &b->conv[3], &b->bn[3], r, tr, 0);
         parts[1] = kd__conv_bn(g, &b->conv[4], &b->bn[4], r, tr, 1);
         if (preact) *preact = NULL;
-        return kd__channel_shuffle(g, kd_concat(g, parts, 2, 1), 2);
+        kd_tensor *y = kd_graph_scope_return(g, sc, kd_concat(g, parts, 2, 1));
+        return kd_graph_scope_return(g, sc, kd__channel_shuffle(g, y, 2));
     }
     if (!x) return NULL;
     int64_t c = x->shape[1] / 2;
@@ -57,29 +64,34 @@ static kd_tensor *kd__sv2_block_forward(kd_graph *g, kd__sv2_block *b, kd_tensor
     o = kd__conv_bn(g, &b->conv[1], &b->bn[1], o, tr, 0);
     kd_tensor *pre = kd__conv_bn(g, &b->conv[2], &b->bn[2], o, tr, 0);
     parts[0] = x1;
+    kd_tensor *p = NULL;
     if (preact) {
         parts[1] = pre;
-        *preact = kd_concat(g, parts, 2, 1);
+        p = *preact = kd_concat(g, parts, 2, 1);
     }
     parts[1] = kd_relu(g, pre);
-    return kd__channel_shuffle(g, kd_concat(g, parts, 2, 1), 2);
+    kd_tensor *keep[2] = {kd_concat(g, parts, 2, 1), p};
+    kd_graph_scope_end(g, sc, 2, keep);
+    keep[0] = kd__channel_shuffle(g, keep[0], 2);
+    kd_graph_scope_end(g, sc, 2, keep);
+    return keep[0];
 }
 
 static kd_status kd__sv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
     kd__sv2 *v = m->impl;
     int tr = m->training, pa = flags & KD_FWD_PREACT;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__conv_bn(g, &v->conv1, &v->bn1, x, tr, 1);
     out->feat[0] = h;
     if (pa) out->preact[0] = h;
     for (int s = 0; s < 3; s++) {
-        kd_tensor *pre = NULL;
         for (int i = 0; i < v->n[s]; i++) {
             /* Only the last block's pre-activation is a feature. */
             int last = i == v->n[s] - 1;
-            h = kd__sv2_block_forward(g, &v->stage[s][i], h, tr, pa && last ? &pre : NULL);
+            h = kd__sv2_block_forward(g, &v->stage[s][i], h, tr, pa && last ? &out->preact[1 + s] : NULL);
+            if (last) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
         }
-        out->feat[1 + s] = h;
-        if (pa) out->preact[1 + s] = pre;
     }
     h = kd__conv_bn(g, &v->conv2, &v->bn2, h, tr, 1);
     kd_tensor *emb = kd_global_avgpool(g, h);
@@ -89,7 +101,6 @@ static kd_status kd__sv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     out->logits = kd_linear_layer_forward(g, &v->linear, emb);
     return kd_graph_status(g);
 }
-
 static const kd__model_vt kd__sv2_vt = {kd__sv2_forward, kd__sv2_free};
 
 kd_status kd__shufflev2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *rng) {

@@ -36,9 +36,15 @@ static const struct {
 };
 static const int64_t kd__vgg_width[5] = {64, 128, 256, 512, 512};
 
-/* Block b without its final ReLU (the reference drops the last layer of each Sequential). */
+/* Block b without its final ReLU (the reference drops the last layer of
+ * each Sequential). Each conv-BN(-ReLU) unit has its own scope, and the
+ * block's scope keeps only its output. */
 static kd_tensor *kd__vgg_block_forward(kd_graph *g, kd__vgg_block *b, kd_tensor *x, int tr) {
-    for (int i = 0; i < b->n; i++) x = kd__conv_bn(g, &b->conv[i], &b->bn[i], x, tr, i + 1 < b->n);
+    size_t sc = kd_graph_scope_begin(g);
+    for (int i = 0; i < b->n; i++) {
+        x = kd__conv_bn(g, &b->conv[i], &b->bn[i], x, tr, i + 1 < b->n);
+        kd_graph_scope_end(g, sc, 1, &x);
+    }
     return x;
 }
 
@@ -46,15 +52,18 @@ static kd_status kd__vgg_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     kd__vgg *v = m->impl;
     int tr = m->training, pa = flags & KD_FWD_PREACT;
     int64_t h_in = x->shape[2];
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd_relu(g, kd__vgg_block_forward(g, &v->block[0], x, tr));
     out->feat[0] = h;
     if (pa) out->preact[0] = h;
+    kd__trunk_keep(g, sc, h, out);
     for (int b = 1; b < 5; b++) {
-        if (b < 4 || h_in == 64) h = kd_maxpool2d(g, h, 2, 2, 0);
+        if (b < 4 || h_in == 64) h = kd__trunk_keep(g, sc, kd_maxpool2d(g, h, 2, 2, 0), out);
         kd_tensor *pre = kd__vgg_block_forward(g, &v->block[b], h, tr);
         h = kd_relu(g, pre);
         out->feat[b] = h;
         if (pa) out->preact[b] = pre;
+        kd__trunk_keep(g, sc, h, out);
     }
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[5] = emb;

@@ -31,24 +31,37 @@ static void kd__wrn_free(void *p) {
     free(w);
 }
 
+/* Pre-activation block: act = relu(bn1(x)); out = conv2(relu(bn2(conv1(act))))
+ * + (x or shortcut(act)). Scopes: bn-relu, the residual branch (one
+ * conv-bn-relu unit inside), and the block, which keeps only its output. */
 static kd_tensor *kd__wrn_block_forward(kd_graph *g, kd__wrn_block *b, kd_tensor *x, int tr) {
-    kd_tensor *act = kd_relu(g, kd_bn_layer_forward(g, &b->bn1, x, tr));
-    kd_tensor *o = kd_relu(g, kd_bn_layer_forward(g, &b->bn2, kd_conv2d_layer_forward(g, &b->conv1, act), tr));
-    o = kd_conv2d_layer_forward(g, &b->conv2, o);
+    size_t sc = kd_graph_scope_begin(g);
+    size_t su = kd_graph_scope_begin(g);
+    kd_tensor *act = kd_graph_scope_return(g, su, kd_relu(g, kd_bn_layer_forward(g, &b->bn1, x, tr)));
+    size_t sb = kd_graph_scope_begin(g);
+    size_t sr = kd_graph_scope_begin(g);
+    kd_tensor *o = kd_bn_layer_forward(g, &b->bn2, kd_conv2d_layer_forward(g, &b->conv1, act), tr);
+    o = kd_graph_scope_return(g, sr, kd_relu(g, o));
+    o = kd_graph_scope_return(g, sb, kd_conv2d_layer_forward(g, &b->conv2, o));
     kd_tensor *res = b->equal_in_out ? x : kd_conv2d_layer_forward(g, &b->shortcut, act);
-    return kd_add(g, res, o);
+    return kd_graph_scope_return(g, sc, kd_add(g, res, o));
 }
 
 static kd_status kd__wrn_forward(kd_model *m, kd_graph *g, kd_tensor *x, int flags, kd_model_out *out) {
     kd__wrn *w = m->impl;
     int tr = m->training;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd_conv2d_layer_forward(g, &w->conv1, x);
     out->feat[0] = h;
     for (int s = 0; s < 3; s++) {
-        for (int i = 0; i < w->n; i++) h = kd__wrn_block_forward(g, &w->stage[s][i], h, tr);
-        out->feat[1 + s] = h;
+        for (int i = 0; i < w->n; i++) {
+            h = kd__wrn_block_forward(g, &w->stage[s][i], h, tr);
+            if (i == w->n - 1) out->feat[1 + s] = h;
+            kd__trunk_keep(g, sc, h, out);
+        }
     }
-    kd_tensor *act = kd_relu(g, kd_bn_layer_forward(g, &w->bn1, h, tr));
+    size_t su = kd_graph_scope_begin(g);
+    kd_tensor *act = kd_graph_scope_return(g, su, kd_relu(g, kd_bn_layer_forward(g, &w->bn1, h, tr)));
     kd_tensor *emb = kd_global_avgpool(g, act);
     out->feat[4] = emb;
     out->n_feat = 5;

@@ -40,10 +40,13 @@ kd_status kd__cna_init(kd__cna *u, kd_param_list *pl, const char *conv_prefix,
 
 kd_tensor *kd__cna_forward(kd_graph *g, kd__cna *u, kd_tensor *x, int training,
                            kd_tensor **pre) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd_bn_layer_forward(g, &u->bn, kd_conv2d_layer_forward(g, &u->conv, x),
                                        training);
     if (pre) *pre = h;
-    return kd__act_apply(g, u->act, h);
+    kd_tensor *keep[2] = {kd__act_apply(g, u->act, h), pre ? h : NULL};
+    kd_graph_scope_end(g, sc, 2, keep);
+    return keep[0];
 }
 
 kd_status kd__se_init(kd__se *se, kd_param_list *pl, const char *prefix, int64_t ch,
@@ -59,6 +62,7 @@ kd_status kd__se_init(kd__se *se, kd_param_list *pl, const char *prefix, int64_t
 }
 
 kd_tensor *kd__se_forward(kd_graph *g, kd__se *se, kd_tensor *x) {
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *s = kd_global_avgpool(g, x); /* (N, C) */
     if (!s) return NULL;
     int64_t s4[4] = {s->shape[0], s->shape[1], 1, 1};
@@ -66,7 +70,7 @@ kd_tensor *kd__se_forward(kd_graph *g, kd__se *se, kd_tensor *x) {
     s = kd__act_apply(g, se->act, kd_conv2d_layer_forward(g, &se->fc1, s));
     s = kd__act_apply(g, se->scale_act, kd_conv2d_layer_forward(g, &se->fc2, s));
     s = kd_flatten(g, s); /* (N, C) */
-    return kd_mul_channel(g, x, s);
+    return kd_graph_scope_return(g, sc, kd_mul_channel(g, x, s));
 }
 
 kd_status kd__mbconv_init(kd__mbconv *b, kd_param_list *pl, const char *prefix,
@@ -98,11 +102,14 @@ kd_status kd__mbconv_init(kd__mbconv *b, kd_param_list *pl, const char *prefix,
 }
 
 kd_tensor *kd__mbconv_forward(kd_graph *g, kd__mbconv *b, kd_tensor *x, int training) {
+    /* The block's scope is ended after each unit (keeping the newest h) and
+     * at the end (keeping the output). */
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = x;
     if (b->has_expand) h = kd__cna_forward(g, &b->expand, h, training, NULL);
-    h = kd__cna_forward(g, &b->dw, h, training, NULL);
-    if (b->has_se) h = kd__se_forward(g, &b->se, h);
-    h = kd__cna_forward(g, &b->project, h, training, NULL);
+    h = kd_graph_scope_return(g, sc, kd__cna_forward(g, &b->dw, h, training, NULL));
+    if (b->has_se) h = kd_graph_scope_return(g, sc, kd__se_forward(g, &b->se, h));
+    h = kd_graph_scope_return(g, sc, kd__cna_forward(g, &b->project, h, training, NULL));
     if (!b->use_res || !h) return h;
     if (training && b->sd_prob > 0.0f) {
         /* StochasticDepth(p, "row"): each sample's branch is kept with
@@ -114,7 +121,7 @@ kd_tensor *kd__mbconv_forward(kd_graph *g, kd__mbconv *b, kd_tensor *x, int trai
         for (int64_t i = 0; i < s2[0]; i++) kd_f32(ones)[i] = 1.0f;
         h = kd_mul_channel(g, h, kd_dropout(g, ones, b->sd_prob, 1));
     }
-    return kd_add(g, h, x);
+    return kd_graph_scope_return(g, sc, kd_add(g, h, x));
 }
 
 void kd__init_convs_fan_out(kd_param_list *pl, kd_rng *r) {
@@ -127,11 +134,13 @@ void kd__init_convs_fan_out(kd_param_list *pl, kd_rng *r) {
 kd_tensor *kd__mbnet_trunk(kd_graph *g, kd__cna *stem, kd__mbconv *blocks, int nblocks, kd__cna *last_unit,
                            kd_tensor *x, int training, int flags, kd_model_out *out) {
     int k = 0;
+    size_t sc = kd_graph_scope_begin(g);
     kd_tensor *h = kd__cna_forward(g, stem, x, training, NULL);
     out->feat[k++] = h;
     for (int i = 0; i < nblocks; i++) {
         h = kd__mbconv_forward(g, &blocks[i], h, training);
         if (i == nblocks - 1 || blocks[i + 1].stride == 2) out->feat[k++] = h;
+        kd__trunk_keep(g, sc, h, out);
     }
     kd_tensor *pre = NULL;
     h = kd__cna_forward(g, last_unit, h, training, &pre);
