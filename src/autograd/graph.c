@@ -648,14 +648,17 @@ int kd__grads_common(kd_graph *g, int k, kd_tensor *const *ts, kd_tensor **out) 
     return 1;
 }
 
-void kd__axpy(float *dst, const float *src, float s, int64_t n, int acc) {
-    if (acc) {
-#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+void kd__axpy(float *restrict dst, const float *restrict src, float s, int64_t n, int acc) {
+    if (acc && s == 1.0f) {
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
+        for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+    } else if (acc) {
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
         for (int64_t i = 0; i < n; i++) dst[i] += s * src[i];
     } else if (s == 1.0f) {
         memcpy(dst, src, (size_t)n * sizeof *dst);
     } else {
-#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
         for (int64_t i = 0; i < n; i++) dst[i] = s * src[i];
     }
 }

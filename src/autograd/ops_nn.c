@@ -236,8 +236,40 @@ static void kd__bn_eval_backward(const float *dy, const float *x, const float *m
     }
 }
 
+/* Training-mode backward when x's gradient is still empty (the usual case: a
+ * conv output feeds only its batch norm). dgamma and dbeta are leaves that
+ * always accumulate; one kernel call with a single accumulate flag would
+ * zero dx and then add into it through a scratch pass. Instead the kernel
+ * overwrites dx and writes dgamma/dbeta into C-sized temporaries, which are
+ * then added into the leaves' gradients. */
+static kd_status kd__batchnorm_backward_fresh(kd_graph *g, kd__node *n) {
+    kd_tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *dy = n->out->grad;
+    int acc;
+    kd_tensor *dx = kd__grad(g, x, &acc);
+    if (!dx) return g->status;
+    int64_t C = x->shape[1];
+    int ng = gamma && kd__needs_grad(g, gamma), nb = beta && kd__needs_grad(g, beta);
+    kd_tensor *tg = ng ? kd__new(g, KD_F32, 1, &C) : NULL, *tb = nb ? kd__new(g, KD_F32, 1, &C) : NULL;
+    if ((ng && !tg) || (nb && !tb)) return g->status;
+    int view = n->p.bn.view4d;
+    kd_tensor dyv = view ? kd__view4d(dy) : *dy, xv = view ? kd__view4d(x) : *x;
+    kd_tensor dxv = view ? kd__view4d(dx) : *dx;
+    KD_TRY(g->be->batchnorm_backward(g->be, &n->p.bn.p, &dyv, &xv, gamma, n->saved[0], n->saved[1],
+                                     &dxv, tg, tb, acc));
+    kd_tensor *pairs[2][2] = {{gamma, tg}, {beta, tb}};
+    for (int i = 0; i < 2; i++) {
+        if (!pairs[i][1]) continue;
+        kd_tensor *d = kd__grad_acc(g, pairs[i][0]);
+        if (!d) return g->status;
+        kd__axpy(kd_f32(d), kd_f32(pairs[i][1]), 1.0f, C, 1);
+    }
+    return KD_OK;
+}
+
 kd_status kd__batchnorm_backward(kd_graph *g, kd__node *n) {
     kd_tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *dy = n->out->grad;
+    if (n->p.bn.p.training && kd__needs_grad(g, x) && x->node >= 0 && !(x->grad && x->grad_ready))
+        return kd__batchnorm_backward_fresh(g, n);
     kd_tensor *ts[3] = {kd__needs_grad(g, x) ? x : NULL,
                         kd__needs_grad(g, gamma) ? gamma : NULL,
                         beta && kd__needs_grad(g, beta) ? beta : NULL};

@@ -30,13 +30,14 @@ static kd_tensor *kd__binary(kd_graph *g, kd_op op, const char *name, kd_tensor 
     kd_tensor *y = kd__new_like(g, a);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(a);
-    const float *x0 = kd_f32(a), *x1 = kd_f32(b);
-    float *yd = kd_f32(y);
+    const float *restrict x0 = kd_f32(a), *restrict x1 = kd_f32(b);
+    float *restrict yd = kd_f32(y);
+    /* simd: -O2 does not vectorise loops it cannot prove alias-free. */
     if (op == KD_OP_ADD) {
-#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
         for (int64_t i = 0; i < n; i++) yd[i] = x0[i] + x1[i];
     } else {
-#pragma omp parallel for schedule(static) if (n >= KD__PAR_MIN)
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
         for (int64_t i = 0; i < n; i++) yd[i] = x0[i] * x1[i];
     }
     kd__record(g, op, y, 2, in);

@@ -326,8 +326,8 @@ static kd_status entry_execute(cpu_state *st, prim_entry *e, const exec_arg *arg
 /* -------------------------------------------------------------- utilities */
 
 /* dst += src, n floats. */
-static void add_into(float *dst, const float *src, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > 65536)
+static void add_into(float *restrict dst, const float *restrict src, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; i++) dst[i] += src[i];
 }
 
