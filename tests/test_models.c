@@ -1,15 +1,23 @@
 /* Models, optimiser and schedules: parameter counts against METHODS.md
- * section 11, feature shapes, PyTorch names, and the first five SGD steps of
- * RepDistiller's resnet8 against PyTorch (tests/fixtures/resnet8_5steps). */
+ * section 11, feature shapes, PyTorch names, the first five SGD steps of
+ * RepDistiller's resnet8 against PyTorch (tests/fixtures/resnet8_5steps), and
+ * a training step's steady state on the cpu backend (no growth, no page
+ * faults). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "kd/io.h"
 #include "kd/models.h"
 #include "kd/optim.h"
 #include "testutil.h"
+
+#ifdef KD_WITH_DNNL
+#include "backend/cpu/dnnl_backend.h"
+#endif
 
 /* METHODS.md section 11, 100 classes, published to 0.01 M. */
 static void test_param_counts(void **state) {
@@ -331,6 +339,90 @@ static void test_resnet8_5steps_cpu_bf16(void **state) {
     run_resnet8_steps("cpu", KD_BF16, 1e-2, 3e-3);
 }
 
+/* Minor page faults of this process so far. */
+static long minor_faults(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_minflt;
+}
+
+/* The steady state of training on the cpu backend: after two warm-up steps
+ * (the first grows the arena chunk by chunk, the second runs on the folded
+ * block) a step allocates nothing on the graph side, grows neither the arena
+ * nor the backend scratch, and touches no new memory, so every page fault of
+ * a training run belongs to its warm-up (docs/PERFORMANCE.md). Page faults
+ * are counted for the whole process; the bound (1/16 of the arena's pages
+ * over three steps, against one fault per arena page for a step that
+ * re-faults its memory) leaves room for the kernel's own bookkeeping. */
+static void test_resnet8_steady_state_cpu(void **state) {
+    (void)state;
+    kd_backend *be = NULL;
+    if (kd_backend_get("cpu", &be) != KD_OK) {
+        printf("  backend cpu not built: skipped\n");
+        return;
+    }
+    enum { N = 16, STEPS = 5, WARMUP = 2 };
+    kd_model_cfg cfg = {3, 10, 1};
+    kd_model *m = NULL;
+    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
+    kd_param_list *pl = kd_model_params(m);
+    kd_sgd *opt = NULL;
+    kd_sgd_cfg oc = {.lr = 0.01f, .momentum = 0.9f, .weight_decay = 5e-4f};
+    KD_ASSERT_OK(kd_sgd_init(&opt, &pl, 1, &oc));
+    kd_graph *g = NULL;
+    KD_ASSERT_OK(kd_graph_init(&g, be));
+    static float xb[N * 3 * 32 * 32]; /* x (N, 3, 32, 32) */
+    static int64_t yb[N];             /* labels (N) */
+    kd_test_fill_uniform(xb, N * 3 * 32 * 32, -1, 1, 5);
+    for (int i = 0; i < N; i++) yb[i] = i % 10;
+
+    long faults0 = 0;
+    size_t allocs0 = 0, cap0 = 0, grows0 = 0;
+#ifdef KD_WITH_DNNL
+    size_t scratch0 = 0;
+#endif
+    for (int k = 0; k < STEPS; k++) {
+        if (k == WARMUP) {
+            faults0 = minor_faults();
+            allocs0 = kd_graph_heap_allocs(g);
+            cap0 = kd_arena_capacity(kd_graph_arena(g));
+            grows0 = kd_arena_grow_count(kd_graph_arena(g));
+#ifdef KD_WITH_DNNL
+            scratch0 = kd__cpu_scratch_bytes();
+#endif
+        }
+        kd_graph_reset(g);
+        int64_t xs[4] = {N, 3, 32, 32}, ys[1] = {N};
+        kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb);
+        kd_tensor *y = kd_graph_wrap(g, KD_I64, 1, ys, yb);
+        kd_model_out o;
+        KD_ASSERT_OK(kd_model_forward(m, g, x, 0, &o));
+        kd_tensor *loss = kd_cross_entropy(g, o.logits, y, 0.0f);
+        kd_sgd_zero_grad(opt);
+        KD_ASSERT_OK(kd_backward(g, loss));
+        KD_ASSERT_OK(kd_sgd_step(opt));
+        assert_true(isfinite(kd_f32(loss)[0]));
+    }
+    long faults = minor_faults() - faults0;
+    size_t cap = kd_arena_capacity(kd_graph_arena(g));
+    printf("  %d steady steps: %ld page faults; arena %zu bytes\n", STEPS - WARMUP, faults, cap);
+    assert_int_equal(kd_graph_heap_allocs(g), allocs0);
+    assert_int_equal(cap, cap0);
+    assert_int_equal(kd_arena_grow_count(kd_graph_arena(g)), grows0);
+#ifdef KD_WITH_DNNL
+    assert_int_equal(kd__cpu_scratch_bytes(), scratch0);
+#endif
+#ifndef __SANITIZE_ADDRESS__ /* ASan's allocator quarantines and maps fresh memory */
+    long page = sysconf(_SC_PAGESIZE);
+    if (faults * 16 > (long)(cap / (size_t)page))
+        fail_msg("%ld page faults in %d steady-state steps (arena %zu bytes): a step touches new memory",
+                 faults, STEPS - WARMUP, cap);
+#endif
+    kd_graph_free(g);
+    kd_sgd_free(opt);
+    kd_model_free(m);
+}
+
 /* torch.optim.SGD on a hand-computed 1-parameter sequence. */
 static void test_sgd_formula(void **state) {
     (void)state;
@@ -386,6 +478,7 @@ int main(void) {
         cmocka_unit_test(test_forward_shapes),     cmocka_unit_test(test_pytorch_names),
         cmocka_unit_test(test_resnet8_5steps_ref), cmocka_unit_test(test_resnet8_5steps_cpu),
         cmocka_unit_test(test_resnet8_5steps_cpu_bf16),
+        cmocka_unit_test(test_resnet8_steady_state_cpu),
         cmocka_unit_test(test_sgd_formula),        cmocka_unit_test(test_schedules),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
