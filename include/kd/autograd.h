@@ -186,7 +186,9 @@ kd_tensor *kd_graph_wrap(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shap
 /* Seeds d(loss)/d(loss) = 1 (loss must have one element) and runs the tape
  * backwards, accumulating into every .grad that requires it. Gradients of
  * op outputs other than the loss are recycled as soon as their op's rule has
- * used them: afterwards only leaves' (parameters') .grad can be read. */
+ * used them: afterwards only leaves' (parameters') .grad can be read. Saved
+ * activations whose scope has ended are recycled after the last rule that
+ * reads them; a tape that had any cannot be walked again (KD_ERR_INVALID). */
 kd_status kd_backward(kd_graph *g, kd_tensor *loss);
 
 /* ---------------------------------------------------------------- ops

@@ -124,7 +124,8 @@ struct kd_backend {
     /* y = f(x) elementwise; alpha as documented per kind. */
     kd_status (*eltwise_forward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                  const kd_tensor *x, kd_tensor *y);
-    /* dx (+)= dy * f'(.) where `src` is x for RELU and LOG, y for EXP. */
+    /* dx (+)= dy * f'(.) where `src` is x for LOG, y for EXP, and for RELU x or,
+     * when alpha >= 0, y (only its sign is used; autograd passes y then). */
     kd_status (*eltwise_backward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                   const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
                                   int accumulate);

@@ -666,7 +666,8 @@ static kd_status ref_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float
     return KD_OK;
 }
 
-/* RELU: dx = dy * (x > 0 ? 1 : alpha), src = x. EXP: dx = dy * y, src = y.
+/* RELU: dx = dy * (src > 0 ? 1 : alpha), src = x (or y when alpha >= 0: same
+ * sign). EXP: dx = dy * y, src = y.
  * LOG: dx = dy / x, src = x. */
 static kd_status ref_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                       const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
