@@ -4,15 +4,16 @@
  *   build/bench/bench_train_step --model resnet8x4 --mode train|infer
  *   build/bench/bench_train_step --model resnet8x4 --teacher resnet32x4 --mode kd
  *       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]
- *       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16]
+ *       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]
  *
- * What one step is (the same sequence as src/train/train.c, minus data loading):
- *   train  graph reset, student forward (train mode), kd_distiller_loss with
- *          method "none" (cross-entropy), zero grads, kd_backward, kd_sgd_step
- *          (momentum 0.9, weight decay 5e-4);
+ * What one step is: kd_train_step (include/kd/train.h), the step `kd train`
+ * and `kd distill` run, minus data loading:
+ *   train  method "none": student forward (train mode), cross-entropy, zero
+ *          grads, backward, SGD (momentum 0.9, weight decay 5e-4);
  *   infer  graph reset, forward in eval mode with gradients disabled;
- *   kd     graph reset, teacher forward in eval mode without gradients, then the
- *          train step with kd_distiller_loss method "kd" (0.1 CE + 0.9 KL, T 4).
+ *   kd     method "kd" (or --method NAME): teacher forward in eval mode
+ *          without gradients, then the student's step with the method's loss
+ *          (kd: 0.1 CE + 0.9 KL, T 4).
  * The input is one batch of (N, 3, 32, 32) uniform noise with random labels in
  * [0, classes), made once: the benchmark measures compute, not the loader.
  * After `warmup` steps it times `repeats` runs of `steps` steps each; each run
@@ -47,9 +48,10 @@
 #include "kd/distill.h"
 #include "kd/models.h"
 #include "kd/optim.h"
+#include "kd/train.h"
 
 typedef struct {
-    const char *model, *teacher, *mode, *backend, *precision;
+    const char *model, *teacher, *mode, *backend, *precision, *method;
     int batch, threads, classes, warmup, repeats, steps;
     float lr;
 } bench_cfg;
@@ -131,12 +133,12 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bench_train_step --model NAME [--mode train|infer|kd] [--teacher NAME]\n"
             "       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]\n"
-            "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16]\n");
+            "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]\n");
     exit(2);
 }
 
 static void parse(int argc, char **argv, bench_cfg *c) {
-    *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu", .precision = "f32",
+    *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu", .precision = "f32", .method = NULL,
                      .batch = 64, .threads = 2, .classes = 100, .warmup = 5, .repeats = 5, .steps = 10,
                      .lr = 0.01f};
     for (int i = 1; i < argc; i++) {
@@ -148,6 +150,7 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         else if (!strcmp(k, "--mode")) c->mode = v;
         else if (!strcmp(k, "--backend")) c->backend = v;
         else if (!strcmp(k, "--precision")) c->precision = v;
+        else if (!strcmp(k, "--method")) c->method = v;
         else if (!strcmp(k, "--batch")) c->batch = atoi(v);
         else if (!strcmp(k, "--threads")) c->threads = atoi(v);
         else if (!strcmp(k, "--classes")) c->classes = atoi(v);
@@ -161,6 +164,8 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")) ||
         (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16")))
         usage();
+    /* --mode kd runs Hinton KD unless --method names another method. */
+    if (!c->method) c->method = strcmp(c->mode, "kd") ? "none" : "kd";
 }
 
 /* Same policy as the kd program: a short OpenMP spin unless the user chose one. */
@@ -192,18 +197,31 @@ int main(int argc, char **argv) {
     double t_fwd = teacher ? forward_flops_per_image(teacher) : 0.0;
     double flops_img = infer ? fwd : 3.0 * fwd + t_fwd;
 
-    kd_distill_cfg dc = kd_distill_defaults(kd_mode ? "kd" : "none");
-    kd_distill_shapes shp = {c.classes, kd_model_feat_dim(student), teacher ? kd_model_feat_dim(teacher) : 0,
-                             c.batch};
-    kd_distiller *dist = NULL;
-    CHECK(kd_distiller_create(&dc, &shp, &dist), "distiller");
-    kd_param_list *lists[2] = {kd_model_params(student), kd_distiller_params(dist)};
-    kd_sgd_cfg oc = {.lr = c.lr, .momentum = 0.9f, .weight_decay = 5e-4f};
-    kd_sgd *opt = NULL;
-    CHECK(kd_sgd_init(&opt, lists, 2, &oc), "sgd");
+    kd_trainer *tr = NULL;
     kd_graph *g = NULL;
-    CHECK(kd_graph_init(&g, g_real_be), "graph");
-    CHECK(kd_graph_set_precision(g, strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16), "precision");
+    if (!infer) {
+        kd_trainer_cfg tc = {.student = student,
+                             .teacher = teacher,
+                             .method = kd_distill_defaults(c.method),
+                             .optim = kd_optim_defaults(KD_OPTIM_SGD),
+                             .sched = {.kind = KD_SCHED_CONSTANT, .base_lr = c.lr, .epochs = 1},
+                             .be = g_real_be,
+                             .precision = strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16,
+                             .in_channels = 3,
+                             .height = 32,
+                             .width = 32,
+                             .num_classes = c.classes,
+                             .n_train = c.batch,
+                             .seed = 1};
+        tc.optim.lr = c.lr;
+        tc.optim.momentum = 0.9f;
+        tc.optim.weight_decay = 5e-4f;
+        CHECK(kd_trainer_init(&tr, &tc), "trainer");
+        g = kd_trainer_graph(tr);
+    } else {
+        CHECK(kd_graph_init(&g, g_real_be), "graph");
+        CHECK(kd_graph_set_precision(g, strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16), "precision");
+    }
 
     /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes). */
     const int64_t N = c.batch;
@@ -223,6 +241,7 @@ int main(int argc, char **argv) {
     }
 
     kd_model_set_training(student, !infer);
+    if (tr) kd_trainer_set_training(tr, 1);
     if (infer) kd_graph_set_grad_enabled(g, 0);
     int64_t step = 0;
     double *ips = malloc(sizeof(double) * (size_t)c.repeats);
@@ -231,33 +250,19 @@ int main(int argc, char **argv) {
         int n = r < 0 ? c.warmup : c.steps;
         double t0 = now_s();
         for (int k = 0; k < n; k++, step++) {
+            if (!infer) {
+                kd_batch b = {.n = N, .batch = step, .x = xb, .y = yb, .index = idx};
+                kd_step_result sr;
+                CHECK(kd_train_step(tr, &b, 0, step, 1 << 30, &sr), "train step");
+                continue;
+            }
             kd_graph_reset(g);
             kd_graph_set_rng(g, 1, (uint64_t)step);
             int64_t xs[4] = {N, 3, 32, 32};
             kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb);
-            kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &N, yb);
-            kd_model_out so, to;
-            if (infer) {
-                CHECK(kd_model_forward(student, g, x, 0, &so), "forward");
-                CHECK(kd_graph_status(g), "forward");
-                continue;
-            }
-            if (teacher) {
-                int prev = kd_graph_set_grad_enabled(g, 0);
-                CHECK(kd_model_forward(teacher, g, x, 0, &to), "teacher forward");
-                kd_graph_set_grad_enabled(g, prev);
-            }
-            CHECK(kd_model_forward(student, g, x, 0, &so), "student forward");
-            kd_tensor *loss = NULL;
-            kd_distill_terms terms = {0};
-            CHECK(kd_distiller_loss(dist, g, &so, teacher ? &to : NULL, y, idx, &loss, &terms), "loss");
-            if (!isfinite(terms.total)) {
-                fprintf(stderr, "bench_train_step: loss became %g at step %lld\n", terms.total, (long long)step);
-                return 1;
-            }
-            kd_sgd_zero_grad(opt);
-            CHECK(kd_backward(g, loss), "backward");
-            CHECK(kd_sgd_step(opt), "sgd step");
+            kd_model_out so;
+            CHECK(kd_model_forward(student, g, x, 0, &so), "forward");
+            CHECK(kd_graph_status(g), "forward");
         }
         double dt = now_s() - t0;
         if (r >= 0) ips[r] = (double)n * (double)N / dt;
@@ -277,9 +282,8 @@ int main(int argc, char **argv) {
     free(xb);
     free(yb);
     free(idx);
-    kd_graph_free(g);
-    kd_sgd_free(opt);
-    kd_distiller_free(dist);
+    if (tr) kd_trainer_free(tr);
+    else kd_graph_free(g);
     kd_model_free(student);
     kd_model_free(teacher);
     return 0;

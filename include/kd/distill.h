@@ -1,21 +1,39 @@
 /*
- * kd/distill.h: one interface for every distillation method.
+ * kd/distill.h: one interface for every distillation method ("methods own
+ * the step; the trainer owns time and persistence").
  *
- * A method is a row of the method table: the extra modules it trains (heads,
- * embeddings, variance branches), its state (memory banks, queues, centres),
- * its loss from the teacher's and the student's outputs, and hooks. The total
- * loss follows RepDistiller:
+ * A method is a kd_method_def (one file per method under src/distill/). It
+ * declares what it needs: whether it uses a teacher, whether labels are
+ * required, optional or absent, how many views of each image, which features
+ * (pre-activation too) it reads, and its own settings table with the
+ * published defaults. At setup it builds what it owns (regressors, embeddings,
+ * variance branches, banks, queues) sized from a probe forward of both nets.
+ * Every step it runs whatever forwards it needs and returns named loss terms,
+ * already weighted; the trainer sums, logs and back-propagates them. Hooks run
+ * after each optimiser step and at each epoch. Everything a method owns is a
+ * named tensor in its parameter list (trainable modules, and buffers for
+ * state), saved in the run's last.safetensors under "distill.<name>".
  *
- *     L = gamma * CE(student, labels) + alpha * KL_T(student || teacher) + beta * L_method
+ * Most RepDistiller methods share one step: teacher forward (no gradient,
+ * eval mode), student forward, then
  *
- * with each weight defaulting to the method's published value. The trainer
- * calls kd_distiller_loss() and knows nothing method-specific.
+ *     L = gamma * CE(student, labels) + alpha * KL_T(teacher || student) + beta * term
  *
- * Usage:
- *     kd_distill_cfg dc = kd_distill_defaults("kd");   // gamma 0.1, alpha 0.9, T 4
- *     kd_distiller *d;
- *     kd_distiller_create(&dc, &shapes, &d);
- *     ... kd_distiller_loss(d, g, &s_out, &t_out, labels, idx, &loss, &terms);
+ * A method that provides only `term` gets that step; a method with its own
+ * `step` (two peers, rotated views, EMA teachers) replaces it.
+ *
+ * Settings of a method are named "<method>.<setting>" everywhere: on the
+ * command line (`--set vid.init_scale=5`), as top-level keys of a YAML
+ * config (`vid.init_scale: 5`) and in each run's config.yaml.
+ *
+ * Usage (the trainer, include/kd/train.h, does all of this):
+ *     kd_distill_cfg dc = kd_distill_defaults("fitnet");     // gamma 1, beta 100
+ *     kd_distill_cfg_set_arg(&dc, "fitnet.hint_layer", "2");
+ *     kd_method *m;
+ *     kd_method_create(&dc, &shapes, &m);                     // builds the regressor
+ *     kd_method_step(m, &ctx, &terms);                        // forwards + named terms
+ *     ... backward, optimiser step ...
+ *     kd_method_after_step(m, &ctx);
  */
 #ifndef KD_DISTILL_H
 #define KD_DISTILL_H
@@ -27,64 +45,190 @@
 extern "C" {
 #endif
 
+/* Method settings given as "key=value" lines (key "<method>.<setting>"). */
+#define KD_METHOD_ARGS_CHARS 2048
+
 typedef struct {
     char method[32];
     float gamma; /* cross-entropy weight */
     float alpha; /* KL (soft-label) weight */
-    float beta;  /* method-specific term weight */
+    float beta;  /* method-term weight */
     float T;     /* temperature of the KL term */
     float label_smoothing;
     uint64_t seed;
+    char args[KD_METHOD_ARGS_CHARS]; /* "fitnet.hint_layer=2\n..." overrides of the method's table */
 } kd_distill_cfg;
 
-/* What a method may need to size its modules. */
+/* ------------------------------------------------------------ declarations */
+
+typedef enum {
+    KD_LABELS_REQUIRED = 0, /* every training sample must have a label */
+    KD_LABELS_OPTIONAL,     /* labelled and unlabeled samples (label -1) */
+    KD_LABELS_ABSENT        /* labels are never read */
+} kd_label_use;
+
+typedef enum {
+    KD_TEACHER_NONE = 0, /* no teacher (supervised training, self-supervision) */
+    KD_TEACHER_FROZEN    /* a frozen teacher: eval mode, no gradient, not optimised */
+} kd_teacher_use;
+
+typedef enum {
+    KD_SAMPLER_SHUFFLE = 0 /* a fresh permutation of the training set each epoch */
+} kd_sampler_kind;
+
+/* Types of method settings. KD_ARG_CHOICE stores the index (int) of the
+ * value among `choices` ("exact|relax"). */
+typedef enum { KD_ARG_FLOAT = 0, KD_ARG_INT, KD_ARG_BOOL, KD_ARG_CHOICE } kd_arg_type;
+
 typedef struct {
+    const char *name;    /* "init_scale": the full key is "<method>.init_scale" */
+    kd_arg_type type;
+    size_t offset;       /* into the method's settings struct */
+    const char *def;     /* the published default, as text */
+    const char *help;
+    const char *choices; /* KD_ARG_CHOICE only: "a|b|c" */
+} kd_method_arg;
+
+/* Shapes of one network's outputs, from the probe forward (batch N = 2). */
+typedef struct {
+    int n_feat;                      /* 0: the net is absent */
+    int feat_ndim[KD_MAX_FEATS];     /* 4 for maps (N, C, H, W), 2 for the pooled (N, D) */
+    int64_t feat[KD_MAX_FEATS][4];   /* shape of feat[k]; preact[k] has the same shape */
+    int64_t num_classes;             /* logits (N, num_classes) */
+} kd_net_shapes;
+
+typedef struct {
+    kd_net_shapes student, teacher;
+    int64_t n_train; /* training-set size (memory banks) */
     int num_classes;
-    int64_t s_feat_dim, t_feat_dim; /* pooled embeddings */
-    int64_t n_train;                /* training-set size (memory banks) */
-} kd_distill_shapes;
+} kd_method_shapes;
 
-/* The weighted parts of the last loss, for logging. */
+/* One training batch as a method sees it. */
 typedef struct {
-    float ce, kl, method, total;
-} kd_distill_terms;
+    int64_t n;              /* images */
+    int n_views;            /* views per image (x[0..n_views-1]) */
+    kd_tensor *const *x;    /* each (n, C, H, W) */
+    kd_tensor *y;           /* (n) int32 labels; NULL when the method reads none */
+    const int64_t *index;   /* (n) dataset index of each image */
+} kd_step_batch;
 
-typedef struct kd_distiller kd_distiller;
+typedef struct kd_method kd_method;
 
+/* What one step works on. The default step fills s (and t with a teacher). */
 typedef struct {
+    kd_graph *g;
+    kd_model *student;
+    kd_model *teacher;     /* NULL when the method uses none */
+    const kd_step_batch *batch;
+    int epoch;             /* 0-based */
+    int epochs;            /* total */
+    int64_t step;          /* 0-based step within the epoch */
+    int64_t steps_per_epoch;
+    int64_t global_step;   /* optimiser steps done before this one */
+    kd_model_out s, t;
+} kd_step_ctx;
+
+/* Named, weighted loss terms of one step; the trainer sums them. Names are
+ * static strings ("ce", "kl", "fitnet"); the list grows as needed. */
+typedef struct {
+    int n, cap;
+    const char **name;
+    kd_tensor **t;
+} kd_loss_terms;
+
+kd_status kd_loss_terms_add(kd_loss_terms *lt, const char *name, kd_tensor *t);
+void kd_loss_terms_clear(kd_loss_terms *lt); /* n = 0, keeps the storage */
+void kd_loss_terms_free(kd_loss_terms *lt);
+
+typedef struct kd_method_def {
     const char *name;
-    const char *summary;
-    float gamma, alpha, beta, T; /* published defaults */
-    int needs_teacher;           /* 0 for plain supervised training ("none") */
-    /* Optional: create extra modules in d's parameter list and the state. */
-    kd_status (*init)(kd_distiller *d, const kd_distill_shapes *shapes);
-    /* Optional: the method term (unweighted); NULL output means "no term". */
-    kd_status (*loss)(kd_distiller *d, kd_graph *g, const kd_model_out *s, const kd_model_out *t,
-                      const kd_tensor *labels, const int64_t *indices, kd_tensor **out);
-    void (*free_state)(kd_distiller *d);
-} kd_distill_method;
+    const char *summary; /* one line */
+    const char *paper;   /* "Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015" */
+    float gamma, alpha, beta, T; /* published loss weights (RepDistiller's composition) */
+    kd_teacher_use teacher;
+    kd_label_use labels;
+    int views;            /* views per image; 1 for the supervised family */
+    kd_sampler_kind sampler;
+    int feat_flags;       /* KD_FWD_PREACT when the method reads pre-activation features */
+    /* Settings table and the struct it fills (size), NULL/0 when none. */
+    const kd_method_arg *args;
+    int n_args;
+    size_t args_size;
+    /* Private state struct, zeroed at creation (size 0: none). */
+    size_t state_size;
+    /* Optional: checks the shapes (a pair the method cannot bridge is
+     * KD_ERR_SHAPE naming both shapes) and builds modules and state tensors
+     * in the method's parameter list. */
+    kd_status (*setup)(kd_method *m, const kd_method_shapes *shp);
+    /* The method term, unweighted (the default step multiplies it by beta);
+     * NULL *out means no term this step. */
+    kd_status (*term)(kd_method *m, kd_step_ctx *ctx, kd_tensor **out);
+    /* Optional: replaces the default step entirely. */
+    kd_status (*step)(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
+    /* Optional hooks. after_step runs after the optimiser step (banks,
+     * queues, EMA copies); epoch_begin before the first step of an epoch. */
+    kd_status (*after_step)(kd_method *m, kd_step_ctx *ctx);
+    kd_status (*epoch_begin)(kd_method *m, int epoch);
+    /* Optional: frees what setup allocated outside the parameter list. */
+    void (*free)(kd_method *m);
+} kd_method_def;
+
+/* ------------------------------------------------------------ registry */
+
+/* Registered methods, in listing order. */
+const kd_method_def *const *kd_method_defs(int *n);
+const kd_method_def *kd_method_find(const char *name);
+/* Names of the registered methods (static array). */
+const char *const *kd_distill_names(int *n);
+/* Writes the known method names, comma-separated, into buf. */
+void kd_method_names_str(char *buf, size_t n);
 
 /* The published defaults of a method (unknown names give an empty method). */
 kd_distill_cfg kd_distill_defaults(const char *method);
-const kd_distill_method *kd_distill_find(const char *method);
-/* Names of the registered methods. */
-const char *const *kd_distill_names(int *n);
+/* Adds or replaces one "<method>.<setting>" value in cfg->args (checked at
+ * kd_method_create / kd_distill_cfg_check). */
+kd_status kd_distill_cfg_set_arg(kd_distill_cfg *cfg, const char *key, const char *value);
+/* Checks the method name and every setting in cfg->args: an unknown key, a key
+ * of another method or a malformed value fails naming the setting. */
+kd_status kd_distill_cfg_check(const kd_distill_cfg *cfg);
+/* The value of every setting of cfg's method (override or default), as
+ * "key", "value" pairs through the callback, in table order. */
+typedef void (*kd_arg_visit_fn)(void *user, const char *key, const char *value, const char *help);
+kd_status kd_distill_cfg_visit(const kd_distill_cfg *cfg, kd_arg_visit_fn fn, void *user);
 
-kd_status kd_distiller_create(const kd_distill_cfg *cfg, const kd_distill_shapes *shapes,
-                              kd_distiller **out);
-void kd_distiller_free(kd_distiller *d);
-const kd_distill_cfg *kd_distiller_config(const kd_distiller *d);
-const kd_distill_method *kd_distiller_method(const kd_distiller *d);
-int kd_distiller_needs_teacher(const kd_distiller *d);
-/* Extra trainable modules (may be empty); the optimiser must include them. */
-kd_param_list *kd_distiller_params(kd_distiller *d);
-/* Private state of the method. */
-void *kd_distiller_state(kd_distiller *d);
-void kd_distiller_set_state(kd_distiller *d, void *state);
-/* Total loss (scalar) and its terms. t may be NULL when no teacher is used. */
-kd_status kd_distiller_loss(kd_distiller *d, kd_graph *g, const kd_model_out *s,
-                            const kd_model_out *t, const kd_tensor *labels,
-                            const int64_t *indices, kd_tensor **loss, kd_distill_terms *terms);
+/* Whether the method, with these weights, needs a teacher (the one place
+ * that decides it: config checks, setup and the step all ask here). */
+int kd_distill_needs_teacher(const kd_distill_cfg *cfg);
+
+/* ------------------------------------------------------------ instances */
+
+kd_status kd_method_create(const kd_distill_cfg *cfg, const kd_method_shapes *shp, kd_method **out);
+void kd_method_free(kd_method *m);
+const kd_method_def *kd_method_get_def(const kd_method *m);
+const kd_distill_cfg *kd_method_cfg(const kd_method *m);
+int kd_method_needs_teacher(const kd_method *m);
+/* Modules (trainable) and state (buffers) the method owns, PyTorch-style
+ * names without the "distill." prefix the checkpoint adds. */
+kd_param_list *kd_method_params(kd_method *m);
+/* Parsed settings (the def's args struct) and private state. */
+void *kd_method_args(kd_method *m);
+const void *kd_method_args_c(const kd_method *m);
+void *kd_method_state(kd_method *m);
+/* Train/eval mode of the method's own modules (batch norm). */
+void kd_method_set_training(kd_method *m, int training);
+int kd_method_training(const kd_method *m);
+
+/* One step's forwards and named weighted terms (appended to terms). */
+kd_status kd_method_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
+/* The default RepDistiller step's loss on given outputs: gamma CE + alpha
+ * KL + beta term (ctx->s and ctx->t already filled; no forward runs). */
+kd_status kd_method_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
+kd_status kd_method_after_step(kd_method *m, kd_step_ctx *ctx);
+kd_status kd_method_epoch_begin(kd_method *m, int epoch);
+
+/* Feature k of o in plain strided layout; negative k counts from the end
+ * (-1: pooled embedding, -2: last map). preact selects o->preact. */
+kd_tensor *kd_method_feat(kd_graph *g, const kd_model_out *o, int k, int preact);
 
 #ifdef __cplusplus
 }

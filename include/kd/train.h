@@ -24,6 +24,7 @@
 
 #include "kd/data.h"
 #include "kd/distill.h"
+#include "kd/io.h"
 #include "kd/models.h"
 #include "kd/optim.h"
 
@@ -53,6 +54,11 @@ typedef struct {
     int batch_size;
     float lr, momentum, weight_decay;
     int nesterov;
+    kd_optim_kind optimizer;  /* sgd, adamw, lars */
+    float adam_beta1, adam_beta2, adam_eps;
+    float lars_trust;         /* LARS trust coefficient eta */
+    int no_decay_bn_bias;     /* no weight decay on batch-norm parameters and biases */
+    float clip_grad_norm;     /* > 0: clip the global gradient norm */
     kd_sched sched; /* kind, milestones, gamma, warmup, min_lr (base_lr and epochs come from lr/epochs) */
     /* runtime */
     uint64_t seed;
@@ -75,6 +81,8 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value);
 kd_status kd_train_cfg_load(kd_train_cfg *c, const char *path);
 /* Fills method defaults for unset loss weights, checks the settings. */
 kd_status kd_train_cfg_resolve(kd_train_cfg *c);
+/* The optimiser settings of c (optimizer, lr, momentum, ...). */
+kd_optim_cfg kd_train_cfg_optim(const kd_train_cfg *c);
 /* Writes every setting as YAML, atomically. */
 kd_status kd_train_cfg_save(const kd_train_cfg *c, const char *path);
 
@@ -86,6 +94,65 @@ typedef struct {
 const kd_setting_doc *kd_train_settings(int *n);
 /* The current value of a setting as text (for --help defaults and configs). */
 kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, size_t n);
+
+/* ------------------------------------------------------------ one step
+ * kd_train_step is the training step, written once: the CLI's loop, bench/
+ * and the tests all call it. A kd_trainer holds what a step needs besides
+ * the batch: the graph, the method (sized by a probe forward of both nets at
+ * init), the optimiser over the student's and the method's parameter groups,
+ * and the schedule.
+ *
+ *     kd_trainer_cfg tc = {.student = s, .teacher = t, .method = kd_distill_defaults("kd"),
+ *                          .optim = kd_optim_defaults(KD_OPTIM_SGD), .sched = sched, .be = be,
+ *                          .precision = KD_F32, .in_channels = 3, .height = 32, .width = 32,
+ *                          .num_classes = 100, .n_train = 50000};
+ *     kd_trainer *tr;
+ *     kd_trainer_init(&tr, &tc);
+ *     kd_step_result r;
+ *     kd_train_step(tr, &batch, epoch, step, steps_per_epoch, &r);   // r.loss, r.term_values[]
+ */
+typedef struct {
+    kd_model *student;    /* borrowed, trained */
+    kd_model *teacher;    /* borrowed, frozen; NULL when the method needs none */
+    kd_distill_cfg method;
+    kd_optim_cfg optim;   /* optim.lr is the base learning rate */
+    kd_sched sched;       /* base_lr and epochs included */
+    kd_backend *be;
+    kd_dtype precision;   /* KD_F32 or KD_BF16 convolutions */
+    int in_channels, height, width;
+    int num_classes;
+    int64_t n_train;      /* training-set size */
+    uint64_t seed;        /* dropout masks and the method's initialisation */
+} kd_trainer_cfg;
+
+typedef struct {
+    double loss;                     /* sum of the terms */
+    int n_terms;
+    const char *const *term_names;   /* "ce", "kl", "<method>", ... (valid until the next step) */
+    const double *term_values;       /* weighted values */
+    float lr;
+    const float *logits;             /* student logits (n, classes) of view 0, or NULL */
+    int64_t classes;
+} kd_step_result;
+
+typedef struct kd_trainer kd_trainer;
+
+kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg);
+void kd_trainer_free(kd_trainer *t);
+/* One optimiser step on batch b (b->y may be NULL for methods without labels). */
+kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t step, int64_t steps_per_epoch,
+                        kd_step_result *res);
+kd_graph *kd_trainer_graph(kd_trainer *t);
+kd_method *kd_trainer_method(kd_trainer *t);
+kd_optim *kd_trainer_optim(kd_trainer *t);
+/* Train (1) or eval (0) mode of the student and the method's modules. */
+void kd_trainer_set_training(kd_trainer *t, int training);
+/* Adds the optimiser state ("optim.*"), the method's modules and state
+ * ("distill.*") and the step count (metadata "opt_steps") to w; the tensors
+ * must stay alive until w is saved. */
+kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w);
+/* Reads back what kd_trainer_save_state wrote; every tensor must be there. */
+kd_status kd_trainer_load_state(kd_trainer *t, const kd_st_file *f);
 
 typedef struct {
     double top1, top5, test_loss; /* last epoch, on the test split */

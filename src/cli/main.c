@@ -34,12 +34,43 @@ static void kd__print_settings(const kd_train_cfg *c) {
     }
 }
 
+static void kd__print_arg(void *user, const char *key, const char *value, const char *help) {
+    (void)user;
+    char flag[96];
+    snprintf(flag, sizeof flag, "%s=", key);
+    printf("  --set %-30s %s [%s]\n", flag, help, value);
+}
+
+/* The settings table of the chosen method, generated from its kd_method_def. */
+static void kd__print_method(const kd_train_cfg *c) {
+    const kd_method_def *m = kd_method_find(c->distill.method);
+    if (!m || !strcmp(m->name, "none")) return;
+    printf("\nmethod %s: %s\n  paper: %s\n  loss weights: gamma %g, alpha %g, beta %g, T %g%s\n", m->name,
+           m->summary, m->paper ? m->paper : "-", m->gamma, m->alpha, m->beta, m->T,
+           m->teacher == KD_TEACHER_NONE ? "; no teacher" : "");
+    if (m->n_args == 0) {
+        printf("  (no settings of its own)\n");
+        return;
+    }
+    printf("  settings [default] (--set %s.NAME=VALUE, or %s.NAME: VALUE in a YAML config):\n", m->name, m->name);
+    kd_distill_cfg_visit(&c->distill, kd__print_arg, NULL);
+}
+
+/* `kd distill --method list`: every method, its summary and paper. */
+static void kd__list_methods(void) {
+    int n;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    for (int i = 0; i < n; i++)
+        printf("%-8s %s\n         %s\n", defs[i]->name, defs[i]->summary, defs[i]->paper ? defs[i]->paper : "-");
+}
+
 static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
     if (strcmp(cmd, "distill") == 0) {
         printf("usage: kd distill --teacher-ckpt FILE --model STUDENT [--method kd] [settings...]\n\n"
                "Trains STUDENT on the data with the teacher's knowledge. The loss is\n"
                "gamma*CE + alpha*T^2*KL(teacher || student) + beta*method-term, each weight\n"
-               "defaulting to the method's published value (kd: gamma 0.1, alpha 0.9, T 4).\n");
+               "defaulting to the method's published value (kd: gamma 0.1, alpha 0.9, T 4).\n"
+               "`--method list` lists the methods; `--method NAME --help` shows NAME's settings.\n");
     } else {
         printf("usage: kd train --model ARCH --data DIR [settings...]\n\n"
                "Trains ARCH with cross-entropy (a teacher, or a student alone).\n");
@@ -48,6 +79,7 @@ static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
            "summary.json, last.safetensors and best.safetensors.\n\n"
            "  --config FILE            read settings from a YAML file (flags override it)\n"
            "  --resume DIR             continue the interrupted run in DIR with its own config\n"
+           "  --set METHOD.NAME=VALUE  a setting of the method (see --method NAME --help)\n"
            "  --help                   this text\n\nsettings [default]:\n");
     kd__print_settings(defaults);
     int n;
@@ -55,9 +87,10 @@ static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
     printf("\nmodels:");
     for (int i = 0; i < n; i++) printf(" %s", names[i]);
     names = kd_distill_names(&n);
-    printf("\nmethods:");
+    printf("\nmethods (kd distill --method list):");
     for (int i = 0; i < n; i++) printf(" %s", names[i]);
     printf("\n");
+    kd__print_method(defaults);
 }
 
 /* Turns "--batch-size" into "batch_size"; returns 0 if arg is not a flag. */
@@ -82,9 +115,15 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     const char *keys[64], *vals[64];
     int nkv = 0;
     /* The config file first, so that flags override it wherever they stand. */
+    int want_help = 0;
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            kd__usage_train(cmd, &c);
+            want_help = 1;
+            continue;
+        }
+        if ((strcmp(argv[i], "--method") == 0 && i + 1 < argc && strcmp(argv[i + 1], "list") == 0) ||
+            strcmp(argv[i], "--method=list") == 0) {
+            kd__list_methods();
             return 0;
         }
         if (strcmp(argv[i], "--config") == 0) {
@@ -102,6 +141,7 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         char *key = keybuf[nkv < 64 ? nkv : 63];
         const char *val;
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) continue;
         if (!kd__flag_key(argv[i], key, sizeof keybuf[0], &val)) {
             fprintf(stderr, "kd %s: unexpected argument '%s' (settings are --name value; see --help)\n", cmd, argv[i]);
             return KD_EXIT_USAGE;
@@ -119,6 +159,22 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             resume = val;
             continue;
         }
+        char setkey[128];
+        if (strcmp(key, "set") == 0) {
+            /* --set METHOD.NAME=VALUE */
+            const char *eq = strchr(val, '=');
+            if (!eq || eq == val || (size_t)(eq - val) >= sizeof setkey || !memchr(val, '.', (size_t)(eq - val))) {
+                fprintf(stderr, "kd %s: --set needs METHOD.NAME=VALUE, got '%s'\n", cmd, val);
+                return KD_EXIT_USAGE;
+            }
+            memcpy(setkey, val, (size_t)(eq - val));
+            setkey[eq - val] = '\0';
+            key = setkey;
+            val = eq + 1;
+        } else if (strchr(key, '.')) {
+            fprintf(stderr, "kd %s: method settings are given as --set %s=VALUE\n", cmd, key);
+            return KD_EXIT_USAGE;
+        }
         kd_status st = kd_train_cfg_set(&c, key, val);
         if (st == KD_ERR_NOT_FOUND) {
             fprintf(stderr, "kd %s: unknown option '%.*s' (see kd %s --help)\n", cmd,
@@ -129,12 +185,21 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
             return KD_EXIT_USAGE;
         }
+        if (want_help) continue;
         if (nkv == 64) {
             fprintf(stderr, "kd %s: too many options\n", cmd);
             return KD_EXIT_USAGE;
         }
         keys[nkv] = key;
         vals[nkv++] = val;
+    }
+    if (want_help) {
+        if (kd_distill_cfg_check(&c.distill) != KD_OK) {
+            fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+            return KD_EXIT_USAGE;
+        }
+        kd__usage_train(cmd, &c);
+        return 0;
     }
     if (!resume) {
         /* Check the settings now, so a bad command line is reported as one. */

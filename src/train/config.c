@@ -12,7 +12,7 @@
 #include "kd/io.h"
 #include "kd/train.h"
 
-typedef enum { KD__T_STR, KD__T_INT, KD__T_I64, KD__T_U64, KD__T_FLOAT, KD__T_BOOL, KD__T_SCHED, KD__T_LIST } kd__type;
+typedef enum { KD__T_STR, KD__T_INT, KD__T_I64, KD__T_U64, KD__T_FLOAT, KD__T_BOOL, KD__T_SCHED, KD__T_LIST, KD__T_OPTIM } kd__type;
 
 typedef struct {
     const char *key;
@@ -37,7 +37,7 @@ static const kd__setting kd__settings[] = {
     KD__S("teacher", KD__T_STR, teacher, "teacher architecture (default: from the checkpoint)"),
     KD__S("teacher_ckpt", KD__T_STR, teacher_ckpt, "teacher weights (safetensors, PyTorch names)"),
     KD__S("init_ckpt", KD__T_STR, init_ckpt, "initial weights for the model (optional)"),
-    KD__S("method", KD__T_STR, distill.method, "distillation method: none, kd"),
+    KD__S("method", KD__T_STR, distill.method, "distillation method (`kd distill --method list`); its settings are <method>.<name>"),
     KD__S("gamma", KD__T_FLOAT, distill.gamma, "cross-entropy weight (default: the method's)"),
     KD__S("alpha", KD__T_FLOAT, distill.alpha, "KL soft-label weight (default: the method's)"),
     KD__S("beta", KD__T_FLOAT, distill.beta, "method-term weight (default: the method's)"),
@@ -49,6 +49,13 @@ static const kd__setting kd__settings[] = {
     KD__S("momentum", KD__T_FLOAT, momentum, "SGD momentum"),
     KD__S("weight_decay", KD__T_FLOAT, weight_decay, "L2 weight decay"),
     KD__S("nesterov", KD__T_BOOL, nesterov, "Nesterov momentum (0/1)"),
+    KD__S("optimizer", KD__T_OPTIM, optimizer, "sgd, adamw or lars"),
+    KD__S("adam_beta1", KD__T_FLOAT, adam_beta1, "AdamW beta1"),
+    KD__S("adam_beta2", KD__T_FLOAT, adam_beta2, "AdamW beta2"),
+    KD__S("adam_eps", KD__T_FLOAT, adam_eps, "AdamW epsilon"),
+    KD__S("lars_trust", KD__T_FLOAT, lars_trust, "LARS trust coefficient (eta)"),
+    KD__S("no_decay_bn_bias", KD__T_BOOL, no_decay_bn_bias, "no weight decay (nor LARS adaptation) on batch-norm parameters and biases (0/1)"),
+    KD__S("clip_grad_norm", KD__T_FLOAT, clip_grad_norm, "clip the global gradient L2 norm to this (0: off)"),
     KD__S("schedule", KD__T_SCHED, sched.kind, "learning-rate schedule: constant, multistep, cosine"),
     KD__S("milestones", KD__T_LIST, sched.milestones, "multistep epochs, comma-separated (e.g. 150,180,210)"),
     KD__S("lr_decay", KD__T_FLOAT, sched.gamma, "multistep factor"),
@@ -88,6 +95,11 @@ void kd_train_cfg_defaults(kd_train_cfg *c) {
     c->lr = 0.05f;
     c->momentum = 0.9f;
     c->weight_decay = 5e-4f;
+    c->optimizer = KD_OPTIM_SGD;
+    c->adam_beta1 = 0.9f;
+    c->adam_beta2 = 0.999f;
+    c->adam_eps = 1e-8f;
+    c->lars_trust = 1e-3f;
     c->sched.kind = KD_SCHED_MULTISTEP;
     c->sched.milestones[0] = 150;
     c->sched.milestones[1] = 180;
@@ -132,7 +144,24 @@ static kd_status kd__parse_float(const char *key, const char *v, float *out) {
     return KD_OK;
 }
 
+kd_optim_cfg kd_train_cfg_optim(const kd_train_cfg *c) {
+    kd_optim_cfg o = kd_optim_defaults(c->optimizer);
+    o.lr = c->lr;
+    o.momentum = c->momentum;
+    o.nesterov = c->nesterov;
+    o.weight_decay = c->weight_decay;
+    o.beta1 = c->adam_beta1;
+    o.beta2 = c->adam_beta2;
+    o.eps = c->adam_eps;
+    o.trust_coef = c->lars_trust;
+    o.no_decay_norm_bias = c->no_decay_bn_bias;
+    o.clip_grad_norm = c->clip_grad_norm;
+    return o;
+}
+
 kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) {
+    /* "<method>.<setting>": the method's own table checks it at resolve. */
+    if (strchr(key, '.')) return kd_distill_cfg_set_arg(&c->distill, key, value);
     const kd__setting *s = kd__find(key);
     if (!s) return kd_error(KD_ERR_NOT_FOUND, "unknown setting '%s'", key);
     void *p = (char *)c + s->off;
@@ -175,6 +204,10 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) 
         if (kd_sched_kind_parse(value, (kd_sched_kind *)p) != KD_OK)
             return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected constant, multistep or cosine", value, key);
         return KD_OK;
+    case KD__T_OPTIM:
+        if (kd_optim_kind_parse(value, (kd_optim_kind *)p) != KD_OK)
+            return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected sgd, adamw or lars", value, key);
+        return KD_OK;
     case KD__T_LIST: {
         int n = 0, v[KD_MAX_MILESTONES];
         const char *q = value;
@@ -212,6 +245,7 @@ kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, si
         break;
     }
     case KD__T_SCHED: snprintf(buf, n, "%s", kd_sched_kind_name(*(const kd_sched_kind *)p)); break;
+    case KD__T_OPTIM: snprintf(buf, n, "%s", kd_optim_kind_name(*(const kd_optim_kind *)p)); break;
     case KD__T_LIST: {
         size_t off = 0;
         buf[0] = '\0';
@@ -224,15 +258,8 @@ kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, si
 }
 
 kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
-    const kd_distill_method *m = kd_distill_find(c->distill.method);
-    if (!m) {
-        int n;
-        const char *const *names = kd_distill_names(&n);
-        char list[256] = "";
-        size_t off = 0;
-        for (int i = 0; i < n && off < sizeof list; i++) off += (size_t)snprintf(list + off, sizeof list - off, "%s%s", i ? ", " : "", names[i]);
-        return kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s' (known: %s)", c->distill.method, list);
-    }
+    KD_TRY(kd_distill_cfg_check(&c->distill));
+    const kd_method_def *m = kd_method_find(c->distill.method);
     if (isnan(c->distill.gamma)) c->distill.gamma = m->gamma;
     if (isnan(c->distill.alpha)) c->distill.alpha = m->alpha;
     if (isnan(c->distill.beta)) c->distill.beta = m->beta;
@@ -249,7 +276,7 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         kd_model_create(c->teacher, &mc, &tmp);
         return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", kd_last_error());
     }
-    if (m->needs_teacher && !c->teacher_ckpt[0])
+    if (kd_distill_needs_teacher(&c->distill) && !c->teacher_ckpt[0])
         return kd_error(KD_ERR_INVALID, "method '%s' needs a teacher: set teacher_ckpt (--teacher-ckpt FILE)", m->name);
     if (c->epochs < 1) return kd_error(KD_ERR_INVALID, "epochs must be >= 1, got %d", c->epochs);
     if (c->batch_size < 1) return kd_error(KD_ERR_INVALID, "batch_size must be >= 1, got %d", c->batch_size);
@@ -268,6 +295,13 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
     return KD_OK;
 }
 
+static void kd__save_arg(void *user, const char *key, const char *value, const char *help) {
+    FILE *f = user;
+    fprintf(f, "%s: ", key);
+    kd_json_write_string(f, value);
+    fputc('\n', f);
+}
+
 kd_status kd_train_cfg_save(const kd_train_cfg *c, const char *path) {
     char *text = NULL;
     size_t len = 0;
@@ -281,6 +315,8 @@ kd_status kd_train_cfg_save(const kd_train_cfg *c, const char *path) {
         kd_json_write_string(f, v); /* a JSON string is a valid YAML double-quoted scalar */
         fputc('\n', f);
     }
+    /* The method's own settings, every one resolved (override or default). */
+    kd_distill_cfg_visit(&c->distill, kd__save_arg, f);
     fclose(f);
     kd_status s = kd_file_write_atomic(path, text, len);
     free(text);

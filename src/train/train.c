@@ -124,15 +124,61 @@ kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int bat
 
 /* ----------------------------------------------------------- the run */
 
+
+/* Per-epoch sums of the named loss terms (each weighted by the batch size),
+ * in the order the method returns them; names are the method's static strings. */
+typedef struct {
+    int n, cap;
+    const char **name;
+    double *sum;
+} kd__term_sums;
+
+static kd_status kd__terms_add(kd__term_sums *ts, const kd_step_result *sr, double w) {
+    for (int i = 0; i < sr->n_terms; i++) {
+        int k = 0;
+        while (k < ts->n && strcmp(ts->name[k], sr->term_names[i])) k++;
+        if (k == ts->n) {
+            if (ts->n == ts->cap) {
+                int nc = ts->cap ? 2 * ts->cap : 8;
+                const char **nn = realloc(ts->name, (size_t)nc * sizeof *nn);
+                if (!nn) return kd_error(KD_ERR_NOMEM, "out of memory");
+                ts->name = nn;
+                double *ns = realloc(ts->sum, (size_t)nc * sizeof *ns);
+                if (!ns) return kd_error(KD_ERR_NOMEM, "out of memory");
+                ts->sum = ns;
+                ts->cap = nc;
+            }
+            ts->name[k] = sr->term_names[i];
+            ts->sum[k] = 0;
+            ts->n++;
+        }
+        ts->sum[k] += sr->term_values[i] * w;
+    }
+    return KD_OK;
+}
+
+/* "ce 0.4123 kl 1.2345" of the epoch means. */
+static void kd__terms_text(const kd__term_sums *ts, int64_t seen, char *buf, size_t n) {
+    size_t off = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < ts->n && off < n; i++)
+        off += (size_t)snprintf(buf + off, n - off, "%s%s %.4f", i ? " " : "", ts->name[i],
+                                seen ? ts->sum[i] / (double)seen : 0.0);
+}
+
+static void kd__terms_free(kd__term_sums *ts) {
+    free(ts->name);
+    free(ts->sum);
+    memset(ts, 0, sizeof *ts);
+}
+
 typedef struct {
     kd_train_cfg c;
     kd_backend *be;
     kd_dataset *train, *test;
     kd_model *student, *teacher;
-    kd_distiller *dist;
-    kd_sgd *opt;
+    kd_trainer *tr;
     kd_loader *loader;
-    kd_graph *g;
     FILE *metrics;
     kd_transform_cfg tf;
     int start_epoch;
@@ -141,14 +187,15 @@ typedef struct {
     int best_epoch;
     int64_t images_before;
     int bar;
+    kd__term_sums ep_terms;  /* this epoch's term sums (values times images) */
+    int64_t ep_seen;         /* images of the last finished epoch (ep_terms stays until the next one starts) */
 } kd__run;
 
 static void kd__run_free(kd__run *r) {
     if (r->metrics) fclose(r->metrics);
-    kd_graph_free(r->g);
+    kd__terms_free(&r->ep_terms);
+    kd_trainer_free(r->tr);
     kd_loader_free(r->loader);
-    kd_sgd_free(r->opt);
-    kd_distiller_free(r->dist);
     kd_model_free(r->teacher);
     kd_model_free(r->student);
     kd_dataset_free(r->test);
@@ -161,24 +208,7 @@ static kd_status kd__save_last(kd__run *r, int epochs_done, double wall, double 
     kd_st_writer *w = NULL;
     KD_TRY(kd_st_writer_init(&w));
     kd_status s = kd__ckpt_add_model(w, r->student);
-    for (int i = 0; s == KD_OK && i < kd_sgd_state_count(r->opt); i++) {
-        const char *name;
-        kd_tensor *t;
-        char full[200];
-        s = kd_sgd_state_get(r->opt, i, &name, &t);
-        snprintf(full, sizeof full, "optim.%s", name);
-        if (s == KD_OK) s = kd_st_writer_add_tensor(w, full, t);
-    }
-    kd_param_list *dp = kd_distiller_params(r->dist);
-    char names[64][200];
-    for (int i = 0; s == KD_OK && i < dp->n; i++) {
-        if (i >= 64) {
-            s = kd_error(KD_ERR_UNSUPPORTED, "too many distiller tensors to checkpoint");
-            break;
-        }
-        snprintf(names[i], sizeof names[i], "distill.%s", dp->items[i].name);
-        s = kd_st_writer_add_tensor(w, names[i], dp->items[i].t);
-    }
+    if (s == KD_OK) s = kd_trainer_save_state(r->tr, w);
     char v[64];
 #define KD__META(k, fmt, val)                                   \
     if (s == KD_OK) {                                           \
@@ -186,7 +216,6 @@ static kd_status kd__save_last(kd__run *r, int epochs_done, double wall, double 
         s = kd_st_writer_set_meta(w, k, v);                     \
     }
     KD__META("epochs_done", "%d", epochs_done);
-    KD__META("opt_steps", "%lld", (long long)kd_sgd_steps(r->opt));
     KD__META("best_top1", "%.17g", r->best_top1);
     KD__META("best_epoch", "%d", r->best_epoch);
     KD__META("wall_s", "%.17g", wall);
@@ -206,21 +235,12 @@ static kd_status kd__load_last(kd__run *r) {
     kd_st_file *f = NULL;
     KD_TRY(kd_st_open(path, &f));
     kd_status s = kd__model_load_from(r->student, f);
-    for (int i = 0; s == KD_OK && i < kd_sgd_state_count(r->opt); i++) {
-        const char *name;
-        kd_tensor *t;
-        char full[200];
-        s = kd_sgd_state_get(r->opt, i, &name, &t);
-        snprintf(full, sizeof full, "optim.%s", name);
-        if (s == KD_OK) s = kd_st_read_into(f, full, t);
-    }
-    if (s == KD_OK) s = kd__load_params(kd_distiller_params(r->dist), f, "distill.");
-    const char *ed = kd_st_meta(f, "epochs_done"), *os = kd_st_meta(f, "opt_steps");
-    if (s == KD_OK && (!ed || !os))
-        s = kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no epochs_done/opt_steps)", path);
+    if (s == KD_OK) s = kd_trainer_load_state(r->tr, f);
+    const char *ed = kd_st_meta(f, "epochs_done");
+    if (s == KD_OK && !ed)
+        s = kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no epochs_done)", path);
     if (s == KD_OK) {
         r->start_epoch = atoi(ed);
-        kd_sgd_state_loaded(r->opt, atoll(os));
         const char *v;
         if ((v = kd_st_meta(f, "best_top1"))) r->best_top1 = atof(v);
         if ((v = kd_st_meta(f, "best_epoch"))) r->best_epoch = atoi(v);
@@ -294,19 +314,11 @@ static kd_status kd__setup(kd__run *r, int resume) {
     KD_TRY(kd_model_create(c->model, &mc, &r->student));
     if (c->init_ckpt[0] && !resume) KD_TRY(kd_model_load(r->student, c->init_ckpt));
 
-    kd_distill_shapes shp = {classes, kd_model_feat_dim(r->student), 0, kd_dataset_size(r->train)};
-    if (kd_distill_find(c->distill.method) && kd_distill_find(c->distill.method)->needs_teacher) {
+    if (kd_distill_needs_teacher(&c->distill)) {
         kd_status s = kd_model_load_new(c->teacher_ckpt, c->teacher, &mc, &r->teacher);
         if (s != KD_OK) return kd_error(s, "teacher: %s", kd_last_error());
         kd_model_set_training(r->teacher, 0);
-        shp.t_feat_dim = kd_model_feat_dim(r->teacher);
     }
-    KD_TRY(kd_distiller_create(&c->distill, &shp, &r->dist));
-
-    kd_param_list *lists[2] = {kd_model_params(r->student), kd_distiller_params(r->dist)};
-    kd_sgd_cfg oc = {.lr = c->lr, .momentum = c->momentum, .weight_decay = c->weight_decay, .nesterov = c->nesterov};
-    KD_TRY(kd_sgd_init(&r->opt, lists, 2, &oc));
-
     int side = c->image_size ? c->image_size : kd_dataset_height(r->train);
     r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (side >= 32 ? 4 : 2);
     r->tf.hflip = c->hflip;
@@ -320,11 +332,33 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->steps_per_epoch = kd_loader_num_batches(r->loader);
     if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
         r->steps_per_epoch = c->max_steps_per_epoch;
-    KD_TRY(kd_graph_init(&r->g, r->be));
     if (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16"))
         return kd_error(KD_ERR_INVALID, "invalid value '%s' for precision: expected f32 or bf16",
                         c->precision);
-    KD_TRY(kd_graph_set_precision(r->g, strcmp(c->precision, "bf16") ? KD_F32 : KD_BF16));
+    int C, H, W;
+    kd_loader_sample_shape(r->loader, &C, &H, &W);
+    kd_trainer_cfg tc = {.student = r->student,
+                         .teacher = r->teacher,
+                         .method = c->distill,
+                         .optim = kd_train_cfg_optim(c),
+                         .sched = c->sched,
+                         .be = r->be,
+                         .precision = strcmp(c->precision, "bf16") ? KD_F32 : KD_BF16,
+                         .in_channels = C,
+                         .height = H,
+                         .width = W,
+                         .num_classes = classes,
+                         .n_train = kd_dataset_size(r->train),
+                         .seed = c->seed};
+    KD_TRY(kd_trainer_init(&r->tr, &tc));
+    if (c->sched.kind == KD_SCHED_MULTISTEP && c->sched.n_milestones > 0 &&
+        c->sched.milestones[c->sched.n_milestones - 1] >= c->epochs) {
+        char ms[96];
+        kd_train_cfg_get(c, "milestones", ms, sizeof ms);
+        kd_log_msg(KD_LOG_WARN, "milestones %s: those at or beyond epochs %d never take effect%s", ms, c->epochs,
+                   c->sched.milestones[0] >= c->epochs ? ", so the learning rate never decays (set milestones, or "
+                                                          "schedule cosine)" : "");
+    }
 
     KD_TRY(kd_mkdirs(c->out));
     char path[600];
@@ -375,11 +409,17 @@ static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
     KD__NUM("seed", r->c.seed);
     KD__NUM("threads", kd_get_num_threads());
     KD__NUM("train_images", kd_dataset_size(r->train));
+    fprintf(f, ",\n  \"train_loss_terms\": {");
+    for (int i = 0; i < r->ep_terms.n; i++) {
+        fprintf(f, "%s\"%s\": ", i ? ", " : "", r->ep_terms.name[i]);
+        kd_json_write_number(f, r->ep_seen ? r->ep_terms.sum[i] / (double)r->ep_seen : 0.0);
+    }
+    fprintf(f, "}");
 #undef KD__NUM
     fprintf(f, ",\n  \"backend\": ");
     kd_json_write_string(f, r->be->name);
     fprintf(f, ",\n  \"precision\": ");
-    kd_json_write_string(f, kd_graph_precision(r->g) == KD_BF16 ? "bf16" : "f32");
+    kd_json_write_string(f, kd_graph_precision(kd_trainer_graph(r->tr)) == KD_BF16 ? "bf16" : "f32");
     fprintf(f, ",\n  \"kd_version\": ");
     kd_json_write_string(f, kd_version());
     fprintf(f, "\n}\n");
@@ -396,52 +436,31 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
     const double t_start = kd__now();
     double train_time = r->train_time_before;
     int64_t images = r->images_before;
-    int C, H, W;
-    kd_loader_sample_shape(r->loader, &C, &H, &W);
     double top1 = 0, top5 = 0, tloss = 0;
     int last_epoch_done = r->start_epoch;
     if (r->start_epoch >= c->epochs) kd_log_msg(KD_LOG_INFO, "%s: all %d epochs already done", c->out, c->epochs);
     int end_epoch = c->epochs;
     if (c->stop_after > 0 && r->start_epoch + c->stop_after < end_epoch) end_epoch = r->start_epoch + c->stop_after;
     for (int epoch = r->start_epoch; epoch < end_epoch; epoch++) {
-        kd_model_set_training(r->student, 1);
+        kd_trainer_set_training(r->tr, 1);
+        r->ep_terms.n = 0;
         KD_TRY(kd_loader_start_epoch(r->loader, epoch));
         double t0 = kd__now(), lsum = 0;
         int64_t seen = 0, hits = 0, h5 = 0;
-        kd_distill_terms terms = {0}, tsum = {0};
         kd_batch b;
         int got;
         int64_t step = 0;
+        float lr = 0;
         while (step < r->steps_per_epoch && (got = kd_loader_next(r->loader, &b)) == 1) {
-            float lr = kd_sched_lr(&c->sched, epoch, step, r->steps_per_epoch);
-            kd_graph *g = r->g;
-            kd_graph_reset(g);
-            kd_graph_set_rng(g, c->seed, kd_rng_key((uint64_t)epoch, (uint64_t)step));
-            int64_t xs[4] = {b.n, C, H, W};
-            kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
-            kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b.n, b.y);
-            kd_model_out so, to, *top = NULL;
-            if (r->teacher && kd_distiller_needs_teacher(r->dist)) {
-                int prev = kd_graph_set_grad_enabled(g, 0);
-                KD_TRY(kd_model_forward(r->teacher, g, x, 0, &to));
-                kd_graph_set_grad_enabled(g, prev);
-                top = &to;
-            }
-            KD_TRY(kd_model_forward(r->student, g, x, 0, &so));
-            kd_tensor *loss = NULL;
-            KD_TRY(kd_distiller_loss(r->dist, g, &so, top, y, b.index, &loss, &terms));
-            if (!isfinite(terms.total))
-                return kd_error(KD_ERR_NUMERIC,
-                                "loss became %s at epoch %d step %lld (lr %g); the last good checkpoint is %s/last.safetensors",
-                                isnan(terms.total) ? "NaN" : "infinite", epoch + 1, (long long)step + 1, lr, c->out);
-            kd_sgd_zero_grad(r->opt);
-            KD_TRY(kd_backward(g, loss));
-            kd_sgd_set_lr(r->opt, lr);
-            KD_TRY(kd_sgd_step(r->opt));
-            lsum += terms.total * (double)b.n;
-            tsum.ce += terms.ce * (float)b.n;
-            tsum.kl += terms.kl * (float)b.n;
-            kd__count_hits(kd_f32(so.logits), b.y, b.n, so.logits->shape[1], &hits, &h5);
+            kd_step_result sr;
+            kd_status s = kd_train_step(r->tr, &b, epoch, step, r->steps_per_epoch, &sr);
+            if (s == KD_ERR_NUMERIC)
+                return kd_error(s, "%s; the last good checkpoint is %s/last.safetensors", kd_last_error(), c->out);
+            KD_TRY(s);
+            lr = sr.lr;
+            KD_TRY(kd__terms_add(&r->ep_terms, &sr, (double)b.n));
+            lsum += sr.loss * (double)b.n;
+            if (sr.logits && b.y) kd__count_hits(sr.logits, b.y, b.n, sr.classes, &hits, &h5);
             seen += b.n;
             step++;
             double el = kd__now() - t0;
@@ -450,7 +469,11 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                 fprintf(r->metrics,
                         "{\"type\": \"step\", \"epoch\": %d, \"step\": %lld, \"lr\": %.9g, \"loss\": ", epoch + 1,
                         (long long)(epoch * r->steps_per_epoch + step), lr);
-                kd_json_write_number(r->metrics, terms.total);
+                kd_json_write_number(r->metrics, sr.loss);
+                for (int i = 0; i < sr.n_terms; i++) {
+                    fprintf(r->metrics, ", \"%s\": ", sr.term_names[i]);
+                    kd_json_write_number(r->metrics, sr.term_values[i]);
+                }
                 fprintf(r->metrics, ", \"images_per_s\": %.1f}\n", (double)seen / el);
             }
         }
@@ -472,17 +495,22 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
         last_epoch_done = epoch + 1;
         double ips = (double)seen / ep_time;
+        char terms_text[512];
+        kd__terms_text(&r->ep_terms, seen, terms_text, sizeof terms_text);
+        fprintf(r->metrics, "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g", epoch + 1, lr,
+                lsum / (double)seen);
+        for (int i = 0; i < r->ep_terms.n; i++)
+            fprintf(r->metrics, ", \"train_%s\": %.9g", r->ep_terms.name[i], r->ep_terms.sum[i] / (double)seen);
         fprintf(r->metrics,
-                "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g, \"train_ce\": %.9g, "
-                "\"train_kl\": %.9g, \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
+                ", \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
                 "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
-                epoch + 1, kd_sgd_get_lr(r->opt), lsum / (double)seen, tsum.ce / (double)seen,
-                tsum.kl / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
+                100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
         fflush(r->metrics);
         KD_TRY(kd__write_curves(c->out));
-        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
-                   epoch + 1, c->epochs, lsum / (double)seen, 100.0 * (double)hits / (double)seen, top1, top5, ips,
-                   ep_time);
+        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
+                   epoch + 1, c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, top1,
+                   top5, ips, ep_time);
+        r->ep_seen = seen;
     }
     if (r->start_epoch >= c->epochs)
         KD_TRY(kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, &top1, &top5, &tloss));

@@ -1,0 +1,215 @@
+/* kd_train_step: the one training step. The trainer knows nothing
+ * method-specific: it wraps the batch, lets the method run its forwards and
+ * return named weighted terms, sums them, checks that each is finite,
+ * back-propagates, applies the optimiser at the scheduled learning rate and
+ * calls the method's after-step hook. At init a probe forward of both nets
+ * gives the method its feature shapes. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+
+struct kd_trainer {
+    kd_trainer_cfg c;
+    kd_graph *g;
+    kd_method *method;
+    kd_optim *opt;
+    kd_loss_terms terms;
+    double *values;       /* (terms.cap) */
+    int values_cap;
+    int cur_epoch;        /* last epoch whose epoch_begin hook ran */
+    kd_tensor *views[1];
+};
+
+/* Shapes of m's outputs on a no-grad eval-mode forward of 2 zero images. */
+static kd_status kd__probe(kd_graph *g, kd_model *m, int C, int H, int W, kd_net_shapes *out) {
+    memset(out, 0, sizeof *out);
+    if (!m) return KD_OK;
+    int was = kd_model_training(m);
+    kd_model_set_training(m, 0);
+    int prev = kd_graph_set_grad_enabled(g, 0);
+    kd_graph_reset(g);
+    int64_t xs[4] = {2, C, H, W};
+    kd_tensor *x = kd_graph_zeros(g, KD_F32, 4, xs);
+    kd_model_out o;
+    kd_status s = x ? kd_model_forward(m, g, x, 0, &o) : kd_graph_status(g);
+    if (s == KD_OK) {
+        out->n_feat = o.n_feat;
+        out->num_classes = o.logits->shape[1];
+        for (int k = 0; k < o.n_feat; k++) {
+            out->feat_ndim[k] = o.feat[k]->ndim;
+            for (int d = 0; d < o.feat[k]->ndim && d < 4; d++) out->feat[k][d] = o.feat[k]->shape[d];
+        }
+    }
+    kd_graph_set_grad_enabled(g, prev);
+    kd_model_set_training(m, was);
+    kd_graph_reset(g);
+    return s;
+}
+
+kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
+    *out = NULL;
+    kd_trainer *t = calloc(1, sizeof *t);
+    if (!t) return kd_error(KD_ERR_NOMEM, "out of memory creating the trainer");
+    t->c = *cfg;
+    t->cur_epoch = -1;
+    kd_status s = kd_graph_init(&t->g, cfg->be);
+    if (s == KD_OK) s = kd_graph_set_precision(t->g, cfg->precision);
+    kd_method_shapes shp;
+    memset(&shp, 0, sizeof shp);
+    shp.n_train = cfg->n_train;
+    shp.num_classes = cfg->num_classes;
+    int use_teacher = kd_distill_needs_teacher(&cfg->method);
+    if (s == KD_OK && use_teacher && !cfg->teacher)
+        s = kd_error(KD_ERR_INVALID, "method '%s' needs a teacher (set teacher_ckpt)", cfg->method.method);
+    if (s == KD_OK) s = kd__probe(t->g, cfg->student, cfg->in_channels, cfg->height, cfg->width, &shp.student);
+    if (s == KD_OK && use_teacher)
+        s = kd__probe(t->g, cfg->teacher, cfg->in_channels, cfg->height, cfg->width, &shp.teacher);
+    if (s == KD_OK) s = kd_method_create(&cfg->method, &shp, &t->method);
+    if (s == KD_OK) {
+        kd_param_group groups[2] = {{"", kd_model_params(cfg->student), 1.0f},
+                                    {"distill.", kd_method_params(t->method), 1.0f}};
+        s = kd_optim_init(&t->opt, groups, 2, &cfg->optim);
+    }
+    if (s != KD_OK) {
+        kd_trainer_free(t);
+        return s;
+    }
+    kd_method_set_training(t->method, kd_model_training(cfg->student));
+    *out = t;
+    return KD_OK;
+}
+
+void kd_trainer_free(kd_trainer *t) {
+    if (!t) return;
+    kd_optim_free(t->opt);
+    kd_method_free(t->method);
+    kd_graph_free(t->g);
+    kd_loss_terms_free(&t->terms);
+    free(t->values);
+    free(t);
+}
+
+kd_graph *kd_trainer_graph(kd_trainer *t) { return t->g; }
+kd_method *kd_trainer_method(kd_trainer *t) { return t->method; }
+kd_optim *kd_trainer_optim(kd_trainer *t) { return t->opt; }
+
+void kd_trainer_set_training(kd_trainer *t, int training) {
+    kd_model_set_training(t->c.student, training);
+    kd_method_set_training(t->method, training);
+}
+
+kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t step, int64_t steps_per_epoch,
+                        kd_step_result *res) {
+    const kd_trainer_cfg *c = &t->c;
+    kd_graph *g = t->g;
+    memset(res, 0, sizeof *res);
+    if (epoch != t->cur_epoch) {
+        KD_TRY(kd_method_epoch_begin(t->method, epoch));
+        t->cur_epoch = epoch;
+    }
+    const float lr = kd_sched_lr(&c->sched, epoch, step, steps_per_epoch);
+    kd_graph_reset(g);
+    kd_graph_set_rng(g, c->seed, kd_rng_key((uint64_t)epoch, (uint64_t)step));
+    int64_t xs[4] = {b->n, c->in_channels, c->height, c->width};
+    t->views[0] = kd_graph_wrap(g, KD_F32, 4, xs, b->x);
+    const kd_method_def *def = kd_method_get_def(t->method);
+    kd_tensor *y = def->labels == KD_LABELS_ABSENT || !b->y ? NULL : kd_graph_wrap(g, KD_I32, 1, &b->n, b->y);
+    kd_step_batch sb = {.n = b->n, .n_views = 1, .x = t->views, .y = y, .index = b->index};
+    kd_step_ctx ctx = {.g = g,
+                       .student = c->student,
+                       .teacher = kd_method_needs_teacher(t->method) ? c->teacher : NULL,
+                       .batch = &sb,
+                       .epoch = epoch,
+                       .epochs = c->sched.epochs,
+                       .step = step,
+                       .steps_per_epoch = steps_per_epoch,
+                       .global_step = kd_optim_steps(t->opt)};
+    kd_loss_terms_clear(&t->terms);
+    KD_TRY(kd_method_step(t->method, &ctx, &t->terms));
+    KD_TRY(kd_graph_status(g));
+    if (t->terms.n == 0)
+        return kd_error(KD_ERR_INVALID, "method '%s': gamma, alpha and beta are all zero: nothing to train",
+                        def->name);
+    if (t->values_cap < t->terms.cap) {
+        double *v = realloc(t->values, (size_t)t->terms.cap * sizeof *v);
+        if (!v) return kd_error(KD_ERR_NOMEM, "out of memory");
+        t->values = v;
+        t->values_cap = t->terms.cap;
+    }
+    kd_tensor *total = NULL;
+    double sum = 0;
+    for (int i = 0; i < t->terms.n; i++) {
+        kd_tensor *term = t->terms.t[i];
+        if (kd_tensor_numel(term) != 1)
+            return kd_error(KD_ERR_INTERNAL, "loss term '%s' of method '%s' is not a scalar", t->terms.name[i],
+                            def->name);
+        double v = kd_f32(term)[0];
+        if (!isfinite(v))
+            return kd_error(KD_ERR_NUMERIC, "loss term '%s' became %s at epoch %d step %lld (lr %g)", t->terms.name[i],
+                            isnan(v) ? "NaN" : "infinite", epoch + 1, (long long)step + 1, lr);
+        t->values[i] = v;
+        total = total ? kd_add(g, total, term) : term;
+    }
+    KD_TRY(kd_graph_status(g));
+    sum = kd_f32(total)[0];
+    kd_optim_zero_grad(t->opt);
+    KD_TRY(kd_backward(g, total));
+    kd_optim_set_lr(t->opt, lr);
+    KD_TRY(kd_optim_step(t->opt));
+    KD_TRY(kd_method_after_step(t->method, &ctx));
+    res->loss = sum;
+    res->n_terms = t->terms.n;
+    res->term_names = t->terms.name;
+    res->term_values = t->values;
+    res->lr = lr;
+    if (ctx.s.logits && ctx.s.logits->ndim == 2) {
+        res->logits = kd_f32(ctx.s.logits);
+        res->classes = ctx.s.logits->shape[1];
+    }
+    return KD_OK;
+}
+
+kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w) {
+    for (int i = 0; i < kd_optim_state_count(t->opt); i++) {
+        const char *name;
+        kd_tensor *st;
+        KD_TRY(kd_optim_state_get(t->opt, i, &name, &st));
+        char full[256];
+        snprintf(full, sizeof full, "optim.%s", name);
+        KD_TRY(kd_st_writer_add_tensor(w, full, st));
+    }
+    kd_param_list *mp = kd_method_params(t->method);
+    for (int i = 0; i < mp->n; i++) {
+        char full[256];
+        snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
+        KD_TRY(kd_st_writer_add_tensor(w, full, mp->items[i].t));
+    }
+    char v[32];
+    snprintf(v, sizeof v, "%lld", (long long)kd_optim_steps(t->opt));
+    return kd_st_writer_set_meta(w, "opt_steps", v);
+}
+
+kd_status kd_trainer_load_state(kd_trainer *t, const kd_st_file *f) {
+    for (int i = 0; i < kd_optim_state_count(t->opt); i++) {
+        const char *name;
+        kd_tensor *st;
+        KD_TRY(kd_optim_state_get(t->opt, i, &name, &st));
+        char full[256];
+        snprintf(full, sizeof full, "optim.%s", name);
+        KD_TRY(kd_st_read_into(f, full, st));
+    }
+    kd_param_list *mp = kd_method_params(t->method);
+    for (int i = 0; i < mp->n; i++) {
+        char full[256];
+        snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
+        KD_TRY(kd_st_read_into(f, full, mp->items[i].t));
+    }
+    const char *os = kd_st_meta(f, "opt_steps");
+    if (!os) return kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no opt_steps)", kd_st_path(f));
+    kd_optim_state_loaded(t->opt, atoll(os));
+    return KD_OK;
+}
