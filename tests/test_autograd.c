@@ -155,6 +155,9 @@ static kd_tensor *b_relu6(kd_graph *g, kd_tensor **in) { return kd_relu6(g, in[0
 static kd_tensor *b_mul_channel(kd_graph *g, kd_tensor **in) {
     return kd_mul_channel(g, in[0], in[1]);
 }
+static kd_tensor *b_function(kd_graph *g, kd_tensor **in) {
+    return kd_function_apply(g, &kd_test_fn_polymul, NULL, 0, 2, in, in[0]->ndim, in[0]->shape);
+}
 /* Squeeze-and-excitation as the mobile networks build it: the scale is
  * computed from x itself, so x gets gradient through both paths. */
 static kd_tensor *b_se(kd_graph *g, kd_tensor **in) {
@@ -293,6 +296,10 @@ static const fd_case fd_cases[] = {
      IN2(((in_spec){S4(3, 2, 2, 2), U(-1, 1), 1}), ((in_spec){S2(3, 1), U(-1, 1), 1}))},
     {"mul_channel, constant scale", b_mul_channel,
      IN2(((in_spec){S3(2, 3, 4), U(-1, 1), 1}), ((in_spec){S2(2, 3), U(-1, 1), 0}))},
+    {"function (custom kd_function)", b_function,
+     IN2(((in_spec){S3(2, 3, 4), U(-1, 1), 1}), ((in_spec){S3(2, 3, 4), U(-1, 1), 1}))},
+    {"function, one input constant", b_function,
+     IN2(((in_spec){S3(2, 3, 4), U(-1, 1), 0}), ((in_spec){S3(2, 3, 4), U(-1, 1), 1}))},
     {"squeeze-excitation chain", b_se, IN1(((in_spec){S4(2, 3, 3, 3), U(-1, 1), 1}))},
     {"blocked conv, bn, sigmoid, avgpool", b_blk_conv,
      IN3(((in_spec){S4(2, 16, 4, 4), U(-1, 1), 1}), ((in_spec){S4(16, 16, 3, 3), U(-0.3f, 0.3f), 1}),

@@ -284,6 +284,7 @@ static kd_tensor *build_op(kd_graph *g, const fx_case *c, kd_tensor **in, int n_
     if (!strcmp(op, "mul_channel")) return kd_mul_channel(g, in[0], in[1]);
     /* NCHW -> NCHW16C -> NCHW on backends with blocked layouts, identity on ref. */
     if (!strcmp(op, "to_strided")) return kd_graph_to_strided(g, kd_graph_to_blocked(g, in[0]));
+    if (!strcmp(op, "function")) return kd_function_apply(g, &kd_test_fn_polymul, NULL, 0, 2, in, in[0]->ndim, in[0]->shape);
     fail_msg("%s: the test has no dispatch for op \"%s\"", c->name, op);
     return NULL;
 }

@@ -42,3 +42,27 @@ const char *kd_test_tmpdir(const char *tag) {
     if (system(cmd) != 0) fprintf(stderr, "cannot create %s\n", buf);
     return buf;
 }
+
+/* ------------------------------------------------ the test kd_function */
+
+static kd_status polymul_fwd(kd_graph *g, const void *p, kd_tensor *const *in, int n_in, kd_tensor *out,
+                             void **saved) {
+    (void)g, (void)p, (void)n_in, (void)saved;
+    const float *a = kd_f32(in[0]), *b = kd_f32(in[1]);
+    float *y = kd_f32(out);
+    for (int64_t i = 0; i < kd_tensor_numel(out); i++) y[i] = a[i] * b[i] * b[i] + 0.5f * a[i];
+    return KD_OK;
+}
+
+static kd_status polymul_bwd(kd_graph *g, const void *p, void *saved, kd_tensor *const *in, int n_in,
+                             const kd_tensor *out, const kd_tensor *gout, kd_tensor *const *gin) {
+    (void)g, (void)p, (void)saved, (void)n_in;
+    const float *a = kd_f32(in[0]), *b = kd_f32(in[1]), *gy = kd_f32(gout);
+    for (int64_t i = 0; i < kd_tensor_numel(out); i++) {
+        if (gin[0]) kd_f32(gin[0])[i] += gy[i] * (b[i] * b[i] + 0.5f);
+        if (gin[1]) kd_f32(gin[1])[i] += gy[i] * 2.0f * a[i] * b[i];
+    }
+    return KD_OK;
+}
+
+const kd_function kd_test_fn_polymul = {"polymul", polymul_fwd, polymul_bwd};

@@ -36,4 +36,9 @@ void kd_test_fill_uniform(float *x, int64_t n, float lo, float hi, uint64_t seed
  * returned string is static. */
 const char *kd_test_tmpdir(const char *tag);
 
+/* A custom function (kd_function) for the op-table tests: y = a * b^2 + a / 2
+ * elementwise on two float32 tensors of one shape (PyTorch: a * b * b + 0.5 * a). */
+#include "kd/autograd.h"
+extern const kd_function kd_test_fn_polymul;
+
 #endif

@@ -313,6 +313,10 @@ def build_ops():
     # NCHW -> NCHW16C -> NCHW where the backend has blocked layouts (C % 16 == 0).
     c.add("to_strided", {"op": "to_strided"}, lambda x: x.clone(), [randn(2, 32, 3, 4)], [True])
 
+    # function: a custom kd_function (tests/testutil.c kd_test_fn_polymul), y = a * b^2 + a / 2.
+    c.add("function", {"op": "function"}, lambda a, b: a * b * b + 0.5 * a,
+          [randn(3, 4, 5), randn(3, 4, 5)], [True, True])
+
     c.meta["cases"] = ",".join(c.names)
     c.meta["generator"] = "tools/gen_fixtures.py"
     c.meta["torch"] = torch.__version__

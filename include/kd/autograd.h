@@ -80,6 +80,7 @@ typedef enum {
     KD_OP_TO_STRIDED,    /* layout conversion (values unchanged): NCHW16C -> strided
                           * before ops that need plain tensors (and the reverse for
                           * kd_graph_to_blocked); the backward reorders the gradient */
+    KD_OP_FUNCTION,      /* a kd_function: plain-C forward and backward given by the caller */
     KD_OP_COUNT
 } kd_op;
 
@@ -245,6 +246,45 @@ kd_tensor *kd_relu6(kd_graph *g, kd_tensor *x);
  * y = x * s[:, :, None, None] for x (N, C, H, W) and s (N, C), or
  * y = x * s[:, 0, None, None, None] for s (N, 1). Gradients flow to both. */
 kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s);
+
+/* ------------------------------------------------------ custom functions
+ * The C analogue of torch.autograd.Function: a fused loss or kernel written
+ * in plain C with its own backward, recorded on the tape like any op (as
+ * KD_OP_FUNCTION). Distillation methods use it for losses that would be long
+ * chains of small ops (RKD's distance and angle terms, DKD's masked
+ * softmaxes, CRD's gather-and-dot). Inputs: 1 to 3 float32 tensors (a
+ * blocked input is converted to strided first); the backward rule reads the
+ * inputs and the output, which are retained for it.
+ *
+ *     static kd_status sq_fwd(kd_graph *g, const void *p, kd_tensor *const *in, int n_in,
+ *                             kd_tensor *out, void **saved) { ...out = sum(in[0]^2)... }
+ *     static kd_status sq_bwd(kd_graph *g, const void *p, void *saved, kd_tensor *const *in,
+ *                             int n_in, const kd_tensor *out, const kd_tensor *gout,
+ *                             kd_tensor *const *gin) { ...gin[0] += 2 x gout... }
+ *     static const kd_function sq = {"sumsq", sq_fwd, sq_bwd};
+ *     kd_tensor *y = kd_function_apply(g, &sq, NULL, 0, 1, &x, 0, NULL);   // 0-d
+ */
+typedef struct {
+    const char *name;
+    /* Writes out (already allocated, out_shape) from in[0..n_in-1]. params
+     * is the graph's copy of the caller's parameter block. *saved may be set
+     * to memory from kd_function_alloc for the backward. */
+    kd_status (*forward)(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
+                         void **saved);
+    /* ADDS d loss / d in[i] into gin[i] (NULL where in[i] needs no
+     * gradient), given gout = d loss / d out. */
+    kd_status (*backward)(kd_graph *g, const void *params, void *saved, kd_tensor *const *in, int n_in,
+                          const kd_tensor *out, const kd_tensor *gout, kd_tensor *const *gin);
+} kd_function;
+
+/* Runs fn on in[0..n_in-1] (1 <= n_in <= 3) into a new float32 tensor of
+ * out_shape (out_ndim 0: a scalar); params_size bytes of params are copied
+ * into the graph for the backward. Sticky errors as every op. */
+kd_tensor *kd_function_apply(kd_graph *g, const kd_function *fn, const void *params, size_t params_size,
+                             int n_in, kd_tensor *const *in, int out_ndim, const int64_t *out_shape);
+/* Arena memory valid until kd_graph_reset (saved values of a function);
+ * NULL with the status set on failure. */
+void *kd_function_alloc(kd_graph *g, size_t bytes);
 
 #ifdef __cplusplus
 }

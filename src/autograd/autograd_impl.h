@@ -55,6 +55,11 @@ typedef struct {
             int32_t *labels; /* (N), arena copy */
             float smoothing;
         } ce;
+        struct {
+            const kd_function *fn;
+            void *params; /* arena copy of the caller's block */
+            void *saved;  /* what the forward kept for the backward */
+        } fn;
     } p;
 } kd__node;
 
@@ -228,5 +233,6 @@ kd_status kd__dropout_backward(kd_graph *g, kd__node *n);
 kd_status kd__act_backward(kd_graph *g, kd__node *n); /* sigmoid .. relu6 (ops_act.c) */
 kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n);
 kd_status kd__to_strided_backward(kd_graph *g, kd__node *n);
+kd_status kd__function_backward(kd_graph *g, kd__node *n); /* ops_function.c */
 
 #endif /* KD_AUTOGRAD_IMPL_H */

@@ -75,6 +75,7 @@ const kd__op_entry kd__op_table[KD_OP_COUNT] = {
     KD__OP(KD_OP_RELU6, "relu6", kd__act_backward, OUT),
     KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward, I0 | I1),
     KD__OP(KD_OP_TO_STRIDED, "to_strided", kd__to_strided_backward, 0),
+    KD__OP(KD_OP_FUNCTION, "function", kd__function_backward, I0 | I1 | KD__RET_IN2 | OUT),
 };
 
 #undef I0
