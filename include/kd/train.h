@@ -162,6 +162,9 @@ typedef struct {
     double images_per_s; /* training throughput over the run */
     double wall_s;
     int64_t params;
+    int config_error; /* the run failed at setup, before reading any training image, because the
+                         method refused its settings or the teacher/student pair (KD_ERR_SHAPE,
+                         KD_ERR_INVALID): a bad command line, not a failure while running */
 } kd_train_result;
 
 /* Trains cfg->model with cfg->distill.method ("none" = plain training),

@@ -212,7 +212,10 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     }
     kd_train_result r;
     kd_status s = resume ? kd_train_resume(resume, keys, vals, nkv, &r) : kd_train_run(&c, &r);
-    if (s != KD_OK) return kd__fail(cmd);
+    if (s != KD_OK) {
+        kd__fail(cmd);
+        return r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+    }
     printf("%s: top1 %.2f%%  top5 %.2f%%  best %.2f%% (epoch %d)  %.0f img/s  %.1fs  -> %s\n",
            resume ? resume : c.out, r.top1, r.top5, r.best_top1, r.best_epoch, r.images_per_s, r.wall_s,
            resume ? resume : c.out);

@@ -189,6 +189,7 @@ typedef struct {
     int bar;
     kd__term_sums ep_terms;  /* this epoch's term sums (values times images) */
     int64_t ep_seen;         /* images of the last finished epoch (ep_terms stays until the next one starts) */
+    int config_error;        /* the method refused the settings or the pair at setup */
 } kd__run;
 
 static void kd__run_free(kd__run *r) {
@@ -319,24 +320,16 @@ static kd_status kd__setup(kd__run *r, int resume) {
         if (s != KD_OK) return kd_error(s, "teacher: %s", kd_last_error());
         kd_model_set_training(r->teacher, 0);
     }
-    int side = c->image_size ? c->image_size : kd_dataset_height(r->train);
-    r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (side >= 32 ? 4 : 2);
-    r->tf.hflip = c->hflip;
-    r->tf.normalize = 1;
-    r->tf.out_h = r->tf.out_w = c->image_size;
-    r->tf.resize = c->resize;
-    kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
-    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
-                        .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
-    KD_TRY(kd_loader_init(&r->loader, r->train, &lc));
-    r->steps_per_epoch = kd_loader_num_batches(r->loader);
-    if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
-        r->steps_per_epoch = c->max_steps_per_epoch;
     if (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16"))
         return kd_error(KD_ERR_INVALID, "invalid value '%s' for precision: expected f32 or bf16",
                         c->precision);
-    int C, H, W;
-    kd_loader_sample_shape(r->loader, &C, &H, &W);
+    /* The method is built (probe forwards, modules sized, the pair checked)
+     * before any training image is read, so a pair the method cannot bridge
+     * fails at once. Images of varying size know their shape only from the
+     * loader. */
+    int C = kd_dataset_channels(r->train);
+    int H = c->image_size ? c->image_size : kd_dataset_height(r->train);
+    int W = c->image_size ? c->image_size : kd_dataset_width(r->train);
     kd_trainer_cfg tc = {.student = r->student,
                          .teacher = r->teacher,
                          .method = c->distill,
@@ -350,7 +343,34 @@ static kd_status kd__setup(kd__run *r, int resume) {
                          .num_classes = classes,
                          .n_train = kd_dataset_size(r->train),
                          .seed = c->seed};
-    KD_TRY(kd_trainer_init(&r->tr, &tc));
+    if (H > 0 && W > 0) {
+        kd_status s = kd_trainer_init(&r->tr, &tc);
+        if (s != KD_OK) {
+            r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
+            return s;
+        }
+    }
+    int side = c->image_size ? c->image_size : kd_dataset_height(r->train);
+    r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (side >= 32 ? 4 : 2);
+    r->tf.hflip = c->hflip;
+    r->tf.normalize = 1;
+    r->tf.out_h = r->tf.out_w = c->image_size;
+    r->tf.resize = c->resize;
+    kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
+    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
+                        .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
+    KD_TRY(kd_loader_init(&r->loader, r->train, &lc));
+    r->steps_per_epoch = kd_loader_num_batches(r->loader);
+    if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
+        r->steps_per_epoch = c->max_steps_per_epoch;
+    if (!r->tr) {
+        kd_loader_sample_shape(r->loader, &tc.in_channels, &tc.height, &tc.width);
+        kd_status s = kd_trainer_init(&r->tr, &tc);
+        if (s != KD_OK) {
+            r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
+            return s;
+        }
+    }
     if (c->sched.kind == KD_SCHED_MULTISTEP && c->sched.n_milestones > 0 &&
         c->sched.milestones[c->sched.n_milestones - 1] >= c->epochs) {
         char ms[96];
@@ -534,6 +554,7 @@ static kd_status kd__run_main(const kd_train_cfg *cfg, int resume, kd_train_resu
     kd_status s = kd_train_cfg_resolve(&r.c);
     if (s == KD_OK) s = kd__setup(&r, resume);
     if (s == KD_OK) s = kd__train_loop(&r, res);
+    else res->config_error = r.config_error;
     if (s != KD_OK && r.bar) fputc('\n', stderr);
     kd__run_free(&r);
     return s;
