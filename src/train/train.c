@@ -311,6 +311,16 @@ static kd_status kd__setup(kd__run *r, int resume) {
         return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);
     int classes = kd_dataset_num_classes(r->train);
     if (kd_dataset_num_classes(r->test) > classes) classes = kd_dataset_num_classes(r->test);
+    const kd_method_def *def = kd_method_find(c->distill.method);
+    if (def && def->labels == KD_LABELS_REQUIRED) {
+        int64_t n = kd_dataset_size(r->train), unl = 0;
+        for (int64_t i = 0; i < n; i++) unl += kd_dataset_label(r->train, i) < 0;
+        if (unl) {
+            r->config_error = 1;
+            return kd_error(KD_ERR_INVALID, "method '%s' needs labels, but %lld of the %lld training images of %s have none",
+                            def->name, (long long)unl, (long long)n, c->data);
+        }
+    }
     kd_model_cfg mc = {kd_dataset_channels(r->train), classes, c->seed};
     KD_TRY(kd_model_create(c->model, &mc, &r->student));
     if (c->init_ckpt[0] && !resume) KD_TRY(kd_model_load(r->student, c->init_ckpt));

@@ -63,6 +63,10 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     shp.n_train = cfg->n_train;
     shp.num_classes = cfg->num_classes;
     int use_teacher = kd_distill_needs_teacher(&cfg->method);
+    const kd_method_def *def = kd_method_find(cfg->method.method);
+    if (s == KD_OK && def && def->views != 1)
+        s = kd_error(KD_ERR_UNSUPPORTED, "method '%s' needs %d views of each image; the trainer feeds one view",
+                     def->name, def->views);
     if (s == KD_OK && use_teacher && !cfg->teacher)
         s = kd_error(KD_ERR_INVALID, "method '%s' needs a teacher (set teacher_ckpt)", cfg->method.method);
     if (s == KD_OK) s = kd__probe(t->g, cfg->student, cfg->in_channels, cfg->height, cfg->width, &shp.student);
