@@ -2,10 +2,16 @@
  * directory, reproducibility from config.yaml, resume (paused and killed),
  * distillation, and bad input (missing, truncated and malformed files, wrong
  * architectures, unknown names, malformed numbers, NaN loss, existing runs).
+ * Method settings and the method table: `--method list`, generated help,
+ * `--set METHOD.NAME=VALUE` and YAML "METHOD.NAME: VALUE" keys, config.yaml
+ * recording every setting of the method, the named loss terms in
+ * metrics.jsonl and summary.json; every method-specific case walks the
+ * registry (kd_method_defs), so it covers methods added later.
  *
  * Every case runs the real binary (KD_BINARY_DIR "/kd") in a child process on
  * a tiny generated IDX dataset with the ref backend, capturing the exit status,
  * stdout and stderr. */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -21,6 +27,7 @@
 #include <unistd.h>
 
 #include "kd/backend.h"
+#include "kd/distill.h"
 #include "kd/io.h"
 #include "testutil.h"
 
@@ -408,6 +415,8 @@ static const kd_json *json_num(const kd_json *doc, const char *key, const char *
     return v;
 }
 
+static void check_run_terms(const char *dir, const char *const *want, int n_want);
+
 static void test_run_directory(void **state) {
     (void)state;
     need_run_a();
@@ -418,7 +427,9 @@ static void test_run_directory(void **state) {
         run_a_file(path, sizeof path, files[i]);
         if (!file_exists(path)) fail_msg("the run directory lacks %s", files[i]);
     }
-    /* curves.svg: one polyline per curve, each with one point per epoch (3). */
+    /* curves.svg: one polyline per curve (train/test loss, train/test top-1,
+     * and one per loss term: "ce" for plain training), each with one point
+     * per epoch (3). */
     run_a_file(path, sizeof path, "curves.svg");
     size_t svg_n;
     char *svg = slurp(path, &svg_n);
@@ -432,7 +443,7 @@ static void test_run_directory(void **state) {
         assert_int_equal(commas, 3);
         lines++;
     }
-    assert_int_equal(lines, 4);
+    assert_int_equal(lines, 4 + 1);
     free(svg);
 
     /* metrics.jsonl: every line a JSON object; one epoch record per epoch, in order. */
@@ -489,6 +500,8 @@ static void test_run_directory(void **state) {
     if (!(top1 > 40.0)) fail_msg("top-1 %.2f%% is not above chance (25%%) by a margin on easy data", top1);
     assert_true(top5 >= top1);
     kd_json_free(sum);
+    /* Plain training logs one named term, the cross-entropy. */
+    check_run_terms(g_run_a, (const char *const[]){"ce"}, 1);
 
     /* Checkpoints: PyTorch names, architecture metadata; optimiser state only in last. */
     static const char *ck[] = {"last.safetensors", "best.safetensors"};
@@ -537,6 +550,117 @@ static void test_eval_of_run(void **state) {
     assert_int_equal((int)json_num(doc, "n", "eval")->number, NTEST);
     kd_json_free(doc);
     proc_free(&p);
+}
+
+
+/* --------------------------------------------------- named loss terms */
+
+/* Members of a step record that are not loss terms. */
+static int step_key_fixed(const char *k) {
+    static const char *fixed[] = {"type", "epoch", "step", "lr", "loss", "images_per_s"};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (!strcmp(k, fixed[i])) return 1;
+    return 0;
+}
+
+/* Members of an epoch record "train_<x>" that are not loss terms. */
+static int epoch_key_fixed(const char *k) { return !strcmp(k, "train_loss") || !strcmp(k, "train_top1"); }
+
+#define MAX_TERMS 16
+
+static int name_index(char names[][64], int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(names[i], name)) return i;
+    return -1;
+}
+
+/* The run in dir logged named loss terms: every step record carries weighted
+ * terms that sum to its loss; every epoch record carries "train_<term>" for
+ * each term the steps logged, summing to train_loss; summary.json's
+ * "train_loss_terms" holds the last epoch's values. With want (n_want >= 0)
+ * the terms seen are exactly want. */
+static void check_run_terms(const char *dir, const char *const *want, int n_want) {
+    char path[PATHN];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    char *text = slurp(path, NULL);
+    if (!text) fail_msg("no %s", path);
+    char seen[MAX_TERMS][64];
+    int n_seen = 0, n_steps = 0, n_epochs = 0;
+    double last_epoch_vals[MAX_TERMS];
+    for (int i = 0; i < MAX_TERMS; i++) last_epoch_vals[i] = NAN;
+    for (char *l = text; *l;) {
+        char *e = strchr(l, '\n');
+        if (!e) fail_msg("%s: the last line has no newline", path);
+        kd_json *doc = NULL;
+        if (kd_json_parse(l, (size_t)(e - l), path, &doc) != KD_OK) fail_msg("%s", kd_last_error());
+        const char *type = kd_json_get(doc, "type")->string;
+        if (!strcmp(type, "step")) {
+            n_steps++;
+            double loss = json_num(doc, "loss", "step record")->number, sum = 0;
+            int n_terms = 0;
+            for (int64_t i = 0; i < doc->count; i++) {
+                const char *k = doc->keys[i];
+                if (step_key_fixed(k)) continue;
+                if (doc->items[i].type != KD_JSON_NUMBER) fail_msg("%s: step term %s is no number", path, k);
+                if (n_want >= 0) {
+                    int ok = 0;
+                    for (int w = 0; w < n_want; w++) ok |= !strcmp(want[w], k);
+                    if (!ok) fail_msg("%s: unexpected term \"%s\" in a step record", path, k);
+                }
+                if (name_index(seen, n_seen, k) < 0) {
+                    if (n_seen == MAX_TERMS) fail_msg("%s: too many terms", path);
+                    snprintf(seen[n_seen++], 64, "%s", k);
+                }
+                sum += doc->items[i].number;
+                n_terms++;
+            }
+            if (n_terms == 0) fail_msg("%s: a step record names no loss term", path);
+            if (!(fabs(sum - loss) <= 1e-5 * fmax(1.0, fabs(loss))))
+                fail_msg("%s: step terms sum to %.9g, loss %.9g", path, sum, loss);
+        } else if (!strcmp(type, "epoch")) {
+            n_epochs++;
+            double loss = json_num(doc, "train_loss", "epoch record")->number, sum = 0;
+            for (int i = 0; i < n_seen; i++) {
+                char key[80];
+                snprintf(key, sizeof key, "train_%s", seen[i]);
+                last_epoch_vals[i] = json_num(doc, key, "epoch record")->number;
+                sum += last_epoch_vals[i];
+            }
+            for (int64_t i = 0; i < doc->count; i++) {
+                const char *k = doc->keys[i];
+                if (strncmp(k, "train_", 6) || epoch_key_fixed(k)) continue;
+                if (name_index(seen, n_seen, k + 6) < 0) fail_msg("%s: epoch term %s no step logged", path, k);
+            }
+            if (!(fabs(sum - loss) <= 1e-5 * fmax(1.0, fabs(loss))))
+                fail_msg("%s: train_<term> sum to %.9g, train_loss %.9g", path, sum, loss);
+        }
+        kd_json_free(doc);
+        l = e + 1;
+    }
+    free(text);
+    if (n_steps == 0 || n_epochs == 0) fail_msg("%s: %d step and %d epoch records", path, n_steps, n_epochs);
+    if (n_want >= 0) {
+        if (n_seen != n_want) fail_msg("%s: %d terms logged, expected %d", path, n_seen, n_want);
+        for (int w = 0; w < n_want; w++)
+            if (name_index(seen, n_seen, want[w]) < 0) fail_msg("%s: term \"%s\" was never logged", path, want[w]);
+    }
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    text = slurp(path, NULL);
+    if (!text) fail_msg("no %s", path);
+    kd_json *sum = NULL;
+    if (kd_json_parse(text, strlen(text), path, &sum) != KD_OK) fail_msg("%s", kd_last_error());
+    free(text);
+    const kd_json *lt = kd_json_get(sum, "train_loss_terms");
+    if (!lt || lt->type != KD_JSON_OBJECT) fail_msg("%s has no object \"train_loss_terms\"", path);
+    if (lt->count != n_seen) fail_msg("%s: train_loss_terms has %lld terms, metrics %d", path, (long long)lt->count, n_seen);
+    for (int i = 0; i < n_seen; i++) {
+        const kd_json *v = kd_json_get(lt, seen[i]);
+        if (!v || v->type != KD_JSON_NUMBER) fail_msg("%s: train_loss_terms lacks \"%s\"", path, seen[i]);
+        if (!(fabs(v->number - last_epoch_vals[i]) <= 1e-6 * fmax(1e-6, fabs(last_epoch_vals[i]))))
+            fail_msg("%s: train_loss_terms.%s %.9g, last epoch record %.9g", path, seen[i], v->number,
+                     last_epoch_vals[i]);
+    }
+    kd_json_free(sum);
 }
 
 /* ============================================ 2. config.yaml reproduces */
@@ -734,6 +858,9 @@ static void test_distill(void **state) {
     double v = strtod(kl + 12, NULL);
     free(text);
     if (!(v > 0)) fail_msg("train_kl is %g in a kd run", v);
+    /* kd's step: the weighted "ce" and "kl" terms in step and epoch records
+     * (train_ce, train_kl) and in summary.json's train_loss_terms. */
+    check_run_terms(d, (const char *const[]){"ce", "kl"}, 2);
     snprintf(path, sizeof path, "%s/last.safetensors", d);
     kd_st_file *f = open_ckpt(path);
     kd_st_close(f);
@@ -1155,6 +1282,12 @@ static void test_nan_loss(void **state) {
         dump(&p);
         fail_msg("the message does not say NaN or inf");
     }
+    /* It names the loss term and the step: "loss term 'ce' became NaN at epoch 2 step S". */
+    const char *st = strstr(first, "step ");
+    if (!contains_ci(first, len, "'ce'") || !st || st > first + len || st[5] < '1' || st[5] > '9') {
+        dump(&p);
+        fail_msg("the message does not name the loss term 'ce' and the step");
+    }
     proc_free(&p);
     snprintf(last, sizeof last, "%s/last.safetensors", out);
     kd_st_file *f = open_ckpt(last);
@@ -1395,6 +1528,465 @@ static void test_unknown_command(void **state) {
     proc_free(&p);
 }
 
+/* ============================================= 7. methods and their settings */
+
+/* The line of text holding needle, or NULL; *len is its length. */
+static const char *line_with(const char *text, const char *needle, size_t *len) {
+    const char *p = strstr(text, needle);
+    if (!p) return NULL;
+    const char *b = p;
+    while (b > text && b[-1] != '\n') b--;
+    *len = strcspn(b, "\n");
+    return b;
+}
+
+static int name_char(char c) { return isalnum((unsigned char)c) || c == '_' || c == '.'; }
+
+/* Whether word occurs in s[0..len) not inside a longer name. */
+static int contains_word(const char *s, size_t len, const char *word) {
+    size_t m = strlen(word);
+    for (size_t i = 0; i + m <= len; i++)
+        if (!strncmp(s + i, word, m) && (i == 0 || !name_char(s[i - 1])) && (i + m == len || !name_char(s[i + m])))
+            return 1;
+    return 0;
+}
+
+/* The first float setting of d with a non-zero default, or NULL. */
+static const kd_method_arg *first_float_arg(const kd_method_def *d) {
+    for (int i = 0; i < d->n_args; i++)
+        if (d->args[i].type == KD_ARG_FLOAT && strtod(d->args[i].def, NULL) != 0) return &d->args[i];
+    return NULL;
+}
+
+/* The weighted terms the default step of d logs with its published weights;
+ * -1 when d has its own step (its terms are its own business). */
+static int method_terms(const kd_method_def *d, const char **out) {
+    if (d->step) return -1;
+    kd_distill_cfg dc = kd_distill_defaults(d->name);
+    int n = 0;
+    if (dc.gamma != 0) out[n++] = "ce";
+    if (dc.alpha != 0) out[n++] = "kl";
+    if (dc.beta != 0 && d->term) out[n++] = d->name;
+    return n;
+}
+
+/* A path that does not exist: a run that reads data would fail naming it. */
+static const char *no_data(void) {
+    static char p[DIRN];
+    tmp_path(p, sizeof p, "no-such-data-dir");
+    return p;
+}
+
+/* The error line must not be about the data: nothing was read. */
+static void expect_no_data_read(const kd_proc *p, const char *out) {
+    if (strstr(p->err, "no-such-data-dir")) {
+        dump(p);
+        fail_msg("the error is about the data: the command line was not checked first");
+    }
+    if (out) assert_false(file_exists(out));
+}
+
+/* `kd distill --method list`: every registered method, its summary and its paper. */
+static void test_method_list(void **state) {
+    (void)state;
+    kd_proc p = RUN("distill", "--method", "list");
+    expect_ok(&p, "kd distill --method list");
+    int n;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    int name_lines = 0;
+    for (const char *l = p.out; *l; l += strcspn(l, "\n") + (l[strcspn(l, "\n")] == '\n'))
+        name_lines += *l != ' ' && *l != '\n';
+    if (name_lines != n) {
+        dump(&p);
+        fail_msg("%d methods listed, %d registered", name_lines, n);
+    }
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        size_t nl = strlen(d->name);
+        const char *line = NULL;
+        for (const char *l = p.out; *l; l += strcspn(l, "\n") + (l[strcspn(l, "\n")] == '\n'))
+            if (!strncmp(l, d->name, nl) && l[nl] == ' ') line = l;
+        if (!line) {
+            dump(&p);
+            fail_msg("method %s is not listed", d->name);
+        }
+        size_t len = strcspn(line, "\n");
+        const char *next = line + len + (line[len] == '\n');
+        if (!contains_ci(line, len, d->summary) || !contains_ci(next, strcspn(next, "\n"), d->paper ? d->paper : "-")) {
+            dump(&p);
+            fail_msg("method %s: summary or paper missing from its entry", d->name);
+        }
+    }
+    proc_free(&p);
+}
+
+/* `kd distill --method NAME --help` for every method: its summary, paper and
+ * every "<method>.<setting>" with its default, from the settings table. */
+static void test_method_help(void **state) {
+    (void)state;
+    int n, with_args = 0, saw_kd = 0;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        kd_proc p = RUN("distill", "--method", d->name, "--help");
+        expect_ok(&p, "kd distill --method NAME --help");
+        if (!strstr(p.out, "usage")) {
+            dump(&p);
+            fail_msg("--method %s --help: no usage text", d->name);
+        }
+        saw_kd |= !strcmp(d->name, "kd");
+        if (!strcmp(d->name, "none")) {
+            proc_free(&p);
+            continue;
+        }
+        char head[64];
+        snprintf(head, sizeof head, "method %s: ", d->name);
+        if (!strstr(p.out, head) || !strstr(p.out, d->summary) || (d->paper && !strstr(p.out, d->paper))) {
+            dump(&p);
+            fail_msg("--method %s --help does not describe the method", d->name);
+        }
+        if (d->n_args == 0 && !strstr(p.out, "no settings")) {
+            dump(&p);
+            fail_msg("--method %s --help does not say it has no settings", d->name);
+        }
+        for (int a = 0; a < d->n_args; a++) {
+            char key[160], def[200];
+            snprintf(key, sizeof key, "%s.%s=", d->name, d->args[a].name);
+            snprintf(def, sizeof def, "[%s]", d->args[a].def);
+            size_t len;
+            const char *line = line_with(p.out, key, &len);
+            if (!line || !contains_ci(line, len, def)) {
+                dump(&p);
+                fail_msg("--method %s --help: no line with %s and its default %s", d->name, key, def);
+            }
+        }
+        with_args += d->n_args > 0;
+        proc_free(&p);
+    }
+    assert_true(saw_kd);
+    printf("  help of %d methods checked, %d with settings\n", n, with_args);
+}
+
+/* An unknown setting of a method is a bad command line, found before any
+ * data is read. */
+static void test_set_unknown_setting(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_set_unknown");
+    kd_proc p = RUN("distill", "--method", "kd", "--set", "kd.foo=1", "--teacher-ckpt", "t.safetensors", "--data",
+                    no_data(), "--out", out, "--progress", "0");
+    EXPECT_FAIL(&p, 2, "kd.foo");
+    expect_no_data_read(&p, out);
+    proc_free(&p);
+    /* --set needs METHOD.NAME=VALUE. */
+    p = RUN("distill", "--method", "kd", "--set", "foo", "--data", no_data(), "--out", out);
+    EXPECT_FAIL(&p, 2, "--set");
+    proc_free(&p);
+}
+
+/* A malformed value of a float setting, for every method that has one. */
+static void test_set_wrong_type(void **state) {
+    (void)state;
+    int n, tried = 0;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_set_type");
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        for (int a = 0; a < d->n_args; a++) {
+            if (d->args[a].type != KD_ARG_FLOAT) continue;
+            char set[200], key[160];
+            snprintf(key, sizeof key, "%s.%s", d->name, d->args[a].name);
+            snprintf(set, sizeof set, "%s=abc", key);
+            kd_proc p = RUN("distill", "--method", d->name, "--set", set, "--teacher-ckpt", "t.safetensors", "--data",
+                            no_data(), "--out", out, "--progress", "0");
+            EXPECT_FAIL(&p, 2, key, "abc");
+            expect_no_data_read(&p, out);
+            proc_free(&p);
+            tried++;
+            break;
+        }
+    }
+    if (!tried) {
+        printf("  no registered method has a float setting: skipped\n");
+        skip();
+    }
+}
+
+/* Another method's setting: the message names the setting, its method and
+ * the method in use. */
+static void test_set_other_method(void **state) {
+    (void)state;
+    int n, tried = 0;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_set_other");
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        if (!strcmp(d->name, "kd") || d->n_args == 0) continue;
+        /* dkd.alpha when dkd has it, else the method's first setting. */
+        const kd_method_arg *a = &d->args[0];
+        for (int k = 0; k < d->n_args; k++)
+            if (!strcmp(d->args[k].name, "alpha")) a = &d->args[k];
+        char key[160], set[200], own[80];
+        snprintf(key, sizeof key, "%s.%s", d->name, a->name);
+        snprintf(set, sizeof set, "%s=%s", key, a->def);
+        snprintf(own, sizeof own, "method %s", d->name);
+        kd_proc p = RUN("distill", "--method", "kd", "--set", set, "--teacher-ckpt", "t.safetensors", "--data",
+                        no_data(), "--out", out, "--progress", "0");
+        EXPECT_FAIL(&p, 2, key, own);
+        const char *first;
+        count_lines(p.err, 1, &first);
+        /* The method in use, kd, as a word of its own (not inside "kd distill:"). */
+        const char *msg = strstr(first, ": ");
+        if (!msg || !contains_word(msg, strcspn(msg, "\n"), "kd")) {
+            dump(&p);
+            fail_msg("the message does not name the method in use (kd)");
+        }
+        expect_no_data_read(&p, out);
+        proc_free(&p);
+        tried++;
+    }
+    if (!tried) {
+        printf("  no method other than kd has settings: skipped\n");
+        skip();
+    }
+}
+
+/* An unknown method is refused, listing every registered method. */
+static void test_unknown_method_lists(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_method_foo");
+    kd_proc p = RUN("distill", "--method", "foo", "--data", no_data(), "--out", out, "--progress", "0");
+    EXPECT_FAIL(&p, 2, "'foo'");
+    const char *first;
+    count_lines(p.err, 1, &first);
+    size_t len = strcspn(first, "\n");
+    int n;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    for (int i = 0; i < n; i++)
+        if (!contains_word(first, len, defs[i]->name)) {
+            dump(&p);
+            fail_msg("the message does not list method %s", defs[i]->name);
+        }
+    expect_no_data_read(&p, out);
+    proc_free(&p);
+}
+
+/* Every method that needs a teacher, run without --teacher-ckpt: exit 2
+ * naming teacher_ckpt, before the (missing) data is read. */
+static void test_teacher_required(void **state) {
+    (void)state;
+    int n, tried = 0;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_no_teacher");
+    for (int i = 0; i < n; i++) {
+        kd_distill_cfg dc = kd_distill_defaults(defs[i]->name);
+        if (!kd_distill_needs_teacher(&dc)) continue;
+        kd_proc p = RUN("distill", "--method", defs[i]->name, "--data", no_data(), "--out", out, "--progress", "0");
+        EXPECT_FAIL(&p, 2, "teacher_ckpt");
+        expect_no_data_read(&p, out);
+        proc_free(&p);
+        tried++;
+    }
+    assert_true(tried >= 1); /* kd at least */
+}
+
+/* One short distillation run of method d (2 steps, 1 epoch) into out, with
+ * --set key=value when key is given. */
+static void run_method(const kd_method_def *d, const char *key, const char *value, const char *out) {
+    char teacher[PATHN], set[300];
+    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    const char *args[64];
+    int n = 0;
+    const char *base[] = {"distill", "--method", d->name, TRAIN_FLAGS(g_data, out, "1"), "--max-steps-per-epoch", "2",
+                          "--log-every", "1"};
+    for (size_t i = 0; i < sizeof base / sizeof base[0]; i++) args[n++] = base[i];
+    if (d->teacher != KD_TEACHER_NONE) {
+        args[n++] = "--teacher-ckpt";
+        args[n++] = teacher;
+    }
+    if (key) {
+        snprintf(set, sizeof set, "%s=%s", key, value);
+        args[n++] = "--set";
+        args[n++] = set;
+    }
+    args[n] = NULL;
+    kd_proc p = run_kd(args);
+    char what[128];
+    snprintf(what, sizeof what, "kd distill --method %s", d->name);
+    expect_ok(&p, what);
+    proc_free(&p);
+}
+
+/* config.yaml without the comment line (it names the file) and the out line. */
+static char *config_body(const char *path) {
+    char *t = slurp(path, NULL);
+    if (!t) fail_msg("no %s", path);
+    char *o = strstr(t, "\nout:");
+    if (!o) fail_msg("%s has no out:", path);
+    char *e = strchr(o + 1, '\n');
+    memmove(o, e, strlen(e) + 1);
+    char *body = strdup(strchr(t, '\n'));
+    free(t);
+    return body;
+}
+
+static void expect_same_config(const char *dir_a, const char *dir_b) {
+    char pa[PATHN], pb[PATHN];
+    snprintf(pa, sizeof pa, "%s/config.yaml", dir_a);
+    snprintf(pb, sizeof pb, "%s/config.yaml", dir_b);
+    char *a = config_body(pa), *b = config_body(pb);
+    if (strcmp(a, b)) fail_msg("%s and %s differ in more than out:\n%s\n----\n%s", pa, pb, a, b);
+    free(a);
+    free(b);
+}
+
+/* The value config.yaml records for key ("key: \"value\"" on a line of its own). */
+static void expect_config_value(const char *dir, const char *key, const char *value) {
+    char path[PATHN], line[512];
+    snprintf(path, sizeof path, "%s/config.yaml", dir);
+    char *t = slurp(path, NULL);
+    if (!t) fail_msg("no %s", path);
+    snprintf(line, sizeof line, "\n%s: \"%s\"\n", key, value);
+    if (!strstr(t, line)) {
+        size_t len;
+        char k[200];
+        snprintf(k, sizeof k, "\n%s:", key);
+        const char *l = strstr(t, k) ? line_with(t, k + 1, &len) : NULL;
+        fail_msg("%s records %s as %.*s, expected \"%s\"", path, key, l ? (int)len : 6, l ? l : "(none)", value);
+    }
+    free(t);
+}
+
+/* For every method with settings: a short run records every setting of the
+ * method, resolved (the one overridden by --set with its new value, the
+ * others with their defaults) in config.yaml, logs the method's named terms,
+ * and `--config` of that config.yaml repeats the run to the byte. */
+static void test_method_settings_recorded(void **state) {
+    (void)state;
+    need_run_a();
+    int n, tried = 0;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        if (d->n_args == 0) continue;
+        const kd_method_arg *fa = first_float_arg(d);
+        char key[160] = "", value[64] = "", out1[DIRN], out2[DIRN], name[96];
+        if (fa) {
+            snprintf(key, sizeof key, "%s.%s", d->name, fa->name);
+            snprintf(value, sizeof value, "%g", 2.0 * strtod(fa->def, NULL));
+        }
+        snprintf(name, sizeof name, "run_m_%s", d->name);
+        tmp_path(out1, sizeof out1, name);
+        snprintf(name, sizeof name, "run_m_%s_repeat", d->name);
+        tmp_path(out2, sizeof out2, name);
+        run_method(d, fa ? key : NULL, value, out1);
+        for (int a = 0; a < d->n_args; a++) {
+            char k[160];
+            snprintf(k, sizeof k, "%s.%s", d->name, d->args[a].name);
+            expect_config_value(out1, k, fa && &d->args[a] == fa ? value : d->args[a].def);
+        }
+        const char *terms[8];
+        int nt = method_terms(d, terms);
+        check_run_terms(out1, terms, nt);
+        char cfg[PATHN], la[PATHN], lb[PATHN];
+        snprintf(cfg, sizeof cfg, "%s/config.yaml", out1);
+        kd_proc p = RUN("distill", "--config", cfg, "--out", out2);
+        expect_ok(&p, "kd distill --config <run>/config.yaml");
+        proc_free(&p);
+        snprintf(la, sizeof la, "%s/last.safetensors", out1);
+        snprintf(lb, sizeof lb, "%s/last.safetensors", out2);
+        compare_ckpts(la, lb, 1);
+        expect_same_config(out1, out2);
+        tried++;
+    }
+    printf("  %d methods with settings: recorded and repeated\n", tried);
+    if (!tried) skip();
+}
+
+/* A handwritten YAML config with top-level "<method>.<setting>: value" keys
+ * gives the same run as --set; an unknown dotted key is refused naming it. */
+static void test_yaml_method_keys(void **state) {
+    (void)state;
+    need_run_a();
+    int n;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    const kd_method_def *d = NULL;
+    const kd_method_arg *fa = NULL;
+    for (int i = 0; i < n && !d; i++)
+        if (defs[i]->teacher != KD_TEACHER_NONE && (fa = first_float_arg(defs[i]))) d = defs[i];
+    if (!d) {
+        printf("  no method with a float setting: skipped\n");
+        skip();
+        return;
+    }
+    char key[160], value[64], flags_run[DIRN], yaml_run[DIRN], yaml[DIRN], teacher[PATHN];
+    snprintf(key, sizeof key, "%s.%s", d->name, fa->name);
+    snprintf(value, sizeof value, "%g", 3.0 * strtod(fa->def, NULL));
+    tmp_path(flags_run, sizeof flags_run, "run_yaml_flags");
+    tmp_path(yaml_run, sizeof yaml_run, "run_yaml_file");
+    tmp_path(yaml, sizeof yaml, "method.yaml");
+    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    run_method(d, key, value, flags_run);
+    /* The same settings as run_method's flags, as YAML. */
+    char text[4096];
+    snprintf(text, sizeof text,
+             "# handwritten\ndata: %s\nmodel: resnet8\nmethod: %s\nteacher_ckpt: %s\nepochs: 1\nbatch_size: 16\n"
+             "backend: ref\nthreads: 2\nworkers: 1\nprogress: 0\nlr: 0.1\nschedule: cosine\nhflip: 1\npad_crop: 1\n"
+             "log_every: 1\nmax_steps_per_epoch: 2\n%s: %s\n",
+             g_data, d->name, teacher, key, value);
+    write_bytes(yaml, text, strlen(text));
+    kd_proc p = RUN("distill", "--config", yaml, "--out", yaml_run);
+    expect_ok(&p, "kd distill --config method.yaml");
+    proc_free(&p);
+    expect_config_value(yaml_run, key, value);
+    char la[PATHN], lb[PATHN];
+    snprintf(la, sizeof la, "%s/last.safetensors", flags_run);
+    snprintf(lb, sizeof lb, "%s/last.safetensors", yaml_run);
+    compare_ckpts(la, lb, 1);
+    expect_same_config(flags_run, yaml_run);
+    /* An unknown dotted key. */
+    char bad[DIRN], out[DIRN], badkey[160];
+    tmp_path(bad, sizeof bad, "method-badkey.yaml");
+    tmp_path(out, sizeof out, "run_yaml_badkey");
+    snprintf(badkey, sizeof badkey, "%s.no_such_setting", d->name);
+    snprintf(text, sizeof text, "method: %s\n%s: 1\ndata: %s\n", d->name, badkey, no_data());
+    write_bytes(bad, text, strlen(text));
+    p = RUN("distill", "--config", bad, "--teacher-ckpt", "t.safetensors", "--out", out);
+    EXPECT_FAIL(&p, 2, badkey);
+    expect_no_data_read(&p, out);
+    proc_free(&p);
+}
+
+/* `kd train --epochs 3` with the default milestones 150,180,210 warns on
+ * stderr that they never take effect; milestones within the run do not. */
+static void test_milestone_warning(void **state) {
+    (void)state;
+    char out[DIRN];
+    tmp_path(out, sizeof out, "run_milestones");
+    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, out, "3"), "--schedule", "multistep", "--max-steps-per-epoch", "1");
+    expect_ok(&p, "kd train --epochs 3");
+    size_t len;
+    const char *l = line_with(p.err, "150,180,210", &len);
+    if (!l || !contains_ci(l, len, "warn") || !contains_ci(l, len, "epochs 3")) {
+        dump(&p);
+        fail_msg("no warning on stderr about milestones 150,180,210 beyond epochs 3");
+    }
+    proc_free(&p);
+    tmp_path(out, sizeof out, "run_milestones_ok");
+    p = RUN("train", TRAIN_FLAGS(g_data, out, "3"), "--schedule", "multistep", "--milestones", "1,2",
+            "--max-steps-per-epoch", "1");
+    expect_ok(&p, "kd train --epochs 3 --milestones 1,2");
+    if (strstr(p.err, "milestones")) {
+        dump(&p);
+        fail_msg("a warning about milestones that all take effect");
+    }
+    proc_free(&p);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_help_top),
@@ -1447,6 +2039,16 @@ int main(void) {
         cmocka_unit_test(test_info_dataset),
         cmocka_unit_test(test_info_checkpoint),
         cmocka_unit_test(test_info_nonexistent),
+        cmocka_unit_test(test_method_list),
+        cmocka_unit_test(test_method_help),
+        cmocka_unit_test(test_set_unknown_setting),
+        cmocka_unit_test(test_set_wrong_type),
+        cmocka_unit_test(test_set_other_method),
+        cmocka_unit_test(test_unknown_method_lists),
+        cmocka_unit_test(test_teacher_required),
+        cmocka_unit_test(test_method_settings_recorded),
+        cmocka_unit_test(test_yaml_method_keys),
+        cmocka_unit_test(test_milestone_warning),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }

@@ -18,7 +18,8 @@
  *     pre-activation features, and a distillation step with a no-grad
  *     resnet8x4 teacher) give bit-identical losses, parameters and running
  *     statistics with and without releasing, in a smaller arena, and
- *     allocate nothing on the heap once the arena is one block.
+ *     allocate nothing on the heap once the arena is one block. The plain
+ *     and distillation steps are kd_train_step itself (src/train/trainer.c).
  */
 #include "testutil.h"
 
@@ -32,6 +33,7 @@
 #include "kd/autograd.h"
 #include "kd/models.h"
 #include "kd/optim.h"
+#include "kd/train.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define TEST_ASAN 1
@@ -316,46 +318,72 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n) {
     return h;
 }
 
-/* Three SGD steps of `arch` (optionally distilled from a no-grad `teacher`
- * with KL, T = 4) from fixed weights and a fixed batch of 8 images of hw x hw
- * pixels; hash of every state tensor. */
+/* Three SGD steps (lr 0.05, momentum 0.9, weight decay 5e-4) of `arch` from
+ * fixed weights on a fixed batch of 8 images of hw x hw pixels; hash of every
+ * state tensor. Plain steps go through kd_train_step, the one training step:
+ * cross-entropy (method "none"), or with a no-grad `teacher` method "kd" at
+ * gamma 1, alpha 1, T 4 (CE + KL). The pre-activation case adds a term no
+ * method computes (0.01 * the mean of every pre-activation feature, so that
+ * each takes part in the backward), so it builds its step by hand with the
+ * same optimiser. */
 static run_result train_steps(const char *arch, const char *teacher, int flags, int64_t hw,
                               int release) {
     kd_model *m = model_new(arch, 1), *t = teacher ? model_new(teacher, 2) : NULL;
     if (t) kd_model_set_training(t, 0);
-    kd_param_list *lists[1] = {kd_model_params(m)};
-    kd_sgd_cfg oc = {.lr = 0.05f, .momentum = 0.9f, .weight_decay = 5e-4f};
-    kd_sgd *opt = NULL;
-    KD_ASSERT_OK(kd_sgd_init(&opt, lists, 1, &oc));
-    kd_graph *g = graph_new(kd_backend_default());
-    kd_graph_set_mem_release(g, release);
+    kd_optim_cfg oc = kd_optim_defaults(KD_OPTIM_SGD);
+    oc.lr = 0.05f;
+    oc.momentum = 0.9f;
+    oc.weight_decay = 5e-4f;
     int64_t N = 8;
     int32_t y[8];
     float *xb = batch_new(N, hw, y);
+    int64_t index[8];
+    for (int64_t i = 0; i < N; i++) index[i] = i;
     run_result r = {{0}, 0, 0, 0, 0};
-    for (int step = 0; step < 3; step++) {
-        kd_graph_reset(g);
-        kd_graph_set_rng(g, 5, (uint64_t)step);
-        int64_t xs[4] = {N, 3, hw, hw};
-        kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb), *yt = kd_graph_wrap(g, KD_I32, 1, &N, y);
-        kd_model_out o, to;
-        kd_tensor *tl = NULL;
+    kd_graph *g = NULL;
+    kd_trainer *tr = NULL;
+    kd_optim *opt = NULL;
+    if (flags & KD_FWD_PREACT) {
+        kd_param_group grp = {"", kd_model_params(m), 1.0f};
+        KD_ASSERT_OK(kd_optim_init(&opt, &grp, 1, &oc));
+        g = graph_new(kd_backend_default());
+    } else {
+        kd_distill_cfg dc = kd_distill_defaults(t ? "kd" : "none");
+        dc.gamma = 1.0f;
         if (t) {
-            int prev = kd_graph_set_grad_enabled(g, 0);
-            KD_ASSERT_OK(kd_model_forward(t, g, x, flags, &to));
-            kd_graph_set_grad_enabled(g, prev);
-            tl = to.logits;
+            dc.alpha = 1.0f;
+            dc.T = 4.0f;
         }
-        KD_ASSERT_OK(kd_model_forward(m, g, x, flags, &o));
-        kd_tensor *loss = kd_cross_entropy(g, o.logits, yt, 0.0f);
-        if (flags & KD_FWD_PREACT) /* every preact feature takes part in the loss */
-            for (int k = 0; k < o.n_feat; k++)
+        kd_sched sc = {.kind = KD_SCHED_CONSTANT, .base_lr = 0.05f, .epochs = 1};
+        kd_trainer_cfg tc = {.student = m, .teacher = t, .method = dc, .optim = oc, .sched = sc,
+                             .be = kd_backend_default(), .precision = KD_F32, .in_channels = 3,
+                             .height = (int)hw, .width = (int)hw, .num_classes = 10, .n_train = N, .seed = 5};
+        KD_ASSERT_OK(kd_trainer_init(&tr, &tc));
+        g = kd_trainer_graph(tr);
+    }
+    kd_graph_set_mem_release(g, release);
+    for (int step = 0; step < 3; step++) {
+        if (tr) {
+            kd_batch b = {.n = N, .batch = step, .x = xb, .y = y, .index = index};
+            kd_step_result sr;
+            KD_ASSERT_OK(kd_train_step(tr, &b, 0, step, 3, &sr));
+            assert_int_equal(sr.n_terms, t ? 2 : 1);
+            r.loss[step] = (float)sr.loss;
+        } else {
+            kd_graph_reset(g);
+            kd_graph_set_rng(g, 5, (uint64_t)step);
+            int64_t xs[4] = {N, 3, hw, hw};
+            kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb), *yt = kd_graph_wrap(g, KD_I32, 1, &N, y);
+            kd_model_out o;
+            KD_ASSERT_OK(kd_model_forward(m, g, x, flags, &o));
+            kd_tensor *loss = kd_cross_entropy(g, o.logits, yt, 0.0f);
+            for (int k = 0; k < o.n_feat; k++) /* every preact feature takes part in the loss */
                 loss = kd_add(g, loss, kd_scale(g, kd_mean(g, o.preact[k]), 0.01f));
-        if (tl) loss = kd_add(g, loss, kd_kl_div(g, o.logits, tl, 4.0f));
-        kd_sgd_zero_grad(opt);
-        KD_ASSERT_OK(kd_backward(g, loss));
-        KD_ASSERT_OK(kd_sgd_step(opt));
-        r.loss[step] = kd_f32(loss)[0];
+            kd_optim_zero_grad(opt);
+            KD_ASSERT_OK(kd_backward(g, loss));
+            KD_ASSERT_OK(kd_optim_step(opt));
+            r.loss[step] = kd_f32(loss)[0];
+        }
         if (step == 1) r.heap_after_second = kd_graph_heap_allocs(g);
     }
     r.heap_end = kd_graph_heap_allocs(g);
@@ -365,8 +393,9 @@ static run_result train_steps(const char *arch, const char *teacher, int flags, 
     for (int i = 0; i < pl->n; i++) /* parameters and BN running statistics */
         r.hash = fnv(r.hash, pl->items[i].t->data, kd_tensor_nbytes(pl->items[i].t));
     free(xb);
-    kd_graph_free(g);
-    kd_sgd_free(opt);
+    if (tr) kd_trainer_free(tr);
+    else kd_graph_free(g);
+    kd_optim_free(opt);
     kd_model_free(m);
     kd_model_free(t);
     return r;

@@ -207,9 +207,7 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
         snprintf(name, sizeof name, "init.%s", pl->items[i].name);
         KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
     }
-    kd_sgd *opt = NULL;
-    kd_sgd_cfg oc = {.lr = 0.1f, .momentum = 0.9f, .weight_decay = 5e-4f};
-    KD_ASSERT_OK(kd_sgd_init(&opt, &pl, 1, &oc));
+    kd_optim *opt = kd_test_sgd_new(pl, 0.1f, 0.9f, 5e-4f, 0);
     kd_graph *g = NULL;
     KD_ASSERT_OK(kd_graph_init(&g, be));
     KD_ASSERT_OK(kd_graph_set_precision(g, prec));
@@ -232,7 +230,7 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
                          "step1.logits");
         }
         kd_tensor *loss = kd_cross_entropy(g, o.logits, y, 0.0f);
-        kd_sgd_zero_grad(opt);
+        kd_optim_zero_grad(opt);
         KD_ASSERT_OK(kd_backward(g, loss));
         if (k == 1) {
             for (int i = 0; i < pl->n; i++) {
@@ -244,7 +242,7 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
                              tol_param, tol_param * 10, 0.25, name);
             }
         }
-        KD_ASSERT_OK(kd_sgd_step(opt));
+        KD_ASSERT_OK(kd_optim_step(opt));
         snprintf(name, sizeof name, "step%d.loss", k);
         const kd_st_entry *el = kd_st_find(f, name);
         double got = kd_f32(loss)[0], want = ((const float *)el->data)[0];
@@ -294,7 +292,7 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
     if (prec == KD_BF16 && max_dloss < 1e-5)
         fail_msg("bf16 run matches the float32 losses to %.2g: bf16 was not used", max_dloss);
     kd_graph_free(g);
-    kd_sgd_free(opt);
+    kd_optim_free(opt);
     kd_model_free(m);
     kd_st_close(f);
 }
@@ -366,9 +364,7 @@ static void test_resnet8_steady_state_cpu(void **state) {
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
     kd_param_list *pl = kd_model_params(m);
-    kd_sgd *opt = NULL;
-    kd_sgd_cfg oc = {.lr = 0.01f, .momentum = 0.9f, .weight_decay = 5e-4f};
-    KD_ASSERT_OK(kd_sgd_init(&opt, &pl, 1, &oc));
+    kd_optim *opt = kd_test_sgd_new(pl, 0.01f, 0.9f, 5e-4f, 0);
     kd_graph *g = NULL;
     KD_ASSERT_OK(kd_graph_init(&g, be));
     static float xb[N * 3 * 32 * 32]; /* x (N, 3, 32, 32) */
@@ -398,9 +394,9 @@ static void test_resnet8_steady_state_cpu(void **state) {
         kd_model_out o;
         KD_ASSERT_OK(kd_model_forward(m, g, x, 0, &o));
         kd_tensor *loss = kd_cross_entropy(g, o.logits, y, 0.0f);
-        kd_sgd_zero_grad(opt);
+        kd_optim_zero_grad(opt);
         KD_ASSERT_OK(kd_backward(g, loss));
-        KD_ASSERT_OK(kd_sgd_step(opt));
+        KD_ASSERT_OK(kd_optim_step(opt));
         assert_true(isfinite(kd_f32(loss)[0]));
     }
     long faults = minor_faults() - faults0;
@@ -419,7 +415,7 @@ static void test_resnet8_steady_state_cpu(void **state) {
                  faults, STEPS - WARMUP, cap);
 #endif
     kd_graph_free(g);
-    kd_sgd_free(opt);
+    kd_optim_free(opt);
     kd_model_free(m);
 }
 
@@ -431,24 +427,21 @@ static void test_sgd_formula(void **state) {
     int64_t one = 1;
     KD_ASSERT_OK(kd_params_new(&pl, "", "w", KD_F32, 1, &one, KD_PARAM_WEIGHT, &w));
     kd_f32(w)[0] = 1.0f;
-    kd_param_list *lists[1] = {&pl};
     for (int nesterov = 0; nesterov < 2; nesterov++) {
         kd_f32(w)[0] = 1.0f;
-        kd_sgd *o = NULL;
-        kd_sgd_cfg c = {.lr = 0.1f, .momentum = 0.9f, .weight_decay = 0.01f, .nesterov = nesterov};
-        KD_ASSERT_OK(kd_sgd_init(&o, lists, 1, &c));
+        kd_optim *o = kd_test_sgd_new(&pl, 0.1, 0.9, 0.01, nesterov);
         double p = 1.0, buf = 0;
         for (int s = 0; s < 4; s++) {
             double g = 0.5 + s; /* any gradient sequence */
             kd_f32(w->grad)[0] = (float)g;
-            KD_ASSERT_OK(kd_sgd_step(o));
+            KD_ASSERT_OK(kd_optim_step(o));
             double d = g + 0.01 * p;
             buf = s == 0 ? d : 0.9 * buf + d;
             d = nesterov ? d + 0.9 * buf : buf;
             p -= 0.1 * d;
             assert_true(fabs(kd_f32(w)[0] - p) < 1e-6);
         }
-        kd_sgd_free(o);
+        kd_optim_free(o);
     }
     kd_params_free(&pl);
 }
@@ -462,8 +455,11 @@ static void test_schedules(void **state) {
     assert_float_equal(kd_sched_lr(&s, 150, 0, 100), 0.005, 1e-9);
     assert_float_equal(kd_sched_lr(&s, 239, 0, 100), 0.00005, 1e-10);
     kd_sched c = {.kind = KD_SCHED_COSINE, .base_lr = 1.0f, .epochs = 10, .min_lr = 0.0f, .warmup_epochs = 2};
-    assert_float_equal(kd_sched_lr(&c, 0, 0, 10), 1.0 / 20, 1e-6);  /* first warm-up step */
-    assert_float_equal(kd_sched_lr(&c, 1, 9, 10), 1.0, 1e-6);       /* end of warm-up */
+    /* Warm-up per step from lr 0 at the first step (SimCLR's step / warmup_steps). */
+    assert_float_equal(kd_sched_lr(&c, 0, 0, 10), 0.0, 1e-9);       /* first warm-up step */
+    assert_float_equal(kd_sched_lr(&c, 0, 1, 10), 1.0 / 20, 1e-6);
+    assert_float_equal(kd_sched_lr(&c, 1, 9, 10), 19.0 / 20, 1e-6); /* last warm-up step */
+    assert_float_equal(kd_sched_lr(&c, 2, 0, 10), 1.0, 1e-6);       /* the cosine starts at base_lr */
     assert_float_equal(kd_sched_lr(&c, 6, 0, 10), 0.5, 1e-6);       /* half-way through the cosine */
     assert_float_equal(kd_sched_lr(&c, 10, 0, 10), 0.0, 1e-6);
     kd_sched_kind k;

@@ -1,12 +1,21 @@
 /* Shared helpers for the cmocka tests. */
 #include "testutil.h"
 
+#include "kd/io.h"
+
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+
+extern char **environ;
 
 double kd_test_check_close(const float *a, const float *b, int64_t n, double atol, double rtol,
                            const char *what, const char *file, int line) {
@@ -43,6 +52,18 @@ const char *kd_test_tmpdir(const char *tag) {
     return buf;
 }
 
+kd_optim *kd_test_sgd_new(kd_param_list *pl, double lr, double momentum, double weight_decay, int nesterov) {
+    kd_optim_cfg c = kd_optim_defaults(KD_OPTIM_SGD);
+    c.lr = lr;
+    c.momentum = momentum;
+    c.weight_decay = weight_decay;
+    c.nesterov = nesterov;
+    kd_param_group grp = {"", pl, 1.0f};
+    kd_optim *o = NULL;
+    KD_ASSERT_OK(kd_optim_init(&o, &grp, 1, &c));
+    return o;
+}
+
 /* ------------------------------------------------ the test kd_function */
 
 static kd_status polymul_fwd(kd_graph *g, const void *p, kd_tensor *const *in, int n_in, kd_tensor *out,
@@ -66,3 +87,223 @@ static kd_status polymul_bwd(kd_graph *g, const void *p, void *saved, kd_tensor 
 }
 
 const kd_function kd_test_fn_polymul = {"polymul", polymul_fwd, polymul_bwd};
+
+/* ------------------------------------------ generated data and the kd program */
+
+static void kd__test_write_cifar_file(const char *path, int n, uint64_t seed) {
+    const size_t rec = 2 + 3072;
+    unsigned char *b = malloc(rec * (size_t)n);
+    if (!b) fail_msg("out of memory writing %s", path);
+    kd_rng r;
+    kd_rng_init(&r, seed, 0xc1fa);
+    for (int i = 0; i < n; i++) {
+        unsigned char *p = b + (size_t)i * rec;
+        int fine = i % 100;
+        p[0] = (unsigned char)(fine / 5);
+        p[1] = (unsigned char)fine;
+        /* A ramp whose direction and level depend on the class, over noise. */
+        for (int c = 0; c < 3; c++)
+            for (int y = 0; y < 32; y++)
+                for (int x = 0; x < 32; x++) {
+                    int ramp = ((fine % 4) < 2 ? y : x) * (1 + fine % 7) + 9 * c + (fine / 4) * 3;
+                    p[2 + (size_t)c * 1024 + (size_t)y * 32 + (size_t)x] =
+                        (unsigned char)((ramp + (int)kd_rng_below(&r, 60)) % 256);
+                }
+    }
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s", path);
+    size_t w = fwrite(b, 1, rec * (size_t)n, f);
+    fclose(f);
+    free(b);
+    if (w != rec * (size_t)n) fail_msg("short write to %s", path);
+}
+
+void kd_test_write_cifar100(const char *dir, int n_train, int n_test, uint64_t seed) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/train.bin", dir);
+    kd__test_write_cifar_file(path, n_train, seed);
+    snprintf(path, sizeof path, "%s/test.bin", dir);
+    kd__test_write_cifar_file(path, n_test, seed + 1);
+}
+
+char *kd_test_slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, len = 0, got;
+    char *buf = malloc(cap + 1);
+    while (buf && (got = fread(buf + len, 1, cap - len, f)) > 0) {
+        len += got;
+        if (len == cap) {
+            char *nb = realloc(buf, (cap *= 2) + 1);
+            if (!nb) free(buf);
+            buf = nb;
+        }
+    }
+    fclose(f);
+    if (!buf) return NULL;
+    buf[len] = '\0';
+    if (n) *n = len;
+    return buf;
+}
+
+kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args) {
+    static int id;
+    char outp[1200], errp[1200];
+    id++;
+    snprintf(outp, sizeof outp, "%s/kd_run%d.out", scratch, id);
+    snprintf(errp, sizeof errp, "%s/kd_run%d.err", scratch, id);
+    const char *exe = KD_BINARY_DIR "/kd";
+    int argc = 0;
+    while (args[argc]) argc++;
+    char **argv = calloc((size_t)argc + 2, sizeof *argv);
+    if (!argv) fail_msg("out of memory");
+    argv[0] = (char *)exe;
+    for (int i = 0; i < argc; i++) argv[i + 1] = (char *)args[i];
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, outp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pid_t pid;
+    int rc = posix_spawn(&pid, exe, &fa, NULL, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    free(argv);
+    if (rc != 0) fail_msg("cannot start %s: %s", exe, strerror(rc));
+    int ws = 0;
+    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    kd_test_proc p;
+    memset(&p, 0, sizeof p);
+    if (WIFEXITED(ws)) {
+        p.status = WEXITSTATUS(ws);
+    } else {
+        p.status = -1;
+        p.signal = WIFSIGNALED(ws) ? WTERMSIG(ws) : -1;
+    }
+    p.out = kd_test_slurp(outp, NULL);
+    p.err = kd_test_slurp(errp, NULL);
+    if (!p.out) p.out = strdup("");
+    if (!p.err) p.err = strdup("");
+    p.secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return p;
+}
+
+void kd_test_proc_free(kd_test_proc *p) {
+    free(p->out);
+    free(p->err);
+    memset(p, 0, sizeof *p);
+}
+
+void kd_test_expect_ok(const kd_test_proc *p, const char *what) {
+    if (p->signal || p->status != 0) {
+        fprintf(stderr, "---- %s: exit %d signal %d (%.1fs)\n---- stdout:\n%s---- stderr:\n%s----\n", what, p->status,
+                p->signal, p->secs, p->out, p->err);
+        fail_msg("%s: expected exit 0, got status %d signal %d", what, p->status, p->signal);
+    }
+}
+
+/* ------------------------------------ the tiny IDX dataset and checkpoints */
+
+static void kd__test_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static void kd__test_write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
+    size_t w = fwrite(data, 1, n, f);
+    fclose(f);
+    if (w != n) fail_msg("short write to %s", path);
+}
+
+static void kd__test_write_idx_split(const char *dir, const char *prefix, int n, int side, uint64_t seed) {
+    size_t nimg = 16 + (size_t)n * (size_t)side * (size_t)side, nlab = 8 + (size_t)n;
+    unsigned char *im = malloc(nimg), *lb = malloc(nlab);
+    if (!im || !lb) fail_msg("out of memory writing %s", dir);
+    kd__test_be32(im, 0x00000803);
+    kd__test_be32(im + 4, (uint32_t)n);
+    kd__test_be32(im + 8, (uint32_t)side);
+    kd__test_be32(im + 12, (uint32_t)side);
+    kd__test_be32(lb, 0x00000801);
+    kd__test_be32(lb + 4, (uint32_t)n);
+    kd_rng r;
+    kd_rng_init(&r, seed, 0xda7a);
+    for (int i = 0; i < n; i++) {
+        int k = i % 4;
+        lb[8 + i] = (unsigned char)k;
+        unsigned char *p = im + 16 + (size_t)i * (size_t)side * (size_t)side;
+        for (int y = 0; y < side; y++)
+            for (int x = 0; x < side; x++) {
+                int bright = (y * 8 / side) / 2 == k;
+                p[y * side + x] = (unsigned char)(bright ? 190 + kd_rng_below(&r, 66) : kd_rng_below(&r, 70));
+            }
+    }
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte", dir, prefix);
+    kd__test_write_file(path, im, nimg);
+    snprintf(path, sizeof path, "%s/%s-labels-idx1-ubyte", dir, prefix);
+    kd__test_write_file(path, lb, nlab);
+    free(im);
+    free(lb);
+}
+
+void kd_test_write_idx(const char *dir, int n_train, int n_test, int side) {
+    mkdir(dir, 0755);
+    kd__test_write_idx_split(dir, "train", n_train, side, 1);
+    kd__test_write_idx_split(dir, "t10k", n_test, side, 2);
+}
+
+int kd_test_ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn) {
+    kd_st_file *a = NULL, *b = NULL;
+    msg[0] = '\0';
+    if (kd_st_open(pa, &a) != KD_OK || kd_st_open(pb, &b) != KD_OK) {
+        snprintf(msg, msgn, "%s", kd_last_error());
+        kd_st_close(a);
+        return 1;
+    }
+    int compared = 0, optim = 0;
+    for (int i = 0; i < kd_st_count(a) && !msg[0]; i++) {
+        const kd_st_entry *ea = kd_st_get(a, i);
+        int is_opt = strncmp(ea->name, "optim.", 6) == 0;
+        if (is_opt && !with_optim) continue;
+        const kd_st_entry *eb = kd_st_find(b, ea->name);
+        if (!eb) {
+            snprintf(msg, msgn, "%s lacks tensor %s", pb, ea->name);
+            break;
+        }
+        int same_shape = ea->dtype == eb->dtype && ea->ndim == eb->ndim && ea->nbytes == eb->nbytes;
+        for (int d = 0; same_shape && d < ea->ndim; d++) same_shape = ea->shape[d] == eb->shape[d];
+        if (!same_shape) {
+            snprintf(msg, msgn, "tensor %s differs in dtype/shape", ea->name);
+            break;
+        }
+        if (memcmp(ea->data, eb->data, ea->nbytes) != 0) {
+            double worst = 0;
+            if (ea->dtype == KD_F32)
+                for (size_t k = 0; k < ea->nbytes / 4; k++) {
+                    double d = fabs((double)((const float *)ea->data)[k] - (double)((const float *)eb->data)[k]);
+                    if (d > worst || d != d) worst = d;
+                }
+            snprintf(msg, msgn, "tensor %s differs (max abs diff %.3g) between %s and %s", ea->name, worst, pa, pb);
+            break;
+        }
+        compared++;
+        optim += is_opt;
+    }
+    if (!msg[0]) {
+        int nb = 0;
+        for (int i = 0; i < kd_st_count(b); i++)
+            if (with_optim || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0) nb++;
+        if (nb != compared) snprintf(msg, msgn, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
+    }
+    if (!msg[0] && with_optim && optim == 0) snprintf(msg, msgn, "%s holds no optim. tensors", pa);
+    kd_st_close(a);
+    kd_st_close(b);
+    return msg[0] != 0;
+}

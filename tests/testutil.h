@@ -36,9 +36,57 @@ void kd_test_fill_uniform(float *x, int64_t n, float lo, float hi, uint64_t seed
  * returned string is static. */
 const char *kd_test_tmpdir(const char *tag);
 
+/* torch.optim.SGD(params, lr, momentum, weight_decay, nesterov) over one
+ * parameter list as a kd_optim (one group, prefix "", lr_scale 1, weight
+ * decay on every trainable tensor); fails the test on error. */
+#include "kd/optim.h"
+kd_optim *kd_test_sgd_new(kd_param_list *pl, double lr, double momentum, double weight_decay, int nesterov);
+
 /* A custom function (kd_function) for the op-table tests: y = a * b^2 + a / 2
  * elementwise on two float32 tensors of one shape (PyTorch: a * b * b + 0.5 * a). */
 #include "kd/autograd.h"
 extern const kd_function kd_test_fn_polymul;
+
+/* ------------------------------------------ generated data and the kd program */
+
+/* Writes DIR/train.bin and DIR/test.bin in the CIFAR-100 binary format (per
+ * image: coarse label, fine label, 3072 bytes of planes R, G, B): image i has
+ * fine label i % 100 (coarse label / 5) and a class-dependent brightness ramp
+ * over noise from seed. DIR must exist; fails the test on error. */
+void kd_test_write_cifar100(const char *dir, int n_train, int n_test, uint64_t seed);
+
+/* The whole file, NUL-terminated, or NULL when unreadable; *n its length. */
+char *kd_test_slurp(const char *path, size_t *n);
+
+/* One finished run of the kd program (KD_BINARY_DIR "/kd"). */
+typedef struct {
+    int status; /* exit status, or -1 when killed by a signal */
+    int signal; /* the signal, or 0 */
+    char *out;  /* stdout */
+    char *err;  /* stderr */
+    double secs;
+} kd_test_proc;
+
+/* Runs kd with the NULL-terminated args (stdin /dev/null; stdout and stderr
+ * captured in files under scratch) and waits for it. */
+kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args);
+void kd_test_proc_free(kd_test_proc *p);
+/* Fails the test, printing the run's stdout and stderr, unless it exited 0. */
+void kd_test_expect_ok(const kd_test_proc *p, const char *what);
+
+/* ------------------------------------ the tiny IDX dataset and checkpoints */
+
+/* Writes an IDX dataset (MNIST file names) into DIR (created if missing):
+ * side x side grey images of 4 classes; class k (image i has label i % 4)
+ * has a bright horizontal band in the k-th quarter of the rows on dark noise
+ * (invariant to horizontal flips, robust to small crop shifts). Fails the
+ * test on error. */
+void kd_test_write_idx(const char *dir, int n_train, int n_test, int side);
+
+/* Whether two safetensors checkpoints differ in any tensor, byte for byte
+ * (all tensors, or those without the "optim." prefix), or in their sets of
+ * tensors; msg says where. With with_optim, a file without optimiser state
+ * counts as different. Metadata (wall time, ...) is not compared. */
+int kd_test_ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn);
 
 #endif

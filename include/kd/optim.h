@@ -1,15 +1,22 @@
 /*
- * kd/optim.h: SGD with momentum, Nesterov and weight decay (PyTorch's exact
- * update), and learning-rate schedules (multi-step, cosine, linear warm-up).
+ * kd/optim.h: the optimiser (parameter groups; SGD, AdamW and LARS; global
+ * gradient-norm clipping) and the learning-rate schedules (multi-step,
+ * cosine, per-step linear warm-up).
  *
  * Usage:
- *     kd_sgd *opt;
- *     kd_sgd_cfg c = {.lr = 0.05f, .momentum = 0.9f, .weight_decay = 5e-4f};
- *     kd_param_list *pl[1] = {kd_model_params(m)};
- *     kd_sgd_init(&opt, pl, 1, &c);
+ *     kd_optim_cfg c = kd_optim_defaults(KD_OPTIM_SGD);   // momentum 0.9
+ *     c.lr = 0.05;
+ *     c.weight_decay = 5e-4;
+ *     kd_param_group groups[1] = {{"", kd_model_params(m), 1.0f}};
+ *     kd_optim *opt;
+ *     kd_optim_init(&opt, groups, 1, &c);
  *     kd_sched s = {.kind = KD_SCHED_MULTISTEP, .base_lr = 0.05f, .gamma = 0.1f,
  *                   .milestones = {150, 180, 210}, .n_milestones = 3, .epochs = 240};
- *     for (...) { kd_sgd_set_lr(opt, kd_sched_lr(&s, epoch, step, steps)); ... kd_sgd_step(opt); }
+ *     for (...) {
+ *         kd_optim_zero_grad(opt); ... kd_backward(g, loss);
+ *         kd_optim_set_lr(opt, kd_sched_lr(&s, epoch, step, steps));
+ *         kd_optim_step(opt);
+ *     }
  */
 #ifndef KD_OPTIM_H
 #define KD_OPTIM_H
@@ -20,33 +27,6 @@
 extern "C" {
 #endif
 
-typedef struct {
-    float lr;
-    float momentum;     /* 0 disables the buffer */
-    float dampening;    /* PyTorch default 0 */
-    float weight_decay; /* L2 added to the gradient, as torch.optim.SGD */
-    int nesterov;
-    int no_decay_norm_bias; /* 1: no weight decay on KD_PARAM_NO_DECAY tensors */
-} kd_sgd_cfg;
-
-typedef struct kd_sgd kd_sgd;
-
-/* The optimiser updates every trainable tensor (not buffers) of the n_lists
- * parameter lists (e.g. the student and the distiller's extra modules). */
-kd_status kd_sgd_init(kd_sgd **out, kd_param_list *const *lists, int n_lists, const kd_sgd_cfg *cfg);
-void kd_sgd_free(kd_sgd *o);
-void kd_sgd_set_lr(kd_sgd *o, float lr);
-float kd_sgd_get_lr(const kd_sgd *o);
-/* p -= lr * update(grad); grads are left as they are (zero them yourself). */
-kd_status kd_sgd_step(kd_sgd *o);
-void kd_sgd_zero_grad(kd_sgd *o);
-int64_t kd_sgd_steps(const kd_sgd *o);
-/* The state as named tensors ("<param>.momentum_buffer") for checkpoints. */
-int kd_sgd_state_count(const kd_sgd *o);
-kd_status kd_sgd_state_get(const kd_sgd *o, int i, const char **name, kd_tensor **t);
-/* Marks the momentum buffers as initialised after loading them, and the step count. */
-void kd_sgd_state_loaded(kd_sgd *o, int64_t steps);
-
 /* ------------------------------------------------------------ kd_optim
  * The trainer's optimiser: parameter groups (one per role: the student, the
  * method's modules, ...), SGD (torch.optim.SGD), AdamW (torch.optim.AdamW)
@@ -56,16 +36,20 @@ void kd_sgd_state_loaded(kd_sgd *o, int64_t steps);
  * (torch.nn.utils.clip_grad_norm_, over every group) before the update. */
 typedef enum { KD_OPTIM_SGD = 0, KD_OPTIM_ADAMW, KD_OPTIM_LARS } kd_optim_kind;
 
+/* The hyperparameters are doubles, as PyTorch's (Python floats): torch
+ * computes derived constants such as 1 - beta2, 1 - lr * weight_decay and
+ * lr / (1 - beta1^t) in double and rounds each to float32 once, and kd does
+ * the same (with float fields 1 - 0.999f is 1.3e-5 off 0.001). */
 typedef struct {
     kd_optim_kind kind;
-    float lr;
-    float momentum, dampening; /* SGD and LARS */
-    int nesterov;              /* SGD */
-    float weight_decay;        /* SGD/LARS: L2 added to the gradient; AdamW: decoupled */
-    float beta1, beta2, eps;   /* AdamW */
-    float trust_coef;          /* LARS eta */
-    int no_decay_norm_bias;    /* 1: KD_PARAM_NO_DECAY tensors get no weight decay (LARS: no adaptation) */
-    float clip_grad_norm;      /* > 0: scale gradients so their global L2 norm is at most this */
+    double lr;
+    double momentum, dampening; /* SGD and LARS (LARS ignores dampening) */
+    int nesterov;               /* SGD and LARS */
+    double weight_decay;        /* SGD/LARS: L2 added to the gradient; AdamW: decoupled */
+    double beta1, beta2, eps;   /* AdamW */
+    double trust_coef;          /* LARS eta */
+    int no_decay_norm_bias;     /* 1: KD_PARAM_NO_DECAY tensors get no weight decay (LARS: no adaptation) */
+    double clip_grad_norm;      /* > 0: scale gradients so their global L2 norm is at most this */
 } kd_optim_cfg;
 
 /* torch defaults: SGD momentum 0.9, AdamW betas (0.9, 0.999) eps 1e-8, LARS eta 0.001. */
@@ -81,8 +65,9 @@ typedef struct kd_optim kd_optim;
 
 kd_status kd_optim_init(kd_optim **out, const kd_param_group *groups, int n_groups, const kd_optim_cfg *cfg);
 void kd_optim_free(kd_optim *o);
-void kd_optim_set_lr(kd_optim *o, float lr);
-float kd_optim_get_lr(const kd_optim *o);
+/* The base learning rate; group i runs at lr * groups[i].lr_scale. */
+void kd_optim_set_lr(kd_optim *o, double lr);
+double kd_optim_get_lr(const kd_optim *o);
 void kd_optim_zero_grad(kd_optim *o);
 /* Clips (if asked) and updates every parameter that has a gradient. */
 kd_status kd_optim_step(kd_optim *o);
@@ -109,10 +94,15 @@ typedef struct {
     int n_milestones;
     float gamma;
     float min_lr;                     /* cosine floor */
-    int warmup_epochs;                /* linear warm-up from 0, per step */
+    int warmup_epochs;                /* linear warm-up per step, from 0 at the first step */
 } kd_sched;
 
-/* Learning rate for step `step` (0-based) of `steps_per_epoch` in `epoch` (0-based). */
+/* Learning rate for step `step` (0-based) of `steps_per_epoch` in `epoch`
+ * (0-based). With g = epoch * steps_per_epoch + step and W = warmup_epochs *
+ * steps_per_epoch: base_lr * g / W while g < W (SimCLR's
+ * WarmUpAndCosineDecay: the first step runs at lr 0), then the schedule;
+ * cosine decays per step from base_lr at g = W to min_lr at epochs *
+ * steps_per_epoch. */
 float kd_sched_lr(const kd_sched *s, int epoch, int64_t step, int64_t steps_per_epoch);
 /* Parses "multistep" / "cosine" / "constant"; KD_ERR_NOT_FOUND otherwise. */
 kd_status kd_sched_kind_parse(const char *name, kd_sched_kind *out);

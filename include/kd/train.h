@@ -52,13 +52,15 @@ typedef struct {
     /* optimisation */
     int epochs;
     int batch_size;
-    float lr, momentum, weight_decay;
+    float lr;
+    /* Optimiser hyperparameters are doubles, as PyTorch's (kd_optim_cfg). */
+    double momentum, weight_decay;
     int nesterov;
     kd_optim_kind optimizer;  /* sgd, adamw, lars */
-    float adam_beta1, adam_beta2, adam_eps;
-    float lars_trust;         /* LARS trust coefficient eta */
+    double adam_beta1, adam_beta2, adam_eps;
+    double lars_trust;        /* LARS trust coefficient eta */
     int no_decay_bn_bias;     /* no weight decay on batch-norm parameters and biases */
-    float clip_grad_norm;     /* > 0: clip the global gradient norm */
+    double clip_grad_norm;    /* > 0: clip the global gradient norm */
     kd_sched sched; /* kind, milestones, gamma, warmup, min_lr (base_lr and epochs come from lr/epochs) */
     /* runtime */
     uint64_t seed;

@@ -72,6 +72,16 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     if (!blk && kd__blocked(x)) {
         if (!(x = in[0] = kd__to_strided(g, x))) return NULL;
     }
+    /* A plain input of whole channel blocks feeding a blocked output is
+     * reordered first: oneDNN 2.6 has no JIT kernel for plain-to-blocked
+     * convolutions beyond the few input channels of a stem, and its reference
+     * kernel takes seconds (a 1x1 convolution on a plain feature map handed
+     * to a distillation regressor). */
+    if (blk && !kd__blocked(x) && C % KD_LAYOUT_BLOCK == 0) {
+        if (!(x = in[0] = kd_graph_to_blocked(g, x))) return NULL;
+    } else if (blk && !kd__blocked(x) && C > 8) {
+        blk = 0; /* plain to plain (oneDNN's GEMM convolution), not its reference kernel */
+    }
     int64_t ys[4] = {N, O, OH, OW};
     kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
     if (!y) return NULL;

@@ -210,7 +210,7 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             return KD_EXIT_USAGE;
         }
     }
-    kd_train_result r;
+    kd_train_result r = {0};
     kd_status s = resume ? kd_train_resume(resume, keys, vals, nkv, &r) : kd_train_run(&c, &r);
     if (s != KD_OK) {
         kd__fail(cmd);

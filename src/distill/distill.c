@@ -24,6 +24,18 @@ struct kd_method {
 static const kd_method_def *const kd__methods[] = {
     &kd__method_none,
     &kd__method_kd,
+    &kd__method_fitnet,
+    &kd__method_at,
+    &kd__method_sp,
+    &kd__method_cc,
+    &kd__method_vid,
+    &kd__method_rkd,
+    &kd__method_pkt,
+    &kd__method_nst,
+    &kd__method_pad,
+    &kd__method_dkd,
+    &kd__method_dist,
+    &kd__method_lskd,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 

@@ -1,6 +1,12 @@
 /* The trainer's optimiser: parameter groups, SGD (torch.optim.SGD), AdamW
- * (torch.optim.AdamW), LARS (SimCLR's lars_optimizer.py) and global
- * gradient-norm clipping (torch.nn.utils.clip_grad_norm_). */
+ * (torch.optim.AdamW), LARS (google-research/simclr tf2/lars_optimizer.py,
+ * classic momentum) and global gradient-norm clipping
+ * (torch.nn.utils.clip_grad_norm_). The element updates follow torch's
+ * operation order in float32; hyperparameters and the constants derived from
+ * them (1 - beta, 1 - lr * wd, bias corrections) are computed in double and
+ * rounded once, as torch does with its Python-float hyperparameters.
+ * tests/test_optim.c checks every update step by step against PyTorch 1.13
+ * (tools/gen_optim_fixtures.py). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +17,7 @@
 typedef struct {
     kd_tensor *p;      /* the parameter (owned by its model or method) */
     kd_tensor *buf[2]; /* SGD/LARS: momentum; AdamW: exp_avg, exp_avg_sq */
-    char name[2][192];
+    char *name[2];     /* state names, "<prefix><param><suffix>" */
     float lr_scale;
     int decay;         /* weight decay (and LARS adaptation) applies */
 } kd__slot;
@@ -43,13 +49,13 @@ kd_optim_cfg kd_optim_defaults(kd_optim_kind kind) {
     kd_optim_cfg c;
     memset(&c, 0, sizeof c);
     c.kind = kind;
-    c.lr = kind == KD_OPTIM_ADAMW ? 1e-3f : 0.1f;
-    c.momentum = kind == KD_OPTIM_ADAMW ? 0.0f : 0.9f;
-    c.weight_decay = kind == KD_OPTIM_ADAMW ? 1e-2f : 0.0f;
-    c.beta1 = 0.9f;
-    c.beta2 = 0.999f;
-    c.eps = 1e-8f;
-    c.trust_coef = 1e-3f;
+    c.lr = kind == KD_OPTIM_ADAMW ? 1e-3 : 0.1;
+    c.momentum = kind == KD_OPTIM_ADAMW ? 0.0 : 0.9;
+    c.weight_decay = kind == KD_OPTIM_ADAMW ? 1e-2 : 0.0;
+    c.beta1 = 0.9;
+    c.beta2 = 0.999;
+    c.eps = 1e-8;
+    c.trust_coef = 1e-3;
     return c;
 }
 
@@ -89,8 +95,14 @@ kd_status kd_optim_init(kd_optim **out, const kd_param_group *groups, int n_grou
             s->lr_scale = gr->lr_scale;
             s->decay = !(cfg->no_decay_norm_bias && pp->kind == KD_PARAM_NO_DECAY);
             for (int b = 0; b < o->nbuf; b++) {
-                snprintf(s->name[b], sizeof s->name[b], "%s%s%s", gr->prefix ? gr->prefix : "", pp->name,
-                         suffix[cfg->kind][b]);
+                const char *pre = gr->prefix ? gr->prefix : "";
+                size_t len = strlen(pre) + strlen(pp->name) + strlen(suffix[cfg->kind][b]) + 1;
+                s->name[b] = malloc(len);
+                if (!s->name[b]) {
+                    kd_optim_free(o);
+                    return kd_error(KD_ERR_NOMEM, "out of memory creating the optimiser");
+                }
+                snprintf(s->name[b], len, "%s%s%s", pre, pp->name, suffix[cfg->kind][b]);
                 kd_status st = kd_tensor_new(KD_F32, pp->t->ndim, pp->t->shape, &s->buf[b]);
                 if (st != KD_OK) {
                     kd_optim_free(o);
@@ -107,13 +119,16 @@ kd_status kd_optim_init(kd_optim **out, const kd_param_group *groups, int n_grou
 void kd_optim_free(kd_optim *o) {
     if (!o) return;
     for (int i = 0; i < o->n; i++)
-        for (int b = 0; b < 2; b++) kd_tensor_free(o->slots[i].buf[b]);
+        for (int b = 0; b < 2; b++) {
+            kd_tensor_free(o->slots[i].buf[b]);
+            free(o->slots[i].name[b]);
+        }
     free(o->slots);
     free(o);
 }
 
-void kd_optim_set_lr(kd_optim *o, float lr) { o->cfg.lr = lr; }
-float kd_optim_get_lr(const kd_optim *o) { return o->cfg.lr; }
+void kd_optim_set_lr(kd_optim *o, double lr) { o->cfg.lr = lr; }
+double kd_optim_get_lr(const kd_optim *o) { return o->cfg.lr; }
 int64_t kd_optim_steps(const kd_optim *o) { return o->steps; }
 double kd_optim_last_grad_norm(const kd_optim *o) { return o->last_norm; }
 
@@ -131,50 +146,67 @@ static double kd__sumsq(const float *x, int64_t n) {
     return s;
 }
 
-static void kd__sgd(const kd_optim_cfg *c, kd__slot *s, float lr, int first) {
+/* torch.optim.SGD (_single_tensor_sgd): d = g + wd * p; buf = d at the first
+ * step, else buf = m * buf + (1 - dampening) * d; d = d + m * buf (Nesterov)
+ * or buf; p = p - lr * d. */
+static void kd__sgd(const kd_optim_cfg *c, kd__slot *s, double lr, int first) {
     float *p = kd_f32(s->p);
     const float *g = kd_f32(s->p->grad);
     float *b = s->buf[0] ? kd_f32(s->buf[0]) : NULL;
-    const float wd = s->decay ? c->weight_decay : 0.0f, mom = c->momentum, damp = c->dampening;
+    const float wd = s->decay ? (float)c->weight_decay : 0.0f, mom = (float)c->momentum,
+                damp1 = (float)(1.0 - c->dampening), lrf = (float)lr;
+    const int nesterov = c->nesterov;
     const int64_t n = kd_tensor_numel(s->p);
     for (int64_t j = 0; j < n; j++) {
         float d = g[j] + wd * p[j];
         if (b) {
-            b[j] = first ? d : mom * b[j] + (1.0f - damp) * d;
-            d = c->nesterov ? d + mom * b[j] : b[j];
+            b[j] = first ? d : mom * b[j] + damp1 * d;
+            d = nesterov ? d + mom * b[j] : b[j];
         }
-        p[j] -= lr * d;
+        p[j] -= lrf * d;
     }
 }
 
-static void kd__adamw(const kd_optim_cfg *c, kd__slot *s, float lr, int64_t t) {
+/* torch.optim.AdamW (_single_tensor_adamw, step t from 1): p *= 1 - lr * wd;
+ * m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g * g;
+ * p += -(lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps). */
+static void kd__adamw(const kd_optim_cfg *c, kd__slot *s, double lr, int64_t t) {
     float *p = kd_f32(s->p);
     const float *g = kd_f32(s->p->grad);
     float *m = kd_f32(s->buf[0]), *v = kd_f32(s->buf[1]);
-    const float wd = s->decay ? c->weight_decay : 0.0f, b1 = c->beta1, b2 = c->beta2;
-    const double bc1 = 1.0 - pow(b1, (double)t), bc2 = 1.0 - pow(b2, (double)t);
+    const double wd = s->decay ? c->weight_decay : 0.0;
+    const float shrink = (float)(1.0 - lr * wd);
+    const float b1 = (float)c->beta1, b2 = (float)c->beta2;
+    const float omb1 = (float)(1.0 - c->beta1), omb2 = (float)(1.0 - c->beta2), eps = (float)c->eps;
+    const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
     const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2);
     const int64_t n = kd_tensor_numel(s->p);
     for (int64_t j = 0; j < n; j++) {
-        p[j] *= 1.0f - lr * wd;
-        m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-        v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-        float denom = sqrtf(v[j]) / bc2_sqrt + c->eps;
+        p[j] *= shrink;
+        m[j] = m[j] * b1 + omb1 * g[j];
+        v[j] = v[j] * b2 + omb2 * g[j] * g[j];
+        const float denom = sqrtf(v[j]) / bc2_sqrt + eps;
         p[j] -= step_size * m[j] / denom;
     }
 }
 
-static void kd__lars(const kd_optim_cfg *c, kd__slot *s, float lr) {
+/* SimCLR's LARSOptimizer._resource_apply_dense (classic momentum): d = g +
+ * wd * w; trust = eta * ||w|| / ||d|| when both norms are positive (else 1),
+ * for tensors not excluded from adaptation; v = m * v + lr * trust * d;
+ * w -= v, or with Nesterov w -= m * v + lr * trust * d. Excluded
+ * (KD_PARAM_NO_DECAY under no_decay_norm_bias) tensors get neither the decay
+ * nor the trust ratio: plain momentum SGD at lr. */
+static void kd__lars(const kd_optim_cfg *c, kd__slot *s, double lr) {
     float *p = kd_f32(s->p);
     const float *g = kd_f32(s->p->grad);
     float *b = s->buf[0] ? kd_f32(s->buf[0]) : NULL;
     const int64_t n = kd_tensor_numel(s->p);
-    const float wd = s->decay ? c->weight_decay : 0.0f;
+    const float wd = s->decay ? (float)c->weight_decay : 0.0f, mom = (float)c->momentum;
     double trust = 1.0;
     if (s->decay) {
         double wn = 0, gn = 0;
         for (int64_t j = 0; j < n; j++) {
-            double d = (double)g[j] + (double)wd * p[j];
+            const double d = (double)(g[j] + wd * p[j]);
             wn += (double)p[j] * p[j];
             gn += d * d;
         }
@@ -183,14 +215,15 @@ static void kd__lars(const kd_optim_cfg *c, kd__slot *s, float lr) {
         if (wn > 0 && gn > 0) trust = c->trust_coef * wn / gn;
     }
     const float slr = (float)(lr * trust);
+    const int nesterov = c->nesterov;
     for (int64_t j = 0; j < n; j++) {
-        float d = g[j] + wd * p[j];
-        float u = slr * d;
+        const float u = slr * (g[j] + wd * p[j]);
         if (b) {
-            b[j] = c->momentum * b[j] + u;
-            u = b[j];
+            b[j] = mom * b[j] + u;
+            p[j] -= nesterov ? mom * b[j] + u : b[j];
+        } else {
+            p[j] -= u;
         }
-        p[j] -= u;
     }
 }
 
@@ -204,10 +237,10 @@ kd_status kd_optim_step(kd_optim *o) {
         double norm = sqrt(ss);
         o->last_norm = norm;
         if (!isfinite(norm)) return kd_error(KD_ERR_NUMERIC, "gradient norm is %g: not finite", norm);
-        /* torch: clip_coef = max_norm / (total_norm + 1e-6), applied when < 1. */
-        double coef = (double)c->clip_grad_norm / (norm + 1e-6);
-        if (coef < 1.0) {
-            const float cf = (float)coef;
+        /* torch: clip_coef = max_norm / (total_norm + 1e-6) on float32
+         * tensors, clamped to 1 (multiplying by 1 changes nothing). */
+        const float cf = (float)c->clip_grad_norm / ((float)norm + 1e-6f);
+        if (cf < 1.0f) {
             for (int i = 0; i < o->n; i++) {
                 kd_tensor *gt = o->slots[i].p->grad;
                 if (!gt) continue;
@@ -221,7 +254,7 @@ kd_status kd_optim_step(kd_optim *o) {
     for (int i = 0; i < o->n; i++) {
         kd__slot *s = &o->slots[i];
         if (!s->p->grad) continue;
-        const float lr = c->lr * s->lr_scale;
+        const double lr = c->lr * (double)s->lr_scale;
         switch (c->kind) {
         case KD_OPTIM_SGD: kd__sgd(c, s, lr, first); break;
         case KD_OPTIM_ADAMW: kd__adamw(c, s, lr, o->steps + 1); break;

@@ -1,5 +1,9 @@
-/* Learning-rate schedules: constant, multi-step (RepDistiller), cosine
- * (SEED/EsViT style), each with optional linear warm-up per step. */
+/* Learning-rate schedules: constant, multi-step (RepDistiller), cosine per
+ * step (SimCLR tf2/model.py WarmUpAndCosineDecay; DINO utils.py
+ * cosine_scheduler for the floor min_lr), each with an optional linear
+ * warm-up per step from lr 0 at the very first step (SimCLR: step /
+ * warmup_steps * lr). tests/test_optim.c compares against a Python
+ * transcription of SimCLR's formula (tools/gen_optim_fixtures.py). */
 #include <math.h>
 #include <string.h>
 
@@ -7,11 +11,9 @@
 
 float kd_sched_lr(const kd_sched *s, int epoch, int64_t step, int64_t steps_per_epoch) {
     if (steps_per_epoch < 1) steps_per_epoch = 1;
-    double t = epoch + (double)step / (double)steps_per_epoch; /* epochs done */
-    if (s->warmup_epochs > 0 && t < s->warmup_epochs) {
-        double done = (double)epoch * steps_per_epoch + step + 1;
-        return (float)(s->base_lr * done / ((double)s->warmup_epochs * steps_per_epoch));
-    }
+    const double g = (double)epoch * (double)steps_per_epoch + (double)step; /* steps done */
+    const double warm = s->warmup_epochs > 0 ? (double)s->warmup_epochs * (double)steps_per_epoch : 0.0;
+    if (g < warm) return (float)(s->base_lr * (g / warm));
     switch (s->kind) {
     case KD_SCHED_MULTISTEP: {
         double lr = s->base_lr;
@@ -20,10 +22,11 @@ float kd_sched_lr(const kd_sched *s, int epoch, int64_t step, int64_t steps_per_
         return (float)lr;
     }
     case KD_SCHED_COSINE: {
-        double span = (double)s->epochs - s->warmup_epochs;
-        double u = span > 0 ? (t - s->warmup_epochs) / span : 1.0;
+        const double span = (double)s->epochs * (double)steps_per_epoch - warm;
+        double u = span > 0 ? (g - warm) / span : 1.0;
         if (u > 1) u = 1;
-        return (float)(s->min_lr + 0.5 * (s->base_lr - s->min_lr) * (1.0 + cos(M_PI * u)));
+        if (u < 0) u = 0;
+        return (float)(s->min_lr + 0.5 * ((double)s->base_lr - s->min_lr) * (1.0 + cos(M_PI * u)));
     }
     case KD_SCHED_CONSTANT:
     default:

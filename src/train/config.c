@@ -12,7 +12,7 @@
 #include "kd/io.h"
 #include "kd/train.h"
 
-typedef enum { KD__T_STR, KD__T_INT, KD__T_I64, KD__T_U64, KD__T_FLOAT, KD__T_BOOL, KD__T_SCHED, KD__T_LIST, KD__T_OPTIM } kd__type;
+typedef enum { KD__T_STR, KD__T_INT, KD__T_I64, KD__T_U64, KD__T_FLOAT, KD__T_BOOL, KD__T_SCHED, KD__T_LIST, KD__T_OPTIM, KD__T_DOUBLE } kd__type;
 
 typedef struct {
     const char *key;
@@ -46,16 +46,16 @@ static const kd__setting kd__settings[] = {
     KD__S("epochs", KD__T_INT, epochs, "training epochs"),
     KD__S("batch_size", KD__T_INT, batch_size, "mini-batch size"),
     KD__S("lr", KD__T_FLOAT, lr, "base learning rate"),
-    KD__S("momentum", KD__T_FLOAT, momentum, "SGD momentum"),
-    KD__S("weight_decay", KD__T_FLOAT, weight_decay, "L2 weight decay"),
+    KD__S("momentum", KD__T_DOUBLE, momentum, "SGD momentum"),
+    KD__S("weight_decay", KD__T_DOUBLE, weight_decay, "L2 weight decay"),
     KD__S("nesterov", KD__T_BOOL, nesterov, "Nesterov momentum (0/1)"),
     KD__S("optimizer", KD__T_OPTIM, optimizer, "sgd, adamw or lars"),
-    KD__S("adam_beta1", KD__T_FLOAT, adam_beta1, "AdamW beta1"),
-    KD__S("adam_beta2", KD__T_FLOAT, adam_beta2, "AdamW beta2"),
-    KD__S("adam_eps", KD__T_FLOAT, adam_eps, "AdamW epsilon"),
-    KD__S("lars_trust", KD__T_FLOAT, lars_trust, "LARS trust coefficient (eta)"),
+    KD__S("adam_beta1", KD__T_DOUBLE, adam_beta1, "AdamW beta1"),
+    KD__S("adam_beta2", KD__T_DOUBLE, adam_beta2, "AdamW beta2"),
+    KD__S("adam_eps", KD__T_DOUBLE, adam_eps, "AdamW epsilon"),
+    KD__S("lars_trust", KD__T_DOUBLE, lars_trust, "LARS trust coefficient (eta)"),
     KD__S("no_decay_bn_bias", KD__T_BOOL, no_decay_bn_bias, "no weight decay (nor LARS adaptation) on batch-norm parameters and biases (0/1)"),
-    KD__S("clip_grad_norm", KD__T_FLOAT, clip_grad_norm, "clip the global gradient L2 norm to this (0: off)"),
+    KD__S("clip_grad_norm", KD__T_DOUBLE, clip_grad_norm, "clip the global gradient L2 norm to this (0: off)"),
     KD__S("schedule", KD__T_SCHED, sched.kind, "learning-rate schedule: constant, multistep, cosine"),
     KD__S("milestones", KD__T_LIST, sched.milestones, "multistep epochs, comma-separated (e.g. 150,180,210)"),
     KD__S("lr_decay", KD__T_FLOAT, sched.gamma, "multistep factor"),
@@ -93,13 +93,13 @@ void kd_train_cfg_defaults(kd_train_cfg *c) {
     c->epochs = 240;
     c->batch_size = 64;
     c->lr = 0.05f;
-    c->momentum = 0.9f;
-    c->weight_decay = 5e-4f;
+    c->momentum = 0.9;
+    c->weight_decay = 5e-4;
     c->optimizer = KD_OPTIM_SGD;
-    c->adam_beta1 = 0.9f;
-    c->adam_beta2 = 0.999f;
-    c->adam_eps = 1e-8f;
-    c->lars_trust = 1e-3f;
+    c->adam_beta1 = 0.9;
+    c->adam_beta2 = 0.999;
+    c->adam_eps = 1e-8;
+    c->lars_trust = 1e-3;
     c->sched.kind = KD_SCHED_MULTISTEP;
     c->sched.milestones[0] = 150;
     c->sched.milestones[1] = 180;
@@ -194,6 +194,16 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) 
     }
     case KD__T_FLOAT:
         return kd__parse_float(key, value, (float *)p);
+    case KD__T_DOUBLE: {
+        char *end;
+        errno = 0;
+        double x = strtod(value, &end);
+        while (end && isspace((unsigned char)*end)) end++;
+        if (!*value || errno || *end || !isfinite(x))
+            return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s: expected a finite number", value, key);
+        *(double *)p = x;
+        return KD_OK;
+    }
     case KD__T_BOOL:
         if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes")) *(int *)p = 1;
         else if (!strcmp(value, "0") || !strcmp(value, "false") || !strcmp(value, "no")) *(int *)p = 0;
@@ -246,6 +256,15 @@ kd_status kd_train_cfg_get(const kd_train_cfg *c, const char *key, char *buf, si
     }
     case KD__T_SCHED: snprintf(buf, n, "%s", kd_sched_kind_name(*(const kd_sched_kind *)p)); break;
     case KD__T_OPTIM: snprintf(buf, n, "%s", kd_optim_kind_name(*(const kd_optim_kind *)p)); break;
+    case KD__T_DOUBLE: {
+        /* The shortest text that reads back to the same double. */
+        double v = *(const double *)p;
+        for (int prec = 6; prec <= 17; prec++) {
+            snprintf(buf, n, "%.*g", prec, v);
+            if (strtod(buf, NULL) == v) break;
+        }
+        break;
+    }
     case KD__T_LIST: {
         size_t off = 0;
         buf[0] = '\0';

@@ -575,6 +575,7 @@ kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return k
 kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
                           kd_train_result *res) {
     static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after"};
+    memset(res, 0, sizeof *res);
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
     char path[600];
