@@ -101,6 +101,38 @@ const char *kd__shape_text(int ndim, const int64_t *shape, char *buf, size_t n) 
     return buf;
 }
 
+kd_status kd__need_contiguous(const char *what, kd_tensor *const *in, int n_in) {
+    for (int i = 0; i < n_in; i++)
+        if (!kd_tensor_is_contiguous(in[i])) return kd_error(KD_ERR_INVALID, "%s: input %d is not contiguous", what, i);
+    return KD_OK;
+}
+
+kd_status kd__feat_indices(const kd_method_shapes *shp, int k, const char *setting, int *ks, int *kt) {
+    const kd_net_shapes *ns[2] = {&shp->student, &shp->teacher};
+    int *out[2] = {ks, kt};
+    for (int i = 0; i < 2; i++) {
+        int r = k < 0 ? k + ns[i]->n_feat : k;
+        if (r < 0 || r >= ns[i]->n_feat)
+            return kd_error(KD_ERR_INVALID, "%s %d is out of range: the %s exposes %d features", setting, k,
+                            i ? "teacher" : "student", ns[i]->n_feat);
+        if (out[i]) *out[i] = r;
+    }
+    return KD_OK;
+}
+
+kd_status kd__feat_pair(kd_step_ctx *ctx, int k, const char *setting, kd_tensor **fs, kd_tensor **ft) {
+    *fs = kd_method_feat(ctx->g, &ctx->s, k, 0);
+    *ft = kd_method_feat(ctx->g, &ctx->t, k, 0);
+    KD_TRY(kd_graph_status(ctx->g));
+    if (!*fs || !*ft) return kd_error(KD_ERR_INVALID, "%s %d selects no feature", setting, k);
+    if ((*fs)->shape[0] != (*ft)->shape[0]) {
+        char bs[96], bt[96];
+        return kd_error(KD_ERR_SHAPE, "%s %d: the student's feature %s and the teacher's %s differ in batch size",
+                        setting, k, kd_shape_str(*fs, bs, sizeof bs), kd_shape_str(*ft, bt, sizeof bt));
+    }
+    return KD_OK;
+}
+
 /* ---------------------------------------------------------- settings */
 
 /* Finds the table row of key "<method>.<setting>" for method m. */

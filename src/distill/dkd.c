@@ -16,8 +16,8 @@
  *
  * Time: mdistiller's trainer counts epochs from 1 (engine/trainer.py), so
  * its first epoch already gets weight 1/20; kd's ctx->epoch is 0-based and
- * the warm-up factor is min((epoch + 1) / warmup, 1). warmup 0 turns the
- * ramp off (mdistiller would divide by zero).
+ * the warm-up factor is min((epoch + 1) / warmup, 1) (kd__warmup). warmup 0
+ * turns the ramp off (mdistiller would divide by zero).
  *
  * Composition: the default step with gamma 1 (CE), alpha 0 (no plain KL) and
  * beta 1 on the term min(...) * (alpha TCKD + beta NCKD); the inner weights
@@ -83,6 +83,28 @@ static void kd__dkd_row(const float *z, int64_t k, int64_t y, double invT, doubl
     }
 }
 
+/* Both rows of one sample: student (s) and teacher (t) log-probabilities of
+ * kd__dkd_row, each (k) in graph memory. */
+typedef struct {
+    double *lps, *lqs, *lpt, *lqt;
+    double lbs[2], lbt[2];
+} kd__dkd_rows;
+
+static kd_status kd__dkd_rows_alloc(kd_graph *g, int64_t k, kd__dkd_rows *r) {
+    double *w = kd_function_alloc(g, (size_t)(4 * k) * sizeof *w);
+    *r = (kd__dkd_rows){0};
+    if (!w) return kd_graph_status(g); /* set by the failed allocation */
+    r->lps = w, r->lqs = w + k, r->lpt = w + 2 * k, r->lqt = w + 3 * k;
+    return KD_OK;
+}
+
+/* Sample i of the student logits in[0] and the teacher logits in[1]. */
+static void kd__dkd_rows_of(const kd__dkd_fn_params *p, kd_tensor *const *in, int64_t i, kd__dkd_rows *r) {
+    int64_t k = p->k, y = p->labels[i];
+    kd__dkd_row(kd_f32(in[0]) + i * k, k, y, 1.0 / p->T, r->lps, r->lqs, r->lbs);
+    kd__dkd_row(kd_f32(in[1]) + i * k, k, y, 1.0 / p->T, r->lpt, r->lqt, r->lbt);
+}
+
 /* p * (log p - log q), 0 where p is 0 (PyTorch's kl_div target convention). */
 static double kd__dkd_xlog(double lp, double lq) {
     double p = exp(lp);
@@ -94,19 +116,15 @@ static kd_status kd__dkd_fwd(kd_graph *g, const void *params, kd_tensor *const *
     (void)n_in, (void)saved;
     const kd__dkd_fn_params *p = params;
     int64_t n = p->n, k = p->k;
-    double *w = kd_function_alloc(g, (size_t)(4 * k) * sizeof *w);
-    if (!w) return kd_graph_status(g);
-    double *lps = w, *lqs = w + k, *lpt = w + 2 * k, *lqt = w + 3 * k;
-    const float *s = kd_f32(in[0]), *t = kd_f32(in[1]);
+    kd__dkd_rows r;
+    KD_TRY(kd__dkd_rows_alloc(g, k, &r));
     double tckd = 0, nckd = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t y = p->labels[i];
-        double lbs[2], lbt[2];
-        kd__dkd_row(s + i * k, k, y, 1.0 / p->T, lps, lqs, lbs);
-        kd__dkd_row(t + i * k, k, y, 1.0 / p->T, lpt, lqt, lbt);
-        tckd += kd__dkd_xlog(lbt[0], lbs[0]) + kd__dkd_xlog(lbt[1], lbs[1]);
+        kd__dkd_rows_of(p, in, i, &r);
+        tckd += kd__dkd_xlog(r.lbt[0], r.lbs[0]) + kd__dkd_xlog(r.lbt[1], r.lbs[1]);
         for (int64_t j = 0; j < k; j++)
-            if (j != y) nckd += kd__dkd_xlog(lqt[j], lqs[j]);
+            if (j != y) nckd += kd__dkd_xlog(r.lqt[j], r.lqs[j]);
     }
     double scale = p->T * p->T / (double)n;
     kd_f32(out)[0] = (float)(scale * (p->alpha * tckd + p->beta * nckd));
@@ -123,17 +141,15 @@ static kd_status kd__dkd_bwd(kd_graph *g, const void *params, void *saved, kd_te
     (void)saved, (void)n_in, (void)out;
     const kd__dkd_fn_params *p = params;
     int64_t n = p->n, k = p->k;
-    double *w = kd_function_alloc(g, (size_t)(4 * k) * sizeof *w);
-    if (!w) return kd_graph_status(g);
-    double *lps = w, *lqs = w + k, *lpt = w + 2 * k, *lqt = w + 3 * k;
-    const float *s = kd_f32(in[0]), *t = kd_f32(in[1]);
+    kd__dkd_rows r;
+    KD_TRY(kd__dkd_rows_alloc(g, k, &r));
+    /* Views of r, refilled for each sample by kd__dkd_rows_of. */
+    const double *lps = r.lps, *lqs = r.lqs, *lpt = r.lpt, *lqt = r.lqt, *lbs = r.lbs, *lbt = r.lbt;
     /* d loss / d z (z = logits / T) carries T^2 / n; d z / d logits is 1 / T. */
     double c = (double)kd_f32(gout)[0] * p->T / (double)n;
     for (int64_t i = 0; i < n; i++) {
         int64_t y = p->labels[i];
-        double lbs[2], lbt[2];
-        kd__dkd_row(s + i * k, k, y, 1.0 / p->T, lps, lqs, lbs);
-        kd__dkd_row(t + i * k, k, y, 1.0 / p->T, lpt, lqt, lbt);
+        kd__dkd_rows_of(p, in, i, &r);
         double bt0 = exp(lbt[0]), bt1 = exp(lbt[1]);
         if (gin[0]) {
             float *gs = kd_f32(gin[0]) + i * k;
@@ -210,8 +226,7 @@ static kd_status kd__dkd_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     kd__dkd_fn_params p = {a->alpha, a->beta, a->T, n, k, lab};
     kd_tensor *in[2] = {s, t};
     kd_tensor *loss = kd_function_apply(g, &kd__dkd_fn, &p, sizeof p, 2, in, 0, NULL);
-    double ramp = a->warmup > 0 ? fmin((double)(ctx->epoch + 1) / (double)a->warmup, 1.0) : 1.0;
-    *out = ramp < 1.0 ? kd_scale(g, loss, (float)ramp) : loss;
+    *out = kd__warmup(g, loss, ctx->epoch, a->warmup);
     return kd_graph_status(g);
 }
 

@@ -115,21 +115,11 @@ static const kd_function kd__convt_fn = {"fitnet_conv_transpose2d", kd__convt_fw
 
 /* ------------------------------------------------------------ setup */
 
-static kd_status kd__fitnet_layer(const kd_net_shapes *ns, int k, const char *who, int *out) {
-    int r = k < 0 ? k + ns->n_feat : k;
-    if (r < 0 || r >= ns->n_feat)
-        return kd_error(KD_ERR_INVALID, "fitnet.hint_layer %d is out of range: the %s exposes %d features", k, who,
-                        ns->n_feat);
-    *out = r;
-    return KD_OK;
-}
-
 static kd_status kd__fitnet_setup(kd_method *m, const kd_method_shapes *shp) {
     const kd__fitnet_args *a = kd_method_args(m);
     kd__fitnet_state *st = kd_method_state(m);
     const kd_net_shapes *s = &shp->student, *t = &shp->teacher;
-    KD_TRY(kd__fitnet_layer(s, a->hint_layer, "student", &st->s_layer));
-    KD_TRY(kd__fitnet_layer(t, a->hint_layer, "teacher", &st->t_layer));
+    KD_TRY(kd__feat_indices(shp, a->hint_layer, "fitnet.hint_layer", &st->s_layer, &st->t_layer));
     char bs[96], bt[96];
     kd__shape_text(s->feat_ndim[st->s_layer], s->feat[st->s_layer], bs, sizeof bs);
     kd__shape_text(t->feat_ndim[st->t_layer], t->feat[st->t_layer], bt, sizeof bt);

@@ -5,9 +5,9 @@
  * helper/loops.py; beta 50 in scripts/run_cifar_distill.sh).
  *
  * Per pair: the map with the larger height is adaptive-average-pooled to the
- * other's (H, H); each channel's map, flattened to H*W, is L2-normalised
- * (F.normalize, eps 1e-12); with the polynomial kernel k(a, b) = (a.b)^2 over
- * the channels of one sample,
+ * other's (H, H) (kd__map_pairs_term, shared with AT and VID); each channel's
+ * map, flattened to H*W, is L2-normalised (F.normalize, eps 1e-12); with the
+ * polynomial kernel k(a, b) = (a.b)^2 over the channels of one sample,
  *     MMD^2 = mean k(t, t) (detached) + mean k(s, s) - 2 mean k(s, t)
  * where each mean runs over (N, C, C') (full_loss, the official default;
  * nst.full_loss=0 drops the constant teacher term as the official switch
@@ -16,10 +16,6 @@
  * The kernel means are one kd_function: per-sample Gram matrices from the
  * backend's gemm, their squares summed in double. The teacher maps arrive
  * detached (helper/loops.py) and get no gradient. */
-#include <math.h>
-#include <stdio.h>
-#include <string.h>
-
 #include "distill/methods.h"
 
 /* F.normalize's eps. */
@@ -37,76 +33,6 @@ static const kd_method_arg nst_arg_table[] = {
 typedef struct {
     int n_pairs; /* pairs of feat[1:-1] */
 } nst_state;
-
-static kd_status nst_need_contiguous(const char *what, kd_tensor *const *in, int n_in) {
-    for (int i = 0; i < n_in; i++)
-        if (!kd_tensor_is_contiguous(in[i])) return kd_error(KD_ERR_INVALID, "%s: input %d is not contiguous", what, i);
-    return KD_OK;
-}
-
-/* ------------------------------------------------ adaptive average pooling */
-
-/* PyTorch's F.adaptive_avg_pool2d: output cell (oy, ox) averages input rows
- * [floor(oy H / OH), ceil((oy + 1) H / OH)) and the same for columns. */
-typedef struct {
-    int64_t oh, ow;
-} nst_pool_params;
-
-static int64_t nst_pool_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
-static int64_t nst_pool_end(int64_t o, int64_t in, int64_t out) { return ((o + 1) * in + out - 1) / out; }
-
-static kd_status nst_pool_fwd(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
-                              void **saved) {
-    (void)g, (void)saved;
-    KD_TRY(nst_need_contiguous("nst: adaptive_avgpool2d", in, n_in));
-    const nst_pool_params *p = params;
-    const kd_tensor *x = in[0];
-    int64_t NC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
-    const float *xd = kd_f32(x);
-    float *y = kd_f32(out);
-    for (int64_t r = 0; r < NC; r++)
-        for (int64_t oy = 0; oy < p->oh; oy++) {
-            int64_t y0 = nst_pool_start(oy, H, p->oh), y1 = nst_pool_end(oy, H, p->oh);
-            for (int64_t ox = 0; ox < p->ow; ox++) {
-                int64_t x0 = nst_pool_start(ox, W, p->ow), x1 = nst_pool_end(ox, W, p->ow);
-                double s = 0;
-                for (int64_t iy = y0; iy < y1; iy++)
-                    for (int64_t ix = x0; ix < x1; ix++) s += xd[(r * H + iy) * W + ix];
-                y[(r * p->oh + oy) * p->ow + ox] = (float)(s / (double)((y1 - y0) * (x1 - x0)));
-            }
-        }
-    return KD_OK;
-}
-
-static kd_status nst_pool_bwd(kd_graph *g, const void *params, void *saved, kd_tensor *const *in, int n_in,
-                              const kd_tensor *out, const kd_tensor *gout, kd_tensor *const *gin) {
-    (void)g, (void)saved, (void)n_in, (void)out;
-    if (!gin[0]) return KD_OK;
-    const nst_pool_params *p = params;
-    const kd_tensor *x = in[0];
-    int64_t NC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
-    const float *gy = kd_f32(gout);
-    float *gx = kd_f32(gin[0]);
-    for (int64_t r = 0; r < NC; r++)
-        for (int64_t oy = 0; oy < p->oh; oy++) {
-            int64_t y0 = nst_pool_start(oy, H, p->oh), y1 = nst_pool_end(oy, H, p->oh);
-            for (int64_t ox = 0; ox < p->ow; ox++) {
-                int64_t x0 = nst_pool_start(ox, W, p->ow), x1 = nst_pool_end(ox, W, p->ow);
-                float v = (float)(gy[(r * p->oh + oy) * p->ow + ox] / (double)((y1 - y0) * (x1 - x0)));
-                for (int64_t iy = y0; iy < y1; iy++)
-                    for (int64_t ix = x0; ix < x1; ix++) gx[(r * H + iy) * W + ix] += v;
-            }
-        }
-    return KD_OK;
-}
-
-static const kd_function nst_pool_fn = {"nst_adaptive_avgpool2d", nst_pool_fwd, nst_pool_bwd};
-
-static kd_tensor *nst_pool(kd_graph *g, kd_tensor *x, int64_t oh, int64_t ow) {
-    nst_pool_params p = {oh, ow};
-    int64_t shape[4] = {x->shape[0], x->shape[1], oh, ow};
-    return kd_function_apply(g, &nst_pool_fn, &p, sizeof p, 1, &x, 4, shape);
-}
 
 /* ------------------------------------------------ polynomial-kernel MMD */
 
@@ -133,7 +59,7 @@ static double nst_sumsq(const float *a, int64_t n) {
 
 static kd_status nst_mmd_fwd(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
                              void **saved) {
-    KD_TRY(nst_need_contiguous("nst: kernel MMD", in, n_in));
+    KD_TRY(kd__need_contiguous("nst: kernel MMD", in, n_in));
     const nst_mmd_params *p = params;
     kd_backend *be = kd_graph_backend(g);
     int64_t N = in[0]->shape[0], Cs = in[0]->shape[1], Ct = in[1]->shape[1], L = in[0]->shape[2];
@@ -187,35 +113,9 @@ static const kd_function nst_mmd_fn = {"nst_mmd", nst_mmd_fwd, nst_mmd_bwd};
 
 /* ------------------------------------------------ the method */
 
-/* Whether maps (hs, ws) and (ht, wt) meet after the official pooling: the
- * one with the larger height goes to (H, H) of the other. */
-static int nst_poolable(int64_t hs, int64_t ws, int64_t ht, int64_t wt) {
-    if (hs > ht) return wt == ht;
-    if (hs < ht) return ws == hs;
-    return ws == wt;
-}
-
 static kd_status nst_setup(kd_method *m, const kd_method_shapes *shp) {
     nst_state *st = kd_method_state(m);
-    const kd_net_shapes *s = &shp->student, *t = &shp->teacher;
-    char bs[96], bt[96];
-    int n = (s->n_feat < t->n_feat ? s->n_feat : t->n_feat) - 2;
-    if (n < 1)
-        return kd_error(KD_ERR_SHAPE,
-                        "nst pairs the feature maps feat[1:-1] of both nets, but the student exposes %d features "
-                        "and the teacher %d (at least 3 each needed)",
-                        s->n_feat, t->n_feat);
-    for (int k = 1; k <= n; k++) {
-        const int64_t *fs = s->feat[k], *ft = t->feat[k];
-        if (s->feat_ndim[k] != 4 || t->feat_ndim[k] != 4 || !nst_poolable(fs[2], fs[3], ft[2], ft[3]))
-            return kd_error(KD_ERR_SHAPE,
-                            "nst: feat[%d] of the student %s and of the teacher %s cannot be paired (maps whose "
-                            "larger one pools to the other's (H, H))",
-                            k, kd__shape_text(s->feat_ndim[k], fs, bs, sizeof bs),
-                            kd__shape_text(t->feat_ndim[k], ft, bt, sizeof bt));
-    }
-    st->n_pairs = n;
-    return KD_OK;
+    return kd__map_pairs(m, shp, &st->n_pairs);
 }
 
 /* (N, C, H, W) -> (N, C, H*W) with L2-normalised rows. */
@@ -224,33 +124,19 @@ static kd_tensor *nst_rows(kd_graph *g, kd_tensor *x) {
     return kd_l2_normalize(g, kd_reshape(g, x, 3, shape), NST_NORMALIZE_EPS);
 }
 
-static kd_status nst_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
+/* One pair's kernel MMD. */
+static kd_status nst_pair_loss(kd_method *m, kd_step_ctx *ctx, int i, kd_tensor *x, kd_tensor *y, kd_tensor **loss) {
+    (void)i;
     const nst_args *a = kd_method_args(m);
-    nst_state *st = kd_method_state(m);
-    kd_graph *g = ctx->g;
-    kd_tensor *total = NULL;
-    *out = NULL;
-    for (int k = 0; k < st->n_pairs; k++) {
-        kd_tensor *fs = kd_method_feat(g, &ctx->s, k + 1, 0), *ft = kd_method_feat(g, &ctx->t, k + 1, 0);
-        if (!fs || !ft) return kd_error(KD_ERR_INVALID, "nst: feat[%d] is missing", k + 1);
-        char bs[96], bt[96];
-        if (fs->ndim != 4 || ft->ndim != 4 || fs->shape[0] != ft->shape[0])
-            return kd_error(KD_ERR_SHAPE, "nst: feat[%d] student %s and teacher %s are not maps of one batch", k + 1,
-                            kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-        int64_t hs = fs->shape[2], ht = ft->shape[2];
-        kd_tensor *x = hs > ht ? nst_pool(g, fs, ht, ht) : fs;
-        kd_tensor *y = hs < ht ? nst_pool(g, ft, hs, hs) : ft;
-        if (!x || !y) return kd_graph_status(g);
-        if (x->shape[2] != y->shape[2] || x->shape[3] != y->shape[3])
-            return kd_error(KD_ERR_SHAPE, "nst: feat[%d] student %s and teacher %s cannot be pooled to one size",
-                            k + 1, kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-        nst_mmd_params p = {a->full_loss};
-        kd_tensor *in[2] = {nst_rows(g, x), nst_rows(g, y)};
-        kd_tensor *l = kd_function_apply(g, &nst_mmd_fn, &p, sizeof p, 2, in, 0, NULL);
-        total = total ? kd_add(g, total, l) : l;
-    }
-    *out = total;
-    return kd_graph_status(g);
+    nst_mmd_params p = {a->full_loss};
+    kd_tensor *in[2] = {nst_rows(ctx->g, x), nst_rows(ctx->g, y)};
+    *loss = kd_function_apply(ctx->g, &nst_mmd_fn, &p, sizeof p, 2, in, 0, NULL);
+    return kd_graph_status(ctx->g);
+}
+
+static kd_status nst_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
+    const nst_state *st = kd_method_state(m);
+    return kd__map_pairs_term(m, ctx, st->n_pairs, nst_pair_loss, out);
 }
 
 const kd_method_def kd__method_nst = {

@@ -21,8 +21,8 @@
  * learned variance shrinks and then stabilises and that PAD with a warm-up
  * works best, but gives no schedule that torchdistill implements. With
  * warmup_epochs W > 0 the PAD term's weight ramps linearly as
- * min(1, (epoch + 1) / W) with 0-based epochs (the same ramp as DKD's), so
- * the first epoch already gets 1/W.
+ * min(1, (epoch + 1) / W) with 0-based epochs (the same ramp as DKD's,
+ * kd__warmup), so the first epoch already gets 1/W.
  *
  * The squared-error-over-variance mean is a kd_function over (f_s, log_var,
  * f_t) with double accumulation. */
@@ -136,8 +136,7 @@ static kd_status kd__pad_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     kd__pad_fn_params p = {a->eps, fs->shape[0], fs->shape[1]};
     kd_tensor *in[3] = {fs, lv, ft};
     kd_tensor *loss = kd_function_apply(g, &kd__pad_fn, &p, sizeof p, 3, in, 0, NULL);
-    double ramp = a->warmup_epochs > 0 ? fmin((double)(ctx->epoch + 1) / (double)a->warmup_epochs, 1.0) : 1.0;
-    *out = ramp < 1.0 ? kd_scale(g, loss, (float)ramp) : loss;
+    *out = kd__warmup(g, loss, ctx->epoch, a->warmup_epochs);
     return kd_graph_status(g);
 }
 

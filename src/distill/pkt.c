@@ -75,8 +75,7 @@ static kd_status pkt_fwd(kd_graph *g, const void *params, kd_tensor *const *in, 
                          void **saved) {
     (void)n_in;
     const pkt_params *p = params;
-    for (int i = 0; i < 2; i++)
-        if (!kd_tensor_is_contiguous(in[i])) return kd_error(KD_ERR_INVALID, "pkt: input %d is not contiguous", i);
+    KD_TRY(kd__need_contiguous("pkt", in, 2));
     int64_t N = in[0]->shape[0], Ds = kd_tensor_numel(in[0]) / N, Dt = kd_tensor_numel(in[1]) / N;
     pkt_saved *sv = kd_function_alloc(g, sizeof *sv);
     double *xs = kd_function_alloc(g, (size_t)(N * Ds + N * Dt + 2 * N * N + 3 * N) * sizeof(double));
@@ -154,11 +153,7 @@ static const kd_function pkt_fn = {"pkt", pkt_fwd, pkt_bwd};
 
 static kd_status pkt_setup(kd_method *m, const kd_method_shapes *shp) {
     const pkt_args *a = kd_method_args(m);
-    int ks = a->feat < 0 ? a->feat + shp->student.n_feat : a->feat;
-    int kt = a->feat < 0 ? a->feat + shp->teacher.n_feat : a->feat;
-    if (ks < 0 || ks >= shp->student.n_feat || kt < 0 || kt >= shp->teacher.n_feat)
-        return kd_error(KD_ERR_INVALID, "pkt.feat %d is out of range (the student exposes %d features, the teacher %d)",
-                        a->feat, shp->student.n_feat, shp->teacher.n_feat);
+    KD_TRY(kd__feat_indices(shp, a->feat, "pkt.feat", NULL, NULL));
     if (!(a->eps > 0)) return kd_error(KD_ERR_INVALID, "pkt.eps %g must be > 0", (double)a->eps);
     return KD_OK;
 }
@@ -166,14 +161,9 @@ static kd_status pkt_setup(kd_method *m, const kd_method_shapes *shp) {
 static kd_status pkt_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     const pkt_args *a = kd_method_args(m);
     kd_graph *g = ctx->g;
+    kd_tensor *fs, *ft;
     *out = NULL;
-    kd_tensor *fs = kd_method_feat(g, &ctx->s, a->feat, 0), *ft = kd_method_feat(g, &ctx->t, a->feat, 0);
-    if (!fs || !ft) return kd_error(KD_ERR_INVALID, "pkt.feat %d: the feature is missing", a->feat);
-    if (fs->shape[0] != ft->shape[0]) {
-        char bs[96], bt[96];
-        return kd_error(KD_ERR_SHAPE, "pkt.feat %d: student %s and teacher %s differ in batch size", a->feat,
-                        kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-    }
+    KD_TRY(kd__feat_pair(ctx, a->feat, "pkt.feat", &fs, &ft));
     pkt_params p = {a->eps};
     kd_tensor *in[2] = {fs, ft};
     *out = kd_function_apply(g, &pkt_fn, &p, sizeof p, 2, in, 0, NULL);

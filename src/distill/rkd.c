@@ -116,8 +116,7 @@ static kd_status rkd_fwd(kd_graph *g, const void *params, kd_tensor *const *in, 
     (void)n_in;
     const rkd_params *p = params;
     const kd_tensor *s = in[0], *t = in[1];
-    for (int i = 0; i < 2; i++)
-        if (!kd_tensor_is_contiguous(in[i])) return kd_error(KD_ERR_INVALID, "rkd: input %d is not contiguous", i);
+    KD_TRY(kd__need_contiguous("rkd", in, 2));
     int64_t N = s->shape[0], Ds = kd_tensor_numel(s) / N, Dt = kd_tensor_numel(t) / N;
     rkd_saved *sv = kd_function_alloc(g, sizeof *sv);
     double *buf = kd_function_alloc(g, (size_t)(7 * N * N + N) * sizeof(double));
@@ -272,11 +271,7 @@ static const kd_function rkd_fn = {"rkd", rkd_fwd, rkd_bwd};
 
 static kd_status rkd_setup(kd_method *m, const kd_method_shapes *shp) {
     const rkd_args *a = kd_method_args(m);
-    int ks = a->feat < 0 ? a->feat + shp->student.n_feat : a->feat;
-    int kt = a->feat < 0 ? a->feat + shp->teacher.n_feat : a->feat;
-    if (ks < 0 || ks >= shp->student.n_feat || kt < 0 || kt >= shp->teacher.n_feat)
-        return kd_error(KD_ERR_INVALID, "rkd.feat %d is out of range (the student exposes %d features, the teacher %d)",
-                        a->feat, shp->student.n_feat, shp->teacher.n_feat);
+    KD_TRY(kd__feat_indices(shp, a->feat, "rkd.feat", NULL, NULL));
     if (!(a->eps >= 0)) return kd_error(KD_ERR_INVALID, "rkd.eps %g must be >= 0", (double)a->eps);
     return KD_OK;
 }
@@ -284,14 +279,9 @@ static kd_status rkd_setup(kd_method *m, const kd_method_shapes *shp) {
 static kd_status rkd_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     const rkd_args *a = kd_method_args(m);
     kd_graph *g = ctx->g;
+    kd_tensor *fs, *ft;
     *out = NULL;
-    kd_tensor *fs = kd_method_feat(g, &ctx->s, a->feat, 0), *ft = kd_method_feat(g, &ctx->t, a->feat, 0);
-    if (!fs || !ft) return kd_error(KD_ERR_INVALID, "rkd.feat %d: the feature is missing", a->feat);
-    if (fs->shape[0] != ft->shape[0]) {
-        char bs[96], bt[96];
-        return kd_error(KD_ERR_SHAPE, "rkd.feat %d: student %s and teacher %s differ in batch size", a->feat,
-                        kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-    }
+    KD_TRY(kd__feat_pair(ctx, a->feat, "rkd.feat", &fs, &ft));
     rkd_params p = {a->w_dist, a->w_angle, a->eps};
     kd_tensor *in[2] = {fs, ft};
     *out = kd_function_apply(g, &rkd_fn, &p, sizeof p, 2, in, 0, NULL);

@@ -21,19 +21,9 @@ static const kd_method_arg kd__sp_arg_table[] = {
             "feature index on both nets (RepDistiller uses feat[-2], the last map; negative counts from the end)"),
 };
 
-static kd_status kd__sp_index(const kd_net_shapes *ns, int k, const char *who, int *out) {
-    int r = k < 0 ? k + ns->n_feat : k;
-    if (r < 0 || r >= ns->n_feat)
-        return kd_error(KD_ERR_INVALID, "sp.layer %d is out of range: the %s exposes %d features", k, who, ns->n_feat);
-    *out = r;
-    return KD_OK;
-}
-
 static kd_status kd__sp_setup(kd_method *m, const kd_method_shapes *shp) {
     const kd__sp_args *a = kd_method_args(m);
-    int ks, kt;
-    KD_TRY(kd__sp_index(&shp->student, a->layer, "student", &ks));
-    return kd__sp_index(&shp->teacher, a->layer, "teacher", &kt);
+    return kd__feat_indices(shp, a->layer, "sp.layer", NULL, NULL);
 }
 
 /* Row-normalised Gram matrix (N, N) of f viewed (N, -1). */
@@ -48,14 +38,8 @@ static kd_tensor *kd__sp_gram(kd_graph *g, kd_tensor *f) {
 static kd_status kd__sp_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     const kd__sp_args *a = kd_method_args(m);
     kd_graph *g = ctx->g;
-    kd_tensor *fs = kd_method_feat(g, &ctx->s, a->layer, 0), *ft = kd_method_feat(g, &ctx->t, a->layer, 0);
-    KD_TRY(kd_graph_status(g));
-    if (!fs || !ft) return kd_error(KD_ERR_INVALID, "sp: sp.layer %d selects no feature", a->layer);
-    if (fs->shape[0] != ft->shape[0]) {
-        char bs[96], bt[96];
-        return kd_error(KD_ERR_SHAPE, "sp: student feature %s and teacher feature %s have different batch sizes",
-                        kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-    }
+    kd_tensor *fs, *ft;
+    KD_TRY(kd__feat_pair(ctx, a->layer, "sp.layer", &fs, &ft));
     *out = kd_mse(g, kd__sp_gram(g, ft), kd__sp_gram(g, fs));
     return kd_graph_status(g);
 }

@@ -5,9 +5,10 @@
  * per-pair losses; beta 1 in scripts/run_cifar_distill.sh).
  *
  * Per pair: the map with the larger height is adaptive-average-pooled to the
- * other's (H, H), as the official code does; a regressor of three 1x1
- * convolutions without bias, C_s -> C_t -> C_t -> C_t with ReLU between,
- * predicts the teacher map's mean; the variance is per teacher channel,
+ * other's (H, H), as the official code does (kd__map_pairs_term, shared with AT
+ * and NST); a regressor of three 1x1 convolutions without bias, C_s -> C_t -> C_t
+ * -> C_t with ReLU between, predicts the teacher map's mean; the variance is
+ * per teacher channel,
  *     pred_var = log(1 + exp(log_scale)) + eps,
  * log_scale initialised to log(exp(init_pred_var - eps) - 1); the term is
  *     mean over (N, C_t, H, W) of 0.5 * ((mu - t)^2 / pred_var + log(pred_var))
@@ -17,7 +18,6 @@
  * as RepDistiller's SGD over trainable_list does. */
 #include <math.h>
 #include <stdio.h>
-#include <string.h>
 
 #include "distill/methods.h"
 
@@ -41,77 +41,6 @@ typedef struct {
     vid_pair pair[KD_MAX_FEATS];
 } vid_state;
 
-/* The kd_functions below index their inputs as contiguous row-major arrays. */
-static kd_status vid_need_contiguous(const char *what, kd_tensor *const *in, int n_in) {
-    for (int i = 0; i < n_in; i++)
-        if (!kd_tensor_is_contiguous(in[i])) return kd_error(KD_ERR_INVALID, "%s: input %d is not contiguous", what, i);
-    return KD_OK;
-}
-
-/* ------------------------------------------------ adaptive average pooling */
-
-/* PyTorch's F.adaptive_avg_pool2d: output cell (oy, ox) averages input rows
- * [floor(oy H / OH), ceil((oy + 1) H / OH)) and the same for columns. */
-typedef struct {
-    int64_t oh, ow;
-} vid_pool_params;
-
-static int64_t vid_pool_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
-static int64_t vid_pool_end(int64_t o, int64_t in, int64_t out) { return ((o + 1) * in + out - 1) / out; }
-
-static kd_status vid_pool_fwd(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
-                              void **saved) {
-    (void)g, (void)saved;
-    KD_TRY(vid_need_contiguous("vid: adaptive_avgpool2d", in, n_in));
-    const vid_pool_params *p = params;
-    const kd_tensor *x = in[0];
-    int64_t NC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
-    const float *xd = kd_f32(x);
-    float *y = kd_f32(out);
-    for (int64_t r = 0; r < NC; r++)
-        for (int64_t oy = 0; oy < p->oh; oy++) {
-            int64_t y0 = vid_pool_start(oy, H, p->oh), y1 = vid_pool_end(oy, H, p->oh);
-            for (int64_t ox = 0; ox < p->ow; ox++) {
-                int64_t x0 = vid_pool_start(ox, W, p->ow), x1 = vid_pool_end(ox, W, p->ow);
-                double s = 0;
-                for (int64_t iy = y0; iy < y1; iy++)
-                    for (int64_t ix = x0; ix < x1; ix++) s += xd[(r * H + iy) * W + ix];
-                y[(r * p->oh + oy) * p->ow + ox] = (float)(s / (double)((y1 - y0) * (x1 - x0)));
-            }
-        }
-    return KD_OK;
-}
-
-static kd_status vid_pool_bwd(kd_graph *g, const void *params, void *saved, kd_tensor *const *in, int n_in,
-                              const kd_tensor *out, const kd_tensor *gout, kd_tensor *const *gin) {
-    (void)g, (void)saved, (void)n_in, (void)out;
-    if (!gin[0]) return KD_OK;
-    const vid_pool_params *p = params;
-    const kd_tensor *x = in[0];
-    int64_t NC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
-    const float *gy = kd_f32(gout);
-    float *gx = kd_f32(gin[0]);
-    for (int64_t r = 0; r < NC; r++)
-        for (int64_t oy = 0; oy < p->oh; oy++) {
-            int64_t y0 = vid_pool_start(oy, H, p->oh), y1 = vid_pool_end(oy, H, p->oh);
-            for (int64_t ox = 0; ox < p->ow; ox++) {
-                int64_t x0 = vid_pool_start(ox, W, p->ow), x1 = vid_pool_end(ox, W, p->ow);
-                float v = (float)(gy[(r * p->oh + oy) * p->ow + ox] / (double)((y1 - y0) * (x1 - x0)));
-                for (int64_t iy = y0; iy < y1; iy++)
-                    for (int64_t ix = x0; ix < x1; ix++) gx[(r * H + iy) * W + ix] += v;
-            }
-        }
-    return KD_OK;
-}
-
-static const kd_function vid_pool_fn = {"vid_adaptive_avgpool2d", vid_pool_fwd, vid_pool_bwd};
-
-static kd_tensor *vid_pool(kd_graph *g, kd_tensor *x, int64_t oh, int64_t ow) {
-    vid_pool_params p = {oh, ow};
-    int64_t shape[4] = {x->shape[0], x->shape[1], oh, ow};
-    return kd_function_apply(g, &vid_pool_fn, &p, sizeof p, 1, &x, 4, shape);
-}
-
 /* ------------------------------------------------ Gaussian negative log-likelihood */
 
 /* in: mu (N, C, H, W), target (N, C, H, W), log_scale (C) -> 0-d
@@ -124,7 +53,7 @@ typedef struct {
 static kd_status vid_nll_fwd(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
                              void **saved) {
     (void)g, (void)saved;
-    KD_TRY(vid_need_contiguous("vid: Gaussian likelihood", in, n_in));
+    KD_TRY(kd__need_contiguous("vid: Gaussian likelihood", in, n_in));
     const vid_nll_params *p = params;
     const kd_tensor *mu = in[0];
     int64_t N = mu->shape[0], C = mu->shape[1], HW = mu->shape[2] * mu->shape[3];
@@ -177,41 +106,17 @@ static const kd_function vid_nll_fn = {"vid_nll", vid_nll_fwd, vid_nll_bwd};
 
 /* ------------------------------------------------ the method */
 
-/* Whether maps (hs, ws) and (ht, wt) meet after the official pooling: the
- * one with the larger height goes to (H, H) of the other. */
-static int vid_poolable(int64_t hs, int64_t ws, int64_t ht, int64_t wt) {
-    if (hs > ht) return wt == ht;
-    if (hs < ht) return ws == hs;
-    return ws == wt;
-}
-
 static kd_status vid_setup(kd_method *m, const kd_method_shapes *shp) {
     const vid_args *a = kd_method_args(m);
     vid_state *st = kd_method_state(m);
     const kd_net_shapes *s = &shp->student, *t = &shp->teacher;
-    char bs[96], bt[96];
     if (!(a->init_pred_var > a->eps) || !(a->eps >= 0))
         return kd_error(KD_ERR_INVALID, "vid.init_pred_var %g must exceed vid.eps %g (and vid.eps must be >= 0)",
                         (double)a->init_pred_var, (double)a->eps);
-    int n = (s->n_feat < t->n_feat ? s->n_feat : t->n_feat) - 2;
-    if (n < 1)
-        return kd_error(KD_ERR_SHAPE,
-                        "vid pairs the feature maps feat[1:-1] of both nets, but the student exposes %d features "
-                        "and the teacher %d (at least 3 each needed)",
-                        s->n_feat, t->n_feat);
-    for (int k = 1; k <= n; k++) {
-        const int64_t *fs = s->feat[k], *ft = t->feat[k];
-        if (s->feat_ndim[k] != 4 || t->feat_ndim[k] != 4 || !vid_poolable(fs[2], fs[3], ft[2], ft[3]))
-            return kd_error(KD_ERR_SHAPE,
-                            "vid: feat[%d] of the student %s and of the teacher %s cannot be paired (maps whose "
-                            "larger one pools to the other's (H, H))",
-                            k, kd__shape_text(s->feat_ndim[k], fs, bs, sizeof bs),
-                            kd__shape_text(t->feat_ndim[k], ft, bt, sizeof bt));
-    }
-    st->n_pairs = n;
+    KD_TRY(kd__map_pairs(m, shp, &st->n_pairs));
     double init = log(exp((double)a->init_pred_var - (double)a->eps) - 1.0);
     kd_param_list *pl = kd_method_params(m);
-    for (int k = 0; k < n; k++) {
+    for (int k = 0; k < st->n_pairs; k++) {
         vid_pair *pr = &st->pair[k];
         int64_t cs = s->feat[k + 1][1], ct = t->feat[k + 1][1];
         char prefix[64], name[96];
@@ -231,47 +136,35 @@ static kd_status vid_setup(kd_method *m, const kd_method_shapes *shp) {
     return KD_OK;
 }
 
-static kd_status vid_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
+/* Pair k's Gaussian negative log-likelihood of the teacher map y under the
+ * regressor's prediction from the student map x. */
+static kd_status vid_pair_loss(kd_method *m, kd_step_ctx *ctx, int k, kd_tensor *x, kd_tensor *y, kd_tensor **loss) {
     const vid_args *a = kd_method_args(m);
     vid_state *st = kd_method_state(m);
     kd_graph *g = ctx->g;
-    kd_tensor *total = NULL;
-    *out = NULL;
-    for (int k = 0; k < st->n_pairs; k++) {
-        kd_tensor *fs = kd_method_feat(g, &ctx->s, k + 1, 0), *ft = kd_method_feat(g, &ctx->t, k + 1, 0);
-        if (!fs || !ft) return kd_error(KD_ERR_INVALID, "vid: feat[%d] is missing", k + 1);
-        char bs[96], bt[96];
-        if (fs->ndim != 4 || ft->ndim != 4 || fs->shape[0] != ft->shape[0])
-            return kd_error(KD_ERR_SHAPE, "vid: feat[%d] student %s and teacher %s are not maps of one batch", k + 1,
-                            kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-        /* Pool the map with the larger height to the other's (H, H). */
-        int64_t hs = fs->shape[2], ht = ft->shape[2];
-        kd_tensor *x = hs > ht ? vid_pool(g, fs, ht, ht) : fs;
-        kd_tensor *y = hs < ht ? vid_pool(g, ft, hs, hs) : ft;
-        if (!x || !y) return kd_graph_status(g);
-        if (x->shape[2] != y->shape[2] || x->shape[3] != y->shape[3])
-            return kd_error(KD_ERR_SHAPE, "vid: feat[%d] student %s and teacher %s cannot be pooled to one size",
-                            k + 1, kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt));
-        vid_pair *pr = &st->pair[k];
-        /* The regressor runs in the backend's blocked layout where it has one
-         * (kd_method_feat gives plain maps; a plain-input convolution with a
-         * blocked output has no fast kernel in oneDNN). */
-        kd_tensor *h = kd_relu(g, kd_conv2d_layer_forward(g, &pr->conv[0], kd_graph_to_blocked(g, x)));
-        h = kd_relu(g, kd_conv2d_layer_forward(g, &pr->conv[1], h));
-        kd_tensor *mu = kd_conv2d_layer_forward(g, &pr->conv[2], h);
-        if (!mu) return kd_graph_status(g);
-        if (mu->shape[1] != y->shape[1])
-            return kd_error(KD_ERR_SHAPE, "vid: feat[%d] of the teacher %s has %lld channels, the regressor was "
-                                          "built for %lld",
-                            k + 1, kd_shape_str(ft, bt, sizeof bt), (long long)y->shape[1],
-                            (long long)mu->shape[1]);
-        vid_nll_params p = {(double)a->eps};
-        kd_tensor *in[3] = {mu, y, pr->log_scale};
-        kd_tensor *l = kd_function_apply(g, &vid_nll_fn, &p, sizeof p, 3, in, 0, NULL);
-        total = total ? kd_add(g, total, l) : l;
+    vid_pair *pr = &st->pair[k];
+    /* The regressor runs in the backend's blocked layout where it has one
+     * (kd_method_feat gives plain maps; a plain-input convolution with a
+     * blocked output has no fast kernel in oneDNN). */
+    kd_tensor *h = kd_relu(g, kd_conv2d_layer_forward(g, &pr->conv[0], kd_graph_to_blocked(g, x)));
+    h = kd_relu(g, kd_conv2d_layer_forward(g, &pr->conv[1], h));
+    kd_tensor *mu = kd_conv2d_layer_forward(g, &pr->conv[2], h);
+    if (!mu) return kd_graph_status(g);
+    if (mu->shape[1] != y->shape[1]) {
+        char bt[96];
+        return kd_error(KD_ERR_SHAPE, "vid: feat[%d] of the teacher %s has %lld channels, the regressor was built "
+                                      "for %lld",
+                        k + 1, kd_shape_str(y, bt, sizeof bt), (long long)y->shape[1], (long long)mu->shape[1]);
     }
-    *out = total;
+    vid_nll_params p = {(double)a->eps};
+    kd_tensor *in[3] = {mu, y, pr->log_scale};
+    *loss = kd_function_apply(g, &vid_nll_fn, &p, sizeof p, 3, in, 0, NULL);
     return kd_graph_status(g);
+}
+
+static kd_status vid_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
+    const vid_state *st = kd_method_state(m);
+    return kd__map_pairs_term(m, ctx, st->n_pairs, vid_pair_loss, out);
 }
 
 const kd_method_def kd__method_vid = {

@@ -3,7 +3,7 @@ helper/loops.py: loss_kd = sum(Attention(p)(feat_s[1:-1], feat_t[1:-1]));
 weights from scripts/run_cifar_distill.sh: gamma 1, alpha 0, beta 1000)."""
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case, pool_pair
 
 NAME = "at"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=1000.0, T=4.0)
@@ -14,11 +14,7 @@ def _at(f, p):
 
 
 def _at_loss(f_s, f_t, p):
-    s_H, t_H = f_s.shape[2], f_t.shape[2]
-    if s_H > t_H:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
-    elif s_H < t_H:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+    f_s, f_t = pool_pair(f_s, f_t)
     return (_at(f_s, p) - _at(f_t, p)).pow(2).mean()
 
 
@@ -34,15 +30,8 @@ def cases(gen):
         ("p3", 3, [(4, 8, 8), (8, 8, 8), (16, 4, 4)],
          [(8, 8, 8), (16, 4, 4), (32, 2, 2)], {"p": "3"}),
     ]
-    out = []
-    for name, n, sm, tm, args in spec:
-        k = 10
-        out.append(dict(name=name,
-                        s_feats=feats(gen, n, sm, sm[-1][0]),
-                        t_feats=feats(gen, n, tm, tm[-1][0]),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
-    return out
+    return [make_case(gen, name, n, feats(gen, n, sm, sm[-1][0]), feats(gen, n, tm, tm[-1][0]), args=args)
+            for name, n, sm, tm, args in spec]
 
 
 def build(case):

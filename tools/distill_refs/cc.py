@@ -7,7 +7,7 @@ normalize=1 swaps in models/util.py's Embed (Linear + L2 Normalize)."""
 import torch
 import torch.nn as nn
 
-from .common import feats, labels, logits
+from .common import feats, make_case
 
 NAME = "cc"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=0.02, T=4.0)
@@ -54,15 +54,8 @@ def cases(gen):
         ("normalized", 3, [(16, 8, 8), (24, 4, 4)], 48, [(32, 8, 8), (96, 4, 4)], 96,
          {"feat_dim": "24", "normalize": "1"}),
     ]
-    out = []
-    for name, n, sm, ds, tm, dt, args in spec:
-        k = 10
-        out.append(dict(name=name,
-                        s_feats=feats(gen, n, sm, ds),
-                        t_feats=feats(gen, n, tm, dt),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
-    return out
+    return [make_case(gen, name, n, feats(gen, n, sm, ds), feats(gen, n, tm, dt), args=args)
+            for name, n, sm, ds, tm, dt, args in spec]
 
 
 def build(case):

@@ -4,9 +4,7 @@ hunto/image_classification_sota lib/models/losses/dist_kd.py
 (cosine_similarity, pearson_correlation, inter/intra_class_relation).
 CIFAR-100 composition (METHODS.md section 17): CE 1, DIST weight 2, tau 4,
 inner beta = gamma = 1."""
-import torch
-
-from .common import feats, labels, logits
+from .common import feats, make_case, settings
 
 NAME = "dist"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=2.0, T=4.0)
@@ -39,11 +37,8 @@ def cases(gen):
     out = []
     specs = [(8, 10, {}), (5, 100, {}), (16, 100, {"beta": "2", "gamma": "0.5", "tau": "1"}), (7, 10, {"eps": "1e-6"})]
     for i, (n, k, args) in enumerate(specs):
-        out.append(dict(name=f"c{i}",
-                        s_feats=feats(gen, n, [(16, 8, 8)], 64),
-                        t_feats=feats(gen, n, [(32, 8, 8)], 128),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k, scale=5.0),
-                        labels=labels(gen, n, k), args=args))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, [(16, 8, 8)], 64), feats(gen, n, [(32, 8, 8)], 128),
+                             k=k, args=args, t_scale=5.0))
     return out
 
 
@@ -52,6 +47,5 @@ def build(case):
 
 
 def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
-    a = dict(DEFAULTS)
-    a.update({k: float(v) for k, v in case["args"].items()})
+    a = settings(case, DEFAULTS)
     return dist_loss(s_logits, t_logits, a["beta"], a["gamma"], a["tau"], a["eps"])

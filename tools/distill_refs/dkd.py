@@ -7,7 +7,7 @@ kd composes it as gamma 1 (CE), alpha 0, beta 1 on the warmed-up DKD term."""
 import torch
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case, settings, warmup_ramp
 
 NAME = "dkd"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=1.0, T=4.0)
@@ -45,11 +45,8 @@ def cases(gen):
     specs = [(8, 10, 0, {}), (5, 100, 9, {}), (12, 100, 30, {"beta": "6"}),
              (6, 10, 2, {"warmup": "5", "alpha": "0.5", "T": "2"})]
     for i, (n, k, epoch, args) in enumerate(specs):
-        out.append(dict(name=f"c{i}",
-                        s_feats=feats(gen, n, [(16, 8, 8)], 64),
-                        t_feats=feats(gen, n, [(32, 8, 8)], 128),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k, scale=5.0),
-                        labels=labels(gen, n, k), args=args, epoch=epoch))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, [(16, 8, 8)], 64), feats(gen, n, [(32, 8, 8)], 128),
+                             k=k, args=args, t_scale=5.0, epoch=epoch))
     return out
 
 
@@ -58,7 +55,5 @@ def build(case):
 
 
 def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
-    a = dict(DEFAULTS)
-    a.update({k: type(DEFAULTS[k])(float(v)) if k != "warmup" else int(v) for k, v in case["args"].items()})
-    ramp = min((case.get("epoch", 0) + 1) / a["warmup"], 1.0) if a["warmup"] > 0 else 1.0
-    return ramp * dkd_loss(s_logits, t_logits, labels, a["alpha"], a["beta"], a["T"])
+    a = settings(case, DEFAULTS)
+    return warmup_ramp(case, a["warmup"]) * dkd_loss(s_logits, t_logits, labels, a["alpha"], a["beta"], a["T"])

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case
 
 NAME = "fitnet"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=100.0, T=4.0)
@@ -69,7 +69,6 @@ def cases(gen):
     ]
     out = []
     for name, n, sm, tm, args, training in spec:
-        k = 10
         t_feats = feats(gen, n, tm, tm[-1][0])
         # The teacher's hint map near the regressor's active outputs (about
         # +1.2, see build()): the per-channel gradient sums through the
@@ -78,11 +77,7 @@ def cases(gen):
         # 1e-6 floor.
         h = int(args.get("hint_layer", 2))
         t_feats[h] = (0.4 * torch.randn(t_feats[h].shape, generator=gen) + 1.2).relu()
-        out.append(dict(name=name,
-                        s_feats=feats(gen, n, sm, sm[-1][0]),
-                        t_feats=t_feats,
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args, training=training))
+        out.append(make_case(gen, name, n, feats(gen, n, sm, sm[-1][0]), t_feats, args=args, training=training))
     return out
 
 

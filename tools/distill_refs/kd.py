@@ -1,20 +1,15 @@
 """Hinton KD (RepDistiller distiller_zoo/KD.py): no module, no term; the
 whole loss is the composition 0.1 CE + 0.9 KL_T4."""
-from .common import feats, labels, logits
+from .common import feats, make_case
 
 NAME = "kd"
 WEIGHTS = dict(gamma=0.1, alpha=0.9, beta=0.0, T=4.0)
 
 
 def cases(gen):
-    out = []
-    for i, (n, k) in enumerate([(8, 10), (5, 100)]):
-        out.append(dict(name=f"c{i}",
-                        s_feats=feats(gen, n, [(16, 8, 8), (32, 4, 4)], 64),
-                        t_feats=feats(gen, n, [(32, 8, 8), (64, 4, 4)], 128),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args={}))
-    return out
+    return [make_case(gen, f"c{i}", n, feats(gen, n, [(16, 8, 8), (32, 4, 4)], 64),
+                 feats(gen, n, [(32, 8, 8), (64, 4, 4)], 128), k=k)
+            for i, (n, k) in enumerate([(8, 10), (5, 100)])]
 
 
 def build(case):

@@ -3,10 +3,9 @@ CVPR 2024), written from sunshangquan/logit-standardization-KD
 mdistiller/distillers/KD.py (normalize, kd_loss with logit_stand) and
 tools/train.py (--logit-stand --base-temp 2 --kd-weight 9; CE_WEIGHT 0.1 of
 engine/cfg.py): gamma 0.1 (CE), alpha 0, beta 9 on the standardised KD term."""
-import torch
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case, settings
 
 NAME = "lskd"
 WEIGHTS = dict(gamma=0.1, alpha=0.0, beta=9.0, T=2.0)
@@ -31,11 +30,8 @@ def cases(gen):
     for i, (n, k, args) in enumerate(specs):
         # Teacher logits on another scale and offset than the student's: the
         # standardisation removes both.
-        out.append(dict(name=f"c{i}",
-                        s_feats=feats(gen, n, [(16, 8, 8)], 64),
-                        t_feats=feats(gen, n, [(32, 8, 8)], 128),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k, scale=8.0) + 2.0,
-                        labels=labels(gen, n, k), args=args))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, [(16, 8, 8)], 64), feats(gen, n, [(32, 8, 8)], 128),
+                             k=k, args=args, t_scale=8.0, t_shift=2.0))
     return out
 
 
@@ -44,6 +40,5 @@ def build(case):
 
 
 def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
-    a = dict(DEFAULTS)
-    a.update({k: float(v) for k, v in case["args"].items()})
+    a = settings(case, DEFAULTS)
     return lskd_loss(s_logits, t_logits, a["T"], a["eps"])

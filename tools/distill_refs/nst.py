@@ -5,7 +5,7 @@ scripts/run_cifar_distill.sh). No module.
 """
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case, pool_pair
 
 NAME = "nst"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=50.0, T=4.0)
@@ -18,11 +18,7 @@ def poly_kernel(a, b):
 
 
 def nst_loss(f_s, f_t, full_loss):
-    s_H, t_H = f_s.shape[2], f_t.shape[2]
-    if s_H > t_H:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_H, t_H))
-    elif s_H < t_H:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_H, s_H))
+    f_s, f_t = pool_pair(f_s, f_t)
     f_s = f_s.view(f_s.shape[0], f_s.shape[1], -1)
     f_s = F.normalize(f_s, dim=2)
     f_t = f_t.view(f_t.shape[0], f_t.shape[1], -1)
@@ -46,11 +42,7 @@ def cases(gen):
          {"full_loss": "0"}),
     ]
     for i, (n, sm, tm, args) in enumerate(specs):
-        k = 10
-        s = feats(gen, n, sm, 32)
-        t = feats(gen, n, tm, 64)
-        out.append(dict(name=f"c{i}", s_feats=s, t_feats=t, s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, sm, 32), feats(gen, n, tm, 64), args=args))
     return out
 
 

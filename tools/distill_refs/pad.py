@@ -8,7 +8,7 @@ ImageNet config weighs CE 1 and PAD 1. The optional warm-up
 import torch
 from torch import nn
 
-from .common import feats, labels, logits
+from .common import feats, make_case, warmup_ramp
 
 NAME = "pad"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=1.0, T=4.0)
@@ -30,11 +30,8 @@ def cases(gen):
     for i, (n, maps, d, training, epoch, args) in enumerate(specs):
         t_maps = [(2 * c, h, w) for (c, h, w) in maps]
         k = 10 if i % 2 == 0 else 100
-        out.append(dict(name=f"c{i}",
-                        s_feats=feats(gen, n, maps, d),
-                        t_feats=feats(gen, n, t_maps, d),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args, training=training, epoch=epoch))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, maps, d), feats(gen, n, t_maps, d), k=k, args=args,
+                             training=training, epoch=epoch))
     return out
 
 
@@ -60,5 +57,4 @@ def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
     f_t = t_feats[-1].flatten(1)
     log_var = mod.var_estimator(f_s)
     loss = torch.mean((f_t - f_s) ** 2 / (eps + torch.exp(log_var)) + log_var, dim=1).mean()
-    ramp = min(1.0, (case.get("epoch", 0) + 1) / warm) if warm > 0 else 1.0
-    return ramp * loss
+    return warmup_ramp(case, warm) * loss

@@ -6,7 +6,7 @@ first: kd's extension, the official code takes the pooled embedding only.
 """
 import torch
 
-from .common import feats, labels, logits
+from .common import feats, flat_pair, make_case
 
 NAME = "pkt"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=30000.0, T=4.0)
@@ -38,13 +38,11 @@ def cases(gen):
     # c2: a feature map flattened, a non-default eps and a batch of 3.
     specs = [(8, 16, 32, {}), (5, 64, 48, {}), (3, None, None, {"feat": "-2", "eps": "0.001"})]
     for i, (n, ds, dt, args) in enumerate(specs):
-        k = 10
         s = feats(gen, n, [(4, 4, 4), (8, 4, 4)], ds or 8)
         t = feats(gen, n, [(8, 4, 4), (6, 2, 2)], dt or 8)
         if i == 1:
             t[-1][2] = 0.0
-        out.append(dict(name=f"c{i}", s_feats=s, t_feats=t, s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
+        out.append(make_case(gen, f"c{i}", n, s, t, args=args))
     return out
 
 
@@ -53,9 +51,5 @@ def build(case):
 
 
 def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
-    a = case["args"]
-    k = int(a.get("feat", -1))
-    f_s, f_t = s_feats[k], t_feats[k]
-    f_s = f_s.reshape(f_s.shape[0], -1)
-    f_t = f_t.reshape(f_t.shape[0], -1)
-    return cosine_similarity_loss(f_s, f_t, float(a.get("eps", 1e-7)))
+    f_s, f_t = flat_pair(case, s_feats, t_feats)
+    return cosine_similarity_loss(f_s, f_t, float(case["args"].get("eps", 1e-7)))

@@ -5,7 +5,7 @@ helper/loops.py; beta 1 in scripts/run_cifar_distill.sh). No module.
 import torch
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, flat_pair, make_case
 
 NAME = "rkd"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=1.0, T=4.0)
@@ -55,13 +55,11 @@ def cases(gen):
     #     a batch of 3.
     specs = [(8, 16, 32, {}), (5, 64, 48, {}), (3, None, None, {"feat": "-2", "w_dist": "10", "w_angle": "20"})]
     for i, (n, ds, dt, args) in enumerate(specs):
-        k = 10
         s = feats(gen, n, [(4, 4, 4), (8, 4, 4)], ds or 8)
         t = feats(gen, n, [(8, 4, 4), (6, 2, 2)], dt or 8)
         if i == 1:
             s[-1][0] *= 10.0
-        out.append(dict(name=f"c{i}", s_feats=s, t_feats=t, s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
+        out.append(make_case(gen, f"c{i}", n, s, t, args=args))
     return out
 
 
@@ -71,6 +69,5 @@ def build(case):
 
 def term(mod, case, s_feats, s_logits, t_feats, t_logits, labels):
     a = case["args"]
-    k = int(a.get("feat", -1))
-    return rkd_loss(s_feats[k], t_feats[k], float(a.get("w_dist", 25)), float(a.get("w_angle", 50)),
+    return rkd_loss(*flat_pair(case, s_feats, t_feats), float(a.get("w_dist", 25)), float(a.get("w_angle", 50)),
                     float(a.get("eps", 1e-12)))

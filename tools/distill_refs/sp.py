@@ -5,7 +5,7 @@ scripts/run_cifar_distill.sh: gamma 1, alpha 0, beta 3000)."""
 import torch
 import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case
 
 NAME = "sp"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=3000.0, T=4.0)
@@ -30,15 +30,8 @@ def cases(gen):
         # another feature (sp.layer 1), small batch
         ("layer1", 3, [(4, 8, 8), (8, 6, 6), (16, 4, 4)], [(8, 8, 8), (16, 4, 4), (32, 2, 2)], {"layer": "1"}),
     ]
-    out = []
-    for name, n, sm, tm, args in spec:
-        k = 10
-        out.append(dict(name=name,
-                        s_feats=feats(gen, n, sm, sm[-1][0]),
-                        t_feats=feats(gen, n, tm, tm[-1][0]),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k),
-                        labels=labels(gen, n, k), args=args))
-    return out
+    return [make_case(gen, name, n, feats(gen, n, sm, sm[-1][0]), feats(gen, n, tm, tm[-1][0]), args=args)
+            for name, n, sm, tm, args in spec]
 
 
 def build(case):

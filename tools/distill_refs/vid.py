@@ -10,9 +10,8 @@ criterion's state_dict names: "<k>.log_scale", "<k>.regressor.{0,2,4}.weight".
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .common import feats, labels, logits
+from .common import feats, make_case, pool_pair
 
 NAME = "vid"
 WEIGHTS = dict(gamma=1.0, alpha=0.0, beta=1.0, T=4.0)
@@ -39,11 +38,7 @@ class VIDLoss(nn.Module):
         self.eps = eps
 
     def forward(self, input, target):
-        s_H, t_H = input.shape[2], target.shape[2]
-        if s_H > t_H:
-            input = F.adaptive_avg_pool2d(input, (t_H, t_H))
-        elif s_H < t_H:
-            target = F.adaptive_avg_pool2d(target, (s_H, s_H))
+        input, target = pool_pair(input, target)
         pred_mean = self.regressor(input)
         pred_var = torch.log(1.0 + torch.exp(self.log_scale)) + self.eps
         pred_var = pred_var.view(1, -1, 1, 1)
@@ -64,10 +59,7 @@ def cases(gen):
          {"eps": "0.001"}),
     ]
     for i, (n, sm, tm, args) in enumerate(specs):
-        k = 10
-        out.append(dict(name=f"c{i}", s_feats=feats(gen, n, sm, 32), t_feats=feats(gen, n, tm, 64),
-                        s_logits=logits(gen, n, k), t_logits=logits(gen, n, k), labels=labels(gen, n, k),
-                        args=args))
+        out.append(make_case(gen, f"c{i}", n, feats(gen, n, sm, 32), feats(gen, n, tm, 64), args=args))
     return out
 
 
