@@ -13,10 +13,8 @@
  * stdout and stderr. */
 #include <ctype.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,17 +29,15 @@
 #include "kd/io.h"
 #include "testutil.h"
 
-extern char **environ;
-
 #define KD_EXE KD_BINARY_DIR "/kd"
 #define DIRN 700
 #define PATHN 1000
 
 /* ------------------------------------------------------------ fixtures */
 
-/* The tiny dataset: S x S images, 4 classes; class k has a bright horizontal
- * band in rows 2k, 2k+1 (invariant to horizontal flips, robust to a 1-pixel
- * crop shift) on dark noise. */
+/* The tiny dataset (kd_test_write_idx): IMG x IMG images, 4 classes; class k
+ * has a bright horizontal band in rows 2k, 2k+1 (invariant to horizontal
+ * flips, robust to a 1-pixel crop shift) on dark noise. */
 #define IMG 8
 #define NTRAIN 128
 #define NTEST 32
@@ -51,74 +47,6 @@ static char g_data[600];    /* the good dataset */
 static char g_run_a[600];   /* reference run: 3 epochs, uninterrupted */
 static int g_run_a_state;    /* 0: not tried, 1: ok, -1: failed */
 
-static void put_be32(unsigned char *p, uint32_t v) {
-    p[0] = (unsigned char)(v >> 24);
-    p[1] = (unsigned char)(v >> 16);
-    p[2] = (unsigned char)(v >> 8);
-    p[3] = (unsigned char)v;
-}
-
-static void write_bytes(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
-    if (fwrite(data, 1, n, f) != n) fail_msg("short write to %s", path);
-    fclose(f);
-}
-
-static void write_idx_split(const char *dir, const char *prefix, int n, uint64_t seed) {
-    size_t nimg = 16 + (size_t)n * IMG * IMG, nlab = 8 + (size_t)n;
-    unsigned char *im = malloc(nimg), *lb = malloc(nlab);
-    assert_non_null(im);
-    assert_non_null(lb);
-    put_be32(im, 0x00000803);
-    put_be32(im + 4, (uint32_t)n);
-    put_be32(im + 8, IMG);
-    put_be32(im + 12, IMG);
-    put_be32(lb, 0x00000801);
-    put_be32(lb + 4, (uint32_t)n);
-    kd_rng r;
-    kd_rng_init(&r, seed, 0xda7a);
-    for (int i = 0; i < n; i++) {
-        int k = i % 4;
-        lb[8 + i] = (unsigned char)k;
-        unsigned char *p = im + 16 + (size_t)i * IMG * IMG;
-        for (int y = 0; y < IMG; y++)
-            for (int x = 0; x < IMG; x++) {
-                int bright = y / 2 == k;
-                p[y * IMG + x] = (unsigned char)(bright ? 190 + kd_rng_below(&r, 66) : kd_rng_below(&r, 70));
-            }
-    }
-    char path[DIRN];
-    snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte", dir, prefix);
-    write_bytes(path, im, nimg);
-    snprintf(path, sizeof path, "%s/%s-labels-idx1-ubyte", dir, prefix);
-    write_bytes(path, lb, nlab);
-    free(im);
-    free(lb);
-}
-
-static void make_dataset(const char *dir) {
-    mkdir(dir, 0755);
-    write_idx_split(dir, "train", NTRAIN, 1);
-    write_idx_split(dir, "t10k", NTEST, 2);
-}
-
-static char *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap + 1);
-    size_t got;
-    while ((got = fread(buf + len, 1, cap - len, f)) > 0) {
-        len += got;
-        if (len == cap) buf = realloc(buf, (cap *= 2) + 1);
-    }
-    fclose(f);
-    buf[len] = '\0';
-    if (n) *n = len;
-    return buf;
-}
-
 static int file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;
@@ -126,9 +54,9 @@ static int file_exists(const char *path) {
 
 static void copy_file(const char *src, const char *dst, size_t limit) {
     size_t n;
-    char *d = slurp(src, &n);
+    char *d = kd_test_slurp(src, &n);
     if (!d) fail_msg("cannot read %s", src);
-    write_bytes(dst, d, n < limit ? n : limit);
+    kd_test_write_file(dst, d, n < limit ? n : limit);
     free(d);
 }
 
@@ -151,100 +79,14 @@ static const char *tmp_path(char *buf, size_t n, const char *name) {
 
 /* ----------------------------------------------------------- processes */
 
-typedef struct {
-    int status;   /* exit status, or -1 when killed by a signal */
-    int signal;   /* the signal, or 0 */
-    char *out;    /* stdout */
-    char *err;    /* stderr */
-    double secs;
-} kd_proc;
-
-static void proc_free(kd_proc *p) {
-    free(p->out);
-    free(p->err);
-    memset(p, 0, sizeof *p);
-}
-
-static int g_spawn_id;
-
-static pid_t spawn_kd(const char *const *args, char *outp, char *errp, size_t n) {
-    int id = ++g_spawn_id;
-    snprintf(outp, n, "%s/proc%d.out", g_root, id);
-    snprintf(errp, n, "%s/proc%d.err", g_root, id);
-    char *argv[64];
-    int argc = 0;
-    argv[argc++] = (char *)KD_EXE;
-    for (int i = 0; args[i]; i++) {
-        if (argc >= 63) fail_msg("too many arguments");
-        argv[argc++] = (char *)args[i];
-    }
-    argv[argc] = NULL;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 1, outp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid;
-    int rc = posix_spawn(&pid, KD_EXE, &fa, NULL, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) fail_msg("cannot start %s: %s", KD_EXE, strerror(rc));
-    return pid;
-}
-
-static void collect(kd_proc *p, int wstatus, const char *outp, const char *errp) {
-    if (WIFEXITED(wstatus)) {
-        p->status = WEXITSTATUS(wstatus);
-        p->signal = 0;
-    } else {
-        p->status = -1;
-        p->signal = WIFSIGNALED(wstatus) ? WTERMSIG(wstatus) : -1;
-    }
-    p->out = slurp(outp, NULL);
-    p->err = slurp(errp, NULL);
-    if (!p->out) p->out = strdup("");
-    if (!p->err) p->err = strdup("");
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Runs kd with the NULL-terminated args and waits. */
-static kd_proc run_kd(const char *const *args) {
-    char outp[DIRN], errp[DIRN];
-    double t0 = now_s();
-    pid_t pid = spawn_kd(args, outp, errp, sizeof outp);
-    int ws = 0;
-    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
-    }
-    kd_proc p;
-    memset(&p, 0, sizeof p);
-    collect(&p, ws, outp, errp);
-    p.secs = now_s() - t0;
-    return p;
-}
-
-#define RUN(...) run_kd((const char *const[]){__VA_ARGS__, NULL})
+/* Runs kd with the NULL-terminated args (output captured under g_root) and waits. */
+#define RUN(...) kd_test_run_kd(g_root, (const char *const[]){__VA_ARGS__, NULL})
 
 /* The common training flags (tiny, reference backend, 2 threads). */
 #define TRAIN_FLAGS(data, out, epochs)                                                                               \
     "--data", (data), "--model", "resnet8", "--epochs", (epochs), "--batch-size", "16", "--backend", "ref",         \
         "--threads", "2", "--workers", "1", "--out", (out), "--progress", "0", "--lr", "0.1", "--schedule", "cosine", \
         "--hflip", "1", "--pad-crop", "1", "--log-every", "4"
-
-static void dump(const kd_proc *p) {
-    fprintf(stderr, "---- exit %d signal %d (%.1fs)\n---- stdout:\n%s---- stderr:\n%s----\n", p->status, p->signal,
-            p->secs, p->out, p->err);
-}
-
-static void expect_ok(const kd_proc *p, const char *what) {
-    if (p->signal || p->status != 0) {
-        dump(p);
-        fail_msg("%s: expected exit 0, got status %d signal %d", what, p->status, p->signal);
-    }
-}
 
 /* Lines of text that are not log lines ("[kd info] ..."). */
 static int count_lines(const char *s, int skip_log, const char **first) {
@@ -276,32 +118,32 @@ static int contains_ci(const char *hay, size_t len, const char *needle) {
  * and one error line on stderr (log lines aside; none at all when
  * strict_one_line) that contains every NULL-terminated needle
  * (case-insensitive). */
-static void expect_fail_v(const kd_proc *p, int want, int strict_one_line, const char *const *needles) {
+static void expect_fail_v(const kd_test_proc *p, int want, int strict_one_line, const char *const *needles) {
     if (p->signal) {
-        dump(p);
+        kd_test_proc_dump(p, NULL);
         fail_msg("kd died from signal %d", p->signal);
     }
     int status_ok = want >= 0 ? p->status == want : (p->status == 1 || p->status == 2);
     if (!status_ok) {
-        dump(p);
+        kd_test_proc_dump(p, NULL);
         fail_msg("expected exit status %d, got %d", want, p->status);
     }
     const char *first;
     int all = count_lines(p->err, 0, &first);
     int errs = count_lines(p->err, 1, &first);
     if (errs != 1 || (strict_one_line && all != 1)) {
-        dump(p);
+        kd_test_proc_dump(p, NULL);
         fail_msg("expected exactly one error line on stderr, got %d (%d lines in all)", errs, all);
     }
     const char *e = strchr(first, '\n');
     size_t len = e ? (size_t)(e - first) : strlen(first);
     if (strncmp(first, "kd", 2) != 0) {
-        dump(p);
+        kd_test_proc_dump(p, NULL);
         fail_msg("the error line does not start with 'kd'");
     }
     for (int i = 0; needles[i]; i++)
         if (!contains_ci(first, len, needles[i])) {
-            dump(p);
+            kd_test_proc_dump(p, NULL);
             fail_msg("the error line does not name '%s'", needles[i]);
         }
 }
@@ -310,68 +152,16 @@ static void expect_fail_v(const kd_proc *p, int want, int strict_one_line, const
 
 /* ---------------------------------------------------------- checkpoints */
 
-static kd_st_file *open_ckpt(const char *path) {
-    kd_st_file *f = NULL;
-    if (kd_st_open(path, &f) != KD_OK) fail_msg("kd_st_open(%s): %s", path, kd_last_error());
-    return f;
-}
-
-/* Whether two checkpoints differ in any tensor (all, or those without the
- * "optim." prefix), byte for byte; msg says where. */
-static int ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn) {
-    kd_st_file *a = open_ckpt(pa), *b = open_ckpt(pb);
-    int compared = 0, optim = 0;
-    msg[0] = '\0';
-    for (int i = 0; i < kd_st_count(a) && !msg[0]; i++) {
-        const kd_st_entry *ea = kd_st_get(a, i);
-        int is_opt = strncmp(ea->name, "optim.", 6) == 0;
-        if (is_opt && !with_optim) continue;
-        const kd_st_entry *eb = kd_st_find(b, ea->name);
-        if (!eb) {
-            snprintf(msg, msgn, "%s lacks tensor %s", pb, ea->name);
-            break;
-        }
-        int same_shape = ea->dtype == eb->dtype && ea->ndim == eb->ndim && ea->nbytes == eb->nbytes;
-        for (int d = 0; same_shape && d < ea->ndim; d++) same_shape = ea->shape[d] == eb->shape[d];
-        if (!same_shape) {
-            snprintf(msg, msgn, "tensor %s differs in dtype/shape", ea->name);
-            break;
-        }
-        if (memcmp(ea->data, eb->data, ea->nbytes) != 0) {
-            double worst = 0;
-            if (ea->dtype == KD_F32)
-                for (size_t k = 0; k < ea->nbytes / 4; k++) {
-                    double d = fabs((double)((const float *)ea->data)[k] - (double)((const float *)eb->data)[k]);
-                    if (d > worst || d != d) worst = d;
-                }
-            snprintf(msg, msgn, "tensor %s differs (max abs diff %.3g) between %s and %s", ea->name, worst, pa, pb);
-            break;
-        }
-        compared++;
-        optim += is_opt;
-    }
-    /* The same set of tensors on both sides. */
-    if (!msg[0]) {
-        int nb = 0;
-        for (int i = 0; i < kd_st_count(b); i++)
-            if (with_optim || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0) nb++;
-        if (nb != compared) snprintf(msg, msgn, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
-    }
-    if (!msg[0] && with_optim && optim == 0) snprintf(msg, msgn, "%s holds no optim. tensors", pa);
-    kd_st_close(a);
-    kd_st_close(b);
-    return msg[0] != 0;
-}
-
-/* Fails unless every tensor is equal byte for byte. */
-static void compare_ckpts(const char *pa, const char *pb, int with_optim) {
+/* Fails unless every tensor that `which` (KD_TEST_CKPT_*) selects is equal
+ * byte for byte. */
+static void compare_ckpts(const char *pa, const char *pb, int which) {
     char msg[2048];
-    if (ckpts_differ(pa, pb, with_optim, msg, sizeof msg)) fail_msg("%s", msg);
+    if (kd_test_ckpts_differ(pa, pb, which, msg, sizeof msg)) fail_msg("%s", msg);
 }
 
 static void expect_same_file(const char *path, const char *before, size_t nbefore) {
     size_t n;
-    char *now = slurp(path, &n);
+    char *now = kd_test_slurp(path, &n);
     if (!now) fail_msg("%s is gone", path);
     int same = n == nbefore && memcmp(now, before, n) == 0;
     free(now);
@@ -385,7 +175,7 @@ static int group_setup(void **state) {
     snprintf(g_root, sizeof g_root, "%s", kd_test_tmpdir("test_cli"));
     snprintf(g_data, sizeof g_data, "%s/data", g_root);
     snprintf(g_run_a, sizeof g_run_a, "%s/run_a", g_root);
-    make_dataset(g_data);
+    kd_test_write_idx(g_data, NTRAIN, NTEST, IMG);
     if (access(KD_EXE, X_OK) != 0) {
         fprintf(stderr, "%s is not built\n", KD_EXE);
         return -1;
@@ -397,9 +187,9 @@ static int group_setup(void **state) {
 static void need_run_a(void) {
     if (g_run_a_state == 0) {
         g_run_a_state = -1;
-        kd_proc p = RUN("train", TRAIN_FLAGS(g_data, g_run_a, "3"));
-        expect_ok(&p, "kd train (run A)");
-        proc_free(&p);
+        kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, g_run_a, "3"));
+        kd_test_expect_ok(&p, "kd train (run A)");
+        kd_test_proc_free(&p);
         g_run_a_state = 1;
     }
     if (g_run_a_state < 0) fail_msg("the reference run A failed (see the first test that needed it)");
@@ -432,7 +222,7 @@ static void test_run_directory(void **state) {
      * per epoch (3). */
     run_a_file(path, sizeof path, "curves.svg");
     size_t svg_n;
-    char *svg = slurp(path, &svg_n);
+    char *svg = kd_test_slurp(path, &svg_n);
     assert_non_null(svg);
     int lines = 0;
     for (char *q = strstr(svg, "<polyline"); q; q = strstr(q + 1, "<polyline")) {
@@ -449,7 +239,7 @@ static void test_run_directory(void **state) {
     /* metrics.jsonl: every line a JSON object; one epoch record per epoch, in order. */
     run_a_file(path, sizeof path, "metrics.jsonl");
     size_t n;
-    char *text = slurp(path, &n);
+    char *text = kd_test_slurp(path, &n);
     assert_non_null(text);
     int epochs = 0, steps = 0, line_no = 0;
     for (char *l = text; *l;) {
@@ -484,7 +274,7 @@ static void test_run_directory(void **state) {
 
     /* summary.json */
     run_a_file(path, sizeof path, "summary.json");
-    text = slurp(path, &n);
+    text = kd_test_slurp(path, &n);
     assert_non_null(text);
     kd_json *sum = NULL;
     if (kd_json_parse(text, n, "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
@@ -507,12 +297,11 @@ static void test_run_directory(void **state) {
     static const char *ck[] = {"last.safetensors", "best.safetensors"};
     for (int i = 0; i < 2; i++) {
         run_a_file(path, sizeof path, ck[i]);
-        kd_st_file *f = open_ckpt(path);
+        kd_st_file *f = kd_test_st_open(path);
         static const char *names[] = {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight",
                                       "layer1.0.bn1.weight", "fc.weight", "fc.bias"};
-        for (int k = 0; k < 6; k++)
-            if (!kd_st_find(f, names[k])) fail_msg("%s has no tensor %s", ck[i], names[k]);
-        const kd_st_entry *fc = kd_st_find(f, "fc.weight");
+        for (int k = 0; k < 6; k++) kd_test_st_entry(f, "%s", names[k]); /* fails when absent */
+        const kd_st_entry *fc = kd_test_st_entry(f, "fc.weight");
         assert_int_equal(fc->ndim, 2);
         assert_int_equal(fc->shape[0], 4);
         const char *arch = kd_st_meta(f, "arch");
@@ -520,8 +309,7 @@ static void test_run_directory(void **state) {
         const char *nc = kd_st_meta(f, "num_classes");
         assert_non_null(nc);
         assert_string_equal(nc, "4");
-        int optim = 0;
-        for (int k = 0; k < kd_st_count(f); k++) optim += strncmp(kd_st_get(f, k)->name, "optim.", 6) == 0;
+        int optim = kd_test_st_count_prefixed(f, "optim.");
         if (i == 0) {
             assert_true(optim > 0);
             assert_non_null(kd_st_meta(f, "epochs_done"));
@@ -539,8 +327,8 @@ static void test_eval_of_run(void **state) {
     need_run_a();
     char ck[DIRN];
     run_a_file(ck, sizeof ck, "best.safetensors");
-    kd_proc p = RUN("eval", "--ckpt", ck, "--data", g_data, "--backend", "ref", "--threads", "2", "--json");
-    expect_ok(&p, "kd eval");
+    kd_test_proc p = RUN("eval", "--ckpt", ck, "--data", g_data, "--backend", "ref", "--threads", "2", "--json");
+    kd_test_expect_ok(&p, "kd eval");
     kd_json *doc = NULL;
     if (kd_json_parse(p.out, strlen(p.out), "kd eval --json", &doc) != KD_OK) fail_msg("%s", kd_last_error());
     const kd_json *a = kd_json_get(doc, "arch");
@@ -549,7 +337,7 @@ static void test_eval_of_run(void **state) {
     assert_true(json_num(doc, "top1", "eval")->number > 40.0);
     assert_int_equal((int)json_num(doc, "n", "eval")->number, NTEST);
     kd_json_free(doc);
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 
@@ -582,7 +370,7 @@ static int name_index(char names[][64], int n, const char *name) {
 static void check_run_terms(const char *dir, const char *const *want, int n_want) {
     char path[PATHN];
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
-    char *text = slurp(path, NULL);
+    char *text = kd_test_slurp(path, NULL);
     if (!text) fail_msg("no %s", path);
     char seen[MAX_TERMS][64];
     int n_seen = 0, n_steps = 0, n_epochs = 0;
@@ -645,7 +433,7 @@ static void check_run_terms(const char *dir, const char *const *want, int n_want
             if (name_index(seen, n_seen, want[w]) < 0) fail_msg("%s: term \"%s\" was never logged", path, want[w]);
     }
     snprintf(path, sizeof path, "%s/summary.json", dir);
-    text = slurp(path, NULL);
+    text = kd_test_slurp(path, NULL);
     if (!text) fail_msg("no %s", path);
     kd_json *sum = NULL;
     if (kd_json_parse(text, strlen(text), path, &sum) != KD_OK) fail_msg("%s", kd_last_error());
@@ -671,18 +459,18 @@ static void test_config_reproduces(void **state) {
     char cfg[PATHN], other[DIRN], la[PATHN], lb[PATHN];
     run_a_file(cfg, sizeof cfg, "config.yaml");
     tmp_path(other, sizeof other, "run_repro");
-    kd_proc p = RUN("train", "--config", cfg, "--out", other);
-    expect_ok(&p, "kd train --config");
-    proc_free(&p);
+    kd_test_proc p = RUN("train", "--config", cfg, "--out", other);
+    kd_test_expect_ok(&p, "kd train --config");
+    kd_test_proc_free(&p);
     run_a_file(la, sizeof la, "last.safetensors");
     snprintf(lb, sizeof lb, "%s/last.safetensors", other);
-    compare_ckpts(la, lb, 1);
+    compare_ckpts(la, lb, KD_TEST_CKPT_WITH_OPTIM);
     run_a_file(la, sizeof la, "best.safetensors");
     snprintf(lb, sizeof lb, "%s/best.safetensors", other);
-    compare_ckpts(la, lb, 0);
+    compare_ckpts(la, lb, KD_TEST_CKPT_MODEL);
     /* The resolved settings are the same apart from the run directory. */
     snprintf(lb, sizeof lb, "%s/config.yaml", other);
-    char *ta = slurp(cfg, NULL), *tb = slurp(lb, NULL);
+    char *ta = kd_test_slurp(cfg, NULL), *tb = kd_test_slurp(lb, NULL);
     assert_non_null(ta);
     assert_non_null(tb);
     char *oa = strstr(ta, "\nout:"), *ob = strstr(tb, "\nout:");
@@ -708,20 +496,21 @@ static void test_workers_and_seed(void **state) {
     tmp_path(w1, sizeof w1, "run_w1");
     tmp_path(w3, sizeof w3, "run_w3");
     tmp_path(s7, sizeof s7, "run_s7");
-    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, w1, "1"));
-    expect_ok(&p, "kd train --workers 1");
-    proc_free(&p);
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, w1, "1"));
+    kd_test_expect_ok(&p, "kd train --workers 1");
+    kd_test_proc_free(&p);
     p = RUN("train", TRAIN_FLAGS(g_data, w3, "1"), "--workers", "3");
-    expect_ok(&p, "kd train --workers 3");
-    proc_free(&p);
+    kd_test_expect_ok(&p, "kd train --workers 3");
+    kd_test_proc_free(&p);
     p = RUN("train", TRAIN_FLAGS(g_data, s7, "1"), "--seed", "7");
-    expect_ok(&p, "kd train --seed 7");
-    proc_free(&p);
+    kd_test_expect_ok(&p, "kd train --seed 7");
+    kd_test_proc_free(&p);
     snprintf(p1, sizeof p1, "%s/last.safetensors", w1);
     snprintf(p3, sizeof p3, "%s/last.safetensors", w3);
     snprintf(p7, sizeof p7, "%s/last.safetensors", s7);
-    compare_ckpts(p1, p3, 1);
-    if (!ckpts_differ(p1, p7, 0, msg, sizeof msg)) fail_msg("--seed 7 gives the same weights as --seed 0");
+    compare_ckpts(p1, p3, KD_TEST_CKPT_WITH_OPTIM);
+    if (!kd_test_ckpts_differ(p1, p7, KD_TEST_CKPT_MODEL, msg, sizeof msg))
+        fail_msg("--seed 7 gives the same weights as --seed 0");
 }
 
 /* ============================================================ 3. resume */
@@ -731,34 +520,34 @@ static void test_resume_after_pause(void **state) {
     need_run_a();
     char b[DIRN], la[PATHN], lb[PATHN];
     tmp_path(b, sizeof b, "run_b");
-    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, b, "3"), "--stop-after", "1");
-    expect_ok(&p, "kd train --stop-after 1");
-    proc_free(&p);
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, b, "3"), "--stop-after", "1");
+    kd_test_expect_ok(&p, "kd train --stop-after 1");
+    kd_test_proc_free(&p);
     snprintf(lb, sizeof lb, "%s/last.safetensors", b);
-    kd_st_file *f = open_ckpt(lb);
+    kd_st_file *f = kd_test_st_open(lb);
     const char *ed = kd_st_meta(f, "epochs_done");
     if (!ed || strcmp(ed, "1") != 0) fail_msg("after --stop-after 1, epochs_done is %s", ed ? ed : "(none)");
     kd_st_close(f);
 
     p = RUN("train", "--resume", b);
-    expect_ok(&p, "kd train --resume");
-    proc_free(&p);
+    kd_test_expect_ok(&p, "kd train --resume");
+    kd_test_proc_free(&p);
     run_a_file(la, sizeof la, "last.safetensors");
-    compare_ckpts(la, lb, 1);
+    compare_ckpts(la, lb, KD_TEST_CKPT_WITH_OPTIM);
     run_a_file(la, sizeof la, "best.safetensors");
     snprintf(lb, sizeof lb, "%s/best.safetensors", b);
-    compare_ckpts(la, lb, 0);
+    compare_ckpts(la, lb, KD_TEST_CKPT_MODEL);
 
     /* metrics.jsonl continues: three epoch records in all. */
     snprintf(lb, sizeof lb, "%s/metrics.jsonl", b);
-    char *m = slurp(lb, NULL);
+    char *m = kd_test_slurp(lb, NULL);
     assert_non_null(m);
     int n = 0;
     for (char *q = m; (q = strstr(q, "\"type\": \"epoch\"")); q++) n++;
     free(m);
     assert_int_equal(n, 3);
     snprintf(lb, sizeof lb, "%s/summary.json", b);
-    m = slurp(lb, NULL);
+    m = kd_test_slurp(lb, NULL);
     assert_non_null(m);
     kd_json *sum = NULL;
     if (kd_json_parse(m, strlen(m), "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
@@ -770,45 +559,42 @@ static void test_resume_after_pause(void **state) {
 static void test_resume_after_kill(void **state) {
     (void)state;
     need_run_a();
-    char c[DIRN], lc[PATHN], la[PATHN], outp[PATHN], errp[PATHN];
+    char c[DIRN], lc[PATHN], la[PATHN];
     tmp_path(c, sizeof c, "run_c");
     snprintf(lc, sizeof lc, "%s/last.safetensors", c);
-    pid_t pid = spawn_kd((const char *const[]){"train", TRAIN_FLAGS(g_data, c, "3"), NULL}, outp, errp, sizeof outp);
+    kd_test_child child = kd_test_spawn_kd(g_root, (const char *const[]){"train", TRAIN_FLAGS(g_data, c, "3"), NULL});
     int ws = 0, finished = 0;
-    double t0 = now_s();
     for (;;) {
-        pid_t w = waitpid(pid, &ws, WNOHANG);
-        if (w == pid) {
+        pid_t w = waitpid(child.pid, &ws, WNOHANG);
+        if (w == child.pid) {
             finished = 1;
             break;
         }
         if (file_exists(lc)) break;
-        if (now_s() - t0 > 300) {
-            kill(pid, SIGKILL);
-            waitpid(pid, &ws, 0);
+        if (kd_test_now() - child.t0 > 300) {
+            kill(child.pid, SIGKILL);
+            waitpid(child.pid, &ws, 0);
             fail_msg("run C wrote no checkpoint in 300 s");
         }
         struct timespec ts = {0, 2000000};
         nanosleep(&ts, NULL);
     }
     if (!finished) {
-        kill(pid, SIGKILL);
-        while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
+        kill(child.pid, SIGKILL);
+        while (waitpid(child.pid, &ws, 0) < 0 && errno == EINTR) {
         }
     }
     if (finished || !WIFSIGNALED(ws)) {
-        kd_proc p;
-        memset(&p, 0, sizeof p);
-        collect(&p, ws, outp, errp);
+        kd_test_proc p = kd_test_collect(&child, ws);
         int ok = p.status == 0 && !p.signal;
-        if (!ok) dump(&p);
-        proc_free(&p);
+        if (!ok) kd_test_proc_dump(&p, NULL);
+        kd_test_proc_free(&p);
         if (!ok) fail_msg("run C failed before it could be killed");
         skip(); /* it finished before the kill */
         return;
     }
     /* The checkpoint left behind is whole (atomic replacement). */
-    kd_st_file *f = open_ckpt(lc);
+    kd_st_file *f = kd_test_st_open(lc);
     const char *ed = kd_st_meta(f, "epochs_done");
     assert_non_null(ed);
     int done = atoi(ed);
@@ -818,11 +604,11 @@ static void test_resume_after_kill(void **state) {
         return;
     }
     assert_true(done >= 1);
-    kd_proc p = RUN("train", "--resume", c);
-    expect_ok(&p, "kd train --resume after SIGKILL");
-    proc_free(&p);
+    kd_test_proc p = RUN("train", "--resume", c);
+    kd_test_expect_ok(&p, "kd train --resume after SIGKILL");
+    kd_test_proc_free(&p);
     run_a_file(la, sizeof la, "last.safetensors");
-    compare_ckpts(la, lc, 1);
+    compare_ckpts(la, lc, KD_TEST_CKPT_WITH_OPTIM);
 }
 
 /* =========================================================== 4. distill */
@@ -833,11 +619,11 @@ static void test_distill(void **state) {
     char t[PATHN], d[DIRN], path[PATHN];
     run_a_file(t, sizeof t, "best.safetensors");
     tmp_path(d, sizeof d, "run_distill");
-    kd_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
-    expect_ok(&p, "kd distill");
-    proc_free(&p);
+    kd_test_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
+    kd_test_expect_ok(&p, "kd distill");
+    kd_test_proc_free(&p);
     snprintf(path, sizeof path, "%s/summary.json", d);
-    char *text = slurp(path, NULL);
+    char *text = kd_test_slurp(path, NULL);
     if (!text) fail_msg("kd distill wrote no %s", path);
     kd_json *sum = NULL;
     if (kd_json_parse(text, strlen(text), "summary.json", &sum) != KD_OK) fail_msg("%s", kd_last_error());
@@ -851,7 +637,7 @@ static void test_distill(void **state) {
     kd_json_free(sum);
     /* The KL term took part. */
     snprintf(path, sizeof path, "%s/metrics.jsonl", d);
-    text = slurp(path, NULL);
+    text = kd_test_slurp(path, NULL);
     assert_non_null(text);
     char *kl = strstr(text, "\"train_kl\": ");
     assert_non_null(kl);
@@ -862,7 +648,7 @@ static void test_distill(void **state) {
      * (train_ce, train_kl) and in summary.json's train_loss_terms. */
     check_run_terms(d, (const char *const[]){"ce", "kl"}, 2);
     snprintf(path, sizeof path, "%s/last.safetensors", d);
-    kd_st_file *f = open_ckpt(path);
+    kd_st_file *f = kd_test_st_open(path);
     kd_st_close(f);
 }
 
@@ -872,13 +658,13 @@ static void test_distill_missing_teacher(void **state) {
     char d[DIRN], t[DIRN];
     tmp_path(d, sizeof d, "run_distill_noteacher");
     tmp_path(t, sizeof t, "no-such-teacher.safetensors");
-    kd_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
+    kd_test_proc p = RUN("distill", "--teacher-ckpt", t, TRAIN_FLAGS(g_data, d, "1"));
     EXPECT_FAIL(&p, 1, t); /* the whole path, intact */
     if (strncmp(p.err, "kd distill: teacher: /", 22) != 0) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("expected 'kd distill: teacher: %s: ...'", t);
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
     char last[PATHN];
     snprintf(last, sizeof last, "%s/last.safetensors", d);
     assert_false(file_exists(last));
@@ -891,9 +677,10 @@ static void test_distill_unknown_teacher_arch(void **state) {
     (void)state;
     char d[DIRN];
     tmp_path(d, sizeof d, "run_distill_badteacher");
-    kd_proc p = RUN("distill", "--teacher-ckpt", "t.safetensors", "--teacher", "resnet9", TRAIN_FLAGS(g_data, d, "1"));
+    kd_test_proc p = RUN("distill", "--teacher-ckpt", "t.safetensors", "--teacher", "resnet9",
+                         TRAIN_FLAGS(g_data, d, "1"));
     EXPECT_FAIL(&p, -1, "teacher: unknown model 'resnet9'");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(d));
 }
 
@@ -903,15 +690,15 @@ static void test_bad_missing_dataset(void **state) {
     char d[DIRN], out[DIRN];
     tmp_path(d, sizeof d, "no-such-dataset");
     tmp_path(out, sizeof out, "run_missing_data");
-    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
     EXPECT_FAIL(&p, 1, "no-such-dataset");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     char path[PATHN];
     snprintf(path, sizeof path, "%s/last.safetensors", out);
     assert_false(file_exists(path));
     p = RUN("eval", "--ckpt", "whatever.safetensors", "--data", d, "--backend", "ref");
     EXPECT_FAIL(&p, 1, "no-such-dataset");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* b. truncated images file */
@@ -923,9 +710,9 @@ static void test_bad_truncated_images(void **state) {
     snprintf(f, sizeof f, "%s/train-images-idx3-ubyte", d);
     copy_file(f, f, 16 + 50 * IMG * IMG + 7); /* cut mid-image */
     tmp_path(out, sizeof out, "run_truncated");
-    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
     EXPECT_FAIL(&p, 1, "train-images-idx3-ubyte");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     snprintf(f, sizeof f, "%s/last.safetensors", out);
     assert_false(file_exists(f));
 }
@@ -939,14 +726,14 @@ static void test_bad_truncated_labels(void **state) {
     snprintf(f, sizeof f, "%s/t10k-labels-idx1-ubyte", d);
     copy_file(f, f, 8 + NTEST - 3);
     tmp_path(out, sizeof out, "run_truncated_labels");
-    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
     EXPECT_FAIL(&p, 1, "t10k-labels-idx1-ubyte");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     snprintf(f, sizeof f, "%s/t10k-labels-idx1-ubyte", d);
     copy_file(f, f, 5); /* not even a header */
     p = RUN("info", d);
     EXPECT_FAIL(&p, 1, "t10k-labels-idx1-ubyte");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* c. bad magic number */
@@ -957,15 +744,15 @@ static void test_bad_magic(void **state) {
     copy_dataset(d);
     snprintf(f, sizeof f, "%s/t10k-images-idx3-ubyte", d);
     size_t n;
-    char *b = slurp(f, &n);
+    char *b = kd_test_slurp(f, &n);
     assert_non_null(b);
     b[2] = 0x0d; /* 0x00000d03 */
-    write_bytes(f, b, n);
+    kd_test_write_file(f, b, n);
     free(b);
     tmp_path(out, sizeof out, "run_badmagic");
-    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
     EXPECT_FAIL(&p, 1, "t10k-images-idx3-ubyte");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     snprintf(f, sizeof f, "%s/last.safetensors", out);
     assert_false(file_exists(f));
 }
@@ -978,15 +765,15 @@ static void test_bad_count_mismatch(void **state) {
     copy_dataset(d);
     snprintf(f, sizeof f, "%s/train-labels-idx1-ubyte", d);
     size_t n;
-    unsigned char *b = (unsigned char *)slurp(f, &n);
+    unsigned char *b = (unsigned char *)kd_test_slurp(f, &n);
     assert_non_null(b);
-    put_be32(b + 4, NTRAIN - 1);
-    write_bytes(f, b, n - 1);
+    kd_test_put_be32(b + 4, NTRAIN - 1);
+    kd_test_write_file(f, b, n - 1);
     free(b);
     tmp_path(out, sizeof out, "run_count");
-    kd_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(d, out, "1"));
     EXPECT_FAIL(&p, 1, "train-");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* d. checkpoint of another architecture */
@@ -995,14 +782,14 @@ static void test_bad_arch_mismatch(void **state) {
     need_run_a();
     char ck[DIRN];
     run_a_file(ck, sizeof ck, "best.safetensors");
-    kd_proc p = RUN("eval", "--ckpt", ck, "--model", "resnet14", "--data", g_data, "--backend", "ref");
+    kd_test_proc p = RUN("eval", "--ckpt", ck, "--model", "resnet14", "--data", g_data, "--backend", "ref");
     EXPECT_FAIL(&p, 1, ck, "resnet8", "resnet14");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* d'. the same architecture name but a mis-shaped tensor (or a missing one) */
 static void write_doctored(const char *src, const char *dst, const char *reshape, const char *drop) {
-    kd_st_file *f = open_ckpt(src);
+    kd_st_file *f = kd_test_st_open(src);
     kd_st_writer *w = NULL;
     KD_ASSERT_OK(kd_st_writer_init(&w));
     for (int i = 0; i < kd_st_count(f); i++) {
@@ -1028,15 +815,15 @@ static void test_bad_misshaped_tensor(void **state) {
     run_a_file(ck, sizeof ck, "best.safetensors");
     tmp_path(bad, sizeof bad, "misshaped.safetensors");
     write_doctored(ck, bad, "layer1.0.conv1.weight", NULL);
-    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    kd_test_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
     EXPECT_FAIL(&p, 1, "misshaped.safetensors", "layer1.0.conv1.weight");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     /* The same file as a teacher. */
     char out[DIRN];
     tmp_path(out, sizeof out, "run_misshaped_teacher");
     p = RUN("distill", "--teacher-ckpt", bad, TRAIN_FLAGS(g_data, out, "1"));
     EXPECT_FAIL(&p, 1, bad, "teacher", "layer1.0.conv1.weight");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 static void test_bad_missing_tensor(void **state) {
@@ -1046,9 +833,9 @@ static void test_bad_missing_tensor(void **state) {
     run_a_file(ck, sizeof ck, "best.safetensors");
     tmp_path(bad, sizeof bad, "missing-tensor.safetensors");
     write_doctored(ck, bad, NULL, "fc.bias");
-    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    kd_test_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
     EXPECT_FAIL(&p, 1, "missing-tensor.safetensors", "fc.bias");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* e. unknown names */
@@ -1056,10 +843,10 @@ static void test_bad_unknown_model(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_unknown_model");
-    kd_proc p = RUN("train", "--data", g_data, "--model", "resnet9000", "--backend", "ref", "--out", out,
-                    "--epochs", "1", "--progress", "0");
+    kd_test_proc p = RUN("train", "--data", g_data, "--model", "resnet9000", "--backend", "ref", "--out", out,
+                         "--epochs", "1", "--progress", "0");
     EXPECT_FAIL(&p, -1, "resnet9000");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(out));
 }
 
@@ -1067,10 +854,10 @@ static void test_bad_unknown_method(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_unknown_method");
-    kd_proc p = RUN("train", "--data", g_data, "--method", "nope", "--backend", "ref", "--out", out, "--epochs", "1",
-                    "--progress", "0");
+    kd_test_proc p = RUN("train", "--data", g_data, "--method", "nope", "--backend", "ref", "--out", out, "--epochs",
+                         "1", "--progress", "0");
     EXPECT_FAIL(&p, -1, "nope");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(out));
 }
 
@@ -1078,30 +865,31 @@ static void test_bad_unknown_backend(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_unknown_backend");
-    kd_proc p = RUN("train", "--data", g_data, "--backend", "abacus", "--out", out, "--epochs", "1", "--progress", "0");
+    kd_test_proc p = RUN("train", "--data", g_data, "--backend", "abacus", "--out", out, "--epochs", "1", "--progress",
+                         "0");
     EXPECT_FAIL(&p, -1, "abacus");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(out));
 }
 
 static void test_bad_unknown_flag(void **state) {
     (void)state;
-    kd_proc p = RUN("train", "--data", g_data, "--lr-typo", "1");
+    kd_test_proc p = RUN("train", "--data", g_data, "--lr-typo", "1");
     EXPECT_FAIL(&p, 2, "lr");
     if (!strstr(p.err, "lr-typo") && !strstr(p.err, "lr_typo")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not name the flag --lr-typo");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("eval", "--ckpt", "x.safetensors", "--lr-typo", "1");
     EXPECT_FAIL(&p, 2, "--lr-typo");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("train", "stray-argument");
     EXPECT_FAIL(&p, 2, "stray-argument");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("train", "--epochs");
     EXPECT_FAIL(&p, 2, "--epochs");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* f. malformed numbers: the message names the setting and the value; a run
@@ -1134,18 +922,19 @@ static void bad_setting(const char *flag, const char *value, const char *setting
     char paths[5][PATHN];
     for (int i = 0; i < 5; i++) {
         snprintf(paths[i], sizeof paths[i], "%s/%s", g_victim, files[i]);
-        before[i] = slurp(paths[i], &n[i]);
+        before[i] = kd_test_slurp(paths[i], &n[i]);
         assert_non_null(before[i]);
     }
-    kd_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--out", g_victim, "--progress", "0", flag, value);
+    kd_test_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--out", g_victim, "--progress", "0", flag,
+                         value);
     EXPECT_FAIL(&p, want, value);
     const char *first;
     count_lines(p.err, 1, &first);
     if (!contains_ci(first, strcspn(first, "\n"), setting) && !contains_ci(first, strcspn(first, "\n"), flag + 2)) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not name the setting %s", setting);
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
     for (int i = 0; i < 5; i++) {
         expect_same_file(paths[i], before[i], n[i]);
         free(before[i]);
@@ -1164,20 +953,20 @@ static void test_precision_bf16(void **state) {
     (void)state;
     char out[DIRN], path[PATHN];
     tmp_path(out, sizeof out, "run_bf16_ref");
-    kd_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--precision", "bf16", "--out", out,
-                    "--epochs", "1", "--progress", "0");
+    kd_test_proc p = RUN("train", "--data", g_data, "--backend", "ref", "--precision", "bf16", "--out", out, "--epochs",
+                         "1", "--progress", "0");
     EXPECT_FAIL(&p, -1, "bf16");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(out));
     kd_backend *cpu = NULL;
     if (kd_backend_get("cpu", &cpu) != KD_OK || !cpu->bf16) return;
     tmp_path(out, sizeof out, "run_bf16");
     p = RUN("train", TRAIN_FLAGS(g_data, out, "1"), "--backend", "cpu", "--precision", "bf16");
-    expect_ok(&p, "kd train --precision bf16");
-    proc_free(&p);
+    kd_test_expect_ok(&p, "kd train --precision bf16");
+    kd_test_proc_free(&p);
     snprintf(path, sizeof path, "%s/summary.json", out);
     size_t n;
-    char *s = slurp(path, &n);
+    char *s = kd_test_slurp(path, &n);
     assert_non_null(s);
     if (!strstr(s, "\"precision\": \"bf16\"")) fail_msg("%s does not record precision bf16:\n%s", path, s);
     free(s);
@@ -1225,15 +1014,15 @@ static void test_bad_seed(void **state) {
 }
 static void test_bad_eval_batch(void **state) {
     (void)state;
-    kd_proc p = RUN("eval", "--ckpt", "x.safetensors", "--batch", "12abc");
+    kd_test_proc p = RUN("eval", "--ckpt", "x.safetensors", "--batch", "12abc");
     EXPECT_FAIL(&p, 2, "12abc");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("eval", "--ckpt", "x.safetensors", "--batch", "0");
     EXPECT_FAIL(&p, 2, "batch");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("eval", "--data", g_data);
     EXPECT_FAIL(&p, 2, "--ckpt");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* Bad config files: missing, malformed YAML, a bad value (file:line named). */
@@ -1242,27 +1031,27 @@ static void test_bad_config_file(void **state) {
     char cfg[DIRN], out[DIRN];
     tmp_path(out, sizeof out, "run_badcfg");
     tmp_path(cfg, sizeof cfg, "no-such-config.yaml");
-    kd_proc p = RUN("train", "--config", cfg, "--out", out);
+    kd_test_proc p = RUN("train", "--config", cfg, "--out", out);
     EXPECT_FAIL(&p, -1, "no-such-config.yaml");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     tmp_path(cfg, sizeof cfg, "bad-value.yaml");
     const char *text = "model: resnet8\nlr: \"fast\"\n";
-    write_bytes(cfg, text, strlen(text));
+    kd_test_write_file(cfg, text, strlen(text));
     p = RUN("train", "--config", cfg, "--out", out);
     EXPECT_FAIL(&p, -1, cfg, "bad-value.yaml:2", "'fast' for lr");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     tmp_path(cfg, sizeof cfg, "bad-key.yaml");
     text = "model: resnet8\nlearning_rate: 0.1\n";
-    write_bytes(cfg, text, strlen(text));
+    kd_test_write_file(cfg, text, strlen(text));
     p = RUN("train", "--config", cfg, "--out", out);
     EXPECT_FAIL(&p, -1, "bad-key.yaml", "learning_rate");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     tmp_path(cfg, sizeof cfg, "bad-yaml.yaml");
     text = "model: [resnet8\nlr: 0.1\n";
-    write_bytes(cfg, text, strlen(text));
+    kd_test_write_file(cfg, text, strlen(text));
     p = RUN("train", "--config", cfg, "--out", out);
     EXPECT_FAIL(&p, -1, "bad-yaml.yaml");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     assert_false(file_exists(out));
 }
 
@@ -1271,26 +1060,26 @@ static void test_nan_loss(void **state) {
     (void)state;
     char out[DIRN], last[PATHN];
     tmp_path(out, sizeof out, "run_nan");
-    kd_proc p = RUN("train", "--data", g_data, "--model", "resnet8", "--epochs", "3", "--batch-size", "16", "--backend",
-                    "ref", "--threads", "2", "--workers", "1", "--out", out, "--progress", "0", "--lr", "0.05",
-                    "--schedule", "multistep", "--milestones", "1", "--lr-decay", "1e30");
+    kd_test_proc p = RUN("train", "--data", g_data, "--model", "resnet8", "--epochs", "3", "--batch-size", "16",
+                         "--backend", "ref", "--threads", "2", "--workers", "1", "--out", out, "--progress", "0",
+                         "--lr", "0.05", "--schedule", "multistep", "--milestones", "1", "--lr-decay", "1e30");
     EXPECT_FAIL_AFTER_LOG(&p, 1, "epoch 2", "last.safetensors");
     const char *first;
     count_lines(p.err, 1, &first);
     size_t len = strcspn(first, "\n");
     if (!contains_ci(first, len, "nan") && !contains_ci(first, len, "inf")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not say NaN or inf");
     }
     /* It names the loss term and the step: "loss term 'ce' became NaN at epoch 2 step S". */
     const char *st = strstr(first, "step ");
     if (!contains_ci(first, len, "'ce'") || !st || st > first + len || st[5] < '1' || st[5] > '9') {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not name the loss term 'ce' and the step");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
     snprintf(last, sizeof last, "%s/last.safetensors", out);
-    kd_st_file *f = open_ckpt(last);
+    kd_st_file *f = kd_test_st_open(last);
     const char *ed = kd_st_meta(f, "epochs_done");
     if (!ed || strcmp(ed, "1") != 0) fail_msg("epochs_done is %s, expected 1", ed ? ed : "(none)");
     /* Its weights are finite. */
@@ -1302,11 +1091,11 @@ static void test_nan_loss(void **state) {
     }
     kd_st_close(f);
     p = RUN("eval", "--ckpt", last, "--data", g_data, "--backend", "ref", "--threads", "2");
-    expect_ok(&p, "kd eval of the last good checkpoint");
-    proc_free(&p);
+    kd_test_expect_ok(&p, "kd eval of the last good checkpoint");
+    kd_test_proc_free(&p);
     char path[PATHN];
     snprintf(path, sizeof path, "%s/metrics.jsonl", out);
-    char *m = slurp(path, NULL);
+    char *m = kd_test_slurp(path, NULL);
     assert_non_null(m);
     int n = 0;
     for (char *q = m; (q = strstr(q, "\"type\": \"epoch\"")); q++) n++;
@@ -1325,12 +1114,12 @@ static void test_existing_run_refused(void **state) {
     char paths[5][PATHN];
     for (int i = 0; i < 5; i++) {
         snprintf(paths[i], sizeof paths[i], "%s/%s", g_victim, files[i]);
-        before[i] = slurp(paths[i], &n[i]);
+        before[i] = kd_test_slurp(paths[i], &n[i]);
         assert_non_null(before[i]);
     }
-    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, g_victim, "1"));
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, g_victim, "1"));
     EXPECT_FAIL(&p, 1, "--resume", g_victim);
-    proc_free(&p);
+    kd_test_proc_free(&p);
     for (int i = 0; i < 5; i++) {
         expect_same_file(paths[i], before[i], n[i]);
         free(before[i]);
@@ -1342,9 +1131,9 @@ static void test_resume_missing(void **state) {
     (void)state;
     char d[DIRN];
     tmp_path(d, sizeof d, "no-such-run");
-    kd_proc p = RUN("train", "--resume", d);
+    kd_test_proc p = RUN("train", "--resume", d);
     EXPECT_FAIL(&p, 1, "no-such-run");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* --resume of a run whose last checkpoint is corrupt names it and changes nothing. */
@@ -1364,10 +1153,10 @@ static void test_resume_corrupt_checkpoint(void **state) {
     snprintf(last, sizeof last, "%s/last.safetensors", d);
     snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", d);
     size_t nl, nm;
-    char *bl = slurp(last, &nl), *bm = slurp(metrics, &nm);
-    kd_proc p = RUN("train", "--resume", d);
+    char *bl = kd_test_slurp(last, &nl), *bm = kd_test_slurp(metrics, &nm);
+    kd_test_proc p = RUN("train", "--resume", d);
     EXPECT_FAIL(&p, 1, last);
-    proc_free(&p);
+    kd_test_proc_free(&p);
     expect_same_file(last, bl, nl);
     expect_same_file(metrics, bm, nm);
     free(bl);
@@ -1381,7 +1170,7 @@ static void test_corrupt_checkpoint(void **state) {
     char ck[DIRN], bad[DIRN];
     run_a_file(ck, sizeof ck, "best.safetensors");
     size_t n;
-    char *b = slurp(ck, &n);
+    char *b = kd_test_slurp(ck, &n);
     assert_non_null(b);
     free(b);
     static const size_t cuts[] = {0, 5, 100, 0};
@@ -1391,22 +1180,22 @@ static void test_corrupt_checkpoint(void **state) {
         snprintf(name, sizeof name, "truncated%d.safetensors", i);
         tmp_path(bad, sizeof bad, name);
         copy_file(ck, bad, cut);
-        kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+        kd_test_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
         EXPECT_FAIL(&p, 1, name);
-        proc_free(&p);
+        kd_test_proc_free(&p);
         p = RUN("info", bad);
         EXPECT_FAIL(&p, 1, name);
-        proc_free(&p);
+        kd_test_proc_free(&p);
     }
     /* A header that is not JSON. */
     tmp_path(bad, sizeof bad, "garbage.safetensors");
     const char garbage[] = "\x10\x00\x00\x00\x00\x00\x00\x00{not json at all";
-    write_bytes(bad, garbage, sizeof garbage - 1);
-    kd_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
+    kd_test_write_file(bad, garbage, sizeof garbage - 1);
+    kd_test_proc p = RUN("eval", "--ckpt", bad, "--data", g_data, "--backend", "ref");
     EXPECT_FAIL(&p, 1, "garbage.safetensors");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     /* The original is intact. */
-    kd_st_close(open_ckpt(ck));
+    kd_st_close(kd_test_st_open(ck));
 }
 
 /* A checkpoint trained for another class count. */
@@ -1422,33 +1211,33 @@ static void test_bad_class_count(void **state) {
         char f[PATHN];
         snprintf(f, sizeof f, "%s/%s", d, lab[i]);
         size_t n;
-        char *b = slurp(f, &n);
+        char *b = kd_test_slurp(f, &n);
         for (size_t k = 8; k < n; k++) b[k] = (char)(b[k] & 1);
-        write_bytes(f, b, n);
+        kd_test_write_file(f, b, n);
         free(b);
     }
     run_a_file(ck, sizeof ck, "best.safetensors");
-    kd_proc p = RUN("eval", "--ckpt", ck, "--data", d, "--backend", "ref");
+    kd_test_proc p = RUN("eval", "--ckpt", ck, "--data", d, "--backend", "ref");
     EXPECT_FAIL(&p, 1, ck, "classes");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* j. kd info */
 static void test_info_dataset(void **state) {
     (void)state;
-    kd_proc p = RUN("info", g_data);
-    expect_ok(&p, "kd info DATASET");
+    kd_test_proc p = RUN("info", g_data);
+    kd_test_expect_ok(&p, "kd info DATASET");
     if (!strstr(p.out, "4 classes")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("kd info does not print the class count");
     }
     char want[64];
     snprintf(want, sizeof want, "train %d, test %d", NTRAIN, NTEST);
     if (!strstr(p.out, want)) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("kd info does not print '%s'", want);
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 static void test_info_checkpoint(void **state) {
@@ -1456,42 +1245,42 @@ static void test_info_checkpoint(void **state) {
     need_run_a();
     char ck[DIRN];
     run_a_file(ck, sizeof ck, "last.safetensors");
-    kd_proc p = RUN("info", ck);
-    expect_ok(&p, "kd info CKPT");
+    kd_test_proc p = RUN("info", ck);
+    kd_test_expect_ok(&p, "kd info CKPT");
     if (!strstr(p.out, "architecture resnet8") || !strstr(p.out, "layer1.0.conv1.weight") ||
         !strstr(p.out, "epochs_done: 3")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("kd info does not describe the checkpoint");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 static void test_info_nonexistent(void **state) {
     (void)state;
-    kd_proc p = RUN("info", "/nonexistent");
+    kd_test_proc p = RUN("info", "/nonexistent");
     EXPECT_FAIL(&p, 1, "/nonexistent");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("info", "/nonexistent/model.safetensors");
     EXPECT_FAIL(&p, 1, "/nonexistent/model.safetensors");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN("info");
     if (p.signal || p.status != 2) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("kd info without a path: expected exit 2");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* ============================================================== 6. help */
 
 static void expect_usage(const char *const *args, const char *must) {
-    kd_proc p = run_kd(args);
-    expect_ok(&p, args[0]);
+    kd_test_proc p = kd_test_run_kd(g_root, args);
+    kd_test_expect_ok(&p, args[0]);
     if (!strstr(p.out, "usage") || (must && !strstr(p.out, must))) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("no usage text (%s) on stdout", must ? must : "usage");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 static void test_help_top(void **state) {
@@ -1517,15 +1306,15 @@ static void test_help_info(void **state) {
 }
 static void test_unknown_command(void **state) {
     (void)state;
-    kd_proc p = RUN("frobnicate");
+    kd_test_proc p = RUN("frobnicate");
     EXPECT_FAIL(&p, 2, "frobnicate");
-    proc_free(&p);
+    kd_test_proc_free(&p);
     p = RUN(NULL);
     if (p.signal || p.status != 2) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("kd without a command: expected exit 2, got %d", p.status);
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* ============================================= 7. methods and their settings */
@@ -1578,9 +1367,9 @@ static const char *no_data(void) {
 }
 
 /* The error line must not be about the data: nothing was read. */
-static void expect_no_data_read(const kd_proc *p, const char *out) {
+static void expect_no_data_read(const kd_test_proc *p, const char *out) {
     if (strstr(p->err, "no-such-data-dir")) {
-        dump(p);
+        kd_test_proc_dump(p, NULL);
         fail_msg("the error is about the data: the command line was not checked first");
     }
     if (out) assert_false(file_exists(out));
@@ -1589,15 +1378,15 @@ static void expect_no_data_read(const kd_proc *p, const char *out) {
 /* `kd distill --method list`: every registered method, its summary and its paper. */
 static void test_method_list(void **state) {
     (void)state;
-    kd_proc p = RUN("distill", "--method", "list");
-    expect_ok(&p, "kd distill --method list");
+    kd_test_proc p = RUN("distill", "--method", "list");
+    kd_test_expect_ok(&p, "kd distill --method list");
     int n;
     const kd_method_def *const *defs = kd_method_defs(&n);
     int name_lines = 0;
     for (const char *l = p.out; *l; l += strcspn(l, "\n") + (l[strcspn(l, "\n")] == '\n'))
         name_lines += *l != ' ' && *l != '\n';
     if (name_lines != n) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("%d methods listed, %d registered", name_lines, n);
     }
     for (int i = 0; i < n; i++) {
@@ -1607,17 +1396,17 @@ static void test_method_list(void **state) {
         for (const char *l = p.out; *l; l += strcspn(l, "\n") + (l[strcspn(l, "\n")] == '\n'))
             if (!strncmp(l, d->name, nl) && l[nl] == ' ') line = l;
         if (!line) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("method %s is not listed", d->name);
         }
         size_t len = strcspn(line, "\n");
         const char *next = line + len + (line[len] == '\n');
         if (!contains_ci(line, len, d->summary) || !contains_ci(next, strcspn(next, "\n"), d->paper ? d->paper : "-")) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("method %s: summary or paper missing from its entry", d->name);
         }
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* `kd distill --method NAME --help` for every method: its summary, paper and
@@ -1628,25 +1417,25 @@ static void test_method_help(void **state) {
     const kd_method_def *const *defs = kd_method_defs(&n);
     for (int i = 0; i < n; i++) {
         const kd_method_def *d = defs[i];
-        kd_proc p = RUN("distill", "--method", d->name, "--help");
-        expect_ok(&p, "kd distill --method NAME --help");
+        kd_test_proc p = RUN("distill", "--method", d->name, "--help");
+        kd_test_expect_ok(&p, "kd distill --method NAME --help");
         if (!strstr(p.out, "usage")) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("--method %s --help: no usage text", d->name);
         }
         saw_kd |= !strcmp(d->name, "kd");
         if (!strcmp(d->name, "none")) {
-            proc_free(&p);
+            kd_test_proc_free(&p);
             continue;
         }
         char head[64];
         snprintf(head, sizeof head, "method %s: ", d->name);
         if (!strstr(p.out, head) || !strstr(p.out, d->summary) || (d->paper && !strstr(p.out, d->paper))) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("--method %s --help does not describe the method", d->name);
         }
         if (d->n_args == 0 && !strstr(p.out, "no settings")) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("--method %s --help does not say it has no settings", d->name);
         }
         for (int a = 0; a < d->n_args; a++) {
@@ -1656,12 +1445,12 @@ static void test_method_help(void **state) {
             size_t len;
             const char *line = line_with(p.out, key, &len);
             if (!line || !contains_ci(line, len, def)) {
-                dump(&p);
+                kd_test_proc_dump(&p, NULL);
                 fail_msg("--method %s --help: no line with %s and its default %s", d->name, key, def);
             }
         }
         with_args += d->n_args > 0;
-        proc_free(&p);
+        kd_test_proc_free(&p);
     }
     assert_true(saw_kd);
     printf("  help of %d methods checked, %d with settings\n", n, with_args);
@@ -1673,15 +1462,15 @@ static void test_set_unknown_setting(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_set_unknown");
-    kd_proc p = RUN("distill", "--method", "kd", "--set", "kd.foo=1", "--teacher-ckpt", "t.safetensors", "--data",
-                    no_data(), "--out", out, "--progress", "0");
+    kd_test_proc p = RUN("distill", "--method", "kd", "--set", "kd.foo=1", "--teacher-ckpt", "t.safetensors", "--data",
+                         no_data(), "--out", out, "--progress", "0");
     EXPECT_FAIL(&p, 2, "kd.foo");
     expect_no_data_read(&p, out);
-    proc_free(&p);
+    kd_test_proc_free(&p);
     /* --set needs METHOD.NAME=VALUE. */
     p = RUN("distill", "--method", "kd", "--set", "foo", "--data", no_data(), "--out", out);
     EXPECT_FAIL(&p, 2, "--set");
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* A malformed value of a float setting, for every method that has one. */
@@ -1698,11 +1487,11 @@ static void test_set_wrong_type(void **state) {
             char set[200], key[160];
             snprintf(key, sizeof key, "%s.%s", d->name, d->args[a].name);
             snprintf(set, sizeof set, "%s=abc", key);
-            kd_proc p = RUN("distill", "--method", d->name, "--set", set, "--teacher-ckpt", "t.safetensors", "--data",
-                            no_data(), "--out", out, "--progress", "0");
+            kd_test_proc p = RUN("distill", "--method", d->name, "--set", set, "--teacher-ckpt", "t.safetensors",
+                                 "--data", no_data(), "--out", out, "--progress", "0");
             EXPECT_FAIL(&p, 2, key, "abc");
             expect_no_data_read(&p, out);
-            proc_free(&p);
+            kd_test_proc_free(&p);
             tried++;
             break;
         }
@@ -1732,19 +1521,19 @@ static void test_set_other_method(void **state) {
         snprintf(key, sizeof key, "%s.%s", d->name, a->name);
         snprintf(set, sizeof set, "%s=%s", key, a->def);
         snprintf(own, sizeof own, "method %s", d->name);
-        kd_proc p = RUN("distill", "--method", "kd", "--set", set, "--teacher-ckpt", "t.safetensors", "--data",
-                        no_data(), "--out", out, "--progress", "0");
+        kd_test_proc p = RUN("distill", "--method", "kd", "--set", set, "--teacher-ckpt", "t.safetensors", "--data",
+                             no_data(), "--out", out, "--progress", "0");
         EXPECT_FAIL(&p, 2, key, own);
         const char *first;
         count_lines(p.err, 1, &first);
         /* The method in use, kd, as a word of its own (not inside "kd distill:"). */
         const char *msg = strstr(first, ": ");
         if (!msg || !contains_word(msg, strcspn(msg, "\n"), "kd")) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("the message does not name the method in use (kd)");
         }
         expect_no_data_read(&p, out);
-        proc_free(&p);
+        kd_test_proc_free(&p);
         tried++;
     }
     if (!tried) {
@@ -1758,7 +1547,7 @@ static void test_unknown_method_lists(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_method_foo");
-    kd_proc p = RUN("distill", "--method", "foo", "--data", no_data(), "--out", out, "--progress", "0");
+    kd_test_proc p = RUN("distill", "--method", "foo", "--data", no_data(), "--out", out, "--progress", "0");
     EXPECT_FAIL(&p, 2, "'foo'");
     const char *first;
     count_lines(p.err, 1, &first);
@@ -1767,11 +1556,11 @@ static void test_unknown_method_lists(void **state) {
     const kd_method_def *const *defs = kd_method_defs(&n);
     for (int i = 0; i < n; i++)
         if (!contains_word(first, len, defs[i]->name)) {
-            dump(&p);
+            kd_test_proc_dump(&p, NULL);
             fail_msg("the message does not list method %s", defs[i]->name);
         }
     expect_no_data_read(&p, out);
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* Every method that needs a teacher, run without --teacher-ckpt: exit 2
@@ -1785,10 +1574,11 @@ static void test_teacher_required(void **state) {
     for (int i = 0; i < n; i++) {
         kd_distill_cfg dc = kd_distill_defaults(defs[i]->name);
         if (!kd_distill_needs_teacher(&dc)) continue;
-        kd_proc p = RUN("distill", "--method", defs[i]->name, "--data", no_data(), "--out", out, "--progress", "0");
+        kd_test_proc p = RUN("distill", "--method", defs[i]->name, "--data", no_data(), "--out", out, "--progress",
+                             "0");
         EXPECT_FAIL(&p, 2, "teacher_ckpt");
         expect_no_data_read(&p, out);
-        proc_free(&p);
+        kd_test_proc_free(&p);
         tried++;
     }
     assert_true(tried >= 1); /* kd at least */
@@ -1814,16 +1604,16 @@ static void run_method(const kd_method_def *d, const char *key, const char *valu
         args[n++] = set;
     }
     args[n] = NULL;
-    kd_proc p = run_kd(args);
+    kd_test_proc p = kd_test_run_kd(g_root, args);
     char what[128];
     snprintf(what, sizeof what, "kd distill --method %s", d->name);
-    expect_ok(&p, what);
-    proc_free(&p);
+    kd_test_expect_ok(&p, what);
+    kd_test_proc_free(&p);
 }
 
 /* config.yaml without the comment line (it names the file) and the out line. */
 static char *config_body(const char *path) {
-    char *t = slurp(path, NULL);
+    char *t = kd_test_slurp(path, NULL);
     if (!t) fail_msg("no %s", path);
     char *o = strstr(t, "\nout:");
     if (!o) fail_msg("%s has no out:", path);
@@ -1848,7 +1638,7 @@ static void expect_same_config(const char *dir_a, const char *dir_b) {
 static void expect_config_value(const char *dir, const char *key, const char *value) {
     char path[PATHN], line[512];
     snprintf(path, sizeof path, "%s/config.yaml", dir);
-    char *t = slurp(path, NULL);
+    char *t = kd_test_slurp(path, NULL);
     if (!t) fail_msg("no %s", path);
     snprintf(line, sizeof line, "\n%s: \"%s\"\n", key, value);
     if (!strstr(t, line)) {
@@ -1894,12 +1684,12 @@ static void test_method_settings_recorded(void **state) {
         check_run_terms(out1, terms, nt);
         char cfg[PATHN], la[PATHN], lb[PATHN];
         snprintf(cfg, sizeof cfg, "%s/config.yaml", out1);
-        kd_proc p = RUN("distill", "--config", cfg, "--out", out2);
-        expect_ok(&p, "kd distill --config <run>/config.yaml");
-        proc_free(&p);
+        kd_test_proc p = RUN("distill", "--config", cfg, "--out", out2);
+        kd_test_expect_ok(&p, "kd distill --config <run>/config.yaml");
+        kd_test_proc_free(&p);
         snprintf(la, sizeof la, "%s/last.safetensors", out1);
         snprintf(lb, sizeof lb, "%s/last.safetensors", out2);
-        compare_ckpts(la, lb, 1);
+        compare_ckpts(la, lb, KD_TEST_CKPT_WITH_OPTIM);
         expect_same_config(out1, out2);
         tried++;
     }
@@ -1938,15 +1728,15 @@ static void test_yaml_method_keys(void **state) {
              "backend: ref\nthreads: 2\nworkers: 1\nprogress: 0\nlr: 0.1\nschedule: cosine\nhflip: 1\npad_crop: 1\n"
              "log_every: 1\nmax_steps_per_epoch: 2\n%s: %s\n",
              g_data, d->name, teacher, key, value);
-    write_bytes(yaml, text, strlen(text));
-    kd_proc p = RUN("distill", "--config", yaml, "--out", yaml_run);
-    expect_ok(&p, "kd distill --config method.yaml");
-    proc_free(&p);
+    kd_test_write_file(yaml, text, strlen(text));
+    kd_test_proc p = RUN("distill", "--config", yaml, "--out", yaml_run);
+    kd_test_expect_ok(&p, "kd distill --config method.yaml");
+    kd_test_proc_free(&p);
     expect_config_value(yaml_run, key, value);
     char la[PATHN], lb[PATHN];
     snprintf(la, sizeof la, "%s/last.safetensors", flags_run);
     snprintf(lb, sizeof lb, "%s/last.safetensors", yaml_run);
-    compare_ckpts(la, lb, 1);
+    compare_ckpts(la, lb, KD_TEST_CKPT_WITH_OPTIM);
     expect_same_config(flags_run, yaml_run);
     /* An unknown dotted key. */
     char bad[DIRN], out[DIRN], badkey[160];
@@ -1954,11 +1744,11 @@ static void test_yaml_method_keys(void **state) {
     tmp_path(out, sizeof out, "run_yaml_badkey");
     snprintf(badkey, sizeof badkey, "%s.no_such_setting", d->name);
     snprintf(text, sizeof text, "method: %s\n%s: 1\ndata: %s\n", d->name, badkey, no_data());
-    write_bytes(bad, text, strlen(text));
+    kd_test_write_file(bad, text, strlen(text));
     p = RUN("distill", "--config", bad, "--teacher-ckpt", "t.safetensors", "--out", out);
     EXPECT_FAIL(&p, 2, badkey);
     expect_no_data_read(&p, out);
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 /* `kd train --epochs 3` with the default milestones 150,180,210 warns on
@@ -1967,24 +1757,25 @@ static void test_milestone_warning(void **state) {
     (void)state;
     char out[DIRN];
     tmp_path(out, sizeof out, "run_milestones");
-    kd_proc p = RUN("train", TRAIN_FLAGS(g_data, out, "3"), "--schedule", "multistep", "--max-steps-per-epoch", "1");
-    expect_ok(&p, "kd train --epochs 3");
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, out, "3"), "--schedule", "multistep", "--max-steps-per-epoch",
+                         "1");
+    kd_test_expect_ok(&p, "kd train --epochs 3");
     size_t len;
     const char *l = line_with(p.err, "150,180,210", &len);
     if (!l || !contains_ci(l, len, "warn") || !contains_ci(l, len, "epochs 3")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("no warning on stderr about milestones 150,180,210 beyond epochs 3");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
     tmp_path(out, sizeof out, "run_milestones_ok");
     p = RUN("train", TRAIN_FLAGS(g_data, out, "3"), "--schedule", "multistep", "--milestones", "1,2",
             "--max-steps-per-epoch", "1");
-    expect_ok(&p, "kd train --epochs 3 --milestones 1,2");
+    kd_test_expect_ok(&p, "kd train --epochs 3 --milestones 1,2");
     if (strstr(p.err, "milestones")) {
-        dump(&p);
+        kd_test_proc_dump(&p, NULL);
         fail_msg("a warning about milestones that all take effect");
     }
-    proc_free(&p);
+    kd_test_proc_free(&p);
 }
 
 int main(void) {

@@ -36,6 +36,7 @@
 #include "kd/io.h"
 #include "kd/train.h"
 #include "testutil.h"
+#include "train/train_impl.h"
 
 #define STEPS_FIXTURE KD_FIXTURE("distill_steps.safetensors")
 
@@ -51,34 +52,14 @@ static const kd_json *json_member(const kd_json *o, const char *key, kd_json_typ
     return v;
 }
 
-/* Loads every tensor of pl from "<prefix><name>" in f. */
-static void load_prefixed(kd_param_list *pl, const kd_st_file *f, const char *prefix) {
-    for (int i = 0; i < pl->n; i++) {
-        char name[300];
-        snprintf(name, sizeof name, "%s%s", prefix, pl->items[i].name);
-        KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
-    }
-}
-
-/* Number of fixture tensors whose name starts with prefix. */
-static int count_prefixed(const kd_st_file *f, const char *prefix) {
-    int n = 0;
-    size_t len = strlen(prefix);
-    for (int i = 0; i < kd_st_count(f); i++)
-        if (strncmp(kd_st_get(f, i)->name, prefix, len) == 0) n++;
-    return n;
-}
-
 /* Compares every tensor of pl with "<prefix><name>" (same dtype and shape);
  * int64 counters exactly. Returns the largest absolute float deviation. */
 static double compare_prefixed(kd_param_list *pl, const kd_st_file *f, const char *prefix, double atol,
                                double rtol, const char *what) {
     double worst = 0;
     for (int i = 0; i < pl->n; i++) {
-        char name[300];
-        snprintf(name, sizeof name, "%s%s", prefix, pl->items[i].name);
-        const kd_st_entry *e = kd_st_find(f, name);
-        if (!e) fail_msg("%s: the fixture has no %s", what, name);
+        const kd_st_entry *e = kd_test_st_entry(f, "%s%s", prefix, pl->items[i].name);
+        const char *name = e->name;
         kd_tensor *t = pl->items[i].t;
         if ((int64_t)e->nbytes != kd_tensor_numel(t) * (int64_t)kd_dtype_size(t->dtype) || e->dtype != t->dtype)
             fail_msg("%s: %s differs in dtype or size from the fixture", what, name);
@@ -138,10 +119,10 @@ static void run_method(const char *method, const char *backend) {
     kd_model *student = NULL, *teacher = NULL;
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "student"), &mc, &student));
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "teacher"), &mc, &teacher));
-    assert_int_equal(kd_model_params(student)->n, count_prefixed(f, "student."));
-    assert_int_equal(kd_model_params(teacher)->n, count_prefixed(f, "teacher."));
-    load_prefixed(kd_model_params(student), f, "student.");
-    load_prefixed(kd_model_params(teacher), f, "teacher.");
+    assert_int_equal(kd_model_params(student)->n, kd_test_st_count_prefixed(f, "student."));
+    assert_int_equal(kd_model_params(teacher)->n, kd_test_st_count_prefixed(f, "teacher."));
+    KD_ASSERT_OK(kd__load_params(kd_model_params(student), f, "student."));
+    KD_ASSERT_OK(kd__load_params(kd_model_params(teacher), f, "teacher."));
     kd_model_set_training(teacher, 0);
     kd_model_set_training(student, 1);
 
@@ -171,8 +152,8 @@ static void run_method(const char *method, const char *backend) {
     char prefix[128];
     snprintf(prefix, sizeof prefix, "%s.param.", method);
     kd_param_list *mp = kd_method_params(kd_trainer_method(tr));
-    assert_int_equal(mp->n, count_prefixed(f, prefix));
-    load_prefixed(mp, f, prefix);
+    assert_int_equal(mp->n, kd_test_st_count_prefixed(f, prefix));
+    KD_ASSERT_OK(kd__load_params(mp, f, prefix));
 
     float *x = malloc(sizeof(float) * (size_t)(n * 3 * 32 * 32));
     int32_t *y = malloc(sizeof(int32_t) * (size_t)n);
@@ -182,13 +163,7 @@ static void run_method(const char *method, const char *backend) {
     assert_non_null(index);
     const kd_json *term_names = json_member(mj, "terms", KD_JSON_ARRAY, method);
     for (int k = 1; k <= steps; k++) {
-        char name[300];
-        snprintf(name, sizeof name, "batch%d.x", k);
-        const kd_st_entry *ex = kd_st_find(f, name);
-        snprintf(name, sizeof name, "batch%d.y", k);
-        const kd_st_entry *ey = kd_st_find(f, name);
-        assert_non_null(ex);
-        assert_non_null(ey);
+        const kd_st_entry *ex = kd_test_st_entry(f, "batch%d.x", k), *ey = kd_test_st_entry(f, "batch%d.y", k);
         assert_int_equal(ex->nbytes, sizeof(float) * (size_t)(n * 3 * 32 * 32));
         assert_int_equal(ey->nbytes, sizeof(int64_t) * (size_t)n);
         memcpy(x, ex->data, ex->nbytes);
@@ -201,9 +176,7 @@ static void run_method(const char *method, const char *backend) {
         KD_ASSERT_OK(kd_train_step(tr, &b, epoch, k - 1, steps, &r));
 
         double tol = fmax(TOL_LOSS_REL, SPREAD_FACTOR * loss_spread->items[k - 1].number);
-        snprintf(name, sizeof name, "%s.step%d.total", method, k);
-        const kd_st_entry *et = kd_st_find(f, name);
-        assert_non_null(et);
+        const kd_st_entry *et = kd_test_st_entry(f, "%s.step%d.total", method, k);
         double want = ((const float *)et->data)[0];
         printf("  %s %s step %d: loss %.7g (PyTorch %.7g, rel %.2g, tol %.2g)\n", backend, method, k, r.loss, want,
                fabs(r.loss - want) / fabs(want), tol);
@@ -216,9 +189,7 @@ static void run_method(const char *method, const char *backend) {
             if (strcmp(r.term_names[i], term_names->items[i].string) != 0)
                 fail_msg("%s: term %d is '%s', PyTorch '%s'", method, i, r.term_names[i],
                          term_names->items[i].string);
-            snprintf(name, sizeof name, "%s.step%d.term.%s", method, k, r.term_names[i]);
-            const kd_st_entry *e = kd_st_find(f, name);
-            assert_non_null(e);
+            const kd_st_entry *e = kd_test_st_entry(f, "%s.step%d.term.%s", method, k, r.term_names[i]);
             double tw = ((const float *)e->data)[0], got = r.term_values[i];
             /* Each term within tol of itself, or of the total for a term that
              * is small beside it. */
@@ -230,7 +201,7 @@ static void run_method(const char *method, const char *backend) {
     snprintf(prefix, sizeof prefix, "%s.final.", method);
     double ds = compare_prefixed(kd_model_params(student), f, prefix, atol, TOL_PARAM_REL, method);
     snprintf(prefix, sizeof prefix, "%s.final.distill.", method);
-    assert_int_equal(mp->n, count_prefixed(f, prefix));
+    assert_int_equal(mp->n, kd_test_st_count_prefixed(f, prefix));
     double dm = compare_prefixed(mp, f, prefix, atol, TOL_PARAM_REL, method);
     printf("  %s %s after %d steps: student max |dev| %.2g, method modules %.2g (%d tensors; atol %.2g)\n", backend,
            method, steps, ds, dm, mp->n, atol);

@@ -14,6 +14,7 @@
 #include "kd/models.h"
 #include "kd/optim.h"
 #include "testutil.h"
+#include "train/train_impl.h"
 
 #ifdef KD_WITH_DNNL
 #include "backend/cpu/dnnl_backend.h"
@@ -141,24 +142,24 @@ static void test_forward_shapes(void **state) {
     }
 }
 
+/* resnet8 (3 channels, 10 classes) with the initial weights of
+ * tests/fixtures/resnet8_5steps (every tensor, by PyTorch name, with its
+ * shape); *f is left open on the fixture. */
+static kd_model *resnet8_at_init(kd_st_file **f) {
+    *f = kd_test_st_open(KD_FIXTURE("resnet8_5steps.safetensors"));
+    kd_model_cfg cfg = {3, 10, 0};
+    kd_model *m = NULL;
+    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
+    KD_ASSERT_OK(kd__load_params(kd_model_params(m), *f, "init."));
+    return m;
+}
+
 /* The names and shapes of resnet8 equal the PyTorch state_dict's. */
 static void test_pytorch_names(void **state) {
     (void)state;
     kd_st_file *f = NULL;
-    KD_ASSERT_OK(kd_st_open(KD_FIXTURE("resnet8_5steps.safetensors"), &f));
-    kd_model_cfg cfg = {3, 10, 0};
-    kd_model *m = NULL;
-    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
-    kd_param_list *pl = kd_model_params(m);
-    int torch_entries = 0;
-    for (int i = 0; i < kd_st_count(f); i++)
-        if (strncmp(kd_st_get(f, i)->name, "init.", 5) == 0) torch_entries++;
-    assert_int_equal(pl->n, torch_entries);
-    for (int i = 0; i < pl->n; i++) {
-        char name[200];
-        snprintf(name, sizeof name, "init.%s", pl->items[i].name);
-        KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
-    }
+    kd_model *m = resnet8_at_init(&f);
+    assert_int_equal(kd_model_params(m)->n, kd_test_st_count_prefixed(f, "init."));
     kd_model_free(m);
     kd_st_close(f);
 }
@@ -197,16 +198,8 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
         return;
     }
     kd_st_file *f = NULL;
-    KD_ASSERT_OK(kd_st_open(KD_FIXTURE("resnet8_5steps.safetensors"), &f));
-    kd_model_cfg cfg = {3, 10, 0};
-    kd_model *m = NULL;
-    KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
+    kd_model *m = resnet8_at_init(&f);
     kd_param_list *pl = kd_model_params(m);
-    char name[256];
-    for (int i = 0; i < pl->n; i++) {
-        snprintf(name, sizeof name, "init.%s", pl->items[i].name);
-        KD_ASSERT_OK(kd_st_read_into(f, name, pl->items[i].t));
-    }
     kd_optim *opt = kd_test_sgd_new(pl, 0.1f, 0.9f, 5e-4f, 0);
     kd_graph *g = NULL;
     KD_ASSERT_OK(kd_graph_init(&g, be));
@@ -214,18 +207,13 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
     double max_dloss = 0;
     for (int k = 1; k <= 5; k++) {
         kd_graph_reset(g);
-        snprintf(name, sizeof name, "batch%d.x", k);
-        const kd_st_entry *ex = kd_st_find(f, name);
-        snprintf(name, sizeof name, "batch%d.y", k);
-        const kd_st_entry *ey = kd_st_find(f, name);
-        assert_non_null(ex);
-        assert_non_null(ey);
+        const kd_st_entry *ex = kd_test_st_entry(f, "batch%d.x", k), *ey = kd_test_st_entry(f, "batch%d.y", k);
         kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, ex->shape, (void *)ex->data);
         kd_tensor *y = kd_graph_wrap(g, KD_I64, 1, ey->shape, (void *)ey->data);
         kd_model_out o;
         KD_ASSERT_OK(kd_model_forward(m, g, x, 0, &o));
         if (k == 1) {
-            const kd_st_entry *el = kd_st_find(f, "step1.logits");
+            const kd_st_entry *el = kd_test_st_entry(f, "step1.logits");
             close_or_rel(prec, kd_f32(o.logits), el->data, 80, tol_param, tol_param, 1e-2,
                          "step1.logits");
         }
@@ -235,25 +223,20 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
         if (k == 1) {
             for (int i = 0; i < pl->n; i++) {
                 if (pl->items[i].kind == KD_PARAM_BUFFER) continue;
-                snprintf(name, sizeof name, "step1.grad.%s", pl->items[i].name);
-                const kd_st_entry *e = kd_st_find(f, name);
-                assert_non_null(e);
+                const kd_st_entry *e = kd_test_st_entry(f, "step1.grad.%s", pl->items[i].name);
                 close_or_rel(prec, kd_f32(pl->items[i].t->grad), e->data, kd_tensor_numel(pl->items[i].t),
-                             tol_param, tol_param * 10, 0.25, name);
+                             tol_param, tol_param * 10, 0.25, e->name);
             }
         }
         KD_ASSERT_OK(kd_optim_step(opt));
-        snprintf(name, sizeof name, "step%d.loss", k);
-        const kd_st_entry *el = kd_st_find(f, name);
+        const kd_st_entry *el = kd_test_st_entry(f, "step%d.loss", k);
         double got = kd_f32(loss)[0], want = ((const float *)el->data)[0];
         printf("  %s %s step %d loss %.7f (torch %.7f)\n", backend, kd_dtype_name(prec), k, got, want);
         max_dloss = fmax(max_dloss, fabs(got - want));
         if (fabs(got - want) > tol_loss) fail_msg("%s: step %d loss %.7f, PyTorch %.7f", backend, k, got, want);
         for (int i = 0; i < pl->n; i++) {
             kd_tensor *t = pl->items[i].t;
-            snprintf(name, sizeof name, "step%d.%s", k, pl->items[i].name);
-            const kd_st_entry *e = kd_st_find(f, name);
-            assert_non_null(e);
+            const kd_st_entry *e = kd_test_st_entry(f, "step%d.%s", k, pl->items[i].name);
             if (t->dtype == KD_I64) {
                 assert_int_equal(((int64_t *)t->data)[0], ((const int64_t *)e->data)[0]);
                 continue;
@@ -264,10 +247,7 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
                 /* bf16: the update since init (p_k - p_0) within 0.35 relative L2,
                  * as the gradients (a parameter's own norm says nothing for
                  * zero-initialised biases). */
-                char iname[300];
-                snprintf(iname, sizeof iname, "init.%s", pl->items[i].name);
-                const kd_st_entry *e0 = kd_st_find(f, iname);
-                assert_non_null(e0);
+                const kd_st_entry *e0 = kd_test_st_entry(f, "init.%s", pl->items[i].name);
                 int64_t n = kd_tensor_numel(t);
                 float *dk = malloc(sizeof(float) * (size_t)n), *dp = malloc(sizeof(float) * (size_t)n);
                 assert_non_null(dk);
@@ -277,12 +257,12 @@ static void run_resnet8_steps(const char *backend, kd_dtype prec, double tol_los
                     dk[j] = kd_f32(t)[j] - p0;
                     dp[j] = ((const float *)e->data)[j] - p0;
                 }
-                close_or_rel(prec, dk, dp, n, 0, 0, 0.35, name);
+                close_or_rel(prec, dk, dp, n, 0, 0, 0.35, e->name);
                 free(dk);
                 free(dp);
                 continue;
             }
-            close_or_rel(prec, kd_f32(t), e->data, kd_tensor_numel(t), tp, tp * 10, 0, name);
+            close_or_rel(prec, kd_f32(t), e->data, kd_tensor_numel(t), tp, tp * 10, 0, e->name);
         }
     }
     /* bf16 must really have been used: float32 runs match PyTorch's loss to

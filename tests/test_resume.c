@@ -92,36 +92,29 @@ static void run_pair(const char *method, const char *backend, const char *tag, c
     /* The pause is real: one epoch done, and its weights are not the end's. */
     snprintf(a, sizeof a, "%s/last.safetensors", full);
     snprintf(b, sizeof b, "%s/last.safetensors", part);
-    kd_st_file *f = NULL;
-    KD_ASSERT_OK(kd_st_open(b, &f));
+    kd_st_file *f = kd_test_st_open(b);
     const char *ed = kd_st_meta(f, "epochs_done");
     if (!ed || strcmp(ed, "1") != 0) fail_msg("after --stop-after 1, epochs_done is %s", ed ? ed : "(none)");
     kd_st_close(f);
-    if (!kd_test_ckpts_differ(a, b, 1, msg, sizeof msg))
+    if (!kd_test_ckpts_differ(a, b, KD_TEST_CKPT_WITH_OPTIM, msg, sizeof msg))
         fail_msg("%s: the paused run already equals the finished one", method);
 
     p = RUN("distill", "--resume", part);
     kd_test_expect_ok(&p, "kd distill --resume");
     kd_test_proc_free(&p);
-    if (kd_test_ckpts_differ(a, b, 1, msg, sizeof msg)) fail_msg("%s, resumed vs uninterrupted: %s", method, msg);
-    KD_ASSERT_OK(kd_st_open(b, &f));
+    if (kd_test_ckpts_differ(a, b, KD_TEST_CKPT_WITH_OPTIM, msg, sizeof msg))
+        fail_msg("%s, resumed vs uninterrupted: %s", method, msg);
+    f = kd_test_st_open(b);
     ed = kd_st_meta(f, "epochs_done");
     if (!ed || atoi(ed) != EPOCHS) fail_msg("after --resume, epochs_done is %s", ed ? ed : "(none)");
     kd_st_close(f);
     snprintf(a, sizeof a, "%s/best.safetensors", full);
     snprintf(b, sizeof b, "%s/best.safetensors", part);
-    if (kd_test_ckpts_differ(a, b, 0, msg, sizeof msg)) fail_msg("%s, best.safetensors: %s", method, msg);
+    if (kd_test_ckpts_differ(a, b, KD_TEST_CKPT_MODEL, msg, sizeof msg))
+        fail_msg("%s, best.safetensors: %s", method, msg);
     snprintf(last, nlast, "%s/last.safetensors", part);
     printf("  %s (%s): paused after epoch 1, resumed: last.safetensors identical to the uninterrupted run\n", method,
            backend);
-}
-
-/* Tensors of the checkpoint whose names start with prefix. */
-static int count_prefixed(const kd_st_file *f, const char *prefix) {
-    int n = 0;
-    for (int i = 0; i < kd_st_count(f); i++)
-        if (strncmp(kd_st_get(f, i)->name, prefix, strlen(prefix)) == 0) n++;
-    return n;
 }
 
 static int all_zero(const kd_st_entry *e) {
@@ -137,8 +130,7 @@ static int all_zero(const kd_st_entry *e) {
  * (non-zero: they were trained) and every "num_batches_tracked" counts every
  * step; and nothing else. */
 static void check_layout(const char *path, const char *const *modules, int n_modules, int n_trainable) {
-    kd_st_file *f = NULL;
-    KD_ASSERT_OK(kd_st_open(path, &f));
+    kd_st_file *f = kd_test_st_open(path);
     kd_model_cfg mc = {1, 4, 0};
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create("resnet8", &mc, &m));
@@ -153,14 +145,12 @@ static void check_layout(const char *path, const char *const *modules, int n_mod
         if (!kd_st_find(f, name)) fail_msg("%s lacks %s", path, name);
     }
     for (int i = 0; i < n_modules; i++) {
-        snprintf(name, sizeof name, "distill.%s", modules[i]);
-        const kd_st_entry *e = kd_st_find(f, name);
-        if (!e) fail_msg("%s lacks %s", path, name);
+        const kd_st_entry *e = kd_test_st_entry(f, "distill.%s", modules[i]);
         if (strstr(modules[i], "num_batches_tracked")) {
-            if (e->dtype != KD_I64 || e->nbytes != 8) fail_msg("%s: %s is not an int64 scalar", path, name);
+            if (e->dtype != KD_I64 || e->nbytes != 8) fail_msg("%s: %s is not an int64 scalar", path, e->name);
             int64_t v;
             memcpy(&v, e->data, 8);
-            if (v != EPOCHS * STEPS) fail_msg("%s: %s is %lld, not %d", path, name, (long long)v, EPOCHS * STEPS);
+            if (v != EPOCHS * STEPS) fail_msg("%s: %s is %lld, not %d", path, e->name, (long long)v, EPOCHS * STEPS);
         }
         snprintf(name, sizeof name, "optim.distill.%s.momentum_buffer", modules[i]);
         const kd_st_entry *mb = kd_st_find(f, name);
@@ -168,9 +158,9 @@ static void check_layout(const char *path, const char *const *modules, int n_mod
         if (i >= n_trainable && mb) fail_msg("%s holds %s for a buffer", path, name);
         if (mb && all_zero(mb)) fail_msg("%s: %s is all zero: the module was not trained", path, name);
     }
-    assert_int_equal(count_prefixed(f, "distill."), n_modules);
-    assert_int_equal(count_prefixed(f, "optim.distill."), n_trainable);
-    assert_int_equal(count_prefixed(f, "optim."), student_trainable + n_trainable);
+    assert_int_equal(kd_test_st_count_prefixed(f, "distill."), n_modules);
+    assert_int_equal(kd_test_st_count_prefixed(f, "optim.distill."), n_trainable);
+    assert_int_equal(kd_test_st_count_prefixed(f, "optim."), student_trainable + n_trainable);
     int total = kd_st_count(f);
     assert_int_equal(total, pl->n + student_trainable + n_modules + n_trainable);
     /* No cap on the number of tensors a checkpoint holds. */
@@ -246,9 +236,7 @@ static void zero_tensor_in_file(const char *path, const char *name) {
     size_t a = (size_t)off->items[0].number, b = (size_t)off->items[1].number;
     if (b < a || 8 + hlen + b > n) fail_msg("%s: bad offsets for %s", path, name);
     memset(raw + 8 + hlen + a, 0, b - a);
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(raw, 1, n, f) != n) fail_msg("cannot rewrite %s", path);
-    fclose(f);
+    kd_test_write_file(path, raw, n);
     kd_json_free(h);
     free(raw);
 }
@@ -278,7 +266,7 @@ static void test_resume_detects_lost_state(void **state) {
     p = RUN("distill", "--resume", part);
     kd_test_expect_ok(&p, "kd distill --resume");
     kd_test_proc_free(&p);
-    if (!kd_test_ckpts_differ(a, b, 1, msg, sizeof msg))
+    if (!kd_test_ckpts_differ(a, b, KD_TEST_CKPT_WITH_OPTIM, msg, sizeof msg))
         fail_msg("zeroing the regressor's momentum before --resume changed nothing");
     printf("  zeroed momentum before --resume: %s\n", msg);
 }

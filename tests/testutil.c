@@ -90,6 +90,21 @@ const kd_function kd_test_fn_polymul = {"polymul", polymul_fwd, polymul_bwd};
 
 /* ------------------------------------------ generated data and the kd program */
 
+void kd_test_write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
+    size_t w = fwrite(data, 1, n, f);
+    int closed = fclose(f);
+    if (w != n || closed != 0) fail_msg("short write to %s", path);
+}
+
+void kd_test_put_be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
 static void kd__test_write_cifar_file(const char *path, int n, uint64_t seed) {
     const size_t rec = 2 + 3072;
     unsigned char *b = malloc(rec * (size_t)n);
@@ -110,12 +125,8 @@ static void kd__test_write_cifar_file(const char *path, int n, uint64_t seed) {
                         (unsigned char)((ramp + (int)kd_rng_below(&r, 60)) % 256);
                 }
     }
-    FILE *f = fopen(path, "wb");
-    if (!f) fail_msg("cannot write %s", path);
-    size_t w = fwrite(b, 1, rec * (size_t)n, f);
-    fclose(f);
+    kd_test_write_file(path, b, rec * (size_t)n);
     free(b);
-    if (w != rec * (size_t)n) fail_msg("short write to %s", path);
 }
 
 void kd_test_write_cifar100(const char *dir, int n_train, int n_test, uint64_t seed) {
@@ -146,12 +157,19 @@ char *kd_test_slurp(const char *path, size_t *n) {
     return buf;
 }
 
-kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args) {
+double kd_test_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+kd_test_child kd_test_spawn_kd(const char *scratch, const char *const *args) {
     static int id;
-    char outp[1200], errp[1200];
+    kd_test_child c;
+    memset(&c, 0, sizeof c);
     id++;
-    snprintf(outp, sizeof outp, "%s/kd_run%d.out", scratch, id);
-    snprintf(errp, sizeof errp, "%s/kd_run%d.err", scratch, id);
+    snprintf(c.out_path, sizeof c.out_path, "%s/kd_run%d.out", scratch, id);
+    snprintf(c.err_path, sizeof c.err_path, "%s/kd_run%d.err", scratch, id);
     const char *exe = KD_BINARY_DIR "/kd";
     int argc = 0;
     while (args[argc]) argc++;
@@ -162,33 +180,40 @@ kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args) {
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 1, outp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    pid_t pid;
-    int rc = posix_spawn(&pid, exe, &fa, NULL, argv, environ);
+    posix_spawn_file_actions_addopen(&fa, 1, c.out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, c.err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    c.t0 = kd_test_now();
+    int rc = posix_spawn(&c.pid, exe, &fa, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
     free(argv);
     if (rc != 0) fail_msg("cannot start %s: %s", exe, strerror(rc));
-    int ws = 0;
-    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return c;
+}
+
+kd_test_proc kd_test_collect(const kd_test_child *child, int wstatus) {
     kd_test_proc p;
     memset(&p, 0, sizeof p);
-    if (WIFEXITED(ws)) {
-        p.status = WEXITSTATUS(ws);
+    if (WIFEXITED(wstatus)) {
+        p.status = WEXITSTATUS(wstatus);
     } else {
         p.status = -1;
-        p.signal = WIFSIGNALED(ws) ? WTERMSIG(ws) : -1;
+        p.signal = WIFSIGNALED(wstatus) ? WTERMSIG(wstatus) : -1;
     }
-    p.out = kd_test_slurp(outp, NULL);
-    p.err = kd_test_slurp(errp, NULL);
+    p.out = kd_test_slurp(child->out_path, NULL);
+    p.err = kd_test_slurp(child->err_path, NULL);
     if (!p.out) p.out = strdup("");
     if (!p.err) p.err = strdup("");
-    p.secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    if (!p.out || !p.err) fail_msg("out of memory");
+    p.secs = kd_test_now() - child->t0;
     return p;
+}
+
+kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args) {
+    kd_test_child c = kd_test_spawn_kd(scratch, args);
+    int ws = 0;
+    while (waitpid(c.pid, &ws, 0) < 0 && errno == EINTR) {
+    }
+    return kd_test_collect(&c, ws);
 }
 
 void kd_test_proc_free(kd_test_proc *p) {
@@ -197,41 +222,30 @@ void kd_test_proc_free(kd_test_proc *p) {
     memset(p, 0, sizeof *p);
 }
 
+void kd_test_proc_dump(const kd_test_proc *p, const char *what) {
+    fprintf(stderr, "---- %s%sexit %d signal %d (%.1fs)\n---- stdout:\n%s---- stderr:\n%s----\n", what ? what : "",
+            what ? ": " : "", p->status, p->signal, p->secs, p->out, p->err);
+}
+
 void kd_test_expect_ok(const kd_test_proc *p, const char *what) {
     if (p->signal || p->status != 0) {
-        fprintf(stderr, "---- %s: exit %d signal %d (%.1fs)\n---- stdout:\n%s---- stderr:\n%s----\n", what, p->status,
-                p->signal, p->secs, p->out, p->err);
+        kd_test_proc_dump(p, what);
         fail_msg("%s: expected exit 0, got status %d signal %d", what, p->status, p->signal);
     }
 }
 
 /* ------------------------------------ the tiny IDX dataset and checkpoints */
 
-static void kd__test_be32(unsigned char *p, uint32_t v) {
-    p[0] = (unsigned char)(v >> 24);
-    p[1] = (unsigned char)(v >> 16);
-    p[2] = (unsigned char)(v >> 8);
-    p[3] = (unsigned char)v;
-}
-
-static void kd__test_write_file(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
-    size_t w = fwrite(data, 1, n, f);
-    fclose(f);
-    if (w != n) fail_msg("short write to %s", path);
-}
-
 static void kd__test_write_idx_split(const char *dir, const char *prefix, int n, int side, uint64_t seed) {
     size_t nimg = 16 + (size_t)n * (size_t)side * (size_t)side, nlab = 8 + (size_t)n;
     unsigned char *im = malloc(nimg), *lb = malloc(nlab);
     if (!im || !lb) fail_msg("out of memory writing %s", dir);
-    kd__test_be32(im, 0x00000803);
-    kd__test_be32(im + 4, (uint32_t)n);
-    kd__test_be32(im + 8, (uint32_t)side);
-    kd__test_be32(im + 12, (uint32_t)side);
-    kd__test_be32(lb, 0x00000801);
-    kd__test_be32(lb + 4, (uint32_t)n);
+    kd_test_put_be32(im, 0x00000803);
+    kd_test_put_be32(im + 4, (uint32_t)n);
+    kd_test_put_be32(im + 8, (uint32_t)side);
+    kd_test_put_be32(im + 12, (uint32_t)side);
+    kd_test_put_be32(lb, 0x00000801);
+    kd_test_put_be32(lb + 4, (uint32_t)n);
     kd_rng r;
     kd_rng_init(&r, seed, 0xda7a);
     for (int i = 0; i < n; i++) {
@@ -246,9 +260,9 @@ static void kd__test_write_idx_split(const char *dir, const char *prefix, int n,
     }
     char path[1200];
     snprintf(path, sizeof path, "%s/%s-images-idx3-ubyte", dir, prefix);
-    kd__test_write_file(path, im, nimg);
+    kd_test_write_file(path, im, nimg);
     snprintf(path, sizeof path, "%s/%s-labels-idx1-ubyte", dir, prefix);
-    kd__test_write_file(path, lb, nlab);
+    kd_test_write_file(path, lb, nlab);
     free(im);
     free(lb);
 }
@@ -259,19 +273,44 @@ void kd_test_write_idx(const char *dir, int n_train, int n_test, int side) {
     kd__test_write_idx_split(dir, "t10k", n_test, side, 2);
 }
 
-int kd_test_ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn) {
-    kd_st_file *a = NULL, *b = NULL;
-    msg[0] = '\0';
-    if (kd_st_open(pa, &a) != KD_OK || kd_st_open(pb, &b) != KD_OK) {
-        snprintf(msg, msgn, "%s", kd_last_error());
+kd_st_file *kd_test_st_open(const char *path) {
+    kd_st_file *f = NULL;
+    if (kd_st_open(path, &f) != KD_OK) fail_msg("kd_st_open(%s): %s", path, kd_last_error());
+    return f;
+}
+
+const kd_st_entry *kd_test_st_entry(const kd_st_file *f, const char *fmt, ...) {
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int len = vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    if (len < 0 || (size_t)len >= sizeof name) fail_msg("tensor name too long (%s)", fmt);
+    const kd_st_entry *e = kd_st_find(f, name);
+    if (!e) fail_msg("%s has no tensor %s", kd_st_path(f), name);
+    return e;
+}
+
+int kd_test_st_count_prefixed(const kd_st_file *f, const char *prefix) {
+    int n = 0;
+    size_t len = strlen(prefix);
+    for (int i = 0; i < kd_st_count(f); i++)
+        if (strncmp(kd_st_get(f, i)->name, prefix, len) == 0) n++;
+    return n;
+}
+
+int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, size_t msgn) {
+    kd_st_file *a = kd_test_st_open(pa), *b = NULL;
+    if (kd_st_open(pb, &b) != KD_OK) {
         kd_st_close(a);
-        return 1;
+        fail_msg("kd_st_open(%s): %s", pb, kd_last_error());
     }
+    msg[0] = '\0';
     int compared = 0, optim = 0;
     for (int i = 0; i < kd_st_count(a) && !msg[0]; i++) {
         const kd_st_entry *ea = kd_st_get(a, i);
         int is_opt = strncmp(ea->name, "optim.", 6) == 0;
-        if (is_opt && !with_optim) continue;
+        if (is_opt && which == KD_TEST_CKPT_MODEL) continue;
         const kd_st_entry *eb = kd_st_find(b, ea->name);
         if (!eb) {
             snprintf(msg, msgn, "%s lacks tensor %s", pb, ea->name);
@@ -296,13 +335,16 @@ int kd_test_ckpts_differ(const char *pa, const char *pb, int with_optim, char *m
         compared++;
         optim += is_opt;
     }
+    /* The same set of tensors on both sides. */
     if (!msg[0]) {
         int nb = 0;
         for (int i = 0; i < kd_st_count(b); i++)
-            if (with_optim || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0) nb++;
+            if (which != KD_TEST_CKPT_MODEL || strncmp(kd_st_get(b, i)->name, "optim.", 6) != 0)
+                nb++;
         if (nb != compared) snprintf(msg, msgn, "%s has %d tensors, %s has %d", pa, compared, pb, nb);
     }
-    if (!msg[0] && with_optim && optim == 0) snprintf(msg, msgn, "%s holds no optim. tensors", pa);
+    if (!msg[0] && which == KD_TEST_CKPT_WITH_OPTIM && optim == 0)
+        snprintf(msg, msgn, "%s holds no optim. tensors", pa);
     kd_st_close(a);
     kd_st_close(b);
     return msg[0] != 0;

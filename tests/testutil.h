@@ -1,5 +1,7 @@
 /* Shared helpers for the cmocka tests: tolerance checks with a readable report,
- * fixture paths, deterministic random fills, and a scratch directory. */
+ * fixture paths, deterministic random fills, a scratch directory, generated
+ * datasets (CIFAR-100 binary, tiny IDX), runs of the kd program with their
+ * exit status, stdout and stderr, and safetensors look-ups and comparisons. */
 #ifndef KD_TESTUTIL_H
 #define KD_TESTUTIL_H
 
@@ -49,6 +51,12 @@ extern const kd_function kd_test_fn_polymul;
 
 /* ------------------------------------------ generated data and the kd program */
 
+/* Writes n bytes to path (created or truncated); fails the test on error. */
+void kd_test_write_file(const char *path, const void *data, size_t n);
+
+/* Stores v big-endian (IDX headers) at p[0..3]. */
+void kd_test_put_be32(unsigned char *p, uint32_t v);
+
 /* Writes DIR/train.bin and DIR/test.bin in the CIFAR-100 binary format (per
  * image: coarse label, fine label, 3072 bytes of planes R, G, B): image i has
  * fine label i % 100 (coarse label / 5) and a class-dependent brightness ramp
@@ -57,6 +65,9 @@ void kd_test_write_cifar100(const char *dir, int n_train, int n_test, uint64_t s
 
 /* The whole file, NUL-terminated, or NULL when unreadable; *n its length. */
 char *kd_test_slurp(const char *path, size_t *n);
+
+/* Seconds on a monotonic clock. */
+double kd_test_now(void);
 
 /* One finished run of the kd program (KD_BINARY_DIR "/kd"). */
 typedef struct {
@@ -67,10 +78,29 @@ typedef struct {
     double secs;
 } kd_test_proc;
 
-/* Runs kd with the NULL-terminated args (stdin /dev/null; stdout and stderr
- * captured in files under scratch) and waits for it. */
+/* A started kd program: its pid, start time and the files that capture its
+ * stdout and stderr. */
+#include <sys/types.h>
+typedef struct {
+    pid_t pid;
+    double t0;
+    char out_path[1200];
+    char err_path[1200];
+} kd_test_child;
+
+/* Starts kd with the NULL-terminated args (stdin /dev/null; stdout and stderr
+ * captured in files under scratch) without waiting; fails the test when it
+ * cannot start. */
+kd_test_child kd_test_spawn_kd(const char *scratch, const char *const *args);
+/* The finished run of child from its waitpid status (stdout and stderr read
+ * back; secs since it started). */
+kd_test_proc kd_test_collect(const kd_test_child *child, int wstatus);
+/* Runs kd with the NULL-terminated args (as kd_test_spawn_kd) and waits for it. */
 kd_test_proc kd_test_run_kd(const char *scratch, const char *const *args);
 void kd_test_proc_free(kd_test_proc *p);
+/* Prints the run's exit status, stdout and stderr to stderr, headed by what
+ * when not NULL. */
+void kd_test_proc_dump(const kd_test_proc *p, const char *what);
 /* Fails the test, printing the run's stdout and stderr, unless it exited 0. */
 void kd_test_expect_ok(const kd_test_proc *p, const char *what);
 
@@ -79,14 +109,37 @@ void kd_test_expect_ok(const kd_test_proc *p, const char *what);
 /* Writes an IDX dataset (MNIST file names) into DIR (created if missing):
  * side x side grey images of 4 classes; class k (image i has label i % 4)
  * has a bright horizontal band in the k-th quarter of the rows on dark noise
- * (invariant to horizontal flips, robust to small crop shifts). Fails the
- * test on error. */
+ * (invariant to horizontal flips, robust to small crop shifts; side 8: rows
+ * 2k and 2k+1). Training images come from seed 1, test images from seed 2.
+ * Fails the test on error. */
 void kd_test_write_idx(const char *dir, int n_train, int n_test, int side);
 
-/* Whether two safetensors checkpoints differ in any tensor, byte for byte
- * (all tensors, or those without the "optim." prefix), or in their sets of
- * tensors; msg says where. With with_optim, a file without optimiser state
- * counts as different. Metadata (wall time, ...) is not compared. */
-int kd_test_ckpts_differ(const char *pa, const char *pb, int with_optim, char *msg, size_t msgn);
+/* The safetensors file at path, opened; fails the test when it cannot be. */
+#include "kd/io.h"
+kd_st_file *kd_test_st_open(const char *path);
+
+/* The entry of f named by the printf-style format; fails the test when f has
+ * none. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 2, 3)))
+#endif
+const kd_st_entry *kd_test_st_entry(const kd_st_file *f, const char *fmt, ...);
+
+/* Number of tensors of f whose names start with prefix. */
+int kd_test_st_count_prefixed(const kd_st_file *f, const char *prefix);
+
+/* Which tensors kd_test_ckpts_differ compares. */
+enum {
+    KD_TEST_CKPT_MODEL = 0,       /* those without the "optim." prefix */
+    KD_TEST_CKPT_WITH_OPTIM = 1,  /* all; a file without optimiser state differs */
+    KD_TEST_CKPT_ALL = 2          /* all */
+};
+
+/* Whether two safetensors files differ in any tensor that `which` (a
+ * KD_TEST_CKPT_* value) selects, byte for byte (dtype and shape included), or
+ * in their sets of such tensors; msg says where. Metadata (wall time, ...) is
+ * not compared. Fails the test when either file cannot be opened (a missing
+ * file is neither the same nor different). */
+int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, size_t msgn);
 
 #endif
