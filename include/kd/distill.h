@@ -119,6 +119,7 @@ typedef struct {
     kd_graph *g;
     kd_model *student;
     kd_model *teacher;     /* NULL when the method uses none */
+    kd_model *ema;         /* the EMA copy of the student (ema_student), else NULL */
     const kd_step_batch *batch;
     int epoch;             /* 0-based */
     int epochs;            /* total */
@@ -150,6 +151,14 @@ typedef struct kd_method_def {
     int views;            /* views per image; 1 for the supervised family */
     kd_sampler_kind sampler;
     int feat_flags;       /* KD_FWD_PREACT when the method reads pre-activation features */
+    /* Roles besides the student (trainable), the teacher (`teacher`) and
+     * the method's own modules (trainable, a parameter group of their own):
+     * ema_student = 1 asks the trainer for an EMA copy of the student
+     * (ctx->ema: same architecture, started from the student's weights, eval
+     * mode, never optimised, saved as "ema.<name>"); the method moves it
+     * with kd_ema_update in after_step (MoCo's key encoder, DINO/EsViT's
+     * teacher, mean teachers). */
+    int ema_student;
     /* Settings table and the struct it fills (size), NULL/0 when none. */
     const kd_method_arg *args;
     int n_args;
@@ -197,12 +206,18 @@ typedef void (*kd_arg_visit_fn)(void *user, const char *key, const char *value, 
 kd_status kd_distill_cfg_visit(const kd_distill_cfg *cfg, kd_arg_visit_fn fn, void *user);
 
 /* Whether the method, with these weights, needs a teacher (the one place
- * that decides it: config checks, setup and the step all ask here). */
+ * that decides it: config checks, setup and the step all ask here). The
+ * _def form answers for a method given by its def (not registered). */
 int kd_distill_needs_teacher(const kd_distill_cfg *cfg);
+int kd_method_def_needs_teacher(const kd_method_def *def, const kd_distill_cfg *cfg);
 
 /* ------------------------------------------------------------ instances */
 
 kd_status kd_method_create(const kd_distill_cfg *cfg, const kd_method_shapes *shp, kd_method **out);
+/* The same for a method of the caller's own (a kd_method_def that is not in
+ * the registry: an experiment, a test); cfg->args keys use def->name. */
+kd_status kd_method_create_def(const kd_method_def *def, const kd_distill_cfg *cfg, const kd_method_shapes *shp,
+                               kd_method **out);
 void kd_method_free(kd_method *m);
 const kd_method_def *kd_method_get_def(const kd_method *m);
 const kd_distill_cfg *kd_method_cfg(const kd_method *m);

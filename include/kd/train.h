@@ -117,6 +117,8 @@ typedef struct {
     kd_model *student;    /* borrowed, trained */
     kd_model *teacher;    /* borrowed, frozen; NULL when the method needs none */
     kd_distill_cfg method;
+    const kd_method_def *method_def; /* NULL: the registered method named method.method; else a
+                                        method of the caller's own */
     kd_optim_cfg optim;   /* optim.lr is the base learning rate */
     kd_sched sched;       /* base_lr and epochs included */
     kd_backend *be;
@@ -145,12 +147,14 @@ void kd_trainer_free(kd_trainer *t);
 kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t step, int64_t steps_per_epoch,
                         kd_step_result *res);
 kd_graph *kd_trainer_graph(kd_trainer *t);
+/* The EMA copy of the student when the method asks for one (ema_student), else NULL. */
+kd_model *kd_trainer_ema(kd_trainer *t);
 kd_method *kd_trainer_method(kd_trainer *t);
 kd_optim *kd_trainer_optim(kd_trainer *t);
 /* Train (1) or eval (0) mode of the student and the method's modules. */
 void kd_trainer_set_training(kd_trainer *t, int training);
 /* Adds the optimiser state ("optim.*"), the method's modules and state
- * ("distill.*") and the step count (metadata "opt_steps") to w; the tensors
+ * ("distill.*"), the EMA copy of the student ("ema.*") and the step count (metadata "opt_steps") to w; the tensors
  * must stay alive until w is saved. */
 kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w);
 /* Reads back what kd_trainer_save_state wrote; every tensor must be there. */

@@ -85,7 +85,10 @@ kd_distill_cfg kd_distill_defaults(const char *method) {
 }
 
 int kd_distill_needs_teacher(const kd_distill_cfg *cfg) {
-    const kd_method_def *m = kd_method_find(cfg->method);
+    return kd_method_def_needs_teacher(kd_method_find(cfg->method), cfg);
+}
+
+int kd_method_def_needs_teacher(const kd_method_def *m, const kd_distill_cfg *cfg) {
     if (!m || m->teacher == KD_TEACHER_NONE) return 0;
     /* A method with its own step decides its forwards; the default step
      * needs the teacher for the KL term or the method term. */
@@ -323,7 +326,13 @@ kd_status kd_method_create(const kd_distill_cfg *cfg, const kd_method_shapes *sh
     *out = NULL;
     const kd_method_def *def = kd_method_find(cfg->method);
     if (!def) return kd__unknown_method(cfg->method);
-    if (kd_distill_needs_teacher(cfg) && cfg->alpha != 0 && !(cfg->T > 0))
+    return kd_method_create_def(def, cfg, shp, out);
+}
+
+kd_status kd_method_create_def(const kd_method_def *def, const kd_distill_cfg *cfg, const kd_method_shapes *shp,
+                               kd_method **out) {
+    *out = NULL;
+    if (kd_method_def_needs_teacher(def, cfg) && cfg->alpha != 0 && !(cfg->T > 0))
         return kd_error(KD_ERR_INVALID, "method '%s': temperature T %g must be > 0", def->name, cfg->T);
     kd_method *m = calloc(1, sizeof *m);
     if (!m) return kd_error(KD_ERR_NOMEM, "out of memory creating method '%s'", def->name);
@@ -335,7 +344,7 @@ kd_status kd_method_create(const kd_distill_cfg *cfg, const kd_method_shapes *sh
     if (s == KD_OK && def->state_size && !(m->state = calloc(1, def->state_size)))
         s = kd_error(KD_ERR_NOMEM, "out of memory");
     if (s == KD_OK) s = kd__fill_args(def, cfg, m->args);
-    if (s == KD_OK && kd_distill_needs_teacher(cfg) && shp->teacher.n_feat == 0)
+    if (s == KD_OK && kd_method_def_needs_teacher(def, cfg) && shp->teacher.n_feat == 0)
         s = kd_error(KD_ERR_INVALID, "method '%s' needs a teacher (set teacher_ckpt)", def->name);
     if (s == KD_OK && def->setup) s = def->setup(m, shp);
     if (s != KD_OK) {
@@ -357,7 +366,7 @@ void kd_method_free(kd_method *m) {
 
 const kd_method_def *kd_method_get_def(const kd_method *m) { return m->def; }
 const kd_distill_cfg *kd_method_cfg(const kd_method *m) { return &m->cfg; }
-int kd_method_needs_teacher(const kd_method *m) { return kd_distill_needs_teacher(&m->cfg); }
+int kd_method_needs_teacher(const kd_method *m) { return kd_method_def_needs_teacher(m->def, &m->cfg); }
 kd_param_list *kd_method_params(kd_method *m) { return &m->params; }
 void *kd_method_args(kd_method *m) { return m->args; }
 const void *kd_method_args_c(const kd_method *m) { return m->args; }

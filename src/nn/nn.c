@@ -168,3 +168,24 @@ void kd_linear_layer_default_init(kd_linear_layer *l, kd_rng *r) {
 kd_tensor *kd_linear_layer_forward(kd_graph *g, const kd_linear_layer *l, kd_tensor *x) {
     return kd_linear(g, x, l->weight, l->bias);
 }
+
+kd_status kd_ema_update(kd_param_list *ema, const kd_param_list *src, double momentum) {
+    if (!(momentum >= 0 && momentum <= 1))
+        return kd_error(KD_ERR_INVALID, "EMA momentum %g must be in [0, 1]", momentum);
+    const float m = (float)momentum, a = (float)(1.0 - momentum);
+    for (int i = 0; i < ema->n; i++) {
+        kd_param *e = &ema->items[i];
+        if (e->kind == KD_PARAM_BUFFER) continue;
+        /* Copies of one architecture list their tensors in the same order. */
+        const kd_param *p = i < src->n && !strcmp(src->items[i].name, e->name) ? &src->items[i]
+                                                                               : kd_params_find(src, e->name);
+        if (!p || kd_tensor_numel(p->t) != kd_tensor_numel(e->t))
+            return kd_error(KD_ERR_SHAPE, "EMA: the source has no tensor '%s' of %lld elements", e->name,
+                            (long long)kd_tensor_numel(e->t));
+        float *d = kd_f32(e->t);
+        const float *x = kd_f32(p->t);
+        const int64_t n = kd_tensor_numel(e->t);
+        for (int64_t j = 0; j < n; j++) d[j] = d[j] * m + a * x[j];
+    }
+    return KD_OK;
+}

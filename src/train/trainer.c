@@ -16,6 +16,7 @@ struct kd_trainer {
     kd_trainer_cfg c;
     kd_graph *g;
     kd_method *method;
+    kd_model *ema;        /* the EMA copy of the student, when the method asks for one */
     kd_optim *opt;
     kd_loss_terms terms;
     double *values;       /* (terms.cap) */
@@ -62,9 +63,11 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     memset(&shp, 0, sizeof shp);
     shp.n_train = cfg->n_train;
     shp.num_classes = cfg->num_classes;
-    int use_teacher = kd_distill_needs_teacher(&cfg->method);
-    const kd_method_def *def = kd_method_find(cfg->method.method);
-    if (s == KD_OK && def && def->views != 1)
+    const kd_method_def *def = cfg->method_def ? cfg->method_def : kd_method_find(cfg->method.method);
+    if (s == KD_OK && !def)
+        s = kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s'", cfg->method.method);
+    int use_teacher = kd_method_def_needs_teacher(def, &cfg->method);
+    if (s == KD_OK && def->views != 1)
         s = kd_error(KD_ERR_UNSUPPORTED, "method '%s' needs %d views of each image; the trainer feeds one view",
                      def->name, def->views);
     if (s == KD_OK && use_teacher && !cfg->teacher)
@@ -72,7 +75,12 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     if (s == KD_OK) s = kd__probe(t->g, cfg->student, cfg->in_channels, cfg->height, cfg->width, &shp.student);
     if (s == KD_OK && use_teacher)
         s = kd__probe(t->g, cfg->teacher, cfg->in_channels, cfg->height, cfg->width, &shp.teacher);
-    if (s == KD_OK) s = kd_method_create(&cfg->method, &shp, &t->method);
+    if (s == KD_OK && def->ema_student) {
+        s = kd_model_create(kd_model_arch(cfg->student), kd_model_config(cfg->student), &t->ema);
+        if (s == KD_OK) s = kd_params_copy(kd_model_params(t->ema), kd_model_params(cfg->student));
+        if (s == KD_OK) kd_model_set_training(t->ema, 0);
+    }
+    if (s == KD_OK) s = kd_method_create_def(def, &cfg->method, &shp, &t->method);
     if (s == KD_OK) {
         kd_param_group groups[2] = {{"", kd_model_params(cfg->student), 1.0f},
                                     {"distill.", kd_method_params(t->method), 1.0f}};
@@ -91,6 +99,7 @@ void kd_trainer_free(kd_trainer *t) {
     if (!t) return;
     kd_optim_free(t->opt);
     kd_method_free(t->method);
+    kd_model_free(t->ema);
     kd_graph_free(t->g);
     kd_loss_terms_free(&t->terms);
     free(t->values);
@@ -98,6 +107,7 @@ void kd_trainer_free(kd_trainer *t) {
 }
 
 kd_graph *kd_trainer_graph(kd_trainer *t) { return t->g; }
+kd_model *kd_trainer_ema(kd_trainer *t) { return t->ema; }
 kd_method *kd_trainer_method(kd_trainer *t) { return t->method; }
 kd_optim *kd_trainer_optim(kd_trainer *t) { return t->opt; }
 
@@ -126,6 +136,7 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     kd_step_ctx ctx = {.g = g,
                        .student = c->student,
                        .teacher = kd_method_needs_teacher(t->method) ? c->teacher : NULL,
+                       .ema = t->ema,
                        .batch = &sb,
                        .epoch = epoch,
                        .epochs = c->sched.epochs,
@@ -192,6 +203,14 @@ kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w) {
         snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
         KD_TRY(kd_st_writer_add_tensor(w, full, mp->items[i].t));
     }
+    if (t->ema) {
+        kd_param_list *ep = kd_model_params(t->ema);
+        for (int i = 0; i < ep->n; i++) {
+            char full[256];
+            snprintf(full, sizeof full, "ema.%s", ep->items[i].name);
+            KD_TRY(kd_st_writer_add_tensor(w, full, ep->items[i].t));
+        }
+    }
     char v[32];
     snprintf(v, sizeof v, "%lld", (long long)kd_optim_steps(t->opt));
     return kd_st_writer_set_meta(w, "opt_steps", v);
@@ -211,6 +230,14 @@ kd_status kd_trainer_load_state(kd_trainer *t, const kd_st_file *f) {
         char full[256];
         snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
         KD_TRY(kd_st_read_into(f, full, mp->items[i].t));
+    }
+    if (t->ema) {
+        kd_param_list *ep = kd_model_params(t->ema);
+        for (int i = 0; i < ep->n; i++) {
+            char full[256];
+            snprintf(full, sizeof full, "ema.%s", ep->items[i].name);
+            KD_TRY(kd_st_read_into(f, full, ep->items[i].t));
+        }
     }
     const char *os = kd_st_meta(f, "opt_steps");
     if (!os) return kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no opt_steps)", kd_st_path(f));
