@@ -1,7 +1,8 @@
 /* Tests of the data layer: IDX and CIFAR readers on generated files (plain and
  * gzipped) and their error messages, class-balanced subsets, the crop / flip /
  * normalise transform against a naive padded-image reference, and the loader
- * (coverage, order, determinism across worker counts, drop_last, restarts).
+ * (coverage, order, determinism across worker counts, drop_last, restarts,
+ * several views of each sample with their own streams, transforms and sizes).
  * The real Fashion-MNIST under /usr/share/datasets is checked when present. */
 #include "testutil.h"
 
@@ -872,6 +873,296 @@ static void test_loader_restart_and_shutdown(void **state) {
     kd_dataset_free(ds);
 }
 
+/* ------------------------------------------------------------ loader views */
+
+/* FNV-1a over bytes, to compare an epoch with one recorded before views
+ * existed. */
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* The hash of epoch 3 of loader_ds(57) under cfg (x, y, index of each batch
+ * in order); checks that each batch is one view, x. */
+static uint64_t epoch_hash(const kd_loader_cfg *cfg) {
+    kd_dataset *ds = loader_ds(57);
+    kd_loader *l = NULL;
+    KD_ASSERT_OK(kd_loader_init(&l, ds, cfg));
+    assert_int_equal(kd_loader_num_views(l), 1);
+    int c, h, w;
+    kd_loader_sample_shape(l, &c, &h, &w);
+    uint64_t hash = 0xcbf29ce484222325ull;
+    KD_ASSERT_OK(kd_loader_start_epoch(l, 3));
+    kd_batch b;
+    while (kd_loader_next(l, &b) == 1) {
+        assert_int_equal(b.n_views, 1);
+        assert_ptr_equal(b.views[0], b.x);
+        assert_int_equal(b.view_shape[0].c, c);
+        assert_int_equal(b.view_shape[0].h, h);
+        assert_int_equal(b.view_shape[0].w, w);
+        hash = fnv1a(hash, b.x, (size_t)b.n * (size_t)(c * h * w) * sizeof(float));
+        hash = fnv1a(hash, b.y, (size_t)b.n * sizeof *b.y);
+        hash = fnv1a(hash, b.index, (size_t)b.n * sizeof *b.index);
+    }
+    kd_loader_free(l);
+    kd_dataset_free(ds);
+    return hash;
+}
+
+/* A one-view loader (n_views 0, 1, or 1 with view_transforms) gives the bytes
+ * it gave before views existed (hashes recorded from commit 78c8ec3), on the
+ * direct path and through the geometry step (another output size). */
+static void test_loader_one_view_unchanged(void **state) {
+    (void)state;
+    static const uint64_t want[2] = {0xfca8541ce7806898ull, 0x4ed5f4ccc3e0fc6cull};
+    for (int geo = 0; geo < 2; geo++) {
+        kd_loader_cfg cfg = base_cfg;
+        if (geo) cfg.transform.out_h = 10, cfg.transform.out_w = 7;
+        kd_transform_cfg one = cfg.transform;
+        for (int form = 0; form < 3; form++) {
+            kd_loader_cfg c = cfg;
+            c.n_views = form ? 1 : 0;
+            c.view_transforms = form == 2 ? &one : NULL;
+            for (int nw = 0; nw <= 2; nw += 2) {
+                c.num_workers = nw;
+                uint64_t h = epoch_hash(&c);
+                if (h != want[geo])
+                    fail_msg("geometry %d, form %d, %d workers: epoch hash %#llx, before views %#llx", geo,
+                             form, nw, (unsigned long long)h, (unsigned long long)want[geo]);
+            }
+        }
+    }
+}
+
+/* Every view of one epoch, copied out: view v of the i-th sample of the
+ * epoch at x[v] + i * per[v]. */
+typedef struct {
+    int nv;
+    int64_t per[4];
+    float *x[4];
+    int64_t *index;
+    int32_t *y;
+    int64_t total;
+} views_dump;
+
+static void views_dump_free(views_dump *e) {
+    for (int v = 0; v < e->nv; v++) free(e->x[v]);
+    free(e->index);
+    free(e->y);
+}
+
+static views_dump run_epoch_views(kd_loader *l, const kd_dataset *ds, int64_t epoch) {
+    views_dump e = {0};
+    int64_t N = kd_dataset_size(ds);
+    e.nv = kd_loader_num_views(l);
+    assert_true(e.nv >= 1 && e.nv <= 4);
+    for (int v = 0; v < e.nv; v++) {
+        int c, h, w;
+        kd_loader_view_shape(l, v, &c, &h, &w);
+        e.per[v] = (int64_t)c * h * w;
+        e.x[v] = malloc((size_t)(N * e.per[v]) * sizeof(float));
+    }
+    e.index = malloc((size_t)N * sizeof *e.index);
+    e.y = malloc((size_t)N * sizeof *e.y);
+    KD_ASSERT_OK(kd_loader_start_epoch(l, epoch));
+    kd_batch b;
+    int r;
+    while ((r = kd_loader_next(l, &b)) == 1) {
+        assert_int_equal(b.n_views, e.nv);
+        assert_ptr_equal(b.x, b.views[0]);
+        for (int v = 0; v < e.nv; v++) {
+            int c, h, w;
+            kd_loader_view_shape(l, v, &c, &h, &w);
+            assert_int_equal(b.view_shape[v].c, c);
+            assert_int_equal(b.view_shape[v].h, h);
+            assert_int_equal(b.view_shape[v].w, w);
+            memcpy(e.x[v] + e.total * e.per[v], b.views[v], (size_t)(b.n * e.per[v]) * sizeof(float));
+        }
+        memcpy(e.index + e.total, b.index, (size_t)b.n * sizeof *b.index);
+        memcpy(e.y + e.total, b.y, (size_t)b.n * sizeof *b.y);
+        e.total += b.n;
+    }
+    assert_int_equal(r, 0);
+    assert_int_equal(e.total, N);
+    return e;
+}
+
+static void assert_views_equal(const views_dump *a, const views_dump *b) {
+    assert_int_equal(a->nv, b->nv);
+    assert_int_equal(a->total, b->total);
+    assert_memory_equal(a->index, b->index, (size_t)a->total * sizeof *a->index);
+    assert_memory_equal(a->y, b->y, (size_t)a->total * sizeof *a->y);
+    for (int v = 0; v < a->nv; v++)
+        assert_memory_equal(a->x[v], b->x[v], (size_t)(a->total * a->per[v]) * sizeof(float));
+}
+
+/* Three views of one transform (random crop + flip): view 0 is the one-view
+ * output, views 1 and 2 draw from their own streams (the documented
+ * kd_rng_key(kd_data_sample_key(...), v)), so they differ from view 0 and
+ * from each other; the bytes do not depend on the number of workers. */
+static void test_loader_three_views(void **state) {
+    (void)state;
+    kd_dataset *ds = loader_ds(97);
+    const int64_t N = 97, per = 3 * 8 * 6;
+    kd_loader_cfg one = base_cfg;
+    one.batch_size = 8;
+    kd_loader *l = NULL;
+    KD_ASSERT_OK(kd_loader_init(&l, ds, &one));
+    views_dump ref1 = run_epoch_views(l, ds, 4);
+    kd_loader_free(l);
+
+    int workers[] = {0, 1, 3, 2}, prefetch[] = {0, 0, 0, 1};
+    views_dump d[4];
+    for (int t = 0; t < 4; t++) {
+        kd_loader_cfg cfg = one;
+        cfg.n_views = 3;
+        cfg.num_workers = workers[t];
+        cfg.prefetch = prefetch[t];
+        KD_ASSERT_OK(kd_loader_init(&l, ds, &cfg));
+        assert_int_equal(kd_loader_num_views(l), 3);
+        d[t] = run_epoch_views(l, ds, 4);
+        kd_loader_free(l);
+        if (t) assert_views_equal(&d[0], &d[t]);
+    }
+    /* View 0 is the one-view loader's output, bit for bit. */
+    assert_memory_equal(d[0].index, ref1.index, (size_t)N * sizeof *ref1.index);
+    assert_memory_equal(d[0].x[0], ref1.x[0], (size_t)(N * per) * sizeof(float));
+    /* Each view of each sample is its documented recomputation. */
+    float *want = malloc((size_t)per * sizeof *want), *mine = malloc((size_t)per * sizeof *mine);
+    int64_t same01 = 0, same02 = 0, same12 = 0;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t idx = d[0].index[i];
+        for (int v = 0; v < 3; v++) {
+            KD_ASSERT_OK(kd_transform_sample_view(&one.transform, ds, idx, one.seed, 4, v, want));
+            assert_memory_equal(d[0].x[v] + i * per, want, (size_t)per * sizeof *want);
+            kd_rng r;
+            uint64_t key = kd_data_sample_key(one.seed, 4, idx);
+            kd_rng_init(&r, one.seed, v ? kd_rng_key(key, (uint64_t)v) : key);
+            assert_true(kd_data_view_key(one.seed, 4, idx, v) == (v ? kd_rng_key(key, (uint64_t)v) : key));
+            kd_transform_draw dr = kd_transform_draw_from(&one.transform, &r);
+            kd_transform_apply(&one.transform, &dr, kd_dataset_image(ds, idx), 3, 8, 6, mine);
+            assert_memory_equal(mine, want, (size_t)per * sizeof *want);
+        }
+        same01 += !memcmp(d[0].x[0] + i * per, d[0].x[1] + i * per, (size_t)per * sizeof(float));
+        same02 += !memcmp(d[0].x[0] + i * per, d[0].x[2] + i * per, (size_t)per * sizeof(float));
+        same12 += !memcmp(d[0].x[1] + i * per, d[0].x[2] + i * per, (size_t)per * sizeof(float));
+    }
+    /* 50 equally likely (window, flip) draws: a pair of views coincides for
+     * about 2 of 97 samples; independent streams never for most. */
+    printf("  views equal on %lld, %lld, %lld of %lld samples (0-1, 0-2, 1-2)\n", (long long)same01,
+           (long long)same02, (long long)same12, (long long)N);
+    assert_true(same01 < N / 5 && same02 < N / 5 && same12 < N / 5);
+    free(want);
+    free(mine);
+    views_dump_free(&ref1);
+    for (int t = 0; t < 4; t++) views_dump_free(&d[t]);
+    kd_dataset_free(ds);
+}
+
+/* A geometry hook for view tests: a random top-left shift of 0 or 1 pixel
+ * (drawn from the view's stream), then the out_h x out_w window. */
+static kd_status shift_window(const void *ctx, kd_rng *r, const uint8_t *src, int c, int h, int w, uint8_t *dst,
+                              int out_h, int out_w, kd_scratch *scratch) {
+    (void)ctx;
+    (void)scratch;
+    int dy = (int)kd_rng_below(r, 2), dx = (int)kd_rng_below(r, 2);
+    if (out_h + dy > h || out_w + dx > w) return kd_error(KD_ERR_SHAPE, "shift_window: window too large");
+    for (int ch = 0; ch < c; ch++)
+        for (int y = 0; y < out_h; y++)
+            for (int x = 0; x < out_w; x++)
+                dst[((size_t)ch * out_h + y) * out_w + x] = src[((size_t)ch * h + y + dy) * w + x + dx];
+    return KD_OK;
+}
+
+/* Views of their own sizes: view 0 at the dataset's size (8x6), view 1 at
+ * 10x7 through Resize + CenterCrop, view 2 at 5x4 through a geometry hook
+ * with no flip or crop; each has its own shape and its recomputation. */
+static void test_loader_views_sizes(void **state) {
+    (void)state;
+    kd_dataset *ds = loader_ds(41);
+    kd_transform_cfg tfs[3] = {base_cfg.transform, base_cfg.transform, base_cfg.transform};
+    tfs[1].out_h = 10, tfs[1].out_w = 7;
+    tfs[2].out_h = 5, tfs[2].out_w = 4;
+    tfs[2].pad_crop = 0, tfs[2].hflip = 0;
+    tfs[2].geometry = shift_window;
+    kd_loader_cfg cfg = base_cfg;
+    cfg.batch_size = 6;
+    cfg.n_views = 3;
+    cfg.view_transforms = tfs;
+    views_dump d[3];
+    for (int nw = 0; nw < 3; nw++) {
+        cfg.num_workers = nw;
+        kd_loader *l = NULL;
+        KD_ASSERT_OK(kd_loader_init(&l, ds, &cfg));
+        const int want[3][3] = {{3, 8, 6}, {3, 10, 7}, {3, 5, 4}};
+        for (int v = 0; v < 3; v++) {
+            int c, h, w;
+            kd_loader_view_shape(l, v, &c, &h, &w);
+            assert_int_equal(c, want[v][0]);
+            assert_int_equal(h, want[v][1]);
+            assert_int_equal(w, want[v][2]);
+        }
+        int c, h, w;
+        kd_loader_sample_shape(l, &c, &h, &w);
+        assert_int_equal(h * 10 + w, 86);
+        d[nw] = run_epoch_views(l, ds, 1);
+        kd_loader_free(l);
+        if (nw) assert_views_equal(&d[0], &d[nw]);
+    }
+    float want[3 * 10 * 7];
+    for (int64_t i = 0; i < 41; i++) {
+        int64_t idx = d[0].index[i];
+        for (int v = 0; v < 3; v++) {
+            KD_ASSERT_OK(kd_transform_sample_view(&tfs[v], ds, idx, cfg.seed, 1, v, want));
+            assert_memory_equal(d[0].x[v] + i * d[0].per[v], want, (size_t)d[0].per[v] * sizeof(float));
+        }
+        /* View 2 by hand: the window at the shift drawn first from its stream. */
+        kd_rng r;
+        kd_rng_init(&r, cfg.seed, kd_data_view_key(cfg.seed, 1, idx, 2));
+        int dy = (int)kd_rng_below(&r, 2), dx = (int)kd_rng_below(&r, 2);
+        const uint8_t *src = kd_dataset_image(ds, idx);
+        for (int ch = 0; ch < 3; ch++)
+            for (int y = 0; y < 5; y++)
+                for (int x = 0; x < 4; x++) {
+                    float u = (float)src[(ch * 8 + y + dy) * 6 + x + dx] / 255.0f;
+                    float e = (u - tfs[2].mean[ch]) / tfs[2].std[ch];
+                    if (d[0].x[2][i * 60 + (ch * 5 + y) * 4 + x] != e)
+                        fail_msg("sample %lld view 2 at (%d, %d, %d)", (long long)idx, ch, y, x);
+                }
+    }
+    for (int nw = 0; nw < 3; nw++) views_dump_free(&d[nw]);
+    kd_dataset_free(ds);
+}
+
+/* Bad view configurations are refused, naming the view and the setting. */
+static void test_loader_views_bad(void **state) {
+    (void)state;
+    kd_dataset *ds = loader_ds(20);
+    kd_loader *l = NULL;
+    kd_loader_cfg cfg = base_cfg;
+    cfg.n_views = -1;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "n_views -1");
+    kd_transform_cfg tfs[3] = {base_cfg.transform, base_cfg.transform, base_cfg.transform};
+    cfg.n_views = 0;
+    cfg.view_transforms = tfs;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "view_transforms is set but n_views is 0");
+    cfg.n_views = 3;
+    tfs[1].pad_crop = -1;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "view 1: transform: pad_crop -1");
+    tfs[1].pad_crop = 2;
+    tfs[2].std[2] = 0.0f;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "view 2: transform: channel 2");
+    tfs[2].std[2] = 0.5f;
+    tfs[2].out_h = 4;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "view 2: transform: output size 4x0");
+    assert_null(l);
+    tfs[2].out_w = 4;
+    KD_ASSERT_OK(kd_loader_init(&l, ds, &cfg));
+    kd_loader_free(l);
+    kd_dataset_free(ds);
+}
+
 /* -------------------------------------------------------- real Fashion-MNIST */
 
 #define KD_FASHION_DIR "/usr/share/datasets/fashion-mnist"
@@ -939,6 +1230,10 @@ int main(void) {
         cmocka_unit_test(test_loader_workers_bit_exact),
         cmocka_unit_test(test_loader_drop_last),
         cmocka_unit_test(test_loader_restart_and_shutdown),
+        cmocka_unit_test(test_loader_one_view_unchanged),
+        cmocka_unit_test(test_loader_three_views),
+        cmocka_unit_test(test_loader_views_sizes),
+        cmocka_unit_test(test_loader_views_bad),
         cmocka_unit_test(test_fashion_mnist),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

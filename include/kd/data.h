@@ -39,6 +39,15 @@
  *     cfg.transform.resize = 256;     // eval: Resize(256) + CenterCrop(224)
  *     cfg.skip_bad = 1;               // substitute unreadable images, count them
  *
+ * Several views of each sample (two-view and multi-crop methods): n_views
+ * views, view v made by view_transforms[v] (each with its own output size
+ * and geometry hook) or, without that array, by `transform` with the view's
+ * own random draws:
+ *     kd_transform_cfg tfs[2] = {global, local};   // local.out_h = 96, ...
+ *     cfg.n_views = 2;
+ *     cfg.view_transforms = tfs;                    // copied by kd_loader_init
+ *     ... b.views[v]: (b.n, C, b.view_shape[v].h, b.view_shape[v].w); b.x == b.views[0]
+ *
  * Reproducibility. Everything random is drawn from the counter-based kd_rng:
  *   - the epoch permutation (shuffle = 1) is a Fisher-Yates shuffle driven by
  *     kd_rng_init(&r, seed, kd_rng_key(KD_DATA_SHUFFLE_TAG, epoch)), drawing
@@ -46,7 +55,11 @@
  *   - sample `index` (its index in the dataset, not its position in the epoch)
  *     is augmented with kd_rng_init(&r, seed, kd_data_sample_key(seed, epoch, index)),
  *     where kd_data_sample_key = kd_rng_key(kd_rng_key(seed, epoch), index);
- *     a geometry hook draws first, then the crop and flip;
+ *     a geometry hook draws first, then the crop and flip. That is view 0's
+ *     stream; view v > 0 of the sample draws from kd_data_view_key(seed,
+ *     epoch, index, v) = kd_rng_key(kd_data_sample_key(seed, epoch, index), v),
+ *     so a one-view loader gives the same bytes as before views existed and
+ *     adding views never changes view 0;
  *   - with skip_bad, an unreadable sample is replaced by the next readable
  *     index (wrapping), augmented with that index's stream.
  * So a batch depends only on (dataset, cfg, seed, epoch), never on num_workers,
@@ -279,6 +292,10 @@ kd_status kd_transform_check(const kd_transform_cfg *cfg, int c);
  * kd_rng_key(kd_rng_key(seed, epoch), index). */
 uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index);
 
+/* The stream key of view `view` of that sample: kd_data_sample_key for view
+ * 0, kd_rng_key(kd_data_sample_key(seed, epoch, index), view) for view > 0. */
+uint64_t kd_data_view_key(uint64_t seed, int64_t epoch, int64_t index, int view);
+
 /* Resamples the box [x0, x1) x [y0, y1) of src (c, h, w) (pixel units,
  * fractional allowed, inside the image) to a (c, dh, dw) window of dst, a
  * (c, dst_h, dst_w) image, with top-left corner (oy, ox): bilinear with
@@ -298,6 +315,12 @@ kd_status kd_image_resize_center_crop(const uint8_t *src, int c, int h, int w, i
 kd_status kd_transform_sample(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
                               uint64_t seed, int64_t epoch, float *dst);
 
+/* The same for view `view` of a multi-view loader whose view has transform
+ * cfg: the draws come from kd_data_view_key(seed, epoch, index, view). View 0
+ * is kd_transform_sample. */
+kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
+                                   uint64_t seed, int64_t epoch, int view, float *dst);
+
 /* Stream tag of the epoch permutation, see the header comment. */
 #define KD_DATA_SHUFFLE_TAG 0x53485546464c45ull /* "SHUFFLE" */
 
@@ -315,16 +338,34 @@ typedef struct {
                            image) is replaced by the next readable index, logged
                            once and counted; 0: it fails the batch */
     kd_transform_cfg transform;
+    /* Views of each sample. 0 or 1: one view made by `transform` (or by
+     * view_transforms[0] when given with n_views 1). V > 1: V views, view v
+     * made by view_transforms[v], or by `transform` when view_transforms is
+     * NULL; every view draws from its own stream (kd_data_view_key), and each
+     * may have its own output size and geometry hook. The array is copied by
+     * kd_loader_init; geometry contexts are borrowed and must outlive the
+     * loader. */
+    int n_views;
+    const kd_transform_cfg *view_transforms; /* (n_views) or NULL */
 } kd_loader_cfg;
 
+/* The shape of one view's samples. */
+typedef struct {
+    int c, h, w;
+} kd_view_shape;
+
 /* One batch, owned by the loader, valid until the next kd_loader_next,
- * kd_loader_start_epoch or kd_loader_free. */
+ * kd_loader_start_epoch or kd_loader_free. A batch made by hand may fill
+ * only n, batch, x, y and index: n_views 0 means one view, x. */
 typedef struct {
     int64_t n;      /* samples in this batch, <= batch_size */
     int64_t batch;  /* position of the batch in the epoch: 0, 1, ... */
-    float *x;       /* (n, C, H, W) */
+    float *x;       /* (n, C, H, W): view 0 */
     int32_t *y;     /* (n) */
     int64_t *index; /* (n) dataset index of each sample */
+    int n_views;    /* views of each sample (>= 1 from the loader) */
+    float *const *views;              /* (n_views): view v is (n, C, H_v, W_v); views[0] == x */
+    const kd_view_shape *view_shape;  /* (n_views): (C, H_v, W_v) of each view */
 } kd_batch;
 
 typedef struct kd_loader kd_loader;
@@ -343,8 +384,12 @@ int kd_loader_next(kd_loader *l, kd_batch *out);
 
 int64_t kd_loader_num_batches(const kd_loader *l); /* per epoch */
 
-/* The shape of one output sample (C, out_h, out_w). */
+/* The shape of one output sample (C, out_h, out_w) of view 0. */
 void kd_loader_sample_shape(const kd_loader *l, int *c, int *h, int *w);
+
+/* Views of each sample (>= 1) and the sample shape of view v in [0, views). */
+int kd_loader_num_views(const kd_loader *l);
+void kd_loader_view_shape(const kd_loader *l, int v, int *c, int *h, int *w);
 
 /* Distinct unreadable samples found so far (skip_bad); each is counted and
  * logged once, and not read again. */

@@ -4,7 +4,8 @@
  *
  * A method is a kd_method_def (one file per method under src/distill/). It
  * declares what it needs: whether it uses a teacher, whether labels are
- * required, optional or absent, how many views of each image, which features
+ * required, optional or absent, how many views of each image (and, through
+ * an optional hook, each view's transform), which features
  * (pre-activation too) it reads, and its own settings table with the
  * published defaults. At setup it builds what it owns (regressors, embeddings,
  * variance branches, banks, queues) sized from a probe forward of both nets.
@@ -38,6 +39,7 @@
 #ifndef KD_DISTILL_H
 #define KD_DISTILL_H
 
+#include "kd/data.h"
 #include "kd/models.h"
 #include "kd/nn.h"
 
@@ -106,8 +108,8 @@ typedef struct {
 /* One training batch as a method sees it. */
 typedef struct {
     int64_t n;              /* images */
-    int n_views;            /* views per image (x[0..n_views-1]) */
-    kd_tensor *const *x;    /* each (n, C, H, W) */
+    int n_views;            /* views per image (x[0..n_views-1]): the def's views */
+    kd_tensor *const *x;    /* view v is (n, C, H_v, W_v); views may differ in size */
     kd_tensor *y;           /* (n) int32 labels; NULL when the method reads none */
     const int64_t *index;   /* (n) dataset index of each image */
 } kd_step_batch;
@@ -148,7 +150,16 @@ typedef struct kd_method_def {
     float gamma, alpha, beta, T; /* published loss weights (RepDistiller's composition) */
     kd_teacher_use teacher;
     kd_label_use labels;
-    int views;            /* views per image; 1 for the supervised family */
+    int views;            /* views per image; 1 (or 0) for the supervised family */
+    /* Optional: the transform of view `view` in [0, views). The trainer
+     * passes the run's base transform in *tf (normalisation, the run's crop,
+     * flip and output size) and the method may change it: a geometry hook
+     * (rotations, random resized crops; its context must outlive the method),
+     * no flip, another output size. Each view draws from its own random
+     * stream (kd_data_view_key), so views with one transform still differ.
+     * The probe forward at setup runs at view 0's size. NULL: every view
+     * uses the base transform. */
+    kd_status (*view_transform)(const kd_method *m, int view, kd_transform_cfg *tf);
     kd_sampler_kind sampler;
     int feat_flags;       /* KD_FWD_PREACT when the method reads pre-activation features */
     /* Roles besides the student (trainable), the teacher (`teacher`) and

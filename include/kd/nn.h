@@ -53,8 +53,9 @@ void kd_params_zero_grad(kd_param_list *pl);
 kd_status kd_params_copy(kd_param_list *dst, const kd_param_list *src);
 void kd_params_free(kd_param_list *pl);
 /* Exponential moving average of the trainable tensors, matched by name:
- * ema = momentum * ema + (1 - momentum) * src (PyTorch's
- * param_k.data.mul_(m).add_(param_q.data, alpha=1 - m)); buffers (running
+ * ema = momentum * ema + (1 - momentum) * src, bit-exact with MoCo's
+ * param_k.data * m + param_q.data * (1. - m) and DINO's
+ * param_k.mul_(m).add_((1 - m) * param_q) in float32; buffers (running
  * statistics) are left to the EMA model's own forwards, as MoCo and DINO do. */
 kd_status kd_ema_update(kd_param_list *ema, const kd_param_list *src, double momentum);
 

@@ -123,7 +123,7 @@ typedef struct {
     kd_sched sched;       /* base_lr and epochs included */
     kd_backend *be;
     kd_dtype precision;   /* KD_F32 or KD_BF16 convolutions */
-    int in_channels, height, width;
+    int in_channels, height, width; /* the shape of view 0's images (the probe forward's) */
     int num_classes;
     int64_t n_train;      /* training-set size */
     uint64_t seed;        /* dropout masks and the method's initialisation */
@@ -143,13 +143,27 @@ typedef struct kd_trainer kd_trainer;
 
 kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg);
 void kd_trainer_free(kd_trainer *t);
-/* One optimiser step on batch b (b->y may be NULL for methods without labels). */
+/* One optimiser step on batch b (b->y may be NULL for methods without labels).
+ * b carries the method's views (b->n_views = kd_trainer_num_views, each view
+ * at its own size, view 0 at the trainer's); the method sees them as
+ * ctx->batch->x[0..n_views-1]. */
 kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t step, int64_t steps_per_epoch,
                         kd_step_result *res);
 kd_graph *kd_trainer_graph(kd_trainer *t);
 /* The EMA copy of the student when the method asks for one (ema_student), else NULL. */
 kd_model *kd_trainer_ema(kd_trainer *t);
 kd_method *kd_trainer_method(kd_trainer *t);
+/* Views of each image the method takes (its def's views, at least 1): a
+ * batch for kd_train_step carries that many (kd_batch.views; a batch with
+ * n_views 0 is one view, x). */
+int kd_trainer_num_views(const kd_trainer *t);
+/* The loader transforms of the method's views for a run whose own transform
+ * is base (normalisation, crop, flip, output size): out[v], v in [0,
+ * kd_trainer_num_views(t)), is base as the method's view_transform hook
+ * changes it for view v (base itself without a hook). For
+ * kd_loader_cfg.view_transforms; view 0's output size must be the trainer's
+ * (in_channels, height, width), at which the probe ran. */
+kd_status kd_trainer_view_transforms(const kd_trainer *t, const kd_transform_cfg *base, kd_transform_cfg *out);
 kd_optim *kd_trainer_optim(kd_trainer *t);
 /* Train (1) or eval (0) mode of the student and the method's modules. */
 void kd_trainer_set_training(kd_trainer *t, int training);

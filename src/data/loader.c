@@ -6,7 +6,9 @@
  * is drawn from its own counter-based stream, so the bytes of every batch are
  * the same for any number of workers. In-memory datasets at their own size
  * take a direct path (no copy); other samples are read into the worker's
- * buffers and go through the geometry step first. */
+ * buffers and go through the geometry step first. With several views, a
+ * sample is read once and each view is made from it with the view's own
+ * transform and stream; every slot holds one buffer per view. */
 #include "data_internal.h"
 
 #include <pthread.h>
@@ -16,7 +18,7 @@
 #include <string.h>
 
 typedef struct {
-    float *x;        /* (batch_size, C, H, W), 64-byte aligned */
+    float **views;   /* (n_views): view v is (batch_size, C, H_v, W_v), 64-byte aligned */
     int32_t *y;      /* (batch_size) */
     int64_t *index;  /* (batch_size) */
     int64_t n;       /* samples filled */
@@ -31,13 +33,21 @@ typedef struct {
     kd__sample_ctx x;
 } kd__worker;
 
-struct kd_loader {
-    const kd_dataset *ds;
-    kd_loader_cfg cfg;
+/* One view: its transform, tables and output size. */
+typedef struct {
+    kd_transform_cfg tf;
     kd__transform_tables tables;
     int out_h, out_w; /* output sample size */
-    int direct;       /* 1: in-memory images at the output size, no geometry hook */
     int64_t per;      /* C * out_h * out_w */
+} kd__view;
+
+struct kd_loader {
+    const kd_dataset *ds;
+    kd_loader_cfg cfg; /* view_transforms cleared: the views live in `views` */
+    int nviews;        /* >= 1 */
+    kd__view *views;   /* (nviews) */
+    kd_view_shape *shapes; /* (nviews), handed out with every batch */
+    int direct;       /* 1: in-memory images at every view's output size, no geometry hook */
     _Atomic unsigned char *bad; /* (N) with skip_bad: 1 = known unreadable */
     atomic_llong skipped;       /* distinct unreadable samples found */
     kd__worker *workers;        /* max(1, nthreads) */
@@ -69,10 +79,11 @@ static int kd__skippable(kd_status st) {
            st == KD_ERR_UNSUPPORTED;
 }
 
-/* Reads, augments and writes dataset sample idx to dst; with skip_bad, an
- * unreadable sample is replaced by the next readable index (*used). */
-static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx, float *dst,
-                                   int64_t *used) {
+/* Reads dataset sample idx and writes each view of it, augmented, to row i
+ * of the slot's view buffers; with skip_bad, an unreadable sample is
+ * replaced by the next readable index (*used). */
+static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx, kd__slot *s,
+                                   int64_t i, int64_t *used) {
     const kd_dataset *ds = l->ds;
     for (int64_t k = 0; k < ds->n; k++) {
         int64_t j = idx + k < ds->n ? idx + k : idx + k - ds->n;
@@ -98,10 +109,13 @@ static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx,
                 return kd_error(KD_ERR_FORMAT, "dataset %s, sample %lld: %d channels, expected %d",
                                 ds->name, (long long)j, c, ds->c);
         }
-        kd_rng r;
-        kd_rng_init(&r, l->cfg.seed, kd_data_sample_key(l->cfg.seed, l->epoch, j));
-        KD_TRY(kd__sample_apply(&l->cfg.transform, &l->tables, &r, src, c, h, w, l->out_h,
-                                l->out_w, x, dst));
+        for (int v = 0; v < l->nviews; v++) {
+            const kd__view *vw = &l->views[v];
+            kd_rng r;
+            kd_rng_init(&r, l->cfg.seed, kd_data_view_key(l->cfg.seed, l->epoch, j, v));
+            KD_TRY(kd__sample_apply(&vw->tf, &vw->tables, &r, src, c, h, w, vw->out_h, vw->out_w,
+                                    x, s->views[v] + i * vw->per));
+        }
         *used = j;
         return KD_OK;
     }
@@ -112,13 +126,12 @@ static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx,
 /* Gathers and augments batch b of the current epoch into slot s. */
 static kd_status kd__loader_fill(kd_loader *l, kd__sample_ctx *x, kd__slot *s, int64_t b) {
     const kd_dataset *ds = l->ds;
-    const kd_transform_cfg *tc = &l->cfg.transform;
     int64_t start = b * l->cfg.batch_size, n = ds->n - start;
     if (n > l->cfg.batch_size) n = l->cfg.batch_size;
     if (!l->direct) {
         for (int64_t i = 0; i < n; i++) {
             int64_t used = 0;
-            KD_TRY(kd__loader_sample(l, x, l->perm[start + i], s->x + i * l->per, &used));
+            KD_TRY(kd__loader_sample(l, x, l->perm[start + i], s, i, &used));
             s->y[i] = ds->labels[used];
             s->index[i] = used;
         }
@@ -127,16 +140,20 @@ static kd_status kd__loader_fill(kd_loader *l, kd__sample_ctx *x, kd__slot *s, i
     }
     for (int64_t i = 0; i < n; i++) {
         int64_t idx = l->perm[start + i];
+        const int64_t bytes = (int64_t)ds->c * ds->h * ds->w;
         if (i + 1 < n) {
             /* Shuffled reads miss the cache; start fetching the next image. */
             const uint8_t *next = kd_dataset_image(ds, l->perm[start + i + 1]);
-            for (int64_t o = 0; o < l->per; o += 64) __builtin_prefetch(next + o);
+            for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(next + o);
         }
-        kd_rng r;
-        kd_rng_init(&r, l->cfg.seed, kd_data_sample_key(l->cfg.seed, l->epoch, idx));
-        kd_transform_draw d = kd_transform_draw_from(tc, &r);
-        kd__transform_apply_tables(&l->tables, tc->pad_crop, &d, kd_dataset_image(ds, idx), ds->c,
-                                   ds->h, ds->w, s->x + i * l->per);
+        for (int v = 0; v < l->nviews; v++) {
+            const kd__view *vw = &l->views[v];
+            kd_rng r;
+            kd_rng_init(&r, l->cfg.seed, kd_data_view_key(l->cfg.seed, l->epoch, idx, v));
+            kd_transform_draw d = kd_transform_draw_from(&vw->tf, &r);
+            kd__transform_apply_tables(&vw->tables, vw->tf.pad_crop, &d, kd_dataset_image(ds, idx),
+                                       ds->c, ds->h, ds->w, s->views[v] + i * vw->per);
+        }
         s->y[i] = ds->labels[idx];
         s->index[i] = idx;
     }
@@ -176,13 +193,43 @@ static void *kd__loader_worker(void *arg) {
 int64_t kd_loader_num_batches(const kd_loader *l) { return l->nbatches; }
 
 void kd_loader_sample_shape(const kd_loader *l, int *c, int *h, int *w) {
-    *c = l->ds->c;
-    *h = l->out_h;
-    *w = l->out_w;
+    kd_loader_view_shape(l, 0, c, h, w);
+}
+
+int kd_loader_num_views(const kd_loader *l) { return l->nviews; }
+
+void kd_loader_view_shape(const kd_loader *l, int v, int *c, int *h, int *w) {
+    if (v < 0 || v >= l->nviews) {
+        *c = *h = *w = 0;
+        return;
+    }
+    *c = l->shapes[v].c;
+    *h = l->shapes[v].h;
+    *w = l->shapes[v].w;
 }
 
 int64_t kd_loader_skipped(const kd_loader *l) {
     return (int64_t)atomic_load(&((kd_loader *)l)->skipped);
+}
+
+/* The output size of a view with transform tc: its own, or the dataset's. */
+static kd_status kd__view_check(const kd_dataset *ds, const kd_transform_cfg *tc, int v, int nviews,
+                                int *out_h, int *out_w) {
+    kd_status st = kd_transform_check(tc, ds->c);
+    if (st != KD_OK)
+        return nviews > 1 ? kd_error(st, "loader: view %d: %s", v, kd_last_error()) : st;
+    *out_h = tc->out_h ? tc->out_h : ds->h;
+    *out_w = tc->out_w ? tc->out_w : ds->w;
+    if (*out_h > 0 && *out_w > 0) return KD_OK;
+    if (nviews > 1)
+        return kd_error(KD_ERR_INVALID,
+                        "loader: view %d: dataset %s has images of different sizes; set an output "
+                        "size for the view (its transform's out_h, out_w)",
+                        v, ds->name);
+    return kd_error(KD_ERR_INVALID,
+                    "loader: dataset %s has images of different sizes; set an output size "
+                    "(transform out_h, out_w)",
+                    ds->name);
 }
 
 kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_cfg *cfg) {
@@ -195,34 +242,52 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         return kd_error(KD_ERR_INVALID, "loader: num_workers %d outside [0, 256]", cfg->num_workers);
     if (cfg->prefetch < 0 || cfg->prefetch > 1024)
         return kd_error(KD_ERR_INVALID, "loader: prefetch %d outside [0, 1024]", cfg->prefetch);
+    if (cfg->n_views < 0)
+        return kd_error(KD_ERR_INVALID, "loader: n_views %d is negative (0 or 1: one view)",
+                        cfg->n_views);
+    if (cfg->view_transforms && cfg->n_views == 0)
+        return kd_error(KD_ERR_INVALID,
+                        "loader: view_transforms is set but n_views is 0; set n_views to its "
+                        "number of entries");
     if (ds->n > (int64_t)UINT32_MAX)
         return kd_error(KD_ERR_UNSUPPORTED, "loader: dataset %s has %lld samples, more than 2^32",
                         ds->name, (long long)ds->n);
-    KD_TRY(kd_transform_check(&cfg->transform, ds->c));
-    const kd_transform_cfg *tc = &cfg->transform;
-    int out_h = tc->out_h ? tc->out_h : ds->h, out_w = tc->out_w ? tc->out_w : ds->w;
-    if (out_h <= 0 || out_w <= 0)
-        return kd_error(KD_ERR_INVALID,
-                        "loader: dataset %s has images of different sizes; set an output size "
-                        "(transform out_h, out_w)",
-                        ds->name);
+    const int nviews = cfg->n_views > 1 ? cfg->n_views : 1;
+    for (int v = 0; v < nviews; v++) {
+        int oh, ow;
+        KD_TRY(kd__view_check(ds, cfg->view_transforms ? &cfg->view_transforms[v] : &cfg->transform,
+                              v, nviews, &oh, &ow));
+    }
 
     kd_status st = KD_OK;
+    int64_t per_max = 0; /* floats per sample of the largest view (bytes of its geometry output) */
     kd_loader *l = calloc(1, sizeof *l);
     if (!l) return kd_error(KD_ERR_NOMEM, "loader: out of memory");
     l->ds = ds;
     l->cfg = *cfg;
-    l->out_h = out_h;
-    l->out_w = out_w;
-    l->direct = !kd_dataset_is_lazy(ds) && !tc->geometry && out_h == ds->h && out_w == ds->w;
+    l->cfg.view_transforms = NULL;
+    l->nviews = nviews;
     atomic_init(&l->skipped, 0);
-    l->per = (int64_t)ds->c * out_h * out_w;
     int64_t bs = cfg->batch_size < ds->n ? cfg->batch_size : ds->n; /* rows ever needed */
     l->nbatches = cfg->drop_last ? ds->n / cfg->batch_size
                                  : (ds->n + cfg->batch_size - 1) / cfg->batch_size;
-    kd__transform_tables_init(&cfg->transform, ds->c, &l->tables);
     l->nthreads = cfg->num_workers;
     l->nslots = l->nthreads == 0 ? 1 : 1 + (cfg->prefetch ? cfg->prefetch : 2 * l->nthreads);
+    l->views = calloc((size_t)nviews, sizeof *l->views);
+    l->shapes = calloc((size_t)nviews, sizeof *l->shapes);
+    if (!l->views || !l->shapes) goto fail_nomem;
+    l->direct = !kd_dataset_is_lazy(ds);
+    for (int v = 0; v < nviews; v++) {
+        kd__view *vw = &l->views[v];
+        vw->tf = cfg->view_transforms ? cfg->view_transforms[v] : cfg->transform;
+        vw->out_h = vw->tf.out_h ? vw->tf.out_h : ds->h;
+        vw->out_w = vw->tf.out_w ? vw->tf.out_w : ds->w;
+        vw->per = (int64_t)ds->c * vw->out_h * vw->out_w;
+        kd__transform_tables_init(&vw->tf, ds->c, &vw->tables);
+        l->shapes[v] = (kd_view_shape){ds->c, vw->out_h, vw->out_w};
+        l->direct &= !vw->tf.geometry && vw->out_h == ds->h && vw->out_w == ds->w;
+        if (vw->per > per_max) per_max = vw->per;
+    }
 
     l->perm = malloc((size_t)ds->n * sizeof *l->perm);
     l->slots = calloc((size_t)l->nslots, sizeof *l->slots);
@@ -231,8 +296,8 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
     for (int i = 0; i < (l->nthreads ? l->nthreads : 1); i++) {
         kd__worker *wk = &l->workers[i];
         wk->l = l;
-        if (!l->direct) { /* the geometry output buffer, at its final size */
-            wk->x.geo_cap = (size_t)l->per;
+        if (!l->direct) { /* the geometry output buffer, at the largest view's size */
+            wk->x.geo_cap = (size_t)per_max;
             if (!(wk->x.geo = malloc(wk->x.geo_cap))) goto fail_nomem;
         }
     }
@@ -240,14 +305,17 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         l->bad = calloc((size_t)ds->n, sizeof *l->bad);
         if (!l->bad) goto fail_nomem;
     }
-    if (bs > INT64_MAX / 4 / l->per) goto fail_nomem;
+    if (bs > INT64_MAX / 4 / per_max) goto fail_nomem;
     for (int i = 0; i < l->nslots; i++) {
         kd__slot *s = &l->slots[i];
-        s->x = kd_aligned_alloc((size_t)(bs * l->per) * sizeof(float));
+        s->ready = -1;
+        s->views = calloc((size_t)nviews, sizeof *s->views);
         s->y = malloc((size_t)bs * sizeof *s->y);
         s->index = malloc((size_t)bs * sizeof *s->index);
-        s->ready = -1;
-        if (!s->x || !s->y || !s->index) goto fail_nomem;
+        if (!s->views || !s->y || !s->index) goto fail_nomem;
+        for (int v = 0; v < nviews; v++)
+            if (!(s->views[v] = kd_aligned_alloc((size_t)(bs * l->views[v].per) * sizeof(float))))
+                goto fail_nomem;
     }
 
     if (pthread_mutex_init(&l->mu, NULL) != 0) goto fail_sync;
@@ -280,8 +348,10 @@ fail_sync:
     st = kd_error(KD_ERR_INTERNAL, "loader: cannot create mutex or condition variables");
     goto fail;
 fail_nomem:
-    st = kd_error(KD_ERR_NOMEM, "loader: cannot allocate %d batch buffers of %lld x %lld floats",
-                  l->nslots, (long long)bs, (long long)l->per);
+    st = kd_error(KD_ERR_NOMEM,
+                  "loader: cannot allocate %d batch buffers of %lld samples x %d views (%lld floats "
+                  "per sample in the largest)",
+                  l->nslots, (long long)bs, nviews, (long long)per_max);
 fail:
     kd_loader_free(l);
     return st;
@@ -346,9 +416,12 @@ int kd_loader_next(kd_loader *l, kd_batch *out) {
     }
     out->n = s->n;
     out->batch = b;
-    out->x = s->x;
+    out->x = s->views[0];
     out->y = s->y;
     out->index = s->index;
+    out->n_views = l->nviews;
+    out->views = s->views;
+    out->view_shape = l->shapes;
     l->cur = b + 1;
     return 1;
 }
@@ -368,7 +441,9 @@ void kd_loader_free(kd_loader *l) {
     free(l->threads);
     if (l->slots) {
         for (int i = 0; i < l->nslots; i++) {
-            kd_aligned_free(l->slots[i].x);
+            if (l->slots[i].views)
+                for (int v = 0; v < l->nviews; v++) kd_aligned_free(l->slots[i].views[v]);
+            free(l->slots[i].views);
             free(l->slots[i].y);
             free(l->slots[i].index);
         }
@@ -379,5 +454,7 @@ void kd_loader_free(kd_loader *l) {
     free(l->workers);
     free((void *)l->bad);
     free(l->perm);
+    free(l->views);
+    free(l->shapes);
     free(l);
 }

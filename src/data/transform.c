@@ -11,6 +11,11 @@ uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index) {
     return kd_rng_key(kd_rng_key(seed, (uint64_t)epoch), (uint64_t)index);
 }
 
+uint64_t kd_data_view_key(uint64_t seed, int64_t epoch, int64_t index, int view) {
+    uint64_t key = kd_data_sample_key(seed, epoch, index);
+    return view == 0 ? key : kd_rng_key(key, (uint64_t)view);
+}
+
 kd_status kd_transform_check(const kd_transform_cfg *cfg, int c) {
     if (cfg->pad_crop < 0 || cfg->pad_crop > 4096)
         return kd_error(KD_ERR_INVALID, "transform: pad_crop %d outside [0, 4096]", cfg->pad_crop);
@@ -139,6 +144,12 @@ kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tabl
 
 kd_status kd_transform_sample(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
                               uint64_t seed, int64_t epoch, float *dst) {
+    return kd_transform_sample_view(cfg, ds, index, seed, epoch, 0, dst);
+}
+
+kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset *ds, int64_t index,
+                                   uint64_t seed, int64_t epoch, int view, float *dst) {
+    if (view < 0) return kd_error(KD_ERR_INVALID, "transform: view %d is negative", view);
     if (index < 0 || index >= ds->n)
         return kd_error(KD_ERR_INVALID, "dataset %s: sample %lld outside [0, %lld)", ds->name,
                         (long long)index, (long long)ds->n);
@@ -149,7 +160,7 @@ kd_status kd_transform_sample(const kd_transform_cfg *cfg, const kd_dataset *ds,
                         "dataset %s: images differ in size; set the transform's out_h and out_w",
                         ds->name);
     kd_rng r;
-    kd_rng_init(&r, seed, kd_data_sample_key(seed, epoch, index));
+    kd_rng_init(&r, seed, kd_data_view_key(seed, epoch, index, view));
     if (!kd_dataset_is_lazy(ds) && !cfg->geometry && out_h == ds->h && out_w == ds->w) {
         kd_transform_draw d = kd_transform_draw_from(cfg, &r);
         kd_transform_apply(cfg, &d, kd_dataset_image(ds, index), ds->c, ds->h, ds->w, dst);

@@ -294,6 +294,28 @@ static kd_status kd__metrics_truncate(const char *path, int epochs_done) {
     return s;
 }
 
+/* The training loader: the method's views (transforms from its
+ * view_transform hook applied to the run's, r->tf) once the trainer exists;
+ * before that, its views with the run's transform. */
+static kd_status kd__open_loader(kd__run *r) {
+    const kd_train_cfg *c = &r->c;
+    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
+                        .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
+    if (!r->tr) {
+        const kd_method_def *def = kd_method_find(c->distill.method);
+        lc.n_views = def ? def->views : 1;
+        return kd_loader_init(&r->loader, r->train, &lc);
+    }
+    lc.n_views = kd_trainer_num_views(r->tr);
+    kd_transform_cfg *tfs = calloc((size_t)lc.n_views, sizeof *tfs);
+    if (!tfs) return kd_error(KD_ERR_NOMEM, "out of memory");
+    kd_status s = kd_trainer_view_transforms(r->tr, &r->tf, tfs);
+    lc.view_transforms = tfs;
+    if (s == KD_OK) s = kd_loader_init(&r->loader, r->train, &lc);
+    free(tfs); /* the loader keeps its own copy */
+    return s;
+}
+
 static kd_status kd__setup(kd__run *r, int resume) {
     kd_train_cfg *c = &r->c;
     kd_set_num_threads(c->threads);
@@ -367,20 +389,41 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->tf.out_h = r->tf.out_w = c->image_size;
     r->tf.resize = c->resize;
     kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
-    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
-                        .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
-    KD_TRY(kd_loader_init(&r->loader, r->train, &lc));
-    r->steps_per_epoch = kd_loader_num_batches(r->loader);
-    if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
-        r->steps_per_epoch = c->max_steps_per_epoch;
-    if (!r->tr) {
-        kd_loader_sample_shape(r->loader, &tc.in_channels, &tc.height, &tc.width);
+    KD_TRY(kd__open_loader(r));
+    /* The probe runs at view 0's size: images of varying size know it only
+     * from the loader, and a method's view_transform may change it. A
+     * trainer built before the loader is built again at that size (nothing
+     * has been trained yet), and the loader again with the new trainer's
+     * views when it was built without them. */
+    int C0, H0, W0;
+    kd_loader_sample_shape(r->loader, &C0, &H0, &W0);
+    if (!r->tr || C0 != tc.in_channels || H0 != tc.height || W0 != tc.width) {
+        int had_views = r->tr != NULL;
+        kd_trainer_free(r->tr);
+        r->tr = NULL;
+        tc.in_channels = C0;
+        tc.height = H0;
+        tc.width = W0;
         kd_status s = kd_trainer_init(&r->tr, &tc);
         if (s != KD_OK) {
             r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
             return s;
         }
+        if (!had_views && kd_method_get_def(kd_trainer_method(r->tr))->view_transform) {
+            kd_loader_free(r->loader);
+            r->loader = NULL;
+            KD_TRY(kd__open_loader(r));
+            kd_loader_sample_shape(r->loader, &C0, &H0, &W0);
+            if (C0 != tc.in_channels || H0 != tc.height || W0 != tc.width)
+                return kd_error(KD_ERR_INVALID,
+                                "method '%s': its view_transform gives view 0 another size (%dx%d) than the run's "
+                                "images (%dx%d); set image_size",
+                                c->distill.method, H0, W0, tc.height, tc.width);
+        }
     }
+    r->steps_per_epoch = kd_loader_num_batches(r->loader);
+    if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
+        r->steps_per_epoch = c->max_steps_per_epoch;
     if (c->sched.kind == KD_SCHED_MULTISTEP && c->sched.n_milestones > 0 &&
         c->sched.milestones[c->sched.n_milestones - 1] >= c->epochs) {
         char ms[96];

@@ -1,9 +1,10 @@
 /* kd_train_step: the one training step. The trainer knows nothing
- * method-specific: it wraps the batch, lets the method run its forwards and
- * return named weighted terms, sums them, checks that each is finite,
- * back-propagates, applies the optimiser at the scheduled learning rate and
- * calls the method's after-step hook. At init a probe forward of both nets
- * gives the method its feature shapes. */
+ * method-specific: it wraps the batch (every view the method declared, each
+ * at its own size), lets the method run its forwards and return named
+ * weighted terms, sums them, checks that each is finite, back-propagates,
+ * applies the optimiser at the scheduled learning rate and calls the
+ * method's after-step hook. At init a probe forward of both nets at view 0's
+ * size gives the method its feature shapes. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +23,8 @@ struct kd_trainer {
     double *values;       /* (terms.cap) */
     int values_cap;
     int cur_epoch;        /* last epoch whose epoch_begin hook ran */
-    kd_tensor *views[1];
+    int n_views;          /* views of each image the method takes (>= 1) */
+    kd_tensor **views;    /* (n_views) this step's views as graph tensors */
 };
 
 /* Shapes of m's outputs on a no-grad eval-mode forward of 2 zero images. */
@@ -67,9 +69,13 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     if (s == KD_OK && !def)
         s = kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s'", cfg->method.method);
     int use_teacher = kd_method_def_needs_teacher(def, &cfg->method);
-    if (s == KD_OK && def->views != 1)
-        s = kd_error(KD_ERR_UNSUPPORTED, "method '%s' needs %d views of each image; the trainer feeds one view",
-                     def->name, def->views);
+    if (s == KD_OK && def->views < 0)
+        s = kd_error(KD_ERR_INVALID, "method '%s' declares %d views of each image", def->name, def->views);
+    if (s == KD_OK) {
+        t->n_views = def->views > 1 ? def->views : 1;
+        if (!(t->views = calloc((size_t)t->n_views, sizeof *t->views)))
+            s = kd_error(KD_ERR_NOMEM, "out of memory creating the trainer");
+    }
     if (s == KD_OK && use_teacher && !cfg->teacher)
         s = kd_error(KD_ERR_INVALID, "method '%s' needs a teacher (set teacher_ckpt)", cfg->method.method);
     if (s == KD_OK) s = kd__probe(t->g, cfg->student, cfg->in_channels, cfg->height, cfg->width, &shp.student);
@@ -103,6 +109,7 @@ void kd_trainer_free(kd_trainer *t) {
     kd_graph_free(t->g);
     kd_loss_terms_free(&t->terms);
     free(t->values);
+    free(t->views);
     free(t);
 }
 
@@ -110,6 +117,40 @@ kd_graph *kd_trainer_graph(kd_trainer *t) { return t->g; }
 kd_model *kd_trainer_ema(kd_trainer *t) { return t->ema; }
 kd_method *kd_trainer_method(kd_trainer *t) { return t->method; }
 kd_optim *kd_trainer_optim(kd_trainer *t) { return t->opt; }
+int kd_trainer_num_views(const kd_trainer *t) { return t->n_views; }
+
+kd_status kd_trainer_view_transforms(const kd_trainer *t, const kd_transform_cfg *base, kd_transform_cfg *out) {
+    const kd_method_def *def = kd_method_get_def(t->method);
+    for (int v = 0; v < t->n_views; v++) {
+        out[v] = *base;
+        kd_status s = def->view_transform ? def->view_transform(t->method, v, &out[v]) : KD_OK;
+        if (s != KD_OK) return kd_error(s, "method '%s', view %d: %s", def->name, v, kd_last_error());
+    }
+    return KD_OK;
+}
+
+/* Wraps the views of b as graph tensors into t->views. A batch made by hand
+ * (n_views 0) is one view, x, at the trainer's (C, H, W). */
+static kd_status kd__wrap_views(kd_trainer *t, const kd_batch *b) {
+    const kd_trainer_cfg *c = &t->c;
+    const char *name = kd_method_get_def(t->method)->name;
+    int nv = b->n_views > 0 ? b->n_views : 1;
+    if (nv != t->n_views)
+        return kd_error(KD_ERR_INVALID, "method '%s' takes %d view%s of each image; the batch has %d", name,
+                        t->n_views, t->n_views == 1 ? "" : "s", nv);
+    if (b->n_views > 0 && (!b->views || !b->view_shape))
+        return kd_error(KD_ERR_INVALID, "batch with %d views lacks its views or their shapes", b->n_views);
+    for (int v = 0; v < nv; v++) {
+        kd_view_shape vs = b->n_views > 0 ? b->view_shape[v] : (kd_view_shape){c->in_channels, c->height, c->width};
+        if (v == 0 && (vs.c != c->in_channels || vs.h != c->height || vs.w != c->width))
+            return kd_error(KD_ERR_SHAPE,
+                            "batch view 0 is (%d, %d, %d) but the trainer was set up (probed) for (%d, %d, %d)",
+                            vs.c, vs.h, vs.w, c->in_channels, c->height, c->width);
+        int64_t xs[4] = {b->n, vs.c, vs.h, vs.w};
+        t->views[v] = kd_graph_wrap(t->g, KD_F32, 4, xs, b->n_views > 0 ? b->views[v] : b->x);
+    }
+    return kd_graph_status(t->g);
+}
 
 void kd_trainer_set_training(kd_trainer *t, int training) {
     kd_model_set_training(t->c.student, training);
@@ -128,11 +169,10 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     const float lr = kd_sched_lr(&c->sched, epoch, step, steps_per_epoch);
     kd_graph_reset(g);
     kd_graph_set_rng(g, c->seed, kd_rng_key((uint64_t)epoch, (uint64_t)step));
-    int64_t xs[4] = {b->n, c->in_channels, c->height, c->width};
-    t->views[0] = kd_graph_wrap(g, KD_F32, 4, xs, b->x);
+    KD_TRY(kd__wrap_views(t, b));
     const kd_method_def *def = kd_method_get_def(t->method);
     kd_tensor *y = def->labels == KD_LABELS_ABSENT || !b->y ? NULL : kd_graph_wrap(g, KD_I32, 1, &b->n, b->y);
-    kd_step_batch sb = {.n = b->n, .n_views = 1, .x = t->views, .y = y, .index = b->index};
+    kd_step_batch sb = {.n = b->n, .n_views = t->n_views, .x = t->views, .y = y, .index = b->index};
     kd_step_ctx ctx = {.g = g,
                        .student = c->student,
                        .teacher = kd_method_needs_teacher(t->method) ? c->teacher : NULL,
