@@ -32,12 +32,11 @@ import pkgutil
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from st_io import save_safetensors  # noqa: E402
 import distill_refs  # noqa: E402
-from distill_refs.common import distill_kl  # noqa: E402
+from distill_refs.common import weighted_terms  # noqa: E402
 
 
 def method_modules():
@@ -48,7 +47,6 @@ def method_modules():
 
 
 def run_case(ref, case, seed):
-    w = ref.WEIGHTS
     torch.manual_seed(seed)
     mod = ref.build(case)
     out = {}
@@ -64,15 +62,7 @@ def run_case(ref, case, seed):
     s_logits = case["s_logits"].double().requires_grad_(True)
     t_logits = case["t_logits"].double()
     y = case["labels"]
-    terms = {}
-    if w["gamma"] != 0:
-        terms["ce"] = w["gamma"] * F.cross_entropy(s_logits, y)
-    if w["alpha"] != 0:
-        terms["kl"] = w["alpha"] * distill_kl(s_logits, t_logits, w["T"])
-    if w["beta"] != 0:
-        t = ref.term(mod, case, s_feats, s_logits, t_feats, t_logits, y)
-        if t is not None:
-            terms[ref.NAME] = w["beta"] * t
+    terms = weighted_terms(ref, mod, case, s_feats, s_logits, t_feats, t_logits, y)
     total = sum(terms.values())
     params = [p for p in mod.parameters()] if mod is not None else []
     names = [n for n, _ in mod.named_parameters()] if mod is not None else []

@@ -55,12 +55,11 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from st_io import save_safetensors  # noqa: E402
 from gen_zoo_fixtures import build as build_zoo  # noqa: E402
-from distill_refs.common import distill_kl  # noqa: E402
+from distill_refs.common import weighted_terms  # noqa: E402
 
 METHODS = ["kd", "fitnet", "at", "dkd"]
 TEACHER, STUDENT = "resnet20", "resnet8"
@@ -102,7 +101,6 @@ def make_batches():
 def run(ref, teacher, student, mod, batches, case, dtype):
     """Five steps in `dtype` on copies of the models; returns the per-step
     terms (name -> float) and the final state_dicts."""
-    w = ref.WEIGHTS
     teacher = copy.deepcopy(teacher).to(dtype).eval()
     student = copy.deepcopy(student).to(dtype).train()
     params = list(student.parameters())
@@ -117,15 +115,7 @@ def run(ref, teacher, student, mod, batches, case, dtype):
         with torch.no_grad():
             t_feats, t_logits = teacher(x, is_feat=True)
         s_feats, s_logits = student(x, is_feat=True)
-        terms = {}
-        if w["gamma"] != 0:
-            terms["ce"] = w["gamma"] * F.cross_entropy(s_logits, y)
-        if w["alpha"] != 0:
-            terms["kl"] = w["alpha"] * distill_kl(s_logits, t_logits, w["T"])
-        if w["beta"] != 0:
-            t = ref.term(mod, case, s_feats, s_logits, t_feats, t_logits, y)
-            if t is not None:
-                terms[ref.NAME] = w["beta"] * t
+        terms = weighted_terms(ref, mod, case, s_feats, s_logits, t_feats, t_logits, y)
         total = sum(terms.values())
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -1,6 +1,7 @@
 /* Model and training checkpoints in safetensors with PyTorch state_dict names.
- * A training checkpoint adds the optimiser state ("optim.<param>.momentum_buffer")
- * and the distiller's modules ("distill.<param>") to the model's tensors, and
+ * A training checkpoint adds the optimiser state ("optim.<param>.momentum_buffer",
+ * ...), the method's modules and state ("distill.<param>") and an EMA copy of
+ * the student ("ema.<param>") to the model's tensors (kd_trainer_save_state), and
  * its progress to the metadata; PyTorch loads the model part with
  * load_state_dict(strict=False) or after filtering those prefixes. */
 #include <stdio.h>
@@ -11,9 +12,17 @@
 #include "kd/train.h"
 #include "train/train_impl.h"
 
+kd_status kd__save_params(kd_st_writer *w, const kd_param_list *pl, const char *prefix) {
+    for (int i = 0; i < pl->n; i++) {
+        char name[256];
+        snprintf(name, sizeof name, "%s%s", prefix, pl->items[i].name);
+        KD_TRY(kd_st_writer_add_tensor(w, name, pl->items[i].t));
+    }
+    return KD_OK;
+}
+
 kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m) {
-    kd_param_list *pl = kd_model_params(m);
-    for (int i = 0; i < pl->n; i++) KD_TRY(kd_st_writer_add_tensor(w, pl->items[i].name, pl->items[i].t));
+    KD_TRY(kd__save_params(w, kd_model_params(m), ""));
     const kd_model_cfg *mc = kd_model_config(m);
     char v[32];
     KD_TRY(kd_st_writer_set_meta(w, "format", "kd-checkpoint-1"));
@@ -37,7 +46,7 @@ kd_status kd_model_save(kd_model *m, const char *path) {
 
 kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix) {
     for (int i = 0; i < pl->n; i++) {
-        char name[200];
+        char name[256];
         snprintf(name, sizeof name, "%s%s", prefix, pl->items[i].name);
         KD_TRY(kd_st_read_into(f, name, pl->items[i].t));
     }

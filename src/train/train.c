@@ -316,6 +316,14 @@ static kd_status kd__open_loader(kd__run *r) {
     return s;
 }
 
+/* kd_trainer_init; a method that refuses its settings or the pair marks the
+ * failure as a configuration error (the CLI exits 2). */
+static kd_status kd__trainer_init(kd__run *r, const kd_trainer_cfg *tc) {
+    kd_status s = kd_trainer_init(&r->tr, tc);
+    r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
+    return s;
+}
+
 static kd_status kd__setup(kd__run *r, int resume) {
     kd_train_cfg *c = &r->c;
     kd_set_num_threads(c->threads);
@@ -376,11 +384,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
                          .n_train = kd_dataset_size(r->train),
                          .seed = c->seed};
     if (H > 0 && W > 0) {
-        kd_status s = kd_trainer_init(&r->tr, &tc);
-        if (s != KD_OK) {
-            r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
-            return s;
-        }
+        KD_TRY(kd__trainer_init(r, &tc));
     }
     int side = c->image_size ? c->image_size : kd_dataset_height(r->train);
     r->tf.pad_crop = c->pad_crop >= 0 ? c->pad_crop : (side >= 32 ? 4 : 2);
@@ -404,11 +408,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
         tc.in_channels = C0;
         tc.height = H0;
         tc.width = W0;
-        kd_status s = kd_trainer_init(&r->tr, &tc);
-        if (s != KD_OK) {
-            r->config_error = s == KD_ERR_SHAPE || s == KD_ERR_INVALID;
-            return s;
-        }
+        KD_TRY(kd__trainer_init(r, &tc));
         if (!had_views && kd_method_get_def(kd_trainer_method(r->tr))->view_transform) {
             kd_loader_free(r->loader);
             r->loader = NULL;

@@ -6,6 +6,9 @@
 #include "kd/train.h"
 
 kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m);
+/* Every tensor of pl as "<prefix><name>" (the writer keeps pointers: pl must
+ * outlive the save), and back. */
+kd_status kd__save_params(kd_st_writer *w, const kd_param_list *pl, const char *prefix);
 kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix);
 kd_status kd__model_load_from(kd_model *m, const kd_st_file *f);
 

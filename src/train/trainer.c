@@ -12,6 +12,7 @@
 
 #include "kd/io.h"
 #include "kd/train.h"
+#include "train/train_impl.h"
 
 struct kd_trainer {
     kd_trainer_cfg c;
@@ -228,29 +229,23 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     return KD_OK;
 }
 
+/* Name of optimiser state tensor i in a checkpoint. */
+static kd_status kd__optim_entry(kd_trainer *t, int i, char *full, size_t n, kd_tensor **st) {
+    const char *name;
+    KD_TRY(kd_optim_state_get(t->opt, i, &name, st));
+    snprintf(full, n, "optim.%s", name);
+    return KD_OK;
+}
+
 kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w) {
     for (int i = 0; i < kd_optim_state_count(t->opt); i++) {
-        const char *name;
-        kd_tensor *st;
-        KD_TRY(kd_optim_state_get(t->opt, i, &name, &st));
         char full[256];
-        snprintf(full, sizeof full, "optim.%s", name);
+        kd_tensor *st;
+        KD_TRY(kd__optim_entry(t, i, full, sizeof full, &st));
         KD_TRY(kd_st_writer_add_tensor(w, full, st));
     }
-    kd_param_list *mp = kd_method_params(t->method);
-    for (int i = 0; i < mp->n; i++) {
-        char full[256];
-        snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
-        KD_TRY(kd_st_writer_add_tensor(w, full, mp->items[i].t));
-    }
-    if (t->ema) {
-        kd_param_list *ep = kd_model_params(t->ema);
-        for (int i = 0; i < ep->n; i++) {
-            char full[256];
-            snprintf(full, sizeof full, "ema.%s", ep->items[i].name);
-            KD_TRY(kd_st_writer_add_tensor(w, full, ep->items[i].t));
-        }
-    }
+    KD_TRY(kd__save_params(w, kd_method_params(t->method), "distill."));
+    if (t->ema) KD_TRY(kd__save_params(w, kd_model_params(t->ema), "ema."));
     char v[32];
     snprintf(v, sizeof v, "%lld", (long long)kd_optim_steps(t->opt));
     return kd_st_writer_set_meta(w, "opt_steps", v);
@@ -258,27 +253,13 @@ kd_status kd_trainer_save_state(kd_trainer *t, kd_st_writer *w) {
 
 kd_status kd_trainer_load_state(kd_trainer *t, const kd_st_file *f) {
     for (int i = 0; i < kd_optim_state_count(t->opt); i++) {
-        const char *name;
-        kd_tensor *st;
-        KD_TRY(kd_optim_state_get(t->opt, i, &name, &st));
         char full[256];
-        snprintf(full, sizeof full, "optim.%s", name);
+        kd_tensor *st;
+        KD_TRY(kd__optim_entry(t, i, full, sizeof full, &st));
         KD_TRY(kd_st_read_into(f, full, st));
     }
-    kd_param_list *mp = kd_method_params(t->method);
-    for (int i = 0; i < mp->n; i++) {
-        char full[256];
-        snprintf(full, sizeof full, "distill.%s", mp->items[i].name);
-        KD_TRY(kd_st_read_into(f, full, mp->items[i].t));
-    }
-    if (t->ema) {
-        kd_param_list *ep = kd_model_params(t->ema);
-        for (int i = 0; i < ep->n; i++) {
-            char full[256];
-            snprintf(full, sizeof full, "ema.%s", ep->items[i].name);
-            KD_TRY(kd_st_read_into(f, full, ep->items[i].t));
-        }
-    }
+    KD_TRY(kd__load_params(kd_method_params(t->method), f, "distill."));
+    if (t->ema) KD_TRY(kd__load_params(kd_model_params(t->ema), f, "ema."));
     const char *os = kd_st_meta(f, "opt_steps");
     if (!os) return kd_error(KD_ERR_FORMAT, "%s is not a training checkpoint (no opt_steps)", kd_st_path(f));
     kd_optim_state_loaded(t->opt, atoll(os));

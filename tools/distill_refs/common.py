@@ -6,6 +6,22 @@ import torch
 import torch.nn.functional as F
 
 
+def weighted_terms(ref, mod, case, s_feats, s_logits, t_feats, t_logits, y):
+    """kd's default step: the named weighted terms gamma CE, alpha KL_T and
+    beta * the method term, at the reference's published weights."""
+    w = ref.WEIGHTS
+    terms = {}
+    if w["gamma"] != 0:
+        terms["ce"] = w["gamma"] * F.cross_entropy(s_logits, y)
+    if w["alpha"] != 0:
+        terms["kl"] = w["alpha"] * distill_kl(s_logits, t_logits, w["T"])
+    if w["beta"] != 0:
+        t = ref.term(mod, case, s_feats, s_logits, t_feats, t_logits, y)
+        if t is not None:
+            terms[ref.NAME] = w["beta"] * t
+    return terms
+
+
 def distill_kl(s, t, T):
     """RepDistiller DistillKL: KL(softmax(t/T) || softmax(s/T)) * T^2, batch mean."""
     p_s = F.log_softmax(s / T, dim=1)
