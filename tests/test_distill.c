@@ -11,7 +11,9 @@
  *     forward all match PyTorch (float64 reference), on the ref and cpu
  *     backends;
  *   - central finite differences of the total agree with the analytic
- *     gradients on sampled coordinates. */
+ *     gradients on sampled coordinates;
+ *   - where the reference gives the state after the step ("<c>.updated.*":
+ *     CRD's bank or queue update), kd_method_after_step leaves the same. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,9 +35,30 @@ typedef struct {
     kd_tensor *t_logits; /* teacher outputs (no gradients) */
     kd_tensor *t_feat[KD_MAX_FEATS];
     kd_tensor *labels;   /* I32 */
+    int32_t *train_labels; /* the case's training-set labels, or NULL (CRD) */
+    int64_t *index;        /* the batch's dataset indices, or NULL (CRD) */
     int s_n, t_n;
     int epoch;
 } dcase;
+
+/* An optional I64 vector of the fixture ("<c>.<rest>"), copied as int32 or
+ * int64; NULL when absent. */
+static void *opt_vector(const kd_st_file *f, const char *c, const char *rest, int wide, int64_t *n) {
+    char name[256];
+    snprintf(name, sizeof name, "%s.%s", c, rest);
+    const kd_st_entry *e = kd_st_find(f, name);
+    if (!e) return NULL;
+    if (e->dtype != KD_I64 || e->ndim != 1) fail_msg("%s: %s is not an I64 vector", kd_st_path(f), name);
+    *n = e->shape[0];
+    const int64_t *src = e->data;
+    void *out = malloc((size_t)*n * (wide ? 8 : 4) + 8);
+    if (!out) fail_msg("out of memory");
+    for (int64_t i = 0; i < *n; i++) {
+        if (wide) ((int64_t *)out)[i] = src[i];
+        else ((int32_t *)out)[i] = (int32_t)src[i];
+    }
+    return out;
+}
 
 static const kd_st_entry *need(const kd_st_file *f, const char *fmt, const char *c, const char *rest) {
     char name[256];
@@ -91,6 +114,12 @@ static void case_setup(dcase *d, const char *method) {
     net_shapes(d->f, d->c, "t", d->t_n, &shp.teacher);
     shp.num_classes = (int)shp.student.num_classes;
     shp.n_train = 1000;
+    int64_t n_tl = 0, n_ix = 0;
+    if ((d->train_labels = opt_vector(d->f, d->c, "train_labels", 0, &n_tl))) {
+        shp.n_train = n_tl;
+        shp.train_labels = d->train_labels;
+    }
+    d->index = opt_vector(d->f, d->c, "index", 1, &n_ix);
     KD_ASSERT_OK(kd_method_create(&cfg, &shp, &d->m));
     kd_method_set_training(d->m, (int)kd_json_get(d->meta_case, "training")->integer);
     /* Every tensor the method owns comes from the fixture, and nothing else. */
@@ -143,12 +172,14 @@ static void case_free(dcase *d) {
     kd_tensor_free(d->t_logits);
     for (int k = 0; k < d->t_n; k++) kd_tensor_free(d->t_feat[k]);
     kd_tensor_free(d->labels);
+    free(d->train_labels);
+    free(d->index);
 }
 
 /* Runs the method's loss on the case; returns the total (and the terms). */
 static kd_tensor *case_loss(dcase *d, kd_graph *g, kd_loss_terms *terms) {
     kd_graph_reset(g);
-    kd_step_batch b = {.n = d->labels->shape[0], .n_views = 0, .x = NULL, .y = d->labels, .index = NULL};
+    kd_step_batch b = {.n = d->labels->shape[0], .n_views = 0, .x = NULL, .y = d->labels, .index = d->index};
     kd_step_ctx ctx = {.g = g, .batch = &b, .epoch = d->epoch, .epochs = 240, .steps_per_epoch = 1};
     ctx.s.logits = d->in.items[0].t;
     ctx.s.n_feat = d->s_n;
@@ -258,8 +289,10 @@ static void run_case(kd_st_file *f, const char *method, const char *c, const cha
         snprintf(what, sizeof what, "%s %s %s [%s]", method, c, rest, backend);
         check_grad(what, mp->items[i].t, need(f, "%s.%s", c, rest));
     }
-    /* Finite differences on the reference backend (cheap, deterministic). */
-    if (!strcmp(backend, "ref")) {
+    /* Finite differences on the reference backend (cheap, deterministic),
+     * unless the case's loss stops a gradient on purpose ("fd": 0). */
+    const kd_json *fd = kd_json_get(d.meta_case, "fd");
+    if (!strcmp(backend, "ref") && (!fd || fd->integer)) {
         for (int i = 0; i < d.in.n; i++) {
             snprintf(what, sizeof what, "%s %s d total / d %s", method, c, d.in.items[i].name);
             finite_diff(&d, g, &terms, d.in.items[i].t, what, 10 + (uint64_t)i);
@@ -269,6 +302,36 @@ static void run_case(kd_st_file *f, const char *method, const char *c, const cha
             snprintf(what, sizeof what, "%s %s d total / d %s", method, c, mp->items[i].name);
             finite_diff(&d, g, &terms, mp->items[i].t, what, 100 + (uint64_t)i);
         }
+    }
+    /* State after the step's hooks (CRD's bank update), where the reference
+     * gives it as "<c>.updated.<name>": one more unperturbed loss (the
+     * finite differences ran the last ones), then after_step. */
+    char upd[64];
+    snprintf(upd, sizeof upd, "%s.updated.", c);
+    int n_upd = 0;
+    for (int i = 0; i < kd_st_count(f); i++) n_upd += !strncmp(kd_st_get(f, i)->name, upd, strlen(upd));
+    if (n_upd) {
+        case_loss(&d, g, &terms);
+        kd_step_batch b = {.n = d.labels->shape[0], .y = d.labels, .index = d.index};
+        kd_step_ctx ctx = {.g = g, .batch = &b, .epoch = d.epoch, .epochs = 240, .steps_per_epoch = 1};
+        KD_ASSERT_OK(kd_method_after_step(d.m, &ctx));
+        int seen = 0;
+        for (int i = 0; i < mp->n; i++) {
+            char rest[200];
+            snprintf(rest, sizeof rest, "updated.%s", mp->items[i].name);
+            char full[300];
+            snprintf(full, sizeof full, "%s.%s", c, rest);
+            const kd_st_entry *e = kd_st_find(f, full);
+            if (!e) continue;
+            seen++;
+            kd_tensor *t = mp->items[i].t;
+            snprintf(what, sizeof what, "%s %s %s [%s]", method, c, rest, backend);
+            if (t->dtype == KD_F32)
+                KD_ASSERT_CLOSE(kd_f32(t), (const float *)e->data, kd_tensor_numel(t), 1e-5, 1e-4, what);
+            else
+                assert_memory_equal(t->data, e->data, e->nbytes);
+        }
+        if (seen != n_upd) fail_msg("%s case %s: %d updated tensors in the fixture, %d matched kd's", method, c, n_upd, seen);
     }
     kd_loss_terms_free(&terms);
     kd_graph_free(g);

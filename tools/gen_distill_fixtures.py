@@ -15,12 +15,19 @@ For each case <c> of a method the file holds (F32 unless noted):
                                       running statistics), where there are any
     <c>.term.<term>                   0-d weighted terms: "ce", "kl", "<method>"
     <c>.total                         0-d gamma*CE + alpha*KL + beta*term
+    <c>.train_labels, <c>.index       (I64) where the case has them: the
+                                      training set's labels and the batch's
+                                      dataset indices (CRD)
+    <c>.<extra>                       what the reference's extra() returns
+                                      (CRD: the banks after the update)
     <c>.grad.s.logits, <c>.grad.s.feat<k>, <c>.grad.param.<name>
                                       d total / d input, for every student
                                       input and trainable parameter
 and __metadata__: "method", "cases" (comma-separated), "weights" (JSON of the
 published gamma, alpha, beta, T) and per case "<c>" a JSON object with
-"args" (setting -> text), "epoch", "training", "s_n_feat", "t_n_feat".
+"args" (setting -> text), "epoch", "training", "fd" (0: the loss stops a
+gradient that finite differences of the total would see, e.g. CRD queue
+mode's detached positives, so the test skips them), "s_n_feat", "t_n_feat".
 
 The reference runs in float64 from the float32 inputs and parameters; outputs
 are rounded to float32. Seeded: a rerun writes identical files.
@@ -90,8 +97,17 @@ def run_case(ref, case, seed):
         for k, v in mod.state_dict().items():
             if k not in pnames:
                 out[f"{c}.after.{k}"] = v.float() if v.is_floating_point() else v
+    # Methods that read the training set's labels or the batch's dataset
+    # indices (CRD's sampler and banks), and what a reference computes after
+    # the step (CRD's bank update).
+    for key in ("train_labels", "index"):
+        if key in case:
+            out[f"{c}.{key}"] = case[key].long()
+    if hasattr(ref, "extra"):
+        for k, v in ref.extra(mod, case).items():
+            out[f"{c}.{k}"] = v.detach().float() if v.is_floating_point() else v
     meta = dict(args={k: str(v) for k, v in case.get("args", {}).items()}, epoch=case.get("epoch", 0),
-                training=case.get("training", 1), s_n_feat=len(case["s_feats"]),
+                training=case.get("training", 1), fd=case.get("fd", 1), s_n_feat=len(case["s_feats"]),
                 t_n_feat=len(case["t_feats"]))
     return out, meta
 

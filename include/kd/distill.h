@@ -103,6 +103,9 @@ typedef struct {
     kd_net_shapes student, teacher;
     int64_t n_train; /* training-set size (memory banks) */
     int num_classes;
+    /* (n_train) label of each training image (-1: unlabeled), for samplers
+     * that draw by class (CRD); NULL when unknown. Read during setup only. */
+    const int32_t *train_labels;
 } kd_method_shapes;
 
 /* One training batch as a method sees it. */

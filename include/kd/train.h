@@ -126,6 +126,8 @@ typedef struct {
     int in_channels, height, width; /* the shape of view 0's images (the probe forward's) */
     int num_classes;
     int64_t n_train;      /* training-set size */
+    const int32_t *train_labels; /* (n_train) training labels (-1: none) for methods that sample by
+                                    class (CRD); NULL when unknown; read during kd_trainer_init only */
     uint64_t seed;        /* dropout masks and the method's initialisation */
 } kd_trainer_cfg;
 

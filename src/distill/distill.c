@@ -36,6 +36,7 @@ static const kd_method_def *const kd__methods[] = {
     &kd__method_dkd,
     &kd__method_dist,
     &kd__method_lskd,
+    &kd__method_crd,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 

@@ -19,5 +19,6 @@ extern const kd_method_def kd__method_pad;    /* Zhang et al.: prime-aware adapt
 extern const kd_method_def kd__method_dkd;    /* Zhao et al.: decoupled KD (TCKD + NCKD) */
 extern const kd_method_def kd__method_dist;   /* Huang et al.: DIST, inter/intra-class Pearson relations */
 extern const kd_method_def kd__method_lskd;   /* Sun et al.: KD on standardised logits */
+extern const kd_method_def kd__method_crd;    /* Tian et al.: contrastive representation distillation (memory banks) */
 
 #endif

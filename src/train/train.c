@@ -382,6 +382,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
                          .width = W,
                          .num_classes = classes,
                          .n_train = kd_dataset_size(r->train),
+                         .train_labels = kd_dataset_labels(r->train),
                          .seed = c->seed};
     if (H > 0 && W > 0) {
         KD_TRY(kd__trainer_init(r, &tc));

@@ -66,6 +66,7 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     memset(&shp, 0, sizeof shp);
     shp.n_train = cfg->n_train;
     shp.num_classes = cfg->num_classes;
+    shp.train_labels = cfg->train_labels;
     const kd_method_def *def = cfg->method_def ? cfg->method_def : kd_method_find(cfg->method.method);
     if (s == KD_OK && !def)
         s = kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s'", cfg->method.method);
