@@ -1584,8 +1584,53 @@ static void test_teacher_required(void **state) {
     assert_true(tried >= 1); /* kd at least */
 }
 
+/* A setting a method needs on the tiny dataset (NTRAIN images, 4 classes),
+ * as "key=value", or NULL: CRD's 16384 negatives per sample exceed it. */
+static const char *tiny_data_setting(const char *method, char *key, size_t nkey, const char **value) {
+    static const struct {
+        const char *method, *key, *value;
+    } tiny[] = {{"crd", "crd.nce_k", "16"}};
+    for (size_t i = 0; i < sizeof tiny / sizeof tiny[0]; i++)
+        if (!strcmp(tiny[i].method, method)) {
+            snprintf(key, nkey, "%s", tiny[i].key);
+            *value = tiny[i].value;
+            return key;
+        }
+    return NULL;
+}
+
+/* CRD refuses what its sampler cannot do with exit 2 and one message naming
+ * the setting, before training: more negatives than a class has (the tiny
+ * data has about 96 per class), and training images without labels (a list
+ * file of unlabeled JPEGs). */
+static void test_crd_refusals(void **state) {
+    (void)state;
+    if (!kd_method_find("crd")) skip();
+    char teacher[PATHN], out[DIRN], list[DIRN], img[DIRN + 32];
+    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    tmp_path(out, sizeof out, "run_crd_refused");
+    kd_test_proc p = RUN("distill", "--method", "crd", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", teacher);
+    EXPECT_FAIL(&p, 2, "crd.nce_k 16384");
+    kd_test_proc_free(&p);
+    tmp_path(list, sizeof list, "unlabeled_list");
+    mkdir(list, 0755);
+    char text[1024] = "";
+    for (int i = 0; i < 8; i++) {
+        snprintf(img, sizeof img, "%s/u%d.jpg", list, i);
+        kd_test_write_jpeg(img, IMG, IMG, (uint64_t)i);
+        snprintf(text + strlen(text), sizeof text - strlen(text), "u%d.jpg\n", i);
+    }
+    char spec[DIRN + 64];
+    snprintf(img, sizeof img, "%s/images.txt", list);
+    kd_test_write_file(img, text, strlen(text));
+    snprintf(spec, sizeof spec, "list:%s", img);
+    p = RUN("distill", "--method", "crd", TRAIN_FLAGS(spec, out, "1"), "--teacher-ckpt", teacher);
+    EXPECT_FAIL(&p, 2, "needs labels");
+    kd_test_proc_free(&p);
+}
+
 /* One short distillation run of method d (2 steps, 1 epoch) into out, with
- * --set key=value when key is given. */
+ * --set key=value when key is given (and the setting the tiny data needs). */
 static void run_method(const kd_method_def *d, const char *key, const char *value, const char *out) {
     char teacher[PATHN], set[300];
     run_a_file(teacher, sizeof teacher, "best.safetensors");
@@ -1602,6 +1647,13 @@ static void run_method(const kd_method_def *d, const char *key, const char *valu
         snprintf(set, sizeof set, "%s=%s", key, value);
         args[n++] = "--set";
         args[n++] = set;
+    }
+    char tkey[160], tset[300];
+    const char *tval;
+    if (tiny_data_setting(d->name, tkey, sizeof tkey, &tval)) {
+        snprintf(tset, sizeof tset, "%s=%s", tkey, tval);
+        args[n++] = "--set";
+        args[n++] = tset;
     }
     args[n] = NULL;
     kd_test_proc p = kd_test_run_kd(g_root, args);
@@ -1674,10 +1726,14 @@ static void test_method_settings_recorded(void **state) {
         snprintf(name, sizeof name, "run_m_%s_repeat", d->name);
         tmp_path(out2, sizeof out2, name);
         run_method(d, fa ? key : NULL, value, out1);
+        char tkey[160];
+        const char *tval = NULL;
+        tiny_data_setting(d->name, tkey, sizeof tkey, &tval);
         for (int a = 0; a < d->n_args; a++) {
             char k[160];
             snprintf(k, sizeof k, "%s.%s", d->name, d->args[a].name);
-            expect_config_value(out1, k, fa && &d->args[a] == fa ? value : d->args[a].def);
+            expect_config_value(out1, k,
+                                fa && &d->args[a] == fa ? value : (tval && !strcmp(k, tkey) ? tval : d->args[a].def));
         }
         const char *terms[8];
         int nt = method_terms(d, terms);
@@ -1837,6 +1893,7 @@ int main(void) {
         cmocka_unit_test(test_set_other_method),
         cmocka_unit_test(test_unknown_method_lists),
         cmocka_unit_test(test_teacher_required),
+        cmocka_unit_test(test_crd_refusals),
         cmocka_unit_test(test_method_settings_recorded),
         cmocka_unit_test(test_yaml_method_keys),
         cmocka_unit_test(test_milestone_warning),

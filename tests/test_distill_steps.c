@@ -27,12 +27,19 @@
  * (per step for the loss, over all tensors for the parameters), where it
  * exceeds them. A real error moves the step-2 loss by ~lr |g|^2 / L (percents
  * here: a wrong momentum of 0.905 or a DKD warm-up one epoch off fails at
- * once) and the parameters by ~lr |g| ~ 1e-2, well outside either. */
+ * once) and the parameters by ~lr |g| ~ 1e-2, well outside either.
+ *
+ * CRD: the training set is the five batches in order (40 images, so
+ * crd.nce_k 16 as the fixture's args say); its memory banks move after every
+ * step and are compared after step 5 with the other module tensors; its
+ * sampler's draw is random, so each step takes the fixture's draw
+ * (crd.step<k>.idx, through kd__crd_set_draw) instead. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "distill/crd.h"
 #include "kd/io.h"
 #include "kd/train.h"
 #include "testutil.h"
@@ -76,6 +83,17 @@ static double compare_prefixed(kd_param_list *pl, const kd_st_file *f, const cha
     return worst;
 }
 
+/* CRD: the fixture's draw of step global_step + 1 in place of the sampler's. */
+static kd_status fixture_draw(void *user, const kd_step_ctx *ctx, int64_t K, int64_t *out) {
+    const kd_st_file *f = user;
+    const kd_st_entry *e = kd_test_st_entry(f, "crd.step%d.idx", (int)ctx->global_step + 1);
+    if (e->dtype != KD_I64 || e->ndim != 2 || e->shape[0] != ctx->batch->n || e->shape[1] != K + 1)
+        fail_msg("%s: crd.step%d.idx is not (%lld, %lld) int64", kd_st_path(f), (int)ctx->global_step + 1,
+                 (long long)ctx->batch->n, (long long)(K + 1));
+    memcpy(out, e->data, e->nbytes);
+    return KD_OK;
+}
+
 static void run_method(const char *method, const char *backend) {
     kd_backend *be = NULL;
     if (kd_backend_get(backend, &be) != KD_OK) {
@@ -96,6 +114,12 @@ static void run_method(const char *method, const char *backend) {
 
     /* The published weights kd uses are the ones the fixture was made with. */
     kd_distill_cfg dc = kd_distill_defaults(method);
+    const kd_json *args = json_member(mj, "args", KD_JSON_OBJECT, method);
+    for (int64_t i = 0; i < args->count; i++) {
+        char key[128];
+        snprintf(key, sizeof key, "%s.%s", method, args->keys[i]);
+        KD_ASSERT_OK(kd_distill_cfg_set_arg(&dc, key, args->items[i].string));
+    }
     const kd_json *w = json_member(mj, "weights", KD_JSON_OBJECT, method);
     const struct {
         const char *key;
@@ -144,8 +168,18 @@ static void run_method(const char *method, const char *backend) {
                          .num_classes = classes,
                          .n_train = n * steps,
                          .seed = 0};
+    /* The training set is the batches in order (labels for CRD's sampler). */
+    int32_t *train_labels = malloc(sizeof(int32_t) * (size_t)(n * steps));
+    assert_non_null(train_labels);
+    for (int k = 1; k <= steps; k++) {
+        const kd_st_entry *ey = kd_test_st_entry(f, "batch%d.y", k);
+        for (int64_t i = 0; i < n; i++) train_labels[(k - 1) * n + i] = (int32_t)((const int64_t *)ey->data)[i];
+    }
+    tc.train_labels = train_labels;
     kd_trainer *tr = NULL;
     KD_ASSERT_OK(kd_trainer_init(&tr, &tc));
+    free(train_labels);
+    if (!strcmp(method, "crd")) kd__crd_set_draw(kd_trainer_method(tr), fixture_draw, f);
 
     /* The method's modules start from the reference's values (every tensor,
      * by kd's PyTorch-style name, and nothing else). */
@@ -247,12 +281,21 @@ static void test_dkd_ref(void **state) {
     (void)state;
     run_method("dkd", "ref");
 }
+static void test_crd_cpu(void **state) {
+    (void)state;
+    run_method("crd", "cpu");
+}
+static void test_crd_ref(void **state) {
+    (void)state;
+    run_method("crd", "ref");
+}
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kd_cpu),  cmocka_unit_test(test_fitnet_cpu), cmocka_unit_test(test_at_cpu),
         cmocka_unit_test(test_dkd_cpu), cmocka_unit_test(test_kd_ref),     cmocka_unit_test(test_fitnet_ref),
-        cmocka_unit_test(test_at_ref),  cmocka_unit_test(test_dkd_ref),
+        cmocka_unit_test(test_at_ref),  cmocka_unit_test(test_dkd_ref),    cmocka_unit_test(test_crd_cpu),
+        cmocka_unit_test(test_crd_ref),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -77,15 +77,19 @@ static void need_teacher(void) {
 /* Runs `method` uninterrupted into <root>/<tag>_full and paused + resumed
  * into <root>/<tag>_resumed; checks that the two runs end identical. The
  * final checkpoint's path is left in last (the resumed run's). */
-static void run_pair(const char *method, const char *backend, const char *tag, char *last, size_t nlast) {
+static void run_pair_set(const char *method, const char *set, const char *set2, const char *backend, const char *tag,
+                         char *last, size_t nlast) {
     need_teacher();
     char full[700], part[700], a[800], b[800], msg[2048];
     snprintf(full, sizeof full, "%s/%s_full", g_root, tag);
     snprintf(part, sizeof part, "%s/%s_resumed", g_root, tag);
-    kd_test_proc p = RUN(DISTILL_FLAGS(method, backend, full));
+    /* Method settings (--set), or --log-every repeated where there is none. */
+    const char *sf = set ? "--set" : "--log-every", *sv = set ? set : "2";
+    const char *sf2 = set2 ? "--set" : "--log-every", *sv2 = set2 ? set2 : "2";
+    kd_test_proc p = RUN(DISTILL_FLAGS(method, backend, full), sf, sv, sf2, sv2);
     kd_test_expect_ok(&p, "kd distill (uninterrupted)");
     kd_test_proc_free(&p);
-    p = RUN(DISTILL_FLAGS(method, backend, part), "--stop-after", "1");
+    p = RUN(DISTILL_FLAGS(method, backend, part), sf, sv, sf2, sv2, "--stop-after", "1");
     kd_test_expect_ok(&p, "kd distill --stop-after 1");
     kd_test_proc_free(&p);
 
@@ -115,6 +119,10 @@ static void run_pair(const char *method, const char *backend, const char *tag, c
     snprintf(last, nlast, "%s/last.safetensors", part);
     printf("  %s (%s): paused after epoch 1, resumed: last.safetensors identical to the uninterrupted run\n", method,
            backend);
+}
+
+static void run_pair(const char *method, const char *backend, const char *tag, char *last, size_t nlast) {
+    run_pair_set(method, NULL, NULL, backend, tag, last, nlast);
 }
 
 static int all_zero(const kd_st_entry *e) {
@@ -220,6 +228,21 @@ static void test_resume_pad(void **state) {
     check_layout(last, pad_modules, 7, 4);
 }
 
+/* CRD: its memory banks and normalisers (contrast.*) change every step and
+ * its sampler draws from the step count, so a resumed run that lost either
+ * ends elsewhere. The 128 images give about 96 negatives per class. */
+static void test_resume_crd(void **state) {
+    (void)state;
+    if (!registered("crd")) skip();
+    static const char *const crd_modules[] = {"embed_s.linear.weight", "embed_s.linear.bias", "embed_t.linear.weight",
+                                              "embed_t.linear.bias",   "contrast.params",     "contrast.memory_v1",
+                                              "contrast.memory_v2"};
+    char last[800];
+    run_pair_set("crd", "crd.nce_k=64", NULL, "ref", "crd", last, sizeof last);
+    check_layout(last, crd_modules, 7, 4);
+    run_pair_set("crd", "crd.nce_k=64", "crd.mode=relax", "cpu", "crd_relax", last, sizeof last);
+}
+
 /* Zeroes tensor `name` of the safetensors file at path in place (its bytes
  * located through the header's data_offsets). */
 static void zero_tensor_in_file(const char *path, const char *name) {
@@ -277,6 +300,7 @@ int main(void) {
         cmocka_unit_test(test_resume_fitnet),
         cmocka_unit_test(test_resume_fitnet_cpu),
         cmocka_unit_test(test_resume_pad),
+        cmocka_unit_test(test_resume_crd),
         cmocka_unit_test(test_resume_detects_lost_state),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);

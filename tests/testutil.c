@@ -349,3 +349,35 @@ int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, s
     kd_st_close(b);
     return msg[0] != 0;
 }
+
+#include <jpeglib.h>
+
+void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed) {
+    struct jpeg_compress_struct ci;
+    struct jpeg_error_mgr jerr;
+    ci.err = jpeg_std_error(&jerr);
+    jpeg_create_compress(&ci);
+    unsigned char *mem = NULL;
+    unsigned long mn = 0;
+    jpeg_mem_dest(&ci, &mem, &mn);
+    ci.image_width = (JDIMENSION)w;
+    ci.image_height = (JDIMENSION)h;
+    ci.input_components = 3;
+    ci.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&ci);
+    jpeg_start_compress(&ci, TRUE);
+    unsigned char *row = malloc((size_t)w * 3);
+    assert_non_null(row);
+    kd_rng r;
+    kd_rng_init(&r, seed, 0x6a7067);
+    while (ci.next_scanline < (JDIMENSION)h) {
+        for (int i = 0; i < w * 3; i++) row[i] = (unsigned char)kd_rng_below(&r, 256);
+        JSAMPROW rp = row;
+        jpeg_write_scanlines(&ci, &rp, 1);
+    }
+    jpeg_finish_compress(&ci);
+    jpeg_destroy_compress(&ci);
+    kd_test_write_file(path, mem, mn);
+    free(mem);
+    free(row);
+}

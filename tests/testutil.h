@@ -142,4 +142,7 @@ enum {
  * file is neither the same nor different). */
 int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, size_t msgn);
 
+/* A baseline RGB JPEG of w x h random pixels (stream seed). */
+void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed);
+
 #endif

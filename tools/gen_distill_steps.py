@@ -30,6 +30,9 @@ Contents (F32 unless noted; all methods share the models and batches):
     student.<name>            resnet8 (10 classes) state_dict, RepDistiller init
     batch<k>.x, batch<k>.y    k = 1..5: (8, 3, 32, 32) ~ N(0, 1); (8) I64 labels
     <m>.param.<name>          the method's modules (kd's names) before step 1
+    <m>.step<k>.idx           (I64) CRD: the contrast indices of step k
+                              (B x (K+1), positive first), which kd's test
+                              hands to the method in place of its sampler
     <m>.step<k>.term.<t>      0-d weighted terms "ce", "kl", "<m>" of step k
     <m>.step<k>.total         0-d sum of the terms
     <m>.final.<name>          the student's state_dict after step 5
@@ -61,7 +64,10 @@ from st_io import save_safetensors  # noqa: E402
 from gen_zoo_fixtures import build as build_zoo  # noqa: E402
 from distill_refs.common import weighted_terms  # noqa: E402
 
-METHODS = ["kd", "fitnet", "at", "dkd"]
+METHODS = ["kd", "fitnet", "at", "dkd", "crd"]
+# Settings a method takes on this small trajectory (40 images): CRD's
+# negatives per sample.
+ARGS = {"crd": {"nce_k": "16"}}
 TEACHER, STUDENT = "resnet20", "resnet8"
 STEPS, BATCH, CLASSES, EPOCH = 5, 8, 10, 4
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
@@ -110,8 +116,13 @@ def run(ref, teacher, student, mod, batches, case, dtype):
         groups.append({"params": list(mod.parameters())})
     opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM, weight_decay=WD)
     steps = []
-    for x, y in batches:
+    for k, (x, y) in enumerate(batches):
         x = x.to(dtype)
+        # The step's dataset indices (batch k holds images k*B .. k*B+B-1)
+        # and, for CRD, its draw of contrast indices.
+        case["index"] = torch.arange(k * BATCH, (k + 1) * BATCH)
+        if "draws" in case:
+            case["idx"] = case["draws"][k]
         with torch.no_grad():
             t_feats, t_logits = teacher(x, is_feat=True)
         s_feats, s_logits = student(x, is_feat=True)
@@ -120,6 +131,8 @@ def run(ref, teacher, student, mod, batches, case, dtype):
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        if hasattr(ref, "after_step"):  # CRD's bank update
+            ref.after_step(mod, case)
         steps.append(({k: v.item() for k, v in terms.items()}, total.item()))
     s_sd = {k: v.detach().clone() for k, v in student.state_dict().items()}
     m_sd = {k: v.detach().clone() for k, v in mod.state_dict().items()} if mod is not None else {}
@@ -147,7 +160,14 @@ def main():
     for name in want:
         ref = importlib.import_module(f"distill_refs.{name}")
         case = dict(name="steps", s_feats=list(s_feats), t_feats=list(t_feats), s_logits=s_logits,
-                    t_logits=t_logits, labels=batches[0][1], args={}, epoch=EPOCH, training=1)
+                    t_logits=t_logits, labels=batches[0][1], args=dict(ARGS.get(name, {})), epoch=EPOCH,
+                    training=1)
+        case["train_labels"] = torch.cat([y for _, y in batches])
+        if hasattr(ref, "draw"):  # CRD: a random draw per step, given to kd's test as <m>.step<k>.idx
+            g = torch.Generator().manual_seed(21)
+            case["draws"] = [ref.draw(case, torch.arange(k * BATCH, (k + 1) * BATCH), g) for k in range(STEPS)]
+            for k, d in enumerate(case["draws"]):
+                out[f"{name}.step{k + 1}.idx"] = d
         torch.manual_seed(100)
         mod = ref.build(case)
         if mod is not None:
@@ -171,7 +191,7 @@ def main():
             for k, v in sd.items():
                 if v.is_floating_point():
                     par_dev = max(par_dev, (sd32[k].double() - v).abs().max().item())
-        meta[name] = json.dumps(dict(weights=ref.WEIGHTS, args={}, terms=list(steps[0][0].keys()),
+        meta[name] = json.dumps(dict(weights=ref.WEIGHTS, args=case["args"], terms=list(steps[0][0].keys()),
                                      f32_spread=dict(loss_rel=loss_dev, param_abs=par_dev)), sort_keys=True)
         done.append(name)
         print(f"{name}: losses " + " ".join(f"{total:.6f}" for _, total in steps) +

@@ -87,9 +87,32 @@ def _z(mod, k, out, n_data):
     return p[k].item()
 
 
+def draw(case, index, gen):
+    """A random draw as RepDistiller's sampler makes it ("exact"): the image
+    itself, then nce_k distinct images of other classes."""
+    y_all, K = case["train_labels"], int(case["args"].get("nce_k", 16384))
+    rows = []
+    for i in index.tolist():
+        neg = (y_all != y_all[i]).nonzero().view(-1)
+        rows.append(torch.cat([torch.tensor([i]), neg[torch.randperm(len(neg), generator=gen)[:K]]]))
+    return torch.stack(rows)
+
+
+def after_step(mod, case):
+    """The bank update after the optimiser step, in place."""
+    c, m = mod.contrast, float(case["args"].get("nce_m", 0.5))
+    v1, v2 = mod._last
+    with torch.no_grad():
+        for bank, v in ((c.memory_v1, v1), (c.memory_v2, v2)):
+            bank.copy_(_update(bank, case["index"], v, m).to(bank.dtype))
+
+
 def _idx(case):
-    """Every sample's positive (its own index, "exact") and all the indices
-    of the other classes as negatives."""
+    """The case's draw where it gives one, else every sample's positive (its
+    own index, "exact") and all the indices of the other classes as
+    negatives."""
+    if "idx" in case:
+        return case["idx"]
     y_all, index = case["train_labels"], case["index"]
     rows = []
     for i in index.tolist():
