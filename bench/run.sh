@@ -25,7 +25,8 @@
 #   4. prints the table (bench/report.py) and writes bench/results/latest.json and
 #      latest.md; the raw lines go to bench/results/raw-<date>.jsonl.
 # Rows: train and inference of resnet8x4, resnet32x4, wrn_16_2, wrn_40_2, resnet20,
-# resnet56, and the KD step resnet32x4 -> resnet8x4; batch 64 of 3x32x32 noise, 100
+# resnet56, the KD step resnet32x4 -> resnet8x4 and the CRD step (RepDistiller's CRD,
+# 50000-row memory banks, 16384 negatives); batch 64 of 3x32x32 noise, 100
 # classes, 2 threads, SGD momentum 0.9 weight decay 5e-4; the step definitions and
 # the FLOP convention (2*MACs of convs and linears, training = 3x forward) are in the
 # headers of bench/train_step.c and bench/torch_step.py.
@@ -67,7 +68,8 @@ if [ $bf16 -eq 1 ] && ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
   bf16=0
 fi
 
-# Row table: name, mode, model, teacher, steps per timed repeat (full run).
+# Row table: name, mode, model, teacher, steps per timed repeat (full run),
+# and optionally the method (--method) with its training-set size (--n-train).
 # Steps are sized so a repeat lasts a few seconds on a 2-core machine.
 rows=(
   "resnet8x4/train train resnet8x4 - 2"
@@ -83,6 +85,7 @@ rows=(
   "resnet56/train train resnet56 - 2"
   "resnet56/infer infer resnet56 - 6"
   "kd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1"
+  "crd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1 crd 50000"
 )
 if [ $quick -eq 1 ]; then warmup=1 repeats=3 rounds="${rounds:-1}"; else warmup=2 repeats=5 rounds="${rounds:-3}"; fi
 
@@ -101,13 +104,14 @@ echo "run.sh: kd $(git -C "$root" describe --always --dirty 2>/dev/null || echo 
 peak
 n=0
 for spec in "${rows[@]}"; do
-  read -r name mode model teacher steps <<<"$spec"
+  read -r name mode model teacher steps method ntrain <<<"$spec"
   if [ -n "$only" ] && ! tr ',' '\n' <<<"$only" | grep -qxF -e "$name" -e "$model" -e "$mode"; then continue; fi
   n=$((n + 1))
   if [ $quick -eq 1 ]; then steps=$(( (steps + 2) / 3 )); fi
   args=(--model "$model" --mode "$mode" --batch 64 --threads 2 --classes 100
         --warmup "$warmup" --repeats "$repeats" --steps "$steps")
   [ "$teacher" = "-" ] || args+=(--teacher "$teacher")
+  [ -z "${method:-}" ] || args+=(--method "$method" --n-train "$ntrain")
   peak
   for ((r = 1; r <= rounds; r++)); do
     runs=(kd pytorch:nchw pytorch:channels_last)

@@ -6,7 +6,7 @@ Usage (one measurement per process, so ru_maxrss is this measurement's own):
     /usr/bin/python3 bench/torch_step.py --model resnet8x4 --mode train|infer
     /usr/bin/python3 bench/torch_step.py --model resnet8x4 --teacher resnet32x4 --mode kd
         [--layout nchw|channels_last] [--batch 64] [--threads 2] [--classes 100]
-        [--warmup 5] [--repeats 5] [--steps 10] [--lr 0.01]
+        [--warmup 5] [--repeats 5] [--steps 10] [--lr 0.01] [--method kd|crd] [--n-train N]
 
 Needs only Debian's python3-torch (1.13). Prints one JSON line with the keys
 bench_train_step prints.
@@ -17,6 +17,17 @@ One step:
   infer  model.eval(); with torch.no_grad(): model(x)
   kd     with torch.no_grad(): t = teacher(x) (eval mode); then the train step
          with RepDistiller's loss 0.1 * CE + 0.9 * DistillKL(T=4).
+         --method crd: RepDistiller's CRD step instead (crd/criterion.py,
+         crd/memory.py as ../shared/METHODS.md section 2 states them): both
+         nets' features, Embed_s/Embed_t (Linear -> 128, L2-normalised,
+         trained with the student), ContrastMemory with two --n-train x 128
+         banks (gather of the (B, K+1, 128) rows, bmm, exp(./0.07)/Z, the
+         momentum-0.5 update under no_grad) and ContrastLoss on both sides;
+         loss = CE + 0.8 * CRD. The official code draws the K = 16384
+         negatives per sample in its DataLoader workers (np.random.choice in
+         CIFAR100InstanceSample), so here they are drawn outside the timed
+         step (one fresh draw per step, made before timing); kd draws them
+         inside its step. Image i of the batch is training image i.
 The batch is one fixed tensor (N, 3, 32, 32) of uniform noise in [-1, 1) with
 random labels; no data loading is timed. torch.set_num_threads(threads); the
 OpenMP/MKL settings are PyTorch's defaults (bench/run.sh clears
@@ -82,6 +93,87 @@ def distill_kl(s, t, T):
     return F.kl_div(p_s, p_t, reduction="sum") * (T * T) / s.shape[0]
 
 
+class Embed(nn.Module):
+    """RepDistiller crd/criterion.py Embed: Linear, then L2 normalisation."""
+
+    def __init__(self, dim_in, dim_out=128):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        x = self.linear(x.view(x.shape[0], -1))
+        return x.div(x.pow(2).sum(1, keepdim=True).pow(0.5))
+
+
+class ContrastMemory(nn.Module):
+    """RepDistiller crd/memory.py ContrastMemory (K negatives, T 0.07, momentum 0.5)."""
+
+    def __init__(self, dim, n_data, K=16384, T=0.07, momentum=0.5):
+        super().__init__()
+        self.n_data = n_data
+        self.register_buffer("params", torch.tensor([K, T, -1, -1, momentum]))
+        stdv = 1. / (dim / 3) ** 0.5
+        self.register_buffer("memory_v1", torch.rand(n_data, dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_v2", torch.rand(n_data, dim).mul_(2 * stdv).add_(-stdv))
+
+    def forward(self, v1, v2, y, idx):
+        K, T = int(self.params[0].item()), self.params[1].item()
+        Z_v1, Z_v2, momentum = self.params[2].item(), self.params[3].item(), self.params[4].item()
+        B, D = v1.size(0), self.memory_v1.size(1)
+        weight_v1 = torch.index_select(self.memory_v1, 0, idx.view(-1)).detach().view(B, K + 1, D)
+        out_v2 = torch.exp(torch.div(torch.bmm(weight_v1, v2.view(B, D, 1)), T))
+        weight_v2 = torch.index_select(self.memory_v2, 0, idx.view(-1)).detach().view(B, K + 1, D)
+        out_v1 = torch.exp(torch.div(torch.bmm(weight_v2, v1.view(B, D, 1)), T))
+        if Z_v1 < 0:
+            self.params[2] = out_v1.mean() * self.n_data
+            Z_v1 = self.params[2].clone().detach().item()
+        if Z_v2 < 0:
+            self.params[3] = out_v2.mean() * self.n_data
+            Z_v2 = self.params[3].clone().detach().item()
+        out_v1 = torch.div(out_v1, Z_v1).contiguous()
+        out_v2 = torch.div(out_v2, Z_v2).contiguous()
+        with torch.no_grad():
+            for mem, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
+                pos = torch.index_select(mem, 0, y.view(-1))
+                pos.mul_(momentum).add_(torch.mul(v, 1 - momentum))
+                mem.index_copy_(0, y, pos.div(pos.pow(2).sum(1, keepdim=True).pow(0.5)))
+        return out_v1, out_v2
+
+
+def contrast_loss(x, n_data, eps=1e-7):
+    """RepDistiller crd/criterion.py ContrastLoss."""
+    bsz, m = x.shape[0], x.size(1) - 1
+    Pn = 1. / float(n_data)
+    P_pos = x.select(1, 0)
+    log_D1 = torch.div(P_pos, P_pos.add(m * Pn + eps)).log_()
+    P_neg = x.narrow(1, 1, m)
+    log_D0 = torch.div(P_neg.clone().fill_(m * Pn), P_neg.add(m * Pn + eps)).log_()
+    return -(log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz
+
+
+def features(model, x):
+    """The pooled penultimate embedding feat[-1] and the logits (the is_feat
+    path of RepDistiller's models)."""
+    feats, logits = model(x, is_feat=True)
+    return feats[-1], logits
+
+
+def crd_draws(labels, n, batch, K, count, seed=3):
+    """count draws of (batch, K+1) indices as CIFAR100InstanceSample makes
+    them in "exact" mode: image i, then K distinct images of other classes."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    lab = labels.numpy()
+    out = []
+    for _ in range(count):
+        rows = []
+        for i in range(batch):
+            neg = np.nonzero(lab != lab[i])[0]
+            rows.append(np.hstack(([i], rng.choice(neg, K, replace=False))))
+        out.append(torch.from_numpy(np.stack(rows)).long())
+    return out
+
+
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -99,7 +191,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--method", default="kd", choices=("kd", "crd"))
+    ap.add_argument("--n-train", type=int, default=0)
     a = ap.parse_args()
+    a.n_train = max(a.n_train, a.batch)
 
     rss_start = peak_rss_mib()
     torch.set_num_threads(a.threads)
@@ -119,7 +214,20 @@ def main():
     g = torch.Generator().manual_seed(7)
     x = (torch.rand(a.batch, 3, 32, 32, generator=g) * 2 - 1).contiguous(memory_format=fmt)
     y = torch.randint(0, a.classes, (a.batch,), generator=g)
-    opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
+    params = list(student.parameters())
+    crd = a.mode == "kd" and a.method == "crd"
+    if crd:
+        # Training-set labels: the batch's, then j mod classes (as bench_train_step).
+        labels = torch.cat([y, torch.arange(a.batch, a.n_train) % a.classes])
+        with torch.no_grad():
+            fs, _ = features(student, x[:2])
+            ft, _ = features(teacher, x[:2])
+        embed_s, embed_t = Embed(fs.shape[1]), Embed(ft.shape[1])
+        contrast = ContrastMemory(128, a.n_train)
+        params += list(embed_s.parameters()) + list(embed_t.parameters())
+        draws = crd_draws(labels, a.n_train, a.batch, 16384, a.warmup + a.repeats * a.steps)
+        index = torch.arange(a.batch)
+    opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)
 
     if a.mode == "infer":
         student.eval()
@@ -131,14 +239,22 @@ def main():
         student.train()
 
         def step():
-            if teacher is not None:
+            if crd:
                 with torch.no_grad():
-                    t = teacher(x)
-            s = student(x)
-            if teacher is not None:
-                loss = 0.1 * F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
+                    ft, t = features(teacher, x)
+                fs, s = features(student, x)
+                out_v1, out_v2 = contrast(embed_s(fs), embed_t(ft), index, draws.pop())
+                loss = F.cross_entropy(s, y) + 0.8 * (contrast_loss(out_v1, a.n_train) +
+                                                      contrast_loss(out_v2, a.n_train)).squeeze()
             else:
-                loss = F.cross_entropy(s, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = teacher(x)
+                s = student(x)
+                if teacher is not None:
+                    loss = 0.1 * F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
+                else:
+                    loss = F.cross_entropy(s, y)
             v = loss.item()
             if v != v or abs(v) == float("inf"):
                 sys.exit(f"torch_step: loss became {v}")
@@ -156,7 +272,8 @@ def main():
         ips.append(a.steps * a.batch / (time.perf_counter() - t0))
     med = statistics.median(ips)
     print(json.dumps({
-        "framework": "pytorch", "model": a.model, "teacher": a.teacher if a.mode == "kd" else None,
+        "framework": "pytorch", "method": a.method if a.mode == "kd" else "none", "n_train": a.n_train,
+        "model": a.model, "teacher": a.teacher if a.mode == "kd" else None,
         "mode": a.mode, "layout": a.layout, "backend": "torch " + torch.__version__,
         "batch": a.batch, "threads": torch.get_num_threads(), "classes": a.classes,
         "warmup": a.warmup, "repeats": a.repeats, "steps": a.steps,

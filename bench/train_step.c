@@ -5,6 +5,7 @@
  *   build/bench/bench_train_step --model resnet8x4 --teacher resnet32x4 --mode kd
  *       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]
  *       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]
+ *       [--n-train N]
  *
  * What one step is: kd_train_step (include/kd/train.h), the step `kd train`
  * and `kd distill` run, minus data loading:
@@ -13,7 +14,11 @@
  *   infer  graph reset, forward in eval mode with gradients disabled;
  *   kd     method "kd" (or --method NAME): teacher forward in eval mode
  *          without gradients, then the student's step with the method's loss
- *          (kd: 0.1 CE + 0.9 KL, T 4).
+ *          (kd: 0.1 CE + 0.9 KL, T 4). --n-train sets the training-set size
+ *          the method sees (CRD: its two N x 128 memory banks; default the
+ *          batch); image i < N of the batch is training image i, and image
+ *          j has label j mod classes beyond the batch. CRD's sampler draws
+ *          its 16384 negatives per sample inside the timed step.
  * The input is one batch of (N, 3, 32, 32) uniform noise with random labels in
  * [0, classes), made once: the benchmark measures compute, not the loader.
  * After `warmup` steps it times `repeats` runs of `steps` steps each; each run
@@ -53,6 +58,7 @@
 typedef struct {
     const char *model, *teacher, *mode, *backend, *precision, *method;
     int batch, threads, classes, warmup, repeats, steps;
+    int64_t n_train;
     float lr;
 } bench_cfg;
 
@@ -133,7 +139,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: bench_train_step --model NAME [--mode train|infer|kd] [--teacher NAME]\n"
             "       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]\n"
-            "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]\n");
+            "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]\n"
+            "       [--n-train N]\n");
     exit(2);
 }
 
@@ -158,12 +165,14 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         else if (!strcmp(k, "--repeats")) c->repeats = atoi(v);
         else if (!strcmp(k, "--steps")) c->steps = atoi(v);
         else if (!strcmp(k, "--lr")) c->lr = (float)atof(v);
+        else if (!strcmp(k, "--n-train")) c->n_train = atoll(v);
         else usage();
     }
     if (!c->model || c->batch < 1 || c->classes < 2 || c->warmup < 0 || c->repeats < 1 || c->steps < 1 ||
         (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")) ||
         (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16")))
         usage();
+    if (c->n_train < c->batch) c->n_train = c->batch;
     /* --mode kd runs Hinton KD unless --method names another method. */
     if (!c->method) c->method = strcmp(c->mode, "kd") ? "none" : "kd";
 }
@@ -197,6 +206,26 @@ int main(int argc, char **argv) {
     double t_fwd = teacher ? forward_flops_per_image(teacher) : 0.0;
     double flops_img = infer ? fwd : 3.0 * fwd + t_fwd;
 
+    /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes);
+     * the training set's labels: the batch's, then j mod classes. */
+    const int64_t N = c.batch;
+    float *xb = malloc(sizeof(float) * (size_t)(N * 3 * 32 * 32));
+    int32_t *yb = malloc(sizeof(int32_t) * (size_t)N);
+    int64_t *idx = malloc(sizeof(int64_t) * (size_t)N);
+    int32_t *train_labels = malloc(sizeof(int32_t) * (size_t)c.n_train);
+    if (!xb || !yb || !idx || !train_labels) {
+        fprintf(stderr, "bench_train_step: out of memory\n");
+        return 1;
+    }
+    kd_rng rng;
+    kd_rng_init(&rng, 7, 1);
+    for (int64_t i = 0; i < N * 3 * 32 * 32; i++) xb[i] = 2.0f * kd_rng_uniform(&rng) - 1.0f;
+    for (int64_t i = 0; i < N; i++) {
+        yb[i] = (int32_t)(kd_rng_uniform(&rng) * (float)c.classes) % c.classes;
+        idx[i] = i;
+    }
+    for (int64_t j = 0; j < c.n_train; j++) train_labels[j] = j < N ? yb[j] : (int32_t)(j % c.classes);
+
     kd_trainer *tr = NULL;
     kd_graph *g = NULL;
     if (!infer) {
@@ -211,7 +240,8 @@ int main(int argc, char **argv) {
                              .height = 32,
                              .width = 32,
                              .num_classes = c.classes,
-                             .n_train = c.batch,
+                             .n_train = c.n_train,
+                             .train_labels = train_labels,
                              .seed = 1};
         tc.optim.lr = c.lr;
         tc.optim.momentum = 0.9f;
@@ -221,23 +251,6 @@ int main(int argc, char **argv) {
     } else {
         CHECK(kd_graph_init(&g, g_real_be), "graph");
         CHECK(kd_graph_set_precision(g, strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16), "precision");
-    }
-
-    /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes). */
-    const int64_t N = c.batch;
-    float *xb = malloc(sizeof(float) * (size_t)(N * 3 * 32 * 32));
-    int32_t *yb = malloc(sizeof(int32_t) * (size_t)N);
-    int64_t *idx = malloc(sizeof(int64_t) * (size_t)N);
-    if (!xb || !yb || !idx) {
-        fprintf(stderr, "bench_train_step: out of memory\n");
-        return 1;
-    }
-    kd_rng rng;
-    kd_rng_init(&rng, 7, 1);
-    for (int64_t i = 0; i < N * 3 * 32 * 32; i++) xb[i] = 2.0f * kd_rng_uniform(&rng) - 1.0f;
-    for (int64_t i = 0; i < N; i++) {
-        yb[i] = (int32_t)(kd_rng_uniform(&rng) * (float)c.classes) % c.classes;
-        idx[i] = i;
     }
 
     kd_model_set_training(student, !infer);
@@ -269,12 +282,12 @@ int main(int argc, char **argv) {
     }
     qsort(ips, (size_t)c.repeats, sizeof ips[0], cmp_d);
     double med = c.repeats % 2 ? ips[c.repeats / 2] : 0.5 * (ips[c.repeats / 2 - 1] + ips[c.repeats / 2]);
-    printf("{\"framework\": \"kd\", \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
+    printf("{\"framework\": \"kd\", \"method\": \"%s\", \"n_train\": %lld, \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
            "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"warmup\": %d, \"repeats\": %d, "
            "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
            "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
            "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"}\n",
-           c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
+           c.method, (long long)c.n_train, c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
            c.batch, kd_get_num_threads(), c.classes, c.warmup, c.repeats, c.steps, med, ips[0],
            ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
            peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");
@@ -282,6 +295,7 @@ int main(int argc, char **argv) {
     free(xb);
     free(yb);
     free(idx);
+    free(train_labels);
     if (tr) kd_trainer_free(tr);
     else kd_graph_free(g);
     kd_model_free(student);
