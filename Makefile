@@ -5,7 +5,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build run test asan fixtures bench clean
+.PHONY: all deps build run test asan fuzz fuzz-ci fixtures bench clean
 
 all: build
 
@@ -22,11 +22,25 @@ run: build
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j 1
 
-# The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
+# The suite under AddressSanitizer and UndefinedBehaviorSanitizer (every test;
+# any sanitizer report fails the test that triggered it).
+ASAN_BUILD ?= build-asan
 asan: deps
-	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKD_SANITIZE=ON >/dev/null
-	@cmake --build build-asan -j $(JOBS)
-	@cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j 1
+	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKD_SANITIZE=ON $(CMAKE_FLAGS) >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+	@cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j 1
+
+# libFuzzer targets (clang, ASan + UBSan) in build-fuzz: every target for
+# FUZZ_SECONDS (default 60) each, growing build-fuzz/corpus; fuzz-ci runs each
+# for about a minute on the committed corpus (fuzz/corpus) only.
+# docs/RELIABILITY.md has the campaign figures.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
+
+fuzz-ci:
+	@FUZZ_SECONDS=60 bash fuzz/run.sh ci
 
 # Regenerates tests/fixtures with Debian's python3-torch and python3-torchvision
 # (not needed to build or test).
@@ -37,4 +51,4 @@ fixtures:
 	@/usr/bin/python3 tools/gen_imagenet_fixtures.py tests/fixtures
 
 clean:
-	rm -rf $(BUILD) build-asan
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,7 +1,10 @@
 /*
  * test_autograd.c: the autograd layer (src/autograd).
  *
- *   - The op table: every kd_op has a name, a forward and a backward rule.
+ *   - The op table: every kd_op has a name, a forward and a backward rule,
+ *     derived from the table's function pointers and the reference
+ *     backend's kernels; and those checks fail on broken copies of the table
+ *     (a test of the test).
  *   - Central finite differences for every op with respect to every
  *     differentiable input, on the "ref" backend and, when it is built, on
  *     the "cpu" (oneDNN) backend. The scalar objective is J = sum(out * r)
@@ -490,6 +493,15 @@ static void free_running_stats(void) {
     g_rmean = g_rvar = NULL;
 }
 
+/* The first op that no finite-difference case ran (seen[op] == 0), or NULL.
+ * to_strided counts only on a backend with blocked layouts. */
+static const char *fd_missing_op(const int *seen, const kd_backend *be) {
+    for (int op = 0; op < KD_OP_COUNT; op++)
+        if (!seen[op] && !(op == KD_OP_TO_STRIDED && !be->blocked_channels))
+            return kd_op_get_info((kd_op)op)->name;
+    return NULL;
+}
+
 static void fd_all(kd_backend *be) {
     int seen[KD_OP_COUNT] = {0};
     setup_running_stats();
@@ -500,27 +512,90 @@ static void fd_all(kd_backend *be) {
         run_fd_case(be, &fd_cases[i], seen);
     }
     free_running_stats();
-    for (int op = 0; op < KD_OP_COUNT; op++)
-        if (!seen[op] && !(op == KD_OP_TO_STRIDED && !be->blocked_channels))
-            fail_msg("op %s has no finite-difference case", kd_op_get_info(op)->name);
+    const char *missing = fd_missing_op(seen, be);
+    if (missing) fail_msg("op %s has no finite-difference case", missing);
 }
 
 /* -------------------------------------------------------------- tests */
 
 static void test_op_table(void **state) {
     (void)state;
+    char msg[4096];
+    const char *names[] = {"ref", "cpu"};
+    for (int b = 0; b < 2; b++) {
+        kd_backend *be = backend(names[b]);
+        if (!be) continue; /* cpu: not built in */
+        if (kd__op_table_check(kd__op_table, KD_OP_COUNT, be, msg, sizeof msg) != 0)
+            fail_msg("op table on %s:\n%s", names[b], msg);
+    }
     for (int op = 0; op < KD_OP_COUNT; op++) {
         const kd_op_info *info = kd_op_get_info((kd_op)op);
         assert_non_null(info);
-        if (!info->name) fail_msg("op %d has no table entry", op);
+        assert_string_equal(info->name, kd__op_table[op].name);
         if (!info->has_forward) fail_msg("op %s has no forward", info->name);
-        if (!info->has_backward || !kd__op_table[op].backward)
-            fail_msg("op %s has no backward rule", info->name);
-        for (int k = 0; k < op; k++)
-            if (strcmp(kd_op_get_info((kd_op)k)->name, info->name) == 0)
-                fail_msg("ops %d and %d share the name %s", k, op, info->name);
+        if (!info->has_backward) fail_msg("op %s has no backward rule", info->name);
     }
     assert_null(kd_op_get_info(KD_OP_COUNT));
+}
+
+/* A test of the tests above: the checks must fail on a table that lost a
+ * backward rule, a forward, an entry or a name, and on a reference backend
+ * that lost a kernel; and the finite-difference coverage must name an op
+ * without a case. */
+static void test_op_table_checks_can_fail(void **state) {
+    (void)state;
+    kd_backend *ref = backend("ref");
+    assert_non_null(ref);
+    static kd__op_entry t[KD_OP_COUNT];
+    char msg[4096];
+    kd_op_info info;
+
+    memcpy(t, kd__op_table, sizeof t);
+    assert_int_equal(kd__op_table_check(t, KD_OP_COUNT, ref, msg, sizeof msg), 0);
+    for (int op = 0; op < KD_OP_COUNT; op++) {
+        memcpy(t, kd__op_table, sizeof t);
+        t[op].backward = NULL;
+        kd__op_info_derive(&t[op], ref, &info);
+        assert_int_equal(info.has_backward, 0);
+        assert_int_equal(info.has_forward, 1);
+        assert_int_equal(kd__op_table_check(t, KD_OP_COUNT, ref, msg, sizeof msg), 1);
+        if (!strstr(msg, "no backward") || !strstr(msg, kd__op_table[op].name))
+            fail_msg("a missing backward of %s went unreported: %s", kd__op_table[op].name, msg);
+        t[op] = kd__op_table[op];
+        t[op].forward = NULL;
+        kd__op_info_derive(&t[op], ref, &info);
+        assert_int_equal(info.has_forward, 0);
+        assert_int_equal(kd__op_table_check(t, KD_OP_COUNT, ref, msg, sizeof msg), 1);
+        assert_non_null(strstr(msg, "no forward"));
+        memset(&t[op], 0, sizeof t[op]); /* a hole in the designated initialisers */
+        assert_int_equal(kd__op_table_check(t, KD_OP_COUNT, ref, msg, sizeof msg), 1);
+        assert_non_null(strstr(msg, "no table entry"));
+    }
+    memcpy(t, kd__op_table, sizeof t);
+    t[KD_OP_SUM].name = t[KD_OP_MEAN].name;
+    assert_int_equal(kd__op_table_check(t, KD_OP_COUNT, ref, msg, sizeof msg), 1);
+    assert_non_null(strstr(msg, "share the name"));
+
+    /* A reference backend without a kernel leaves the ops that call it
+     * without a forward (or backward). */
+    kd_backend broken = *ref;
+    broken.conv2d_backward_weights = NULL;
+    broken.eltwise_forward = NULL;
+    kd__op_info_derive(&kd__op_table[KD_OP_CONV2D], &broken, &info);
+    assert_int_equal(info.has_forward, 1);
+    assert_int_equal(info.has_backward, 0);
+    kd__op_info_derive(&kd__op_table[KD_OP_EXP], &broken, &info);
+    assert_int_equal(info.has_forward, 0);
+    /* conv2d (backward) and relu, leaky_relu, exp, log (forward). */
+    assert_int_equal(kd__op_table_check(kd__op_table, KD_OP_COUNT, &broken, msg, sizeof msg), 5);
+
+    int seen[KD_OP_COUNT];
+    for (int op = 0; op < KD_OP_COUNT; op++) seen[op] = 1;
+    assert_null(fd_missing_op(seen, ref));
+    seen[KD_OP_KL_DIV] = 0;
+    const char *m = fd_missing_op(seen, ref);
+    assert_non_null(m);
+    assert_string_equal(m, "kl_div");
 }
 
 static void test_fd_ref(void **state) {
@@ -888,6 +963,7 @@ static void test_thread_determinism(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_op_table),
+        cmocka_unit_test(test_op_table_checks_can_fail),
         cmocka_unit_test(test_fd_ref),
         cmocka_unit_test(test_fd_cpu),
         cmocka_unit_test(test_accumulation),

@@ -1589,7 +1589,7 @@ static void test_teacher_required(void **state) {
 static const char *tiny_data_setting(const char *method, char *key, size_t nkey, const char **value) {
     static const struct {
         const char *method, *key, *value;
-    } tiny[] = {{"crd", "crd.nce_k", "16"}};
+    } tiny[] = {{"crd", "crd.nce_k", "16"}, {"sskd", "sskd.head_epochs", "1"}};
     for (size_t i = 0; i < sizeof tiny / sizeof tiny[0]; i++)
         if (!strcmp(tiny[i].method, method)) {
             snprintf(key, nkey, "%s", tiny[i].key);
@@ -1626,6 +1626,39 @@ static void test_crd_refusals(void **state) {
     snprintf(spec, sizeof spec, "list:%s", img);
     p = RUN("distill", "--method", "crd", TRAIN_FLAGS(spec, out, "1"), "--teacher-ckpt", teacher);
     EXPECT_FAIL(&p, 2, "needs labels");
+    kd_test_proc_free(&p);
+}
+
+/* SSKD refuses, with exit 2 and one message naming the settings, before
+ * training: a teacher without a trained head when sskd.head_epochs is 0 (no
+ * artifact in the run directory, no sskd.teacher_head), and a head file
+ * whose shapes do not fit the teacher's feat[-1]. */
+static void test_sskd_refusals(void **state) {
+    (void)state;
+    if (!kd_method_find("sskd")) skip();
+    char teacher[PATHN], out[DIRN], head[DIRN + 64], set[DIRN + 96];
+    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    tmp_path(out, sizeof out, "run_sskd_refused");
+    kd_test_proc p = RUN("distill", "--method", "sskd", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", teacher,
+                         "--set", "sskd.head_epochs=0");
+    EXPECT_FAIL(&p, 2, "sskd.head_epochs is 0", "sskd.teacher_head");
+    kd_test_proc_free(&p);
+    /* A head of dimension 3, which no teacher of the tiny runs has. */
+    tmp_path(head, sizeof head, "sskd_bad_head.safetensors");
+    static float w[9], b[3];
+    int64_t ws[2] = {3, 3}, bs[1] = {3};
+    kd_st_writer *wr = NULL;
+    KD_ASSERT_OK(kd_st_writer_init(&wr));
+    KD_ASSERT_OK(kd_st_writer_add(wr, "ss_t.proj_head.0.weight", KD_F32, 2, ws, w));
+    KD_ASSERT_OK(kd_st_writer_add(wr, "ss_t.proj_head.0.bias", KD_F32, 1, bs, b));
+    KD_ASSERT_OK(kd_st_writer_add(wr, "ss_t.proj_head.2.weight", KD_F32, 2, ws, w));
+    KD_ASSERT_OK(kd_st_writer_add(wr, "ss_t.proj_head.2.bias", KD_F32, 1, bs, b));
+    KD_ASSERT_OK(kd_st_writer_save(wr, head));
+    kd_st_writer_free(wr);
+    snprintf(set, sizeof set, "sskd.teacher_head=%s", head);
+    tmp_path(out, sizeof out, "run_sskd_refused2");
+    p = RUN("distill", "--method", "sskd", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", teacher, "--set", set);
+    EXPECT_FAIL(&p, 2, "sskd.teacher_head", "does not fit the teacher", "(3, 3)");
     kd_test_proc_free(&p);
 }
 
@@ -1894,6 +1927,7 @@ int main(void) {
         cmocka_unit_test(test_unknown_method_lists),
         cmocka_unit_test(test_teacher_required),
         cmocka_unit_test(test_crd_refusals),
+        cmocka_unit_test(test_sskd_refusals),
         cmocka_unit_test(test_method_settings_recorded),
         cmocka_unit_test(test_yaml_method_keys),
         cmocka_unit_test(test_milestone_warning),

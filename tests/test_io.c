@@ -647,22 +647,92 @@ static void test_atomic_write_midway_failure(void **state) {
     assert_false(tmp_left);
 }
 
-/* An unwritable directory (meaningless as root, who may write anyway). */
+/* An unwritable directory. Root may write anyway, so as root (CI) the write
+ * runs in a child that first drops to the unprivileged uid/gid 65534
+ * ("nobody"); the child reports each check through its exit status. */
+static int readonly_write_checks(const char *path) {
+    kd_status st = kd_file_write_atomic(path, "new", 3);
+    if (st != KD_ERR_IO) return 10;
+    if (!strstr(kd_last_error(), path)) return 11;
+    if (!strstr(kd_last_error(), strerror(EACCES))) return 12;
+    return 0;
+}
+
 static void test_atomic_write_readonly_dir(void **state) {
     (void)state;
-    if (geteuid() == 0) skip();
     const char *dir = tpath("atomic_ro");
     char path[1300];
     snprintf(path, sizeof path, "%s/summary.json", dir);
     KD_ASSERT_OK(kd_mkdirs(dir));
     KD_ASSERT_OK(kd_file_write_atomic(path, "old", 3));
     assert_int_equal(chmod(dir, 0555), 0);
-    kd_status st = kd_file_write_atomic(path, "new", 3);
+    int rc;
+    if (geteuid() != 0) {
+        rc = readonly_write_checks(path);
+    } else {
+        fflush(NULL);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            if (setgid(65534) != 0 || setuid(65534) != 0) _exit(20);
+            if (geteuid() == 0) _exit(21);
+            _exit(readonly_write_checks(path));
+        }
+        int ws;
+        assert_int_equal(waitpid(pid, &ws, 0), pid);
+        rc = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+    }
     chmod(dir, 0755);
-    assert_int_equal(st, KD_ERR_IO);
-    assert_msg_has(path);
-    assert_msg_has(strerror(EACCES));
+    if (rc != 0)
+        fail_msg("write into a read-only directory: check %d failed (10 status, 11 path in the "
+                 "message, 12 strerror(EACCES), 20-21 dropping root)", rc);
     expect_content(path, "old");
+}
+
+/* A directory that cannot be opened for its fsync (mode 0300: files can be
+ * created and renamed in it, but it cannot be opened for reading) makes
+ * kd_file_write_atomic fail with KD_ERR_IO naming the directory fsync: a
+ * failed directory fsync is an error, not a warning. As root the write runs
+ * in a child that drops to uid/gid 65534, which owns the directory. */
+static int dir_fsync_checks(const char *path) {
+    kd_status st = kd_file_write_atomic(path, "new", 3);
+    if (st != KD_ERR_IO) return 10;
+    if (!strstr(kd_last_error(), path)) return 11;
+    if (!strstr(kd_last_error(), "fsync of its directory")) return 12;
+    return 0;
+}
+
+static void test_atomic_write_dir_fsync_fails(void **state) {
+    (void)state;
+    const char *dir = tpath("atomic_nosync");
+    char path[1300];
+    snprintf(path, sizeof path, "%s/last.safetensors", dir);
+    KD_ASSERT_OK(kd_mkdirs(dir));
+    int rc;
+    if (geteuid() != 0) {
+        assert_int_equal(chmod(dir, 0300), 0);
+        rc = dir_fsync_checks(path);
+    } else {
+        assert_int_equal(chown(dir, 65534, 65534), 0);
+        assert_int_equal(chmod(dir, 0300), 0);
+        fflush(NULL);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            if (setgid(65534) != 0 || setuid(65534) != 0) _exit(20);
+            if (geteuid() == 0) _exit(21);
+            _exit(dir_fsync_checks(path));
+        }
+        int ws;
+        assert_int_equal(waitpid(pid, &ws, 0), pid);
+        rc = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+    }
+    chmod(dir, 0755);
+    if (rc != 0)
+        fail_msg("failed directory fsync: check %d failed (10 not KD_ERR_IO, 11 path not in the "
+                 "message, 12 no mention of the directory fsync, 20-21 dropping root)", rc);
+    /* The file itself is complete: only its directory entry is not durable. */
+    expect_content(path, "new");
 }
 
 /* -------------------------------------------------------------- fs helpers */
@@ -853,6 +923,7 @@ int main(void) {
         cmocka_unit_test(test_atomic_write_create_fails),
         cmocka_unit_test(test_atomic_write_midway_failure),
         cmocka_unit_test(test_atomic_write_readonly_dir),
+        cmocka_unit_test(test_atomic_write_dir_fsync_fails),
         cmocka_unit_test(test_fs_helpers),
         cmocka_unit_test(test_json_writers),
         cmocka_unit_test(test_json_parser),

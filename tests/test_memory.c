@@ -104,12 +104,12 @@ static int run_child(int released) {
 }
 #endif
 
+/* Registered only in AddressSanitizer builds (make asan, CI): elsewhere
+ * there is nothing to check, and a case that always skips would mark the
+ * whole program skipped. */
+#ifdef TEST_ASAN
 static void test_use_after_release_asan(void **state) {
     (void)state;
-#ifndef TEST_ASAN
-    fprintf(stderr, "  (not an AddressSanitizer build)\n");
-    skip();
-#else
     /* Released data is poisoned, kept data and earlier tensors are not. */
     kd_graph *g = graph_new(backend("ref"));
     kd_tensor *x = big_input(g, 1.0f);
@@ -130,8 +130,8 @@ static void test_use_after_release_asan(void **state) {
     assert_int_equal(run_child(0), 0);
     int rc = run_child(1);
     if (rc == 0) fail_msg("reading a released tensor went unnoticed under AddressSanitizer");
-#endif
 }
+#endif
 
 /* ------------------------------------------------------- scope semantics */
 
@@ -446,7 +446,9 @@ static void test_distill_step(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         /* First, while the process has no OpenMP threads (it forks). */
+#ifdef TEST_ASAN
         cmocka_unit_test(test_use_after_release_asan),
+#endif
         cmocka_unit_test(test_scope_nograd),
         cmocka_unit_test(test_scope_retention),
         cmocka_unit_test(test_nograd_forward_peak),

@@ -14,7 +14,9 @@
  *
  * A coverage test fails when some kd_op has no case in the fixture, when
  * kd_op_get_info() reports a missing forward or backward, or when a case names
- * an op kd does not know. A case whose op returns NULL (unimplemented,
+ * an op kd does not know; test_coverage_can_fail runs the same rules on
+ * broken copies of the op infos and the case list and requires each breakage
+ * to be reported. A case whose op returns NULL (unimplemented,
  * unsupported on the backend) fails.
  *
  * Tolerances (|got - want| <= atol + rtol * |want| elementwise). The fixture
@@ -382,49 +384,95 @@ static void run_case(void **state) {
                err_grad);
 }
 
-/* Every kd_op has a forward, a backward and at least one fixture case named
- * after it; every case names a known op. */
-static void test_coverage(void **state) {
-    (void)state;
-    if (g_open_error) fail_msg("%s", g_open_error);
+/* The coverage rules, on any op-info table and case list so that a test can
+ * run them on broken copies: every op has a name, a forward, a backward and
+ * at least one case named "<op>" or "<op>_<variant>" whose op is it; every
+ * case names a known op. Prints one line per problem to log (NULL: silent);
+ * returns the count. */
+static int coverage_problems(const kd_op_info *const *infos, int n_ops, const fx_case *cases,
+                             int ncases, FILE *log) {
     int missing = 0;
-    for (int op = 0; op < KD_OP_COUNT; op++) {
-        const kd_op_info *info = kd_op_get_info((kd_op)op);
+    for (int op = 0; op < n_ops; op++) {
+        const kd_op_info *info = infos[op];
         if (!info || !info->name) {
-            fprintf(stderr, "op %d: no kd_op_info\n", op);
+            if (log) fprintf(log, "op %d: no kd_op_info\n", op);
             missing++;
             continue;
         }
         if (!info->has_forward || !info->has_backward) {
-            fprintf(stderr, "op %s: has_forward %d has_backward %d\n", info->name,
+            if (log) fprintf(log, "op %s: has_forward %d has_backward %d\n", info->name,
                     info->has_forward, info->has_backward);
             missing++;
         }
         size_t len = strlen(info->name);
         int found = 0;
-        for (int i = 0; i < g_ncases && !found; i++) {
-            const char *cn = g_cases[i].name;
-            found = !strcmp(g_cases[i].op, info->name) && !strncmp(cn, info->name, len) &&
+        for (int i = 0; i < ncases && !found; i++) {
+            const char *cn = cases[i].name;
+            found = !strcmp(cases[i].op, info->name) && !strncmp(cn, info->name, len) &&
                     (cn[len] == '\0' || cn[len] == '_');
         }
         if (!found) {
-            fprintf(stderr, "op %s: no case in ops.safetensors\n", info->name);
+            if (log) fprintf(log, "op %s: no case in ops.safetensors\n", info->name);
             missing++;
         }
     }
-    for (int i = 0; i < g_ncases; i++) {
+    for (int i = 0; i < ncases; i++) {
         int known = 0;
-        for (int op = 0; op < KD_OP_COUNT && !known; op++) {
-            const kd_op_info *info = kd_op_get_info((kd_op)op);
-            known = info && info->name && !strcmp(info->name, g_cases[i].op);
-        }
+        for (int op = 0; op < n_ops && !known; op++)
+            known = infos[op] && infos[op]->name && !strcmp(infos[op]->name, cases[i].op);
         if (!known) {
-            fprintf(stderr, "case %s: op \"%s\" is not a kd_op\n", g_cases[i].name,
-                    g_cases[i].op);
+            if (log)
+                fprintf(log, "case %s: op \"%s\" is not a kd_op\n", cases[i].name, cases[i].op);
             missing++;
         }
     }
+    return missing;
+}
+
+/* Every kd_op has a forward, a backward and at least one fixture case named
+ * after it; every case names a known op. */
+static void test_coverage(void **state) {
+    (void)state;
+    if (g_open_error) fail_msg("%s", g_open_error);
+    const kd_op_info *infos[KD_OP_COUNT];
+    for (int op = 0; op < KD_OP_COUNT; op++) infos[op] = kd_op_get_info((kd_op)op);
+    int missing = coverage_problems(infos, KD_OP_COUNT, g_cases, g_ncases, stderr);
     if (missing) fail_msg("%d coverage problem(s), listed above", missing);
+}
+
+/* A test of test_coverage: its rules must fail when an op loses its backward
+ * or its forward, when every case of an op is dropped from the fixture, and
+ * when a case names an unknown op. */
+static void test_coverage_can_fail(void **state) {
+    (void)state;
+    if (g_open_error) fail_msg("%s", g_open_error);
+    const kd_op_info *infos[KD_OP_COUNT];
+    kd_op_info broken;
+    for (int op = 0; op < KD_OP_COUNT; op++) infos[op] = kd_op_get_info((kd_op)op);
+    fx_case *kept = calloc((size_t)g_ncases + 1, sizeof *kept);
+    assert_non_null(kept);
+    for (int op = 0; op < KD_OP_COUNT; op++) {
+        const kd_op_info *real = infos[op];
+        broken = *real;
+        broken.has_backward = 0;
+        infos[op] = &broken;
+        assert_int_equal(coverage_problems(infos, KD_OP_COUNT, g_cases, g_ncases, NULL), 1);
+        broken = *real;
+        broken.has_forward = 0;
+        assert_int_equal(coverage_problems(infos, KD_OP_COUNT, g_cases, g_ncases, NULL), 1);
+        infos[op] = real;
+        /* Drop every case of this op from the fixture. */
+        int n = 0;
+        for (int i = 0; i < g_ncases; i++)
+            if (strcmp(g_cases[i].op, real->name) != 0) kept[n++] = g_cases[i];
+        assert_true(n < g_ncases);
+        assert_int_equal(coverage_problems(infos, KD_OP_COUNT, kept, n, NULL), 1);
+    }
+    /* A case whose op kd does not know. */
+    for (int i = 0; i < g_ncases; i++) kept[i] = g_cases[i];
+    kept[g_ncases] = (fx_case){"warp_affine", NULL, "warp_affine"};
+    assert_int_equal(coverage_problems(infos, KD_OP_COUNT, kept, g_ncases + 1, NULL), 1);
+    free(kept);
 }
 
 /* ----------------------------------------------------------------- main */
@@ -487,16 +535,17 @@ int main(void) {
     else
         printf("cpu backend not available (%s): testing ref only\n", kd_last_error());
 
-    int ntests = 1 + (g_open_error ? 0 : nbe * g_ncases);
+    int ntests = 2 + (g_open_error ? 0 : nbe * g_ncases);
     struct CMUnitTest *tests = calloc((size_t)ntests, sizeof *tests);
     fx_run *runs = calloc((size_t)(nbe * g_ncases + 1), sizeof *runs);
     char **names = calloc((size_t)ntests, sizeof *names);
     if (!tests || !runs || !names) return 2;
     tests[0] = (struct CMUnitTest)cmocka_unit_test(test_coverage);
-    int k = 1;
+    tests[1] = (struct CMUnitTest)cmocka_unit_test(test_coverage_can_fail);
+    int k = 2;
     for (int b = 0; b < nbe && !g_open_error; b++)
         for (int i = 0; i < g_ncases; i++, k++) {
-            fx_run *run = &runs[k - 1];
+            fx_run *run = &runs[k - 2];
             run->c = &g_cases[i];
             run->backend = backends[b];
             size_t len = strlen(backends[b]) + strlen(g_cases[i].name) + 2;

@@ -4,8 +4,9 @@
  *     kd_train_cfg_resolve: a registered method with valid settings, registered
  *     student and teacher architectures), follows the RepDistiller recipe of
  *     METHODS.md section 0, names in its directory and file name the pair and
- *     method it configures, and carries DKD's per-pair NCKD weight of METHODS.md
- *     section 17;
+ *     method it configures ("<method>+kd.yaml": the method with alpha 1, as
+ *     RepDistiller's CRD+KD), and carries DKD's per-pair NCKD weight of
+ *     METHODS.md section 17;
  *   - every pair of METHODS.md section 10 has a recipe for every registered
  *     method, and every teacher a training recipe;
  *   - one recipe runs end to end through the kd program on a few hundred
@@ -176,8 +177,15 @@ static int check_pair_dir(const char *pair_dir, const char *teacher, const char 
         load_recipe(path, &c);
         check_shared_recipe(path, &c);
         check_header(path);
-        if (strlen(c.distill.method) != len - 5 || strncmp(c.distill.method, names[i], len - 5) != 0)
+        /* "<method>.yaml", or "<method>+kd.yaml": the method with the KD term
+         * at weight 1 (RepDistiller's "-a 1", e.g. CRD+KD). */
+        size_t stem = len - 5;
+        int with_kd = stem > 3 && !strncmp(names[i] + stem - 3, "+kd", 3);
+        if (with_kd) stem -= 3;
+        if (strlen(c.distill.method) != stem || strncmp(c.distill.method, names[i], stem) != 0)
             fail_msg("%s configures method '%s'", path, c.distill.method);
+        if (with_kd && c.distill.alpha != 1.0f)
+            fail_msg("%s: a +kd recipe has alpha %g, not 1", path, (double)c.distill.alpha);
         if (strcmp(c.model, student) != 0) fail_msg("%s: student '%s', the directory says '%s'", path, c.model, student);
         if (kd_distill_needs_teacher(&c.distill)) {
             char want[600];
@@ -188,7 +196,7 @@ static int check_pair_dir(const char *pair_dir, const char *teacher, const char 
             fail_msg("%s: method %s uses no teacher but the recipe loads %s", path, c.distill.method, c.teacher_ckpt);
         }
         char want_out[600];
-        snprintf(want_out, sizeof want_out, "runs/cifar100/%s/%s", pair_dir, c.distill.method);
+        snprintf(want_out, sizeof want_out, "runs/cifar100/%s/%s%s", pair_dir, c.distill.method, with_kd ? "+kd" : "");
         if (strcmp(c.out, want_out) != 0) fail_msg("%s: out %s, want %s", path, c.out, want_out);
         if (!strcmp(c.distill.method, "dkd")) {
             setting_probe p = {"dkd.beta", "", 0};

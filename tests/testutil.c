@@ -17,6 +17,18 @@
 
 extern char **environ;
 
+int kd_test_skipped;
+
+int kd_test_group_rc(int cmocka_rc) {
+    if (cmocka_rc != 0) return cmocka_rc;
+    if (kd_test_skipped > 0) {
+        fprintf(stderr, "%d case(s) skipped: exit status %d (ctest reports the test as skipped)\n",
+                kd_test_skipped, KD_TEST_SKIP_CODE);
+        return KD_TEST_SKIP_CODE;
+    }
+    return 0;
+}
+
 double kd_test_check_close(const float *a, const float *b, int64_t n, double atol, double rtol,
                            const char *what, const char *file, int line) {
     double worst = 0, maxabs = 0;
@@ -350,7 +362,148 @@ int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, s
     return msg[0] != 0;
 }
 
+/* ------------------------------------------------ hostile input (test_hostile) */
+
+#include <sys/resource.h>
+#include <zlib.h>
 #include <jpeglib.h>
+
+kd_test_measured kd_test_measure(kd_status (*fn)(void *arg), void *arg) {
+    kd_test_measured m;
+    memset(&m, 0, sizeof m);
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        long start = ru.ru_maxrss;
+        kd_test_measured c;
+        memset(&c, 0, sizeof c);
+        c.status = fn(arg);
+        snprintf(c.error, sizeof c.error, "%s", c.status == KD_OK ? "" : kd_last_error());
+        getrusage(RUSAGE_SELF, &ru);
+        c.peak_kib = ru.ru_maxrss;
+        c.growth_kib = ru.ru_maxrss - start;
+        ssize_t w = write(fds[1], &c, sizeof c);
+        _exit(w == (ssize_t)sizeof c ? 0 : 3);
+    }
+    close(fds[1]);
+    size_t got = 0;
+    while (got < sizeof m) {
+        ssize_t r = read(fds[0], (char *)&m + got, sizeof m - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fds[0]);
+    int ws = 0;
+    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0 || got != sizeof m)
+        fail_msg("measured child %s (status 0x%x, %zu of %zu result bytes)",
+                 WIFSIGNALED(ws) ? "was killed by a signal" : "failed", ws, got, sizeof m);
+    return m;
+}
+
+void kd_test_write_gz(const char *path, const void *data, size_t n) {
+    gzFile f = gzopen(path, "wb");
+    assert_non_null(f);
+    if (n) assert_int_equal(gzwrite(f, data, (unsigned)n), (int)n);
+    assert_int_equal(gzclose(f), Z_OK);
+}
+
+void kd_test_write_gz_bomb(const char *path, const void *data, size_t n, uint64_t zeros) {
+    gzFile f = gzopen(path, "wb9");
+    assert_non_null(f);
+    if (n) assert_int_equal(gzwrite(f, data, (unsigned)n), (int)n);
+    static const unsigned char z[1 << 16];
+    while (zeros > 0) {
+        unsigned k = zeros > sizeof z ? (unsigned)sizeof z : (unsigned)zeros;
+        assert_int_equal(gzwrite(f, z, k), (int)k);
+        zeros -= k;
+    }
+    assert_int_equal(gzclose(f), Z_OK);
+}
+
+void kd_test_write_sparse(const char *path, const void *data, size_t n, uint64_t size) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    if (n) assert_int_equal(write(fd, data, n), (ssize_t)n);
+    assert_int_equal(ftruncate(fd, (off_t)size), 0);
+    close(fd);
+}
+
+/* One PNG chunk: length, type, data, CRC over type and data. */
+static size_t kd__png_chunk(unsigned char *o, const char *type, const unsigned char *d, uint32_t n) {
+    kd_test_put_be32(o, n);
+    memcpy(o + 4, type, 4);
+    if (n) memcpy(o + 8, d, n);
+    kd_test_put_be32(o + 8 + n, (uint32_t)crc32(0, o + 4, 4 + n));
+    return 12 + n;
+}
+
+void kd_test_write_png_claiming(const char *path, uint32_t w, uint32_t h) {
+    unsigned char b[256];
+    size_t n = 0;
+    static const unsigned char sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+    memcpy(b, sig, 8);
+    n = 8;
+    unsigned char ihdr[13];
+    kd_test_put_be32(ihdr, w);
+    kd_test_put_be32(ihdr + 4, h);
+    ihdr[8] = 8; /* bit depth */
+    ihdr[9] = 2; /* RGB */
+    ihdr[10] = ihdr[11] = ihdr[12] = 0;
+    n += kd__png_chunk(b + n, "IHDR", ihdr, 13);
+    /* A zlib stream of a few zero bytes: far less than w * h pixels. */
+    unsigned char raw[64] = {0}, z[128];
+    uLongf zn = sizeof z;
+    assert_int_equal(compress(z, &zn, raw, sizeof raw), Z_OK);
+    n += kd__png_chunk(b + n, "IDAT", z, (uint32_t)zn);
+    n += kd__png_chunk(b + n, "IEND", NULL, 0);
+    kd_test_write_file(path, b, n);
+}
+
+void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive) {
+    struct jpeg_compress_struct ci;
+    struct jpeg_error_mgr jerr;
+    ci.err = jpeg_std_error(&jerr);
+    jpeg_create_compress(&ci);
+    unsigned char *mem = NULL;
+    unsigned long mn = 0;
+    jpeg_mem_dest(&ci, &mem, &mn);
+    ci.image_width = 8;
+    ci.image_height = 8;
+    ci.input_components = 3;
+    ci.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&ci);
+    if (progressive) jpeg_simple_progression(&ci);
+    jpeg_start_compress(&ci, TRUE);
+    unsigned char row[24];
+    for (int i = 0; i < 24; i++) row[i] = (unsigned char)(i * 10);
+    JSAMPROW rp = row;
+    while (ci.next_scanline < 8) jpeg_write_scanlines(&ci, &rp, 1);
+    jpeg_finish_compress(&ci);
+    jpeg_destroy_compress(&ci);
+    /* SOF0 or SOF2: FF C0/C2, length (2), precision (1), height (2), width (2). */
+    int patched = 0;
+    for (unsigned long i = 0; i + 9 < mn && !patched; i++) {
+        if (mem[i] == 0xFF && (mem[i + 1] == 0xC0 || mem[i + 1] == 0xC2)) {
+            mem[i + 5] = (unsigned char)(h >> 8);
+            mem[i + 6] = (unsigned char)h;
+            mem[i + 7] = (unsigned char)(w >> 8);
+            mem[i + 8] = (unsigned char)w;
+            patched = 1;
+        }
+    }
+    assert_true(patched);
+    kd_test_write_file(path, mem, mn);
+    free(mem);
+}
 
 void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed) {
     struct jpeg_compress_struct ci;

@@ -14,6 +14,23 @@
 
 #include "kd/core.h"
 
+/* Skipped cases are reported as skipped, never as passed: skip() counts the
+ * skip, and a group run whose cases all passed or skipped, with at least one
+ * skip, returns KD_TEST_SKIP_CODE (77), which tests/CMakeLists.txt declares as
+ * ctest's SKIP_RETURN_CODE. A failure keeps cmocka's nonzero count. Both
+ * cmocka_run_group_tests and direct _cmocka_run_group_tests calls go
+ * through kd_test_group_rc. */
+#define KD_TEST_SKIP_CODE 77
+extern int kd_test_skipped;
+int kd_test_group_rc(int cmocka_rc);
+#undef skip
+#define skip()                            \
+    do {                                  \
+        kd_test_skipped++;                \
+        _skip(__FILE__, __LINE__);        \
+    } while (0)
+#define _cmocka_run_group_tests(...) kd_test_group_rc(_cmocka_run_group_tests(__VA_ARGS__))
+
 #define KD_FIXTURE(name) (KD_SOURCE_DIR "/tests/fixtures/" name)
 
 /* Fails the current cmocka test (with the worst element reported) unless
@@ -141,6 +158,37 @@ enum {
  * not compared. Fails the test when either file cannot be opened (a missing
  * file is neither the same nor different). */
 int kd_test_ckpts_differ(const char *pa, const char *pb, int which, char *msg, size_t msgn);
+
+/* ------------------------------------------------ hostile input (test_hostile) */
+
+/* What a child run by kd_test_measure did: fn's kd_status, kd_last_error()
+ * after it, and its peak resident memory: the high-water mark at the end
+ * (ru_maxrss) and its growth over the mark at the start, in KiB. */
+typedef struct {
+    int status;
+    char error[1024];
+    long peak_kib, growth_kib;
+} kd_test_measured;
+
+/* Runs fn(arg) in a forked child (so no other test's allocations count) and
+ * returns its status, error and peak memory; fails the test when the child
+ * crashes or is killed. */
+kd_test_measured kd_test_measure(kd_status (*fn)(void *arg), void *arg);
+
+/* Writes n bytes to path gzip-compressed. */
+void kd_test_write_gz(const char *path, const void *data, size_t n);
+/* Writes `zeros` zero bytes after n bytes of data to path, gzip-compressed
+ * (a small file that inflates to n + zeros bytes). */
+void kd_test_write_gz_bomb(const char *path, const void *data, size_t n, uint64_t zeros);
+/* A sparse file of `size` bytes (holes, no data) starting with n bytes of
+ * data (n may be 0). */
+void kd_test_write_sparse(const char *path, const void *data, size_t n, uint64_t size);
+/* A PNG (8-bit RGB) whose IHDR claims w x h pixels, followed by one tiny
+ * IDAT chunk and IEND: a valid header with far too little data. */
+void kd_test_write_png_claiming(const char *path, uint32_t w, uint32_t h);
+/* A baseline JPEG of 8x8 pixels whose frame header is patched to claim
+ * w x h (each <= 65535) pixels; progressive != 0 makes it progressive. */
+void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive);
 
 /* A baseline RGB JPEG of w x h random pixels (stream seed). */
 void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed);

@@ -40,7 +40,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "configs", "cifar100")
 
 # Methods in kd's registry order (`kd distill --method list`), "none" first.
-METHODS = ["none", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "pad", "dkd", "dist", "lskd"]
+METHODS = ["none", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "pad", "dkd", "dist", "lskd", "crd",
+           "sskd"]
+
+# Recipes that combine a method with the KD term, as RepDistiller's README shows
+# ("combining CRD with KD": -a 1 -b 0.8): file "<method>+kd.yaml", that method
+# with alpha 1.
+KD_VARIANTS = ["crd"]
 
 # Students trained with lr 0.01 in RepDistiller train_student.py (and mdistiller,
 # DIST, LSKD configs): "if opt.model_s in ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']".
@@ -100,6 +106,8 @@ REPDISTILLER_FLAGS = {
     "rkd": ("rkd", "-a 0 -b 1"),
     "pkt": ("pkt", "-a 0 -b 30000"),
     "nst": ("nst", "-a 0 -b 50"),
+    "crd": ("crd", "-a 0 -b 0.8"),
+    "crd+kd": ("crd", "-a 1 -b 0.8"),
 }
 
 # mdistiller configs/cifar100/dkd/<file>: (file, DKD.BETA or None where the file
@@ -218,6 +226,15 @@ def published_line(method, key, pair):
         return "none for this pair in the logit-standardization-KD README (KD %.2f, student alone %.2f)" % (p_kd, p_student)
     if method == "pad":
         return "none on CIFAR-100 (PAD reports ImageNet only; KD %.2f, student alone %.2f)" % (p_kd, p_student)
+    if method == "crd":
+        return "CRD %.2f (RepDistiller README; KD %.2f, student alone %.2f)" % (p_crd, p_kd, p_student)
+    if method == "crd+kd":
+        return "none in the RepDistiller README, which gives the command only (CRD %.2f, KD %.2f)" % (p_crd, p_kd)
+    if method == "sskd":
+        if p_sskd is not None:
+            return "SSKD %.2f (SSKD README, with its own retrained teachers; KD %.2f, student alone %.2f)" % (
+                p_sskd, p_kd, p_student)
+        return "none for this pair in the SSKD README (KD %.2f, student alone %.2f)" % (p_kd, p_student)
     raise ValueError(method)
 
 
@@ -245,6 +262,10 @@ def source_lines(method, key, t, s):
         why = "the log behind the published number" if key in LSKD else "not reported; the README's --base-temp 2 --kd-weight 9"
         return ["# Source: sunshangquan/logit-standardization-KD (mdistiller/distillers/KD.py with",
                 "# --logit-stand --base-temp %s --kd-weight %s: %s; CE 0.1)." % (fmt(T), fmt(w), why)]
+    if method == "sskd":
+        return ["# Source: xuguodong03/SSKD student.py (weights 0.1 CE, 0.9 KD, 2.7 tf, 10 ss; T 4, 4, 0.5;",
+                "# ratios 1.0 / 0.75: kd's sskd defaults). Stage 1 (teacher head: 60 epochs, lr 0.05,",
+                "# x0.1 at 30 and 45) runs first and is kept as <out>/sskd_teacher_head.safetensors."]
     raise ValueError(method)
 
 
@@ -270,6 +291,7 @@ def method_settings(method, key):
 
 
 def pair_file(pair, method):
+    """The recipe of `method` for the pair; "<m>+kd" is method m with alpha 1."""
     t, s = pair[0], pair[1]
     key = "%s-%s" % (t, s)
     path = "configs/cifar100/%s/%s.yaml" % (key, method)
@@ -287,7 +309,10 @@ def pair_file(pair, method):
         head.append("#       kd train --config configs/cifar100/teachers/%s.yaml --data cifar100:DIR" % t)
     head.append("# Add --seed N for repeats; published numbers are single runs or means over a few seeds.")
     body = recipe_lines(s, lr_for(s), "runs/cifar100/%s/%s" % (key, method))
-    extra = ["method: %s" % method]
+    base = method[:-3] if method.endswith("+kd") else method
+    extra = ["method: %s" % base]
+    if base != method:
+        extra.append("alpha: 1   # the KD term added (RepDistiller README: -a 1 -b 0.8)")
     if method != "none":
         extra += ["teacher: %s" % t, "teacher_ckpt: runs/cifar100/teachers/%s/last.safetensors" % t]
     body[2:2] = extra
@@ -300,6 +325,8 @@ def all_files():
     for pair in PAIRS:
         for m in METHODS:
             files.append(pair_file(pair, m))
+        for m in KD_VARIANTS:
+            files.append(pair_file(pair, m + "+kd"))
     return files
 
 

@@ -2,9 +2,14 @@
 # Installs the Debian packages kd needs to build, test and run its default job.
 # Idempotent: installs only what is missing. Needs root (or sudo) on Debian 12.
 #   KD_DEPS_EXTRA="python3-torch" tools/install-deps.sh   # also the PyTorch reference
+#   KD_CI=1 tools/install-deps.sh   # CI (.ci/run): also PyTorch, so that the PyTorch
+#                                   # round-trip tests always run there
 set -euo pipefail
+ci_pkgs=()
+if [ "${KD_CI:-0}" = 1 ]; then ci_pkgs=(python3-torch python3-torchvision python3-numpy); fi
 pkgs=(build-essential cmake pkg-config libdnnl-dev libcmocka-dev zlib1g-dev libyaml-dev
-      libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist ${KD_DEPS_EXTRA:-})
+      libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist ${ci_pkgs[@]+"${ci_pkgs[@]}"}
+      ${KD_DEPS_EXTRA:-})
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -60,6 +60,10 @@
  *     epoch, index, v) = kd_rng_key(kd_data_sample_key(seed, epoch, index), v),
  *     so a one-view loader gives the same bytes as before views existed and
  *     adding views never changes view 0;
+ *   - a decision shared by every view of a sample (hflip_shared: SSKD's one
+ *     flip before its four rotations) comes from the sample's shared stream
+ *     kd_data_shared_key(seed, epoch, index), so views still draw their own
+ *     crops and a transform without hflip_shared is unchanged;
  *   - with skip_bad, an unreadable sample is replaced by the next readable
  *     index (wrapping), augmented with that index's stream.
  * So a batch depends only on (dataset, cfg, seed, epoch), never on num_workers,
@@ -100,7 +104,10 @@ typedef enum { KD_SPLIT_TRAIN = 0, KD_SPLIT_TEST = 1, KD_SPLIT_UNLABELED = 2 } k
  * ends with it (e.g. emnist-balanced-train-images-idx3-ubyte.gz) is taken; if
  * several match, pass "DIR/PREFIX" (e.g. ".../emnist-balanced") to choose the
  * files PREFIX-train-images-idx3-ubyte[.gz] etc. Magic numbers, dimensions,
- * label/image counts and exact byte lengths are checked; num_classes is the
+ * label/image counts and exact byte lengths are checked, from the headers
+ * before the rest is read: nothing past the length a header implies is
+ * inflated or read (a gzip stream that goes on is "trailing data"), and a
+ * header implying more than the machine's memory is refused; num_classes is the
  * largest label + 1. Images get C = 1. EMNIST images are stored transposed;
  * they are returned as stored (as torchvision does). */
 kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out);
@@ -108,14 +115,17 @@ kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out);
 /* CIFAR binary version. variant 10: data_batch_1..5.bin (train) or
  * test_batch.bin, records of 1 label byte + 3072 image bytes; variant 100:
  * train.bin / test.bin, records of coarse label + fine label + 3072 bytes (the
- * fine label is used). Images are (3, 32, 32); num_classes = variant. */
+ * fine label is used). Images are (3, 32, 32); num_classes = variant. Files
+ * are read as stored: a gzip-compressed one is refused (it could inflate to
+ * anything), and so is one larger than the machine's memory. */
 kd_status kd_dataset_open_cifar(const char *dir, int variant, int train, kd_dataset **out);
 
 /* STL-10 binary version: DIR/{train,test}_X.bin with {train,test}_y.bin, and
  * unlabeled_X.bin. Images are 96x96x3 uint8 stored column-major per channel
  * and returned as (3, 96, 96) row-major; labels 1..10 become 0..9, unlabeled
  * samples get -1 (num_classes stays 10). File sizes and label ranges are
- * checked when opening; records are read with pread when needed. */
+ * checked when opening (the labels file's size against the images file's
+ * before anything is allocated); records are read with pread when needed. */
 kd_status kd_dataset_open_stl10(const char *dir, kd_split split, kd_dataset **out);
 
 /* A torchvision ImageFolder: DIR/<class>/.../NAME.{jpg,jpeg,png} (any case).
@@ -134,7 +144,8 @@ kd_status kd_dataset_open_unlabeled(const char *dir, kd_dataset **out);
  * field; PATH may hold spaces; relative paths are relative to the list's
  * directory); empty lines and lines starting with '#' are skipped. A list
  * whose lines have no labels is unlabeled (-1). num_classes = largest label
- * + 1. Files are not checked until they are read. */
+ * + 1; a label of KD_DATASET_MAX_CLASSES or more is an error naming the file
+ * and line. Files are not checked until they are read. */
 kd_status kd_dataset_open_list(const char *list_file, kd_dataset **out);
 
 /* Opens a split of whatever `spec_or_dir` holds. A spec may force the
@@ -192,6 +203,43 @@ const char *kd_dataset_class_name(const kd_dataset *ds, int k);
  * for in-memory datasets. */
 const char *kd_dataset_path(const kd_dataset *ds, int64_t i);
 
+/* Limits on hostile input. A file that claims more is refused with an error
+ * naming it, before anything of that size is allocated.
+ *
+ * KD_IMAGE_MAX_SIDE and KD_IMAGE_MAX_PIXELS bound a decoded JPEG or PNG
+ * (checked from the header, and given to libpng as its user limits): 16384
+ * pixels a side and 2^26 pixels (64 Mpx, e.g. 8192 x 8192) hold every
+ * photograph of current cameras and the largest images of ImageNet,
+ * OpenImages and COCO (a few thousand pixels a side), while one decode
+ * needs at most 3 bytes a pixel of output (192 MiB) plus one row, or as much
+ * again for an interlaced PNG or a progressive JPEG's coefficients.
+ *
+ * KD_DATASET_MAX_CLASSES bounds the labels of a file list: a label is a class
+ * index, and 100000 classes is several times ImageNet-21k's 21841 (the
+ * largest common classification label set); a larger label is almost
+ * certainly a mistake (a file size or a date in the label column) and would
+ * make the classifier's last layer that wide. */
+#define KD_IMAGE_MAX_SIDE 16384
+#define KD_IMAGE_MAX_PIXELS ((int64_t)1 << 26)
+#define KD_DATASET_MAX_CLASSES 100000
+
+/* The smallest and largest label of ds (*lo = *hi = -1 when no sample has a
+ * label); returns the number of labelled samples. */
+int64_t kd_dataset_label_range(const kd_dataset *ds, int32_t *lo, int32_t *hi);
+
+/* Classes in [0, num_classes) that no sample of ds carries, written
+ * compactly into buf as ranges ("3, 7-9, 12", cut with "..." when buf is
+ * too small); returns how many there are (0: every class has a sample). */
+int kd_dataset_missing_classes(const kd_dataset *ds, int num_classes, char *buf, size_t n);
+
+/* The label checks of a training run: a warning (kd_log_msg, KD_LOG_WARN)
+ * when train's labels fall outside the range of eval's labels, naming both
+ * ranges, and one listing the classes of [0, num_classes) with no training
+ * sample. Writes the warnings, newline-separated, into buf when it is not
+ * NULL; returns the number of warnings. */
+int kd_dataset_check_labels(const kd_dataset *train, const kd_dataset *eval, int num_classes,
+                            char *buf, size_t n);
+
 /* A decoded image (C, H, W) in buffers that grow as needed and are reused
  * from call to call. Zero-initialise; release with kd_image_free. */
 typedef struct {
@@ -246,7 +294,8 @@ void kd_scratch_free(kd_scratch *s);
 typedef kd_status (*kd_geometry_fn)(const void *ctx, kd_rng *r, const uint8_t *src, int c, int h,
                                     int w, uint8_t *dst, int out_h, int out_w, kd_scratch *scratch);
 
-/* Per-sample augmentation, applied in torchvision order: the geometry step
+/* Per-sample augmentation, applied in torchvision order: the shared flip
+ * (hflip_shared, before anything else), the geometry step
  * (only when a hook is set or the sample's size differs from out_h x out_w),
  * RandomCrop(H x W, padding = pad_crop) with zero padding,
  * RandomHorizontalFlip(0.5), ToTensor (x / 255), Normalize(mean, std). A
@@ -255,6 +304,13 @@ typedef struct {
     int pad_crop;  /* p > 0: pad p zeros on each side, then take an H x W window
                       whose top-left corner is uniform in [0, 2p] x [0, 2p] */
     int hflip;     /* 1: mirror left-right with probability 0.5 */
+    /* 1: mirror left-right with probability 0.5 BEFORE the geometry step,
+     * with one decision per sample shared by all its views (SSKD flips an
+     * image once, then makes its four rotations from it): the decision is
+     * kd_transform_shared_flip(seed, epoch, index), drawn from the sample's
+     * shared stream, not from the view's, so it draws nothing from the view's
+     * stream. 0 (the default) leaves every existing pipeline unchanged. */
+    int hflip_shared;
     int normalize; /* 1: (x / 255 - mean[c]) / std[c]; 0: x / 255 */
     float mean[4]; /* per channel, C <= 4 */
     float std[4];
@@ -296,6 +352,25 @@ uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index);
  * 0, kd_rng_key(kd_data_sample_key(seed, epoch, index), view) for view > 0. */
 uint64_t kd_data_view_key(uint64_t seed, int64_t epoch, int64_t index, int view);
 
+/* The shared stream of that sample, read by per-sample decisions that every
+ * view shares (hflip_shared): kd_rng_key(kd_data_sample_key(seed, epoch,
+ * index), KD_DATA_SHARED_TAG). It differs from every view's stream. */
+uint64_t kd_data_shared_key(uint64_t seed, int64_t epoch, int64_t index);
+
+/* The shared flip decision of that sample (1: mirrored): the first uniform u
+ * of its shared stream, u < 0.5. */
+int kd_transform_shared_flip(uint64_t seed, int64_t epoch, int64_t index);
+
+/* A geometry hook (kd_geometry_fn) that turns the sample by quarter turns:
+ * ctx points to an int k, and the output is np.rot90 / torch.rot90(img, k,
+ * dims=[1, 2]) (k = 1 a quarter turn counter-clockwise, out[y][x] =
+ * in[x][w - 1 - y]; as kd_tf_rot90 on uint8). A sample whose size is not
+ * the output's (after the turn) first goes through the default geometry,
+ * Resize(max(out_h, out_w)) + CenterCrop, to the output size; odd k then
+ * needs a square output (KD_ERR_SHAPE otherwise). Draws nothing. */
+kd_status kd_geometry_rot90(const void *ctx, kd_rng *r, const uint8_t *src, int c, int h, int w,
+                            uint8_t *dst, int out_h, int out_w, kd_scratch *scratch);
+
 /* Resamples the box [x0, x1) x [y0, y1) of src (c, h, w) (pixel units,
  * fractional allowed, inside the image) to a (c, dh, dw) window of dst, a
  * (c, dst_h, dst_w) image, with top-left corner (oy, ox): bilinear with
@@ -323,6 +398,8 @@ kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset
 
 /* Stream tag of the epoch permutation, see the header comment. */
 #define KD_DATA_SHUFFLE_TAG 0x53485546464c45ull /* "SHUFFLE" */
+/* Stream tag of a sample's shared stream (kd_data_shared_key). */
+#define KD_DATA_SHARED_TAG 0x534841524544ull /* "SHARED" */
 
 /* ----------------------------------------------------------------- loader */
 

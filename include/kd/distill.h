@@ -11,7 +11,8 @@
  * variance branches, banks, queues) sized from a probe forward of both nets.
  * Every step it runs whatever forwards it needs and returns named loss terms,
  * already weighted; the trainer sums, logs and back-propagates them. Hooks run
- * after each optimiser step and at each epoch. Everything a method owns is a
+ * after each optimiser step and at each epoch, and an optional prepare hook
+ * runs a stage before the first epoch (SSKD's teacher head). Everything a method owns is a
  * named tensor in its parameter list (trainable modules, and buffers for
  * state), saved in the run's last.safetensors under "distill.<name>".
  *
@@ -79,8 +80,11 @@ typedef enum {
 } kd_sampler_kind;
 
 /* Types of method settings. KD_ARG_CHOICE stores the index (int) of the
- * value among `choices` ("exact|relax"). */
-typedef enum { KD_ARG_FLOAT = 0, KD_ARG_INT, KD_ARG_BOOL, KD_ARG_CHOICE } kd_arg_type;
+ * value among `choices` ("exact|relax"). KD_ARG_STRING stores the text (a
+ * path, a list "30,45") in a char[KD_METHOD_ARG_STR] field; a longer value
+ * fails naming the setting. */
+typedef enum { KD_ARG_FLOAT = 0, KD_ARG_INT, KD_ARG_BOOL, KD_ARG_CHOICE, KD_ARG_STRING } kd_arg_type;
+#define KD_METHOD_ARG_STR 512
 
 typedef struct {
     const char *name;    /* "init_scale": the full key is "<method>.init_scale" */
@@ -118,6 +122,18 @@ typedef struct {
 } kd_step_batch;
 
 typedef struct kd_method kd_method;
+
+/* What a method's prepare hook works with (see kd_method_def.prepare). */
+typedef struct {
+    kd_model *teacher;       /* the frozen teacher (eval mode), or NULL when the method uses none */
+    kd_backend *be;
+    kd_loader *loader;       /* the run's training loader, making the method's views */
+    int64_t steps_per_epoch; /* batches of an epoch the run takes (max_steps_per_epoch applies) */
+    const char *run_dir;     /* the run directory; it exists */
+    uint64_t seed;           /* the run's seed */
+    int threads;             /* the run's thread count (already set) */
+    int resume;              /* 1: a resumed run, whose checkpoint is loaded after the hook */
+} kd_prepare_ctx;
 
 /* What one step works on. The default step fills s (and t with a teacher). */
 typedef struct {
@@ -188,10 +204,31 @@ typedef struct kd_method_def {
     kd_status (*term)(kd_method *m, kd_step_ctx *ctx, kd_tensor **out);
     /* Optional: replaces the default step entirely. */
     kd_status (*step)(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
+    /* Optional: the method's whole loss on outputs already in ctx->s and
+     * ctx->t (no forward runs), replacing the default composition gamma CE +
+     * alpha KL + beta term in kd_method_loss. A method with its own step
+     * (SSKD: forwards on the interleaved rotated views) fills ctx->s and
+     * ctx->t and calls kd_method_loss, so that tests/test_distill.c checks
+     * its loss on given outputs like any other. */
+    kd_status (*loss)(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
     /* Optional hooks. after_step runs after the optimiser step (banks,
      * queues, EMA copies); epoch_begin before the first step of an epoch. */
     kd_status (*after_step)(kd_method *m, kd_step_ctx *ctx);
     kd_status (*epoch_begin)(kd_method *m, int epoch);
+    /* Optional: a stage before the first training epoch (SSKD trains the
+     * teacher's self-supervision head). The training run calls it once per
+     * invocation, after the method, the loader and the run directory exist
+     * and before the first step (on --resume too, before the checkpoint is
+     * loaded over the method's state). It may run ctx->loader over epochs of
+     * its own, numbered -1, -2, ... so that their augmentation and order
+     * differ from the training epochs' (the training loop restarts the
+     * loader at its own epochs). It must be deterministic in the run's seed
+     * and not depend on the thread count. Artifacts it writes go to
+     * ctx->run_dir, atomically (kd_st_writer_save), and are reused when
+     * present: a resumed run never repeats the stage. KD_ERR_INVALID or
+     * KD_ERR_SHAPE from it, before it has trained anything, mean bad settings
+     * or a mismatched artifact: the CLI exits 2. */
+    kd_status (*prepare)(kd_method *m, const kd_prepare_ctx *ctx);
     /* Optional: frees what setup allocated outside the parameter list. */
     void (*free)(kd_method *m);
 } kd_method_def;
@@ -250,10 +287,13 @@ int kd_method_training(const kd_method *m);
 /* One step's forwards and named weighted terms (appended to terms). */
 kd_status kd_method_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
 /* The default RepDistiller step's loss on given outputs: gamma CE + alpha
- * KL + beta term (ctx->s and ctx->t already filled; no forward runs). */
+ * KL + beta term (ctx->s and ctx->t already filled; no forward runs), or the
+ * def's own loss hook when it has one. */
 kd_status kd_method_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
 kd_status kd_method_after_step(kd_method *m, kd_step_ctx *ctx);
 kd_status kd_method_epoch_begin(kd_method *m, int epoch);
+/* The def's prepare hook, or nothing when it has none. */
+kd_status kd_method_prepare(kd_method *m, const kd_prepare_ctx *ctx);
 
 /* Feature k of o in plain strided layout; negative k counts from the end
  * (-1: pooled embedding, -2: last map). preact selects o->preact. */

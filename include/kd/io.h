@@ -66,7 +66,9 @@ kd_status kd_st_writer_save(kd_st_writer *w, const char *path);
 /* ------------------------------------------------------------ files */
 
 /* Writes `n` bytes to path via path.tmp.<pid>, fsync, rename, fsync of the
- * directory: a crash leaves either the old file or the new one. */
+ * directory: a crash leaves either the old file or the new one. A failure of
+ * any step, the directory fsync included, returns KD_ERR_IO (file systems
+ * that cannot fsync a directory at all, EINVAL/ENOTSUP, are not a failure). */
 kd_status kd_file_write_atomic(const char *path, const void *data, size_t n);
 /* The same, for data gathered from several buffers written one after another
  * (a safetensors header and each tensor, without copying them into one). */

@@ -73,6 +73,9 @@ typedef struct {
     int eval_batch;
     int64_t max_steps_per_epoch; /* 0: whole epochs (tests use small values) */
     int stop_after;              /* >0: stop (resumably) after this many epochs of this invocation */
+    int allow_thread_change;     /* 1: a resume may use another compute thread count than the
+                                    checkpoint's (refused otherwise: the result is then no longer
+                                    bit-identical to an uninterrupted run) */
 } kd_train_cfg;
 
 void kd_train_cfg_defaults(kd_train_cfg *c);
@@ -193,10 +196,15 @@ typedef struct {
  * writing the run directory cfg->out. */
 kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res);
 /* Continues the run in `dir` from its last checkpoint with its own
- * config.yaml; the final weights equal those of an uninterrupted run.
- * `overrides` holds n key/value pairs (keys[i], values[i]) of settings that
- * do not change the result: threads, workers, progress, log_every,
- * stop_after; any other key is refused. */
+ * config.yaml; the final weights equal those of an uninterrupted run, also
+ * after a kill -9 at any moment (a run killed before its first checkpoint
+ * starts again from epoch 0; metrics.jsonl keeps each record once; stale
+ * temporary files are removed). `overrides` holds n key/value pairs (keys[i],
+ * values[i]) of settings that do not change the result: workers, progress,
+ * log_every, stop_after, threads; any other key is refused. A compute thread
+ * count (after `threads` 0 = all cores is resolved) other than the
+ * checkpoint's is refused with a message naming both, unless
+ * allow_thread_change is 1 (then the result is no longer bit-identical). */
 kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
                           kd_train_result *res);
 

@@ -104,14 +104,43 @@ enum {
     KD__RET_SAVED = 16 /* saved[0] and saved[1] */
 };
 
+/* An op's public forward entry point (kd_conv2d, kd_add, ...), type-erased:
+ * the table only tests it for NULL and never calls it through this type. */
+typedef void (*kd__op_fn)(void);
+
+/* Which backend kernels an op's forward and backward call through g->be;
+ * kd__op_info_derive requires them from the reference backend. */
+enum {
+    KD__K_CONV2D = 1,  /* conv2d_forward; conv2d_backward_data, conv2d_backward_weights */
+    KD__K_BN = 2,      /* batchnorm_forward; batchnorm_backward */
+    KD__K_POOL2D = 4,  /* pool2d_forward; pool2d_backward */
+    KD__K_GEMM = 8,    /* gemm (forward and backward) */
+    KD__K_ELTWISE = 16 /* eltwise_forward; eltwise_backward */
+};
+
 typedef struct {
-    kd_op_info info;
-    kd__backward_fn backward;
-    unsigned retain; /* KD__RET_* */
+    const char *name;
+    kd__op_fn forward;        /* public forward entry point */
+    kd__backward_fn backward; /* the backward rule kd_backward calls */
+    unsigned kernels;         /* KD__K_* */
+    unsigned retain;          /* KD__RET_* */
 } kd__op_entry;
 
-/* One entry per kd_op, in enum order (graph.c). */
-extern const kd__op_entry kd__op_table[KD_OP_COUNT];
+/* One entry per kd_op, in enum order (graph.c; sized there by its entries). */
+extern const kd__op_entry kd__op_table[];
+
+/* kd_op_info of one table entry, derived from the function pointers:
+ * has_forward when e->forward is set and `be` has every forward kernel the op
+ * calls, has_backward likewise for e->backward and the backward kernels.
+ * kd_op_get_info applies it with the reference backend. */
+void kd__op_info_derive(const kd__op_entry *e, const kd_backend *be, kd_op_info *out);
+
+/* Checks a table of n entries against backend `be`: every entry has a name
+ * (no hole in the designated initialisers), a name no other entry has, a
+ * forward and a backward (kd__op_info_derive). Writes one line per problem
+ * into msg (cap bytes, truncated, may be NULL) and returns the number of
+ * problems. The tests run it on kd__op_table and on broken copies of it. */
+int kd__op_table_check(const kd__op_entry *t, int n, const kd_backend *be, char *msg, size_t cap);
 
 struct kd_graph {
     kd_backend *be;

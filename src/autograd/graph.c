@@ -6,8 +6,12 @@
  */
 #include "autograd/autograd_impl.h"
 
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "backend/backend_impl.h"
 
 /* Under AddressSanitizer a released buffer (activation or gradient) is
  * poisoned while it sits on a free list, so reading it is caught. */
@@ -33,49 +37,63 @@
  * parameters. A tracked buffer listed here outlives its scope until
  * kd_backward has run the rule; anything else is released at scope end.
  * ReLU and leaky ReLU with slope >= 0 read their output (kd__relu_uses_out),
- * otherwise their input; kd__retain_flush applies that exception. */
-#define KD__OP(op, name, bwd, ret) [op] = {{name, 1, 1}, bwd, ret}
+ * otherwise their input; kd__retain_flush applies that exception.
+ * `fwd` is the op's public entry point and `k` the backend kernels it calls:
+ * kd_op_get_info derives has_forward and has_backward from these pointers
+ * (and the reference backend's kernels), so an entry that loses its forward or
+ * backward shows up in the coverage tests. */
+#define KD__OP(op, name, fwd, bwd, k, ret) [op] = {name, (kd__op_fn)(fwd), bwd, k, ret}
 #define I0 KD__RET_IN0
 #define I1 KD__RET_IN1
 #define OUT KD__RET_OUT
 #define SAVED KD__RET_SAVED
 
-const kd__op_entry kd__op_table[KD_OP_COUNT] = {
-    KD__OP(KD_OP_CONV2D, "conv2d", kd__conv2d_backward, I0 | I1),   /* x (dw), w (dx) */
-    KD__OP(KD_OP_BATCHNORM, "batchnorm", kd__batchnorm_backward, I0 | I1 | SAVED),
-    KD__OP(KD_OP_LINEAR, "linear", kd__linear_backward, I0 | I1),
-    KD__OP(KD_OP_MATMUL, "matmul", kd__matmul_backward, I0 | I1),
-    KD__OP(KD_OP_RELU, "relu", kd__relu_backward, OUT),
-    KD__OP(KD_OP_LEAKY_RELU, "leaky_relu", kd__relu_backward, OUT),
-    KD__OP(KD_OP_ADD, "add", kd__add_backward, 0),
-    KD__OP(KD_OP_MUL, "mul", kd__mul_backward, I0 | I1),
-    KD__OP(KD_OP_SCALE, "scale", kd__scale_backward, 0),
-    KD__OP(KD_OP_AVGPOOL2D, "avgpool2d", kd__pool2d_backward, 0),
-    KD__OP(KD_OP_MAXPOOL2D, "maxpool2d", kd__pool2d_backward, SAVED), /* argmax */
-    KD__OP(KD_OP_GLOBAL_AVGPOOL, "global_avgpool", kd__global_avgpool_backward, 0),
-    KD__OP(KD_OP_RESHAPE, "reshape", kd__reshape_backward, 0),
-    KD__OP(KD_OP_TRANSPOSE, "transpose", kd__transpose_backward, 0),
-    KD__OP(KD_OP_CONCAT, "concat", kd__concat_backward, 0),
-    KD__OP(KD_OP_SLICE, "slice", kd__slice_backward, 0),
-    KD__OP(KD_OP_SOFTMAX, "softmax", kd__softmax_backward, OUT),
-    KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd__log_softmax_backward, OUT),
-    KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd__cross_entropy_backward, I0),
-    KD__OP(KD_OP_KL_DIV, "kl_div", kd__kl_div_backward, SAVED), /* both log-probabilities */
-    KD__OP(KD_OP_MSE, "mse", kd__mse_backward, I0 | I1),
-    KD__OP(KD_OP_L2_NORMALIZE, "l2_normalize", kd__l2_normalize_backward, OUT),
-    KD__OP(KD_OP_MEAN, "mean", kd__mean_backward, 0),
-    KD__OP(KD_OP_SUM, "sum", kd__sum_backward, 0),
-    KD__OP(KD_OP_EXP, "exp", kd__exp_backward, OUT),
-    KD__OP(KD_OP_LOG, "log", kd__log_backward, I0),
-    KD__OP(KD_OP_DROPOUT, "dropout", kd__dropout_backward, 0), /* mask recomputed */
-    KD__OP(KD_OP_SIGMOID, "sigmoid", kd__act_backward, OUT),
-    KD__OP(KD_OP_HARDSWISH, "hardswish", kd__act_backward, I0),
-    KD__OP(KD_OP_HARDSIGMOID, "hardsigmoid", kd__act_backward, I0),
-    KD__OP(KD_OP_SILU, "silu", kd__act_backward, I0),
-    KD__OP(KD_OP_RELU6, "relu6", kd__act_backward, OUT),
-    KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd__mul_channel_backward, I0 | I1),
-    KD__OP(KD_OP_TO_STRIDED, "to_strided", kd__to_strided_backward, 0),
-    KD__OP(KD_OP_FUNCTION, "function", kd__function_backward, I0 | I1 | KD__RET_IN2 | OUT),
+/* Sized by its initialisers, so the assertion below catches a kd_op added
+ * after the last entry; a hole in the middle leaves an entry without a name,
+ * which kd__op_table_check reports. */
+const kd__op_entry kd__op_table[] = {
+    KD__OP(KD_OP_CONV2D, "conv2d", kd_conv2d, kd__conv2d_backward, KD__K_CONV2D,
+           I0 | I1), /* x (dw), w (dx) */
+    KD__OP(KD_OP_BATCHNORM, "batchnorm", kd_batchnorm, kd__batchnorm_backward, KD__K_BN,
+           I0 | I1 | SAVED),
+    KD__OP(KD_OP_LINEAR, "linear", kd_linear, kd__linear_backward, KD__K_GEMM, I0 | I1),
+    KD__OP(KD_OP_MATMUL, "matmul", kd_matmul, kd__matmul_backward, KD__K_GEMM, I0 | I1),
+    KD__OP(KD_OP_RELU, "relu", kd_relu, kd__relu_backward, KD__K_ELTWISE, OUT),
+    KD__OP(KD_OP_LEAKY_RELU, "leaky_relu", kd_leaky_relu, kd__relu_backward, KD__K_ELTWISE, OUT),
+    KD__OP(KD_OP_ADD, "add", kd_add, kd__add_backward, 0, 0),
+    KD__OP(KD_OP_MUL, "mul", kd_mul, kd__mul_backward, 0, I0 | I1),
+    KD__OP(KD_OP_SCALE, "scale", kd_scale, kd__scale_backward, 0, 0),
+    KD__OP(KD_OP_AVGPOOL2D, "avgpool2d", kd_avgpool2d, kd__pool2d_backward, KD__K_POOL2D, 0),
+    KD__OP(KD_OP_MAXPOOL2D, "maxpool2d", kd_maxpool2d, kd__pool2d_backward, KD__K_POOL2D,
+           SAVED), /* argmax */
+    KD__OP(KD_OP_GLOBAL_AVGPOOL, "global_avgpool", kd_global_avgpool,
+           kd__global_avgpool_backward, 0, 0),
+    KD__OP(KD_OP_RESHAPE, "reshape", kd_reshape, kd__reshape_backward, 0, 0),
+    KD__OP(KD_OP_TRANSPOSE, "transpose", kd_transpose, kd__transpose_backward, 0, 0),
+    KD__OP(KD_OP_CONCAT, "concat", kd_concat, kd__concat_backward, 0, 0),
+    KD__OP(KD_OP_SLICE, "slice", kd_slice, kd__slice_backward, 0, 0),
+    KD__OP(KD_OP_SOFTMAX, "softmax", kd_softmax, kd__softmax_backward, 0, OUT),
+    KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd_log_softmax, kd__log_softmax_backward, 0, OUT),
+    KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd_cross_entropy, kd__cross_entropy_backward, 0,
+           I0),
+    KD__OP(KD_OP_KL_DIV, "kl_div", kd_kl_div, kd__kl_div_backward, 0,
+           SAVED), /* both log-probabilities */
+    KD__OP(KD_OP_MSE, "mse", kd_mse, kd__mse_backward, 0, I0 | I1),
+    KD__OP(KD_OP_L2_NORMALIZE, "l2_normalize", kd_l2_normalize, kd__l2_normalize_backward, 0, OUT),
+    KD__OP(KD_OP_MEAN, "mean", kd_mean, kd__mean_backward, 0, 0),
+    KD__OP(KD_OP_SUM, "sum", kd_sum, kd__sum_backward, 0, 0),
+    KD__OP(KD_OP_EXP, "exp", kd_exp, kd__exp_backward, KD__K_ELTWISE, OUT),
+    KD__OP(KD_OP_LOG, "log", kd_log, kd__log_backward, KD__K_ELTWISE, I0),
+    KD__OP(KD_OP_DROPOUT, "dropout", kd_dropout, kd__dropout_backward, 0, 0), /* mask recomputed */
+    KD__OP(KD_OP_SIGMOID, "sigmoid", kd_sigmoid, kd__act_backward, 0, OUT),
+    KD__OP(KD_OP_HARDSWISH, "hardswish", kd_hardswish, kd__act_backward, 0, I0),
+    KD__OP(KD_OP_HARDSIGMOID, "hardsigmoid", kd_hardsigmoid, kd__act_backward, 0, I0),
+    KD__OP(KD_OP_SILU, "silu", kd_silu, kd__act_backward, 0, I0),
+    KD__OP(KD_OP_RELU6, "relu6", kd_relu6, kd__act_backward, 0, OUT),
+    KD__OP(KD_OP_MUL_CHANNEL, "mul_channel", kd_mul_channel, kd__mul_channel_backward, 0, I0 | I1),
+    KD__OP(KD_OP_TO_STRIDED, "to_strided", kd_graph_to_strided, kd__to_strided_backward, 0, 0),
+    KD__OP(KD_OP_FUNCTION, "function", kd_function_apply, kd__function_backward, 0,
+           I0 | I1 | KD__RET_IN2 | OUT),
 };
 
 #undef I0
@@ -84,11 +102,82 @@ const kd__op_entry kd__op_table[KD_OP_COUNT] = {
 #undef SAVED
 
 _Static_assert(sizeof(kd__op_table) / sizeof(kd__op_table[0]) == KD_OP_COUNT,
-               "kd__op_table needs one entry per kd_op");
+               "kd__op_table needs one entry per kd_op, the last one included");
+
+void kd__op_info_derive(const kd__op_entry *e, const kd_backend *be, kd_op_info *out) {
+    unsigned k = e->kernels;
+    int fwd = e->forward != NULL, bwd = e->backward != NULL;
+    if (k & KD__K_CONV2D) {
+        fwd = fwd && be->conv2d_forward;
+        bwd = bwd && be->conv2d_backward_data && be->conv2d_backward_weights;
+    }
+    if (k & KD__K_BN) {
+        fwd = fwd && be->batchnorm_forward;
+        bwd = bwd && be->batchnorm_backward;
+    }
+    if (k & KD__K_POOL2D) {
+        fwd = fwd && be->pool2d_forward;
+        bwd = bwd && be->pool2d_backward;
+    }
+    if (k & KD__K_GEMM) {
+        fwd = fwd && be->gemm;
+        bwd = bwd && be->gemm;
+    }
+    if (k & KD__K_ELTWISE) {
+        fwd = fwd && be->eltwise_forward;
+        bwd = bwd && be->eltwise_backward;
+    }
+    out->name = e->name;
+    out->has_forward = fwd;
+    out->has_backward = bwd;
+}
+
+int kd__op_table_check(const kd__op_entry *t, int n, const kd_backend *be, char *msg, size_t cap) {
+    int problems = 0;
+    size_t used = 0;
+    if (msg && cap) msg[0] = '\0';
+    for (int op = 0; op < n; op++) {
+        char line[160];
+        line[0] = '\0';
+        kd_op_info info;
+        kd__op_info_derive(&t[op], be, &info);
+        if (!info.name) {
+            snprintf(line, sizeof line, "op %d has no table entry\n", op);
+        } else if (!info.has_forward || !info.has_backward) {
+            snprintf(line, sizeof line, "op %s:%s%s\n", info.name,
+                     info.has_forward ? "" : " no forward", info.has_backward ? "" : " no backward");
+        } else {
+            for (int k = 0; k < op; k++)
+                if (t[k].name && strcmp(t[k].name, info.name) == 0) {
+                    snprintf(line, sizeof line, "ops %d and %d share the name %s\n", k, op,
+                             info.name);
+                    break;
+                }
+        }
+        if (!line[0]) continue;
+        problems++;
+        if (msg && used + 1 < cap) {
+            snprintf(msg + used, cap - used, "%s", line);
+            used += strlen(msg + used);
+        }
+    }
+    return problems;
+}
+
+/* Derived once from kd__op_table and the reference backend. */
+static kd_op_info kd__op_infos[KD_OP_COUNT];
+static pthread_once_t kd__op_infos_once = PTHREAD_ONCE_INIT;
+
+static void kd__op_infos_init(void) {
+    const kd_backend *ref = kd__backend_ref();
+    for (int op = 0; op < KD_OP_COUNT; op++)
+        kd__op_info_derive(&kd__op_table[op], ref, &kd__op_infos[op]);
+}
 
 const kd_op_info *kd_op_get_info(kd_op op) {
     if ((int)op < 0 || op >= KD_OP_COUNT) return NULL;
-    return &kd__op_table[op].info;
+    pthread_once(&kd__op_infos_once, kd__op_infos_init);
+    return &kd__op_infos[op];
 }
 
 /* ----------------------------------------------------------- lifecycle */

@@ -107,18 +107,19 @@ static int kd__flag_key(const char *arg, char *key, size_t n, const char **inlin
     return 1;
 }
 
-static int kd__cmd_train(const char *cmd, int argc, char **argv) {
-    kd_train_cfg c;
-    kd_train_cfg_defaults(&c);
-    if (strcmp(cmd, "distill") == 0) snprintf(c.distill.method, sizeof c.distill.method, "kd");
-    const char *resume = NULL;
-    const char *keys[64], *vals[64];
-    int nkv = 0;
+/* Parses the arguments of kd train / kd distill into c (config file first,
+ * then flags), the run to resume, and the settings given as flags (for a
+ * resume). Returns -1 to go on, or the exit code (0 after --method list). */
+static int kd__parse_train_args(const char *cmd, int argc, char **argv, kd_train_cfg *c,
+                                const char **resume, const char **keys, const char **vals,
+                                int *nkv, int *want_help) {
+    *resume = NULL;
+    *nkv = 0;
+    *want_help = 0;
     /* The config file first, so that flags override it wherever they stand. */
-    int want_help = 0;
     for (int i = 0; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            want_help = 1;
+            *want_help = 1;
             continue;
         }
         if ((strcmp(argv[i], "--method") == 0 && i + 1 < argc && strcmp(argv[i + 1], "list") == 0) ||
@@ -131,15 +132,15 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
                 fprintf(stderr, "kd %s: --config needs a file\n", cmd);
                 return KD_EXIT_USAGE;
             }
-            if (kd_train_cfg_load(&c, argv[i + 1]) != KD_OK) {
+            if (kd_train_cfg_load(c, argv[i + 1]) != KD_OK) {
                 fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
                 return KD_EXIT_USAGE;
             }
         }
     }
-    static char keybuf[64][64];
+    static char keybuf[64][128];
     for (int i = 0; i < argc; i++) {
-        char *key = keybuf[nkv < 64 ? nkv : 63];
+        char *key = keybuf[*nkv < 64 ? *nkv : 63];
         const char *val;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) continue;
         if (!kd__flag_key(argv[i], key, sizeof keybuf[0], &val)) {
@@ -156,26 +157,25 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
         }
         if (strcmp(key, "config") == 0) continue;
         if (strcmp(key, "resume") == 0) {
-            resume = val;
+            *resume = val;
             continue;
         }
-        char setkey[128];
         if (strcmp(key, "set") == 0) {
-            /* --set METHOD.NAME=VALUE */
+            /* --set METHOD.NAME=VALUE; the name goes into this flag's own key
+             * slot, which outlives the loop (keys[] is used by a resume). */
             const char *eq = strchr(val, '=');
-            if (!eq || eq == val || (size_t)(eq - val) >= sizeof setkey || !memchr(val, '.', (size_t)(eq - val))) {
+            if (!eq || eq == val || (size_t)(eq - val) >= sizeof keybuf[0] || !memchr(val, '.', (size_t)(eq - val))) {
                 fprintf(stderr, "kd %s: --set needs METHOD.NAME=VALUE, got '%s'\n", cmd, val);
                 return KD_EXIT_USAGE;
             }
-            memcpy(setkey, val, (size_t)(eq - val));
-            setkey[eq - val] = '\0';
-            key = setkey;
+            memcpy(key, val, (size_t)(eq - val));
+            key[eq - val] = '\0';
             val = eq + 1;
         } else if (strchr(key, '.')) {
             fprintf(stderr, "kd %s: method settings are given as --set %s=VALUE\n", cmd, key);
             return KD_EXIT_USAGE;
         }
-        kd_status st = kd_train_cfg_set(&c, key, val);
+        kd_status st = kd_train_cfg_set(c, key, val);
         if (st == KD_ERR_NOT_FOUND) {
             fprintf(stderr, "kd %s: unknown option '%.*s' (see kd %s --help)\n", cmd,
                     (int)strcspn(flag, "="), flag, cmd);
@@ -185,14 +185,26 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
             return KD_EXIT_USAGE;
         }
-        if (want_help) continue;
-        if (nkv == 64) {
+        if (*want_help) continue;
+        if (*nkv == 64) {
             fprintf(stderr, "kd %s: too many options\n", cmd);
             return KD_EXIT_USAGE;
         }
-        keys[nkv] = key;
-        vals[nkv++] = val;
+        keys[*nkv] = key;
+        vals[(*nkv)++] = val;
     }
+    return -1;
+}
+
+static int kd__cmd_train(const char *cmd, int argc, char **argv) {
+    kd_train_cfg c;
+    kd_train_cfg_defaults(&c);
+    if (strcmp(cmd, "distill") == 0) snprintf(c.distill.method, sizeof c.distill.method, "kd");
+    const char *resume = NULL;
+    const char *keys[64], *vals[64];
+    int nkv = 0, want_help = 0;
+    int rc = kd__parse_train_args(cmd, argc, argv, &c, &resume, keys, vals, &nkv, &want_help);
+    if (rc >= 0) return rc;
     if (want_help) {
         if (kd_distill_cfg_check(&c.distill) != KD_OK) {
             fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());

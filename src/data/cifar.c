@@ -14,7 +14,7 @@ static kd_status kd__cifar_append(const char *path, int variant, uint8_t **image
                                   int32_t **labels, int64_t *n) {
     uint8_t *buf = NULL;
     size_t len = 0;
-    KD_TRY(kd__read_whole_file(path, &buf, &len));
+    KD_TRY(kd__read_whole_file(path, 0, NULL, NULL, &buf, &len));
     kd_status st = KD_OK;
     size_t head = variant == 10 ? 1 : 2, rec = head + KD__CIFAR_PIXELS;
     if (len == 0 || len % rec != 0) {

@@ -43,11 +43,29 @@ struct kd_dataset {
 kd_status kd__dataset_alloc(const char *name, int64_t n, int c, int h, int w, int train,
                             kd_dataset **out);
 
-/* Reads the whole file at path into a malloc'd buffer (*buf, *len). gzip files
- * are inflated (zlib detects them by content; plain files pass through).
- * Errors: KD_ERR_NOT_FOUND (missing), KD_ERR_IO, KD_ERR_FORMAT (corrupt gzip),
+/* The header check of kd__read_whole_file: given the first n bytes of the
+ * content (inflated when gzipped; n may be short), sets *limit to the length
+ * the header implies for the whole content and describes it in `what` (e.g.
+ * "16-byte header + 10 images of 28x28"), or returns an error naming path. */
+typedef kd_status (*kd__size_fn)(void *ctx, const char *path, const uint8_t *head, size_t n,
+                                 uint64_t *limit, char *what, size_t what_n);
+
+/* Reads the whole file at path into a malloc'd buffer (*buf, *len). With a
+ * size_fn, the first head_len (<= 64) bytes go to it (with ctx) and nothing past the
+ * limit it sets is inflated or read: a gzip stream or file that goes on is
+ * an error ("trailing data"), and a limit beyond the machine's memory is
+ * refused before any allocation. gzip files (detected by content) are
+ * inflated only with a size_fn; without one, the file must be plain and is
+ * read as it is. Errors: KD_ERR_NOT_FOUND (missing), KD_ERR_IO,
+ * KD_ERR_FORMAT (corrupt or lying gzip, gzip without a header check),
  * KD_ERR_NOMEM, each naming the path. */
-kd_status kd__read_whole_file(const char *path, uint8_t **buf, size_t *len);
+kd_status kd__read_whole_file(const char *path, size_t head_len, kd__size_fn size_fn,
+                              void *ctx, uint8_t **buf, size_t *len);
+
+/* The machine's physical memory in bytes (UINT64_MAX when unknown). */
+uint64_t kd__physical_memory(void);
+/* An error naming path when `bytes` (needed for `what`) exceed it. */
+kd_status kd__check_fits_memory(const char *path, uint64_t bytes, const char *what);
 
 /* A lazy dataset shell (no images, labels allocated, fd = -1). */
 kd_status kd__dataset_alloc_lazy(const char *name, int64_t n, int c, int h, int w,
@@ -92,16 +110,20 @@ typedef struct {
     kd_image img;     /* the decoded sample at its own size */
     uint8_t *geo;     /* (C, out_h, out_w) after the geometry step */
     size_t geo_cap;
+    uint8_t *pre;     /* (C, H, W): the sample after the shared flip */
+    size_t pre_cap;
     kd_scratch scratch;
 } kd__sample_ctx;
 
 void kd__sample_ctx_free(kd__sample_ctx *x);
 
-/* Runs the per-sample pipeline: geometry (if the sample's size differs from
- * (out_h, out_w) or a hook is set), crop, flip, normalisation, into dst
- * (c, out_h, out_w). src is (c, h, w). */
+/* Runs the per-sample pipeline: the shared flip (when pre_flip, the
+ * sample's kd_transform_shared_flip decision under cfg->hflip_shared),
+ * geometry (if the sample's size differs from (out_h, out_w) or a hook is
+ * set), crop, flip, normalisation, into dst (c, out_h, out_w). src is
+ * (c, h, w). */
 kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tables *t, kd_rng *r,
-                           const uint8_t *src, int c, int h, int w, int out_h, int out_w,
+                           int pre_flip, const uint8_t *src, int c, int h, int w, int out_h, int out_w,
                            kd__sample_ctx *x, float *dst);
 
 #endif

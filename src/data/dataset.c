@@ -172,6 +172,106 @@ const char *kd_dataset_path(const kd_dataset *ds, int64_t i) {
     return NULL;
 }
 
+/* ------------------------------------------------------------------ labels */
+
+int64_t kd_dataset_label_range(const kd_dataset *ds, int32_t *lo, int32_t *hi) {
+    int64_t m = 0;
+    int32_t a = -1, b = -1;
+    for (int64_t i = 0; i < ds->n; i++) {
+        int32_t y = ds->labels[i];
+        if (y < 0) continue;
+        if (!m || y < a) a = y;
+        if (!m || y > b) b = y;
+        m++;
+    }
+    *lo = a;
+    *hi = b;
+    return m;
+}
+
+/* Appends text to buf (length *len of n); once it no longer fits, ends buf
+ * with "..." and returns 0. */
+static int kd__append(char *buf, size_t n, size_t *len, const char *text) {
+    size_t t = strlen(text);
+    if (*len + t + 4 > n) {
+        if (*len + 4 <= n) {
+            memcpy(buf + *len, "...", 4);
+            *len += 3;
+        }
+        return 0;
+    }
+    memcpy(buf + *len, text, t + 1);
+    *len += t;
+    return 1;
+}
+
+int kd_dataset_missing_classes(const kd_dataset *ds, int num_classes, char *buf, size_t n) {
+    if (buf && n) buf[0] = '\0';
+    if (num_classes <= 0) return 0;
+    uint8_t *seen = calloc((size_t)num_classes, 1);
+    if (!seen) return 0;
+    for (int64_t i = 0; i < ds->n; i++)
+        if (ds->labels[i] >= 0 && ds->labels[i] < num_classes) seen[ds->labels[i]] = 1;
+    int missing = 0, room = buf && n >= 4;
+    size_t len = 0;
+    for (int k = 0; k < num_classes;) {
+        if (seen[k]) {
+            k++;
+            continue;
+        }
+        int e = k;
+        while (e + 1 < num_classes && !seen[e + 1]) e++;
+        missing += e - k + 1;
+        if (room) {
+            char part[48];
+            if (e == k) snprintf(part, sizeof part, "%s%d", len ? ", " : "", k);
+            else snprintf(part, sizeof part, "%s%d-%d", len ? ", " : "", k, e);
+            room = kd__append(buf, n, &len, part);
+        }
+        k = e + 1;
+    }
+    free(seen);
+    return missing;
+}
+
+int kd_dataset_check_labels(const kd_dataset *train, const kd_dataset *eval, int num_classes,
+                            char *buf, size_t n) {
+    int warnings = 0;
+    size_t len = 0;
+    char msg[1024];
+    if (buf && n) buf[0] = '\0';
+    int32_t tlo, thi, elo, ehi;
+    int64_t tn = kd_dataset_label_range(train, &tlo, &thi);
+    int64_t en = eval ? kd_dataset_label_range(eval, &elo, &ehi) : 0;
+    if (tn > 0 && en > 0 && (tlo < elo || thi > ehi)) {
+        snprintf(msg, sizeof msg,
+                 "training labels of %s span %d..%d, outside the evaluation labels of %s "
+                 "(%d..%d): check that both splits come from the same dataset",
+                 train->name, tlo, thi, eval->name, elo, ehi);
+        kd_log_msg(KD_LOG_WARN, "%s", msg);
+        warnings++;
+        if (buf) {
+            kd__append(buf, n, &len, msg);
+            kd__append(buf, n, &len, "\n");
+        }
+    }
+    if (tn > 0) {
+        char list[512];
+        int missing = kd_dataset_missing_classes(train, num_classes, list, sizeof list);
+        if (missing) {
+            snprintf(msg, sizeof msg, "%d of the %d classes have no training image in %s: %s",
+                     missing, num_classes, train->name, list);
+            kd_log_msg(KD_LOG_WARN, "%s", msg);
+            warnings++;
+            if (buf) {
+                kd__append(buf, n, &len, msg);
+                kd__append(buf, n, &len, "\n");
+            }
+        }
+    }
+    return warnings;
+}
+
 /* ------------------------------------------------------- reading a sample */
 
 static kd_status kd__image_reserve(kd_image *im, size_t bytes, const char *what) {
@@ -421,7 +521,37 @@ static int kd__ends_with(const char *s, const char *suffix) {
     return a >= b && memcmp(s + a - b, suffix, b) == 0;
 }
 
-kd_status kd__read_whole_file(const char *path, uint8_t **buf, size_t *len) {
+uint64_t kd__physical_memory(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages <= 0 || page <= 0) return UINT64_MAX; /* unknown: no limit */
+    return (uint64_t)pages * (uint64_t)page;
+}
+
+kd_status kd__check_fits_memory(const char *path, uint64_t bytes, const char *what) {
+    uint64_t phys = kd__physical_memory();
+    if (bytes > phys)
+        return kd_error(KD_ERR_FORMAT,
+                        "%s: %s needs %llu bytes of memory, more than this machine has (%llu); "
+                        "the file is corrupt or not meant for this machine",
+                        path, what, (unsigned long long)bytes, (unsigned long long)phys);
+    return KD_OK;
+}
+
+/* Grows p to hold at least `need` bytes (doubling, capped at `max`). */
+static int kd__grow_to(uint8_t **p, size_t *cap, size_t need, size_t max) {
+    if (*cap >= need) return 1;
+    size_t c = *cap ? *cap : 4096;
+    while (c < need) c = c > max / 2 ? max : c * 2;
+    if (c < need) c = need;
+    uint8_t *q = realloc(*p, c);
+    if (!q) return 0;
+    *p = q;
+    *cap = c;
+    return 1;
+}
+
+kd_status kd__read_whole_file(const char *path, size_t head_len, kd__size_fn size_fn,
+                              void *ctx, uint8_t **buf, size_t *len) {
     *buf = NULL;
     *len = 0;
     struct stat sb;
@@ -434,30 +564,71 @@ kd_status kd__read_whole_file(const char *path, uint8_t **buf, size_t *len) {
     if (!f) return kd_error(KD_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     gzbuffer(f, 1 << 18);
     kd_status st = KD_OK;
-    size_t cap = (size_t)sb.st_size * (kd__ends_with(path, ".gz") ? 4 : 1) + 4096, n = 0;
-    uint8_t *p = malloc(cap);
-    if (!p) {
-        st = kd_error(KD_ERR_NOMEM, "%s: cannot allocate %zu bytes", path, cap);
+    uint8_t *p = NULL;
+    size_t cap = 0, n = 0;
+    /* The header first (inflated when gzipped): it says how long the whole
+     * content may be. Without a header check only plain files are read, and
+     * never more than their size. */
+    uint8_t head[64];
+    if (head_len > sizeof head) head_len = sizeof head;
+    int got = head_len ? gzread(f, head, (unsigned)head_len) : gzread(f, head, 1);
+    int plain = gzdirect(f);
+    uint64_t limit;
+    char what[160] = "";
+    if (got < 0) goto zerror;
+    if (size_fn) {
+        st = size_fn(ctx, path, head, (size_t)got, &limit, what, sizeof what);
+        if (st != KD_OK) goto cleanup;
+        st = kd__check_fits_memory(path, limit, what);
+        if (st != KD_OK) goto cleanup;
+        if (plain && (uint64_t)sb.st_size > limit) {
+            st = kd_error(KD_ERR_FORMAT,
+                          "%s: trailing data: expected %llu bytes (%s), the file holds %lld",
+                          path, (unsigned long long)limit, what, (long long)sb.st_size);
+            goto cleanup;
+        }
+    } else {
+        if (!plain) {
+            st = kd_error(KD_ERR_FORMAT,
+                          "%s: gzip-compressed; only IDX files are read compressed (gunzip it "
+                          "first)",
+                          path);
+            goto cleanup;
+        }
+        limit = (uint64_t)sb.st_size;
+        snprintf(what, sizeof what, "the whole file");
+        st = kd__check_fits_memory(path, limit, "reading it");
+        if (st != KD_OK) goto cleanup;
+    }
+    if (limit > (uint64_t)SIZE_MAX - 4096) {
+        st = kd_error(KD_ERR_NOMEM, "%s: %llu bytes do not fit in memory", path,
+                      (unsigned long long)limit);
         goto cleanup;
     }
-    for (;;) {
-        if (n == cap) {
-            size_t ncap = cap * 2;
-            uint8_t *q = realloc(p, ncap);
-            if (!q) {
-                st = kd_error(KD_ERR_NOMEM, "%s: cannot allocate %zu bytes", path, ncap);
-                goto cleanup;
-            }
-            p = q;
-            cap = ncap;
-        }
+    /* One byte past the limit detects a stream that goes on. */
+    size_t max = (size_t)limit + 1;
+    size_t first = plain ? (size_t)sb.st_size + 1 : (size_t)sb.st_size * 4 + 65536;
+    if (first > max) first = max;
+    if (first < (size_t)got) first = (size_t)got;
+    if (!kd__grow_to(&p, &cap, first ? first : 1, max)) goto nomem;
+    memcpy(p, head, (size_t)got);
+    n = (size_t)got;
+    while (got > 0 && n < max) {
+        if (n == cap && !kd__grow_to(&p, &cap, n + 1, max)) goto nomem;
         size_t want = cap - n;
         if (want > (1u << 30)) want = 1u << 30;
-        int got = gzread(f, p + n, (unsigned)want);
-        if (got < 0) break; /* reported below from gzerror */
-        if (got == 0) break;
-        n += (size_t)got;
+        got = gzread(f, p + n, (unsigned)want);
+        if (got > 0) n += (size_t)got;
     }
+    if (got < 0) goto zerror;
+    if (n > limit) {
+        st = kd_error(KD_ERR_FORMAT,
+                      "%s: trailing data: %s goes on past the %llu bytes its header allows (%s)",
+                      path, plain ? "the file" : "the gzip stream", (unsigned long long)limit,
+                      what);
+        goto cleanup;
+    }
+zerror:;
     int zerr = Z_OK;
     const char *zmsg = gzerror(f, &zerr);
     if (zerr == Z_BUF_ERROR) {
@@ -482,6 +653,9 @@ kd_status kd__read_whole_file(const char *path, uint8_t **buf, size_t *len) {
     *buf = p;
     *len = n;
     p = NULL;
+    goto cleanup;
+nomem:
+    st = kd_error(KD_ERR_NOMEM, "%s: cannot allocate %zu bytes", path, cap * 2);
 cleanup:
     free(p);
     gzclose(f);

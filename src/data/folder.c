@@ -283,7 +283,7 @@ kd_status kd_dataset_open_list(const char *list_file, kd_dataset **out) {
     *out = NULL;
     uint8_t *buf = NULL;
     size_t len = 0;
-    KD_TRY(kd__read_whole_file(list_file, &buf, &len));
+    KD_TRY(kd__read_whole_file(list_file, 0, NULL, NULL, &buf, &len));
     char base[4096];
     snprintf(base, sizeof base, "%s", list_file);
     char *slash = strrchr(base, '/');
@@ -322,13 +322,19 @@ kd_status kd_dataset_open_list(const char *list_file, kd_dataset **out) {
                 break;
             }
             if (digits) {
-                if (e - t > 9) {
-                    st = kd_error(KD_ERR_FORMAT, "%s:%lld: label %.*s is too large", list_file,
-                                  (long long)line, (int)(e - t), t);
+                /* Labels are class indices: at most KD_DATASET_MAX_CLASSES - 1
+                 * (checked digit by digit, so no length overflows). */
+                int64_t v = 0;
+                for (char *q = t; q < e && v < KD_DATASET_MAX_CLASSES; q++) v = v * 10 + (*q - '0');
+                if (v >= KD_DATASET_MAX_CLASSES) {
+                    st = kd_error(KD_ERR_FORMAT,
+                                  "%s:%lld: label %.*s is too large: labels are class indices "
+                                  "below %d (KD_DATASET_MAX_CLASSES)",
+                                  list_file, (long long)line, (int)(e - t > 40 ? 40 : e - t), t,
+                                  KD_DATASET_MAX_CLASSES);
                     break;
                 }
-                label = 0;
-                for (char *q = t; q < e; q++) label = label * 10 + (*q - '0');
+                label = (int)v;
                 e = t;
                 while (e > s && isspace((unsigned char)e[-1])) e--;
             }

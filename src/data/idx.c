@@ -98,6 +98,57 @@ static kd_status kd__idx_find(const char *where, const char *kind, char *path, s
     return KD_OK;
 }
 
+/* Header check of an images file: magic, N, H, W (big-endian u32), then
+ * N*H*W bytes; *limit = the whole file's length. */
+static kd_status kd__idx_images_size(void *ctx, const char *path, const uint8_t *b, size_t n,
+                                     uint64_t *limit, char *what, size_t what_n) {
+    if (n < 16)
+        return kd_error(KD_ERR_FORMAT, "%s: truncated header: expected at least 16 bytes, got %zu",
+                        path, n);
+    uint32_t magic = kd__be32(b);
+    if (magic != KD__IDX_IMAGES_MAGIC)
+        return kd_error(KD_ERR_FORMAT, "%s: bad magic 0x%08x, expected 0x%08x (IDX ubyte images)%s",
+                        path, magic, KD__IDX_IMAGES_MAGIC,
+                        magic == KD__IDX_LABELS_MAGIC ? "; this looks like a labels file" : "");
+    uint32_t cnt = kd__be32(b + 4), h = kd__be32(b + 8), w = kd__be32(b + 12);
+    if (cnt == 0 || h == 0 || w == 0 || h > 65536 || w > 65536)
+        return kd_error(KD_ERR_FORMAT, "%s: bad dimensions %u x %u x %u in the header", path, cnt,
+                        h, w);
+    (void)ctx;
+    /* At most 2^32 * 2^32: fits in 64 bits with the header. */
+    *limit = 16 + (uint64_t)cnt * ((uint64_t)h * w);
+    snprintf(what, what_n, "16-byte header + %u images of %ux%u", cnt, h, w);
+    return KD_OK;
+}
+
+/* The images file a labels file must match. */
+typedef struct {
+    uint32_t n;
+    const char *path;
+} kd__idx_images;
+
+/* Header check of a labels file: magic, N, then N bytes; ctx is the
+ * kd__idx_images whose count N must equal. */
+static kd_status kd__idx_labels_size(void *ctx, const char *path, const uint8_t *b, size_t n,
+                                     uint64_t *limit, char *what, size_t what_n) {
+    if (n < 8)
+        return kd_error(KD_ERR_FORMAT, "%s: truncated header: expected at least 8 bytes, got %zu",
+                        path, n);
+    uint32_t magic = kd__be32(b);
+    if (magic != KD__IDX_LABELS_MAGIC)
+        return kd_error(KD_ERR_FORMAT, "%s: bad magic 0x%08x, expected 0x%08x (IDX ubyte labels)%s",
+                        path, magic, KD__IDX_LABELS_MAGIC,
+                        magic == KD__IDX_IMAGES_MAGIC ? "; this looks like an images file" : "");
+    const kd__idx_images *im = ctx;
+    uint32_t cnt = kd__be32(b + 4);
+    if (cnt != im->n)
+        return kd_error(KD_ERR_FORMAT, "%s: %u labels, but %s has %u images", path, cnt, im->path,
+                        im->n);
+    *limit = 8 + (uint64_t)cnt;
+    snprintf(what, what_n, "8-byte header + %u labels", cnt);
+    return KD_OK;
+}
+
 kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out) {
     if (!dir || !out) return kd_error(KD_ERR_INVALID, "kd_dataset_open_idx: NULL argument");
     *out = NULL;
@@ -121,36 +172,12 @@ kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out) {
     uint8_t *ib = NULL, *lb = NULL;
     size_t il = 0, ll = 0;
     kd_dataset *ds = NULL;
-    st = kd__read_whole_file(ipath, &ib, &il);
+    /* The headers are checked from the first bytes, and nothing past what
+     * they imply is read or inflated. */
+    st = kd__read_whole_file(ipath, 16, kd__idx_images_size, NULL, &ib, &il);
     if (st != KD_OK) goto cleanup;
-    st = kd__read_whole_file(lpath, &lb, &ll);
-    if (st != KD_OK) goto cleanup;
-
-    /* Images: magic, N, H, W (big-endian u32), then N*H*W bytes. */
-    if (il < 16) {
-        st = kd_error(KD_ERR_FORMAT, "%s: truncated header: expected at least 16 bytes, got %zu",
-                      ipath, il);
-        goto cleanup;
-    }
-    uint32_t magic = kd__be32(ib);
-    if (magic != KD__IDX_IMAGES_MAGIC) {
-        st = kd_error(KD_ERR_FORMAT, "%s: bad magic 0x%08x, expected 0x%08x (IDX ubyte images)%s",
-                      ipath, magic, KD__IDX_IMAGES_MAGIC,
-                      magic == KD__IDX_LABELS_MAGIC ? "; this looks like a labels file" : "");
-        goto cleanup;
-    }
     uint32_t n = kd__be32(ib + 4), h = kd__be32(ib + 8), w = kd__be32(ib + 12);
-    if (n == 0 || h == 0 || w == 0 || h > 65536 || w > 65536) {
-        st = kd_error(KD_ERR_FORMAT, "%s: bad dimensions %u x %u x %u in the header", ipath, n, h,
-                      w);
-        goto cleanup;
-    }
     int64_t per = (int64_t)h * w;
-    if ((int64_t)n > (INT64_MAX - 16) / per) {
-        st = kd_error(KD_ERR_FORMAT, "%s: header claims %u images of %ux%u, too large", ipath, n,
-                      h, w);
-        goto cleanup;
-    }
     int64_t want = 16 + (int64_t)n * per;
     if ((int64_t)il != want) {
         st = kd_error(KD_ERR_FORMAT,
@@ -159,20 +186,10 @@ kd_status kd_dataset_open_idx(const char *dir, int train, kd_dataset **out) {
                       h, w, il);
         goto cleanup;
     }
+    kd__idx_images ref = {n, ipath};
+    st = kd__read_whole_file(lpath, 8, kd__idx_labels_size, &ref, &lb, &ll);
+    if (st != KD_OK) goto cleanup;
 
-    /* Labels: magic, N, then N bytes. */
-    if (ll < 8) {
-        st = kd_error(KD_ERR_FORMAT, "%s: truncated header: expected at least 8 bytes, got %zu",
-                      lpath, ll);
-        goto cleanup;
-    }
-    magic = kd__be32(lb);
-    if (magic != KD__IDX_LABELS_MAGIC) {
-        st = kd_error(KD_ERR_FORMAT, "%s: bad magic 0x%08x, expected 0x%08x (IDX ubyte labels)%s",
-                      lpath, magic, KD__IDX_LABELS_MAGIC,
-                      magic == KD__IDX_IMAGES_MAGIC ? "; this looks like an images file" : "");
-        goto cleanup;
-    }
     uint32_t nl = kd__be32(lb + 4);
     if (nl != n) {
         st = kd_error(KD_ERR_FORMAT, "%s: %u labels, but %s has %u images", lpath, nl, ipath, n);

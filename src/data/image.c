@@ -19,9 +19,17 @@
 #include <jerror.h>
 #include <png.h>
 
-/* Larger images are refused rather than risking an enormous allocation from
- * a corrupt header. */
-#define KD__MAX_PIXELS ((int64_t)1 << 28)
+/* Images beyond KD_IMAGE_MAX_SIDE / KD_IMAGE_MAX_PIXELS (kd/data.h) are
+ * refused from their header, before any allocation. Ancillary PNG chunks
+ * (ICC profiles, text) are skipped by kd but libpng still buffers one at a
+ * time: each is limited to 8 MB, libpng's own default, set here explicitly.
+ * A progressive JPEG needs its whole coefficient array (2 bytes per sample):
+ * libjpeg's memory is limited to 10 bytes a pixel of the header's size plus
+ * 16 MB of tables and buffers, and to KD__JPEG_MAX_SCANS scans (the limit
+ * libjpeg-turbo's own fuzzers and TurboJPEG use against scan bombs). */
+#define KD__PNG_CHUNK_MAX 8000000
+#define KD__JPEG_MAX_SCANS 500
+#define KD__JPEG_MEM_SLACK ((int64_t)16 << 20)
 
 /* ---------------------------------------------------------------- buffers */
 
@@ -63,8 +71,13 @@ static int kd__grow(uint8_t **p, size_t *cap, size_t bytes) {
     return 1;
 }
 
-/* Reads the whole file into im->raw; *len = its size. */
-static kd_status kd__read_raw(const char *path, kd_image *im, size_t *len) {
+/* Opens path for decoding: a non-empty regular file, with its first bytes
+ * in sig (*nsig of them, up to 8) and its size in *size; the stream is left
+ * at the start. Nothing is read into memory beyond that: the decoders stream
+ * from the file, so a huge or sparse file costs no more than its image. */
+static kd_status kd__open_image(const char *path, FILE **out, uint8_t sig[8], size_t *nsig,
+                                int64_t *size) {
+    *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         if (errno == ENOENT) return kd_error(KD_ERR_NOT_FOUND, "%s: no such file", path);
@@ -79,29 +92,44 @@ static kd_status kd__read_raw(const char *path, kd_image *im, size_t *len) {
                       S_ISDIR(sb.st_mode) ? " (a directory)" : "");
     } else if (sb.st_size == 0) {
         st = kd_error(KD_ERR_FORMAT, "%s: empty file, not an image", path);
-    } else if (!kd__grow(&im->raw.p, &im->raw.cap, (size_t)sb.st_size)) {
-        st = kd_error(KD_ERR_NOMEM, "%s: cannot allocate %lld bytes", path, (long long)sb.st_size);
-    } else {
-        st = kd__pread_full(fd, im->raw.p, (size_t)sb.st_size, 0, path, 0);
-        *len = (size_t)sb.st_size;
     }
-    close(fd);
-    return st;
+    FILE *f = st == KD_OK ? fdopen(fd, "rb") : NULL;
+    if (st == KD_OK && !f) st = kd_error(KD_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (st != KD_OK) {
+        close(fd);
+        return st;
+    }
+    *nsig = fread(sig, 1, 8, f);
+    if (ferror(f) || fseek(f, 0, SEEK_SET) != 0) {
+        st = kd_error(KD_ERR_IO, "%s: read error: %s", path, strerror(errno));
+        fclose(f);
+        return st;
+    }
+    *size = (int64_t)sb.st_size;
+    *out = f;
+    return KD_OK;
 }
 
 static int kd__is_jpeg(const uint8_t *b, size_t n) { return n >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF; }
 static int kd__is_png(const uint8_t *b, size_t n) { return n >= 8 && png_sig_cmp(b, 0, 8) == 0; }
 
-static kd_status kd__not_an_image(const char *path, const uint8_t *b, size_t n) {
+static kd_status kd__not_an_image(const char *path, const uint8_t *b, size_t nb, int64_t size) {
     char hex[40] = "";
-    for (size_t i = 0; i < n && i < 8; i++) snprintf(hex + 3 * i, sizeof hex - 3 * i, "%02x ", b[i]);
-    return kd_error(KD_ERR_FORMAT, "%s: not a JPEG or PNG image (%zu bytes starting %s)", path, n, hex);
+    for (size_t i = 0; i < nb && i < 8; i++) snprintf(hex + 3 * i, sizeof hex - 3 * i, "%02x ", b[i]);
+    return kd_error(KD_ERR_FORMAT, "%s: not a JPEG or PNG image (%lld bytes starting %s)", path,
+                    (long long)size, hex);
 }
 
 static kd_status kd__check_size(const char *path, const char *kind, int64_t h, int64_t w) {
-    if (h <= 0 || w <= 0 || h * w > KD__MAX_PIXELS)
-        return kd_error(KD_ERR_FORMAT, "%s: %s of %lldx%lld pixels: empty or larger than %lld pixels",
-                        path, kind, (long long)w, (long long)h, (long long)KD__MAX_PIXELS);
+    if (h <= 0 || w <= 0)
+        return kd_error(KD_ERR_FORMAT, "%s: %s of %lldx%lld pixels is empty", path, kind,
+                        (long long)w, (long long)h);
+    if (h > KD_IMAGE_MAX_SIDE || w > KD_IMAGE_MAX_SIDE || h * w > KD_IMAGE_MAX_PIXELS)
+        return kd_error(KD_ERR_FORMAT,
+                        "%s: %s of %lldx%lld pixels is larger than kd decodes (sides up to %d, "
+                        "%lld pixels in all: KD_IMAGE_MAX_SIDE, KD_IMAGE_MAX_PIXELS)",
+                        path, kind, (long long)w, (long long)h, KD_IMAGE_MAX_SIDE,
+                        (long long)KD_IMAGE_MAX_PIXELS);
     return KD_OK;
 }
 
@@ -149,8 +177,19 @@ static __attribute__((noinline)) void kd__row_to_planes(const uint8_t *restrict 
     }
 }
 
-static kd_status kd__jpeg_decode(const char *path, kd_image *im, size_t len, int header_only) {
+/* Stops a progressive JPEG with more than KD__JPEG_MAX_SCANS scans. */
+static void kd__jpeg_progress(j_common_ptr ci) {
+    j_decompress_ptr d = (j_decompress_ptr)ci;
+    if (d->is_decompressor && d->input_scan_number > KD__JPEG_MAX_SCANS) {
+        kd__jpeg_err *e = (kd__jpeg_err *)ci->err;
+        snprintf(e->msg, sizeof e->msg, "more than %d scans (a scan bomb?)", KD__JPEG_MAX_SCANS);
+        longjmp(e->jb, 1);
+    }
+}
+
+static kd_status kd__jpeg_decode(const char *path, kd_image *im, FILE *fp, int header_only) {
     struct jpeg_decompress_struct ci;
+    struct jpeg_progress_mgr prog = {.progress_monitor = kd__jpeg_progress};
     kd__jpeg_err err;
     memset(&err, 0, sizeof err);
     ci.err = jpeg_std_error(&err.pub);
@@ -161,7 +200,8 @@ static kd_status kd__jpeg_decode(const char *path, kd_image *im, size_t len, int
         return kd_error(KD_ERR_FORMAT, "%s: corrupt JPEG: %s", path, err.msg);
     }
     jpeg_create_decompress(&ci);
-    jpeg_mem_src(&ci, im->raw.p, (unsigned long)len);
+    ci.progress = &prog;
+    jpeg_stdio_src(&ci, fp);
     jpeg_read_header(&ci, TRUE);
     kd_status st = kd__check_size(path, "JPEG", ci.image_height, ci.image_width);
     if (st != KD_OK || header_only) {
@@ -171,6 +211,8 @@ static kd_status kd__jpeg_decode(const char *path, kd_image *im, size_t len, int
         jpeg_destroy_decompress(&ci);
         return st;
     }
+    ci.mem->max_memory_to_use =
+        (long)(10 * (int64_t)ci.image_height * (int64_t)ci.image_width + KD__JPEG_MEM_SLACK);
     int cmyk = ci.jpeg_color_space == JCS_CMYK || ci.jpeg_color_space == JCS_YCCK;
     ci.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
     jpeg_start_decompress(&ci);
@@ -182,7 +224,8 @@ static kd_status kd__jpeg_decode(const char *path, kd_image *im, size_t len, int
         return kd_error(KD_ERR_NOMEM, "%s: cannot allocate a %dx%d image", path, w, h);
     }
     uint8_t *r = im->data, *g = r + plane, *b = g + plane;
-    while (ci.output_scanline < ci.output_height) {
+    /* Stops at the first sign of damage: the rest would be grey filler. */
+    while (ci.output_scanline < ci.output_height && !err.bad_warning) {
         JSAMPROW row = im->row.p;
         size_t y = ci.output_scanline;
         if (jpeg_read_scanlines(&ci, &row, 1) != 1) break;
@@ -202,16 +245,15 @@ static kd_status kd__jpeg_decode(const char *path, kd_image *im, size_t len, int
 /* -------------------------------------------------------------------- PNG */
 
 typedef struct {
-    const uint8_t *p;
-    size_t len, pos;
+    FILE *f;
     char msg[256];
+    char limit[128]; /* libpng's warning when the IHDR exceeds the user limits */
 } kd__png_src;
 
 static void kd__png_read(png_structp png, png_bytep out, png_size_t n) {
     kd__png_src *s = png_get_io_ptr(png);
-    if (n > s->len - s->pos) png_error(png, "unexpected end of file (truncated)");
-    memcpy(out, s->p + s->pos, n);
-    s->pos += n;
+    if (fread(out, 1, n, s->f) != n)
+        png_error(png, ferror(s->f) ? "read error" : "unexpected end of file (truncated)");
 }
 
 static void kd__png_error(png_structp png, png_const_charp msg) {
@@ -220,13 +262,16 @@ static void kd__png_error(png_structp png, png_const_charp msg) {
     png_longjmp(png, 1);
 }
 
+/* Warnings are ignored, except the one that explains an IHDR beyond the
+ * user limits (libpng then fails with "Invalid IHDR data"). */
 static void kd__png_warning(png_structp png, png_const_charp msg) {
-    (void)png;
-    (void)msg;
+    kd__png_src *s = png_get_error_ptr(png);
+    if (!s->limit[0] && strstr(msg, "exceeds user limit"))
+        snprintf(s->limit, sizeof s->limit, "%s", msg);
 }
 
-static kd_status kd__png_decode(const char *path, kd_image *im, size_t len, int header_only) {
-    kd__png_src src = {im->raw.p, len, 0, ""};
+static kd_status kd__png_decode(const char *path, kd_image *im, FILE *fp, int header_only) {
+    kd__png_src src = {fp, "", ""};
     png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &src, kd__png_error, kd__png_warning);
     png_infop info = png ? png_create_info_struct(png) : NULL;
     if (!png || !info) {
@@ -238,9 +283,17 @@ static kd_status kd__png_decode(const char *path, kd_image *im, size_t len, int 
     if (setjmp(png_jmpbuf(png))) {
         free(rows);
         png_destroy_read_struct(&png, &info, NULL);
+        if (src.limit[0])
+            return kd_error(KD_ERR_FORMAT,
+                            "%s: PNG larger than kd decodes (%s; sides up to %d, %lld pixels in "
+                            "all: KD_IMAGE_MAX_SIDE, KD_IMAGE_MAX_PIXELS)",
+                            path, src.limit, KD_IMAGE_MAX_SIDE, (long long)KD_IMAGE_MAX_PIXELS);
         return kd_error(KD_ERR_FORMAT, "%s: corrupt PNG: %s", path, src.msg);
     }
     png_set_read_fn(png, &src, kd__png_read);
+    /* Dimensions beyond the limits stop png_read_info at the IHDR chunk. */
+    png_set_user_limits(png, KD_IMAGE_MAX_SIDE, KD_IMAGE_MAX_SIDE);
+    png_set_chunk_malloc_max(png, KD__PNG_CHUNK_MAX);
     png_read_info(png, info);
     png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
     kd_status st = kd__check_size(path, "PNG", h, w);
@@ -264,21 +317,32 @@ static kd_status kd__png_decode(const char *path, kd_image *im, size_t len, int 
         return kd_error(KD_ERR_UNSUPPORTED, "%s: PNG did not convert to 8-bit RGB", path);
     }
     size_t plane = (size_t)h * w, rowbytes = png_get_rowbytes(png, info);
+    /* A plain PNG is decoded row by row into the planes; an interlaced one
+     * needs the whole interleaved image first. */
+    int interlaced = png_get_interlace_type(png, info) != PNG_INTERLACE_NONE;
     if (!kd__grow(&im->data, &im->cap, 3 * plane) ||
-        !kd__grow(&im->row.p, &im->row.cap, rowbytes * h) ||
-        !(rows = malloc(h * sizeof *rows))) {
+        !kd__grow(&im->row.p, &im->row.cap, rowbytes * (interlaced ? h : 1)) ||
+        (interlaced && !(rows = malloc(h * sizeof *rows)))) {
         png_destroy_read_struct(&png, &info, NULL);
         return kd_error(KD_ERR_NOMEM, "%s: cannot allocate a %ux%u image", path, w, h);
     }
-    for (png_uint_32 y = 0; y < h; y++) rows[y] = im->row.p + y * rowbytes;
-    png_read_image(png, rows);
+    uint8_t *r = im->data, *g = r + plane, *b = g + plane;
+    if (interlaced) {
+        for (png_uint_32 y = 0; y < h; y++) rows[y] = im->row.p + y * rowbytes;
+        png_read_image(png, rows);
+        for (size_t y = 0; y < h; y++)
+            kd__row_to_planes(im->row.p + y * rowbytes, (int)w, 3, r + y * w, g + y * w,
+                              b + y * w);
+    } else {
+        for (size_t y = 0; y < h; y++) {
+            png_read_row(png, im->row.p, NULL);
+            kd__row_to_planes(im->row.p, (int)w, 3, r + y * w, g + y * w, b + y * w);
+        }
+    }
     png_read_end(png, NULL);
     free(rows);
     rows = NULL;
     png_destroy_read_struct(&png, &info, NULL);
-    uint8_t *r = im->data, *g = r + plane, *b = g + plane;
-    for (size_t y = 0; y < h; y++)
-        kd__row_to_planes(im->row.p + y * rowbytes, (int)w, 3, r + y * w, g + y * w, b + y * w);
     im->c = 3;
     im->h = (int)h;
     im->w = (int)w;
@@ -288,11 +352,17 @@ static kd_status kd__png_decode(const char *path, kd_image *im, size_t len, int 
 /* ----------------------------------------------------------------- public */
 
 static kd_status kd__image_decode(const char *path, kd_image *im, int header_only) {
-    size_t len = 0;
-    KD_TRY(kd__read_raw(path, im, &len));
-    if (kd__is_jpeg(im->raw.p, len)) return kd__jpeg_decode(path, im, len, header_only);
-    if (kd__is_png(im->raw.p, len)) return kd__png_decode(path, im, len, header_only);
-    return kd__not_an_image(path, im->raw.p, len);
+    FILE *f = NULL;
+    uint8_t sig[8];
+    size_t nsig = 0;
+    int64_t size = 0;
+    KD_TRY(kd__open_image(path, &f, sig, &nsig, &size));
+    kd_status st;
+    if (kd__is_jpeg(sig, nsig)) st = kd__jpeg_decode(path, im, f, header_only);
+    else if (kd__is_png(sig, nsig)) st = kd__png_decode(path, im, f, header_only);
+    else st = kd__not_an_image(path, sig, nsig, size);
+    fclose(f);
+    return st;
 }
 
 kd_status kd_image_read(const char *path, kd_image *im) {

@@ -109,12 +109,15 @@ static kd_status kd__loader_sample(kd_loader *l, kd__sample_ctx *x, int64_t idx,
                 return kd_error(KD_ERR_FORMAT, "dataset %s, sample %lld: %d channels, expected %d",
                                 ds->name, (long long)j, c, ds->c);
         }
+        int shared_flip = -1; /* the sample's shared flip, drawn when a view asks for it */
         for (int v = 0; v < l->nviews; v++) {
             const kd__view *vw = &l->views[v];
             kd_rng r;
             kd_rng_init(&r, l->cfg.seed, kd_data_view_key(l->cfg.seed, l->epoch, j, v));
-            KD_TRY(kd__sample_apply(&vw->tf, &vw->tables, &r, src, c, h, w, vw->out_h, vw->out_w,
-                                    x, s->views[v] + i * vw->per));
+            if (vw->tf.hflip_shared && shared_flip < 0)
+                shared_flip = kd_transform_shared_flip(l->cfg.seed, l->epoch, j);
+            KD_TRY(kd__sample_apply(&vw->tf, &vw->tables, &r, vw->tf.hflip_shared && shared_flip == 1, src, c,
+                                    h, w, vw->out_h, vw->out_w, x, s->views[v] + i * vw->per));
         }
         *used = j;
         return KD_OK;
@@ -285,7 +288,7 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         vw->per = (int64_t)ds->c * vw->out_h * vw->out_w;
         kd__transform_tables_init(&vw->tf, ds->c, &vw->tables);
         l->shapes[v] = (kd_view_shape){ds->c, vw->out_h, vw->out_w};
-        l->direct &= !vw->tf.geometry && vw->out_h == ds->h && vw->out_w == ds->w;
+        l->direct &= !vw->tf.geometry && !vw->tf.hflip_shared && vw->out_h == ds->h && vw->out_w == ds->w;
         if (vw->per > per_max) per_max = vw->per;
     }
 

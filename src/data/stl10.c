@@ -102,6 +102,26 @@ kd_status kd_dataset_open_stl10(const char *dir, kd_split split, kd_dataset **ou
     kd_dataset *ds = NULL;
     uint8_t *lb = NULL;
     size_t ll = 0;
+    /* The labels file must hold one byte per image: checked from its size
+     * before anything is allocated, so a sparse or lying images file costs
+     * nothing. */
+    struct stat lsb;
+    if (split != KD_SPLIT_UNLABELED) {
+        if (stat(lpath, &lsb) != 0) {
+            st = errno == ENOENT ? kd_error(KD_ERR_NOT_FOUND, "%s: no such file (STL-10 %s labels)",
+                                            lpath, prefix[split])
+                                 : kd_error(KD_ERR_IO, "%s: %s", lpath, strerror(errno));
+            goto fail;
+        }
+        if ((int64_t)lsb.st_size != n) {
+            st = kd_error(KD_ERR_FORMAT, "%s: %lld labels, but %s holds %lld images", lpath,
+                          (long long)lsb.st_size, ipath, (long long)n);
+            goto fail;
+        }
+    }
+    /* The index costs 12 bytes a record. */
+    st = kd__check_fits_memory(ipath, (uint64_t)n * 12, "the index of its records");
+    if (st != KD_OK) goto fail;
     st = kd__dataset_alloc_lazy("stl-10", n, 3, KD__STL_SIDE, KD__STL_SIDE, KD__SRC_STL10, &ds);
     if (st != KD_OK) goto fail;
     ds->fd = fd;
@@ -122,7 +142,7 @@ kd_status kd_dataset_open_stl10(const char *dir, kd_split split, kd_dataset **ou
     if (split == KD_SPLIT_UNLABELED) {
         for (int64_t i = 0; i < n; i++) ds->labels[i] = -1;
     } else {
-        st = kd__read_whole_file(lpath, &lb, &ll);
+        st = kd__read_whole_file(lpath, 0, NULL, NULL, &lb, &ll);
         if (st != KD_OK) goto fail;
         if ((int64_t)ll != n) {
             st = kd_error(KD_ERR_FORMAT, "%s: %zu labels, but %s holds %lld images", lpath, ll, ipath,

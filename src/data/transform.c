@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index) {
     return kd_rng_key(kd_rng_key(seed, (uint64_t)epoch), (uint64_t)index);
@@ -14,6 +15,56 @@ uint64_t kd_data_sample_key(uint64_t seed, int64_t epoch, int64_t index) {
 uint64_t kd_data_view_key(uint64_t seed, int64_t epoch, int64_t index, int view) {
     uint64_t key = kd_data_sample_key(seed, epoch, index);
     return view == 0 ? key : kd_rng_key(key, (uint64_t)view);
+}
+
+uint64_t kd_data_shared_key(uint64_t seed, int64_t epoch, int64_t index) {
+    return kd_rng_key(kd_data_sample_key(seed, epoch, index), KD_DATA_SHARED_TAG);
+}
+
+int kd_transform_shared_flip(uint64_t seed, int64_t epoch, int64_t index) {
+    kd_rng r;
+    kd_rng_init(&r, seed, kd_data_shared_key(seed, epoch, index));
+    return kd_rng_uniform(&r) < 0.5f;
+}
+
+kd_status kd_geometry_rot90(const void *ctx, kd_rng *r, const uint8_t *src, int c, int h, int w,
+                            uint8_t *dst, int out_h, int out_w, kd_scratch *scratch) {
+    (void)r;
+    int k = ((*(const int *)ctx % 4) + 4) % 4;
+    if ((k & 1) && out_h != out_w)
+        return kd_error(KD_ERR_SHAPE, "rotation by %d quarter turns needs a square output, not %dx%d", k, out_h,
+                        out_w);
+    if (h != out_h || w != out_w) {
+        /* The default geometry to the output size first, into the scratch
+         * (the resampling gets a scratch of its own: images of another size
+         * than the output are the rare, slow path). */
+        uint8_t *tmp = kd_scratch_get(scratch, (size_t)c * out_h * out_w);
+        if (!tmp) return kd_error(KD_ERR_NOMEM, "rotation: out of memory");
+        kd_scratch rs = {0};
+        kd_status st = kd_image_resize_center_crop(src, c, h, w, 0, tmp, out_h, out_w, &rs);
+        kd_scratch_free(&rs);
+        KD_TRY(st);
+        src = tmp;
+        h = out_h;
+        w = out_w;
+    }
+    for (int ch = 0; ch < c; ch++) {
+        const uint8_t *s = src + (size_t)ch * h * w;
+        uint8_t *d = dst + (size_t)ch * h * w;
+        if (k == 0) {
+            memcpy(d, s, (size_t)h * w);
+        } else if (k == 2) { /* out[y][x] = in[h-1-y][w-1-x] */
+            for (int y = 0; y < h; y++)
+                for (int x = 0; x < w; x++) d[(size_t)y * w + x] = s[(size_t)(h - 1 - y) * w + (w - 1 - x)];
+        } else if (k == 1) { /* (w, h): out[y][x] = in[x][w-1-y] */
+            for (int y = 0; y < w; y++)
+                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)x * w + (w - 1 - y)];
+        } else { /* k == 3, (w, h): out[y][x] = in[h-1-x][y] */
+            for (int y = 0; y < w; y++)
+                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)(h - 1 - x) * w + y];
+        }
+    }
+    return KD_OK;
 }
 
 kd_status kd_transform_check(const kd_transform_cfg *cfg, int c) {
@@ -114,13 +165,28 @@ void kd__sample_ctx_free(kd__sample_ctx *x) {
     kd_image_free(&x->img);
     free(x->geo);
     kd_scratch_free(&x->scratch);
+    free(x->pre);
     x->geo = NULL;
     x->geo_cap = 0;
+    x->pre = NULL;
+    x->pre_cap = 0;
 }
 
 kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tables *t, kd_rng *r,
-                           const uint8_t *src, int c, int h, int w, int out_h, int out_w,
+                           int pre_flip, const uint8_t *src, int c, int h, int w, int out_h, int out_w,
                            kd__sample_ctx *x, float *dst) {
+    if (pre_flip) { /* the shared flip, before the geometry step */
+        size_t need = (size_t)c * h * w;
+        if (x->pre_cap < need) {
+            uint8_t *p = realloc(x->pre, need);
+            if (!p) return kd_error(KD_ERR_NOMEM, "transform: cannot allocate %zu bytes", need);
+            x->pre = p;
+            x->pre_cap = need;
+        }
+        for (size_t row = 0; row < (size_t)c * h; row++)
+            for (int xx = 0; xx < w; xx++) x->pre[row * w + xx] = src[row * w + (w - 1 - xx)];
+        src = x->pre;
+    }
     if (cfg->geometry || h != out_h || w != out_w) {
         size_t need = (size_t)c * out_h * out_w;
         if (x->geo_cap < need) {
@@ -161,7 +227,7 @@ kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset
                         ds->name);
     kd_rng r;
     kd_rng_init(&r, seed, kd_data_view_key(seed, epoch, index, view));
-    if (!kd_dataset_is_lazy(ds) && !cfg->geometry && out_h == ds->h && out_w == ds->w) {
+    if (!kd_dataset_is_lazy(ds) && !cfg->geometry && !cfg->hflip_shared && out_h == ds->h && out_w == ds->w) {
         kd_transform_draw d = kd_transform_draw_from(cfg, &r);
         kd_transform_apply(cfg, &d, kd_dataset_image(ds, index), ds->c, ds->h, ds->w, dst);
         return KD_OK;
@@ -172,8 +238,9 @@ kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset
                      : kd_error(KD_ERR_NOMEM, "transform: out of memory");
     if (st == KD_OK) {
         kd__transform_tables_init(cfg, ds->c, t);
-        st = kd__sample_apply(cfg, t, &r, x.img.data, x.img.c, x.img.h, x.img.w, out_h, out_w, &x,
-                              dst);
+        int pre_flip = cfg->hflip_shared && kd_transform_shared_flip(seed, epoch, index);
+        st = kd__sample_apply(cfg, t, &r, pre_flip, x.img.data, x.img.c, x.img.h, x.img.w, out_h, out_w,
+                              &x, dst);
     }
     free(t);
     kd__sample_ctx_free(&x);

@@ -37,6 +37,7 @@ static const kd_method_def *const kd__methods[] = {
     &kd__method_dist,
     &kd__method_lskd,
     &kd__method_crd,
+    &kd__method_sskd,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 
@@ -212,6 +213,14 @@ static kd_status kd__arg_parse(const kd_method_def *m, const kd_method_arg *a, c
         }
         return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s.%s: expected one of %s", value, m->name, a->name,
                         a->choices ? a->choices : "");
+    }
+    case KD_ARG_STRING: {
+        size_t vl = strlen(value);
+        if (vl >= KD_METHOD_ARG_STR)
+            return kd_error(KD_ERR_INVALID, "value of %s.%s is too long (%zu characters; at most %d)", m->name,
+                            a->name, vl, KD_METHOD_ARG_STR - 1);
+        if (dst) memcpy(dst, value, vl + 1);
+        return KD_OK;
     }
     }
     return kd_error(KD_ERR_INTERNAL, "%s.%s has no parser", m->name, a->name);
@@ -412,6 +421,7 @@ kd_tensor *kd_method_feat(kd_graph *g, const kd_model_out *o, int k, int preact)
 }
 
 kd_status kd_method_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
+    if (m->def->loss) return m->def->loss(m, ctx, terms);
     const kd_distill_cfg *c = &m->cfg;
     kd_graph *g = ctx->g;
     const kd_step_batch *b = ctx->batch;
@@ -456,4 +466,8 @@ kd_status kd_method_after_step(kd_method *m, kd_step_ctx *ctx) {
 
 kd_status kd_method_epoch_begin(kd_method *m, int epoch) {
     return m->def->epoch_begin ? m->def->epoch_begin(m, epoch) : KD_OK;
+}
+
+kd_status kd_method_prepare(kd_method *m, const kd_prepare_ctx *ctx) {
+    return m->def->prepare ? m->def->prepare(m, ctx) : KD_OK;
 }

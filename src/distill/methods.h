@@ -20,5 +20,18 @@ extern const kd_method_def kd__method_dkd;    /* Zhao et al.: decoupled KD (TCKD
 extern const kd_method_def kd__method_dist;   /* Huang et al.: DIST, inter/intra-class Pearson relations */
 extern const kd_method_def kd__method_lskd;   /* Sun et al.: KD on standardised logits */
 extern const kd_method_def kd__method_crd;    /* Tian et al.: contrastive representation distillation (memory banks) */
+extern const kd_method_def kd__method_sskd;   /* Xu et al.: SSKD, rotations and self-supervised similarities */
+
+/* SSKD internals (sskd.c), for tests/test_sskd.c. kd__sskd_keep: the keep
+ * rule on scores (R, K) with the true entry target[r] of each row: keep[r] =
+ * 1 for rows whose target ranks first (ties by index) and for the
+ * floor(ratio * #wrong) wrong rows of best rank (ties by row); work holds R
+ * int64; returns the number kept. kd__sskd_head_loss: stage 1's loss on the
+ * teacher's feat[-1] of an interleaved 4B batch through the head (l0, ReLU,
+ * l2), and the rows whose best match is their source (hits, may be NULL). */
+int64_t kd__sskd_keep(const float *scores, int64_t R, int64_t K, const int32_t *target, double ratio, uint8_t *keep,
+                      int64_t *work);
+kd_status kd__sskd_head_loss(kd_graph *g, const kd_linear_layer *l0, const kd_linear_layer *l2, kd_tensor *feat,
+                             kd_tensor **loss, int64_t *hits);
 
 #endif

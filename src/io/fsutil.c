@@ -5,7 +5,9 @@
  * kd_file_write_atomic_parts is what checkpoints and summaries go through: a
  * crash or a failed write at any point leaves either the old file or the new
  * one under `path`, never a mixture, and never a stray temporary file after an
- * error this process could see.
+ * error this process could see (a killed process leaves "<path>.tmp.<pid>",
+ * which the training loop removes when it next starts in that directory). A
+ * failed fsync of the directory after the rename is an error (KD_ERR_IO).
  */
 #include "kd/io.h"
 
@@ -118,10 +120,16 @@ kd_status kd_file_write_atomic_parts(const char *path, const kd_file_part *parts
         step = "rename of";
         goto fail_errno;
     }
-    /* The new file is in place. If the directory cannot be synced, the rename
-     * may not survive a power loss, but the data is complete: warn only. */
+    /* The new file is in place, but until its directory is synced the rename
+     * may not survive a power loss (or a crash of the machine): a caller that
+     * goes on (deletes what the file replaces, reports a checkpoint as saved)
+     * must learn of it, so a failed directory fsync is an error. */
     err = kd__fsync_parent(path);
-    if (err) kd_log_msg(KD_LOG_WARN, "%s: cannot fsync its directory: %s", path, strerror(err));
+    if (err)
+        st = kd_error(KD_ERR_IO,
+                      "%s: written, but fsync of its directory failed: %s; the file may not survive a "
+                      "crash of the machine",
+                      path, strerror(err));
     goto done;
 
 fail_errno:

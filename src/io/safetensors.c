@@ -327,6 +327,21 @@ done:
     return st;
 }
 
+/* The largest end offset of the well-formed "data_offsets" in the header
+ * (malformed entries are ignored here: kd__load_header rejects them). */
+static uint64_t kd__header_data_end(const kd_json *root) {
+    uint64_t end = 0;
+    if (root->type != KD_JSON_OBJECT) return 0;
+    for (int64_t i = 0; i < root->count; i++) {
+        const kd_json *ov = kd_json_get(&root->items[i], "data_offsets");
+        if (!ov || ov->type != KD_JSON_ARRAY || ov->count != 2) continue;
+        const kd_json *x = &ov->items[1];
+        if (x->type == KD_JSON_NUMBER && x->is_int && x->integer > 0 && (uint64_t)x->integer > end)
+            end = (uint64_t)x->integer;
+    }
+    return end;
+}
+
 kd_status kd_st_open(const char *path, kd_st_file **out) {
     kd_status st = KD_OK;
     kd_st_file *f = NULL;
@@ -336,6 +351,7 @@ kd_status kd_st_open(const char *path, kd_st_file **out) {
     uint64_t hlen, fsize;
     size_t lead;
     int fd = -1, err;
+    unsigned char *hbuf = NULL;
 
     *out = NULL;
     if (!path) return kd_error(KD_ERR_INVALID, "kd_st_open: NULL path");
@@ -378,31 +394,55 @@ kd_status kd_st_open(const char *path, kd_st_file **out) {
                       (unsigned long long)hlen);
         goto fail;
     }
-    if (fsize > (uint64_t)SIZE_MAX - 128) {
-        st = kd_error(KD_ERR_NOMEM, "%s: file of %llu bytes does not fit in memory", path,
-                      (unsigned long long)fsize);
+    /* The header is read and parsed first; then only the data the tensors
+     * occupy is loaded, so bytes past the last tensor (or a sparse file's
+     * holes) cost nothing, and a header whose tensors need more than the
+     * machine's memory is refused before anything of that size is
+     * allocated. */
+    hbuf = malloc((size_t)hlen + 1);
+    if (!hbuf) {
+        st = kd_error(KD_ERR_NOMEM, "%s: out of memory for a %llu-byte header", path,
+                      (unsigned long long)hlen);
+        goto fail;
+    }
+    err = kd__pread_all(fd, hbuf, (size_t)hlen, 8);
+    if (err) goto fail_read;
+    char what[64 + 4096];
+    snprintf(what, sizeof what, "%s: header", path);
+    st = kd_json_parse((const char *)hbuf, (size_t)hlen, what, &root);
+    if (st != KD_OK) goto fail;
+    uint64_t data_len = fsize - 8 - hlen, used = kd__header_data_end(root);
+    if (used > data_len) used = data_len; /* kd__load_header names the tensor */
+    uint64_t load = 8 + hlen + used;
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if ((pages > 0 && page > 0 && load > (uint64_t)pages * (uint64_t)page) ||
+        load > (uint64_t)SIZE_MAX - 128) {
+        st = kd_error(KD_ERR_FORMAT,
+                      "%s: its tensors need %llu bytes of memory, more than this machine has; "
+                      "the file is corrupt or not meant for this machine",
+                      path, (unsigned long long)load);
         goto fail;
     }
 
     /* Place the file so that its data section starts 64-byte aligned. */
     lead = (size_t)((64 - (8 + hlen) % 64) % 64);
-    f->buf = kd_aligned_alloc(lead + (size_t)fsize);
+    f->buf = kd_aligned_alloc(lead + (size_t)load);
     if (!f->buf) {
         st = kd_error(KD_ERR_NOMEM, "%s: out of memory loading %llu bytes", path,
-                      (unsigned long long)fsize);
+                      (unsigned long long)load);
         goto fail;
     }
-    err = kd__pread_all(fd, f->buf + lead, (size_t)fsize, 0);
+    memcpy(f->buf + lead, lenbuf, 8);
+    memcpy(f->buf + lead + 8, hbuf, (size_t)hlen);
+    free(hbuf);
+    hbuf = NULL;
+    err = kd__pread_all(fd, f->buf + lead + 8 + hlen, (size_t)used, (off_t)(8 + hlen));
     if (err) goto fail_read;
     close(fd);
     fd = -1;
 
     const unsigned char *header = f->buf + lead + 8;
-    char what[64 + 4096];
-    snprintf(what, sizeof what, "%s: header", path);
-    st = kd_json_parse((const char *)header, (size_t)hlen, what, &root);
-    if (st != KD_OK) goto fail;
-    st = kd__load_header(f, root, header + hlen, fsize - 8 - hlen);
+    st = kd__load_header(f, root, header + hlen, data_len);
     if (st != KD_OK) goto fail;
     kd_json_free(root);
     *out = f;
@@ -415,6 +455,7 @@ fail_read:
         st = kd_error(KD_ERR_IO, "%s: read failed: %s", path, strerror(err));
 fail:
     if (fd >= 0) close(fd);
+    free(hbuf);
     kd_json_free(root);
     kd_st_close(f);
     return st;

@@ -71,6 +71,9 @@ static const kd__setting kd__settings[] = {
     KD__S("eval_batch", KD__T_INT, eval_batch, "evaluation batch size"),
     KD__S("max_steps_per_epoch", KD__T_I64, max_steps_per_epoch, "cut epochs short (0: whole epochs)"),
     KD__S("stop_after", KD__T_INT, stop_after, "pause after N epochs of this invocation; --resume continues (0: never)"),
+    KD__S("allow_thread_change", KD__T_BOOL, allow_thread_change,
+          "let --resume use another thread count than the checkpoint's; the result is then NOT bit-identical "
+          "to an uninterrupted run (0/1)"),
 };
 #define KD__NSET ((int)(sizeof kd__settings / sizeof kd__settings[0]))
 

@@ -2,8 +2,10 @@
  * method: data, teacher forward without gradients, student forward and
  * backward, the distiller's loss, SGD, evaluation, checkpoints, resume,
  * metrics.jsonl, summary.json and a progress display. */
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -222,6 +224,7 @@ static kd_status kd__save_last(kd__run *r, int epochs_done, double wall, double 
     KD__META("wall_s", "%.17g", wall);
     KD__META("train_s", "%.17g", train_time);
     KD__META("train_images", "%lld", (long long)images);
+    KD__META("threads", "%d", kd_get_num_threads());
 #undef KD__META
     char path[600];
     kd__path(path, sizeof path, r->c.out, "last.safetensors");
@@ -264,8 +267,16 @@ static void kd__progress(kd__run *r, int epoch, int64_t step, int64_t steps, dou
     fflush(stderr);
 }
 
+/* Flushes metrics.jsonl to the file system and to the disk. */
+static kd_status kd__metrics_sync(FILE *f, const char *dir) {
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0)
+        return kd_error(KD_ERR_IO, "cannot write %s/metrics.jsonl: %s", dir, strerror(errno));
+    return KD_OK;
+}
+
 /* On resume, drops the records of epochs after the checkpoint (an
- * interrupted epoch's step lines, or a line written after the checkpoint). */
+ * interrupted epoch's step lines, the record of an epoch whose checkpoint was
+ * not written, or a line cut short by a kill). */
 static kd_status kd__metrics_truncate(const char *path, int epochs_done) {
     void *data = NULL;
     size_t n = 0;
@@ -324,9 +335,66 @@ static kd_status kd__trainer_init(kd__run *r, const kd_trainer_cfg *tc) {
     return s;
 }
 
+/* A resume continues bit-identically only with the thread count the
+ * checkpoint was written with (reductions split by thread). Another count is
+ * refused unless allow_thread_change is set. Checkpoints without the record
+ * (older kd) are accepted. */
+static kd_status kd__check_threads(const kd_train_cfg *c) {
+    char path[600];
+    kd__path(path, sizeof path, c->out, "last.safetensors");
+    if (!kd_file_exists(path)) return KD_OK;
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(path, &f));
+    const char *v = kd_st_meta(f, "threads");
+    int was = v ? atoi(v) : 0, now = kd_get_num_threads();
+    kd_st_close(f);
+    if (!v || was == now) return KD_OK;
+    if (!c->allow_thread_change)
+        return kd_error(KD_ERR_INVALID,
+                        "%s was trained with %d compute threads, this resume would use %d: it continues "
+                        "bit-identically only with the same count; pass --threads %d, or "
+                        "--allow-thread-change 1 to go on with %d threads (the result is then no longer "
+                        "bit-identical to an uninterrupted run)",
+                        c->out, was, now, was, now);
+    kd_log_msg(KD_LOG_WARN,
+               "%s: resuming with %d compute threads instead of the checkpoint's %d "
+               "(allow_thread_change): the result is no longer bit-identical to an uninterrupted run",
+               c->out, now, was);
+    return KD_OK;
+}
+
+/* Removes the temporary files ("<name>.tmp.<pid>", kd_file_write_atomic) that
+ * a killed process left in the run directory: those of a process that no
+ * longer runs. */
+static kd_status kd__remove_stale_tmp(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return kd_error(KD_ERR_IO, "cannot list %s: %s", dir, strerror(errno));
+    kd_status s = KD_OK;
+    struct dirent *e;
+    while (s == KD_OK && (e = readdir(d))) {
+        const char *t = strstr(e->d_name, ".tmp.");
+        if (!t || t == e->d_name) continue;
+        const char *p = t + 5;
+        char *end;
+        errno = 0;
+        long pid = strtol(p, &end, 10);
+        if (p[0] < '0' || p[0] > '9' || *end || errno || pid <= 0) continue;
+        if (pid != (long)getpid() && (kill((pid_t)pid, 0) == 0 || errno != ESRCH)) continue;
+        char path[1200];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (unlink(path) != 0 && errno != ENOENT)
+            s = kd_error(KD_ERR_IO, "cannot remove the stale temporary file %s: %s", path, strerror(errno));
+        else
+            kd_log_msg(KD_LOG_INFO, "removed %s, left by an interrupted run", path);
+    }
+    closedir(d);
+    return s;
+}
+
 static kd_status kd__setup(kd__run *r, int resume) {
     kd_train_cfg *c = &r->c;
     kd_set_num_threads(c->threads);
+    if (resume) KD_TRY(kd__check_threads(c));
     KD_TRY(kd_backend_get(c->backend, &r->be));
     KD_TRY(kd_dataset_open(c->data, 1, &r->train));
     KD_TRY(kd_dataset_open(c->data, 0, &r->test));
@@ -341,6 +409,9 @@ static kd_status kd__setup(kd__run *r, int resume) {
         return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);
     int classes = kd_dataset_num_classes(r->train);
     if (kd_dataset_num_classes(r->test) > classes) classes = kd_dataset_num_classes(r->test);
+    /* Warns when the training labels leave the evaluation labels' range, and
+     * lists the classes with no training image. */
+    kd_dataset_check_labels(r->train, r->test, classes, NULL, 0);
     const kd_method_def *def = kd_method_find(c->distill.method);
     if (def && def->labels == KD_LABELS_REQUIRED) {
         int64_t n = kd_dataset_size(r->train), unl = 0;
@@ -437,12 +508,21 @@ static kd_status kd__setup(kd__run *r, int resume) {
     KD_TRY(kd_mkdirs(c->out));
     char path[600];
     kd__path(path, sizeof path, c->out, "last.safetensors");
-    if (resume) {
-        KD_TRY(kd__load_last(r));
-    } else if (kd_file_exists(path)) {
+    if (!resume && kd_file_exists(path))
         return kd_error(KD_ERR_INVALID, "%s already holds a run (%s); continue it with --resume %s or choose another --out",
                         c->out, path, c->out);
+    KD_TRY(kd__remove_stale_tmp(c->out));
+    /* The method's stage before the first epoch (SSKD's teacher head),
+     * before a resumed run's checkpoint is loaded over the method's state. */
+    kd_prepare_ctx pc = {.teacher = r->teacher, .be = r->be, .loader = r->loader,
+                         .steps_per_epoch = r->steps_per_epoch, .run_dir = c->out, .seed = c->seed,
+                         .threads = c->threads, .resume = resume};
+    kd_status ps = kd_method_prepare(kd_trainer_method(r->tr), &pc);
+    if (ps != KD_OK) {
+        r->config_error = ps == KD_ERR_SHAPE || ps == KD_ERR_INVALID;
+        return ps;
     }
+    if (resume) KD_TRY(kd__load_last(r));
     if (!resume) {
         kd__path(path, sizeof path, c->out, "config.yaml");
         KD_TRY(kd_train_cfg_save(c, path));
@@ -566,11 +646,13 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
             KD_TRY(kd_model_save(r->student, path));
         }
         double wall = r->wall_before + (kd__now() - t_start);
-        KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
-        last_epoch_done = epoch + 1;
         double ips = (double)seen / ep_time;
         char terms_text[512];
         kd__terms_text(&r->ep_terms, seen, terms_text, sizeof terms_text);
+        /* The epoch's record goes to disk before its checkpoint: a kill in
+         * between resumes from the previous checkpoint, whose
+         * kd__metrics_truncate drops this epoch's records before the epoch
+         * runs again, so every record is written exactly once. */
         fprintf(r->metrics, "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g", epoch + 1, lr,
                 lsum / (double)seen);
         for (int i = 0; i < r->ep_terms.n; i++)
@@ -579,7 +661,9 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                 ", \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
                 "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
                 100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
-        fflush(r->metrics);
+        KD_TRY(kd__metrics_sync(r->metrics, c->out));
+        KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
+        last_epoch_done = epoch + 1;
         KD_TRY(kd__write_curves(c->out));
         kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
                    epoch + 1, c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, top1,
@@ -618,7 +702,8 @@ kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return k
 
 kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
                           kd_train_result *res) {
-    static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after"};
+    static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after",
+                                          "allow_thread_change"};
     memset(res, 0, sizeof *res);
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
@@ -634,10 +719,17 @@ kd_status kd_train_resume(const char *dir, const char *const *keys, const char *
         for (size_t k = 0; k < sizeof runtime / sizeof runtime[0]; k++) ok |= strcmp(keys[i], runtime[k]) == 0;
         if (!ok)
             return kd_error(KD_ERR_INVALID,
-                            "a resumed run keeps its settings (%s); only threads, workers, progress, log_every and "
-                            "stop_after may change, not %s",
+                            "a resumed run keeps its settings (%s); only threads, workers, progress, log_every, "
+                            "stop_after and allow_thread_change may change, not %s",
                             path, keys[i]);
         KD_TRY(kd_train_cfg_set(&c, keys[i], values[i]));
+    }
+    /* Killed before its first checkpoint: nothing was kept, start again. */
+    kd__path(path, sizeof path, dir, "last.safetensors");
+    if (!kd_file_exists(path)) {
+        kd_log_msg(KD_LOG_INFO, "%s: no checkpoint yet (%s): the run starts again from its first epoch", dir,
+                   path);
+        return kd__run_main(&c, 0, res);
     }
     return kd__run_main(&c, 1, res);
 }

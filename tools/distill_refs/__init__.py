@@ -14,6 +14,11 @@ tools/gen_distill_fixtures.py. Each module defines
              the generator copies them into kd, so the init need not match
     term(mod, case, s_feats, s_logits, t_feats, t_logits, labels) -> the
              unweighted method term (0-d), or None for methods without one
+    terms(mod, case, s_feats, s_logits, t_feats, t_logits, labels), optional:
+             the named weighted terms of a method whose loss is its own (kd's
+             `loss` hook: SSKD's four terms on 4 interleaved views, where the
+             student's and teacher's outputs have 4N rows and the labels N);
+             it replaces the default composition gamma CE + alpha KL + beta term
 
 Everything runs in float64 from the float32 inputs.
 """

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 def weighted_terms(ref, mod, case, s_feats, s_logits, t_feats, t_logits, y):
     """kd's default step: the named weighted terms gamma CE, alpha KL_T and
-    beta * the method term, at the reference's published weights."""
+    beta * the method term, at the reference's published weights; a
+    reference with a loss of its own (kd's `loss` hook, e.g. SSKD) defines
+    terms(mod, case, s_feats, s_logits, t_feats, t_logits, y) -> the named
+    weighted terms instead."""
+    if hasattr(ref, "terms"):
+        return ref.terms(mod, case, s_feats, s_logits, t_feats, t_logits, y)
     w = ref.WEIGHTS
     terms = {}
     if w["gamma"] != 0:

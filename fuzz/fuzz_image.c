@@ -1,0 +1,25 @@
+/* libFuzzer target: image decoding (kd_image_read, kd_image_probe) of the
+ * input as a file; built twice, as fuzz_png and fuzz_jpeg, which differ only
+ * in their seed corpora (decoding detects the format by content). Decoded
+ * images go through the default Resize + CenterCrop geometry as well. */
+#include "fuzz_common.h"
+
+#include "kd/data.h"
+
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    kd_fuzz_dir();
+    char path[256];
+    kd_fuzz_write("img", data, size, path, sizeof path);
+    int c, h, w;
+    kd_image_probe(path, &c, &h, &w);
+    kd_image im = {0};
+    if (kd_image_read(path, &im) == KD_OK && (int64_t)im.h * im.w <= 1 << 20) {
+        uint8_t dst[3 * 12 * 10];
+        kd_scratch sc = {0};
+        kd_image_resize_center_crop(im.data, im.c, im.h, im.w, 0, dst, 12, 10, &sc);
+        kd_scratch_free(&sc);
+    }
+    kd_image_free(&im);
+    return 0;
+}
