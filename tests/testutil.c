@@ -468,27 +468,37 @@ void kd_test_write_png_claiming(const char *path, uint32_t w, uint32_t h) {
     kd_test_write_file(path, b, n);
 }
 
-void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive) {
+/* A baseline (or progressive) RGB JPEG of the w x h pixels px (w * h * 3
+ * bytes, row-major), in memory from malloc: *mem, *mn bytes. */
+static void kd__jpeg_encode(const unsigned char *px, int w, int h, int progressive, unsigned char **mem,
+                            unsigned long *mn) {
     struct jpeg_compress_struct ci;
     struct jpeg_error_mgr jerr;
     ci.err = jpeg_std_error(&jerr);
     jpeg_create_compress(&ci);
-    unsigned char *mem = NULL;
-    unsigned long mn = 0;
-    jpeg_mem_dest(&ci, &mem, &mn);
-    ci.image_width = 8;
-    ci.image_height = 8;
+    *mem = NULL;
+    *mn = 0;
+    jpeg_mem_dest(&ci, mem, mn);
+    ci.image_width = (JDIMENSION)w;
+    ci.image_height = (JDIMENSION)h;
     ci.input_components = 3;
     ci.in_color_space = JCS_RGB;
     jpeg_set_defaults(&ci);
     if (progressive) jpeg_simple_progression(&ci);
     jpeg_start_compress(&ci, TRUE);
-    unsigned char row[24];
-    for (int i = 0; i < 24; i++) row[i] = (unsigned char)(i * 10);
-    JSAMPROW rp = row;
-    while (ci.next_scanline < 8) jpeg_write_scanlines(&ci, &rp, 1);
+    while (ci.next_scanline < (JDIMENSION)h) {
+        JSAMPROW rp = (JSAMPROW)(px + (size_t)ci.next_scanline * (size_t)w * 3);
+        jpeg_write_scanlines(&ci, &rp, 1);
+    }
     jpeg_finish_compress(&ci);
     jpeg_destroy_compress(&ci);
+}
+
+void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive) {
+    unsigned char px[8 * 8 * 3], *mem;
+    unsigned long mn;
+    for (int i = 0; i < 8 * 8 * 3; i++) px[i] = (unsigned char)(i % 24 * 10);
+    kd__jpeg_encode(px, 8, 8, progressive, &mem, &mn);
     /* SOF0 or SOF2: FF C0/C2, length (2), precision (1), height (2), width (2). */
     int patched = 0;
     for (unsigned long i = 0; i + 9 < mn && !patched; i++) {
@@ -506,31 +516,14 @@ void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int p
 }
 
 void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed) {
-    struct jpeg_compress_struct ci;
-    struct jpeg_error_mgr jerr;
-    ci.err = jpeg_std_error(&jerr);
-    jpeg_create_compress(&ci);
-    unsigned char *mem = NULL;
-    unsigned long mn = 0;
-    jpeg_mem_dest(&ci, &mem, &mn);
-    ci.image_width = (JDIMENSION)w;
-    ci.image_height = (JDIMENSION)h;
-    ci.input_components = 3;
-    ci.in_color_space = JCS_RGB;
-    jpeg_set_defaults(&ci);
-    jpeg_start_compress(&ci, TRUE);
-    unsigned char *row = malloc((size_t)w * 3);
-    assert_non_null(row);
+    unsigned char *px = malloc((size_t)w * (size_t)h * 3), *mem;
+    unsigned long mn;
+    assert_non_null(px);
     kd_rng r;
     kd_rng_init(&r, seed, 0x6a7067);
-    while (ci.next_scanline < (JDIMENSION)h) {
-        for (int i = 0; i < w * 3; i++) row[i] = (unsigned char)kd_rng_below(&r, 256);
-        JSAMPROW rp = row;
-        jpeg_write_scanlines(&ci, &rp, 1);
-    }
-    jpeg_finish_compress(&ci);
-    jpeg_destroy_compress(&ci);
+    for (size_t i = 0; i < (size_t)w * (size_t)h * 3; i++) px[i] = (unsigned char)kd_rng_below(&r, 256);
+    kd__jpeg_encode(px, w, h, 0, &mem, &mn);
     kd_test_write_file(path, mem, mn);
     free(mem);
-    free(row);
+    free(px);
 }

@@ -11,7 +11,10 @@
 #   1. one teacher, resnet20, trained once (TEACHER_EPOCHS on TEACHER_SUBSET images;
 #      0 = all 60000), seed 0; reused by later invocations with the same settings;
 #   2. the student resnet8 alone (method none) and with every registered method
-#      (`kd distill --method list`), each with the method's published defaults,
+#      (`kd distill --method list`, plus crd+kd: crd with --alpha 1 as RepDistiller's
+#      CRD+KD), each with the method's published defaults (SSKD's stage 1, the
+#      teacher's rotation head, gets SSKD_HEAD_EPOCHS = a quarter of EPOCHS as the
+#      official 60 of 240),
 #      for each seed in SEEDS: the same --train-subset, --epochs, --lr, schedule,
 #      batch size and weight decay for all. --train-subset draws a class-balanced
 #      subset with the run's seed, so within one seed every method sees the same
@@ -54,6 +57,9 @@ TEACHER_EPOCHS=${TEACHER_EPOCHS:-4}
 TEACHER_SUBSET=${TEACHER_SUBSET:-0}
 JOBS=${JOBS:-$(nproc)}
 DOC=${DOC:-docs/RESULTS.md}
+# SSKD's stage 1 (the teacher's rotation head) gets a quarter of the student's
+# epochs, as the official 60 of 240.
+SSKD_HEAD_EPOCHS=${SSKD_HEAD_EPOCHS:-$(( (EPOCHS + 3) / 4 ))}
 if [ -z "${THREADS:-}" ]; then
   if [ "$JOBS" -gt 1 ]; then THREADS=1; else THREADS=0; fi
 fi
@@ -63,7 +69,8 @@ if [ ! -x "$KD" ]; then
   exit 2
 fi
 if [ -z "${METHODS:-}" ]; then
-  METHODS=$("$KD" distill --method list | awk '/^[^ ]/ {print $1}' | tr '\n' ' ')
+  # Every registered method, and CRD+KD (crd with alpha 1) after crd.
+  METHODS=$("$KD" distill --method list | awk '/^[^ ]/ {print $1} /^crd / {print "crd+kd"}' | tr '\n' ' ')
 fi
 # The schedule: cosine over the epochs, or multistep at MILESTONES (default: at
 # half and three quarters of the epochs, so that they lie inside the run).
@@ -113,8 +120,10 @@ ckpt="$tdir/last.safetensors"
 echo "== student $STUDENT: methods [$METHODS], seeds [$SEEDS], $EPOCHS epochs on $SUBSET images -> $sdir"
 for seed in $SEEDS; do
   for m in $METHODS; do
-    args=(distill "${common[@]}" "${student[@]}" --method "$m" --seed "$seed")
+    args=(distill "${common[@]}" "${student[@]}" --method "${m%+kd}" --seed "$seed")
     [ "$m" != none ] && args+=(--teacher-ckpt "$ckpt")
+    [ "$m" != "${m%+kd}" ] && args+=(--alpha 1)   # "<method>+kd": the method with the KD term (CRD+KD)
+    [ "$m" = sskd ] && args+=(--set "sskd.head_epochs=$SSKD_HEAD_EPOCHS")
     if [ "$JOBS" -gt 1 ]; then
       while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
       run "$sdir/$m-seed$seed" "${args[@]}" &
