@@ -320,9 +320,17 @@ static kd_status kd__png_decode(const char *path, kd_image *im, FILE *fp, int he
     /* A plain PNG is decoded row by row into the planes; an interlaced one
      * needs the whole interleaved image first. */
     int interlaced = png_get_interlace_type(png, info) != PNG_INTERLACE_NONE;
-    if (!kd__grow(&im->data, &im->cap, 3 * plane) ||
-        !kd__grow(&im->row.p, &im->row.cap, rowbytes * (interlaced ? h : 1)) ||
+    if (!kd__grow(&im->row.p, &im->row.cap, rowbytes * (interlaced ? h : 1)) ||
         (interlaced && !(rows = malloc(h * sizeof *rows)))) {
+        png_destroy_read_struct(&png, &info, NULL);
+        return kd_error(KD_ERR_NOMEM, "%s: cannot allocate a %ux%u image", path, w, h);
+    }
+    /* The first row before the image: a stream that cannot give one row
+     * fails without the image's memory ever being allocated. */
+    if (!interlaced) png_read_row(png, im->row.p, NULL);
+    if (!kd__grow(&im->data, &im->cap, 3 * plane)) {
+        free(rows);
+        rows = NULL;
         png_destroy_read_struct(&png, &info, NULL);
         return kd_error(KD_ERR_NOMEM, "%s: cannot allocate a %ux%u image", path, w, h);
     }
@@ -335,7 +343,7 @@ static kd_status kd__png_decode(const char *path, kd_image *im, FILE *fp, int he
                               b + y * w);
     } else {
         for (size_t y = 0; y < h; y++) {
-            png_read_row(png, im->row.p, NULL);
+            if (y > 0) png_read_row(png, im->row.p, NULL);
             kd__row_to_planes(im->row.p, (int)w, 3, r + y * w, g + y * w, b + y * w);
         }
     }
