@@ -266,6 +266,14 @@ static void test_images_huge(void **state) {
     m = kd_test_measure(read_image, g_path);
     expect_bounded(&m, KD_ERR_FORMAT, "big.jpg: JPEG of 30000x1000 pixels is larger", 4 << 10,
                    "progressive JPEG 30000 wide");
+    /* A valid 8x8 JPEG of 568 scans: refused at the 501st (each scan costs a
+     * pass over the coefficients, so scans, not pixels, bound the work). */
+    char bomb[2100];
+    snprintf(bomb, sizeof bomb, "%s/scans.jpg", dir);
+    int scans = kd_test_write_jpeg_scan_bomb(bomb);
+    assert_true(scans > 500);
+    m = kd_test_measure(read_image, bomb);
+    expect_bounded(&m, KD_ERR_FORMAT, "more than 500 scans", 4 << 10, "JPEG of 568 scans");
     /* Probing reads the header only, with the same limit. */
     int c, h, w;
     assert_int_equal(kd_image_probe(g_path, &c, &h, &w), KD_ERR_FORMAT);

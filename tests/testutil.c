@@ -470,8 +470,8 @@ void kd_test_write_png_claiming(const char *path, uint32_t w, uint32_t h) {
 
 /* A baseline (or progressive) RGB JPEG of the w x h pixels px (w * h * 3
  * bytes, row-major), in memory from malloc: *mem, *mn bytes. */
-static void kd__jpeg_encode(const unsigned char *px, int w, int h, int progressive, unsigned char **mem,
-                            unsigned long *mn) {
+static void kd__jpeg_encode_scans(const unsigned char *px, int w, int h, int progressive, const jpeg_scan_info *scans,
+                                  int n_scans, unsigned char **mem, unsigned long *mn) {
     struct jpeg_compress_struct ci;
     struct jpeg_error_mgr jerr;
     ci.err = jpeg_std_error(&jerr);
@@ -485,6 +485,10 @@ static void kd__jpeg_encode(const unsigned char *px, int w, int h, int progressi
     ci.in_color_space = JCS_RGB;
     jpeg_set_defaults(&ci);
     if (progressive) jpeg_simple_progression(&ci);
+    if (scans) {
+        ci.scan_info = scans;
+        ci.num_scans = n_scans;
+    }
     jpeg_start_compress(&ci, TRUE);
     while (ci.next_scanline < (JDIMENSION)h) {
         JSAMPROW rp = (JSAMPROW)(px + (size_t)ci.next_scanline * (size_t)w * 3);
@@ -492,6 +496,34 @@ static void kd__jpeg_encode(const unsigned char *px, int w, int h, int progressi
     }
     jpeg_finish_compress(&ci);
     jpeg_destroy_compress(&ci);
+}
+
+static void kd__jpeg_encode(const unsigned char *px, int w, int h, int progressive, unsigned char **mem,
+                            unsigned long *mn) {
+    kd__jpeg_encode_scans(px, w, h, progressive, NULL, 0, mem, mn);
+}
+
+int kd_test_write_jpeg_scan_bomb(const char *path) {
+    /* One interleaved DC scan, then for every component and AC coefficient
+     * k a first scan at Al 2 and two refinements (Ah 2 -> Al 1 -> Al 0):
+     * 1 + 3 * 63 * 3 = 568 valid scans of one 8x8 image. */
+    static jpeg_scan_info scans[1 + 3 * 63 * 3];
+    int n = 0;
+    scans[n++] = (jpeg_scan_info){.comps_in_scan = 3, .component_index = {0, 1, 2}, .Ss = 0, .Se = 0, .Ah = 0, .Al = 0};
+    for (int c = 0; c < 3; c++)
+        for (int k = 1; k <= 63; k++) {
+            const int ah[3] = {0, 2, 1}, al[3] = {2, 1, 0};
+            for (int p = 0; p < 3; p++)
+                scans[n++] = (jpeg_scan_info){.comps_in_scan = 1, .component_index = {c}, .Ss = k, .Se = k,
+                                              .Ah = ah[p], .Al = al[p]};
+        }
+    unsigned char px[8 * 8 * 3], *mem;
+    unsigned long mn;
+    for (int i = 0; i < 8 * 8 * 3; i++) px[i] = (unsigned char)(i * 37);
+    kd__jpeg_encode_scans(px, 8, 8, 0, scans, n, &mem, &mn);
+    kd_test_write_file(path, mem, mn);
+    free(mem);
+    return n;
 }
 
 void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive) {

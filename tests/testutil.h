@@ -190,6 +190,10 @@ void kd_test_write_png_claiming(const char *path, uint32_t w, uint32_t h);
  * w x h (each <= 65535) pixels; progressive != 0 makes it progressive. */
 void kd_test_write_jpeg_claiming(const char *path, uint32_t w, uint32_t h, int progressive);
 
+/* A valid progressive JPEG of 8x8 pixels made of more scans than kd reads
+ * (a scan bomb); returns the number of scans. */
+int kd_test_write_jpeg_scan_bomb(const char *path);
+
 /* A baseline RGB JPEG of w x h random pixels (stream seed). */
 void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed);
 
