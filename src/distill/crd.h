@@ -64,7 +64,18 @@ kd_status kd__crd_draw(const kd__crd_sampler *s, uint64_t seed, uint64_t key, co
  * stay unchanged until the backward has run. When *z < 0 (the first batch)
  * the forward sets *z = mean(exp(s / T)) * N over the whole B x (K+1) block
  * (RepDistiller's normaliser, then frozen). No gradient reaches bank or pos. */
+/* How the scores are computed: AUTO picks DENSE (one GEMM of v against
+ * every bank row, then the drawn entries: the rows are mostly reused across
+ * the batch, and a GEMM runs near the FMA peak) when the bank has at most
+ * KD__CRD_DENSE_RATIO x (K+1) rows (CIFAR: 50000 rows, K 16384) or in queue
+ * mode, GATHER (a dot product per drawn row, read in place) otherwise
+ * (ImageNet: 1.28M rows). Both give the same loss up to float32 summation
+ * order; tests run both. */
+enum { KD__CRD_NCE_AUTO = 0, KD__CRD_NCE_GATHER, KD__CRD_NCE_DENSE };
+#define KD__CRD_DENSE_RATIO 8
+
 typedef struct {
+    int path;          /* KD__CRD_NCE_* */
     const float *bank; /* (rows, D) */
     int64_t bank_rows;
     const float *pos;   /* (B, D) or NULL */

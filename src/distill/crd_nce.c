@@ -5,17 +5,21 @@
  * The official code gathers weight = memory[idx] as a (B, K+1, D) tensor and
  * multiplies it with v in a bmm: at B = 64, K = 16384, D = 128 that is 537 MB
  * per side in float32, written, read by the bmm, and kept for its backward.
- * Here each score is a dot product of a bank row read in place with v_i; the
- * forward keeps only the B x (K+1) exponentiated scores (4.2 MB at the same
- * sizes) for the backward, which reads the rows again:
+ * Here the gathered tensor never exists. The scores s_ij = row(i, j) . v_i
+ * come either from one GEMM of v against every bank row (dense: B x rows
+ * floats, used when the bank has at most KD__CRD_DENSE_RATIO (K+1) rows, so
+ * that most rows are drawn by many samples of the batch and the GEMM's
+ * throughput wins), or from a dot product per drawn row read in place
+ * (gather: only B x (K+1) floats, for banks far larger than K). The forward
+ * keeps the exponentiated scores for the backward:
  *
  *     d L / d v_i = sum_j g_ij row(i, j),   g_ij = d L / d s_ij,
  *     g_i0 = -(1 / B) (c + eps) / (x_i0 + c + eps) / T,
- *     g_ij =  (1 / B) x_ij / (x_ij + c + eps) / T      (j >= 1).
+ *     g_ij =  (1 / B) x_ij / (x_ij + c + eps) / T      (j >= 1),
  *
- * Rows are split over threads by sample i; each dot product and each
- * gradient row is summed in a fixed order, so results do not depend on the
- * thread count. */
+ * as the transposed GEMM of the B x rows matrix of g_ij (dense) or by reading
+ * the rows again (gather). Rows are split over threads by sample i and every
+ * sum has a fixed order, so results do not depend on the thread count. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,18 +42,54 @@ static float kd__dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* Whether the scores come from one dense GEMM against every bank row
+ * (then read at the drawn indices) rather than from gathered dot products. */
+static int kd__crd_dense(const kd__crd_nce_params *p) {
+    if (p->path == KD__CRD_NCE_GATHER) return 0;
+    if (p->path == KD__CRD_NCE_DENSE || !p->idx) return 1;
+    return p->bank_rows <= KD__CRD_DENSE_RATIO * (p->K + 1);
+}
+
+/* What the forward keeps for the backward. */
+typedef struct {
+    float *e;     /* (B, K+1) exp(s / T) */
+    float *dense; /* (B, rows) scratch of the dense path (scores, then gradients), or NULL */
+} kd__crd_saved;
+
 static kd_status kd__crd_nce_fwd(kd_graph *g, const void *params, kd_tensor *const *in, int n_in, kd_tensor *out,
                                  void **saved) {
     KD_TRY(kd__need_contiguous("crd: embedding", in, n_in));
     const kd__crd_nce_params *p = params;
-    int64_t B = in[0]->shape[0], K1 = p->K + 1, D = p->D;
+    int64_t B = in[0]->shape[0], K1 = p->K + 1, D = p->D, R = p->bank_rows;
     const float *v = kd_f32(in[0]);
+    kd__crd_saved *sv = kd_function_alloc(g, sizeof *sv);
     float *e = kd_function_alloc(g, sizeof(float) * (size_t)(B * K1));
-    if (!e) return kd_graph_status(g);
+    double *row_loss = kd_function_alloc(g, sizeof(double) * (size_t)B);
+    if (!sv || !e || !row_loss) return kd_graph_status(g);
+    sv->e = e;
+    sv->dense = NULL;
     const float inv_t = 1.0f / p->T;
+    if (kd__crd_dense(p)) {
+        /* S = v bank^T (B, rows) in one GEMM, then the drawn entries. */
+        float *S = kd_function_alloc(g, sizeof(float) * (size_t)(B * R));
+        if (!S) return kd_graph_status(g);
+        kd_backend *be = kd_graph_backend(g);
+        KD_TRY(be->gemm(be, 0, 1, B, R, D, 1.0f, v, D, p->bank, D, 0.0f, S, R));
+        sv->dense = S;
+#pragma omp parallel for schedule(static) if (B * K1 >= 65536)
+        for (int64_t i = 0; i < B; i++)
+            for (int64_t j = 0; j < K1; j++) {
+                float s;
+                if (j == 0 && p->pos) s = kd__dot(p->pos + i * D, v + i * D, D);
+                else s = S[i * R + (p->idx ? p->idx[i * K1 + j] : j - 1)];
+                e[i * K1 + j] = expf(s * inv_t);
+            }
+    } else {
 #pragma omp parallel for schedule(static) if (B * K1 * D >= 262144)
-    for (int64_t i = 0; i < B; i++)
-        for (int64_t j = 0; j < K1; j++) e[i * K1 + j] = expf(kd__dot(kd__crd_row(p, i, j), v + i * D, D) * inv_t);
+        for (int64_t i = 0; i < B; i++)
+            for (int64_t j = 0; j < K1; j++)
+                e[i * K1 + j] = expf(kd__dot(kd__crd_row(p, i, j), v + i * D, D) * inv_t);
+    }
     if (*p->z < 0) {
         double sum = 0;
         for (int64_t k = 0; k < B * K1; k++) sum += e[k];
@@ -57,38 +97,64 @@ static kd_status kd__crd_nce_fwd(kd_graph *g, const void *params, kd_tensor *con
         kd_log_msg(KD_LOG_DEBUG, "crd: normalization constant %g", (double)*p->z);
     }
     const double z = *p->z, c = (double)p->K / (double)p->n_data;
-    double loss = 0;
+    /* Per-row sums in parallel, added in row order: the same value under
+     * any thread count. */
+#pragma omp parallel for schedule(static) if (B * K1 >= 65536)
     for (int64_t i = 0; i < B; i++) {
         double x0 = e[i * K1] / z, li = log(x0 / (x0 + c + KD__CRD_EPS));
         for (int64_t j = 1; j < K1; j++) li += log(c / (e[i * K1 + j] / z + c + KD__CRD_EPS));
-        loss += li;
+        row_loss[i] = li;
     }
+    double loss = 0;
+    for (int64_t i = 0; i < B; i++) loss += row_loss[i];
     kd_f32(out)[0] = (float)(-loss / (double)B);
-    *saved = e;
+    *saved = sv;
     return KD_OK;
 }
 
 static kd_status kd__crd_nce_bwd(kd_graph *g, const void *params, void *saved, kd_tensor *const *in, int n_in,
                                  const kd_tensor *out, const kd_tensor *gout, kd_tensor *const *gin) {
-    (void)g, (void)n_in, (void)out;
+    (void)n_in, (void)out;
     if (!gin[0]) return KD_OK;
     const kd__crd_nce_params *p = params;
-    const float *e = saved;
-    int64_t B = in[0]->shape[0], K1 = p->K + 1, D = p->D;
+    const kd__crd_saved *sv = saved;
+    const float *e = sv->e;
+    int64_t B = in[0]->shape[0], K1 = p->K + 1, D = p->D, R = p->bank_rows;
     const double z = *p->z, c = (double)p->K / (double)p->n_data;
     const double k = (double)kd_f32(gout)[0] / (double)B / (double)p->T;
     float *gv = kd_f32(gin[0]);
+#define KD__CRD_G(i, j)                                                                                     \
+    ((float)((j) == 0 ? -k * (c + KD__CRD_EPS) / (e[(i) * K1] / z + c + KD__CRD_EPS)                        \
+                      : k * (e[(i) * K1 + (j)] / z) / (e[(i) * K1 + (j)] / z + c + KD__CRD_EPS)))
+    if (sv->dense) {
+        /* G (B, rows): each row's gradients at its drawn indices (distinct
+         * within a row; += all the same), then gv += G bank. */
+        float *G = sv->dense;
+        memset(G, 0, sizeof(float) * (size_t)(B * R));
+#pragma omp parallel for schedule(static) if (B * K1 >= 65536)
+        for (int64_t i = 0; i < B; i++)
+            for (int64_t j = (p->pos ? 1 : 0); j < K1; j++)
+                G[i * R + (p->idx ? p->idx[i * K1 + j] : j - 1)] += KD__CRD_G(i, j);
+        kd_backend *be = kd_graph_backend(g);
+        KD_TRY(be->gemm(be, 0, 0, B, D, R, 1.0f, G, R, p->bank, D, 1.0f, gv, D));
+        if (p->pos)
+            for (int64_t i = 0; i < B; i++) {
+                float g0 = KD__CRD_G(i, 0);
+                for (int64_t d = 0; d < D; d++) gv[i * D + d] += g0 * p->pos[i * D + d];
+            }
+        return KD_OK;
+    }
 #pragma omp parallel for schedule(static) if (B * K1 * D >= 262144)
     for (int64_t i = 0; i < B; i++) {
         float *gi = gv + i * D;
         for (int64_t j = 0; j < K1; j++) {
-            double x = e[i * K1 + j] / z;
-            float gij = (float)(j == 0 ? -k * (c + KD__CRD_EPS) / (x + c + KD__CRD_EPS) : k * x / (x + c + KD__CRD_EPS));
+            float gij = KD__CRD_G(i, j);
             const float *row = kd__crd_row(p, i, j);
 #pragma omp simd
             for (int64_t d = 0; d < D; d++) gi[d] += gij * row[d];
         }
     }
+#undef KD__CRD_G
     return KD_OK;
 }
 
