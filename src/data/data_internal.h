@@ -126,4 +126,25 @@ kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tabl
                            int pre_flip, const uint8_t *src, int c, int h, int w, int out_h, int out_w,
                            kd__sample_ctx *x, float *dst);
 
+/* np.rot90 / torch.rot90 of one (h, w) plane s into d, k quarter turns
+ * counter-clockwise (k in 0..3; odd k gives a (w, h) plane), for any element
+ * type: the uint8 geometry hook (kd_geometry_rot90, transform.c) and the
+ * float transform (kd_tf_rot90, transform_ssl.c) share it. */
+#define KD__ROT90_PLANE(s, d, h, w, k)                                                              \
+    do {                                                                                            \
+        if ((k) == 0) {                                                                             \
+            memcpy((d), (s), (size_t)(h) * (w) * sizeof *(s));                                      \
+        } else if ((k) == 2) { /* out[y][x] = in[h-1-y][w-1-x] */                                  \
+            for (int y_ = 0; y_ < (h); y_++)                                                        \
+                for (int x_ = 0; x_ < (w); x_++)                                                    \
+                    (d)[(size_t)y_ * (w) + x_] = (s)[(size_t)((h) - 1 - y_) * (w) + ((w) - 1 - x_)]; \
+        } else if ((k) == 1) { /* (w, h): out[y][x] = in[x][w-1-y] */                              \
+            for (int y_ = 0; y_ < (w); y_++)                                                        \
+                for (int x_ = 0; x_ < (h); x_++) (d)[(size_t)y_ * (h) + x_] = (s)[(size_t)x_ * (w) + ((w) - 1 - y_)]; \
+        } else { /* k == 3, (w, h): out[y][x] = in[h-1-x][y] */                                     \
+            for (int y_ = 0; y_ < (w); y_++)                                                        \
+                for (int x_ = 0; x_ < (h); x_++) (d)[(size_t)y_ * (h) + x_] = (s)[(size_t)((h) - 1 - x_) * (w) + y_]; \
+        }                                                                                           \
+    } while (0)
+
 #endif

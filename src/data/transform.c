@@ -51,18 +51,7 @@ kd_status kd_geometry_rot90(const void *ctx, kd_rng *r, const uint8_t *src, int 
     for (int ch = 0; ch < c; ch++) {
         const uint8_t *s = src + (size_t)ch * h * w;
         uint8_t *d = dst + (size_t)ch * h * w;
-        if (k == 0) {
-            memcpy(d, s, (size_t)h * w);
-        } else if (k == 2) { /* out[y][x] = in[h-1-y][w-1-x] */
-            for (int y = 0; y < h; y++)
-                for (int x = 0; x < w; x++) d[(size_t)y * w + x] = s[(size_t)(h - 1 - y) * w + (w - 1 - x)];
-        } else if (k == 1) { /* (w, h): out[y][x] = in[x][w-1-y] */
-            for (int y = 0; y < w; y++)
-                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)x * w + (w - 1 - y)];
-        } else { /* k == 3, (w, h): out[y][x] = in[h-1-x][y] */
-            for (int y = 0; y < w; y++)
-                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)(h - 1 - x) * w + y];
-        }
+        KD__ROT90_PLANE(s, d, h, w, k);
     }
     return KD_OK;
 }

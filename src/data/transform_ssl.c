@@ -8,6 +8,8 @@
  * tests/fixtures/transforms.safetensors. */
 #include "kd/transforms.h"
 
+#include "data_internal.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -184,18 +186,7 @@ void kd_tf_rot90(const float *src, int c, int h, int w, int k, float *dst) {
     for (int ch = 0; ch < c; ch++) {
         const float *s = src + (size_t)ch * h * w;
         float *d = dst + (size_t)ch * h * w;
-        if (k == 0) {
-            memcpy(d, s, (size_t)h * w * sizeof(float));
-        } else if (k == 2) { /* out[y][x] = in[h-1-y][w-1-x] */
-            for (int y = 0; y < h; y++)
-                for (int x = 0; x < w; x++) d[(size_t)y * w + x] = s[(size_t)(h - 1 - y) * w + (w - 1 - x)];
-        } else if (k == 1) { /* (w, h): out[y][x] = in[x][w-1-y] */
-            for (int y = 0; y < w; y++)
-                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)x * w + (w - 1 - y)];
-        } else { /* k == 3, (w, h): out[y][x] = in[h-1-x][y] */
-            for (int y = 0; y < w; y++)
-                for (int x = 0; x < h; x++) d[(size_t)y * h + x] = s[(size_t)(h - 1 - x) * w + y];
-        }
+        KD__ROT90_PLANE(s, d, h, w, k);
     }
 }
 

@@ -35,13 +35,6 @@ typedef struct {
     int64_t d_s, d_t;
 } kd__cc_state;
 
-/* Elements per sample of a feature shape (N, ...). */
-static int64_t kd__cc_dim(int ndim, const int64_t *shape) {
-    int64_t d = 1;
-    for (int i = 1; i < ndim; i++) d *= shape[i];
-    return d;
-}
-
 static kd_status kd__cc_setup(kd_method *m, const kd_method_shapes *shp) {
     const kd__cc_args *a = kd_method_args(m);
     kd__cc_state *st = kd_method_state(m);
@@ -49,8 +42,8 @@ static kd_status kd__cc_setup(kd_method *m, const kd_method_shapes *shp) {
     const kd_net_shapes *s = &shp->student, *t = &shp->teacher;
     if (s->n_feat < 1 || t->n_feat < 1)
         return kd_error(KD_ERR_SHAPE, "cc: needs the pooled embedding feat[-1] of both nets");
-    st->d_s = kd__cc_dim(s->feat_ndim[s->n_feat - 1], s->feat[s->n_feat - 1]);
-    st->d_t = kd__cc_dim(t->feat_ndim[t->n_feat - 1], t->feat[t->n_feat - 1]);
+    st->d_s = kd__last_feat_dim(s);
+    st->d_t = kd__last_feat_dim(t);
     kd_param_list *pl = kd_method_params(m);
     KD_TRY(kd_linear_layer_init(&st->embed_s, pl, "embed_s.linear", st->d_s, a->feat_dim, 1));
     KD_TRY(kd_linear_layer_init(&st->embed_t, pl, "embed_t.linear", st->d_t, a->feat_dim, 1));
@@ -102,14 +95,6 @@ static kd_status kd__cc_corr_bwd(kd_graph *g, const void *params, void *saved, k
 
 static const kd_function kd__cc_corr_fn = {"cc_corr", kd__cc_corr_fwd, kd__cc_corr_bwd};
 
-/* The embedding of feature f (N, ...) viewed (N, d). */
-static kd_tensor *kd__cc_embed(kd_graph *g, const kd_linear_layer *l, kd_tensor *f, int64_t d, int normalize) {
-    if (!f) return NULL;
-    int64_t s2[2] = {f->shape[0], d};
-    kd_tensor *e = kd_linear_layer_forward(g, l, f->ndim == 2 ? f : kd_reshape(g, f, 2, s2));
-    return normalize ? kd_l2_normalize(g, e, 1e-12f) : e;
-}
-
 static kd_status kd__cc_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     const kd__cc_args *a = kd_method_args(m);
     kd__cc_state *st = kd_method_state(m);
@@ -127,8 +112,8 @@ static kd_status kd__cc_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
     if (fs->shape[0] < 2)
         return kd_error(KD_ERR_SHAPE, "cc: the correlation pairs consecutive samples, so a batch needs at least 2 "
                                       "(got %s)", kd_shape_str(fs, bs, sizeof bs));
-    kd_tensor *in[2] = {kd__cc_embed(g, &st->embed_s, fs, st->d_s, a->normalize),
-                        kd__cc_embed(g, &st->embed_t, ft, st->d_t, a->normalize)};
+    kd_tensor *in[2] = {kd__linear_embed(g, &st->embed_s, fs, st->d_s, a->normalize, 1e-12f),
+                        kd__linear_embed(g, &st->embed_t, ft, st->d_t, a->normalize, 1e-12f)};
     KD_TRY(kd_graph_status(g));
     *out = kd_function_apply(g, &kd__cc_corr_fn, NULL, 0, 2, in, 0, NULL);
     return kd_graph_status(g);

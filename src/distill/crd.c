@@ -81,12 +81,6 @@ void kd__crd_set_draw(kd_method *m, kd__crd_draw_fn fn, void *user) {
     st->draw_user = user;
 }
 
-static int64_t kd__crd_dim(const kd_net_shapes *n) {
-    int64_t d = 1;
-    for (int i = 1; i < n->feat_ndim[n->n_feat - 1]; i++) d *= n->feat[n->n_feat - 1][i];
-    return d;
-}
-
 /* RepDistiller's bank init: uniform in [-stdv, stdv), stdv = 1 / sqrt(D / 3). */
 static void kd__crd_init_rows(kd_method *m, const char *what, kd_tensor *t, int64_t D) {
     kd_rng r;
@@ -132,8 +126,8 @@ static kd_status kd__crd_setup(kd_method *m, const kd_method_shapes *shp) {
         return kd_error(KD_ERR_SHAPE, "crd: needs the pooled embedding feat[-1] of both nets");
     if (shp->n_train < 1) return kd_error(KD_ERR_INVALID, "crd: the training set is empty");
     st->n_data = shp->n_train;
-    st->d_s = kd__crd_dim(s);
-    st->d_t = kd__crd_dim(t);
+    st->d_s = kd__last_feat_dim(s);
+    st->d_t = kd__last_feat_dim(t);
     const int64_t D = a->feat_dim;
     kd_param_list *pl = kd_method_params(m);
     KD_TRY(kd_linear_layer_init(&st->embed_s, pl, "embed_s.linear", st->d_s, D, 1));
@@ -169,14 +163,6 @@ static kd_status kd__crd_setup(kd_method *m, const kd_method_shapes *shp) {
     kd__crd_init_rows(m, "memory_v1", st->mem_v1, D);
     kd__crd_init_rows(m, "memory_v2", st->mem_v2, D);
     return KD_OK;
-}
-
-/* normalise(embed(f)) of f (N, ...) viewed (N, d). */
-static kd_tensor *kd__crd_embed(kd_graph *g, const kd_linear_layer *l, kd_tensor *f, int64_t d) {
-    if (!f) return NULL;
-    int64_t s2[2] = {f->shape[0], d};
-    kd_tensor *e = kd_linear_layer_forward(g, l, f->ndim == 2 ? f : kd_reshape(g, f, 2, s2));
-    return kd_l2_normalize(g, e, 0.0f);
 }
 
 /* The K+1 indices of every sample, in graph memory. */
@@ -220,8 +206,8 @@ static kd_status kd__crd_term(kd_method *m, kd_step_ctx *ctx, kd_tensor **out) {
                                       "(%lld and %lld inputs) and the batch of %lld",
                         kd_shape_str(fs, bs, sizeof bs), kd_shape_str(ft, bt, sizeof bt), (long long)st->d_s,
                         (long long)st->d_t, (long long)ctx->batch->n);
-    kd_tensor *v1 = kd__crd_embed(g, &st->embed_s, fs, st->d_s);
-    kd_tensor *v2 = kd__crd_embed(g, &st->embed_t, ft, st->d_t);
+    kd_tensor *v1 = kd__linear_embed(g, &st->embed_s, fs, st->d_s, 1, 0.0f);
+    kd_tensor *v2 = kd__linear_embed(g, &st->embed_t, ft, st->d_t, 1, 0.0f);
     KD_TRY(kd_graph_status(g));
     float *pr = kd_f32(st->params);
     kd__crd_nce_params ps = {.K = a->nce_k, .D = a->feat_dim, .n_data = st->n_data, .T = a->nce_t, .z = &pr[2]};

@@ -62,4 +62,21 @@ static inline kd_tensor *kd__warmup(kd_graph *g, kd_tensor *term, int epoch, int
     return ramp < 1.0 ? kd_scale(g, term, (float)ramp) : term;
 }
 
+/* Elements per sample of the last feature of n (feat[-1] flattened). */
+static inline int64_t kd__last_feat_dim(const kd_net_shapes *n) {
+    int64_t d = 1;
+    for (int i = 1; i < n->feat_ndim[n->n_feat - 1]; i++) d *= n->feat[n->n_feat - 1][i];
+    return d;
+}
+
+/* RepDistiller's LinearEmbed / Embed: l(f) of f (N, ...) viewed (N, d), then,
+ * when normalize, divided by its row norm (at least eps); NULL f gives NULL. */
+static inline kd_tensor *kd__linear_embed(kd_graph *g, const kd_linear_layer *l, kd_tensor *f, int64_t d,
+                                          int normalize, float eps) {
+    if (!f) return NULL;
+    int64_t s2[2] = {f->shape[0], d};
+    kd_tensor *e = kd_linear_layer_forward(g, l, f->ndim == 2 ? f : kd_reshape(g, f, 2, s2));
+    return normalize ? kd_l2_normalize(g, e, eps) : e;
+}
+
 #endif
