@@ -1350,7 +1350,7 @@ static const kd_method_arg *first_float_arg(const kd_method_def *d) {
 /* The weighted terms the default step of d logs with its published weights;
  * -1 when d has its own step (its terms are its own business). */
 static int method_terms(const kd_method_def *d, const char **out) {
-    if (d->step) return -1;
+    if (d->step || d->loss) return -1; /* terms of its own */
     kd_distill_cfg dc = kd_distill_defaults(d->name);
     int n = 0;
     if (dc.gamma != 0) out[n++] = "ce";
@@ -1584,12 +1584,32 @@ static void test_teacher_required(void **state) {
     assert_true(tried >= 1); /* kd at least */
 }
 
+/* An encoder of kd pretrain (simclr, 1 epoch of 2 steps) on the tiny data:
+ * the teacher of the label-free distillation methods (SEED), whose teacher
+ * brings its projection head. */
+static void ssl_teacher(char *buf, size_t n) {
+    static int state = 0;
+    static char dir[DIRN];
+    if (state == 0) {
+        state = -1;
+        tmp_path(dir, sizeof dir, "run_pretrain_teacher");
+        kd_test_proc p = RUN("pretrain", "--method", "simclr", TRAIN_FLAGS(g_data, dir, "1"), "--max-steps-per-epoch",
+                             "2");
+        kd_test_expect_ok(&p, "kd pretrain (the SEED teacher)");
+        kd_test_proc_free(&p);
+        state = 1;
+    }
+    if (state < 0) fail_msg("kd pretrain of the SEED teacher failed (see the first test that needed it)");
+    snprintf(buf, n, "%s/encoder.safetensors", dir);
+}
+
 /* A setting a method needs on the tiny dataset (NTRAIN images, 4 classes),
  * as "key=value", or NULL: CRD's 16384 negatives per sample exceed it. */
 static const char *tiny_data_setting(const char *method, char *key, size_t nkey, const char **value) {
     static const struct {
         const char *method, *key, *value;
-    } tiny[] = {{"crd", "crd.nce_k", "16"}, {"sskd", "sskd.head_epochs", "1"}};
+    } tiny[] = {{"crd", "crd.nce_k", "16"}, {"sskd", "sskd.head_epochs", "1"}, {"moco", "moco.K", "64"},
+                {"seed", "seed.K", "64"}};
     for (size_t i = 0; i < sizeof tiny / sizeof tiny[0]; i++)
         if (!strcmp(tiny[i].method, method)) {
             snprintf(key, nkey, "%s", tiny[i].key);
@@ -1597,6 +1617,47 @@ static const char *tiny_data_setting(const char *method, char *key, size_t nkey,
             return key;
         }
     return NULL;
+}
+
+/* kd pretrain: encoder.safetensors holds the model and its projection head
+ * (PyTorch names, metadata "head"), and the self-supervised refusals exit 2
+ * with one message before training: a supervised method, a batch without
+ * negatives, a SEED teacher without a head or with another kind of head. */
+static void test_pretrain(void **state) {
+    (void)state;
+    need_run_a();
+    char enc[PATHN], out[DIRN], best[PATHN];
+    ssl_teacher(enc, sizeof enc);
+    kd_st_file *f = NULL;
+    KD_ASSERT_OK(kd_st_open(enc, &f));
+    assert_non_null(kd_st_find(f, "conv1.weight"));
+    assert_non_null(kd_st_find(f, "head.0.weight"));
+    assert_non_null(kd_st_find(f, "head.7.running_var"));
+    assert_null(kd_st_find(f, "head_k.0.weight"));
+    assert_string_equal(kd_st_meta(f, "head"), "simclr");
+    assert_string_equal(kd_st_meta(f, "ssl_method"), "simclr");
+    kd_st_close(f);
+
+    tmp_path(out, sizeof out, "run_pretrain_refused");
+    kd_test_proc p = RUN("pretrain", "--method", "kd", TRAIN_FLAGS(g_data, out, "1"));
+    EXPECT_FAIL(&p, 2, "method 'kd' is not self-supervised");
+    assert_false(file_exists(out));
+    kd_test_proc_free(&p);
+    p = RUN("pretrain", "--method", "simclr", TRAIN_FLAGS(g_data, out, "1"), "--batch-size", "1");
+    EXPECT_FAIL(&p, 2, "needs at least 2 images per batch");
+    kd_test_proc_free(&p);
+    run_a_file(best, sizeof best, "best.safetensors");
+    p = RUN("distill", "--method", "seed", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", best);
+    EXPECT_FAIL(&p, 2, "has no tensor head.");
+    kd_test_proc_free(&p);
+    char lastf[PATHN];
+    snprintf(lastf, sizeof lastf, "%s/last.safetensors", out);
+    assert_false(file_exists(lastf));
+    p = RUN("distill", "--method", "seed", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", enc, "--set",
+            "seed.teacher_head=mlp");
+    EXPECT_FAIL(&p, 2, "set seed.teacher_head=simclr");
+    assert_false(file_exists(lastf));
+    kd_test_proc_free(&p);
 }
 
 /* CRD refuses what its sampler cannot do with exit 2 and one message naming
@@ -1666,7 +1727,10 @@ static void test_sskd_refusals(void **state) {
  * --set key=value when key is given (and the setting the tiny data needs). */
 static void run_method(const kd_method_def *d, const char *key, const char *value, const char *out) {
     char teacher[PATHN], set[300];
-    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    if (d->labels == KD_LABELS_ABSENT && d->teacher != KD_TEACHER_NONE)
+        ssl_teacher(teacher, sizeof teacher);
+    else
+        run_a_file(teacher, sizeof teacher, "best.safetensors");
     const char *args[64];
     int n = 0;
     const char *base[] = {"distill", "--method", d->name, TRAIN_FLAGS(g_data, out, "1"), "--max-steps-per-epoch", "2",
@@ -1929,6 +1993,7 @@ int main(void) {
         cmocka_unit_test(test_crd_refusals),
         cmocka_unit_test(test_sskd_refusals),
         cmocka_unit_test(test_method_settings_recorded),
+        cmocka_unit_test(test_pretrain),
         cmocka_unit_test(test_yaml_method_keys),
         cmocka_unit_test(test_milestone_warning),
     };

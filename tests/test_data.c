@@ -106,18 +106,6 @@ static void check_generated(const kd_dataset *ds, uint32_t n, int h, int w, int 
     }
 }
 
-/* Asserts status s and that the message mentions `needle`. */
-#define ASSERT_ERR(expr, status, needle)                                                       \
-    do {                                                                                       \
-        kd_clear_error();                                                                      \
-        kd_status s_ = (expr);                                                                 \
-        if (s_ != (status))                                                                    \
-            fail_msg("%s -> %s (%s), want %s", #expr, kd_status_str(s_), kd_last_error(),      \
-                     kd_status_str(status));                                                   \
-        if (!strstr(kd_last_error(), (needle)))                                                \
-            fail_msg("%s: message \"%s\" lacks \"%s\"", #expr, kd_last_error(), (needle));     \
-    } while (0)
-
 /* -------------------------------------------------------------------- IDX */
 
 static void test_idx_plain_roundtrip(void **state) {
@@ -1135,6 +1123,61 @@ static void test_loader_views_sizes(void **state) {
     kd_dataset_free(ds);
 }
 
+/* Two SSL views (kd_transform_cfg.ssl: SimCLR/MoCo pipelines) through the
+ * loader: each view equals ToTensor + kd_ssl_aug_apply with the parameters
+ * kd_ssl_aug_draw takes from that view's stream, for any worker count; the
+ * two views of a sample differ; a size mismatch is refused. */
+static void test_loader_ssl_views(void **state) {
+    (void)state;
+    kd_dataset *ds = loader_ds(23);
+    kd_ssl_aug_cfg aug[2] = {kd_ssl_aug_cfg_mocov2(5), kd_ssl_aug_cfg_mocov2(5)};
+    aug[1].blur_p = 1.0f;
+    aug[1].solarize_p = 0.5f;
+    kd_transform_cfg tfs[2] = {base_cfg.transform, base_cfg.transform};
+    for (int v = 0; v < 2; v++) {
+        tfs[v].ssl = &aug[v];
+        tfs[v].out_h = tfs[v].out_w = 5;
+    }
+    kd_loader_cfg cfg = base_cfg;
+    cfg.batch_size = 5;
+    cfg.n_views = 2;
+    cfg.view_transforms = tfs;
+    views_dump d[2];
+    for (int nw = 0; nw < 2; nw++) {
+        cfg.num_workers = nw * 2;
+        kd_loader *l = NULL;
+        KD_ASSERT_OK(kd_loader_init(&l, ds, &cfg));
+        d[nw] = run_epoch_views(l, ds, 3);
+        kd_loader_free(l);
+        if (nw) assert_views_equal(&d[0], &d[nw]);
+    }
+    float fsrc[3 * 8 * 6], work[25], want[3 * 5 * 5];
+    int differ = 0;
+    for (int64_t i = 0; i < 23; i++) {
+        int64_t idx = d[0].index[i];
+        const uint8_t *src = kd_dataset_image(ds, idx);
+        for (int k = 0; k < 3 * 8 * 6; k++) fsrc[k] = (float)src[k] / 255.0f;
+        for (int v = 0; v < 2; v++) {
+            kd_rng r;
+            kd_rng_init(&r, cfg.seed, kd_data_view_key(cfg.seed, 3, idx, v));
+            kd_ssl_aug_params p = kd_ssl_aug_draw(&aug[v], &r, 8, 6);
+            kd_ssl_aug_apply(&aug[v], &p, fsrc, 3, 8, 6, work, want);
+            assert_memory_equal(d[0].x[v] + i * 75, want, sizeof want);
+        }
+        differ += memcmp(d[0].x[0] + i * 75, d[0].x[1] + i * 75, sizeof want) != 0;
+    }
+    assert_true(differ > 20);
+    for (int nw = 0; nw < 2; nw++) views_dump_free(&d[nw]);
+    kd_loader *l = NULL;
+    tfs[1].out_h = tfs[1].out_w = 6;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "view 1: transform: the self-supervised pipeline makes 5x5");
+    tfs[1].out_h = tfs[1].out_w = 5;
+    aug[1].gray_p = 2.0f;
+    ASSERT_ERR(kd_loader_init(&l, ds, &cfg), KD_ERR_INVALID, "gray_p = 2");
+    assert_null(l);
+    kd_dataset_free(ds);
+}
+
 /* Bad view configurations are refused, naming the view and the setting. */
 static void test_loader_views_bad(void **state) {
     (void)state;
@@ -1233,6 +1276,7 @@ int main(void) {
         cmocka_unit_test(test_loader_one_view_unchanged),
         cmocka_unit_test(test_loader_three_views),
         cmocka_unit_test(test_loader_views_sizes),
+        cmocka_unit_test(test_loader_ssl_views),
         cmocka_unit_test(test_loader_views_bad),
         cmocka_unit_test(test_fashion_mnist),
     };

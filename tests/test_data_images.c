@@ -226,18 +226,6 @@ static uint8_t *ref_jpeg_decode(const char *path, int *h, int *w) {
     return out;
 }
 
-/* Asserts status s and that the message mentions every needle. */
-#define ASSERT_ERR(expr, status, needle)                                                       \
-    do {                                                                                       \
-        kd_clear_error();                                                                      \
-        kd_status s_ = (expr);                                                                 \
-        if (s_ != (status))                                                                    \
-            fail_msg("%s -> %s (%s), want %s", #expr, kd_status_str(s_), kd_last_error(),      \
-                     kd_status_str(status));                                                   \
-        if (!strstr(kd_last_error(), (needle)))                                                \
-            fail_msg("%s: message \"%s\" lacks \"%s\"", #expr, kd_last_error(), (needle));     \
-    } while (0)
-
 #define ASSERT_MSG_HAS(needle)                                                                 \
     do {                                                                                       \
         if (!strstr(kd_last_error(), (needle)))                                                \

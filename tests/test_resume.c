@@ -243,6 +243,26 @@ static void test_resume_crd(void **state) {
     run_pair_set("crd", "crd.nce_k=64", "crd.mode=relax", "cpu", "crd_relax", last, sizeof last);
 }
 
+/* Self-supervised pretraining resumes bit-identically with its state: MoCo's
+ * queue and pointer, its EMA key encoder ("ema.*") and EMA head ("head_k"),
+ * the augmentation streams of both views; and the encoder it exports. */
+static void test_resume_ssl(void **state) {
+    (void)state;
+    if (!registered("moco") || !registered("simclr")) skip();
+    char last[800], a[800], b[800], msg[2048];
+    run_pair_set("moco", "moco.K=64", "moco.bn_splits=4", "cpu", "moco", last, sizeof last);
+    kd_st_file *f = kd_test_st_open(last);
+    static const char *const need[] = {"distill.queue", "distill.queue_ptr", "distill.head_k.0.weight",
+                                       "distill.head.2.bias", "ema.conv1.weight", "ema.bn1.running_mean"};
+    for (size_t i = 0; i < sizeof need / sizeof need[0]; i++)
+        if (!kd_st_find(f, need[i])) fail_msg("%s has no %s", last, need[i]);
+    kd_st_close(f);
+    snprintf(a, sizeof a, "%s/moco_full/encoder.safetensors", g_root);
+    snprintf(b, sizeof b, "%s/moco_resumed/encoder.safetensors", g_root);
+    if (kd_test_ckpts_differ(a, b, KD_TEST_CKPT_MODEL, msg, sizeof msg)) fail_msg("moco encoder.safetensors: %s", msg);
+    run_pair("simclr", "ref", "simclr", last, sizeof last);
+}
+
 /* Zeroes tensor `name` of the safetensors file at path in place (its bytes
  * located through the header's data_offsets). */
 static void zero_tensor_in_file(const char *path, const char *name) {
@@ -301,6 +321,7 @@ int main(void) {
         cmocka_unit_test(test_resume_fitnet_cpu),
         cmocka_unit_test(test_resume_pad),
         cmocka_unit_test(test_resume_crd),
+        cmocka_unit_test(test_resume_ssl),
         cmocka_unit_test(test_resume_detects_lost_state),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);

@@ -48,6 +48,18 @@ double kd_test_check_close(const float *a, const float *b, int64_t n, double ato
                                       kd_last_error());                           \
     } while (0)
 
+/* Asserts that expr returns `status` and that kd_last_error() mentions `needle`. */
+#define ASSERT_ERR(expr, status, needle)                                                       \
+    do {                                                                                       \
+        kd_clear_error();                                                                      \
+        kd_status s_ = (expr);                                                                 \
+        if (s_ != (status))                                                                    \
+            fail_msg("%s -> %s (%s), want %s", #expr, kd_status_str(s_), kd_last_error(),      \
+                     kd_status_str(status));                                                   \
+        if (!strstr(kd_last_error(), (needle)))                                                \
+            fail_msg("%s: message \"%s\" lacks \"%s\"", #expr, kd_last_error(), (needle));     \
+    } while (0)
+
 /* Uniform [lo, hi) fill from a counter-based stream (reproducible). */
 void kd_test_fill_uniform(float *x, int64_t n, float lo, float hi, uint64_t seed);
 

@@ -48,9 +48,9 @@ from distill_refs.common import weighted_terms  # noqa: E402
 
 def method_modules():
     for info in pkgutil.iter_modules(distill_refs.__path__):
-        if info.name in ("common",):
-            continue
-        yield importlib.import_module(f"distill_refs.{info.name}")
+        mod = importlib.import_module(f"distill_refs.{info.name}")
+        if hasattr(mod, "NAME"):  # common, ssl_common: shared pieces
+            yield mod
 
 
 def run_case(ref, case, seed):

@@ -135,6 +135,30 @@ kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
 kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute);
 kd_dtype kd_graph_precision(const kd_graph *g);
 
+/* A sum over the processes of a data-parallel run, in place on n doubles;
+ * every process calls it at the same points with the same n. */
+typedef kd_status (*kd_sum_fn)(double *buf, int64_t n, void *user);
+/* Synchronised batch norm (PyTorch's SyncBatchNorm). With sum set, every
+ * training-mode kd_batchnorm of g normalises with the statistics of the
+ * global batch: the per-channel counts, sums and squared deviations are
+ * summed over the processes in the forward (two calls of sum), and so are
+ * the backward's sums of dy and dy * xhat (one call), each process's scaled
+ * by grad_scale, the factor that turns its gradients into those of the
+ * global loss (its rows over the global batch's when its loss is a mean over
+ * its rows). The running statistics move toward the global ones. gamma and
+ * beta get this process's share (the caller sums parameter gradients).
+ * sum NULL (the default): statistics of this process's batch. */
+void kd_graph_set_sync_bn(kd_graph *g, kd_sum_fn sum, void *user, double grad_scale);
+/* Gradient readiness (data parallelism: a bucket's all-reduce starts while
+ * backward goes on). During kd_backward, fn(user, i) is called for watch[i]
+ * as soon as its gradient is final: right after the rule of the earliest
+ * tape node that has watch[i] among its inputs ran. Tensors no recorded
+ * node reads are not reported. watch must stay valid while set; fn NULL
+ * clears the hook. Only the backward rules of recorded nodes may write the
+ * gradients of watched tensors. */
+typedef void (*kd_grad_ready_fn)(void *user, int index);
+void kd_graph_set_grad_hook(kd_graph *g, kd_grad_ready_fn fn, void *user, kd_tensor *const *watch, int n);
+
 /* Number of ops currently on the tape. */
 int kd_graph_tape_size(const kd_graph *g);
 /* Heap allocations made on behalf of the graph so far (arena chunks, tape

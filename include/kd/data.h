@@ -75,6 +75,7 @@
 #include <stdint.h>
 
 #include "kd/core.h"
+#include "kd/transforms.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -180,6 +181,51 @@ kd_status kd_dataset_from_memory(const char *name, int64_t n, int c, int h, int 
  * Lazy datasets copy their record indices or paths, not images.
  * Deterministic in (ds, n, seed). */
 kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_dataset **out);
+
+/* Label subsets (the `labels` run setting, `kd eval --linear --labels`).
+ * A spec is "P%" (P in (0, 100], up to 6 decimals: each class keeps
+ * round(P / 100 * its labeled images), halves rounded up, computed exactly
+ * in integers), "N" (N > 0 labeled images per class), or the path of a file
+ * of dataset indices (a run directory's labels.txt). A value that starts
+ * with a digit, '.', '+' or '-', or ends with '%', is a number spec and must
+ * be valid; anything else is a file. "" (and "100%") means every label. */
+typedef struct {
+    int is_file;       /* 1: text is a file of indices */
+    int64_t per_class; /* > 0: N per class */
+    int64_t num, den;  /* per_class 0: the fraction num / den of each class */
+    char text[512];
+} kd_label_spec;
+/* KD_ERR_INVALID naming `labels` and the value when text is malformed (0,
+ * 0%, more than 100%, "10 %", "5x"). Checks no file. out may be NULL. */
+kd_status kd_label_spec_parse(const char *text, kd_label_spec *out);
+
+/* The labeled subset of ds that spec picks with seed: *idx (malloc'd, *n
+ * dataset indices in increasing order). Class k of the K classes gets its
+ * quota (above) of its labeled samples, drawn per class by a partial
+ * Fisher-Yates shuffle keyed by (seed, class) (the stream of
+ * kd_dataset_subset with its own tag): deterministic in (ds, spec, seed),
+ * single-threaded, and for one seed a smaller spec's picks are a subset of
+ * a larger one's (1% inside 10%). Unlabeled samples (-1) are never picked;
+ * classes with no sample at all are skipped (kd_dataset_check_labels warns
+ * about them). Errors (KD_ERR_INVALID, naming the spec and the class, with
+ * its name when the dataset has class names): a class that would get no
+ * labeled image ("labels 0.01%: class 3 would get no labeled image (0.01% of
+ * its 6000 rounds to 0)"), N larger than a class's labeled images. A file
+ * spec is read as by kd_label_indices_read. */
+kd_status kd_dataset_label_subset(const kd_dataset *ds, const char *spec, uint64_t seed, int64_t **idx,
+                                  int64_t *n);
+/* Reads a file of dataset indices: one integer per line, strictly
+ * increasing, each in [0, N) and a labeled sample of ds; empty lines and
+ * lines starting with '#' are skipped (the run directory's labels.txt, written
+ * by the train layer). Errors name the file and line. */
+kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n);
+
+/* A dataset of the samples idx[0..n) of ds (strictly increasing, in range;
+ * copied as kd_dataset_subset copies). */
+kd_status kd_dataset_select(const kd_dataset *ds, const int64_t *idx, int64_t n, kd_dataset **out);
+/* A copy of every sample of ds whose labels are kept for the samples in
+ * idx[0..n) (strictly increasing) and -1 for every other sample. */
+kd_status kd_dataset_keep_labels(const kd_dataset *ds, const int64_t *idx, int64_t n, kd_dataset **out);
 
 void kd_dataset_free(kd_dataset *ds); /* NULL is fine */
 
@@ -322,6 +368,15 @@ typedef struct {
     int resize;              /* shorter side before the centre crop; 0: max(out_h, out_w) */
     kd_geometry_fn geometry; /* NULL: the default above */
     const void *geometry_ctx;
+    /* The self-supervised pipeline (SimCLR, MoCo v2, SEED views): with it
+     * set, a sample at its own size goes through ToTensor (x / 255) and
+     * kd_ssl_aug_apply (random-resized crop, colour jitter, grayscale,
+     * blur, solarisation, flip, ssl->normalize with ssl->mean/std) into a
+     * (C, ssl->size, ssl->size) view, its draws taken from the view's
+     * stream (kd_ssl_aug_draw); pad_crop, hflip, geometry, normalize and
+     * mean/std are not used, and out_h/out_w must be 0 or ssl->size. The
+     * config it points to must outlive the loader. NULL: the pipeline above. */
+    const kd_ssl_aug_cfg *ssl;
 } kd_transform_cfg;
 
 /* The random choices made for one sample (for tests and debugging). */
@@ -424,6 +479,12 @@ typedef struct {
      * loader. */
     int n_views;
     const kd_transform_cfg *view_transforms; /* (n_views) or NULL */
+    /* Data parallelism (docs/DISTRIBUTED.md): with shard_count R > 1 this
+     * loader is process shard_rank's of R, all with the same settings: of
+     * each global batch of n rows of the one permutation of the epoch it
+     * takes rows [r*n/R, (r+1)*n/R) (possibly none), so the R shards together
+     * are the batch one process would get. 0 or 1: every row. */
+    int shard_rank, shard_count;
 } kd_loader_cfg;
 
 /* The shape of one view's samples. */
@@ -443,6 +504,7 @@ typedef struct {
     int n_views;    /* views of each sample (>= 1 from the loader) */
     float *const *views;              /* (n_views): view v is (n, C, H_v, W_v); views[0] == x */
     const kd_view_shape *view_shape;  /* (n_views): (C, H_v, W_v) of each view */
+    int64_t global_n; /* rows of the global batch this one is a shard of (shard_count > 1); 0: n */
 } kd_batch;
 
 typedef struct kd_loader kd_loader;

@@ -79,11 +79,13 @@ typedef enum {
     KD_SAMPLER_SHUFFLE = 0 /* a fresh permutation of the training set each epoch */
 } kd_sampler_kind;
 
-/* Types of method settings. KD_ARG_CHOICE stores the index (int) of the
+/* Types of method settings. KD_ARG_DOUBLE stores a double where the value
+ * enters double arithmetic as the official code's Python float does (MoCo's
+ * momentum: 1 - m in double). KD_ARG_CHOICE stores the index (int) of the
  * value among `choices` ("exact|relax"). KD_ARG_STRING stores the text (a
  * path, a list "30,45") in a char[KD_METHOD_ARG_STR] field; a longer value
  * fails naming the setting. */
-typedef enum { KD_ARG_FLOAT = 0, KD_ARG_INT, KD_ARG_BOOL, KD_ARG_CHOICE, KD_ARG_STRING } kd_arg_type;
+typedef enum { KD_ARG_FLOAT = 0, KD_ARG_INT, KD_ARG_BOOL, KD_ARG_CHOICE, KD_ARG_STRING, KD_ARG_DOUBLE } kd_arg_type;
 #define KD_METHOD_ARG_STR 512
 
 typedef struct {
@@ -110,6 +112,7 @@ typedef struct {
     /* (n_train) label of each training image (-1: unlabeled), for samplers
      * that draw by class (CRD); NULL when unknown. Read during setup only. */
     const int32_t *train_labels;
+    int in_channels, in_h, in_w; /* view 0's images, at which the probe ran */
 } kd_method_shapes;
 
 /* One training batch as a method sees it. */
@@ -130,6 +133,7 @@ typedef struct {
     kd_loader *loader;       /* the run's training loader, making the method's views */
     int64_t steps_per_epoch; /* batches of an epoch the run takes (max_steps_per_epoch applies) */
     const char *run_dir;     /* the run directory; it exists */
+    const char *teacher_ckpt; /* the teacher's checkpoint file, or NULL (methods that read more of it: SEED's head) */
     uint64_t seed;           /* the run's seed */
     int threads;             /* the run's thread count (already set) */
     int resume;              /* 1: a resumed run, whose checkpoint is loaded after the hook */
@@ -180,6 +184,11 @@ typedef struct kd_method_def {
      * uses the base transform. */
     kd_status (*view_transform)(const kd_method *m, int view, kd_transform_cfg *tf);
     kd_sampler_kind sampler;
+    /* The fewest images a batch must hold for the loss to be defined
+     * (contrastive losses need a negative: 2); 0 or 1: any. The run refuses
+     * a smaller batch_size before training and drops an epoch's last,
+     * smaller batch (SimCLR's drop_remainder) when this is above 1. */
+    int min_batch;
     int feat_flags;       /* KD_FWD_PREACT when the method reads pre-activation features */
     /* Roles besides the student (trainable), the teacher (`teacher`) and
      * the method's own modules (trainable, a parameter group of their own):

@@ -36,6 +36,8 @@ typedef struct {
     /* data */
     char data[512];       /* dataset directory or spec (idx:DIR, cifar10:DIR, stl10:DIR, folder:DIR, ...) */
     int64_t train_subset; /* 0: whole training set; n: class-balanced subset of n */
+    char labels[512];     /* label subset: "" all labels, "P%", "N" per class or a file of indices
+                             (kd_dataset_label_subset); see kd_train_run */
     int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
     int hflip;            /* random horizontal flip */
     int workers;          /* loader threads; 0 = in the training thread */
@@ -61,6 +63,7 @@ typedef struct {
     double lars_trust;        /* LARS trust coefficient eta */
     int no_decay_bn_bias;     /* no weight decay on batch-norm parameters and biases */
     double clip_grad_norm;    /* > 0: clip the global gradient norm */
+    int sync_bn;              /* data parallelism: batch norm with the global batch's statistics */
     kd_sched sched; /* kind, milestones, gamma, warmup, min_lr (base_lr and epochs come from lr/epochs) */
     /* runtime */
     uint64_t seed;
@@ -132,6 +135,12 @@ typedef struct {
     const int32_t *train_labels; /* (n_train) training labels (-1: none) for methods that sample by
                                     class (CRD); NULL when unknown; read during kd_trainer_init only */
     uint64_t seed;        /* dropout masks and the method's initialisation */
+    /* Data parallelism (kd/dist.h, docs/DISTRIBUTED.md): 1 when this process is
+     * one rank of several that train one model, each on its shard of every
+     * global batch (kd_loader_cfg.shard_*): kd_train_step sums the gradients
+     * over the ranks, each rank's scaled by its share of the global batch.
+     * sync_bn: batch norm with the global batch's statistics. */
+    int data_parallel, sync_bn;
 } kd_trainer_cfg;
 
 typedef struct {
@@ -193,7 +202,13 @@ typedef struct {
 } kd_train_result;
 
 /* Trains cfg->model with cfg->distill.method ("none" = plain training),
- * writing the run directory cfg->out. */
+ * writing the run directory cfg->out. With cfg->labels set, the labeled
+ * subset of the whole training split (kd_dataset_label_subset with
+ * cfg->seed) is recorded in OUT/labels.txt (read back on resume) and, by the
+ * method's kd_method_def.labels: REQUIRED trains on those images only,
+ * OPTIONAL on every image with the others' labels -1, ABSENT ignores the
+ * setting (a warning). The normalisation is the whole split's either way. A
+ * spec the data cannot meet is a configuration error (res->config_error). */
 kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res);
 /* Continues the run in `dir` from its last checkpoint with its own
  * config.yaml; the final weights equal those of an uninterrupted run, also
@@ -222,6 +237,12 @@ kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_c
                             kd_model **out);
 /* Writes the model's state dict (PyTorch names) with metadata, atomically. */
 kd_status kd_model_save(kd_model *m, const char *path);
+/* The encoder a self-supervised run gives (encoder.safetensors): the model's
+ * state dict plus the method's projection head "head.*" (PyTorch
+ * nn.Sequential names), metadata "arch", "ssl_method" and "head"
+ * (simclr: 3 layers with batch norm; mlp: Linear-ReLU-Linear). A teacher for
+ * SEED, or the start of a fine-tune (init_ckpt: extra tensors are ignored). */
+kd_status kd_encoder_save(kd_model *m, const kd_method *method, const char *path);
 
 /* The per-channel normalisation kd uses for a dataset (CIFAR-100 recipe
  * values for CIFAR, measured values for Fashion-MNIST/MNIST). */

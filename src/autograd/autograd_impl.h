@@ -41,6 +41,8 @@ typedef struct {
         struct {
             kd_bn_params p;
             int view4d; /* 1 when x was (N, C, L), run as (N, C, L, 1) */
+            int sync;   /* statistics of the global batch (kd_graph_set_sync_bn) */
+            double count, scale; /* sync: values per channel in the global batch; grad_scale */
         } bn;
         kd_pool2d_params pool;
         struct {
@@ -170,6 +172,13 @@ struct kd_graph {
     int n_flushed;         /* tape nodes whose retained buffers are registered */
     int tape_consumed;     /* kd_backward freed buffers the tape reads: no second walk */
     size_t live_bytes, live_peak; /* tracked bytes not on a free list, and their peak */
+    kd_sum_fn bn_sum;      /* kd_graph_set_sync_bn: NULL, or the sum over processes */
+    void *bn_sum_user;
+    double bn_scale;
+    kd_grad_ready_fn grad_hook; /* kd_graph_set_grad_hook */
+    void *grad_hook_user;
+    kd_tensor *const *grad_watch;
+    int n_grad_watch;
 };
 
 /* ---- helpers (graph.c) */

@@ -779,6 +779,63 @@ double kd__sum_f64(kd_graph *g, const float *x, int64_t n) {
 
 /* ------------------------------------------------------------ backward */
 
+void kd_graph_set_grad_hook(kd_graph *g, kd_grad_ready_fn fn, void *user, kd_tensor *const *watch, int n) {
+    g->grad_hook = fn;
+    g->grad_hook_user = user;
+    g->grad_watch = fn ? watch : NULL;
+    g->n_grad_watch = fn && watch ? n : 0;
+}
+
+/* (tape index, watch index) of a watched tensor's earliest reader. */
+typedef struct {
+    int32_t node, idx;
+} kd__ready;
+
+static int kd__ready_cmp(const void *a, const void *b) {
+    const kd__ready *x = a, *y = b;
+    if (x->node != y->node) return x->node > y->node ? -1 : 1; /* the backward's order */
+    return x->idx < y->idx ? -1 : x->idx > y->idx;
+}
+
+/* The watched tensors in the order kd_backward finishes them: a hash of the
+ * watch list, one pass up the tape noting each one's earliest reader, then
+ * sorted by that node, latest first. *n: entries (read by some node). */
+static kd__ready *kd__ready_order(kd_graph *g, int *n) {
+    *n = 0;
+    const int w = g->n_grad_watch;
+    int hs = 16;
+    while (hs < 2 * w) hs *= 2;
+    int32_t *slot = kd__scratch(g, (size_t)hs * sizeof *slot);
+    int32_t *first = kd__scratch(g, (size_t)w * sizeof *first);
+    kd__ready *out = kd__scratch(g, (size_t)w * sizeof *out);
+    if (!slot || !first || !out) return NULL;
+    for (int i = 0; i < hs; i++) slot[i] = -1;
+#define KD__HASH(t) ((int)((((uintptr_t)(t)) >> 6) * 0x9E3779B1u) & (hs - 1))
+    for (int i = 0; i < w; i++) {
+        first[i] = -1;
+        int h = KD__HASH(g->grad_watch[i]);
+        while (slot[h] >= 0) h = (h + 1) & (hs - 1);
+        slot[h] = i;
+    }
+    for (int k = 0; k < g->n_nodes; k++) {
+        const kd__node *nd = &g->tape[k];
+        for (int j = 0; j < nd->n_in; j++) {
+            const kd_tensor *t = nd->in_list ? nd->in_list[j] : (j < KD__NODE_MAX_IN ? nd->in[j] : NULL);
+            if (!t || t->node >= 0 || !t->requires_grad) continue;
+            for (int h = KD__HASH(t); slot[h] >= 0; h = (h + 1) & (hs - 1))
+                if (g->grad_watch[slot[h]] == t) {
+                    if (first[slot[h]] < 0) first[slot[h]] = k;
+                    break;
+                }
+        }
+    }
+#undef KD__HASH
+    for (int i = 0; i < w; i++)
+        if (first[i] >= 0) out[(*n)++] = (kd__ready){first[i], i};
+    qsort(out, (size_t)*n, sizeof *out, kd__ready_cmp);
+    return out;
+}
+
 kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
     if (!g) return kd_error(KD_ERR_INVALID, "kd_backward: graph is NULL");
     if (g->status != KD_OK) return g->status;
@@ -811,6 +868,9 @@ kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
     kd_tensor *seed = kd__grad(g, loss, &acc);
     if (!seed) return g->status;
     kd_f32(seed)[0] = acc ? kd_f32(seed)[0] + 1.0f : 1.0f;
+    int n_ready = 0, next_ready = 0;
+    kd__ready *ready = g->grad_hook && g->n_grad_watch > 0 ? kd__ready_order(g, &n_ready) : NULL;
+    if (g->grad_hook && g->n_grad_watch > 0 && !ready) return g->status;
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         kd__node *n = &g->tape[i];
         if (n->out->grad_ready) { /* else the loss does not depend on it */
@@ -834,6 +894,9 @@ kd_status kd_backward(kd_graph *g, kd_tensor *loss) {
             kd__mem_release(g, e);
             g->tape_consumed = 1;
         }
+        /* Watched tensors whose earliest reader was this node are final. */
+        for (; next_ready < n_ready && ready[next_ready].node == i; next_ready++)
+            g->grad_hook(g->grad_hook_user, ready[next_ready].idx);
     }
     return KD_OK;
 }

@@ -167,6 +167,74 @@ static kd_tensor *kd__filled(kd_graph *g, int64_t C, float v) {
     return t;
 }
 
+void kd_graph_set_sync_bn(kd_graph *g, kd_sum_fn sum, void *user, double grad_scale) {
+    g->bn_sum = sum;
+    g->bn_sum_user = user;
+    g->bn_scale = grad_scale;
+}
+
+/* Training-mode forward with the statistics of the global batch (x in any
+ * layout kd_layout_offset knows): per-channel sums and the count summed over
+ * the processes, then the squared deviations from the global mean; the
+ * arithmetic of the ref kernel (double sums, biased variance to normalise,
+ * unbiased for the running update). *count: values per channel in all. */
+static kd_status kd__bn_sync_forward(kd_graph *g, const kd_bn_params *p, const kd_tensor *x,
+                                     const kd_tensor *gamma, const kd_tensor *beta, kd_tensor *running_mean,
+                                     kd_tensor *running_var, kd_tensor *y, kd_tensor *save_mean,
+                                     kd_tensor *save_rstd, double *count) {
+    const int64_t N = x->shape[0], C = x->shape[1], S = kd_tensor_numel(x) / (N * C);
+    const kd_layout lay = x->layout;
+    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
+    double *buf = kd__scratch(g, (size_t)(C + 1) * sizeof *buf), *mean = kd__scratch(g, (size_t)C * sizeof *mean);
+    if (!buf || !mean) return g->status ? g->status : kd_error(KD_ERR_NOMEM, "batchnorm: out of memory");
+    const float *xd = kd_f32(x);
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < N; i++) {
+            const float *xc = xd + kd_layout_offset(lay, i, c, 0, C, S);
+            for (int64_t j = 0; j < S; j++) sum += xc[j * step];
+        }
+        buf[c] = sum;
+    }
+    buf[C] = (double)(N * S);
+    KD_TRY(g->bn_sum(buf, C + 1, g->bn_sum_user));
+    const double M = buf[C];
+    if (M < 2)
+        return kd_error(KD_ERR_SHAPE, "batchnorm: synchronised training needs more than 1 value per channel, got %g", M);
+    for (int64_t c = 0; c < C; c++) mean[c] = buf[c] / M;
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        double sq = 0.0;
+        for (int64_t i = 0; i < N; i++) {
+            const float *xc = xd + kd_layout_offset(lay, i, c, 0, C, S);
+            for (int64_t j = 0; j < S; j++) sq += (xc[j * step] - mean[c]) * (xc[j * step] - mean[c]);
+        }
+        buf[c] = sq;
+    }
+    KD_TRY(g->bn_sum(buf, C, g->bn_sum_user));
+    const float *gd = kd_f32(gamma), *bd = kd_f32(beta);
+    float *rm = kd_f32(running_mean), *rv = kd_f32(running_var), *yd = kd_f32(y);
+    float *sm = kd_f32(save_mean), *sr = kd_f32(save_rstd);
+    const double eps = p->eps, mom = p->momentum;
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        const double var = buf[c] / M, rstd = 1.0 / sqrt(var + eps), mu = mean[c];
+        rm[c] = (float)((1.0 - mom) * rm[c] + mom * mu);
+        rv[c] = (float)((1.0 - mom) * rv[c] + mom * var * M / (M - 1));
+        sm[c] = (float)mu;
+        sr[c] = (float)rstd;
+        const double gc = gd[c], bc = bd[c];
+        for (int64_t i = 0; i < N; i++) {
+            const int64_t o = kd_layout_offset(lay, i, c, 0, C, S);
+            for (int64_t j = 0; j < S; j++)
+                yd[o + j * step] = (float)((xd[o + j * step] - mu) * rstd * gc + bc);
+        }
+    }
+    *count = M;
+    return KD_OK;
+}
+
 kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *beta,
                         kd_tensor *running_mean, kd_tensor *running_var, const kd_bn_params *p) {
     kd_tensor *in[3] = {x, gamma, beta};
@@ -199,15 +267,21 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     if (!gm || !bt || !rm || !rv || !y || !smean || !srstd) return NULL;
     int view = x->ndim == 3;
     kd_tensor xv = view ? kd__view4d(x) : *x, yv = view ? kd__view4d(y) : *y;
-    kd_status s = g->be->batchnorm_forward(g->be, p, &xv, gm, bt, rm, rv, &yv,
-                                           p->training ? smean : NULL,
-                                           p->training ? srstd : NULL);
+    const int sync = p->training && g->bn_sum;
+    double count = 0;
+    kd_status s = sync ? kd__bn_sync_forward(g, p, x, gm, bt, rm, rv, y, smean, srstd, &count)
+                       : g->be->batchnorm_forward(g->be, p, &xv, gm, bt, rm, rv, &yv,
+                                                  p->training ? smean : NULL,
+                                                  p->training ? srstd : NULL);
     if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_BATCHNORM, y, 3, in);
     if (n) {
         n->in[1] = gm; /* the backward rule needs gamma even when it is a constant */
         n->p.bn.p = *p;
         n->p.bn.view4d = view;
+        n->p.bn.sync = sync;
+        n->p.bn.count = count;
+        n->p.bn.scale = g->bn_scale;
         n->saved[0] = smean;
         n->saved[1] = srstd;
         if (!p->training) {
@@ -276,8 +350,73 @@ static kd_status kd__batchnorm_backward_fresh(kd_graph *g, kd__node *n) {
     return KD_OK;
 }
 
+/* Training-mode backward of a synchronised batch norm: this process's sums
+ * of dy and dy * xhat per channel, scaled by its grad_scale and summed over
+ * the processes (G1, G2: the global loss's); dx = gamma * rstd * (dy - (G1 +
+ * xhat * G2) / (M * scale)) in this process's gradient scale; gamma and beta
+ * get this process's own sums. Every process runs the sum, whether or not it
+ * needs any of the gradients. */
+static kd_status kd__batchnorm_backward_sync(kd_graph *g, kd__node *n) {
+    kd_tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *dy = n->out->grad;
+    const int64_t N = x->shape[0], C = x->shape[1], S = kd_tensor_numel(x) / (N * C);
+    const kd_layout lay = x->layout;
+    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
+    double *loc = kd__scratch(g, (size_t)C * 2 * sizeof *loc), *glob = kd__scratch(g, (size_t)C * 2 * sizeof *glob);
+    if (!loc || !glob) return g->status ? g->status : kd_error(KD_ERR_NOMEM, "batchnorm: out of memory");
+    const float *dyd = kd_f32(dy), *xd = kd_f32(x), *gd = kd_f32(gamma);
+    const float *sm = kd_f32(n->saved[0]), *sr = kd_f32(n->saved[1]);
+    const double scale = n->p.bn.scale, M = n->p.bn.count;
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+    for (int64_t c = 0; c < C; c++) {
+        const double mean = sm[c], rstd = sr[c];
+        double sdy = 0.0, sdyx = 0.0;
+        for (int64_t i = 0; i < N; i++) {
+            const int64_t o = kd_layout_offset(lay, i, c, 0, C, S);
+            for (int64_t j = 0; j < S; j++) {
+                sdy += dyd[o + j * step];
+                sdyx += dyd[o + j * step] * (xd[o + j * step] - mean) * rstd;
+            }
+        }
+        loc[c] = sdy;
+        loc[C + c] = sdyx;
+        glob[c] = scale * sdy;
+        glob[C + c] = scale * sdyx;
+    }
+    KD_TRY(g->bn_sum(glob, 2 * C, g->bn_sum_user));
+    if (kd__needs_grad(g, x)) {
+        int acc;
+        kd_tensor *dx = kd__grad(g, x, &acc);
+        if (!dx) return g->status;
+        float *dxd = kd_f32(dx);
+        const double div = M * scale;
+#pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
+        for (int64_t c = 0; c < C; c++) {
+            const double mean = sm[c], rstd = sr[c], k = gd[c] * rstd;
+            for (int64_t i = 0; i < N; i++) {
+                const int64_t o = kd_layout_offset(lay, i, c, 0, C, S);
+                for (int64_t j = 0; j < S; j++) {
+                    const int64_t e = o + j * step;
+                    const double xhat = (xd[e] - mean) * rstd;
+                    const float r = (float)(k * (dyd[e] - (glob[c] + xhat * glob[C + c]) / div));
+                    dxd[e] = acc ? dxd[e] + r : r;
+                }
+            }
+        }
+    }
+    kd_tensor *leaf[2] = {gamma, beta};
+    for (int k = 0; k < 2; k++) {
+        if (!leaf[k] || !kd__needs_grad(g, leaf[k])) continue;
+        kd_tensor *d = kd__grad_acc(g, leaf[k]);
+        if (!d) return g->status;
+        float *dd = kd_f32(d);
+        for (int64_t c = 0; c < C; c++) dd[c] += (float)loc[(k == 0 ? C : 0) + c];
+    }
+    return KD_OK;
+}
+
 kd_status kd__batchnorm_backward(kd_graph *g, kd__node *n) {
     kd_tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *dy = n->out->grad;
+    if (n->p.bn.sync && n->p.bn.p.training) return kd__batchnorm_backward_sync(g, n);
     if (n->p.bn.p.training && kd__needs_grad(g, x) && x->node >= 0 && !(x->grad && x->grad_ready))
         return kd__batchnorm_backward_fresh(g, n);
     kd_tensor *ts[3] = {kd__needs_grad(g, x) ? x : NULL,

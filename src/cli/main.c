@@ -2,14 +2,21 @@
  * statuses into one clear sentence on stderr and a non-zero exit.
  *   kd train    train a model (a teacher, or a student alone)
  *   kd distill  train a student from a teacher with a distillation method
- *   kd eval     accuracy of a checkpoint on a dataset's test split
+ *   kd pretrain self-supervised pretraining (SimCLR, MoCo v2) without labels
+ *   kd eval     accuracy of a checkpoint on a dataset's test split; --knn, --linear:
+ *               kNN and linear evaluation of its features
  *   kd info     what a checkpoint or dataset holds
  * Exit status: 0 success, 1 failure while running, 2 bad command line. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "kd/dist.h"
+#include "kd/eval.h"
 #include "kd/io.h"
 #include "kd/train.h"
 
@@ -17,8 +24,34 @@
 #define KD_EXIT_USAGE 2
 
 static int kd__fail(const char *cmd) {
-    fprintf(stderr, "kd %s: %s\n", cmd, kd_last_error());
+    const char *e = kd_last_error();
+    if (kd_dist_size() > 1 && !kd_dist_error_collective() && strncmp(e, "rank ", 5) != 0)
+        fprintf(stderr, "kd %s: rank %d of %d: %s\n", cmd, kd_dist_rank(), kd_dist_size(), e);
+    else
+        fprintf(stderr, "kd %s: %s\n", cmd, e);
     return KD_EXIT_FAIL;
+}
+
+/* Under mpirun every rank parses the same command line: the ranks other than
+ * 0 keep stderr quiet until training starts, so a bad command line is
+ * reported once. */
+static int kd__saved_stderr = -1;
+static void kd__quiet_begin(void) {
+    if (kd_dist_rank() == 0 || kd__saved_stderr >= 0) return;
+    fflush(stderr);
+    kd__saved_stderr = dup(2);
+    int fd = open("/dev/null", O_WRONLY);
+    if (fd >= 0) {
+        dup2(fd, 2);
+        close(fd);
+    }
+}
+static void kd__quiet_end(void) {
+    if (kd__saved_stderr < 0) return;
+    fflush(stderr);
+    dup2(kd__saved_stderr, 2);
+    close(kd__saved_stderr);
+    kd__saved_stderr = -1;
 }
 
 static void kd__print_settings(const kd_train_cfg *c) {
@@ -71,6 +104,13 @@ static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
                "gamma*CE + alpha*T^2*KL(teacher || student) + beta*method-term, each weight\n"
                "defaulting to the method's published value (kd: gamma 0.1, alpha 0.9, T 4).\n"
                "`--method list` lists the methods; `--method NAME --help` shows NAME's settings.\n");
+    } else if (strcmp(cmd, "pretrain") == 0) {
+        printf("usage: kd pretrain --model ARCH --data DIR [--method simclr|moco] [settings...]\n\n"
+               "Self-supervised pretraining without labels: each image gives two augmented views and the\n"
+               "method's loss (simclr: NT-Xent with SimCLRv2's projection head; moco: MoCo v2's queue and\n"
+               "momentum key encoder). Writes encoder.safetensors (the model and its projection head\n"
+               "\"head.*\") after every epoch: a teacher for `kd distill --method seed`, or init_ckpt of a\n"
+               "fine-tune; `kd eval --knn` / `--linear` measure it.\n");
     } else {
         printf("usage: kd train --model ARCH --data DIR [settings...]\n\n"
                "Trains ARCH with cross-entropy (a teacher, or a student alone).\n");
@@ -200,6 +240,8 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
     if (strcmp(cmd, "distill") == 0) snprintf(c.distill.method, sizeof c.distill.method, "kd");
+    if (strcmp(cmd, "pretrain") == 0) snprintf(c.distill.method, sizeof c.distill.method, "simclr");
+    kd__quiet_begin();
     const char *resume = NULL;
     const char *keys[64], *vals[64];
     int nkv = 0, want_help = 0;
@@ -213,6 +255,21 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
         kd__usage_train(cmd, &c);
         return 0;
     }
+    if (!resume && strcmp(cmd, "pretrain") == 0) {
+        const kd_method_def *d = kd_method_find(c.distill.method);
+        if (d && (d->teacher != KD_TEACHER_NONE || d->labels != KD_LABELS_ABSENT)) {
+            char names[256] = "";
+            int n;
+            const kd_method_def *const *defs = kd_method_defs(&n);
+            for (int i = 0; i < n; i++)
+                if (defs[i]->teacher == KD_TEACHER_NONE && defs[i]->labels == KD_LABELS_ABSENT)
+                    snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", names[0] ? ", " : "",
+                             defs[i]->name);
+            fprintf(stderr, "kd pretrain: method '%s' is not self-supervised (it needs %s); pretrain with %s\n",
+                    d->name, d->teacher != KD_TEACHER_NONE ? "a teacher" : "labels", names);
+            return KD_EXIT_USAGE;
+        }
+    }
     if (!resume) {
         /* Check the settings now, so a bad command line is reported as one. */
         kd_train_cfg check = c;
@@ -222,11 +279,22 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
             return KD_EXIT_USAGE;
         }
     }
+    kd__quiet_end();
     kd_train_result r = {0};
     kd_status s = resume ? kd_train_resume(resume, keys, vals, nkv, &r) : kd_train_run(&c, &r);
     if (s != KD_OK) {
-        kd__fail(cmd);
-        return r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+        int code = r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+        /* Under mpirun: a failure every rank knows is reported by one of
+         * them; any other ends the job, since the other ranks may be waiting
+         * for this one in a collective. */
+        if (!kd_dist_error_quiet()) kd__fail(cmd);
+        if (!kd_dist_error_collective()) kd_dist_abort(code);
+        return code;
+    }
+    if (strcmp(cmd, "pretrain") == 0) {
+        printf("%s: %.0f img/s  %.1fs  -> %s/encoder.safetensors\n", resume ? resume : c.out, r.images_per_s,
+               r.wall_s, resume ? resume : c.out);
+        return 0;
     }
     printf("%s: top1 %.2f%%  top5 %.2f%%  best %.2f%% (epoch %d)  %.0f img/s  %.1fs  -> %s\n",
            resume ? resume : c.out, r.top1, r.top5, r.best_top1, r.best_epoch, r.images_per_s, r.wall_s,
@@ -234,20 +302,90 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     return 0;
 }
 
+/* A whole number in [lo, hi] or a finite double > 0 for a flag of kd eval;
+ * prints the message and returns 0 when v is not one. */
+static int kd__eval_int(const char *flag, const char *v, long lo, long hi, int *out) {
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi) {
+        fprintf(stderr, "kd eval: invalid value '%s' for %s: expected an integer in %ld..%ld\n", v, flag, lo, hi);
+        return 0;
+    }
+    *out = (int)x;
+    return 1;
+}
+
+static int kd__eval_pos(const char *flag, const char *v, double *out) {
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (!*v || *end || errno || !isfinite(x) || !(x > 0)) {
+        fprintf(stderr, "kd eval: invalid value '%s' for %s: expected a number > 0\n", v, flag);
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+/* Copies v into a setting of n bytes; prints the message and returns 0 when too long. */
+static int kd__eval_str(const char *flag, const char *v, char *dst, size_t n) {
+    if (strlen(v) >= n) {
+        fprintf(stderr, "kd eval: the value of %s is too long (%zu characters, at most %zu)\n", flag, strlen(v), n - 1);
+        return 0;
+    }
+    memcpy(dst, v, strlen(v) + 1);
+    return 1;
+}
+
 static int kd__cmd_eval(int argc, char **argv) {
     const char *ckpt = NULL, *data = "/usr/share/datasets/fashion-mnist", *arch = NULL, *backend = "cpu";
     int batch = 256, json = 0, threads = 0;
+    kd_eval_cfg ec;
+    kd_eval_cfg_defaults(&ec);
+    int knn = 0, linear = 0;
+    const char *knn_flag = NULL, *linear_flag = NULL, *out = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            kd_linear_cfg ld = kd_linear_defaults();
             printf("usage: kd eval --ckpt FILE [--data DIR] [--model ARCH] [--batch N] [--threads N]\n"
-                   "               [--backend cpu|ref] [--json]\n\n"
+                   "               [--backend cpu|ref] [--json]\n"
+                   "       kd eval --knn --ckpt FILE --out DIR [--k 20,200] [--temperature 0.07] [...]\n"
+                   "       kd eval --linear --ckpt FILE --out DIR [--labels SPEC] [--epochs N] [--lr X]\n"
+                   "               [--batch-size N] [--seed N] [...]\n\n"
                    "Top-1, top-5 and cross-entropy of the checkpoint on the test split of DIR\n"
-                   "(default %s). ARCH defaults to the checkpoint's own.\n", data);
+                   "(default %s). ARCH defaults to the checkpoint's own.\n\n"
+                   "--knn: kNN classification of the checkpoint's pooled features (the input of its\n"
+                   "  classifier) as DINO's eval_knn: features of the training and test splits with the\n"
+                   "  evaluation transform, L2-normalised; each test image's k most cosine-similar\n"
+                   "  training images vote for their class with weight exp(sim / T); top-1 and top-5 for\n"
+                   "  each k. Ties: the smaller training index is nearer, the smaller class wins.\n"
+                   "  --k LIST           neighbour counts, comma-separated, each <= the training set [20,200]\n"
+                   "  --temperature T    vote temperature [0.07]\n"
+                   "--linear: linear evaluation: the backbone frozen in eval mode, its pooled features\n"
+                   "  computed once with the evaluation transform (no augmentation); a linear classifier\n"
+                   "  (weight N(0,0.01), bias 0) trained on them with SGD (momentum 0.9, weight decay 0,\n"
+                   "  cosine schedule per step) on the labeled training set; test top-1 and top-5.\n"
+                   "  Deterministic in the seed.\n"
+                   "  --labels SPEC      train the classifier on a seeded class-balanced label subset:\n"
+                   "                     P%% or N per class, or a file of dataset indices (labels.txt) [all]\n"
+                   "  --epochs N         [%d]\n"
+                   "  --lr X             [%g]\n"
+                   "  --batch-size N     [%d]\n"
+                   "  --seed N           initialisation, data order and label subset [0]\n"
+                   "Both write the run directory --out DIR: config.yaml, metrics.jsonl, summary.json\n"
+                   "(and labels.txt with --labels); --batch is the feature-extraction batch.\n",
+                   data, ld.epochs, ld.lr, ld.batch_size);
             return 0;
         }
         if (!strcmp(a, "--json")) {
             json = 1;
+            continue;
+        }
+        if (!strcmp(a, "--knn") || !strcmp(a, "--linear")) {
+            if (!strcmp(a, "--knn")) knn = 1;
+            else linear = 1;
             continue;
         }
         if (i + 1 >= argc) {
@@ -259,6 +397,7 @@ static int kd__cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--data")) data = v;
         else if (!strcmp(a, "--model")) arch = v;
         else if (!strcmp(a, "--backend")) backend = v;
+        else if (!strcmp(a, "--out")) out = v;
         else if (!strcmp(a, "--batch") || !strcmp(a, "--threads")) {
             kd_train_cfg tmp;
             kd_train_cfg_defaults(&tmp);
@@ -272,14 +411,115 @@ static int kd__cmd_eval(int argc, char **argv) {
                 fprintf(stderr, "kd eval: --batch must be >= 1\n");
                 return KD_EXIT_USAGE;
             }
+        } else if (!strcmp(a, "--k")) {
+            knn_flag = a;
+            ec.n_k = 0;
+            for (const char *q = v;;) {
+                char *end;
+                errno = 0;
+                long x = strtol(q, &end, 10);
+                if (end == q || (*end && *end != ',') || errno || x < 1 || x > 1000000000L || ec.n_k == KD_KNN_MAX_K) {
+                    fprintf(stderr, "kd eval: invalid value '%s' for --k: expected 1 to %d comma-separated neighbour "
+                            "counts, each >= 1\n", v, KD_KNN_MAX_K);
+                    return KD_EXIT_USAGE;
+                }
+                ec.k[ec.n_k++] = (int)x;
+                if (!*end) break;
+                q = end + 1;
+            }
+        } else if (!strcmp(a, "--temperature")) {
+            knn_flag = a;
+            if (!kd__eval_pos(a, v, &ec.temperature)) return KD_EXIT_USAGE;
+        } else if (!strcmp(a, "--labels")) {
+            linear_flag = a;
+            if (!kd__eval_str(a, v, ec.labels, sizeof ec.labels)) return KD_EXIT_USAGE;
+            if (kd_label_spec_parse(v, NULL) != KD_OK) {
+                fprintf(stderr, "kd eval: %s\n", kd_last_error());
+                return KD_EXIT_USAGE;
+            }
+        } else if (!strcmp(a, "--epochs")) {
+            linear_flag = a;
+            if (!kd__eval_int(a, v, 1, 1000000L, &ec.linear.epochs)) return KD_EXIT_USAGE;
+        } else if (!strcmp(a, "--lr")) {
+            linear_flag = a;
+            if (!kd__eval_pos(a, v, &ec.linear.lr)) return KD_EXIT_USAGE;
+        } else if (!strcmp(a, "--batch-size")) {
+            linear_flag = a;
+            if (!kd__eval_int(a, v, 1, 1000000000L, &ec.linear.batch_size)) return KD_EXIT_USAGE;
+        } else if (!strcmp(a, "--seed")) {
+            linear_flag = a;
+            char *end;
+            errno = 0;
+            unsigned long long s = strtoull(v, &end, 10);
+            if (!*v || *end || errno || v[0] == '-') {
+                fprintf(stderr, "kd eval: invalid value '%s' for --seed: expected an unsigned integer\n", v);
+                return KD_EXIT_USAGE;
+            }
+            ec.linear.seed = s;
         } else {
             fprintf(stderr, "kd eval: unknown option '%s' (see --help)\n", a);
             return KD_EXIT_USAGE;
         }
     }
+    if (knn && linear) {
+        fprintf(stderr, "kd eval: choose one of --knn and --linear\n");
+        return KD_EXIT_USAGE;
+    }
+    if (knn_flag && !knn) {
+        fprintf(stderr, "kd eval: %s applies to --knn only\n", knn_flag);
+        return KD_EXIT_USAGE;
+    }
+    if (linear_flag && !linear) {
+        fprintf(stderr, "kd eval: %s applies to --linear only\n", linear_flag);
+        return KD_EXIT_USAGE;
+    }
+    if (out && !knn && !linear) {
+        fprintf(stderr, "kd eval: --out applies to --knn and --linear (the accuracy mode writes no run directory)\n");
+        return KD_EXIT_USAGE;
+    }
     if (!ckpt) {
         fprintf(stderr, "kd eval: --ckpt FILE is required\n");
         return KD_EXIT_USAGE;
+    }
+    if (knn || linear) {
+        ec.mode = knn ? KD_EVAL_KNN : KD_EVAL_LINEAR;
+        if (!out) {
+            fprintf(stderr, "kd eval: --%s needs --out DIR (the run directory)\n", knn ? "knn" : "linear");
+            return KD_EXIT_USAGE;
+        }
+        if (!kd__eval_str("--ckpt", ckpt, ec.ckpt, sizeof ec.ckpt) ||
+            !kd__eval_str("--data", data, ec.data, sizeof ec.data) ||
+            !kd__eval_str("--model", arch ? arch : "", ec.arch, sizeof ec.arch) ||
+            !kd__eval_str("--backend", backend, ec.backend, sizeof ec.backend) ||
+            !kd__eval_str("--out", out, ec.out, sizeof ec.out))
+            return KD_EXIT_USAGE;
+        ec.eval_batch = batch;
+        ec.threads = threads;
+        kd_eval_result er;
+        if (kd_eval_run(&ec, &er) != KD_OK) {
+            fprintf(stderr, "kd eval: %s\n", kd_last_error());
+            return er.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+        }
+        if (json) {
+            char path[600];
+            snprintf(path, sizeof path, "%s/summary.json", ec.out);
+            void *text = NULL;
+            size_t n = 0;
+            if (kd_file_read_all(path, &text, &n) != KD_OK) return kd__fail("eval");
+            fwrite(text, 1, n, stdout);
+            free(text);
+        } else if (knn) {
+            for (int j = 0; j < ec.n_k; j++)
+                printf("%s kNN (k %d, T %g) on %lld test images, %lld training images: top1 %.2f%%  top5 %.2f%%\n",
+                       ckpt, ec.k[j], ec.temperature, (long long)er.n_test, (long long)er.n_train, er.knn.top1[j],
+                       er.knn.top5[j]);
+        } else {
+            printf("%s linear evaluation (%d epochs, lr %g, %lld training images) on %lld test images: top1 %.2f%%  "
+                   "top5 %.2f%%\n",
+                   ckpt, ec.linear.epochs, ec.linear.lr, (long long)er.n_train, (long long)er.n_test, er.linear.top1,
+                   er.linear.top5);
+        }
+        return 0;
     }
     kd_set_num_threads(threads);
     kd_backend *be = NULL;
@@ -413,6 +653,7 @@ static void kd__usage(void) {
            "usage: kd COMMAND [options]   (kd COMMAND --help for its options)\n\n"
            "  train     train a model with cross-entropy (a teacher, or a student alone)\n"
            "  distill   train a student from a teacher (--method kd, ...)\n"
+           "  pretrain  self-supervised pretraining without labels (--method simclr|moco)\n"
            "  eval      evaluate a checkpoint on a dataset's test split\n"
            "  info      describe a checkpoint or a dataset\n",
            kd_version());
@@ -431,8 +672,7 @@ static void kd__tune_openmp(char **argv) {
     /* If that failed we simply run with the defaults. */
 }
 
-int main(int argc, char **argv) {
-    kd__tune_openmp(argv);
+static int kd__main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         kd__usage();
         return argc < 2 ? KD_EXIT_USAGE : 0;
@@ -442,9 +682,28 @@ int main(int argc, char **argv) {
         return 0;
     }
     const char *cmd = argv[1];
-    if (!strcmp(cmd, "train") || !strcmp(cmd, "distill")) return kd__cmd_train(cmd, argc - 2, argv + 2);
+    if (!strcmp(cmd, "train") || !strcmp(cmd, "distill") || !strcmp(cmd, "pretrain"))
+        return kd__cmd_train(cmd, argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return kd__cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return kd__cmd_info(argc - 2, argv + 2);
-    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, eval, info)\n", cmd);
+    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, pretrain, eval, info)\n", cmd);
     return KD_EXIT_USAGE;
+}
+
+/* Under mpirun or srun (kd/dist.h) each process learns its rank here; the
+ * ranks other than 0 print no results and log only warnings and errors. */
+int main(int argc, char **argv) {
+    kd__tune_openmp(argv);
+    if (kd_dist_init() != KD_OK) {
+        fprintf(stderr, "kd: %s\n", kd_last_error());
+        kd_dist_finalize();
+        return KD_EXIT_FAIL;
+    }
+    if (kd_dist_rank() > 0) {
+        kd_log_set_level(KD_LOG_WARN);
+        if (!freopen("/dev/null", "w", stdout)) kd_log_msg(KD_LOG_WARN, "cannot silence stdout of rank %d", kd_dist_rank());
+    }
+    int rc = kd__main(argc, argv);
+    kd_dist_finalize();
+    return rc;
 }

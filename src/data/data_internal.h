@@ -77,6 +77,31 @@ kd_status kd__dataset_set_classes(kd_dataset *ds, const char *const *names, int 
 /* Sets every label to -1 and the split to UNLABELED (num_classes kept). */
 void kd__dataset_drop_labels(kd_dataset *ds);
 
+/* Class-balanced picks, shared by kd_dataset_subset and the label subsets
+ * (labels.c): the samples grouped by class, class k's indices in dataset
+ * order at order[start[k] .. start[k + 1]) (count[k] of them). by_label 0:
+ * every sample is class 0 (K = 1); 1: class = label, K = num_classes, and
+ * samples whose label is outside [0, K) (unlabeled, -1) are left out. */
+typedef struct {
+    int K;
+    int64_t *count, *start, *order;
+} kd__class_groups;
+kd_status kd__class_groups_init(kd__class_groups *g, const kd_dataset *ds, int by_label);
+void kd__class_groups_free(kd__class_groups *g);
+/* Sets keep[i] = 1 for min(quota[k], count[k]) samples of each class k: the
+ * first quota[k] steps of a Fisher-Yates shuffle of the class's indices
+ * (step i swaps positions i and i + kd_rng_below(count[k] - i)) drawn from
+ * kd_rng_init(seed, kd_rng_key(tag, k)). Deterministic in (ds, quota, seed,
+ * tag); step i does not depend on quota[k], so with one seed a smaller quota
+ * picks a subset of a larger one's picks. Reorders g->order. */
+void kd__class_groups_pick(kd__class_groups *g, const int64_t *quota, uint64_t seed, uint64_t tag,
+                           uint8_t *keep);
+/* A dataset named `name` of the n samples i with keep[i], in dataset order:
+ * images copied (in memory) or record indices / paths (lazy); labels, class
+ * count, class names and split kept. */
+kd_status kd__dataset_keep(const kd_dataset *ds, const char *name, const uint8_t *keep, int64_t n,
+                           kd_dataset **out);
+
 int kd__is_dir(const char *path);
 /* 1 if name ends with .jpg, .jpeg or .png (any case) and is not hidden. */
 int kd__is_image_name(const char *name);
@@ -112,6 +137,10 @@ typedef struct {
     size_t geo_cap;
     uint8_t *pre;     /* (C, H, W): the sample after the shared flip */
     size_t pre_cap;
+    float *fsrc;      /* (C, H, W) / 255 for the SSL pipeline (kd_transform_cfg.ssl) */
+    size_t fsrc_cap;  /* floats */
+    float *fwork;     /* the SSL pipeline's blur workspace */
+    size_t fwork_cap; /* floats */
     kd_scratch scratch;
 } kd__sample_ctx;
 

@@ -413,81 +413,113 @@ static kd_status kd__subset_lazy(const kd_dataset *ds, const char *name, int64_t
     return KD_OK;
 }
 
-kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_dataset **out) {
-    *out = NULL;
-    if (n <= 0 || n > ds->n)
-        return kd_error(KD_ERR_INVALID, "dataset %s: subset of %lld samples out of %lld", ds->name,
-                        (long long)n, (long long)ds->n);
-    kd_status st = KD_OK;
-    /* Unlabeled data is one class: a uniform subset. */
-    int labeled = ds->labels[0] >= 0 && ds->num_classes > 0;
-    int K = labeled ? ds->num_classes : 1;
-#define KD__CLS(i) (labeled ? ds->labels[i] : 0)
-    int64_t *count = calloc((size_t)K, sizeof *count);
-    int64_t *quota = calloc((size_t)K, sizeof *quota);
-    int64_t *start = calloc((size_t)K + 1, sizeof *start);
-    int64_t *order = malloc((size_t)ds->n * sizeof *order); /* indices grouped by class */
-    uint8_t *keep = calloc((size_t)ds->n, 1);
-    kd_dataset *sub = NULL;
-    if (!count || !quota || !start || !order || !keep) {
-        st = kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for a subset", ds->name);
-        goto cleanup;
+kd_status kd__class_groups_init(kd__class_groups *g, const kd_dataset *ds, int by_label) {
+    memset(g, 0, sizeof *g);
+    g->K = by_label ? ds->num_classes : 1;
+    if (g->K < 1) g->K = 1;
+    g->count = calloc((size_t)g->K, sizeof *g->count);
+    g->start = calloc((size_t)g->K + 1, sizeof *g->start);
+    g->order = malloc((size_t)ds->n * sizeof *g->order);
+    int64_t *fill = calloc((size_t)g->K, sizeof *fill);
+    if (!g->count || !g->start || !g->order || !fill) {
+        free(fill);
+        kd__class_groups_free(g);
+        return kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for a subset", ds->name);
     }
-    for (int64_t i = 0; i < ds->n; i++) count[KD__CLS(i)]++;
-    for (int k = 0; k < K; k++) start[k + 1] = start[k] + count[k];
-    {
-        int64_t *fill = quota; /* reuse as a cursor before computing quotas */
-        for (int k = 0; k < K; k++) fill[k] = start[k];
-        for (int64_t i = 0; i < ds->n; i++) order[fill[KD__CLS(i)]++] = i;
-    }
-    /* Quotas: an even split, capped by what each class has; the shortfall is
-     * handed out one sample at a time, in class order, to classes with spare. */
-    int64_t short_by = 0;
-    for (int k = 0; k < K; k++) {
-        int64_t q = n / K + (k < n % K);
-        quota[k] = q < count[k] ? q : count[k];
-        short_by += q - quota[k];
-    }
-    while (short_by > 0)
-        for (int k = 0; k < K && short_by > 0; k++)
-            if (quota[k] < count[k]) quota[k]++, short_by--;
-    /* Per class, a partial Fisher-Yates shuffle picks quota[k] samples. */
-    for (int k = 0; k < K; k++) {
+#define KD__CLS(i) (by_label ? ds->labels[i] : 0)
+    for (int64_t i = 0; i < ds->n; i++)
+        if (KD__CLS(i) >= 0 && KD__CLS(i) < g->K) g->count[KD__CLS(i)]++;
+    for (int k = 0; k < g->K; k++) g->start[k + 1] = g->start[k] + g->count[k];
+    for (int k = 0; k < g->K; k++) fill[k] = g->start[k];
+    for (int64_t i = 0; i < ds->n; i++)
+        if (KD__CLS(i) >= 0 && KD__CLS(i) < g->K) g->order[fill[KD__CLS(i)]++] = i;
+#undef KD__CLS
+    free(fill);
+    return KD_OK;
+}
+
+void kd__class_groups_free(kd__class_groups *g) {
+    free(g->count);
+    free(g->start);
+    free(g->order);
+    memset(g, 0, sizeof *g);
+}
+
+void kd__class_groups_pick(kd__class_groups *g, const int64_t *quota, uint64_t seed, uint64_t tag, uint8_t *keep) {
+    for (int k = 0; k < g->K; k++) {
         kd_rng r;
-        kd_rng_init(&r, seed, kd_rng_key(KD__SUBSET_TAG, (uint64_t)k));
-        int64_t *cls = order + start[k];
-        for (int64_t i = 0; i < quota[k]; i++) {
-            int64_t j = i + (int64_t)kd_rng_below(&r, (uint32_t)(count[k] - i));
+        kd_rng_init(&r, seed, kd_rng_key(tag, (uint64_t)k));
+        int64_t *cls = g->order + g->start[k];
+        for (int64_t i = 0; i < quota[k] && i < g->count[k]; i++) {
+            int64_t j = i + (int64_t)kd_rng_below(&r, (uint32_t)(g->count[k] - i));
             int64_t t = cls[i];
             cls[i] = cls[j];
             cls[j] = t;
             keep[cls[i]] = 1;
         }
     }
-#undef KD__CLS
-    char name[160];
-    snprintf(name, sizeof name, "%s[%lld]", ds->name, (long long)n);
-    if (ds->source == KD__SRC_MEMORY) {
-        st = kd__dataset_alloc(name, n, ds->c, ds->h, ds->w, ds->train, &sub);
-        if (st != KD_OK) goto cleanup;
-        sub->num_classes = ds->num_classes;
-        sub->split = ds->split;
-        int64_t per = (int64_t)ds->c * ds->h * ds->w, m = 0;
-        for (int64_t i = 0; i < ds->n; i++) {
-            if (!keep[i]) continue;
-            memcpy(sub->images + m * per, ds->images + i * per, (size_t)per);
-            sub->labels[m++] = ds->labels[i];
-        }
-    } else {
-        st = kd__subset_lazy(ds, name, n, keep, &sub);
-        if (st != KD_OK) goto cleanup;
+}
+
+kd_status kd__dataset_keep(const kd_dataset *ds, const char *name, const uint8_t *keep, int64_t n,
+                           kd_dataset **out) {
+    *out = NULL;
+    if (ds->source != KD__SRC_MEMORY) return kd__subset_lazy(ds, name, n, keep, out);
+    kd_dataset *sub = NULL;
+    KD_TRY(kd__dataset_alloc(name, n, ds->c, ds->h, ds->w, ds->train, &sub));
+    sub->num_classes = ds->num_classes;
+    sub->split = ds->split;
+    int64_t per = (int64_t)ds->c * ds->h * ds->w, m = 0;
+    for (int64_t i = 0; i < ds->n; i++) {
+        if (!keep[i]) continue;
+        memcpy(sub->images + m * per, ds->images + i * per, (size_t)per);
+        sub->labels[m++] = ds->labels[i];
     }
     *out = sub;
+    return KD_OK;
+}
+
+kd_status kd_dataset_subset(const kd_dataset *ds, int64_t n, uint64_t seed, kd_dataset **out) {
+    *out = NULL;
+    if (n <= 0 || n > ds->n)
+        return kd_error(KD_ERR_INVALID, "dataset %s: subset of %lld samples out of %lld", ds->name,
+                        (long long)n, (long long)ds->n);
+    /* Unlabeled data is one class: a uniform subset. */
+    int labeled = ds->labels[0] >= 0 && ds->num_classes > 0;
+    kd__class_groups g;
+    KD_TRY(kd__class_groups_init(&g, ds, labeled));
+    int K = g.K;
+    kd_status st = KD_OK;
+    int64_t *quota = calloc((size_t)K, sizeof *quota);
+    uint8_t *keep = calloc((size_t)ds->n, 1);
+    if (!quota || !keep) {
+        st = kd_error(KD_ERR_NOMEM, "dataset %s: out of memory for a subset", ds->name);
+        goto cleanup;
+    }
+    /* Quotas: an even split, capped by what each class has; the shortfall is
+     * handed out one sample at a time, in class order, to classes with spare. */
+    int64_t short_by = 0, avail = 0;
+    for (int k = 0; k < K; k++) {
+        int64_t q = n / K + (k < n % K);
+        quota[k] = q < g.count[k] ? q : g.count[k];
+        short_by += q - quota[k];
+        avail += g.count[k];
+    }
+    if (n > avail) {
+        st = kd_error(KD_ERR_INVALID, "dataset %s: subset of %lld samples out of %lld labeled", ds->name,
+                      (long long)n, (long long)avail);
+        goto cleanup;
+    }
+    while (short_by > 0)
+        for (int k = 0; k < K && short_by > 0; k++)
+            if (quota[k] < g.count[k]) quota[k]++, short_by--;
+    /* Per class, a partial Fisher-Yates shuffle picks quota[k] samples. */
+    kd__class_groups_pick(&g, quota, seed, KD__SUBSET_TAG, keep);
+    char name[160];
+    snprintf(name, sizeof name, "%s[%lld]", ds->name, (long long)n);
+    st = kd__dataset_keep(ds, name, keep, n, out);
 cleanup:
-    free(count);
+    kd__class_groups_free(&g);
     free(quota);
-    free(start);
-    free(order);
     free(keep);
     return st;
 }

@@ -22,6 +22,7 @@ typedef struct {
     int32_t *y;      /* (batch_size) */
     int64_t *index;  /* (batch_size) */
     int64_t n;       /* samples filled */
+    int64_t global_n; /* rows of the global batch (n without sharding) */
     int64_t ready;   /* batch number held, -1 when none; guarded by mu */
     kd_status status;
     char msg[1024];  /* worker's error message when status != KD_OK */
@@ -131,6 +132,12 @@ static kd_status kd__loader_fill(kd_loader *l, kd__sample_ctx *x, kd__slot *s, i
     const kd_dataset *ds = l->ds;
     int64_t start = b * l->cfg.batch_size, n = ds->n - start;
     if (n > l->cfg.batch_size) n = l->cfg.batch_size;
+    s->global_n = n;
+    if (l->cfg.shard_count > 1) { /* this process's rows of the global batch */
+        const int64_t R = l->cfg.shard_count, r = l->cfg.shard_rank, lo = r * n / R, hi = (r + 1) * n / R;
+        start += lo;
+        n = hi - lo;
+    }
     if (!l->direct) {
         for (int64_t i = 0; i < n; i++) {
             int64_t used = 0;
@@ -248,6 +255,9 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
     if (cfg->n_views < 0)
         return kd_error(KD_ERR_INVALID, "loader: n_views %d is negative (0 or 1: one view)",
                         cfg->n_views);
+    if (cfg->shard_count < 0 || (cfg->shard_count > 1 && (cfg->shard_rank < 0 || cfg->shard_rank >= cfg->shard_count)))
+        return kd_error(KD_ERR_INVALID, "loader: shard_rank %d outside [0, shard_count %d)", cfg->shard_rank,
+                        cfg->shard_count);
     if (cfg->view_transforms && cfg->n_views == 0)
         return kd_error(KD_ERR_INVALID,
                         "loader: view_transforms is set but n_views is 0; set n_views to its "
@@ -288,7 +298,8 @@ kd_status kd_loader_init(kd_loader **out, const kd_dataset *ds, const kd_loader_
         vw->per = (int64_t)ds->c * vw->out_h * vw->out_w;
         kd__transform_tables_init(&vw->tf, ds->c, &vw->tables);
         l->shapes[v] = (kd_view_shape){ds->c, vw->out_h, vw->out_w};
-        l->direct &= !vw->tf.geometry && !vw->tf.hflip_shared && vw->out_h == ds->h && vw->out_w == ds->w;
+        l->direct &= !vw->tf.geometry && !vw->tf.hflip_shared && !vw->tf.ssl && vw->out_h == ds->h &&
+                     vw->out_w == ds->w;
         if (vw->per > per_max) per_max = vw->per;
     }
 
@@ -418,6 +429,7 @@ int kd_loader_next(kd_loader *l, kd_batch *out) {
         if (s->status != KD_OK) return kd_error(s->status, "%s", s->msg);
     }
     out->n = s->n;
+    out->global_n = s->global_n;
     out->batch = b;
     out->x = s->views[0];
     out->y = s->y;

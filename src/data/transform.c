@@ -67,6 +67,15 @@ kd_status kd_transform_check(const kd_transform_cfg *cfg, int c) {
                         cfg->out_h, cfg->out_w);
     if (cfg->resize < 0 || cfg->resize > 65536)
         return kd_error(KD_ERR_INVALID, "transform: resize %d outside [0, 65536]", cfg->resize);
+    if (cfg->ssl) {
+        KD_TRY(kd_ssl_aug_check(cfg->ssl, c));
+        if (cfg->out_h != cfg->ssl->size || cfg->out_w != cfg->ssl->size)
+            return kd_error(KD_ERR_INVALID,
+                            "transform: the self-supervised pipeline makes %dx%d views but the output size is "
+                            "%dx%d; set out_h and out_w to %d",
+                            cfg->ssl->size, cfg->ssl->size, cfg->out_h, cfg->out_w, cfg->ssl->size);
+        return KD_OK;
+    }
     if (!cfg->normalize) return KD_OK;
     if (c > 4)
         return kd_error(KD_ERR_INVALID,
@@ -155,10 +164,36 @@ void kd__sample_ctx_free(kd__sample_ctx *x) {
     free(x->geo);
     kd_scratch_free(&x->scratch);
     free(x->pre);
+    free(x->fsrc);
+    free(x->fwork);
+    x->fsrc = x->fwork = NULL;
+    x->fsrc_cap = x->fwork_cap = 0;
     x->geo = NULL;
     x->geo_cap = 0;
     x->pre = NULL;
     x->pre_cap = 0;
+}
+
+/* Grows a float buffer of the sample context to n floats. */
+static kd_status kd__grow_floats(float **p, size_t *cap, size_t n) {
+    if (*cap >= n) return KD_OK;
+    float *q = realloc(*p, n * sizeof *q);
+    if (!q) return kd_error(KD_ERR_NOMEM, "transform: cannot allocate %zu floats", n);
+    *p = q;
+    *cap = n;
+    return KD_OK;
+}
+
+/* The SSL pipeline of kd_transform_cfg.ssl: ToTensor, then kd_ssl_aug_apply. */
+static kd_status kd__sample_apply_ssl(const kd_ssl_aug_cfg *ssl, kd_rng *r, const uint8_t *src, int c, int h,
+                                      int w, kd__sample_ctx *x, float *dst) {
+    size_t n = (size_t)c * h * w, nw = kd_ssl_aug_work_floats(ssl);
+    KD_TRY(kd__grow_floats(&x->fsrc, &x->fsrc_cap, n));
+    KD_TRY(kd__grow_floats(&x->fwork, &x->fwork_cap, nw ? nw : 1));
+    for (size_t i = 0; i < n; i++) x->fsrc[i] = (float)src[i] / 255.0f;
+    kd_ssl_aug_params p = kd_ssl_aug_draw(ssl, r, h, w);
+    kd_ssl_aug_apply(ssl, &p, x->fsrc, c, h, w, x->fwork, dst);
+    return KD_OK;
 }
 
 kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tables *t, kd_rng *r,
@@ -176,6 +211,7 @@ kd_status kd__sample_apply(const kd_transform_cfg *cfg, const kd__transform_tabl
             for (int xx = 0; xx < w; xx++) x->pre[row * w + xx] = src[row * w + (w - 1 - xx)];
         src = x->pre;
     }
+    if (cfg->ssl) return kd__sample_apply_ssl(cfg->ssl, r, src, c, h, w, x, dst);
     if (cfg->geometry || h != out_h || w != out_w) {
         size_t need = (size_t)c * out_h * out_w;
         if (x->geo_cap < need) {
@@ -216,7 +252,8 @@ kd_status kd_transform_sample_view(const kd_transform_cfg *cfg, const kd_dataset
                         ds->name);
     kd_rng r;
     kd_rng_init(&r, seed, kd_data_view_key(seed, epoch, index, view));
-    if (!kd_dataset_is_lazy(ds) && !cfg->geometry && !cfg->hflip_shared && out_h == ds->h && out_w == ds->w) {
+    if (!kd_dataset_is_lazy(ds) && !cfg->geometry && !cfg->hflip_shared && !cfg->ssl && out_h == ds->h &&
+        out_w == ds->w) {
         kd_transform_draw d = kd_transform_draw_from(cfg, &r);
         kd_transform_apply(cfg, &d, kd_dataset_image(ds, index), ds->c, ds->h, ds->w, dst);
         return KD_OK;

@@ -38,6 +38,10 @@ static const kd_method_def *const kd__methods[] = {
     &kd__method_lskd,
     &kd__method_crd,
     &kd__method_sskd,
+    &kd__method_simclr,
+    &kd__method_moco,
+    &kd__method_seed,
+    &kd__method_simclrv2,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 
@@ -92,9 +96,9 @@ int kd_distill_needs_teacher(const kd_distill_cfg *cfg) {
 
 int kd_method_def_needs_teacher(const kd_method_def *m, const kd_distill_cfg *cfg) {
     if (!m || m->teacher == KD_TEACHER_NONE) return 0;
-    /* A method with its own step decides its forwards; the default step
+    /* A method with its own step or loss decides its forwards; the default step
      * needs the teacher for the KL term or the method term. */
-    if (m->step) return 1;
+    if (m->step || m->loss) return 1;
     return cfg->alpha != 0 || (cfg->beta != 0 && m->term);
 }
 
@@ -172,13 +176,15 @@ static kd_status kd__arg_parse(const kd_method_def *m, const kd_method_arg *a, c
     char *end;
     errno = 0;
     switch (a->type) {
-    case KD_ARG_FLOAT: {
+    case KD_ARG_FLOAT:
+    case KD_ARG_DOUBLE: {
         double x = strtod(value, &end);
         while (*end && isspace((unsigned char)*end)) end++;
         if (!*value || errno || *end || !isfinite(x))
             return kd_error(KD_ERR_INVALID, "invalid value '%s' for %s.%s: expected a finite number", value, m->name,
                             a->name);
-        if (dst) *(float *)dst = (float)x;
+        if (dst && a->type == KD_ARG_FLOAT) *(float *)dst = (float)x;
+        if (dst && a->type == KD_ARG_DOUBLE) *(double *)dst = x;
         return KD_OK;
     }
     case KD_ARG_INT: {

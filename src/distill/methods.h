@@ -21,6 +21,10 @@ extern const kd_method_def kd__method_dist;   /* Huang et al.: DIST, inter/intra
 extern const kd_method_def kd__method_lskd;   /* Sun et al.: KD on standardised logits */
 extern const kd_method_def kd__method_crd;    /* Tian et al.: contrastive representation distillation (memory banks) */
 extern const kd_method_def kd__method_sskd;   /* Xu et al.: SSKD, rotations and self-supervised similarities */
+extern const kd_method_def kd__method_simclr; /* Chen et al.: SimCLR(v2) self-supervised pretraining, NT-Xent */
+extern const kd_method_def kd__method_moco;   /* He et al. / Chen et al.: MoCo v2, EMA key encoder and queue */
+extern const kd_method_def kd__method_simclrv2; /* Chen et al.: SimCLRv2's distillation on unlabeled data */
+extern const kd_method_def kd__method_seed;   /* Fang et al.: SEED, similarity distribution over a teacher queue */
 
 /* SSKD internals (sskd.c), for tests/test_sskd.c. kd__sskd_keep: the keep
  * rule on scores (R, K) with the true entry target[r] of each row: keep[r] =

@@ -44,6 +44,26 @@ kd_status kd_model_save(kd_model *m, const char *path) {
     return s;
 }
 
+kd_status kd_encoder_save(kd_model *m, const kd_method *method, const char *path) {
+    kd_st_writer *w = NULL;
+    KD_TRY(kd_st_writer_init(&w));
+    kd_status s = kd__ckpt_add_model(w, m);
+    kd_param_list *pl = kd_method_params((kd_method *)method);
+    int heads = 0;
+    for (int i = 0; s == KD_OK && i < pl->n; i++)
+        if (!strncmp(pl->items[i].name, "head.", 5)) {
+            s = kd_st_writer_add_tensor(w, pl->items[i].name, pl->items[i].t);
+            heads++;
+        }
+    if (s == KD_OK) s = kd_st_writer_set_meta(w, "ssl_method", kd_method_get_def(method)->name);
+    /* SimCLRv2's head has a batch norm at index 1; the MLP head a ReLU. */
+    if (s == KD_OK && heads)
+        s = kd_st_writer_set_meta(w, "head", kd_params_find(pl, "head.1.weight") ? "simclr" : "mlp");
+    if (s == KD_OK) s = kd_st_writer_save(w, path);
+    kd_st_writer_free(w);
+    return s;
+}
+
 kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *prefix) {
     for (int i = 0; i < pl->n; i++) {
         char name[256];

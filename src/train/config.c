@@ -27,6 +27,10 @@ typedef struct {
 static const kd__setting kd__settings[] = {
     KD__S("data", KD__T_STR, data, "dataset directory or spec (idx:, cifar10:, cifar100:, stl10:, folder:DIR, list:FILE)"),
     KD__S("train_subset", KD__T_I64, train_subset, "use a class-balanced subset of N training images (0: all)"),
+    KD__S("labels", KD__T_STR, labels,
+          "labeled subset of the training set, seeded and class-balanced: P% of each class, N per class, or a "
+          "file of dataset indices (a run's labels.txt); methods that need labels train on it, those with "
+          "optional labels see the rest unlabeled (empty: all labels)"),
     KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
     KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
     KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
@@ -44,7 +48,7 @@ static const kd__setting kd__settings[] = {
     KD__S("T", KD__T_FLOAT, distill.T, "distillation temperature (default: the method's)"),
     KD__S("label_smoothing", KD__T_FLOAT, distill.label_smoothing, "label smoothing of the cross-entropy"),
     KD__S("epochs", KD__T_INT, epochs, "training epochs"),
-    KD__S("batch_size", KD__T_INT, batch_size, "mini-batch size"),
+    KD__S("batch_size", KD__T_INT, batch_size, "mini-batch size; the global batch: under mpirun -np N each rank takes batch_size/N of it"),
     KD__S("lr", KD__T_FLOAT, lr, "base learning rate"),
     KD__S("momentum", KD__T_DOUBLE, momentum, "SGD momentum"),
     KD__S("weight_decay", KD__T_DOUBLE, weight_decay, "L2 weight decay"),
@@ -56,6 +60,7 @@ static const kd__setting kd__settings[] = {
     KD__S("lars_trust", KD__T_DOUBLE, lars_trust, "LARS trust coefficient (eta)"),
     KD__S("no_decay_bn_bias", KD__T_BOOL, no_decay_bn_bias, "no weight decay (nor LARS adaptation) on batch-norm parameters and biases (0/1)"),
     KD__S("clip_grad_norm", KD__T_DOUBLE, clip_grad_norm, "clip the global gradient L2 norm to this (0: off)"),
+    KD__S("sync_bn", KD__T_BOOL, sync_bn, "under mpirun: batch norm with the statistics of the global batch, not each rank's share (0/1)"),
     KD__S("schedule", KD__T_SCHED, sched.kind, "learning-rate schedule: constant, multistep, cosine"),
     KD__S("milestones", KD__T_LIST, sched.milestones, "multistep epochs, comma-separated (e.g. 150,180,210)"),
     KD__S("lr_decay", KD__T_FLOAT, sched.gamma, "multistep factor"),
@@ -176,6 +181,7 @@ kd_status kd_train_cfg_set(kd_train_cfg *c, const char *key, const char *value) 
                             strlen(value), s->size - 1);
         if (!strcmp(key, "precision") && strcmp(value, "f32") && strcmp(value, "bf16"))
             return kd_error(KD_ERR_INVALID, "invalid value '%s' for precision: expected f32 or bf16", value);
+        if (!strcmp(key, "labels")) KD_TRY(kd_label_spec_parse(value, NULL));
         memcpy(p, value, strlen(value) + 1);
         return KD_OK;
     case KD__T_INT:
@@ -308,6 +314,9 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         return kd_error(KD_ERR_INVALID, "image_size %d and resize %d must be >= 0", c->image_size, c->resize);
     if (c->workers < 0) return kd_error(KD_ERR_INVALID, "workers must be >= 0, got %d", c->workers);
     if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
+    if (c->labels[0] && c->train_subset > 0)
+        return kd_error(KD_ERR_INVALID, "train_subset %lld and labels %s cannot be combined: labels picks from the "
+                        "whole training split (set train_subset 0)", (long long)c->train_subset, c->labels);
     for (int i = 1; i < c->sched.n_milestones; i++)
         if (c->sched.milestones[i] <= c->sched.milestones[i - 1])
             return kd_error(KD_ERR_INVALID, "milestones must increase, got %d after %d", c->sched.milestones[i],

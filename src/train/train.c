@@ -14,6 +14,7 @@
 
 #include "kd/io.h"
 #include "kd/train.h"
+#include "train/dp_impl.h"
 #include "train/train_impl.h"
 
 static double kd__now(void) {
@@ -62,8 +63,8 @@ void kd_dataset_norm(const kd_dataset *ds, float mean[4], float std[4]) {
     }
 }
 
-/* Top-1 and top-5 hits of logits (n, k) against labels. */
-static void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5) {
+/* Top-1 and top-5 hits of logits (n, k) against labels (train_impl.h). */
+void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5) {
     for (int64_t i = 0; i < n; i++) {
         const float *r = logits + i * k;
         float ly = r[y[i]];
@@ -75,8 +76,8 @@ static void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int
     }
 }
 
-kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,
-                      const kd_transform_cfg *tf, double *top1, double *top5, double *loss) {
+kd_status kd__eval_pass(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
+                        kd__eval_fn fn, void *user) {
     kd_loader_cfg lc = {.batch_size = batch, .shuffle = 0, .num_workers = 1, .transform = *tf};
     lc.transform.pad_crop = 0;
     lc.transform.hflip = 0;
@@ -91,36 +92,51 @@ kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int bat
     int was_training = kd_model_training(m);
     kd_model_set_training(m, 0);
     kd_graph_set_grad_enabled(g, 0);
-    int64_t h1 = 0, h5 = 0, seen = 0;
-    double lsum = 0;
     int C, H, W;
     kd_loader_sample_shape(ld, &C, &H, &W);
     kd_batch b;
-    int r;
+    int r = 0;
     s = kd_loader_start_epoch(ld, 0);
     while (s == KD_OK && (r = kd_loader_next(ld, &b)) == 1) {
         kd_graph_reset(g);
         int64_t xs[4] = {b.n, C, H, W};
         kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
-        kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b.n, b.y);
         kd_model_out o;
         s = kd_model_forward(m, g, x, 0, &o);
         if (s != KD_OK) break;
-        kd_tensor *ce = kd_cross_entropy(g, o.logits, y, 0.0f);
-        if ((s = kd_graph_status(g)) != KD_OK) break;
-        lsum += (double)kd_f32(ce)[0] * (double)b.n;
-        kd__count_hits(kd_f32(o.logits), b.y, b.n, o.logits->shape[1], &h1, &h5);
-        seen += b.n;
+        s = fn(user, &b, g, &o);
     }
     if (s == KD_OK && r < 0) s = (kd_status)r;
     kd_model_set_training(m, was_training);
     kd_graph_free(g);
     kd_loader_free(ld);
-    if (s != KD_OK) return s;
-    if (seen == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
-    *top1 = 100.0 * (double)h1 / (double)seen;
-    *top5 = 100.0 * (double)h5 / (double)seen;
-    *loss = lsum / (double)seen;
+    return s;
+}
+
+typedef struct {
+    int64_t h1, h5, seen;
+    double lsum;
+} kd__eval_acc;
+
+static kd_status kd__eval_acc_batch(void *user, const kd_batch *b, kd_graph *g, const kd_model_out *o) {
+    kd__eval_acc *a = user;
+    kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b->n, b->y);
+    kd_tensor *ce = kd_cross_entropy(g, o->logits, y, 0.0f);
+    KD_TRY(kd_graph_status(g));
+    a->lsum += (double)kd_f32(ce)[0] * (double)b->n;
+    kd__count_hits(kd_f32(o->logits), b->y, b->n, o->logits->shape[1], &a->h1, &a->h5);
+    a->seen += b->n;
+    return KD_OK;
+}
+
+kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,
+                      const kd_transform_cfg *tf, double *top1, double *top5, double *loss) {
+    kd__eval_acc a = {0};
+    KD_TRY(kd__eval_pass(m, be, ds, batch, tf, kd__eval_acc_batch, &a));
+    if (a.seen == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
+    *top1 = 100.0 * (double)a.h1 / (double)a.seen;
+    *top5 = 100.0 * (double)a.h5 / (double)a.seen;
+    *loss = a.lsum / (double)a.seen;
     return KD_OK;
 }
 
@@ -192,6 +208,11 @@ typedef struct {
     kd__term_sums ep_terms;  /* this epoch's term sums (values times images) */
     int64_t ep_seen;         /* images of the last finished epoch (ep_terms stays until the next one starts) */
     int config_error;        /* the method refused the settings or the pair at setup */
+    kd__run_labels_out labels; /* the `labels` subset (labels_run.c) */
+    /* Data parallelism (data_parallel.c): ranks, and whether this process
+     * writes the run directory (rank 0); no_shard: kd__open_loader makes a
+     * loader of whole batches. */
+    int nranks, writer, no_shard;
 } kd__run;
 
 static void kd__run_free(kd__run *r) {
@@ -203,6 +224,7 @@ static void kd__run_free(kd__run *r) {
     kd_model_free(r->student);
     kd_dataset_free(r->test);
     kd_dataset_free(r->train);
+    free(r->labels.idx);
 }
 
 static void kd__path(char *buf, size_t n, const char *dir, const char *file) { snprintf(buf, n, "%s/%s", dir, file); }
@@ -225,6 +247,7 @@ static kd_status kd__save_last(kd__run *r, int epochs_done, double wall, double 
     KD__META("train_s", "%.17g", train_time);
     KD__META("train_images", "%lld", (long long)images);
     KD__META("threads", "%d", kd_get_num_threads());
+    KD__META("ranks", "%d", r->nranks);
 #undef KD__META
     char path[600];
     kd__path(path, sizeof path, r->c.out, "last.safetensors");
@@ -310,8 +333,14 @@ static kd_status kd__metrics_truncate(const char *path, int epochs_done) {
  * before that, its views with the run's transform. */
 static kd_status kd__open_loader(kd__run *r) {
     const kd_train_cfg *c = &r->c;
-    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = 0, .seed = c->seed,
+    const kd_method_def *mdef = kd_method_find(c->distill.method);
+    kd_loader_cfg lc = {.batch_size = c->batch_size, .shuffle = 1, .drop_last = mdef && mdef->min_batch > 1,
+                        .seed = c->seed,
                         .num_workers = c->workers, .skip_bad = c->skip_bad_images, .transform = r->tf};
+    if (r->nranks > 1 && !r->no_shard) { /* this rank's rows of every global batch */
+        lc.shard_rank = kd_dist_rank();
+        lc.shard_count = r->nranks;
+    }
     if (!r->tr) {
         const kd_method_def *def = kd_method_find(c->distill.method);
         lc.n_views = def ? def->views : 1;
@@ -391,9 +420,39 @@ static kd_status kd__remove_stale_tmp(const char *dir) {
     return s;
 }
 
+/* A resume continues with the number of ranks the checkpoint was written
+ * with (the shards of every batch, and so the trajectory, depend on it);
+ * checkpoints without the record were written by one process. */
+static kd_status kd__check_ranks(kd__run *r) {
+    char path[600];
+    kd__path(path, sizeof path, r->c.out, "last.safetensors");
+    if (!kd_file_exists(path)) return KD_OK;
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(path, &f));
+    const char *v = kd_st_meta(f, "ranks");
+    int was = v ? atoi(v) : 1;
+    kd_st_close(f);
+    if (was == r->nranks) return KD_OK;
+    r->config_error = 1;
+    return kd_error(KD_ERR_INVALID,
+                    "%s was trained by %d rank%s, this resume runs %d: a run continues only with the number of "
+                    "ranks it started with (its batches are split over them); resume it with mpirun -np %d%s",
+                    r->c.out, was, was == 1 ? "" : "s", r->nranks, was, was == 1 ? " (or without mpirun)" : "");
+}
+
 static kd_status kd__setup(kd__run *r, int resume) {
     kd_train_cfg *c = &r->c;
     kd_set_num_threads(c->threads);
+    r->nranks = kd_dist_size();
+    r->writer = kd_dist_rank() == 0;
+    if (r->nranks > 1 && c->batch_size % r->nranks != 0) {
+        r->config_error = 1;
+        return kd_error(KD_ERR_INVALID,
+                        "batch_size %d is not divisible by the %d ranks: batch_size is the global batch, split "
+                        "evenly over the ranks; choose a multiple of %d",
+                        c->batch_size, r->nranks, r->nranks);
+    }
+    if (resume) KD_TRY(kd__check_ranks(r));
     if (resume) KD_TRY(kd__check_threads(c));
     KD_TRY(kd_backend_get(c->backend, &r->be));
     KD_TRY(kd_dataset_open(c->data, 1, &r->train));
@@ -403,6 +462,11 @@ static kd_status kd__setup(kd__run *r, int resume) {
         KD_TRY(kd_dataset_subset(r->train, c->train_subset, c->seed, &sub));
         kd_dataset_free(r->train);
         r->train = sub;
+    }
+    if (c->labels[0]) {
+        kd_status ls = kd__run_labels(c, resume, &r->train, &r->labels);
+        r->config_error |= r->labels.config_error;
+        KD_TRY(ls);
     }
     if (kd_dataset_channels(r->train) != kd_dataset_channels(r->test) ||
         kd_dataset_height(r->train) != kd_dataset_height(r->test))
@@ -421,6 +485,20 @@ static kd_status kd__setup(kd__run *r, int resume) {
             return kd_error(KD_ERR_INVALID, "method '%s' needs labels, but %lld of the %lld training images of %s have none",
                             def->name, (long long)unl, (long long)n, c->data);
         }
+    }
+    if (def && def->min_batch > 1 && c->batch_size < def->min_batch) {
+        r->config_error = 1;
+        return kd_error(KD_ERR_INVALID,
+                        "method '%s' needs at least %d images per batch (its loss contrasts each image with the "
+                        "others of the batch), but batch_size is %d",
+                        def->name, def->min_batch, c->batch_size);
+    }
+    if (def && def->min_batch > 1 && kd_dataset_size(r->train) < c->batch_size) {
+        r->config_error = 1;
+        return kd_error(KD_ERR_INVALID,
+                        "method '%s' drops an epoch's last partial batch, and %s has %lld training images, fewer "
+                        "than batch_size %d: no batch would remain",
+                        def->name, c->data, (long long)kd_dataset_size(r->train), c->batch_size);
     }
     kd_model_cfg mc = {kd_dataset_channels(r->train), classes, c->seed};
     KD_TRY(kd_model_create(c->model, &mc, &r->student));
@@ -454,7 +532,9 @@ static kd_status kd__setup(kd__run *r, int resume) {
                          .num_classes = classes,
                          .n_train = kd_dataset_size(r->train),
                          .train_labels = kd_dataset_labels(r->train),
-                         .seed = c->seed};
+                         .seed = c->seed,
+                         .data_parallel = r->nranks > 1,
+                         .sync_bn = c->sync_bn};
     if (H > 0 && W > 0) {
         KD_TRY(kd__trainer_init(r, &tc));
     }
@@ -464,7 +544,12 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->tf.normalize = 1;
     r->tf.out_h = r->tf.out_w = c->image_size;
     r->tf.resize = c->resize;
-    kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
+    if (r->labels.norm_done) {
+        memcpy(r->tf.mean, r->labels.mean, sizeof r->tf.mean);
+        memcpy(r->tf.std, r->labels.std, sizeof r->tf.std);
+    } else {
+        kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
+    }
     KD_TRY(kd__open_loader(r));
     /* The probe runs at view 0's size: images of varying size know it only
      * from the loader, and a method's view_transform may change it. A
@@ -494,6 +579,14 @@ static kd_status kd__setup(kd__run *r, int resume) {
         }
     }
     r->steps_per_epoch = kd_loader_num_batches(r->loader);
+    if (r->nranks > 1) { /* a last batch of fewer images than ranks would leave a rank none */
+        int64_t rest = kd_dataset_size(r->train) % c->batch_size;
+        if (rest > 0 && rest < r->nranks) {
+            r->steps_per_epoch--;
+            kd_log_msg(KD_LOG_INFO, "the last batch of each epoch (%lld images) has fewer images than the %d ranks: "
+                       "it is left out", (long long)rest, r->nranks);
+        }
+    }
     if (c->max_steps_per_epoch > 0 && c->max_steps_per_epoch < r->steps_per_epoch)
         r->steps_per_epoch = c->max_steps_per_epoch;
     if (c->sched.kind == KD_SCHED_MULTISTEP && c->sched.n_milestones > 0 &&
@@ -511,18 +604,38 @@ static kd_status kd__setup(kd__run *r, int resume) {
     if (!resume && kd_file_exists(path))
         return kd_error(KD_ERR_INVALID, "%s already holds a run (%s); continue it with --resume %s or choose another --out",
                         c->out, path, c->out);
-    KD_TRY(kd__remove_stale_tmp(c->out));
+    if (r->writer) KD_TRY(kd__remove_stale_tmp(c->out));
+    if (r->writer && r->labels.idx && !r->labels.from_file) {
+        kd__path(path, sizeof path, c->out, "labels.txt");
+        KD_TRY(kd__labels_write(path, &r->labels, c->labels, c->seed));
+    }
     /* The method's stage before the first epoch (SSKD's teacher head),
      * before a resumed run's checkpoint is loaded over the method's state. */
     kd_prepare_ctx pc = {.teacher = r->teacher, .be = r->be, .loader = r->loader,
                          .steps_per_epoch = r->steps_per_epoch, .run_dir = c->out, .seed = c->seed,
+                         .teacher_ckpt = r->teacher ? c->teacher_ckpt : NULL,
                          .threads = c->threads, .resume = resume};
-    kd_status ps = kd_method_prepare(kd_trainer_method(r->tr), &pc);
+    /* Ranks run the method's stage on whole batches, as one process does. */
+    kd_loader *full = NULL;
+    kd_status ps = KD_OK;
+    if (r->nranks > 1 && kd_method_get_def(kd_trainer_method(r->tr))->prepare) {
+        kd_loader *keep = r->loader;
+        r->loader = NULL;
+        r->no_shard = 1;
+        ps = kd__open_loader(r);
+        full = r->loader;
+        r->loader = keep;
+        r->no_shard = 0;
+        pc.loader = full;
+    }
+    if (ps == KD_OK) ps = kd_method_prepare(kd_trainer_method(r->tr), &pc);
+    kd_loader_free(full);
     if (ps != KD_OK) {
         r->config_error = ps == KD_ERR_SHAPE || ps == KD_ERR_INVALID;
         return ps;
     }
     if (resume) KD_TRY(kd__load_last(r));
+    if (!r->writer) return KD_OK; /* rank 0 alone writes the run directory */
     if (!resume) {
         kd__path(path, sizeof path, c->out, "config.yaml");
         KD_TRY(kd_train_cfg_save(c, path));
@@ -536,6 +649,7 @@ static kd_status kd__setup(kd__run *r, int resume) {
 }
 
 static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
+    if (!r->writer) return KD_OK;
     char *text = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
@@ -563,6 +677,9 @@ static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
     KD__NUM("seed", r->c.seed);
     KD__NUM("threads", kd_get_num_threads());
     KD__NUM("train_images", kd_dataset_size(r->train));
+    if (r->labels.idx) {
+        KD__NUM("labeled_images", r->labels.n);
+    }
     fprintf(f, ",\n  \"train_loss_terms\": {");
     for (int i = 0; i < r->ep_terms.n; i++) {
         fprintf(f, "%s\"%s\": ", i ? ", " : "", r->ep_terms.name[i]);
@@ -583,6 +700,44 @@ static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
     kd_status s = kd_file_write_atomic(path, text, len);
     free(text);
     return s;
+}
+
+/* Evaluation of the student: with several ranks, each evaluates its shard
+ * of the test set with rank 0's weights and buffers, and the sums are added. */
+static kd_status kd__run_evaluate(kd__run *r, double *top1, double *top5, double *loss) {
+    const kd_train_cfg *c = &r->c;
+    if (r->nranks <= 1) return kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, top1, top5, loss);
+    KD_TRY(kd__dp_bcast_params(kd_model_params(r->student), 0));
+    return kd__dp_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, top1, top5, loss);
+}
+
+/* Start-up of a data-parallel run, on every rank once each has set up: the
+ * ranks must agree on the configuration, the data and the teacher (hashes
+ * compared with rank 0's), and start from rank 0's weights. */
+static kd_status kd__dp_start(kd__run *r) {
+    kd_status s = kd__dp_check_same(kd__dp_config_hash(&r->c), "the configuration");
+    if (s != KD_OK) {
+        r->config_error = 1;
+        return s;
+    }
+    uint64_t h = KD__FNV_INIT;
+    int64_t dims[6] = {kd_dataset_size(r->train), kd_dataset_size(r->test), kd_dataset_channels(r->train),
+                       kd_dataset_height(r->train), kd_dataset_width(r->train), kd_dataset_num_classes(r->train)};
+    h = kd__fnv1a(h, dims, sizeof dims);
+    if (kd_dataset_labels(r->train)) h = kd__fnv1a(h, kd_dataset_labels(r->train), (size_t)dims[0] * sizeof(int32_t));
+    if ((s = kd__dp_check_same(h, "the training data (size, image shape, classes, labels)")) != KD_OK) {
+        r->config_error = 1;
+        return s;
+    }
+    if (r->teacher && (s = kd__dp_check_same(kd__dp_params_hash(kd_model_params(r->teacher)),
+                                             "the teacher's weights")) != KD_OK) {
+        r->config_error = 1;
+        return s;
+    }
+    KD_TRY(kd__dp_bcast_params(kd_model_params(r->student), 0));
+    KD_TRY(kd__dp_bcast_params(kd_method_params(kd_trainer_method(r->tr)), 0));
+    if (kd_trainer_ema(r->tr)) KD_TRY(kd__dp_bcast_params(kd_model_params(kd_trainer_ema(r->tr)), 0));
+    return KD_OK;
 }
 
 static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
@@ -607,19 +762,25 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         float lr = 0;
         while (step < r->steps_per_epoch && (got = kd_loader_next(r->loader, &b)) == 1) {
             kd_step_result sr;
+            kd_dist_test_point(epoch * r->steps_per_epoch + step);
             kd_status s = kd_train_step(r->tr, &b, epoch, step, r->steps_per_epoch, &sr);
             if (s == KD_ERR_NUMERIC)
                 return kd_error(s, "%s; the last good checkpoint is %s/last.safetensors", kd_last_error(), c->out);
             KD_TRY(s);
             lr = sr.lr;
-            KD_TRY(kd__terms_add(&r->ep_terms, &sr, (double)b.n));
-            lsum += sr.loss * (double)b.n;
-            if (sr.logits && b.y) kd__count_hits(sr.logits, b.y, b.n, sr.classes, &hits, &h5);
-            seen += b.n;
+            int64_t nb = b.n, bh1 = 0, bh5 = 0;
+            if (sr.logits && b.y) kd__count_hits(sr.logits, b.y, b.n, sr.classes, &bh1, &bh5);
+            /* Data parallelism: the global batch's loss, terms and hits. */
+            if (r->nranks > 1) KD_TRY(kd__dp_reduce_step(&sr, &nb, &bh1, &bh5));
+            hits += bh1;
+            h5 += bh5;
+            KD_TRY(kd__terms_add(&r->ep_terms, &sr, (double)nb));
+            lsum += sr.loss * (double)nb;
+            seen += nb;
             step++;
             double el = kd__now() - t0;
             kd__progress(r, epoch, step - 1, r->steps_per_epoch, lsum / (double)seen, lr, (double)seen / el);
-            if (c->log_every > 0 && step % c->log_every == 0) {
+            if (r->metrics && c->log_every > 0 && step % c->log_every == 0) {
                 fprintf(r->metrics,
                         "{\"type\": \"step\", \"epoch\": %d, \"step\": %lld, \"lr\": %.9g, \"loss\": ", epoch + 1,
                         (long long)(epoch * r->steps_per_epoch + step), lr);
@@ -636,14 +797,14 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         train_time += ep_time;
         images += seen;
         if (r->bar) fputc('\n', stderr);
-        KD_TRY(kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, &top1, &top5, &tloss));
+        KD_TRY(kd__run_evaluate(r, &top1, &top5, &tloss));
         int best = top1 > r->best_top1 || r->best_epoch == 0;
         if (best) {
             r->best_top1 = top1;
             r->best_epoch = epoch + 1;
             char path[600];
             kd__path(path, sizeof path, c->out, "best.safetensors");
-            KD_TRY(kd_model_save(r->student, path));
+            if (r->writer) KD_TRY(kd_model_save(r->student, path));
         }
         double wall = r->wall_before + (kd__now() - t_start);
         double ips = (double)seen / ep_time;
@@ -653,25 +814,40 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
          * between resumes from the previous checkpoint, whose
          * kd__metrics_truncate drops this epoch's records before the epoch
          * runs again, so every record is written exactly once. */
-        fprintf(r->metrics, "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g", epoch + 1, lr,
-                lsum / (double)seen);
-        for (int i = 0; i < r->ep_terms.n; i++)
-            fprintf(r->metrics, ", \"train_%s\": %.9g", r->ep_terms.name[i], r->ep_terms.sum[i] / (double)seen);
-        fprintf(r->metrics,
-                ", \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
-                "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
-                100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
-        KD_TRY(kd__metrics_sync(r->metrics, c->out));
-        KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
+        if (r->writer) {
+            fprintf(r->metrics, "{\"type\": \"epoch\", \"epoch\": %d, \"lr\": %.9g, \"train_loss\": %.9g", epoch + 1, lr,
+                    lsum / (double)seen);
+            for (int i = 0; i < r->ep_terms.n; i++)
+                fprintf(r->metrics, ", \"train_%s\": %.9g", r->ep_terms.name[i], r->ep_terms.sum[i] / (double)seen);
+            fprintf(r->metrics,
+                    ", \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
+                    "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
+                    100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
+            KD_TRY(kd__metrics_sync(r->metrics, c->out));
+            KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
+            if (kd_method_get_def(kd_trainer_method(r->tr))->labels == KD_LABELS_ABSENT) {
+                char epath[600];
+                kd__path(epath, sizeof epath, c->out, "encoder.safetensors");
+                KD_TRY(kd_encoder_save(r->student, kd_trainer_method(r->tr), epath));
+            }
+            KD_TRY(kd__write_curves(c->out));
+        }
         last_epoch_done = epoch + 1;
-        KD_TRY(kd__write_curves(c->out));
         kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
                    epoch + 1, c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, top1,
                    top5, ips, ep_time);
         r->ep_seen = seen;
     }
-    if (r->start_epoch >= c->epochs)
-        KD_TRY(kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, &top1, &top5, &tloss));
+    if (r->nranks > 1 && train_time > r->train_time_before) { /* data parallelism: docs/DISTRIBUTED.md */
+        int64_t steps = (int64_t)(end_epoch - r->start_epoch) * r->steps_per_epoch;
+        kd_log_msg(KD_LOG_INFO,
+                   "data parallel: %d ranks, %.3f MB all-reduced per step (%lld gradient floats in %d buckets), "
+                   "%.1f%% of this rank's training time waiting in collectives",
+                   r->nranks, steps > 0 ? (double)kd_dist_bytes_reduced() / (double)steps / 1e6 : 0.0,
+                   (long long)kd__dp_floats(kd__trainer_dp(r->tr)), kd__dp_buckets(kd__trainer_dp(r->tr)),
+                   100.0 * kd_dist_wait_seconds() / (train_time - r->train_time_before));
+    }
+    if (r->start_epoch >= c->epochs) KD_TRY(kd__run_evaluate(r, &top1, &top5, &tloss));
     res->top1 = top1;
     res->top5 = top5;
     res->test_loss = tloss;
@@ -691,6 +867,10 @@ static kd_status kd__run_main(const kd_train_cfg *cfg, int resume, kd_train_resu
     r.c = *cfg;
     kd_status s = kd_train_cfg_resolve(&r.c);
     if (s == KD_OK) s = kd__setup(&r, resume);
+    if (kd_dist_size() > 1) { /* every rank set up, and they agree (data_parallel.c) */
+        s = kd_dist_agree(s, &r.config_error);
+        if (s == KD_OK) s = kd__dp_start(&r);
+    }
     if (s == KD_OK) s = kd__train_loop(&r, res);
     else res->config_error = r.config_error;
     if (s != KD_OK && r.bar) fputc('\n', stderr);
@@ -700,11 +880,12 @@ static kd_status kd__run_main(const kd_train_cfg *cfg, int resume, kd_train_resu
 
 kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return kd__run_main(cfg, 0, res); }
 
-kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
-                          kd_train_result *res) {
+/* The settings of the run in dir, with the runtime changes; *fresh: it has
+ * no checkpoint yet and starts again. */
+static kd_status kd__resume_cfg(const char *dir, const char *const *keys, const char *const *values, int n,
+                                kd_train_cfg *out, int *fresh) {
     static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after",
                                           "allow_thread_change"};
-    memset(res, 0, sizeof *res);
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
     char path[600];
@@ -729,7 +910,19 @@ kd_status kd_train_resume(const char *dir, const char *const *keys, const char *
     if (!kd_file_exists(path)) {
         kd_log_msg(KD_LOG_INFO, "%s: no checkpoint yet (%s): the run starts again from its first epoch", dir,
                    path);
-        return kd__run_main(&c, 0, res);
+        *fresh = 1;
     }
-    return kd__run_main(&c, 1, res);
+    *out = c;
+    return KD_OK;
+}
+
+kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
+                          kd_train_result *res) {
+    memset(res, 0, sizeof *res);
+    kd_train_cfg c;
+    int fresh = 0;
+    kd_status s = kd__resume_cfg(dir, keys, values, n, &c, &fresh);
+    if (kd_dist_size() > 1) s = kd_dist_agree(s, NULL); /* every rank read dir; one reports */
+    if (s != KD_OK) return s;
+    return kd__run_main(&c, !fresh, res);
 }

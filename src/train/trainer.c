@@ -12,6 +12,7 @@
 
 #include "kd/io.h"
 #include "kd/train.h"
+#include "train/dp_impl.h"
 #include "train/train_impl.h"
 
 struct kd_trainer {
@@ -26,6 +27,7 @@ struct kd_trainer {
     int cur_epoch;        /* last epoch whose epoch_begin hook ran */
     int n_views;          /* views of each image the method takes (>= 1) */
     kd_tensor **views;    /* (n_views) this step's views as graph tensors */
+    kd__dp *dp;           /* data parallelism: the gradient all-reduce (data_parallel.c) */
 };
 
 /* Shapes of m's outputs on a no-grad eval-mode forward of 2 zero images. */
@@ -67,6 +69,9 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     shp.n_train = cfg->n_train;
     shp.num_classes = cfg->num_classes;
     shp.train_labels = cfg->train_labels;
+    shp.in_channels = cfg->in_channels;
+    shp.in_h = cfg->height;
+    shp.in_w = cfg->width;
     const kd_method_def *def = cfg->method_def ? cfg->method_def : kd_method_find(cfg->method.method);
     if (s == KD_OK && !def)
         s = kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s'", cfg->method.method);
@@ -94,6 +99,10 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
                                     {"distill.", kd_method_params(t->method), 1.0f}};
         s = kd_optim_init(&t->opt, groups, 2, &cfg->optim);
     }
+    if (s == KD_OK && cfg->data_parallel) {
+        kd_param_list *lists[2] = {kd_model_params(cfg->student), kd_method_params(t->method)};
+        s = kd__dp_create(&t->dp, lists, 2, cfg->sync_bn);
+    }
     if (s != KD_OK) {
         kd_trainer_free(t);
         return s;
@@ -105,6 +114,7 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
 
 void kd_trainer_free(kd_trainer *t) {
     if (!t) return;
+    kd__dp_free(t->dp);
     kd_optim_free(t->opt);
     kd_method_free(t->method);
     kd_model_free(t->ema);
@@ -116,6 +126,7 @@ void kd_trainer_free(kd_trainer *t) {
 }
 
 kd_graph *kd_trainer_graph(kd_trainer *t) { return t->g; }
+const kd__dp *kd__trainer_dp(const kd_trainer *t) { return t->dp; }
 kd_model *kd_trainer_ema(kd_trainer *t) { return t->ema; }
 kd_method *kd_trainer_method(kd_trainer *t) { return t->method; }
 kd_optim *kd_trainer_optim(kd_trainer *t) { return t->opt; }
@@ -171,6 +182,7 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     const float lr = kd_sched_lr(&c->sched, epoch, step, steps_per_epoch);
     kd_graph_reset(g);
     kd_graph_set_rng(g, c->seed, kd_rng_key((uint64_t)epoch, (uint64_t)step));
+    if (t->dp) KD_TRY(kd__dp_step_begin(t->dp, g, kd__dp_scale(b)));
     KD_TRY(kd__wrap_views(t, b));
     const kd_method_def *def = kd_method_get_def(t->method);
     kd_tensor *y = def->labels == KD_LABELS_ABSENT || !b->y ? NULL : kd_graph_wrap(g, KD_I32, 1, &b->n, b->y);
@@ -214,7 +226,10 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     KD_TRY(kd_graph_status(g));
     sum = kd_f32(total)[0];
     kd_optim_zero_grad(t->opt);
-    KD_TRY(kd_backward(g, total));
+    kd_status bs = kd_backward(g, total);
+    /* Data parallelism: the global batch's gradients (data_parallel.c). */
+    if (t->dp && bs == KD_OK) bs = kd__dp_step_end(t->dp, g);
+    KD_TRY(bs);
     kd_optim_set_lr(t->opt, lr);
     KD_TRY(kd_optim_step(t->opt));
     KD_TRY(kd_method_after_step(t->method, &ctx));
