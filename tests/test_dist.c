@@ -26,7 +26,14 @@
  *    fail with the collective timeout (KD_DIST_TIMEOUT) instead of waiting;
  *  - bad input, one error line from rank 0 and a non-zero exit: a batch not
  *    divisible by the ranks, ranks with different settings, ranks with
- *    different data behind the same path.
+ *    different data behind the same path;
+ *  - two hosts for real: rank 0 and rank 1 in two network namespaces joined by
+ *    a veth pair (10.x.y.1 and .2), mpirun reaching the second through `ip
+ *    netns exec` (its rsh agent, no ssh), MPI over TCP only (no shared
+ *    memory): the -np 2 run equals one process as above, and the gradient
+ *    bytes of every step crossed the veth interface (its counters). Skipped
+ *    where network namespaces cannot be made (not root, no iproute2, a
+ *    container without CAP_SYS_ADMIN).
  *
  * Tolerance of the equality tests. A rank's gradient is (rows / global
  * rows) times the gradient of the mean loss over its rows, and the ranks'
@@ -296,7 +303,8 @@ static kd_test_proc run_argv(const char *const *argv, double timeout_s) {
      * dlclose'd ("unknown module": no suppression file can name them), so
      * processes started by mpirun run without leak detection; kd's own code
      * is leak-checked by the single-process runs (here and in test_cli). */
-    const int mpi = strcmp(argv[0], KD_MPIEXEC) == 0;
+    int mpi = 0;
+    for (int i = 0; argv[i]; i++) mpi |= strcmp(argv[i], KD_MPIEXEC) == 0;
     char *asan_old = getenv("ASAN_OPTIONS") ? strdup(getenv("ASAN_OPTIONS")) : NULL;
     if (mpi) {
         char v[1200];
@@ -798,6 +806,123 @@ static void test_ranks_disagree_data(void **state) {
     kd_test_proc_free(&p);
 }
 
+/* ------------------------------------------------------------- two hosts */
+
+static char g_ns[2][32], g_veth[2][16];
+static int g_ns_made;
+
+/* Runs `ip ARGS...` quietly; returns its exit status. */
+static int ip_cmd(const char *const *args, char **out) {
+    const char *av[24];
+    int k = 0;
+    av[k++] = "ip";
+    for (int i = 0; args[i] && k < 23; i++) av[k++] = args[i];
+    av[k] = NULL;
+    kd_test_proc p = run_argv(av, 60);
+    int st = p.signal ? -1 : p.status;
+    if (out) *out = strdup(p.out);
+    kd_test_proc_free(&p);
+    return st;
+}
+
+static int netns_teardown(void **state) {
+    (void)state;
+    for (int i = 0; i < 2 && g_ns_made; i++) ip_cmd((const char *const[]){"netns", "del", g_ns[i], NULL}, NULL);
+    g_ns_made = 0;
+    return 0;
+}
+
+static long long veth_rx(int side) {
+    char path[128], *out = NULL;
+    snprintf(path, sizeof path, "/sys/class/net/%s/statistics/rx_bytes", g_veth[side]);
+    if (ip_cmd((const char *const[]){"netns", "exec", g_ns[side], "cat", path, NULL}, &out) != 0)
+        fail_msg("cannot read %s in %s", path, g_ns[side]);
+    long long v = atoll(out);
+    free(out);
+    return v;
+}
+
+static void test_two_hosts_netns(void **state) {
+    (void)state;
+    need_mpi();
+    const int pid = (int)getpid();
+    snprintf(g_ns[0], sizeof g_ns[0], "kd_a%d", pid);
+    snprintf(g_ns[1], sizeof g_ns[1], "kd_b%d", pid);
+    snprintf(g_veth[0], sizeof g_veth[0], "kdva%d", pid % 100000);
+    snprintf(g_veth[1], sizeof g_veth[1], "kdvb%d", pid % 100000);
+    if (geteuid() != 0 || system("ip netns list >/dev/null 2>&1") != 0 ||
+        ip_cmd((const char *const[]){"netns", "add", g_ns[0], NULL}, NULL) != 0) {
+        fprintf(stderr, "[test_dist] no network namespaces here (root and iproute2 needed): two-host case skipped\n");
+        skip();
+    }
+    g_ns_made = 1;
+    char net[32], addr[2][32], cidr[2][40];
+    snprintf(net, sizeof net, "10.213.%d.0/24", pid % 250);
+    for (int i = 0; i < 2; i++) {
+        snprintf(addr[i], sizeof addr[i], "10.213.%d.%d", pid % 250, i + 1);
+        snprintf(cidr[i], sizeof cidr[i], "%s/24", addr[i]);
+    }
+    if (ip_cmd((const char *const[]){"netns", "add", g_ns[1], NULL}, NULL) != 0 ||
+        ip_cmd((const char *const[]){"link", "add", g_veth[0], "type", "veth", "peer", "name", g_veth[1], NULL},
+               NULL) != 0)
+        fail_msg("cannot make the second namespace or the veth pair");
+    for (int i = 0; i < 2; i++)
+        if (ip_cmd((const char *const[]){"link", "set", g_veth[i], "netns", g_ns[i], NULL}, NULL) != 0 ||
+            ip_cmd((const char *const[]){"-n", g_ns[i], "addr", "add", cidr[i], "dev", g_veth[i], NULL}, NULL) != 0 ||
+            ip_cmd((const char *const[]){"-n", g_ns[i], "link", "set", g_veth[i], "up", NULL}, NULL) != 0 ||
+            ip_cmd((const char *const[]){"-n", g_ns[i], "link", "set", "lo", "up", NULL}, NULL) != 0)
+            fail_msg("cannot set up %s in %s", g_veth[i], g_ns[i]);
+    /* mpirun's launcher for the "remote" host: the command in its namespace. */
+    char agent[800];
+    snprintf(agent, sizeof agent, "%s/nsrsh", g_root);
+    char script[2000];
+    snprintf(script, sizeof script,
+             "#!/bin/sh\n# plm_rsh_agent: nsrsh HOST COMMAND... runs COMMAND in HOST's network namespace\n"
+             "host=$1; shift\ncase \"$host\" in\n  %s) ns=%s ;;\n  %s) ns=%s ;;\n"
+             "  *) echo \"nsrsh: unknown host $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec \"$ns\" sh -c \"$*\"\n",
+             addr[0], g_ns[0], addr[1], g_ns[1]);
+    kd_test_write_file(agent, script, strlen(script));
+    chmod(agent, 0755);
+    char hosts[100], out[900];
+    snprintf(hosts, sizeof hosts, "%s:1,%s:1", addr[0], addr[1]);
+    run_dir(out, sizeof out, "np2_netns");
+    const long long rx0 = veth_rx(1);
+    const char *const args[] = {TRAIN(out, "16", "1"), NULL};
+    const char *av[MAXARG];
+    int k = 0;
+    const char *pre[] = {"netns", "exec", g_ns[0], KD_MPIEXEC, "-q", "--host", hosts, "-np", "2", "--mca",
+                         "plm_rsh_agent", agent, "--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", net,
+                         "--mca", "oob_tcp_if_include", net, KD_EXE, NULL};
+    av[k++] = "ip";
+    for (int i = 0; pre[i]; i++) av[k++] = pre[i];
+    for (int i = 0; args[i]; i++) av[k++] = args[i];
+    av[k] = NULL;
+    kd_test_proc p = run_argv(av, TIMEOUT);
+    kd_test_expect_ok(&p, "mpirun -np 2 over two namespaces");
+    long long floats = 0;
+    const char *q = strstr(p.err, "gradient floats");
+    if (q) {
+        while (q > p.err && q[-1] == ' ') q--;
+        while (q > p.err && q[-1] >= '0' && q[-1] <= '9') q--;
+        floats = atoll(q);
+    }
+    kd_test_proc_free(&p);
+    const long long rx = veth_rx(1) - rx0, want = 16 * 4 * floats;
+    fprintf(stderr, "[test_dist] two namespaces: %lld bytes received over %s, %lld gradient floats per step\n", rx,
+            g_veth[1], floats);
+    if (floats < 10000 || rx < want)
+        fail_msg("rank 1 received %lld bytes over its veth, less than 16 steps x %lld gradient floats", rx, floats);
+    compare_runs(one16(), out, "-np 2 over two namespaces");
+    /* With two ranks every sum is a + b whichever way it travels: the run
+     * over TCP equals the run over shared memory bit for bit. */
+    char shm[1000], tcp[1000], msg[512];
+    snprintf(shm, sizeof shm, "%s/np2/last.safetensors", g_root);
+    snprintf(tcp, sizeof tcp, "%s/last.safetensors", out);
+    struct stat st;
+    if (stat(shm, &st) == 0 && kd_test_ckpts_differ(shm, tcp, KD_TEST_CKPT_ALL, msg, sizeof msg))
+        fail_msg("-np 2 over TCP between namespaces differs from -np 2 over shared memory: %s", msg);
+}
+
 /* ------------------------------------------------------------------ main */
 
 static int group_setup(void **state) {
@@ -840,6 +965,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_batch_not_divisible),
         cmocka_unit_test(test_ranks_disagree_config),
         cmocka_unit_test(test_ranks_disagree_data),
+        cmocka_unit_test_teardown(test_two_hosts_netns, netns_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }

@@ -415,8 +415,44 @@ static void test_curves_terms(void **state) {
     free(svg);
 }
 
+/* configs/ssl/: every recipe loads and resolves, names a registered method
+ * that trains without labels or with few, and every method of that kind has
+ * a recipe there (SimCLRv2's distillation and its fine-tune included). */
+static void test_ssl_recipes(void **state) {
+    (void)state;
+    const char *dir = KD_SOURCE_DIR "/configs/ssl";
+    int n, methods_seen = 0;
+    char **files = list_dir(dir, &n);
+    int nm;
+    const kd_method_def *const *defs = kd_method_defs(&nm);
+    int *has = calloc((size_t)nm, sizeof *has);
+    for (int i = 0; i < n; i++) {
+        char path[1200];
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        kd_train_cfg c;
+        kd_train_cfg_defaults(&c);
+        KD_ASSERT_OK(kd_train_cfg_load(&c, path));
+        KD_ASSERT_OK(kd_train_cfg_resolve(&c));
+        const kd_method_def *d = kd_method_find(c.distill.method);
+        if (!d) fail_msg("%s: unknown method %s", path, c.distill.method);
+        if (d->labels == KD_LABELS_REQUIRED && !c.labels[0] && strcmp(d->name, "none"))
+            fail_msg("%s: method %s is supervised", path, d->name);
+        if (!strcmp(d->name, "none") && !c.init_ckpt[0]) fail_msg("%s: a fine-tune without init_ckpt", path);
+        for (int m = 0; m < nm; m++) has[m] |= defs[m] == d;
+    }
+    for (int m = 0; m < nm; m++) {
+        if (defs[m]->labels == KD_LABELS_REQUIRED) continue;
+        if (!has[m]) fail_msg("no recipe for %s in %s", defs[m]->name, dir);
+        methods_seen++;
+    }
+    assert_true(methods_seen >= 5);
+    free(has);
+    free_list(files, n);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_ssl_recipes),
         cmocka_unit_test(test_curves_terms),
         cmocka_unit_test(test_teacher_recipes),
         cmocka_unit_test(test_pair_recipes),

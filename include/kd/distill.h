@@ -113,6 +113,7 @@ typedef struct {
      * that draw by class (CRD); NULL when unknown. Read during setup only. */
     const int32_t *train_labels;
     int in_channels, in_h, in_w; /* view 0's images, at which the probe ran */
+    const char *student_arch;    /* the student's architecture (a method's own copy of it: DoGo's peer) */
 } kd_method_shapes;
 
 /* One training batch as a method sees it. */

@@ -34,6 +34,7 @@ typedef struct {
     char name[128];
     kd_tensor *t;
     kd_param_kind kind;
+    int borrowed; /* 1: t belongs to another list (kd_params_borrow); kd_params_free leaves it */
 } kd_param;
 
 typedef struct {
@@ -46,6 +47,11 @@ typedef struct {
 kd_status kd_params_new(kd_param_list *pl, const char *prefix, const char *name, kd_dtype dt,
                         int ndim, const int64_t *shape, kd_param_kind kind, kd_tensor **out);
 kd_param *kd_params_find(const kd_param_list *pl, const char *name);
+/* Lists every tensor of src in pl as `prefix.name` without copying (the
+ * tensors stay src's: a method that trains a whole model of its own, DoGo's
+ * peer, makes it part of its parameters and checkpoint this way); src must
+ * outlive pl's use of them. */
+kd_status kd_params_borrow(kd_param_list *pl, const char *prefix, const kd_param_list *src);
 /* Number of trainable elements (PyTorch's sum(p.numel() for p in parameters())). */
 int64_t kd_params_count(const kd_param_list *pl);
 void kd_params_zero_grad(kd_param_list *pl);

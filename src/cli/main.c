@@ -691,7 +691,7 @@ static int kd__main(int argc, char **argv) {
 }
 
 /* Under mpirun or srun (kd/dist.h) each process learns its rank here; the
- * ranks other than 0 print no results and log only warnings and errors. */
+ * ranks other than 0 print no results and log only errors. */
 int main(int argc, char **argv) {
     kd__tune_openmp(argv);
     if (kd_dist_init() != KD_OK) {
@@ -700,7 +700,7 @@ int main(int argc, char **argv) {
         return KD_EXIT_FAIL;
     }
     if (kd_dist_rank() > 0) {
-        kd_log_set_level(KD_LOG_WARN);
+        kd_log_set_level(KD_LOG_ERROR); /* rank 0 logs what every rank would */
         if (!freopen("/dev/null", "w", stdout)) kd_log_msg(KD_LOG_WARN, "cannot silence stdout of rank %d", kd_dist_rank());
     }
     int rc = kd__main(argc, argv);

@@ -42,6 +42,8 @@ static const kd_method_def *const kd__methods[] = {
     &kd__method_moco,
     &kd__method_seed,
     &kd__method_simclrv2,
+    &kd__method_dogo,
+    &kd__method_ssld,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 

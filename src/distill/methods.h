@@ -23,6 +23,8 @@ extern const kd_method_def kd__method_crd;    /* Tian et al.: contrastive repres
 extern const kd_method_def kd__method_sskd;   /* Xu et al.: SSKD, rotations and self-supervised similarities */
 extern const kd_method_def kd__method_simclr; /* Chen et al.: SimCLR(v2) self-supervised pretraining, NT-Xent */
 extern const kd_method_def kd__method_moco;   /* He et al. / Chen et al.: MoCo v2, EMA key encoder and queue */
+extern const kd_method_def kd__method_dogo;   /* Bhat et al.: DoGo, two self-supervised peers distilling online */
+extern const kd_method_def kd__method_ssld;   /* PaddleClas SSLD: symmetric KL on labeled + unlabeled images */
 extern const kd_method_def kd__method_simclrv2; /* Chen et al.: SimCLRv2's distillation on unlabeled data */
 extern const kd_method_def kd__method_seed;   /* Fang et al.: SEED, similarity distribution over a teacher queue */
 

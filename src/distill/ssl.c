@@ -42,7 +42,17 @@ kd_status kd__head_init(kd__head *h, kd_param_list *pl, const char *prefix, kd__
     h->out = out;
     int first = pl->n;
     char name[160];
-    if (kind == KD__HEAD_MLP) {
+    if (kind == KD__HEAD_DOGO) {
+        h->n_lin = 2;
+        snprintf(name, sizeof name, "%s.0", prefix);
+        KD_TRY(kd_linear_layer_init(&h->lin[0], pl, name, in, hidden, 0));
+        snprintf(name, sizeof name, "%s.1", prefix);
+        KD_TRY(kd_bn_layer_init(&h->bn[0], pl, name, hidden));
+        snprintf(name, sizeof name, "%s.3", prefix);
+        KD_TRY(kd_linear_layer_init(&h->lin[1], pl, name, hidden, out, 1));
+        kd_linear_layer_default_init(&h->lin[0], r);
+        kd_linear_layer_default_init(&h->lin[1], r);
+    } else if (kind == KD__HEAD_MLP) {
         h->n_lin = 2;
         snprintf(name, sizeof name, "%s.0", prefix);
         KD_TRY(kd_linear_layer_init(&h->lin[0], pl, name, in, hidden, 1));
@@ -76,6 +86,10 @@ kd_tensor *kd__head_forward(kd_graph *g, kd__head *h, kd_tensor *x, int training
         x = kd_reshape(g, x, 2, s2);
     }
     if (h->kind == KD__HEAD_MLP) return kd_linear_layer_forward(g, &h->lin[1], kd_relu(g, kd_linear_layer_forward(g, &h->lin[0], x)));
+    if (h->kind == KD__HEAD_DOGO) {
+        x = kd_relu(g, kd_bn_layer_forward(g, &h->bn[0], kd_linear_layer_forward(g, &h->lin[0], x), training));
+        return kd_linear_layer_forward(g, &h->lin[1], x);
+    }
     for (int k = 0; k < 3; k++) {
         x = kd_linear_layer_forward(g, &h->lin[k], x);
         if (k < 2) {

@@ -14,8 +14,10 @@
  *   KD__HEAD_SIMCLR  SimCLRv2 (tf2/model.py ProjectionHead, 3 layers): Linear(d, d, no bias) -> BN -> ReLU
  *                    -> Linear(d, d, no bias) -> BN -> ReLU -> Linear(d, out, no bias) -> BN without
  *                    centre (prefix.0/1, .3/4, .6/7; weights N(0, 0.01); the last BN's bias is a buffer fixed
- *                    at 0, as Keras' BatchNormalization(center=False)) */
-typedef enum { KD__HEAD_MLP = 0, KD__HEAD_SIMCLR = 1 } kd__head_kind;
+ *                    at 0, as Keras' BatchNormalization(center=False))
+ *   KD__HEAD_DOGO    DoGo (models/simclr.py): Linear(d, hidden, no bias) -> BN -> ReLU -> Linear(hidden, out)
+ *                    (prefix.0, .1, .3; PyTorch default inits) */
+typedef enum { KD__HEAD_MLP = 0, KD__HEAD_SIMCLR = 1, KD__HEAD_DOGO = 2 } kd__head_kind;
 #define KD__HEAD_KINDS "mlp|simclr"
 
 typedef struct {

@@ -69,8 +69,29 @@ kd_status kd_params_copy(kd_param_list *dst, const kd_param_list *src) {
     return KD_OK;
 }
 
+kd_status kd_params_borrow(kd_param_list *pl, const char *prefix, const kd_param_list *src) {
+    for (int i = 0; i < src->n; i++) {
+        if (pl->n == pl->cap) {
+            int cap = pl->cap ? pl->cap * 2 : 64;
+            kd_param *items = realloc(pl->items, (size_t)cap * sizeof *items);
+            if (!items) return kd_error(KD_ERR_NOMEM, "out of memory growing a parameter list");
+            pl->items = items;
+            pl->cap = cap;
+        }
+        kd_param *p = &pl->items[pl->n];
+        *p = src->items[i];
+        int w = snprintf(p->name, sizeof p->name, "%s.%s", prefix, src->items[i].name);
+        if (w < 0 || (size_t)w >= sizeof p->name)
+            return kd_error(KD_ERR_INVALID, "parameter name '%s.%s' is too long", prefix, src->items[i].name);
+        p->borrowed = 1;
+        pl->n++;
+    }
+    return KD_OK;
+}
+
 void kd_params_free(kd_param_list *pl) {
-    for (int i = 0; i < pl->n; i++) kd_tensor_free(pl->items[i].t);
+    for (int i = 0; i < pl->n; i++)
+        if (!pl->items[i].borrowed) kd_tensor_free(pl->items[i].t);
     free(pl->items);
     memset(pl, 0, sizeof *pl);
 }

@@ -486,12 +486,13 @@ static kd_status kd__setup(kd__run *r, int resume) {
                             def->name, (long long)unl, (long long)n, c->data);
         }
     }
-    if (def && def->min_batch > 1 && c->batch_size < def->min_batch) {
+    if (def && def->min_batch > 1 && c->batch_size / r->nranks < def->min_batch) {
         r->config_error = 1;
         return kd_error(KD_ERR_INVALID,
                         "method '%s' needs at least %d images per batch (its loss contrasts each image with the "
-                        "others of the batch), but batch_size is %d",
-                        def->name, def->min_batch, c->batch_size);
+                        "others of the batch), but batch_size is %d%s",
+                        def->name, def->min_batch, c->batch_size,
+                        r->nranks > 1 ? ", split over the ranks" : "");
     }
     if (def && def->min_batch > 1 && kd_dataset_size(r->train) < c->batch_size) {
         r->config_error = 1;
@@ -581,7 +582,8 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->steps_per_epoch = kd_loader_num_batches(r->loader);
     if (r->nranks > 1) { /* a last batch of fewer images than ranks would leave a rank none */
         int64_t rest = kd_dataset_size(r->train) % c->batch_size;
-        if (rest > 0 && rest < r->nranks) {
+        int partial = kd_loader_num_batches(r->loader) * (int64_t)c->batch_size > kd_dataset_size(r->train);
+        if (partial && rest > 0 && rest < r->nranks && r->steps_per_epoch == kd_loader_num_batches(r->loader)) {
             r->steps_per_epoch--;
             kd_log_msg(KD_LOG_INFO, "the last batch of each epoch (%lld images) has fewer images than the %d ranks: "
                        "it is left out", (long long)rest, r->nranks);

@@ -72,6 +72,7 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
     shp.in_channels = cfg->in_channels;
     shp.in_h = cfg->height;
     shp.in_w = cfg->width;
+    shp.student_arch = kd_model_arch(cfg->student);
     const kd_method_def *def = cfg->method_def ? cfg->method_def : kd_method_find(cfg->method.method);
     if (s == KD_OK && !def)
         s = kd_error(KD_ERR_NOT_FOUND, "unknown distillation method '%s'", cfg->method.method);
