@@ -1660,6 +1660,62 @@ static void test_pretrain(void **state) {
     kd_test_proc_free(&p);
 }
 
+/* kd select (SSLD's data selection) and train_indices: the file holds the
+ * labeled images (the subset kd train would draw with the seed) and at most
+ * K per class more, sorted and unique; an ssld run on it trains on exactly
+ * those images; bad input exits 2. */
+static void test_select(void **state) {
+    (void)state;
+    need_run_a();
+    char teacher[PATHN], file[DIRN], out[DIRN];
+    run_a_file(teacher, sizeof teacher, "best.safetensors");
+    tmp_path(file, sizeof file, "select.txt");
+    kd_test_proc p = RUN("select", "--teacher-ckpt", teacher, "--data", g_data, "--labels", "2", "--seed", "3",
+                         "--per-class", "3", "--out", file, "--threads", "2");
+    kd_test_expect_ok(&p, "kd select");
+    kd_test_proc_free(&p);
+    kd_dataset *ds = NULL;
+    KD_ASSERT_OK(kd_dataset_open(g_data, 1, &ds));
+    int64_t *lab = NULL, nl = 0, *all = NULL, na = 0;
+    KD_ASSERT_OK(kd_dataset_label_subset(ds, "2", 3, &lab, &nl));
+    KD_ASSERT_OK(kd_dataset_indices_read(file, ds, &all, &na)); /* sorted and unique, or it fails */
+    assert_int_equal(nl, 8);
+    if (na <= nl || na > nl + 4 * 3) fail_msg("kd select wrote %lld indices for 8 labeled + at most 12", (long long)na);
+    for (int64_t i = 0; i < nl; i++) {
+        int found = 0;
+        for (int64_t j = 0; j < na; j++) found |= all[j] == lab[i];
+        if (!found) fail_msg("labeled image %lld is not in the selection file", (long long)lab[i]);
+    }
+    tmp_path(out, sizeof out, "run_ssld_selected");
+    p = RUN("distill", "--method", "ssld", TRAIN_FLAGS(g_data, out, "1"), "--teacher-ckpt", teacher, "--labels", "2",
+            "--seed", "3", "--train-indices", file);
+    kd_test_expect_ok(&p, "kd distill --method ssld --train-indices");
+    kd_test_proc_free(&p);
+    char sum[PATHN];
+    snprintf(sum, sizeof sum, "%s/summary.json", out);
+    size_t tn = 0;
+    char *text = kd_test_slurp(sum, &tn);
+    assert_non_null(text);
+    kd_json *doc = NULL;
+    if (kd_json_parse(text, tn, sum, &doc) != KD_OK) fail_msg("%s", kd_last_error());
+    free(text);
+    assert_int_equal((int64_t)json_num(doc, "train_images", sum)->number, na);
+    kd_json_free(doc);
+    p = RUN("select", "--teacher-ckpt", teacher, "--data", g_data, "--per-class", "0", "--out", file);
+    EXPECT_FAIL(&p, 2, "--per-class");
+    kd_test_proc_free(&p);
+    p = RUN("select", "--teacher-ckpt", no_data(), "--data", g_data, "--per-class", "2", "--out", file);
+    EXPECT_FAIL(&p, 2, "teacher");
+    kd_test_proc_free(&p);
+    tmp_path(out, sizeof out, "run_select_refused");
+    p = RUN("train", TRAIN_FLAGS(g_data, out, "1"), "--labels", "2", "--train-indices", file);
+    EXPECT_FAIL(&p, 2, "train_indices");
+    kd_test_proc_free(&p);
+    free(lab);
+    free(all);
+    kd_dataset_free(ds);
+}
+
 /* CRD refuses what its sampler cannot do with exit 2 and one message naming
  * the setting, before training: more negatives than a class has (the tiny
  * data has about 96 per class), and training images without labels (a list
@@ -1994,6 +2050,7 @@ int main(void) {
         cmocka_unit_test(test_sskd_refusals),
         cmocka_unit_test(test_method_settings_recorded),
         cmocka_unit_test(test_pretrain),
+        cmocka_unit_test(test_select),
         cmocka_unit_test(test_yaml_method_keys),
         cmocka_unit_test(test_milestone_warning),
     };

@@ -202,8 +202,56 @@ static void test_simclr_step(void **state) {
     kd_model_free(student);
 }
 
+/* SSLD's per-class top-k against a sort of each class's column (an
+ * independent reference), with ties broken by the smaller index. */
+static int cmp_cand(const void *a, const void *b) {
+    const double *x = a, *y = b; /* {p, index} */
+    if (x[0] != y[0]) return x[0] > y[0] ? -1 : 1;
+    return x[1] < y[1] ? -1 : 1;
+}
+
+static void test_select_topk(void **state) {
+    (void)state;
+    const int64_t n = 300, k = 7;
+    const int C = 5;
+    float *p = malloc(sizeof(float) * n * C);
+    int64_t *index = malloc(sizeof(int64_t) * n);
+    kd_rng r;
+    kd_rng_init(&r, 3, 4);
+    for (int64_t i = 0; i < n; i++) {
+        index[i] = 1000 + 3 * i;
+        for (int c = 0; c < C; c++) p[i * C + c] = (float)(kd_rng_below(&r, 20)) / 20.0f; /* many ties */
+    }
+    int64_t *sel = NULL, m = 0;
+    KD_ASSERT_OK(kd_select_topk(p, index, n, C, k, &sel, &m));
+    assert_int_equal(m, C * k);
+    double (*col)[2] = malloc(sizeof *col * n);
+    for (int c = 0; c < C; c++) {
+        for (int64_t i = 0; i < n; i++) {
+            col[i][0] = p[i * C + c];
+            col[i][1] = (double)index[i];
+        }
+        qsort(col, (size_t)n, sizeof *col, cmp_cand);
+        for (int64_t j = 0; j < k; j++) {
+            int found = 0;
+            for (int64_t q = 0; q < k; q++) found |= sel[c * k + q] == (int64_t)col[j][1];
+            if (!found) fail_msg("class %d: index %lld (rank %lld) not selected", c, (long long)col[j][1], (long long)j);
+        }
+    }
+    free(sel);
+    ASSERT_ERR(kd_select_topk(p, index, n, C, 0, &sel, &m), KD_ERR_INVALID, "per_class 0");
+    /* Fewer candidates than k: every candidate, under every class. */
+    KD_ASSERT_OK(kd_select_topk(p, index, 3, C, k, &sel, &m));
+    assert_int_equal(m, 3 * C);
+    free(sel);
+    free(col);
+    free(p);
+    free(index);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_select_topk),
         cmocka_unit_test(test_moco_step),
         cmocka_unit_test(test_simclr_step),
     };

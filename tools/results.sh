@@ -69,8 +69,12 @@ if [ ! -x "$KD" ]; then
   exit 2
 fi
 if [ -z "${METHODS:-}" ]; then
-  # Every registered method, and CRD+KD (crd with alpha 1) after crd.
-  METHODS=$("$KD" distill --method list | awk '/^[^ ]/ {print $1} /^crd / {print "crd+kd"}' | tr '\n' ' ')
+  # Every registered supervised method, and CRD+KD (crd with alpha 1) after crd.
+  # The self-supervised and few-label methods (kd pretrain's, seed, simclrv2,
+  # ssld) have their own pipeline and table: tools/few_labels.sh.
+  FEW_LABELS_METHODS=" simclr moco dogo seed simclrv2 ssld "
+  METHODS=$("$KD" distill --method list | awk '/^[^ ]/ {print $1} /^crd / {print "crd+kd"}' |
+    while read -r m; do [[ "$FEW_LABELS_METHODS" == *" $m "* ]] || printf '%s ' "$m"; done)
 fi
 # The schedule: cosine over the epochs, or multistep at MILESTONES (default: at
 # half and three quarters of the epochs, so that they lie inside the run).

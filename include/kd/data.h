@@ -219,6 +219,9 @@ kd_status kd_dataset_label_subset(const kd_dataset *ds, const char *spec, uint64
  * lines starting with '#' are skipped (the run directory's labels.txt, written
  * by the train layer). Errors name the file and line. */
 kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n);
+/* The same without the label requirement: any sample of ds (the run setting
+ * train_indices, kd select's output). */
+kd_status kd_dataset_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n);
 
 /* A dataset of the samples idx[0..n) of ds (strictly increasing, in range;
  * copied as kd_dataset_subset copies). */

@@ -36,6 +36,8 @@ typedef struct {
     /* data */
     char data[512];       /* dataset directory or spec (idx:DIR, cifar10:DIR, stl10:DIR, folder:DIR, ...) */
     int64_t train_subset; /* 0: whole training set; n: class-balanced subset of n */
+    char train_indices[512]; /* "" all; else a file of dataset indices (kd select's output): the training
+                                set becomes those images, after `labels` marked the labeled ones */
     char labels[512];     /* label subset: "" all labels, "P%", "N" per class or a file of indices
                              (kd_dataset_label_subset); see kd_train_run */
     int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
@@ -222,6 +224,38 @@ kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res);
  * allow_thread_change is 1 (then the result is no longer bit-identical). */
 kd_status kd_train_resume(const char *dir, const char *const *keys, const char *const *values, int n,
                           kd_train_result *res);
+
+/* ------------------------------------------------------------ kd select
+ * SSLD's selection of unlabeled data (METHODS.md section 16): the teacher
+ * scores every training image outside the label subset `labels` (eval mode,
+ * the evaluation transform); for each class the per_class images with the
+ * highest probability of that class are kept (ties: the smaller dataset
+ * index); `out` gets the selected and the labeled images, one dataset index
+ * per line after a '#' header, sorted, each once: the train_indices of an
+ * SSLD run (with the same labels). */
+typedef struct {
+    char data[512];
+    char teacher_ckpt[512];
+    char labels[512]; /* the label subset spec or file ("" : no labeled image) */
+    uint64_t seed;    /* of the label subset */
+    int64_t per_class;
+    char out[512];    /* the index file to write (atomically) */
+    int threads, batch;
+    char backend[16];
+} kd_select_cfg;
+
+typedef struct {
+    int64_t labeled, selected, total;
+    int config_error; /* bad settings, found before the teacher ran */
+} kd_select_result;
+
+kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res);
+/* The selection itself: probs (n, classes) of the candidates index[0..n-1];
+ * *out (malloc'd) gets, class after class, the dataset indices of the at
+ * most k candidates of highest probability of that class (ties: the smaller
+ * index), *n_out of them (an index may appear under several classes). */
+kd_status kd_select_topk(const float *probs, const int64_t *index, int64_t n, int classes, int64_t k,
+                         int64_t **out, int64_t *n_out);
 
 /* Top-1/top-5 accuracy (percent) and mean cross-entropy of m on ds, in eval mode. */
 kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,

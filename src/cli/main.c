@@ -97,6 +97,16 @@ static void kd__list_methods(void) {
         printf("%-8s %s\n         %s\n", defs[i]->name, defs[i]->summary, defs[i]->paper ? defs[i]->paper : "-");
 }
 
+/* The methods `kd pretrain` takes (no teacher, no labels), from the registry. */
+static void kd__ssl_method_names(char *buf, size_t n, const char *sep) {
+    int nm;
+    const kd_method_def *const *defs = kd_method_defs(&nm);
+    buf[0] = '\0';
+    for (int i = 0; i < nm; i++)
+        if (defs[i]->teacher == KD_TEACHER_NONE && defs[i]->labels == KD_LABELS_ABSENT)
+            snprintf(buf + strlen(buf), n - strlen(buf), "%s%s", buf[0] ? sep : "", defs[i]->name);
+}
+
 static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
     if (strcmp(cmd, "distill") == 0) {
         printf("usage: kd distill --teacher-ckpt FILE --model STUDENT [--method kd] [settings...]\n\n"
@@ -105,12 +115,15 @@ static void kd__usage_train(const char *cmd, const kd_train_cfg *defaults) {
                "defaulting to the method's published value (kd: gamma 0.1, alpha 0.9, T 4).\n"
                "`--method list` lists the methods; `--method NAME --help` shows NAME's settings.\n");
     } else if (strcmp(cmd, "pretrain") == 0) {
-        printf("usage: kd pretrain --model ARCH --data DIR [--method simclr|moco] [settings...]\n\n"
-               "Self-supervised pretraining without labels: each image gives two augmented views and the\n"
-               "method's loss (simclr: NT-Xent with SimCLRv2's projection head; moco: MoCo v2's queue and\n"
-               "momentum key encoder). Writes encoder.safetensors (the model and its projection head\n"
-               "\"head.*\") after every epoch: a teacher for `kd distill --method seed`, or init_ckpt of a\n"
-               "fine-tune; `kd eval --knn` / `--linear` measure it.\n");
+        char names[256];
+        kd__ssl_method_names(names, sizeof names, "|");
+        printf("usage: kd pretrain --model ARCH --data DIR [--method %s] [settings...]\n\n"
+               "Self-supervised pretraining without labels (no teacher): each image gives two augmented\n"
+               "views and the method's loss (`--method NAME --help`: its paper and settings). Writes\n"
+               "encoder.safetensors (the model and its projection head \"head.*\") after every epoch: a\n"
+               "teacher for `kd distill --method seed`, or init_ckpt of a fine-tune; `kd eval --knn` /\n"
+               "`--linear` measure it.\n",
+               names);
     } else {
         printf("usage: kd train --model ARCH --data DIR [settings...]\n\n"
                "Trains ARCH with cross-entropy (a teacher, or a student alone).\n");
@@ -258,13 +271,8 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     if (!resume && strcmp(cmd, "pretrain") == 0) {
         const kd_method_def *d = kd_method_find(c.distill.method);
         if (d && (d->teacher != KD_TEACHER_NONE || d->labels != KD_LABELS_ABSENT)) {
-            char names[256] = "";
-            int n;
-            const kd_method_def *const *defs = kd_method_defs(&n);
-            for (int i = 0; i < n; i++)
-                if (defs[i]->teacher == KD_TEACHER_NONE && defs[i]->labels == KD_LABELS_ABSENT)
-                    snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", names[0] ? ", " : "",
-                             defs[i]->name);
+            char names[256];
+            kd__ssl_method_names(names, sizeof names, ", ");
             fprintf(stderr, "kd pretrain: method '%s' is not self-supervised (it needs %s); pretrain with %s\n",
                     d->name, d->teacher != KD_TEACHER_NONE ? "a teacher" : "labels", names);
             return KD_EXIT_USAGE;
@@ -648,15 +656,78 @@ static int kd__cmd_info(int argc, char **argv) {
     return 0;
 }
 
+/* `kd select`: SSLD's selection of unlabeled images (kd_select_run). */
+static int kd__cmd_select(int argc, char **argv) {
+    kd_select_cfg c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.data, sizeof c.data, "/usr/share/datasets/fashion-mnist");
+    c.per_class = 0;
+    c.batch = 256;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: kd select --teacher-ckpt FILE --per-class K --out FILE [--data DIR] [--labels SPEC]\n"
+                   "                 [--seed N] [--threads N] [--batch N] [--backend cpu|ref]\n\n"
+                   "SSLD's data selection: the teacher scores every training image outside the label subset\n"
+                   "(--labels, seeded by --seed as in kd train); for each class the K images with the highest\n"
+                   "probability of that class are kept. FILE gets them and the labeled images, one dataset\n"
+                   "index per line: the train_indices of `kd distill --method ssld --train-indices FILE\n"
+                   "--labels SPEC --seed N`.\n");
+            return 0;
+        }
+        if (strncmp(a, "--", 2) != 0 || i + 1 >= argc) {
+            fprintf(stderr, "kd select: %s '%s' (see --help)\n",
+                    strncmp(a, "--", 2) ? "unexpected argument" : "a value is missing after", a);
+            return KD_EXIT_USAGE;
+        }
+        const char *v = argv[++i];
+        char *end;
+        if (!strcmp(a, "--teacher-ckpt")) snprintf(c.teacher_ckpt, sizeof c.teacher_ckpt, "%s", v);
+        else if (!strcmp(a, "--data")) snprintf(c.data, sizeof c.data, "%s", v);
+        else if (!strcmp(a, "--labels")) snprintf(c.labels, sizeof c.labels, "%s", v);
+        else if (!strcmp(a, "--out")) snprintf(c.out, sizeof c.out, "%s", v);
+        else if (!strcmp(a, "--backend")) snprintf(c.backend, sizeof c.backend, "%s", v);
+        else if (!strcmp(a, "--per-class") || !strcmp(a, "--seed") || !strcmp(a, "--threads") || !strcmp(a, "--batch")) {
+            long long x = strtoll(v, &end, 10);
+            if (*end || !*v || x < 0 || (x < 1 && strcmp(a, "--seed") && strcmp(a, "--threads"))) {
+                fprintf(stderr, "kd select: invalid value '%s' for %s\n", v, a);
+                return KD_EXIT_USAGE;
+            }
+            if (!strcmp(a, "--per-class")) c.per_class = x;
+            else if (!strcmp(a, "--seed")) c.seed = (uint64_t)x;
+            else if (!strcmp(a, "--threads")) c.threads = (int)x;
+            else c.batch = (int)x;
+        } else {
+            fprintf(stderr, "kd select: unknown option '%s' (see --help)\n", a);
+            return KD_EXIT_USAGE;
+        }
+    }
+    if (!c.teacher_ckpt[0] || !c.out[0] || c.per_class < 1) {
+        fprintf(stderr, "kd select: --teacher-ckpt FILE, --per-class K and --out FILE are required\n");
+        return KD_EXIT_USAGE;
+    }
+    kd_select_result r;
+    if (kd_select_run(&c, &r) != KD_OK) {
+        kd__fail("select");
+        return r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+    }
+    printf("%s: %lld images (%lld labeled, %lld selected)\n", c.out, (long long)r.total, (long long)r.labeled,
+           (long long)r.selected);
+    return 0;
+}
+
 static void kd__usage(void) {
+    char names[256];
+    kd__ssl_method_names(names, sizeof names, ", ");
     printf("kd %s: knowledge distillation in C\n\n"
            "usage: kd COMMAND [options]   (kd COMMAND --help for its options)\n\n"
            "  train     train a model with cross-entropy (a teacher, or a student alone)\n"
            "  distill   train a student from a teacher (--method kd, ...)\n"
-           "  pretrain  self-supervised pretraining without labels (--method simclr|moco)\n"
+           "  pretrain  self-supervised pretraining without labels (--method %s)\n"
+           "  select    choose unlabeled images a teacher is surest of, per class (SSLD)\n"
            "  eval      evaluate a checkpoint on a dataset's test split\n"
            "  info      describe a checkpoint or a dataset\n",
-           kd_version());
+           kd_version(), names);
 }
 
 /* libgomp reads its settings when it is loaded, before main. Its default lets
@@ -685,8 +756,9 @@ static int kd__main(int argc, char **argv) {
     if (!strcmp(cmd, "train") || !strcmp(cmd, "distill") || !strcmp(cmd, "pretrain"))
         return kd__cmd_train(cmd, argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return kd__cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(cmd, "select")) return kd__cmd_select(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return kd__cmd_info(argc - 2, argv + 2);
-    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, pretrain, eval, info)\n", cmd);
+    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, pretrain, select, eval, info)\n", cmd);
     return KD_EXIT_USAGE;
 }
 

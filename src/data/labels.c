@@ -93,11 +93,12 @@ static const char *kd__cls_name(const kd_dataset *ds, int k, char *buf, size_t n
     return buf;
 }
 
-kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n) {
+static kd_status kd__indices_read(const char *path, const kd_dataset *ds, int need_label, int64_t **idx,
+                                  int64_t *n) {
     *idx = NULL;
     *n = 0;
     FILE *f = fopen(path, "r");
-    if (!f) return kd_error(KD_ERR_NOT_FOUND, "labels: cannot open %s: %s", path, strerror(errno));
+    if (!f) return kd_error(KD_ERR_NOT_FOUND, "cannot open the index file %s: %s", path, strerror(errno));
     int64_t cap = 1024, m = 0, line_no = 0;
     int64_t *v = malloc((size_t)cap * sizeof *v);
     char line[256];
@@ -106,6 +107,14 @@ kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t 
         line_no++;
         size_t len = strlen(line);
         if (len == sizeof line - 1 && line[len - 1] != '\n') {
+            const char *q = line;
+            while (isspace((unsigned char)*q)) q++;
+            if (*q == '#') { /* a comment of any length: skip the rest of it */
+                int ch;
+                while ((ch = fgetc(f)) != EOF && ch != '\n') {
+                }
+                continue;
+            }
             s = kd_error(KD_ERR_FORMAT, "%s:%lld: line too long for a dataset index", path, (long long)line_no);
             break;
         }
@@ -124,7 +133,7 @@ kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t 
         } else if (m && x <= v[m - 1]) {
             s = kd_error(KD_ERR_FORMAT, "%s:%lld: index %lld does not follow %lld: indices must increase", path,
                          (long long)line_no, x, (long long)v[m - 1]);
-        } else if (kd_dataset_label(ds, x) < 0) {
+        } else if (need_label && kd_dataset_label(ds, x) < 0) {
             s = kd_error(KD_ERR_FORMAT, "%s:%lld: sample %lld of %s has no label", path, (long long)line_no, x,
                          kd_dataset_name(ds));
         } else {
@@ -149,6 +158,14 @@ kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t 
     *idx = v;
     *n = m;
     return KD_OK;
+}
+
+kd_status kd_label_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n) {
+    return kd__indices_read(path, ds, 1, idx, n);
+}
+
+kd_status kd_dataset_indices_read(const char *path, const kd_dataset *ds, int64_t **idx, int64_t *n) {
+    return kd__indices_read(path, ds, 0, idx, n);
 }
 
 kd_status kd_dataset_label_subset(const kd_dataset *ds, const char *spec, uint64_t seed, int64_t **idx,

@@ -31,6 +31,9 @@ static const kd__setting kd__settings[] = {
           "labeled subset of the training set, seeded and class-balanced: P% of each class, N per class, or a "
           "file of dataset indices (a run's labels.txt); methods that need labels train on it, those with "
           "optional labels see the rest unlabeled (empty: all labels)"),
+    KD__S("train_indices", KD__T_STR, train_indices,
+          "train on these training images only: a file of dataset indices (kd select's output; empty: all), "
+          "after labels marked the labeled ones"),
     KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
     KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
     KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
@@ -314,6 +317,15 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         return kd_error(KD_ERR_INVALID, "image_size %d and resize %d must be >= 0", c->image_size, c->resize);
     if (c->workers < 0) return kd_error(KD_ERR_INVALID, "workers must be >= 0, got %d", c->workers);
     if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
+    const kd_method_def *tid = c->train_indices[0] && c->labels[0] ? kd_method_find(c->distill.method) : NULL;
+    if (tid && tid->labels == KD_LABELS_REQUIRED)
+        return kd_error(KD_ERR_INVALID, "train_indices %s with labels %s: method '%s' trains on the labeled images "
+                        "alone; train_indices serves methods with optional labels (ssld, simclrv2)",
+                        c->train_indices, c->labels, tid->name);
+    if (c->train_indices[0] && c->train_subset > 0)
+        return kd_error(KD_ERR_INVALID, "train_subset %lld and train_indices %s cannot be combined: the indices are "
+                        "of the whole training split (set train_subset 0)", (long long)c->train_subset,
+                        c->train_indices);
     if (c->labels[0] && c->train_subset > 0)
         return kd_error(KD_ERR_INVALID, "train_subset %lld and labels %s cannot be combined: labels picks from the "
                         "whole training split (set train_subset 0)", (long long)c->train_subset, c->labels);

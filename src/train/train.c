@@ -468,6 +468,25 @@ static kd_status kd__setup(kd__run *r, int resume) {
         r->config_error |= r->labels.config_error;
         KD_TRY(ls);
     }
+    if (c->train_indices[0]) {
+        /* kd select's images (labeled + selected), indices of the whole
+         * split: after labels only where that kept the split whole. */
+        int64_t *ti = NULL, nt = 0;
+        kd_status ts = kd_dataset_indices_read(c->train_indices, r->train, &ti, &nt);
+        kd_dataset *sub = NULL;
+        if (ts == KD_OK && !r->labels.norm_done) { /* the whole split's normalisation */
+            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
+            r->labels.norm_done = 1;
+        }
+        if (ts == KD_OK) ts = kd_dataset_select(r->train, ti, nt, &sub);
+        free(ti);
+        if (ts != KD_OK) {
+            r->config_error = 1;
+            return kd_error(ts, "train_indices: %s", kd_last_error());
+        }
+        kd_dataset_free(r->train);
+        r->train = sub;
+    }
     if (kd_dataset_channels(r->train) != kd_dataset_channels(r->test) ||
         kd_dataset_height(r->train) != kd_dataset_height(r->test))
         return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);

@@ -1,0 +1,217 @@
+/* SSLD's selection of unlabeled data (PaddleClas docs/ssld.md, METHODS.md
+ * section 16): the teacher scores every candidate image (eval mode, the
+ * evaluation transform); for each class the k candidates with the highest
+ * probability of that class are kept (an image may be chosen by several
+ * classes; it is listed once). The selected images and the labeled ones are
+ * written as one file of dataset indices, the training set of the SSLD
+ * distillation (the run setting train_indices). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kd/io.h"
+#include "kd/train.h"
+#include "train/train_impl.h"
+
+/* A min-heap of (p, index) per class: the root is the weakest kept entry.
+ * Order: higher p is stronger; at equal p the smaller index is stronger. */
+typedef struct {
+    float p;
+    int64_t idx;
+} kd__cand;
+
+static int kd__weaker(kd__cand a, kd__cand b) { return a.p < b.p || (a.p == b.p && a.idx > b.idx); }
+
+static void kd__heap_push(kd__cand *h, int64_t *n, int64_t k, kd__cand c) {
+    if (*n < k) {
+        int64_t i = (*n)++;
+        h[i] = c;
+        while (i > 0 && kd__weaker(h[i], h[(i - 1) / 2])) {
+            kd__cand t = h[i];
+            h[i] = h[(i - 1) / 2];
+            h[(i - 1) / 2] = t;
+            i = (i - 1) / 2;
+        }
+        return;
+    }
+    if (!kd__weaker(h[0], c)) return;
+    h[0] = c;
+    for (int64_t i = 0;;) {
+        int64_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && kd__weaker(h[l], h[m])) m = l;
+        if (r < k && kd__weaker(h[r], h[m])) m = r;
+        if (m == i) break;
+        kd__cand t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+kd_status kd_select_topk(const float *probs, const int64_t *index, int64_t n, int classes, int64_t k,
+                         int64_t **out, int64_t *n_out) {
+    *out = NULL;
+    *n_out = 0;
+    if (k < 1 || classes < 1) return kd_error(KD_ERR_INVALID, "select: per_class %lld must be >= 1", (long long)k);
+    kd__cand *heaps = malloc(sizeof(kd__cand) * (size_t)(classes * k));
+    int64_t *fill = calloc((size_t)classes, sizeof *fill);
+    if (!heaps || !fill) {
+        free(heaps);
+        free(fill);
+        return kd_error(KD_ERR_NOMEM, "select: out of memory for %d x %lld candidates", classes, (long long)k);
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int c = 0; c < classes; c++)
+            kd__heap_push(heaps + (int64_t)c * k, &fill[c], k, (kd__cand){probs[i * classes + c], index[i]});
+    int64_t total = 0;
+    for (int c = 0; c < classes; c++) total += fill[c];
+    int64_t *sel = malloc(sizeof(int64_t) * (size_t)(total ? total : 1));
+    if (!sel) {
+        free(heaps);
+        free(fill);
+        return kd_error(KD_ERR_NOMEM, "select: out of memory");
+    }
+    int64_t m = 0;
+    for (int c = 0; c < classes; c++)
+        for (int64_t j = 0; j < fill[c]; j++) sel[m++] = heaps[(int64_t)c * k + j].idx;
+    free(heaps);
+    free(fill);
+    *out = sel;
+    *n_out = m;
+    return KD_OK;
+}
+
+typedef struct {
+    float *probs; /* (n, classes) */
+    int64_t classes;
+    int64_t n;
+} kd__sel_acc;
+
+static kd_status kd__sel_batch(void *user, const kd_batch *b, kd_graph *g, const kd_model_out *o) {
+    kd__sel_acc *a = user;
+    kd_tensor *lg = kd_graph_to_strided(g, o->logits);
+    KD_TRY(kd_graph_status(g));
+    if (lg->shape[1] != a->classes)
+        return kd_error(KD_ERR_SHAPE, "select: the teacher has %lld classes, the data %lld", (long long)lg->shape[1],
+                        (long long)a->classes);
+    const float *x = kd_f32(lg);
+    for (int64_t i = 0; i < b->n; i++) { /* softmax per row */
+        const float *r = x + i * a->classes;
+        float *p = a->probs + b->index[i] * a->classes;
+        double mx = r[0], s = 0;
+        for (int64_t c = 1; c < a->classes; c++) mx = r[c] > mx ? r[c] : mx;
+        for (int64_t c = 0; c < a->classes; c++) s += exp((double)r[c] - mx);
+        for (int64_t c = 0; c < a->classes; c++) p[c] = (float)(exp((double)r[c] - mx) / s);
+    }
+    return KD_OK;
+}
+
+static int kd__cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
+    memset(res, 0, sizeof *res);
+    kd_status s = KD_OK;
+    kd_backend *be = NULL;
+    kd_dataset *full = NULL, *cand = NULL;
+    kd_model *t = NULL;
+    int64_t *lab = NULL, *cidx = NULL, *sel = NULL, *all = NULL;
+    float *probs = NULL;
+    int64_t n_lab = 0, n_sel = 0;
+    if (cfg->per_class < 1) return kd_error(KD_ERR_INVALID, "per_class %lld must be >= 1", (long long)cfg->per_class);
+    kd_set_num_threads(cfg->threads);
+    KD_TRY(kd_backend_get(cfg->backend[0] ? cfg->backend : "cpu", &be));
+    KD_TRY(kd_dataset_open(cfg->data, 1, &full));
+    const int64_t N = kd_dataset_size(full);
+    if (cfg->labels[0]) {
+        s = kd_dataset_label_subset(full, cfg->labels, cfg->seed, &lab, &n_lab);
+        if (s != KD_OK) {
+            res->config_error = 1;
+            goto done;
+        }
+    }
+    /* Candidates: the training images outside the labeled subset. */
+    uint8_t *is_lab = calloc((size_t)N, 1);
+    cidx = malloc(sizeof(int64_t) * (size_t)(N ? N : 1));
+    if (!is_lab || !cidx) {
+        free(is_lab);
+        s = kd_error(KD_ERR_NOMEM, "select: out of memory");
+        goto done;
+    }
+    for (int64_t i = 0; i < n_lab; i++) is_lab[lab[i]] = 1;
+    int64_t nc = 0;
+    for (int64_t i = 0; i < N; i++)
+        if (!is_lab[i]) cidx[nc++] = i;
+    free(is_lab);
+    if (nc == 0) {
+        s = kd_error(KD_ERR_INVALID, "select: every training image of %s is labeled: nothing to select", cfg->data);
+        res->config_error = 1;
+        goto done;
+    }
+    int classes = kd_dataset_num_classes(full);
+    kd_model_cfg mc = {kd_dataset_channels(full), classes, 0};
+    s = kd_model_load_new(cfg->teacher_ckpt, NULL, &mc, &t);
+    if (s != KD_OK) {
+        s = kd_error(s, "teacher: %s", kd_last_error());
+        res->config_error = 1;
+        goto done;
+    }
+    if ((s = kd_dataset_select(full, cidx, nc, &cand)) != KD_OK) goto done;
+    kd_transform_cfg tf;
+    memset(&tf, 0, sizeof tf);
+    tf.normalize = 1;
+    kd_dataset_norm(full, tf.mean, tf.std);
+    probs = malloc(sizeof(float) * (size_t)(nc * classes));
+    if (!probs) {
+        s = kd_error(KD_ERR_NOMEM, "select: out of memory for %lld x %d probabilities", (long long)nc, classes);
+        goto done;
+    }
+    kd__sel_acc acc = {probs, classes, nc};
+    if ((s = kd__eval_pass(t, be, cand, cfg->batch > 0 ? cfg->batch : 256, &tf, kd__sel_batch, &acc)) != KD_OK)
+        goto done;
+    if ((s = kd_select_topk(probs, cidx, nc, classes, cfg->per_class, &sel, &n_sel)) != KD_OK) goto done;
+    all = malloc(sizeof(int64_t) * (size_t)(n_lab + n_sel + 1));
+    if (!all) {
+        s = kd_error(KD_ERR_NOMEM, "select: out of memory");
+        goto done;
+    }
+    memcpy(all, sel, sizeof(int64_t) * (size_t)n_sel);
+    qsort(all, (size_t)n_sel, sizeof *all, kd__cmp_i64);
+    int64_t u = 0;
+    for (int64_t i = 0; i < n_sel; i++)
+        if (u == 0 || all[u - 1] != all[i]) all[u++] = all[i];
+    res->selected = u;
+    res->labeled = n_lab;
+    memcpy(all + u, lab, sizeof(int64_t) * (size_t)n_lab);
+    int64_t n_all = u + n_lab;
+    qsort(all, (size_t)n_all, sizeof *all, kd__cmp_i64);
+    res->total = n_all;
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) {
+        s = kd_error(KD_ERR_NOMEM, "select: out of memory");
+        goto done;
+    }
+    fprintf(f, "# kd select: %lld images of %s (training split): %lld labeled (labels %s, seed %llu) and %lld "
+            "selected by %s, the %lld most probable of each class; one dataset index per line\n",
+            (long long)n_all, cfg->data, (long long)n_lab, cfg->labels[0] ? cfg->labels : "none",
+            (unsigned long long)cfg->seed, (long long)u, cfg->teacher_ckpt, (long long)cfg->per_class);
+    for (int64_t i = 0; i < n_all; i++) fprintf(f, "%lld\n", (long long)all[i]);
+    fclose(f);
+    s = kd_file_write_atomic(cfg->out, text, len);
+    free(text);
+done:
+    free(lab);
+    free(cidx);
+    free(sel);
+    free(all);
+    free(probs);
+    kd_model_free(t);
+    kd_dataset_free(cand);
+    kd_dataset_free(full);
+    return s;
+}
