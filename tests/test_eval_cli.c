@@ -248,6 +248,18 @@ static void test_linear_run(void **state) {
     int per[4] = {0};
     for (int i = 0; i < n; i++) per[idx[i] % 4]++; /* image i has label i % 4 */
     for (int k = 0; k < 4; k++) assert_int_equal(per[k], 4);
+    /* kNN with the same subset as its bank: 16 images, the same indices. */
+    char dk[1300];
+    snprintf(dk, sizeof dk, "%s_knn", c);
+    p = RUN("eval", "--knn", "--ckpt", g_ckpt, EVAL_FLAGS, "--k", "3", "--labels", "4", "--seed", "7", "--out", dk);
+    kd_test_expect_ok(&p, "kd eval --knn --labels 4");
+    kd_test_proc_free(&p);
+    kd_json *sk = read_json(dk, "summary.json");
+    assert_int_equal((int)num(sk, "train_images"), 16);
+    kd_json_free(sk);
+    int64_t idx2[64];
+    assert_int_equal(read_indices(dk, idx2, 64), 16);
+    assert_memory_equal(idx, idx2, sizeof(int64_t) * 16);
 }
 
 /* ----------------------------------------------------------- bad input */
@@ -314,7 +326,7 @@ static void test_bad_input(void **state) {
         BAD(2, "--linear", "--k", "5");
     }
     {
-        const char *const needles[] = {"--labels", "--linear only", NULL};
+        const char *const needles[] = {"larger than the training set", "the labeled ones", NULL};
         BAD(2, "--knn", "--labels", "10%");
     }
     {

@@ -359,7 +359,7 @@ static int kd__cmd_eval(int argc, char **argv) {
             kd_linear_cfg ld = kd_linear_defaults();
             printf("usage: kd eval --ckpt FILE [--data DIR] [--model ARCH] [--batch N] [--threads N]\n"
                    "               [--backend cpu|ref] [--json]\n"
-                   "       kd eval --knn --ckpt FILE --out DIR [--k 20,200] [--temperature 0.07] [...]\n"
+                   "       kd eval --knn --ckpt FILE --out DIR [--k 20,200] [--temperature 0.07] [--labels SPEC]\n"
                    "       kd eval --linear --ckpt FILE --out DIR [--labels SPEC] [--epochs N] [--lr X]\n"
                    "               [--batch-size N] [--seed N] [...]\n\n"
                    "Top-1, top-5 and cross-entropy of the checkpoint on the test split of DIR\n"
@@ -376,12 +376,15 @@ static int kd__cmd_eval(int argc, char **argv) {
                    "  (weight N(0,0.01), bias 0) trained on them with SGD (momentum 0.9, weight decay 0,\n"
                    "  cosine schedule per step) on the labeled training set; test top-1 and top-5.\n"
                    "  Deterministic in the seed.\n"
-                   "  --labels SPEC      train the classifier on a seeded class-balanced label subset:\n"
-                   "                     P%% or N per class, or a file of dataset indices (labels.txt) [all]\n"
                    "  --epochs N         [%d]\n"
                    "  --lr X             [%g]\n"
                    "  --batch-size N     [%d]\n"
-                   "  --seed N           initialisation, data order and label subset [0]\n"
+                   "Both:\n"
+                   "  --labels SPEC      the labeled training images, a seeded class-balanced subset (P%% or\n"
+                   "                     N per class, or a file of dataset indices, labels.txt): the\n"
+                   "                     classifier's data (--linear) or the kNN bank (--knn) [all]\n"
+                   "  --seed N           the label subset, and the classifier's initialisation and data\n"
+                   "                     order [0]\n"
                    "Both write the run directory --out DIR: config.yaml, metrics.jsonl, summary.json\n"
                    "(and labels.txt with --labels); --batch is the feature-extraction batch.\n",
                    data, ld.epochs, ld.lr, ld.batch_size);
@@ -438,8 +441,7 @@ static int kd__cmd_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--temperature")) {
             knn_flag = a;
             if (!kd__eval_pos(a, v, &ec.temperature)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--labels")) {
-            linear_flag = a;
+        } else if (!strcmp(a, "--labels")) { /* both modes: the classifier's data, or kNN's bank */
             if (!kd__eval_str(a, v, ec.labels, sizeof ec.labels)) return KD_EXIT_USAGE;
             if (kd_label_spec_parse(v, NULL) != KD_OK) {
                 fprintf(stderr, "kd eval: %s\n", kd_last_error());
@@ -454,8 +456,7 @@ static int kd__cmd_eval(int argc, char **argv) {
         } else if (!strcmp(a, "--batch-size")) {
             linear_flag = a;
             if (!kd__eval_int(a, v, 1, 1000000000L, &ec.linear.batch_size)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--seed")) {
-            linear_flag = a;
+        } else if (!strcmp(a, "--seed")) { /* both modes: the label subset (and the classifier) */
             char *end;
             errno = 0;
             unsigned long long s = strtoull(v, &end, 10);

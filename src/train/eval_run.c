@@ -110,8 +110,8 @@ static kd_status kd__eval_check(const kd_eval_cfg *c) {
             return kd_error(KD_ERR_INVALID, "batch_size must be >= 1, got %d", c->linear.batch_size);
         if (!(c->linear.lr > 0) || !isfinite(c->linear.lr))
             return kd_error(KD_ERR_INVALID, "lr must be > 0, got %g", c->linear.lr);
-        KD_TRY(kd_label_spec_parse(c->labels, NULL));
     }
+    KD_TRY(kd_label_spec_parse(c->labels, NULL));
     char path[600];
     snprintf(path, sizeof path, "%s/summary.json", c->out);
     if (kd_file_exists(path))
@@ -287,15 +287,7 @@ kd_status kd_eval_run(const kd_eval_cfg *c, kd_eval_result *res) {
                      c->data, (long long)unl, (long long)kd_dataset_size(train), kd__mode_name(c->mode));
         goto done;
     }
-    if (c->mode == KD_EVAL_KNN) {
-        for (int j = 0; j < c->n_k; j++)
-            if (c->k[j] > kd_dataset_size(train)) {
-                res->config_error = 1;
-                s = kd_error(KD_ERR_INVALID, "k %d is larger than the training set of %s (%lld images)", c->k[j],
-                             c->data, (long long)kd_dataset_size(train));
-                goto done;
-            }
-    } else if (c->labels[0]) {
+    if (c->labels[0]) { /* the classifier's training set, or kNN's bank */
         lo.n_split = kd_dataset_size(train);
         snprintf(lo.split_name, sizeof lo.split_name, "%s", kd_dataset_name(train));
         s = kd_dataset_label_subset(train, c->labels, c->linear.seed, &lo.idx, &lo.n);
@@ -307,6 +299,15 @@ kd_status kd_eval_run(const kd_eval_cfg *c, kd_eval_result *res) {
         if ((s = kd_dataset_select(train, lo.idx, lo.n, &sub)) != KD_OK) goto done;
         kd_dataset_free(train);
         train = sub;
+    }
+    if (c->mode == KD_EVAL_KNN) {
+        for (int j = 0; j < c->n_k; j++)
+            if (c->k[j] > kd_dataset_size(train)) {
+                res->config_error = 1;
+                s = kd_error(KD_ERR_INVALID, "k %d is larger than the training set of %s (%lld images%s)", c->k[j],
+                             c->data, (long long)kd_dataset_size(train), c->labels[0] ? ", the labeled ones" : "");
+                goto done;
+            }
     }
     kd_model_cfg mc = {kd_dataset_channels(test), classes, 0};
     if ((s = kd_model_load_new(c->ckpt, arch, &mc, &m)) != KD_OK) goto done;
@@ -338,7 +339,7 @@ kd_status kd_eval_run(const kd_eval_cfg *c, kd_eval_result *res) {
     }
     if (s != KD_OK) goto done;
     res->wall_s = kd__now_s() - t0;
-    s = kd__eval_write(c, arch, res, epoch_loss, res->n_train, c->mode == KD_EVAL_LINEAR ? &lo : NULL);
+    s = kd__eval_write(c, arch, res, epoch_loss, res->n_train, &lo);
 done:
     free(lo.idx);
     free(epoch_loss);
