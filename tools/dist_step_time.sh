@@ -3,7 +3,7 @@
 # `kd train` of resnet20 (or MODEL) on Fashion-MNIST, batch 64, cpu backend,
 # for STEPS steps, as one process with 2 compute threads and as mpirun -np 2
 # with 1 thread per rank (each rank bound to its core), ROUNDS times
-# interleaved. Prints each run's training images/s (evaluation excluded) and
+# interleaved, with one process on 1 thread as a reference. Prints each run's training images/s (evaluation excluded) and
 # the data-parallel log line (bytes all-reduced per step, share of the time
 # waiting). Run it on a quiet machine: other work on the cores skews both.
 #   bash tools/dist_step_time.sh [build/kd]
@@ -22,6 +22,8 @@ flags=(train --model "$MODEL" --data "$DATA" --epochs 1 --max-steps-per-epoch "$
 ips() { grep -o '"images_per_s": [0-9.]*' "$1/metrics.jsonl" | tail -1 | cut -d' ' -f2; }
 echo "model $MODEL, batch 64 (global), $STEPS steps, sync_bn $SYNC_BN, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do
+  "$KD" "${flags[@]}" --threads 1 --out "$OUT/single_$r" 2>/dev/null >/dev/null
+  echo "round $r  -np 1 x 1 thread:  $(ips "$OUT/single_$r") img/s (reference)"
   "$KD" "${flags[@]}" --threads 2 --out "$OUT/one_$r" 2>"$OUT/one_$r.log" >/dev/null
   echo "round $r  -np 1 x 2 threads: $(ips "$OUT/one_$r") img/s"
   mpirun -q --bind-to core -np 2 "$KD" "${flags[@]}" --threads 1 --out "$OUT/two_$r" 2>"$OUT/two_$r.log" >/dev/null

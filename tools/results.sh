@@ -242,8 +242,19 @@ out.append("## Every run\n")
 out.append("| method | seed | top-1 last % | best top-1 % | wall s |")
 out.append("|---|---|---|---|---|")
 out += per_run
+# The "Few labels" section (tools/few_labels.sh writes it between its
+# markers) is kept as it stands.
+few = ""
+try:
+    with open(doc) as f:
+        old = f.read()
+    a, b = old.find("<!-- few-labels -->"), old.find("<!-- /few-labels -->")
+    if a >= 0 and b > a:
+        few = "\n" + old[a:b + len("<!-- /few-labels -->")] + "\n"
+except OSError:
+    pass
 with open(doc, "w") as f:
-    f.write("\n".join(out) + "\n")
+    f.write("\n".join(out) + "\n" + few)
 print("wrote %s" % doc)
 EOF
 if [ "$failed" -gt 0 ]; then
