@@ -106,11 +106,7 @@ static kd_status kd__dogo_view_transform(const kd_method *m, int view, kd_transf
     (void)view;
     const kd__dogo_args *a = kd_method_args_c(m);
     kd__dogo_state *st = kd_method_state((kd_method *)m);
-    int size = tf->out_h ? tf->out_h : st->in_h;
-    if (size < 1) return kd_error(KD_ERR_INVALID, "dogo: the images differ in size; set image_size");
-    kd__ssl_views_cfg(&st->aug, size, 1, a->strength, a->blur_p, a->crop_min, tf);
-    kd__ssl_view_apply(&st->aug, tf);
-    return KD_OK;
+    return kd__ssl_view("dogo", &st->aug, st->in_h, 1, a->strength, a->blur_p, a->crop_min, tf);
 }
 
 /* P = softmax(S) of one peer's normalised z (2B, D): S = z_a z_b^T / tau. */

@@ -81,20 +81,7 @@ static kd_status kd__moco_view_transform(const kd_method *m, int view, kd_transf
     (void)view;
     const kd__moco_args *a = kd_method_args_c(m);
     kd__moco_state *st = kd_method_state((kd_method *)m);
-    int size = tf->out_h ? tf->out_h : st->in_h;
-    if (size < 1) return kd_error(KD_ERR_INVALID, "moco: the images differ in size; set image_size");
-    kd__ssl_views_cfg(&st->aug, size, 0, 0.0f, a->blur_p, a->crop_min, tf);
-    kd__ssl_view_apply(&st->aug, tf);
-    return KD_OK;
-}
-
-/* q.k per row as a (B, 1) column. */
-static kd_tensor *kd__rowdot(kd_graph *g, kd_tensor *q, kd_tensor *k) {
-    int64_t os[2] = {q->shape[1], 1};
-    kd_tensor *ones = kd_graph_tensor(g, KD_F32, 2, os);
-    if (!ones) return NULL;
-    for (int64_t i = 0; i < os[0]; i++) kd_f32(ones)[i] = 1.0f;
-    return kd_matmul(g, kd_mul(g, q, k), ones);
+    return kd__ssl_view("moco", &st->aug, st->in_h, 0, 0.0f, a->blur_p, a->crop_min, tf);
 }
 
 /* The loss on the query features ctx->s.feat[-1] and the key features
@@ -114,7 +101,7 @@ static kd_status kd__moco_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
     kd_tensor *k = kd_l2_normalize(g, kd__head_forward(g, &st->head_k, fk, training), 1e-12f);
     kd_graph_set_grad_enabled(g, prev);
     KD_TRY(kd_graph_status(g));
-    kd_tensor *parts[2] = {kd__rowdot(g, q, k), kd_matmul(g, q, st->queue.q)};
+    kd_tensor *parts[2] = {kd__ssl_rowdot(g, q, k), kd_matmul(g, q, st->queue.q)};
     kd_tensor *logits = kd_scale(g, kd_concat(g, parts, 2, 1), 1.0f / a->tau);
     int64_t B = q->shape[0];
     kd_tensor *labels = kd_graph_zeros(g, KD_I32, 1, &B);

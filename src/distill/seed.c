@@ -83,20 +83,7 @@ static kd_status kd__seed_view_transform(const kd_method *m, int view, kd_transf
     (void)view;
     const kd__seed_args *a = kd_method_args_c(m);
     kd__seed_state *st = kd_method_state((kd_method *)m);
-    int size = tf->out_h ? tf->out_h : st->in_h;
-    if (size < 1) return kd_error(KD_ERR_INVALID, "seed: the images differ in size; set image_size");
-    kd__ssl_views_cfg(&st->aug, size, 0, 0.0f, a->blur_p, a->crop_min, tf);
-    kd__ssl_view_apply(&st->aug, tf);
-    return KD_OK;
-}
-
-/* z . z per row as a (B, 1) column. */
-static kd_tensor *kd__seed_rowdot(kd_graph *g, kd_tensor *a, kd_tensor *b) {
-    int64_t os[2] = {a->shape[1], 1};
-    kd_tensor *ones = kd_graph_tensor(g, KD_F32, 2, os);
-    if (!ones) return NULL;
-    for (int64_t i = 0; i < os[0]; i++) kd_f32(ones)[i] = 1.0f;
-    return kd_matmul(g, kd_mul(g, a, b), ones);
+    return kd__ssl_view("seed", &st->aug, st->in_h, 0, 0.0f, a->blur_p, a->crop_min, tf);
 }
 
 static kd_status kd__seed_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
@@ -111,11 +98,11 @@ static kd_status kd__seed_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
     kd_tensor *zs = kd_l2_normalize(g, kd__head_forward(g, &st->head_s, fs, kd_method_training(m)), 1e-12f);
     int prev = kd_graph_set_grad_enabled(g, 0);
     kd_tensor *zt = kd_l2_normalize(g, kd__head_forward(g, &st->head_t, ft, 0), 1e-12f);
-    kd_tensor *pt[2] = {kd__seed_rowdot(g, zt, zt), kd_matmul(g, zt, st->queue.q)};
+    kd_tensor *pt[2] = {kd__ssl_rowdot(g, zt, zt), kd_matmul(g, zt, st->queue.q)};
     kd_tensor *lt = kd_concat(g, pt, 2, 1);
     kd_graph_set_grad_enabled(g, prev);
     KD_TRY(kd_graph_status(g));
-    kd_tensor *ps[2] = {kd__seed_rowdot(g, zs, zt), kd_matmul(g, zs, st->queue.q)};
+    kd_tensor *ps[2] = {kd__ssl_rowdot(g, zs, zt), kd_matmul(g, zs, st->queue.q)};
     kd_tensor *ls = kd_scale(g, kd_concat(g, ps, 2, 1), 1.0f / a->tau_s);
     kd_tensor *l = kd__soft_ce(g, ls, lt, a->tau_t);
     float beta = kd_method_cfg(m)->beta;

@@ -63,11 +63,7 @@ static kd_status kd__simclr_view_transform(const kd_method *m, int view, kd_tran
     (void)view;
     const kd__simclr_args *a = kd_method_args_c(m);
     kd__simclr_state *st = kd_method_state((kd_method *)m); /* the views' config lives in the method */
-    int size = tf->out_h ? tf->out_h : st->in_h;
-    if (size < 1) return kd_error(KD_ERR_INVALID, "simclr: the images differ in size; set image_size");
-    kd__ssl_views_cfg(&st->aug, size, 1, a->strength, a->blur_p, a->crop_min, tf);
-    kd__ssl_view_apply(&st->aug, tf);
-    return KD_OK;
+    return kd__ssl_view("simclr", &st->aug, st->in_h, 1, a->strength, a->blur_p, a->crop_min, tf);
 }
 
 /* NT-Xent of the head on ctx->s.feat[-1], the 2B rows of both views. */

@@ -239,12 +239,25 @@ void kd__ssl_views_cfg(kd_ssl_aug_cfg *out, int size, int simclr, float strength
     *out = c;
 }
 
-void kd__ssl_view_apply(const kd_ssl_aug_cfg *aug, kd_transform_cfg *tf) {
+kd_status kd__ssl_view(const char *who, kd_ssl_aug_cfg *aug, int in_h, int simclr, float strength, float blur_p,
+                       float crop_min, kd_transform_cfg *tf) {
+    int size = tf->out_h ? tf->out_h : in_h;
+    if (size < 1) return kd_error(KD_ERR_INVALID, "%s: the images differ in size; set image_size", who);
+    kd__ssl_views_cfg(aug, size, simclr, strength, blur_p, crop_min, tf);
     tf->ssl = aug;
     tf->out_h = tf->out_w = aug->size;
     tf->pad_crop = 0;
     tf->hflip = 0;
     tf->geometry = NULL;
+    return KD_OK;
+}
+
+kd_tensor *kd__ssl_rowdot(kd_graph *g, kd_tensor *a, kd_tensor *b) {
+    int64_t os[2] = {a->shape[1], 1};
+    kd_tensor *ones = kd_graph_tensor(g, KD_F32, 2, os);
+    if (!ones) return NULL;
+    for (int64_t i = 0; i < os[0]; i++) kd_f32(ones)[i] = 1.0f;
+    return kd_matmul(g, kd_mul(g, a, b), ones);
 }
 
 kd_tensor *kd__ssl_stack_views(kd_graph *g, const kd_step_batch *b) {

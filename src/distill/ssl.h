@@ -82,9 +82,17 @@ void kd__queue_push(kd__queue *q, const float *keys, int64_t B);
  * dataset's mean and std). */
 void kd__ssl_views_cfg(kd_ssl_aug_cfg *out, int size, int simclr, float strength, float blur_p, float crop_min,
                        const kd_transform_cfg *base);
-/* The view_transform hook body: tf (the run's base) becomes the SSL pipeline
- * aug (which must outlive the loader), its output side aug->size. */
-void kd__ssl_view_apply(const kd_ssl_aug_cfg *aug, kd_transform_cfg *tf);
+/* The view_transform hook of the self-supervised methods: aug (in the
+ * method's state, so it outlives the loader) becomes kd__ssl_views_cfg's
+ * pipeline at the run's output side (tf->out_h, or in_h, the images' own),
+ * and tf (the run's base) runs it; KD_ERR_INVALID naming `who` when the
+ * images differ in size and no image_size is set. */
+kd_status kd__ssl_view(const char *who, kd_ssl_aug_cfg *aug, int in_h, int simclr, float strength, float blur_p,
+                       float crop_min, kd_transform_cfg *tf);
+
+/* a[i] . b[i] per row of a, b (B, D) as a (B, 1) column (MoCo's l_pos,
+ * SEED's z_s.z_t). */
+kd_tensor *kd__ssl_rowdot(kd_graph *g, kd_tensor *a, kd_tensor *b);
 
 /* The images of view 0 and view 1 stacked into one (2B, C, H, W) batch, the
  * layout SimCLR's one forward over both views uses. */
