@@ -3,18 +3,25 @@
 # training images used without labels, 1% (600) or 10% (6,000) of the labels.
 #
 #   1. the small student (resnet8) trained on the labels alone;
-#   2. SimCLR pretraining of the small student, then linear evaluation on the
-#      label subset and kNN (k 200) with the whole training split as the bank;
+#   2. SimCLR pretraining of the small student, then linear evaluation and
+#      kNN (k 20) with the label subset, and kNN (k 200) with the whole
+#      training split as the bank (representation quality);
 #   3. the SimCLRv2 pipeline: a bigger encoder (resnet20) pretrained with
 #      SimCLR, fine-tuned on the label subset, distilled (method simclrv2, tau
 #      1) into the small student on all 60,000 images;
 #   4. SEED from the bigger encoder into the small student, then linear
-#      evaluation on the label subset.
+#      evaluation on the label subset;
+#   5. SSLD: kd select keeps the SEL_PER_CLASS unlabeled images per class the
+#      fine-tuned resnet20 is surest of, then symmetric-KL distillation into
+#      the small student on those and the labeled ones;
+#   6. DoGo: two resnet8 peers pretrained together (DOGO=1 only: the slowest
+#      step), then linear evaluation of the student peer on the label subset.
 #
 # Usage: tools/few_labels.sh [OUT]      (default runs/few_labels)
 # Environment: PT_EPOCHS (pretraining, 4), D_EPOCHS (distillation, 4),
 # FT_EPOCHS (fine-tuning and training on the labels alone, 60), SEEDS ("0 1 2",
-# for the steps that use labels), FRACS ("1% 10%"), THREADS (2), EXTRA (more
+# for the steps that use labels), FRACS ("1% 10%"), THREADS (2), SEL_PER_CLASS
+# (1000), DOGO (0: skip DoGo; 1: run it, PT_EPOCHS epochs), EXTRA (more
 # flags for every training run, e.g. "--max-steps-per-epoch 2" for a smoke test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +62,11 @@ run "$OUT/seed-resnet8" "$KD" distill --method seed --teacher-ckpt "$OUT/simclr-
     --model resnet8 --set seed.K=4096 --epochs "$D_EPOCHS" --batch-size 256 --lr 0.3 --weight-decay 1e-4 \
     --schedule cosine "${COMMON[@]}" --out "$OUT/seed-resnet8"
 
+if [ "${DOGO:-0}" = 1 ]; then
+    run "$OUT/dogo-resnet8" "$KD" pretrain --method dogo --model resnet8 "${PRE[@]}" "${COMMON[@]}" \
+        --out "$OUT/dogo-resnet8"
+fi
+SEL_PER_CLASS=${SEL_PER_CLASS:-1000}
 SUP=(--batch-size 64 --lr 0.05 --weight-decay 5e-4 --schedule cosine --epochs "$FT_EPOCHS")
 for frac in $FRACS; do
     f=${frac%\%}
@@ -66,6 +78,8 @@ for frac in $FRACS; do
         # 2./4. linear evaluation of the self-supervised small students on the subset
         run "$OUT/lin-simclr-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/simclr-resnet8/encoder.safetensors" \
             --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-simclr-resnet8-$s"
+        run "$OUT/knn20-simclr-resnet8-$s" "$KD" eval --knn --k 20 --ckpt "$OUT/simclr-resnet8/encoder.safetensors" \
+            --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/knn20-simclr-resnet8-$s"
         run "$OUT/lin-seed-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/seed-resnet8/encoder.safetensors" \
             --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-seed-resnet8-$s"
         # 3. SimCLRv2: fine-tune the pretrained resnet20 on the subset (whole network, wd 0), then distil
@@ -76,44 +90,108 @@ for frac in $FRACS; do
             --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
             --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" \
             --out "$OUT/distill-resnet8-$s"
+        # 5. SSLD on the labeled images and those the fine-tuned teacher selects
+        if [ ! -f "$OUT/select-$s.txt" ]; then
+            log "$KD select --teacher-ckpt $OUT/ft-resnet20-$s/last.safetensors --labels $frac --seed $seed"
+            "$KD" select --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
+                --per-class "$SEL_PER_CLASS" --data "$DATA" --threads "$THREADS" --out "$OUT/select-$s.txt" \
+                >>"$OUT/log.txt" 2>&1
+        fi
+        run "$OUT/ssld-resnet8-$s" "$KD" distill --method ssld --model resnet8 \
+            --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
+            --train-indices "$OUT/select-$s.txt" --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 \
+            --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" --out "$OUT/ssld-resnet8-$s"
+        if [ -f "$OUT/dogo-resnet8/encoder.safetensors" ]; then
+            run "$OUT/lin-dogo-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/dogo-resnet8/encoder.safetensors" \
+                --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-dogo-resnet8-$s"
+        fi
     done
 done
 
-# The table: last-epoch test top-1, mean +- std over seeds.
-/usr/bin/python3 - "$OUT" "$FRACS" "$SEEDS" <<'EOF'
-import json, os, statistics, sys
-out, fracs, seeds = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+# The table: last-epoch test top-1, mean +- std over seeds, written into
+# DOC (docs/RESULTS.md) between the "few-labels" markers (tools/results.sh
+# keeps that section) and printed.
+DOC=${DOC:-docs/RESULTS.md}
+/usr/bin/python3 - "$OUT" "$FRACS" "$SEEDS" "$DOC" "$PT_EPOCHS" "$D_EPOCHS" "$FT_EPOCHS" "$("$KD" --version)" <<'EOF'
+import json, os, platform, statistics, sys, time
+out, fracs, seeds, doc, pt, de, ft, version = sys.argv[1:]
+fracs, seeds = fracs.split(), seeds.split()
+def summ(d):
+    p = os.path.join(out, d, "summary.json")
+    return json.load(open(p)) if os.path.exists(p) else None
 def top1(d):
-    p = os.path.join(out, d, "summary.json")
-    if not os.path.exists(p):
-        return None
-    s = json.load(open(p))
-    for k in ("top1", "test_top1", "linear_top1"):
-        if k in s:
-            return float(s[k])
-    for k, v in s.items():
-        if "top1" in k and isinstance(v, (int, float)):
-            return float(v)
-    return None
+    s = summ(d)
+    return None if s is None else float(s["top1"])
+def wall(d):
+    s = summ(d)
+    return None if s is None else float(s.get("wall_s", 0))
+def vals(prefix, frac):
+    v = [top1(f"{prefix}-p{frac.rstrip('%')}-s{s}") for s in seeds]
+    return [x for x in v if x is not None]
 def cell(prefix, frac):
-    vals = [top1(f"{prefix}-p{frac.rstrip('%')}-s{s}") for s in seeds]
-    vals = [v for v in vals if v is not None]
-    if not vals:
+    v = vals(prefix, frac)
+    if not v:
         return "-"
-    if len(vals) == 1:
-        return "%.2f (1 seed)" % vals[0]
-    return "%.2f +- %.2f" % (statistics.mean(vals), statistics.stdev(vals))
-rows = [("resnet8 on the labels alone", "sup-resnet8"),
-        ("SimCLR resnet8, linear on the labels", "lin-simclr-resnet8"),
-        ("SimCLRv2: resnet20 pretrained + fine-tuned (teacher)", "ft-resnet20"),
-        ("SimCLRv2: distilled into resnet8 (60k unlabeled)", "distill-resnet8"),
-        ("SEED resnet20 -> resnet8, linear on the labels", "lin-seed-resnet8")]
-print("| model | " + " | ".join(f"{f} labels" for f in fracs) + " |")
-print("|---|" + "---|" * len(fracs))
+    if len(v) == 1:
+        return "%.2f (1 seed)" % v[0]
+    return "%.2f +- %.2f (%d seeds)" % (statistics.mean(v), statistics.stdev(v), len(v))
+def wcell(prefix, frac):
+    w = [wall(f"{prefix}-p{frac.rstrip('%')}-s{s}") for s in seeds]
+    w = [x for x in w if x is not None]
+    return "%.0f" % statistics.mean(w) if w else "-"
+rows = [("resnet8 trained on the labels alone", "sup-resnet8"),
+        ("SimCLR resnet8, linear probe on the labels", "lin-simclr-resnet8"),
+        ("SimCLR resnet8, kNN (k 20) with the labeled images as the bank", "knn20-simclr-resnet8"),
+        ("SimCLRv2 step 2: resnet20 pretrained, fine-tuned on the labels (the teacher)", "ft-resnet20"),
+        ("SimCLRv2 step 3: distilled into resnet8 on all 60000 images", "distill-resnet8"),
+        ("SEED resnet20 -> resnet8, linear probe on the labels", "lin-seed-resnet8"),
+        ("SSLD: fine-tuned resnet20 -> resnet8 on labeled + selected images", "ssld-resnet8"),
+        ("DoGo: resnet8 with a resnet8 peer, linear probe on the labels", "lin-dogo-resnet8")]
+L = ["<!-- few-labels -->", "## Few labels (Fashion-MNIST, the 60000 training images without labels)", "",
+     "Generated by `tools/few_labels.sh` on %s with %s (%s; %d CPUs). Edit the script, not this section." % (
+         time.strftime("%Y-%m-%d %H:%M"), version, platform.machine(), os.cpu_count()), "",
+     "Test top-1 (%%) on the 10000 test images, last epoch, mean +- sample std over seeds %s (the seed draws "
+     "the label subset, the initialisation and the data order; the self-supervised pretraining runs once, "
+     "seed 0). Pretraining %s epochs, distillation %s epochs, fine-tuning and training on the labels %s "
+     "epochs." % (", ".join(seeds), pt, de, ft), "",
+     "| model | " + " | ".join(f"{f} labels" for f in fracs) + " | wall s / run |",
+     "|---|" + "---|" * len(fracs) + "---|"]
 for name, prefix in rows:
-    print(f"| {name} | " + " | ".join(cell(prefix, f) for f in fracs) + " |")
-for d in ("knn-simclr-resnet8", "knn-simclr-resnet20"):
-    p = os.path.join(out, d, "summary.json")
-    if os.path.exists(p):
-        print(f"\n{d}: {json.dumps(json.load(open(p)))[:400]}")
+    if all(not vals(prefix, f) for f in fracs):
+        continue
+    L.append(f"| {name} | " + " | ".join(cell(prefix, f) for f in fracs) + " | " + wcell(prefix, fracs[0]) + " |")
+L.append("")
+for d, what in (("knn-simclr-resnet8", "SimCLR resnet8"), ("knn-simclr-resnet20", "SimCLR resnet20")):
+    s = summ(d)
+    if s:
+        L.append("- %s encoder, kNN (k 200, T 0.07) with all 60000 training labels as the bank (representation "
+                 "quality, not a few-label number): %.2f%%." % (what, s["top1"]))
+for d, what in (("simclr-resnet20", "SimCLR resnet20"), ("simclr-resnet8", "SimCLR resnet8"),
+                ("seed-resnet8", "SEED"), ("dogo-resnet8", "DoGo")):
+    s = summ(d)
+    if s:
+        L.append("- %s pretraining: %.0f s (%.0f img/s)." % (what, s.get("wall_s", 0), s.get("images_per_s", 0)))
+for f in fracs:
+    a, b = vals("distill-resnet8", f), vals("sup-resnet8", f)
+    if len(a) > 1 and len(b) > 1:
+        gap = statistics.mean(a) - statistics.mean(b)
+        sd = max(statistics.stdev(a), statistics.stdev(b))
+        L.append("- %s labels: the distilled resnet8 is %+.2f points from resnet8 on the labels alone (%s one std "
+                 "of %.2f)." % (f, gap, "beyond" if abs(gap) > sd else "within", sd))
+L += ["", "Commands: `PT_EPOCHS=%s D_EPOCHS=%s FT_EPOCHS=%s SEEDS=\"%s\" FRACS=\"%s\" bash tools/few_labels.sh` "
+      "(each step's command line is in runs/few_labels/log.txt; README \"Few labels\" lists them)." % (
+          pt, de, ft, " ".join(seeds), " ".join(fracs)), "<!-- /few-labels -->"]
+section = "\n".join(L) + "\n"
+print(section)
+try:
+    old = open(doc).read()
+except OSError:
+    old = ""
+a, b = old.find("<!-- few-labels -->"), old.find("<!-- /few-labels -->")
+if a >= 0 and b > a:
+    new = old[:a] + section + old[b + len("<!-- /few-labels -->"):].lstrip("\n")
+else:
+    new = old.rstrip("\n") + "\n\n" + section
+with open(doc, "w") as fh:
+    fh.write(new)
 EOF
