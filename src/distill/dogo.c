@@ -167,9 +167,7 @@ static kd_status kd__dogo_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
     KD_TRY(kd_model_forward(ctx->student, g, x, 0, &ctx->s));
     kd_model_set_training(st->peer, kd_method_training(m));
     KD_TRY(kd_model_forward(st->peer, g, x, 0, &ctx->t));
-    KD_TRY(kd_method_loss(m, ctx, terms));
-    ctx->s.logits = NULL;
-    return KD_OK;
+    return kd_method_loss(m, ctx, terms);
 }
 
 const kd_method_def kd__method_dogo = {

@@ -11,7 +11,9 @@
  * labels. The teacher's head comes from the teacher checkpoint's "head.*"
  * tensors (kd pretrain writes them in encoder.safetensors; seed.teacher_head
  * names its kind), loaded by the prepare hook; it is the method's buffer
- * "teacher_head.*". The student's head "head.*" is trainable. */
+ * "teacher_head.*". The student's head "head.*" is trainable. The step is
+ * the default one (teacher forward without gradient, student forward) with
+ * this loss hook. */
 #include <string.h>
 
 #include "distill/methods.h"
@@ -111,22 +113,6 @@ static kd_status kd__seed_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
     return kd_loss_terms_add(terms, "seed", beta == 1.0f ? l : kd_scale(g, l, beta));
 }
 
-static kd_status kd__seed_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
-    kd_graph *g = ctx->g;
-    if (!ctx->teacher) return kd_error(KD_ERR_INVALID, "seed needs a teacher");
-    memset(&ctx->s, 0, sizeof ctx->s);
-    memset(&ctx->t, 0, sizeof ctx->t);
-    kd_tensor *x = ctx->batch->x[0];
-    int prev = kd_graph_set_grad_enabled(g, 0);
-    kd_status s = kd_model_forward(ctx->teacher, g, x, 0, &ctx->t);
-    kd_graph_set_grad_enabled(g, prev);
-    KD_TRY(s);
-    KD_TRY(kd_model_forward(ctx->student, g, x, 0, &ctx->s));
-    KD_TRY(kd_method_loss(m, ctx, terms));
-    ctx->s.logits = NULL; /* the classifier is not trained */
-    return KD_OK;
-}
-
 static kd_status kd__seed_after_step(kd_method *m, kd_step_ctx *ctx) {
     (void)ctx;
     kd__seed_state *st = kd_method_state(m);
@@ -153,7 +139,6 @@ const kd_method_def kd__method_seed = {
     .args_size = sizeof(kd__seed_args),
     .state_size = sizeof(kd__seed_state),
     .setup = kd__seed_setup,
-    .step = kd__seed_step,
     .loss = kd__seed_loss,
     .after_step = kd__seed_after_step,
     .prepare = kd__seed_prepare,

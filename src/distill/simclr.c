@@ -95,9 +95,7 @@ static kd_status kd__simclr_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *
     kd_tensor *x = kd__ssl_stack_views(g, ctx->batch);
     KD_TRY(kd_graph_status(g));
     KD_TRY(kd_model_forward(ctx->student, g, x, 0, &ctx->s));
-    KD_TRY(kd_method_loss(m, ctx, terms));
-    ctx->s.logits = NULL; /* the classifier is not trained: no training accuracy */
-    return KD_OK;
+    return kd_method_loss(m, ctx, terms);
 }
 
 const kd_method_def kd__method_simclr = {

@@ -10,8 +10,6 @@
 static kd_status kd__bn_nocenter_init(kd_bn_layer *l, kd_param_list *pl, const char *prefix, int64_t ch,
                                       int trainable) {
     memset(l, 0, sizeof *l);
-    int64_t one = 1;
-    (void)one;
     KD_TRY(kd_params_new(pl, prefix, "weight", KD_F32, 1, &ch, trainable ? KD_PARAM_NO_DECAY : KD_PARAM_BUFFER,
                          &l->weight));
     KD_TRY(kd_params_new(pl, prefix, "bias", KD_F32, 1, &ch, KD_PARAM_BUFFER, &l->bias));
@@ -136,7 +134,6 @@ kd_status kd__head_load(kd__head *h, const kd_param_list *pl, const char *prefix
         kd_st_close(f);
         return s;
     }
-    int n = 0;
     for (int i = 0; i < pl->n && s == KD_OK; i++) {
         const char *name = pl->items[i].name;
         if (strncmp(name, prefix, plen) != 0 || name[plen] != '.') continue;
@@ -156,7 +153,6 @@ kd_status kd__head_load(kd__head *h, const kd_param_list *pl, const char *prefix
                          kd_shape_str(t, a, sizeof a));
         } else {
             memcpy(t->data, e->data, e->nbytes);
-            n++;
         }
     }
     kd_st_close(f);

@@ -239,7 +239,9 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     res->term_names = t->terms.name;
     res->term_values = t->values;
     res->lr = lr;
-    if (ctx.s.logits && ctx.s.logits->ndim == 2) {
+    /* A method that reads no labels trains no classifier (self-supervised,
+     * label-free): its logits, if a forward made them, give no accuracy. */
+    if (ctx.s.logits && ctx.s.logits->ndim == 2 && kd_method_get_def(t->method)->labels != KD_LABELS_ABSENT) {
         res->logits = kd_f32(ctx.s.logits);
         res->classes = ctx.s.logits->shape[1];
     }
