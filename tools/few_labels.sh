@@ -3,7 +3,7 @@
 # training images used without labels, 1% (600) or 10% (6,000) of the labels.
 #
 #   1. the small student (resnet8) trained on the labels alone;
-#   2. SimCLR pretraining of the small student, then linear evaluation and
+#   2. SimCLR (and MoCo v2) pretraining of the small student, then linear evaluation and
 #      kNN (k 20) with the label subset, and kNN (k 200) with the whole
 #      training split as the bank (representation quality);
 #   3. the SimCLRv2 pipeline: a bigger encoder (resnet20) pretrained with
@@ -53,6 +53,9 @@ run "$OUT/simclr-resnet20" "$KD" pretrain --method simclr --model resnet20 "${PR
     --out "$OUT/simclr-resnet20"
 run "$OUT/simclr-resnet8" "$KD" pretrain --method simclr --model resnet8 "${PRE[@]}" "${COMMON[@]}" \
     --out "$OUT/simclr-resnet8"
+# MoCo v2 with the CIFAR-10 demo's constants (configs/ssl/moco.yaml): queue 4096, m 0.99, tau 0.1, no blur.
+run "$OUT/moco-resnet8" "$KD" pretrain --method moco --model resnet8 --set moco.K=4096 --set moco.m=0.99 \
+    --set moco.tau=0.1 --set moco.blur_p=0 "${PRE[@]}" "${COMMON[@]}" --out "$OUT/moco-resnet8"
 run "$OUT/knn-simclr-resnet8" "$KD" eval --knn --ckpt "$OUT/simclr-resnet8/encoder.safetensors" --k 200 \
     --data "$DATA" --threads "$THREADS" --out "$OUT/knn-simclr-resnet8"
 run "$OUT/knn-simclr-resnet20" "$KD" eval --knn --ckpt "$OUT/simclr-resnet20/encoder.safetensors" --k 200 \
@@ -80,6 +83,8 @@ for frac in $FRACS; do
             --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-simclr-resnet8-$s"
         run "$OUT/knn20-simclr-resnet8-$s" "$KD" eval --knn --k 20 --ckpt "$OUT/simclr-resnet8/encoder.safetensors" \
             --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/knn20-simclr-resnet8-$s"
+        run "$OUT/lin-moco-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/moco-resnet8/encoder.safetensors" \
+            --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-moco-resnet8-$s"
         run "$OUT/lin-seed-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/seed-resnet8/encoder.safetensors" \
             --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-seed-resnet8-$s"
         # 3. SimCLRv2: fine-tune the pretrained resnet20 on the subset (whole network, wd 0), then distil
@@ -142,6 +147,7 @@ def wcell(prefix, frac):
 rows = [("resnet8 trained on the labels alone", "sup-resnet8"),
         ("SimCLR resnet8, linear probe on the labels", "lin-simclr-resnet8"),
         ("SimCLR resnet8, kNN (k 20) with the labeled images as the bank", "knn20-simclr-resnet8"),
+        ("MoCo v2 resnet8, linear probe on the labels", "lin-moco-resnet8"),
         ("SimCLRv2 step 2: resnet20 pretrained, fine-tuned on the labels (the teacher)", "ft-resnet20"),
         ("SimCLRv2 step 3: distilled into resnet8 on all 60000 images", "distill-resnet8"),
         ("SEED resnet20 -> resnet8, linear probe on the labels", "lin-seed-resnet8"),
@@ -169,7 +175,7 @@ for d, what in (("knn-simclr-resnet8", "SimCLR resnet8"), ("knn-simclr-resnet20"
         L.append("- %s encoder, kNN (k 200, T 0.07) with all 60000 training labels as the bank (representation "
                  "quality, not a few-label number): %.2f%%." % (what, s["top1"]))
 for d, what in (("simclr-resnet20", "SimCLR resnet20"), ("simclr-resnet8", "SimCLR resnet8"),
-                ("seed-resnet8", "SEED"), ("dogo-resnet8", "DoGo")):
+                ("moco-resnet8", "MoCo v2 resnet8"), ("seed-resnet8", "SEED"), ("dogo-resnet8", "DoGo")):
     s = summ(d)
     if s:
         L.append("- %s pretraining: %.0f s (%.0f img/s)." % (what, s.get("wall_s", 0), s.get("images_per_s", 0)))
