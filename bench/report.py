@@ -42,6 +42,7 @@ def combine(ms):
         "rss_start_mib": max(m["rss_start_mib"] for m in ms),
         "rounds": len(ms),
         "repeats_x_steps": [ms[0]["repeats"], ms[0]["steps"]],
+        **({"blas": ms[0]["blas"]} if "blas" in ms[0] else {}),
     }
 
 

@@ -2,13 +2,17 @@
 # bench/run.sh: kd against PyTorch, side by side in one run, on the same
 # models, batch and FLOP convention. See docs/PERFORMANCE.md.
 #
-#   bash bench/run.sh                  full run (3 rounds; about an hour on a 2-core machine)
+#   bash bench/run.sh                  full run (3 rounds; about an hour on a 2-core machine, the
+#                                      Swin rows about 15 minutes more)
 #   bash bench/run.sh --quick          1 round, fewer repeats: a rough look (10-25 minutes on 2 cores)
 #   options: --rounds N   --rows resnet20,kd   (row names or model names, comma-separated)
 #            --write-baseline          also rewrite bench/baseline.json (the CI guard's baseline)
 #            --no-bf16                 skip kd's bf16 runs (default: measured wherever the CPU has
 #                                      AVX-512-BF16 or AMX, as a fourth process per row and round)
 #   env:     KD_BENCH_BUILD=DIR        build directory (default build)
+#            KD_BENCH_TORCH_BLAS=DIR   directory with the libblas.so.3 PyTorch should use
+#                                      (default: Debian's OpenBLAS, openblas-pthread, where
+#                                      installed; "system" keeps the system's libblas.so.3)
 #
 # What it does:
 #   1. installs python3-torch if missing (KD_DEPS_EXTRA with tools/install-deps.sh,
@@ -29,7 +33,16 @@
 # 50000-row memory banks, 16384 negatives); batch 64 of 3x32x32 noise, 100
 # classes, 2 threads, SGD momentum 0.9 weight decay 5e-4; the step definitions and
 # the FLOP convention (2*MACs of convs and linears, training = 3x forward) are in the
-# headers of bench/train_step.c and bench/torch_step.py.
+# headers of bench/train_step.c and bench/torch_step.py. The Swin rows: torchvision's
+# swin_t at 224x224 (batch 8, 1000 classes) and swin_cifar at 32x32 (batch 64, 100
+# classes), PyTorch in NCHW only (channels_last only touches the patch conv) and no
+# kd bf16 column (bf16 covers convolutions, not the Linear layers that dominate Swin).
+# BLAS: Debian's PyTorch runs Linear layers and matmuls through the system
+# libblas.so.3, which is netlib's reference BLAS unless OpenBLAS is installed (10x
+# slower on Swin's Linear layers). PyTorch's processes therefore get OpenBLAS
+# (LD_LIBRARY_PATH to its openblas-pthread directory, OPENBLAS_NUM_THREADS as the
+# thread count, OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs) where it is found; each
+# line records the BLAS it mapped ("blas"). kd does not use BLAS (oneDNN).
 # Threads and OpenMP: both sides use 2 threads. kd's binary re-executes itself with
 # GOMP_SPINCOUNT=10000, as the kd program does (src/cli/main.c); PyTorch runs with its
 # defaults. This script clears GOMP_SPINCOUNT, OMP_WAIT_POLICY, KD_OMP_TUNED and
@@ -47,7 +60,7 @@ while [ $# -gt 0 ]; do
     --rows) only="$2"; shift ;;
     --write-baseline) write_baseline=1 ;;
     --no-bf16) bf16=0 ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see bash bench/run.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -69,8 +82,11 @@ if [ $bf16 -eq 1 ] && ! grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
 fi
 
 # Row table: name, mode, model, teacher, steps per timed repeat (full run),
-# and optionally the method (--method) with its training-set size (--n-train).
+# then optional KEY=VALUE fields: method (--method) and n_train (--n-train),
+# batch (default 64), size (image side, default 32), classes (default 100),
+# layouts (PyTorch layouts, default nchw,channels_last), bf16 (0: no kd bf16 run).
 # Steps are sized so a repeat lasts a few seconds on a 2-core machine.
+swin_opts="layouts=nchw bf16=0"
 rows=(
   "resnet8x4/train train resnet8x4 - 2"
   "resnet8x4/infer infer resnet8x4 - 6"
@@ -85,7 +101,11 @@ rows=(
   "resnet56/train train resnet56 - 2"
   "resnet56/infer infer resnet56 - 6"
   "kd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1"
-  "crd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1 crd 50000"
+  "crd:resnet32x4->resnet8x4 kd resnet8x4 resnet32x4 1 method=crd n_train=50000"
+  "swin_cifar/train train swin_cifar - 1 $swin_opts"
+  "swin_cifar/infer infer swin_cifar - 3 $swin_opts"
+  "swin_t/train train swin_t - 1 batch=8 size=224 classes=1000 $swin_opts"
+  "swin_t/infer infer swin_t - 1 batch=8 size=224 classes=1000 $swin_opts"
 )
 if [ $quick -eq 1 ]; then warmup=1 repeats=3 rounds="${rounds:-1}"; else warmup=2 repeats=5 rounds="${rounds:-3}"; fi
 
@@ -94,6 +114,15 @@ stamp="$(date +%Y%m%d-%H%M%S)"
 raw="bench/results/raw-$stamp.jsonl"
 : >"$raw"
 clean_env=(env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY -u KD_OMP_TUNED -u OMP_NUM_THREADS)
+# PyTorch's BLAS (see the header): OpenBLAS where found, 2 threads like everything else.
+torch_blas="${KD_BENCH_TORCH_BLAS:-/usr/lib/x86_64-linux-gnu/openblas-pthread}"
+torch_env=(env -u OPENBLAS_CORETYPE -u OPENBLAS_NUM_THREADS)
+if [ "$torch_blas" != system ] && [ -e "$torch_blas/libblas.so.3" ]; then
+  torch_env+=("LD_LIBRARY_PATH=$torch_blas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" OPENBLAS_NUM_THREADS=2)
+  if grep -qw avx512f /proc/cpuinfo; then torch_env+=(OPENBLAS_CORETYPE=SkylakeX); fi
+else
+  echo "run.sh: PyTorch uses the system libblas.so.3 ($torch_blas has no OpenBLAS; apt-get install libopenblas0-pthread or set KD_BENCH_TORCH_BLAS)" >&2
+fi
 
 # tag ROW ROUND: prefix each JSON line of stdin with the row and round.
 tag() { sed -n "s|^{|{\"row\": \"$1\", \"round\": $2, |p"; }
@@ -104,18 +133,29 @@ echo "run.sh: kd $(git -C "$root" describe --always --dirty 2>/dev/null || echo 
 peak
 n=0
 for spec in "${rows[@]}"; do
-  read -r name mode model teacher steps method ntrain <<<"$spec"
+  read -r name mode model teacher steps opts <<<"$spec"
   if [ -n "$only" ] && ! tr ',' '\n' <<<"$only" | grep -qxF -e "$name" -e "$model" -e "$mode"; then continue; fi
   n=$((n + 1))
+  method="" ntrain="" batch=64 size=32 classes=100 layouts=nchw,channels_last row_bf16=$bf16
+  for kv in $opts; do
+    case "$kv" in
+      method=*) method="${kv#*=}" ;;  n_train=*) ntrain="${kv#*=}" ;;  batch=*) batch="${kv#*=}" ;;
+      size=*) size="${kv#*=}" ;;  classes=*) classes="${kv#*=}" ;;  layouts=*) layouts="${kv#*=}" ;;
+      bf16=*) [ "${kv#*=}" = 1 ] || row_bf16=0 ;;
+      *) echo "run.sh: row $name: unknown field $kv" >&2; exit 2 ;;
+    esac
+  done
   if [ $quick -eq 1 ]; then steps=$(( (steps + 2) / 3 )); fi
-  args=(--model "$model" --mode "$mode" --batch 64 --threads 2 --classes 100
+  args=(--model "$model" --mode "$mode" --batch "$batch" --threads 2 --classes "$classes"
         --warmup "$warmup" --repeats "$repeats" --steps "$steps")
+  [ "$size" = 32 ] || args+=(--size "$size")
   [ "$teacher" = "-" ] || args+=(--teacher "$teacher")
-  [ -z "${method:-}" ] || args+=(--method "$method" --n-train "$ntrain")
+  [ -z "$method" ] || args+=(--method "$method" --n-train "$ntrain")
   peak
   for ((r = 1; r <= rounds; r++)); do
-    runs=(kd pytorch:nchw pytorch:channels_last)
-    [ $bf16 -eq 0 ] || runs+=(kd:bf16)
+    runs=(kd)
+    for l in ${layouts//,/ }; do runs+=("pytorch:$l"); done
+    [ $row_bf16 -eq 0 ] || runs+=(kd:bf16)
     if [ $((r % 2)) -eq 0 ]; then runs=($(printf '%s\n' "${runs[@]}" | tac)); fi
     for fw in "${runs[@]}"; do
       if [ "$fw" = kd ]; then
@@ -123,7 +163,7 @@ for spec in "${rows[@]}"; do
       elif [ "$fw" = kd:bf16 ]; then
         cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}" --precision bf16)
       else
-        cmd=("${clean_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#pytorch:}")
+        cmd=("${clean_env[@]}" "${torch_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#pytorch:}")
       fi
       if out="$("${cmd[@]}")"; then
         tag "$name" "$r" <<<"$out" >>"$raw"

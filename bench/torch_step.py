@@ -7,6 +7,7 @@ Usage (one measurement per process, so ru_maxrss is this measurement's own):
     /usr/bin/python3 bench/torch_step.py --model resnet8x4 --teacher resnet32x4 --mode kd
         [--layout nchw|channels_last] [--batch 64] [--threads 2] [--classes 100]
         [--warmup 5] [--repeats 5] [--steps 10] [--lr 0.01] [--method kd|crd] [--n-train N]
+        [--size 32]
 
 Needs only Debian's python3-torch (1.13). Prints one JSON line with the keys
 bench_train_step prints.
@@ -28,17 +29,27 @@ One step:
          CIFAR100InstanceSample), so here they are drawn outside the timed
          step (one fresh draw per step, made before timing); kd draws them
          inside its step. Image i of the batch is training image i.
-The batch is one fixed tensor (N, 3, 32, 32) of uniform noise in [-1, 1) with
+The batch is one fixed tensor (N, 3, S, S) (S = --size, default 32; 224 for
+the ImageNet-size rows) of uniform noise in [-1, 1) with
 random labels; no data loading is timed. torch.set_num_threads(threads); the
 OpenMP/MKL settings are PyTorch's defaults (bench/run.sh clears
 GOMP_SPINCOUNT and OMP_WAIT_POLICY for these runs).
 
 FLOPs: 2 * MACs of every Conv2d and Linear in a forward pass, counted by
-forward hooks on one eval-mode image; a training step counts 3x that, the kd
+forward hooks on one eval-mode image (torchvision's ShiftedWindowAttention
+calls F.linear with its qkv and proj weights, so its hook counts those two;
+the attention products q @ k^T and attn @ v count nothing, as in kd); a training step counts 3x that, the kd
 step the teacher's forward plus 3x the student's (see bench/train_step.c).
 
 Models: RepDistiller's CIFAR definitions (models/resnet.py, models/wrn.py) as
-written in tools/gen_zoo_fixtures.py, which the round-trip tests check against kd.
+written in tools/gen_zoo_fixtures.py, which the round-trip tests check against kd;
+torchvision's swin_t (and swin_cifar: SwinTransformer with patch 2, embed 64,
+depths 2-2-2, heads 2-4-8, window 4) as tools/gen_swin_fixtures.py builds them
+for tests/test_swin.c (needs python3-torchvision).
+
+BLAS: the "blas" key of the line names the BLAS library this process mapped
+(Debian's PyTorch calls the system libblas.so.3 for Linear layers and matmuls;
+bench/run.sh points it at OpenBLAS where one is found, see docs/PERFORMANCE.md).
 """
 import argparse
 import json
@@ -64,22 +75,51 @@ MODELS = {name: (lambda k, n=name: build(n, num_classes=k))
                        "wrn_40_1", "wrn_40_2")}
 
 
-def forward_flops_per_image(model):
-    """2 * MACs of every Conv2d and Linear for one 3x32x32 image (eval mode)."""
+def swin(name, k):
+    """torchvision's Swin (tools/gen_swin_fixtures.py), imported only when asked."""
+    from gen_swin_fixtures import make
+    return make(name, 3, k)
+
+
+for _n in ("swin_t", "swin_s", "swin_b", "swin_cifar"):
+    MODELS[_n] = (lambda k, n=_n: swin(n, k))
+
+
+def blas_library():
+    """The BLAS shared object this process mapped (PyTorch's Linear and matmul use it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "blas" in line.rsplit("/", 1)[-1]}
+        return ",".join(sorted(libs)) or "none"
+    except OSError:
+        return "unknown"
+
+
+def forward_flops_per_image(model, size=32):
+    """2 * MACs of every Conv2d and Linear for one 3 x size x size image (eval mode)."""
     total = [0]
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention as swa
+    except ImportError:
+        swa = ()
 
     def hook(m, inp, out):
         if isinstance(m, nn.Conv2d):
             k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        elif swa and isinstance(m, swa):
+            # qkv (C -> 3C) and proj (C -> C) on every token (no window padding
+            # at the benchmark's sizes); their modules' hooks do not fire.
+            k = 4 * m.qkv.in_features
         else:
             k = m.in_features
         total[0] += 2 * out.numel() * k
 
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kinds = (nn.Conv2d, nn.Linear) + ((swa,) if swa else ())
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     was = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
+        model(torch.zeros(1, 3, size, size))
     model.train(was)
     for h in hs:
         h.remove()
@@ -193,6 +233,7 @@ def main():
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--method", default="kd", choices=("kd", "crd"))
     ap.add_argument("--n-train", type=int, default=0)
+    ap.add_argument("--size", type=int, default=32)
     a = ap.parse_args()
     a.n_train = max(a.n_train, a.batch)
 
@@ -201,18 +242,18 @@ def main():
     torch.manual_seed(1)
     fmt = torch.channels_last if a.layout == "channels_last" else torch.contiguous_format
     student = MODELS[a.model](a.classes)
-    fwd = forward_flops_per_image(student)
+    fwd = forward_flops_per_image(student, a.size)
     student = student.to(memory_format=fmt)
     teacher = None
     t_fwd = 0
     if a.mode == "kd":
         teacher = MODELS[a.teacher](a.classes)
-        t_fwd = forward_flops_per_image(teacher)
+        t_fwd = forward_flops_per_image(teacher, a.size)
         teacher = teacher.to(memory_format=fmt).eval()
     flops_img = fwd if a.mode == "infer" else 3 * fwd + t_fwd
 
     g = torch.Generator().manual_seed(7)
-    x = (torch.rand(a.batch, 3, 32, 32, generator=g) * 2 - 1).contiguous(memory_format=fmt)
+    x = (torch.rand(a.batch, 3, a.size, a.size, generator=g) * 2 - 1).contiguous(memory_format=fmt)
     y = torch.randint(0, a.classes, (a.batch,), generator=g)
     params = list(student.parameters())
     crd = a.mode == "kd" and a.method == "crd"
@@ -275,13 +316,14 @@ def main():
         "framework": "pytorch", "method": a.method if a.mode == "kd" else "none", "n_train": a.n_train,
         "model": a.model, "teacher": a.teacher if a.mode == "kd" else None,
         "mode": a.mode, "layout": a.layout, "backend": "torch " + torch.__version__,
-        "batch": a.batch, "threads": torch.get_num_threads(), "classes": a.classes,
+        "batch": a.batch, "threads": torch.get_num_threads(), "classes": a.classes, "size": a.size,
         "warmup": a.warmup, "repeats": a.repeats, "steps": a.steps,
         "img_s_median": round(med, 2), "img_s_min": round(min(ips), 2), "img_s_max": round(max(ips), 2),
         "flops_per_image": flops_img, "fwd_flops_per_image": fwd,
         "gflops_median": round(med * flops_img * 1e-9, 3), "gflops_max": round(max(ips) * flops_img * 1e-9, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_start_mib": round(rss_start, 1),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
+        "blas": blas_library(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "default"),
     }))
 
 

@@ -5,7 +5,7 @@
  *   build/bench/bench_train_step --model resnet8x4 --teacher resnet32x4 --mode kd
  *       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]
  *       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]
- *       [--n-train N]
+ *       [--n-train N] [--size 32]
  *
  * What one step is: kd_train_step (include/kd/train.h), the step `kd train`
  * and `kd distill` run, minus data loading:
@@ -19,7 +19,8 @@
  *          batch); image i < N of the batch is training image i, and image
  *          j has label j mod classes beyond the batch. CRD's sampler draws
  *          its 16384 negatives per sample inside the timed step.
- * The input is one batch of (N, 3, 32, 32) uniform noise with random labels in
+ * The input is one batch of (N, 3, S, S) uniform noise (S = --size, 32 by
+ * default; 224 for the ImageNet-size rows such as swin_t) with random labels in
  * [0, classes), made once: the benchmark measures compute, not the loader.
  * After `warmup` steps it times `repeats` runs of `steps` steps each; each run
  * gives images/s = steps * N / seconds, and the line reports their median, min
@@ -57,7 +58,7 @@
 
 typedef struct {
     const char *model, *teacher, *mode, *backend, *precision, *method;
-    int batch, threads, classes, warmup, repeats, steps;
+    int batch, threads, classes, warmup, repeats, steps, size;
     int64_t n_train;
     float lr;
 } bench_cfg;
@@ -111,8 +112,10 @@ static kd_status count_gemm(kd_backend *be, int trans_a, int trans_b, int64_t M,
     return g_real_be->gemm(be, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-/* Forward FLOPs per image of m (eval mode, one 3x32x32 image). */
-static double forward_flops_per_image(kd_model *m) {
+/* Forward FLOPs per image of m (eval mode, one 3 x size x size image). kd_bmm
+ * (the attention products of transformers) goes through gemm_batch and is not
+ * counted, as PyTorch's hooks on Conv2d and Linear do not count it. */
+static double forward_flops_per_image(kd_model *m, int size) {
     g_count_be = *g_real_be;
     g_count_be.conv2d_forward = count_conv2d_forward;
     g_count_be.gemm = count_gemm;
@@ -121,8 +124,9 @@ static double forward_flops_per_image(kd_model *m) {
     kd_graph_set_grad_enabled(g, 0);
     int was = kd_model_training(m);
     kd_model_set_training(m, 0);
-    static float img[3 * 32 * 32];
-    int64_t xs[4] = {1, 3, 32, 32};
+    float *img = calloc((size_t)(3 * size * size), sizeof(float));
+    if (!img) die("out of memory");
+    int64_t xs[4] = {1, 3, size, size};
     kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, img);
     kd_model_out o;
     g_flops = 0;
@@ -130,6 +134,7 @@ static double forward_flops_per_image(kd_model *m) {
     CHECK(kd_graph_status(g), "counting forward");
     kd_model_set_training(m, was);
     kd_graph_free(g);
+    free(img);
     return g_flops;
 }
 
@@ -140,14 +145,14 @@ static void usage(void) {
             "usage: bench_train_step --model NAME [--mode train|infer|kd] [--teacher NAME]\n"
             "       [--batch 64] [--threads 2] [--classes 100] [--warmup 5] [--repeats 5]\n"
             "       [--steps 10] [--backend cpu] [--lr 0.01] [--precision f32|bf16] [--method NAME]\n"
-            "       [--n-train N]\n");
+            "       [--n-train N] [--size 32]\n");
     exit(2);
 }
 
 static void parse(int argc, char **argv, bench_cfg *c) {
     *c = (bench_cfg){.model = NULL, .teacher = "resnet32x4", .mode = "train", .backend = "cpu", .precision = "f32", .method = NULL,
                      .batch = 64, .threads = 2, .classes = 100, .warmup = 5, .repeats = 5, .steps = 10,
-                     .lr = 0.01f};
+                     .size = 32, .lr = 0.01f};
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i];
         if (i + 1 >= argc) usage();
@@ -166,9 +171,10 @@ static void parse(int argc, char **argv, bench_cfg *c) {
         else if (!strcmp(k, "--steps")) c->steps = atoi(v);
         else if (!strcmp(k, "--lr")) c->lr = (float)atof(v);
         else if (!strcmp(k, "--n-train")) c->n_train = atoll(v);
+        else if (!strcmp(k, "--size")) c->size = atoi(v);
         else usage();
     }
-    if (!c->model || c->batch < 1 || c->classes < 2 || c->warmup < 0 || c->repeats < 1 || c->steps < 1 ||
+    if (!c->model || c->batch < 1 || c->classes < 2 || c->warmup < 0 || c->repeats < 1 || c->steps < 1 || c->size < 1 ||
         (strcmp(c->mode, "train") && strcmp(c->mode, "infer") && strcmp(c->mode, "kd")) ||
         (strcmp(c->precision, "f32") && strcmp(c->precision, "bf16")))
         usage();
@@ -202,14 +208,14 @@ int main(int argc, char **argv) {
         CHECK(kd_model_create(c.teacher, &mc, &teacher), "teacher");
         kd_model_set_training(teacher, 0);
     }
-    double fwd = forward_flops_per_image(student);
-    double t_fwd = teacher ? forward_flops_per_image(teacher) : 0.0;
+    double fwd = forward_flops_per_image(student, c.size);
+    double t_fwd = teacher ? forward_flops_per_image(teacher, c.size) : 0.0;
     double flops_img = infer ? fwd : 3.0 * fwd + t_fwd;
 
-    /* One fixed batch: x (N, 3, 32, 32) in [-1, 1), labels (N) in [0, classes);
+    /* One fixed batch: x (N, 3, S, S) in [-1, 1), labels (N) in [0, classes);
      * the training set's labels: the batch's, then j mod classes. */
-    const int64_t N = c.batch;
-    float *xb = malloc(sizeof(float) * (size_t)(N * 3 * 32 * 32));
+    const int64_t N = c.batch, S = c.size;
+    float *xb = malloc(sizeof(float) * (size_t)(N * 3 * S * S));
     int32_t *yb = malloc(sizeof(int32_t) * (size_t)N);
     int64_t *idx = malloc(sizeof(int64_t) * (size_t)N);
     int32_t *train_labels = malloc(sizeof(int32_t) * (size_t)c.n_train);
@@ -219,7 +225,7 @@ int main(int argc, char **argv) {
     }
     kd_rng rng;
     kd_rng_init(&rng, 7, 1);
-    for (int64_t i = 0; i < N * 3 * 32 * 32; i++) xb[i] = 2.0f * kd_rng_uniform(&rng) - 1.0f;
+    for (int64_t i = 0; i < N * 3 * S * S; i++) xb[i] = 2.0f * kd_rng_uniform(&rng) - 1.0f;
     for (int64_t i = 0; i < N; i++) {
         yb[i] = (int32_t)(kd_rng_uniform(&rng) * (float)c.classes) % c.classes;
         idx[i] = i;
@@ -237,8 +243,8 @@ int main(int argc, char **argv) {
                              .be = g_real_be,
                              .precision = strcmp(c.precision, "bf16") ? KD_F32 : KD_BF16,
                              .in_channels = 3,
-                             .height = 32,
-                             .width = 32,
+                             .height = c.size,
+                             .width = c.size,
                              .num_classes = c.classes,
                              .n_train = c.n_train,
                              .train_labels = train_labels,
@@ -271,7 +277,7 @@ int main(int argc, char **argv) {
             }
             kd_graph_reset(g);
             kd_graph_set_rng(g, 1, (uint64_t)step);
-            int64_t xs[4] = {N, 3, 32, 32};
+            int64_t xs[4] = {N, 3, S, S};
             kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, xb);
             kd_model_out so;
             CHECK(kd_model_forward(student, g, x, 0, &so), "forward");
@@ -283,12 +289,12 @@ int main(int argc, char **argv) {
     qsort(ips, (size_t)c.repeats, sizeof ips[0], cmp_d);
     double med = c.repeats % 2 ? ips[c.repeats / 2] : 0.5 * (ips[c.repeats / 2 - 1] + ips[c.repeats / 2]);
     printf("{\"framework\": \"kd\", \"method\": \"%s\", \"n_train\": %lld, \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
-           "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"warmup\": %d, \"repeats\": %d, "
+           "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"size\": %d, \"warmup\": %d, \"repeats\": %d, "
            "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
            "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
            "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"}\n",
            c.method, (long long)c.n_train, c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
-           c.batch, kd_get_num_threads(), c.classes, c.warmup, c.repeats, c.steps, med, ips[0],
+           c.batch, kd_get_num_threads(), c.classes, c.size, c.warmup, c.repeats, c.steps, med, ips[0],
            ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
            peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");
     free(ips);

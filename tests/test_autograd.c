@@ -194,6 +194,59 @@ static kd_tensor *b_blk_mixed(kd_graph *g, kd_tensor **in) {
     return kd_add(g, kd_flatten(g, y), kd_flatten(g, s));
 }
 
+/* Transformer ops (ops_norm.c). */
+static kd_tensor *b_layernorm(kd_graph *g, kd_tensor **in) {
+    return kd_layernorm(g, in[0], in[1], in[2], 1e-5f);
+}
+static kd_tensor *b_layernorm_na(kd_graph *g, kd_tensor **in) {
+    return kd_layernorm(g, in[0], NULL, NULL, 1e-5f);
+}
+static kd_tensor *b_gelu(kd_graph *g, kd_tensor **in) { return kd_gelu(g, in[0]); }
+static kd_tensor *b_bmm_nn(kd_graph *g, kd_tensor **in) { return kd_bmm(g, in[0], in[1], 0, 0); }
+static kd_tensor *b_bmm_nt(kd_graph *g, kd_tensor **in) { return kd_bmm(g, in[0], in[1], 0, 1); }
+static kd_tensor *b_bmm_tn(kd_graph *g, kd_tensor **in) { return kd_bmm(g, in[0], in[1], 1, 0); }
+static kd_tensor *b_bmm_tt(kd_graph *g, kd_tensor **in) { return kd_bmm(g, in[0], in[1], 1, 1); }
+/* Attention scores: softmax(q k^T) v with q, k, v (B, heads, N, d). */
+static kd_tensor *b_attention(kd_graph *g, kd_tensor **in) {
+    kd_tensor *p = kd_softmax(g, kd_bmm(g, in[0], in[1], 0, 1));
+    return kd_bmm(g, p, in[2], 0, 0);
+}
+
+/* Transformer data movement (ops_layout.c; test_ops_layout.c has more). */
+static kd_tensor *b_permute(kd_graph *g, kd_tensor **in) {
+    static const int p[4] = {2, 0, 3, 1};
+    return kd_permute(g, in[0], p);
+}
+static kd_tensor *b_roll(kd_graph *g, kd_tensor **in) {
+    static const int d[2] = {1, 2};
+    static const int64_t s[2] = {-1, 3};
+    return kd_roll(g, in[0], 2, d, s);
+}
+static kd_tensor *b_index_select(kd_graph *g, kd_tensor **in) { /* repeated rows */
+    static const int64_t idx[7] = {3, 0, 3, 1, 0, 3, 2};
+    int64_t m = 7;
+    kd_tensor *ix = kd_graph_tensor(g, KD_I64, 1, &m);
+    if (!ix) return NULL;
+    memcpy(ix->data, idx, sizeof idx);
+    return kd_index_select(g, in[0], ix);
+}
+static kd_tensor *b_add_bcast(kd_graph *g, kd_tensor **in) { return kd_add_bcast(g, in[0], in[1]); }
+static kd_tensor *b_drop_path(kd_graph *g, kd_tensor **in) { return kd_drop_path(g, in[0], 0.3f, 1); }
+static kd_tensor *b_weight_norm(kd_graph *g, kd_tensor **in) { return kd_weight_norm(g, in[0], in[1]); }
+static kd_tensor *b_patch_merge(kd_graph *g, kd_tensor **in) { return kd_patch_merge(g, in[0]); }
+/* Fused window attention: qkv (4 windows, N 4, 2 heads of 3), bias (2, 4, 4),
+ * a constant (2, 4, 4) mask of 0 / -100 over 2 window positions. */
+static kd_tensor *b_window_attention(kd_graph *g, kd_tensor **in) {
+    int64_t ms[3] = {2, 4, 4};
+    kd_tensor *mask = kd_graph_zeros(g, KD_F32, 3, ms);
+    if (!mask) return NULL;
+    float *m = kd_f32(mask);
+    for (int w = 0; w < 2; w++)
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) m[(w * 4 + i) * 4 + j] = (w == 1 && (i < 2) != (j < 2)) ? -100.0f : 0.0f;
+    return kd_window_attention(g, in[0], in[1], mask, 2);
+}
+
 /* A small chain: an intermediate with two consumers inside one case. */
 static kd_tensor *b_chain(kd_graph *g, kd_tensor **in) {
     kd_tensor *h = kd_linear(g, in[0], in[1], NULL);
@@ -309,6 +362,36 @@ static const fd_case fd_cases[] = {
          ((in_spec){S1(16), U(0.5f, 1.5f), 1}))},
     {"blocked input to a plain conv, round trip", b_blk_mixed,
      IN2(((in_spec){S4(2, 16, 4, 4), U(-1, 1), 1}), ((in_spec){S4(8, 16, 1, 1), U(-1, 1), 1}))},
+    {"layernorm (N, L, D) affine", b_layernorm,
+     IN3(((in_spec){S3(2, 3, 6), U(-2, 2), 1}), ((in_spec){S1(6), U(0.5f, 1.5f), 1}),
+         ((in_spec){S1(6), U(-1, 1), 1}))},
+    {"layernorm, constant affine", b_layernorm,
+     IN3(((in_spec){S2(4, 5), U(-2, 2), 1}), ((in_spec){S1(5), U(0.5f, 1.5f), 0}),
+         ((in_spec){S1(5), U(-1, 1), 0}))},
+    {"layernorm without affine", b_layernorm_na, IN1(((in_spec){S3(3, 2, 7), U(-2, 2), 1}))},
+    {"gelu", b_gelu, IN1(((in_spec){S3(2, 3, 5), U(-4, 4), 1}))},
+    {"bmm 4-d", b_bmm_nn,
+     IN2(((in_spec){S4(2, 2, 3, 4), U(-1, 1), 1}), ((in_spec){S4(2, 2, 4, 5), U(-1, 1), 1}))},
+    {"bmm b transposed", b_bmm_nt,
+     IN2(((in_spec){S3(3, 3, 4), U(-1, 1), 1}), ((in_spec){S3(3, 5, 4), U(-1, 1), 1}))},
+    {"bmm a transposed", b_bmm_tn,
+     IN2(((in_spec){S3(2, 4, 3), U(-1, 1), 1}), ((in_spec){S3(2, 4, 5), U(-1, 1), 1}))},
+    {"bmm both transposed, constant b", b_bmm_tt,
+     IN2(((in_spec){S3(2, 4, 3), U(-1, 1), 1}), ((in_spec){S3(2, 5, 4), U(-1, 1), 0}))},
+    {"attention softmax(q k^T) v", b_attention,
+     IN3(((in_spec){S4(2, 2, 4, 3), U(-1, 1), 1}), ((in_spec){S4(2, 2, 4, 3), U(-1, 1), 1}),
+         ((in_spec){S4(2, 2, 4, 3), U(-1, 1), 1}))},
+    {"permute 4-d", b_permute, IN1(((in_spec){S4(2, 3, 2, 4), U(-1, 1), 1}))},
+    {"roll two axes, negative shift", b_roll, IN1(((in_spec){S4(2, 3, 4, 2), U(-1, 1), 1}))},
+    {"index_select, repeated rows", b_index_select, IN1(((in_spec){S2(4, 3), U(-1, 1), 1}))},
+    {"add_bcast (B, h, N, N) + (1, h, N, N)", b_add_bcast,
+     IN2(((in_spec){S4(2, 2, 3, 3), U(-1, 1), 1}), ((in_spec){S4(1, 2, 3, 3), U(-1, 1), 1}))},
+    {"drop_path", b_drop_path, IN1(((in_spec){S3(8, 2, 3), U(-1, 1), 1}))},
+    {"weight_norm with gain", b_weight_norm,
+     IN2(((in_spec){S2(4, 5), U(-1, 1), 1}), ((in_spec){S1(4), U(0.5f, 1.5f), 1}))},
+    {"patch_merge", b_patch_merge, IN1(((in_spec){S4(2, 2, 4, 3), U(-1, 1), 1}))},
+    {"window_attention with bias and mask", b_window_attention,
+     IN2(((in_spec){S3(4, 4, 18), U(-1, 1), 1}), ((in_spec){S3(2, 4, 4), U(-1, 1), 1}))},
     {"chain with a shared intermediate", b_chain,
      IN2(((in_spec){S2(3, 5), U(-1, 1), 1}), ((in_spec){S2(4, 5), U(-1, 1), 1}))},
 };
@@ -586,8 +669,20 @@ static void test_op_table_checks_can_fail(void **state) {
     assert_int_equal(info.has_backward, 0);
     kd__op_info_derive(&kd__op_table[KD_OP_EXP], &broken, &info);
     assert_int_equal(info.has_forward, 0);
-    /* conv2d (backward) and relu, leaky_relu, exp, log (forward). */
-    assert_int_equal(kd__op_table_check(kd__op_table, KD_OP_COUNT, &broken, msg, sizeof msg), 5);
+    /* conv2d (backward) and relu, leaky_relu, exp, log, gelu (forward). */
+    assert_int_equal(kd__op_table_check(kd__op_table, KD_OP_COUNT, &broken, msg, sizeof msg), 6);
+    /* The transformer kernels: layernorm without its backward kernel, bmm
+     * without the batched gemm. */
+    broken = *ref;
+    broken.layernorm_backward = NULL;
+    broken.gemm_batch = NULL;
+    kd__op_info_derive(&kd__op_table[KD_OP_LAYERNORM], &broken, &info);
+    assert_int_equal(info.has_forward, 1);
+    assert_int_equal(info.has_backward, 0);
+    kd__op_info_derive(&kd__op_table[KD_OP_BMM], &broken, &info);
+    assert_int_equal(info.has_forward, 0);
+    assert_int_equal(info.has_backward, 0);
+    assert_int_equal(kd__op_table_check(kd__op_table, KD_OP_COUNT, &broken, msg, sizeof msg), 2);
 
     int seen[KD_OP_COUNT];
     for (int op = 0; op < KD_OP_COUNT; op++) seen[op] = 1;

@@ -26,10 +26,10 @@
  *     O(1) and reduce over at most ~60 terms in float32: atol 1e-5, rtol 1e-4
  *     (a few hundred ulps of slack for a different summation order, or for
  *     expf/logf implementations a few ulps apart).
- *   - conv2d, linear, matmul: dot products of 4..200 terms of magnitude ~1
+ *   - conv2d, linear, matmul, bmm: dot products of 4..200 terms of magnitude ~1
  *     whose weight gradients reach ~10; oneDNN may block and reorder the
  *     sums (and use FMA): atol 1e-4, rtol 1e-4 for outputs and gradients.
- *   - batchnorm: normalisation divides by a batch standard deviation and the
+ *   - batchnorm, layernorm: normalisation divides by a batch standard deviation and the
  *     input gradient is a difference of three O(1) terms (cancellation):
  *     atol 1e-4, rtol 1e-4.
  *   - exp, log: one transcendental per element, which libm and PyTorch get
@@ -78,7 +78,7 @@ typedef struct {
 
 static tol case_tol(const char *op) {
     if (!strcmp(op, "conv2d") || !strcmp(op, "linear") || !strcmp(op, "matmul") ||
-        !strcmp(op, "batchnorm"))
+        !strcmp(op, "batchnorm") || !strcmp(op, "bmm") || !strcmp(op, "layernorm"))
         return (tol){1e-4, 1e-4};
     if (!strcmp(op, "exp") || !strcmp(op, "log")) return (tol){1e-6, 1e-5};
     return (tol){1e-5, 1e-4};
@@ -287,6 +287,37 @@ static kd_tensor *build_op(kd_graph *g, const fx_case *c, kd_tensor **in, int n_
     /* NCHW -> NCHW16C -> NCHW on backends with blocked layouts, identity on ref. */
     if (!strcmp(op, "to_strided")) return kd_graph_to_strided(g, kd_graph_to_blocked(g, in[0]));
     if (!strcmp(op, "function")) return kd_function_apply(g, &kd_test_fn_polymul, NULL, 0, 2, in, in[0]->ndim, in[0]->shape);
+    if (!strcmp(op, "layernorm"))
+        return kd_layernorm(g, in[0], n_in > 1 ? in[1] : NULL, n_in > 2 ? in[2] : NULL,
+                            (float)meta_num(c, "eps"));
+    if (!strcmp(op, "gelu")) return kd_gelu(g, in[0]);
+    if (!strcmp(op, "bmm"))
+        return kd_bmm(g, in[0], in[1], (int)meta_num(c, "trans_a"), (int)meta_num(c, "trans_b"));
+    if (!strcmp(op, "permute")) {
+        int perm[KD_MAX_DIMS];
+        for (int i = 0; i < in[0]->ndim; i++) perm[i] = (int)meta_item(c, "perm", i);
+        return kd_permute(g, in[0], perm);
+    }
+    if (!strcmp(op, "roll")) {
+        const kd_json *sh = kd_json_get(c->meta, "shifts");
+        if (!sh || sh->type != KD_JSON_ARRAY || sh->count > KD_MAX_DIMS)
+            fail_msg("%s: metadata lacks \"shifts\"", c->name);
+        int dims[KD_MAX_DIMS];
+        int64_t shifts[KD_MAX_DIMS];
+        for (int i = 0; i < (int)sh->count; i++) {
+            shifts[i] = (int64_t)meta_item(c, "shifts", i);
+            dims[i] = (int)meta_item(c, "dims", i);
+        }
+        return kd_roll(g, in[0], (int)sh->count, dims, shifts);
+    }
+    if (!strcmp(op, "index_select")) return kd_index_select(g, in[0], in[1]);
+    if (!strcmp(op, "add_bcast")) return kd_add_bcast(g, in[0], in[1]);
+    if (!strcmp(op, "drop_path"))
+        return kd_drop_path(g, in[0], (float)meta_num(c, "p"), (int)meta_num(c, "training"));
+    if (!strcmp(op, "weight_norm")) return kd_weight_norm(g, in[0], n_in > 1 ? in[1] : NULL);
+    if (!strcmp(op, "window_attention"))
+        return kd_window_attention(g, in[0], n_in > 1 ? in[1] : NULL, n_in > 2 ? in[2] : NULL,
+                                   (int64_t)meta_num(c, "heads"));
     fail_msg("%s: the test has no dispatch for op \"%s\"", c->name, op);
     return NULL;
 }

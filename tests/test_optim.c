@@ -395,6 +395,66 @@ static void test_long_names_and_nonfinite(void **state) {
     kd_params_free(&pl);
 }
 
+/* kd_optim_hold (DINO's frozen last layer): a tensor held for the first 2
+ * steps is untouched by them (no decay either), then moves exactly as in a
+ * fresh optimiser that starts at step 2 (torch skips a parameter whose grad
+ * is None: its AdamW step count and SGD momentum start at its own first
+ * update); the other tensor of the held optimiser is unaffected, and a
+ * per-step weight decay (kd_optim_set_weight_decay) applies to both. */
+static void test_hold_and_wd_schedule(void **state) {
+    (void)state;
+    for (int kind = 0; kind < 2; kind++) {
+        kd_param_list pa = {0}, pb = {0}, pc = {0};
+        kd_tensor *a1, *a2, *b1, *c2;
+        int64_t sh[1] = {5};
+        KD_ASSERT_OK(kd_params_new(&pa, "", "w1", KD_F32, 1, sh, KD_PARAM_WEIGHT, &a1));
+        KD_ASSERT_OK(kd_params_new(&pa, "", "w2", KD_F32, 1, sh, KD_PARAM_WEIGHT, &a2));
+        KD_ASSERT_OK(kd_params_new(&pb, "", "w1", KD_F32, 1, sh, KD_PARAM_WEIGHT, &b1));
+        KD_ASSERT_OK(kd_params_new(&pc, "", "w2", KD_F32, 1, sh, KD_PARAM_WEIGHT, &c2));
+        kd_tensor *all[4] = {a1, a2, b1, c2};
+        for (int t = 0; t < 4; t++) {
+            KD_ASSERT_OK(kd_tensor_new(KD_F32, 1, sh, &all[t]->grad));
+            for (int j = 0; j < 5; j++) kd_f32(all[t])[j] = 0.5f + 0.25f * (float)j * (t % 2 ? -1.0f : 1.0f);
+        }
+        kd_optim_cfg c = kd_optim_defaults(kind ? KD_OPTIM_SGD : KD_OPTIM_ADAMW);
+        c.lr = 0.01;
+        c.weight_decay = 0.1;
+        kd_optim *oa, *ob, *oc;
+        kd_param_group ga = {"", &pa, 1.0f}, gb = {"", &pb, 1.0f}, gc = {"", &pc, 1.0f};
+        KD_ASSERT_OK(kd_optim_init(&oa, &ga, 1, &c));
+        KD_ASSERT_OK(kd_optim_init(&ob, &gb, 1, &c));
+        KD_ASSERT_OK(kd_optim_init(&oc, &gc, 1, &c));
+        assert_int_equal(kd_optim_hold(oa, b1, 2), KD_ERR_NOT_FOUND);
+        float start[5];
+        memcpy(start, kd_f32(a1), sizeof start);
+        for (int k = 0; k < 5; k++) {
+            KD_ASSERT_OK(kd_optim_hold(oa, a1, 2)); /* set again every step, as DINO does */
+            const double wd = 0.1 + 0.05 * k;
+            kd_optim_set_weight_decay(oa, wd);
+            kd_optim_set_weight_decay(ob, wd);
+            kd_optim_set_weight_decay(oc, wd);
+            for (int j = 0; j < 5; j++) {
+                kd_f32(a1->grad)[j] = kd_f32(b1->grad)[j] = 0.3f * (float)(k + 1) - 0.1f * (float)j;
+                kd_f32(a2->grad)[j] = kd_f32(c2->grad)[j] = 0.2f * (float)j - 0.1f * (float)k;
+            }
+            KD_ASSERT_OK(kd_optim_step(oa));
+            KD_ASSERT_OK(kd_optim_step(oc));
+            if (k >= 2) KD_ASSERT_OK(kd_optim_step(ob));
+            if (k < 2) assert_memory_equal(kd_f32(a1), start, sizeof start);
+        }
+        assert_true(kd_optim_base_weight_decay(oa) == 0.1);
+        assert_memory_equal(kd_f32(a1), kd_f32(b1), 5 * sizeof(float));
+        assert_memory_equal(kd_f32(a2), kd_f32(c2), 5 * sizeof(float));
+        assert_memory_not_equal(kd_f32(a1), start, sizeof start);
+        kd_optim_free(oa);
+        kd_optim_free(ob);
+        kd_optim_free(oc);
+        kd_params_free(&pa);
+        kd_params_free(&pb);
+        kd_params_free(&pc);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cases_cover),
@@ -403,6 +463,7 @@ int main(void) {
         cmocka_unit_test(test_schedule_vs_reference),
         cmocka_unit_test(test_bad_settings),
         cmocka_unit_test(test_long_names_and_nonfinite),
+        cmocka_unit_test(test_hold_and_wd_schedule),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

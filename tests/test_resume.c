@@ -261,6 +261,21 @@ static void test_resume_ssl(void **state) {
     snprintf(b, sizeof b, "%s/moco_resumed/encoder.safetensors", g_root);
     if (kd_test_ckpts_differ(a, b, KD_TEST_CKPT_MODEL, msg, sizeof msg)) fail_msg("moco encoder.safetensors: %s", msg);
     run_pair("simclr", "ref", "simclr", last, sizeof last);
+    if (!registered("esvit")) return;
+    /* EsViT (DINO's step plus the region term): the EMA teacher, both centres,
+     * the teacher heads and the schedules (teacher temperature warm-up over
+     * the 3 epochs, momentum and weight decay per step, the last layers held
+     * during epoch 1 and released after the resume) continue bit-identically. */
+    run_pair_set("esvit", "esvit.out_dim=32", "esvit.hidden=16", "ref", "esvit", last, sizeof last);
+    f = kd_test_st_open(last);
+    static const char *const need_esvit[] = {"distill.dino_loss.center", "distill.dino_loss.center_grid",
+                                             "distill.teacher_head.last_layer.weight_v",
+                                             "distill.teacher_head_dense.mlp.0.weight", "distill.head.last_layer.weight_g",
+                                             "ema.conv1.weight"};
+    for (size_t i = 0; i < sizeof need_esvit / sizeof need_esvit[0]; i++)
+        if (!kd_st_find(f, need_esvit[i])) fail_msg("%s has no %s", last, need_esvit[i]);
+    if (all_zero(kd_st_find(f, "distill.dino_loss.center_grid"))) fail_msg("%s: the region centre never moved", last);
+    kd_st_close(f);
 }
 
 /* Zeroes tensor `name` of the safetensors file at path in place (its bytes

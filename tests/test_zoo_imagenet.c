@@ -69,60 +69,11 @@ static int g_verbose;
 
 /* ------------------------------------------------------------- helpers */
 
-/* The generator's weights: see tools/gen_imagenet_fixtures.py. */
-static void gen_weight(float *w, int64_t n, uint64_t k, int64_t fan_in) {
-    const uint64_t golden = 0x9E3779B97F4A7C15ull;
-    float bound = (float)sqrt(3.0 / (double)fan_in);
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t z = (k + 1) * golden + (uint64_t)i;
-        z += golden;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        z ^= z >> 31;
-        float u = (float)((double)(z >> 40) * 0x1p-23 - 1.0);
-        w[i] = u * bound;
-    }
-}
-
-static kd_json *arch_meta(const char *arch) {
-    const char *js = kd_st_meta(g_fx, arch);
-    if (!js) fail_msg("fixture has no metadata for %s", arch);
-    kd_json *j = NULL;
-    KD_ASSERT_OK(kd_json_parse(js, strlen(js), arch, &j));
-    return j;
-}
-
-static const kd_json *meta_array(const kd_json *j, const char *key) {
-    const kd_json *v = kd_json_get(j, key);
-    if (!v || v->type != KD_JSON_ARRAY) fail_msg("metadata lacks array %s", key);
-    return v;
-}
-
 static kd_model *create(const char *arch, int num_classes) {
     kd_model *m = NULL;
     kd_model_cfg cfg = {3, num_classes, 7};
     if (kd_model_create(arch, &cfg, &m) != KD_OK) fail_msg("%s: %s", arch, kd_last_error());
     return m;
-}
-
-/* Max |a - b| after checking |a - b| <= TOL * max(1, max|b|) elementwise. */
-static double compare(const char *what, const kd_tensor *t, const kd_st_entry *e) {
-    if (t->ndim != e->ndim) fail_msg("%s: rank %d, want %d", what, t->ndim, e->ndim);
-    for (int i = 0; i < e->ndim; i++)
-        if (t->shape[i] != e->shape[i]) fail_msg("%s: dim %d is %lld, want %lld", what, i,
-                                                 (long long)t->shape[i], (long long)e->shape[i]);
-    const float *got = kd_f32(t), *want = e->data;
-    int64_t n = kd_tensor_numel(t);
-    double scale = 1, mx = 0;
-    for (int64_t i = 0; i < n; i++) scale = fmax(scale, fabs((double)want[i]));
-    for (int64_t i = 0; i < n; i++) {
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (!(d <= TOL * scale))
-            fail_msg("%s: element %lld got %.8g want %.8g (|diff| %.3g > %.3g)", what,
-                     (long long)i, got[i], want[i], d, TOL * scale);
-        if (d > mx) mx = d;
-    }
-    return mx;
 }
 
 /* ---------------------------------------------------------------- tests */
@@ -140,60 +91,6 @@ static void test_param_counts(void **state) {
     }
     /* The registry knows them by torchvision's names. */
     for (int a = 0; a < N_ARCH; a++) assert_true(kd_model_exists(g_archs[a].name));
-}
-
-/* Writes torchvision's state_dict of `arch` (from the fixture) to `path`. */
-static void write_torchvision_file(const char *arch, const kd_json *meta, const char *path) {
-    const kd_json *names = meta_array(meta, "names"), *shapes = meta_array(meta, "shapes");
-    const kd_json *dtypes = meta_array(meta, "dtypes"), *gen = meta_array(meta, "generated");
-    kd_st_writer *w = NULL;
-    KD_ASSERT_OK(kd_st_writer_init(&w));
-    float **bufs = calloc((size_t)names->count, sizeof *bufs);
-    assert_non_null(bufs);
-    for (int64_t k = 0; k < names->count; k++) {
-        const char *name = names->items[k].string;
-        const kd_json *sh = &shapes->items[k];
-        int64_t shape[KD_MAX_DIMS], n = 1;
-        for (int64_t d = 0; d < sh->count; d++) n *= (shape[d] = (int64_t)sh->items[d].number);
-        kd_dtype dt = strcmp(dtypes->items[k].string, "I64") == 0 ? KD_I64 : KD_F32;
-        if (gen->items[k].number != 0) {
-            bufs[k] = malloc((size_t)n * sizeof(float));
-            assert_non_null(bufs[k]);
-            gen_weight(bufs[k], n, (uint64_t)k, n / shape[0]);
-            KD_ASSERT_OK(kd_st_writer_add(w, name, dt, (int)sh->count, shape, bufs[k]));
-        } else {
-            char key[256];
-            snprintf(key, sizeof key, "%s.sd.%s", arch, name);
-            const kd_st_entry *e = kd_st_find(g_fx, key);
-            if (!e) fail_msg("fixture lacks %s", key);
-            KD_ASSERT_OK(kd_st_writer_add(w, name, e->dtype, e->ndim, e->shape, e->data));
-        }
-    }
-    KD_ASSERT_OK(kd_st_writer_save(w, path));
-    kd_st_writer_free(w);
-    for (int64_t k = 0; k < names->count; k++) free(bufs[k]);
-    free(bufs);
-}
-
-/* The model's parameter list equals torchvision's state_dict, in order. */
-static void check_names(const char *arch, kd_model *m, const kd_json *meta) {
-    const kd_json *names = meta_array(meta, "names"), *shapes = meta_array(meta, "shapes");
-    const kd_json *dtypes = meta_array(meta, "dtypes");
-    kd_param_list *pl = kd_model_params(m);
-    if (pl->n != names->count)
-        fail_msg("%s: %d tensors, torchvision has %lld", arch, pl->n, (long long)names->count);
-    for (int i = 0; i < pl->n; i++) {
-        const kd_param *p = &pl->items[i];
-        if (strcmp(p->name, names->items[i].string) != 0)
-            fail_msg("%s: tensor %d is %s, torchvision's is %s", arch, i, p->name,
-                     names->items[i].string);
-        const kd_json *sh = &shapes->items[i];
-        int ok = p->t->ndim == sh->count;
-        for (int d = 0; ok && d < p->t->ndim; d++) ok = p->t->shape[d] == (int64_t)sh->items[d].number;
-        if (!ok) fail_msg("%s: %s has another shape than torchvision's", arch, p->name);
-        kd_dtype dt = strcmp(dtypes->items[i].string, "I64") == 0 ? KD_I64 : KD_F32;
-        if (p->t->dtype != dt) fail_msg("%s: %s has dtype %s", arch, p->name, kd_dtype_name(p->t->dtype));
-    }
 }
 
 static void check_feats(const arch_info *ai, kd_model *m, const kd_model_out *o, int64_t H) {
@@ -220,15 +117,15 @@ static void test_roundtrip(void **state) {
     const arch_info *ai = *state;
     const char *arch = ai->name;
     if (!g_fx) fail_msg("cannot open %s", KD_FIXTURE("imagenet_models.safetensors"));
-    kd_json *meta = arch_meta(arch);
+    kd_json *meta = kd_test_st_meta_json(g_fx, arch);
     kd_model *m = create(arch, (int)kd_json_get(meta, "num_classes")->number);
-    check_names(arch, m, meta);
+    kd_test_check_state_dict_names(arch, m, meta);
 
     const char *dir = kd_test_tmpdir(arch);
     char tv_path[1200], kd_path[1200];
     snprintf(tv_path, sizeof tv_path, "%s/torchvision.safetensors", dir);
     snprintf(kd_path, sizeof kd_path, "%s/kd.safetensors", dir);
-    write_torchvision_file(arch, meta, tv_path);
+    kd_test_write_state_dict(g_fx, arch, meta, tv_path);
     KD_ASSERT_OK(kd_model_load(m, tv_path));
     kd_model_set_training(m, 0);
 
@@ -248,9 +145,9 @@ static void test_roundtrip(void **state) {
             fail_msg("%s [%s]: forward failed: %s", arch, be->name, kd_last_error());
         char what[128];
         snprintf(what, sizeof what, "%s [%s] logits", arch, be->name);
-        double dl = compare(what, o.logits, le);
+        double dl = kd_test_compare_scaled(what, o.logits, le, TOL);
         snprintf(what, sizeof what, "%s [%s] embedding", arch, be->name);
-        double de = compare(what, o.feat[o.n_feat - 1], ee);
+        double de = kd_test_compare_scaled(what, o.feat[o.n_feat - 1], ee, TOL);
         check_feats(ai, m, &o, xe->shape[2]);
         for (int k = 0; k < o.n_feat; k++) assert_non_null(o.preact[k]);
         if (g_verbose)
@@ -290,19 +187,7 @@ static void test_train_step(void **state) {
         fail_msg("%s: training forward failed: %s", ai->name, kd_last_error());
     check_feats(ai, m, &o, 32);
     KD_ASSERT_OK(kd_backward(g, kd_cross_entropy(g, o.logits, y, 0.0f)));
-    kd_param_list *pl = kd_model_params(m);
-    for (int i = 0; i < pl->n; i++) {
-        const kd_param *p = &pl->items[i];
-        if (p->kind == KD_PARAM_BUFFER) continue;
-        if (!p->t->grad) fail_msg("%s: %s has no gradient", ai->name, p->name);
-        const float *d = kd_f32(p->t->grad);
-        int nz = 0;
-        for (int64_t j = 0; j < kd_tensor_numel(p->t); j++) {
-            if (!isfinite(d[j])) fail_msg("%s: %s has a non-finite gradient", ai->name, p->name);
-            nz |= d[j] != 0.0f;
-        }
-        if (!nz) fail_msg("%s: the gradient of %s is all zero", ai->name, p->name);
-    }
+    kd_test_check_param_grads(ai->name, kd_model_params(m));
     kd_graph_free(g);
     kd_model_free(m);
 }

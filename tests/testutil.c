@@ -559,3 +559,131 @@ void kd_test_write_jpeg(const char *path, int w, int h, uint64_t seed) {
     free(mem);
     free(px);
 }
+
+/* ------------------------------------------------ torchvision state_dict fixtures */
+
+void kd_test_gen_weight(float *w, int64_t n, uint64_t k, int64_t fan_in) {
+    const uint64_t golden = 0x9E3779B97F4A7C15ull;
+    float bound = (float)sqrt(3.0 / (double)fan_in);
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t z = (k + 1) * golden + (uint64_t)i;
+        z += golden;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        float u = (float)((double)(z >> 40) * 0x1p-23 - 1.0);
+        w[i] = u * bound;
+    }
+}
+
+double kd_test_compare_scaled(const char *what, const kd_tensor *t, const kd_st_entry *e, double tol) {
+    if (t->ndim != e->ndim) fail_msg("%s: rank %d, want %d", what, t->ndim, e->ndim);
+    for (int i = 0; i < e->ndim; i++)
+        if (t->shape[i] != e->shape[i])
+            fail_msg("%s: dim %d is %lld, want %lld", what, i, (long long)t->shape[i], (long long)e->shape[i]);
+    const float *got = kd_f32(t), *want = e->data;
+    int64_t n = kd_tensor_numel(t);
+    double scale = 1, mx = 0;
+    for (int64_t i = 0; i < n; i++) scale = fmax(scale, fabs((double)want[i]));
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)want[i]);
+        if (!(d <= tol * scale))
+            fail_msg("%s: element %lld got %.8g want %.8g (|diff| %.3g > %.3g)", what, (long long)i, got[i],
+                     want[i], d, tol * scale);
+        if (d > mx) mx = d;
+    }
+    return mx;
+}
+
+kd_json *kd_test_st_meta_json(kd_st_file *fx, const char *key) {
+    const char *js = kd_st_meta(fx, key);
+    if (!js) fail_msg("fixture has no metadata for %s", key);
+    kd_json *j = NULL;
+    KD_ASSERT_OK(kd_json_parse(js, strlen(js), key, &j));
+    return j;
+}
+
+const kd_json *kd_test_json_array(const kd_json *j, const char *key) {
+    const kd_json *v = kd_json_get(j, key);
+    if (!v || v->type != KD_JSON_ARRAY) fail_msg("metadata lacks array %s", key);
+    return v;
+}
+
+/* torchvision's relative_position_index of a ws x ws window (flattened
+ * (ws^2, ws^2)): coords of tokens i, j row-major; (dy + ws - 1) * (2ws - 1) +
+ * (dx + ws - 1) with dy = y_i - y_j, dx = x_i - x_j. */
+static void kd__test_rel_index(int64_t *p, int64_t n) {
+    int64_t N = (int64_t)llround(sqrt((double)n)), ws = (int64_t)llround(sqrt((double)N));
+    if (N * N != n || ws * ws != N) fail_msg("relative_position_index of %lld elements is not (ws^2)^2", (long long)n);
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++)
+            p[i * N + j] = (i / ws - j / ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1);
+}
+
+void kd_test_write_state_dict(kd_st_file *fx, const char *sd_prefix, const kd_json *meta, const char *path) {
+    const kd_json *names = kd_test_json_array(meta, "names"), *shapes = kd_test_json_array(meta, "shapes");
+    const kd_json *dtypes = kd_test_json_array(meta, "dtypes"), *gen = kd_test_json_array(meta, "generated");
+    kd_st_writer *w = NULL;
+    KD_ASSERT_OK(kd_st_writer_init(&w));
+    void **bufs = calloc((size_t)names->count, sizeof *bufs);
+    assert_non_null(bufs);
+    for (int64_t k = 0; k < names->count; k++) {
+        const char *name = names->items[k].string;
+        const kd_json *sh = &shapes->items[k];
+        int64_t shape[KD_MAX_DIMS], n = 1;
+        for (int64_t d = 0; d < sh->count; d++) n *= (shape[d] = (int64_t)sh->items[d].number);
+        kd_dtype dt = strcmp(dtypes->items[k].string, "I64") == 0 ? KD_I64 : KD_F32;
+        int how = (int)gen->items[k].number;
+        if (how == 1) {
+            bufs[k] = malloc((size_t)n * sizeof(float));
+            assert_non_null(bufs[k]);
+            kd_test_gen_weight(bufs[k], n, (uint64_t)k, n / shape[0]);
+            KD_ASSERT_OK(kd_st_writer_add(w, name, dt, (int)sh->count, shape, bufs[k]));
+        } else if (how == 2) {
+            bufs[k] = malloc((size_t)n * sizeof(int64_t));
+            assert_non_null(bufs[k]);
+            kd__test_rel_index(bufs[k], n);
+            KD_ASSERT_OK(kd_st_writer_add(w, name, KD_I64, (int)sh->count, shape, bufs[k]));
+        } else {
+            const kd_st_entry *e = kd_test_st_entry(fx, "%s.sd.%s", sd_prefix, name);
+            KD_ASSERT_OK(kd_st_writer_add(w, name, e->dtype, e->ndim, e->shape, e->data));
+        }
+    }
+    KD_ASSERT_OK(kd_st_writer_save(w, path));
+    kd_st_writer_free(w);
+    for (int64_t k = 0; k < names->count; k++) free(bufs[k]);
+    free(bufs);
+}
+
+void kd_test_check_state_dict_names(const char *arch, kd_model *m, const kd_json *meta) {
+    const kd_json *names = kd_test_json_array(meta, "names"), *shapes = kd_test_json_array(meta, "shapes");
+    const kd_json *dtypes = kd_test_json_array(meta, "dtypes");
+    kd_param_list *pl = kd_model_params(m);
+    if (pl->n != names->count) fail_msg("%s: %d tensors, torchvision has %lld", arch, pl->n, (long long)names->count);
+    for (int i = 0; i < pl->n; i++) {
+        const kd_param *p = &pl->items[i];
+        if (strcmp(p->name, names->items[i].string) != 0)
+            fail_msg("%s: tensor %d is %s, torchvision's is %s", arch, i, p->name, names->items[i].string);
+        const kd_json *sh = &shapes->items[i];
+        int ok = p->t->ndim == sh->count;
+        for (int d = 0; ok && d < p->t->ndim; d++) ok = p->t->shape[d] == (int64_t)sh->items[d].number;
+        if (!ok) fail_msg("%s: %s has another shape than torchvision's", arch, p->name);
+        kd_dtype dt = strcmp(dtypes->items[i].string, "I64") == 0 ? KD_I64 : KD_F32;
+        if (p->t->dtype != dt) fail_msg("%s: %s has dtype %s", arch, p->name, kd_dtype_name(p->t->dtype));
+    }
+}
+
+void kd_test_check_param_grads(const char *who, const kd_param_list *pl) {
+    for (int i = 0; i < pl->n; i++) {
+        const kd_param *p = &pl->items[i];
+        if (p->kind == KD_PARAM_BUFFER) continue;
+        if (!p->t->grad) fail_msg("%s: %s has no gradient", who, p->name);
+        const float *d = kd_f32(p->t->grad);
+        int nz = 0;
+        for (int64_t j = 0; j < kd_tensor_numel(p->t); j++) {
+            if (!isfinite(d[j])) fail_msg("%s: %s has a non-finite gradient", who, p->name);
+            nz |= d[j] != 0.0f;
+        }
+        if (!nz) fail_msg("%s: the gradient of %s is all zero", who, p->name);
+    }
+}

@@ -137,6 +137,103 @@ def distinct(*shape):
     return v.reshape(*shape)
 
 
+def transformer_cases(c):
+    """Transformer ops of ops_norm.c (Swin, DINO): layernorm, gelu, bmm, and softmax on
+    attention-shaped (B, heads, N, N) scores. Appended after the older cases, so that
+    those keep their random inputs."""
+    randn = torch.randn
+
+    # layernorm: in0 x (..., D), in1 gamma (D), in2 beta (D) when "affine" is 1.
+    def ln(case, x, affine, eps):
+        D = x.shape[-1]
+        ins = [x] + ([1.0 + 0.3 * randn(D), 0.3 * randn(D)] if affine else [])
+
+        def fn(x, g=None, b=None):
+            return F.layer_norm(x, (D,), g, b, eps)
+        c.add(case, {"op": "layernorm", "eps": eps, "affine": int(affine)}, fn, ins,
+              [True] * len(ins))
+
+    ln("layernorm", 2 * randn(2, 5, 8) + 0.5, True, 1e-5)
+    ln("layernorm_noaffine", randn(3, 4, 6) - 1.0, False, 1e-5)
+    ln("layernorm_2d_d96", randn(3, 96), True, 1e-6)
+
+    c.add("gelu", {"op": "gelu"}, F.gelu, [3 * randn(3, 4, 5)], [True])
+
+    # bmm: in0 a, in1 b; op(a) (..., M, K) @ op(b) (..., K, N), op = transpose when
+    # trans_a / trans_b is 1 (a stored (..., K, M), b stored (..., N, K)).
+    def bmm(case, batch, M, K, N, ta, tb):
+        a = randn(*batch, *((K, M) if ta else (M, K)))
+        b = randn(*batch, *((N, K) if tb else (K, N)))
+
+        def fn(a, b):
+            return torch.matmul(a.transpose(-1, -2) if ta else a,
+                                b.transpose(-1, -2) if tb else b)
+        c.add(case, {"op": "bmm", "trans_a": ta, "trans_b": tb}, fn, [a, b], [True, True])
+
+    bmm("bmm", (3,), 4, 5, 6, 0, 0)
+    for ta in (0, 1):
+        for tb in (0, 1):
+            bmm(f"bmm_4d_{'t' if ta else 'n'}{'t' if tb else 'n'}", (2, 3), 4, 5, 3, ta, tb)
+
+    c.add("softmax_4d_attn", {"op": "softmax"}, lambda x: F.softmax(x, -1),
+          [2 * randn(2, 3, 7, 7)], [True])
+
+
+def layout_cases(c):
+    """Transformer data-movement ops of ops_layout.c (tests/test_ops_layout.c has
+    more, from tools/gen_layout_fixtures.py). Appended after the transformer cases.
+    permute: "perm"; roll: "shifts", "dims"; index_select: in1 the I64 index;
+    add_bcast: in1 b broadcast to in0; drop_path: the identities only ("p",
+    "training"; kd's mask RNG is not torch's); weight_norm: in1 the gain (O)
+    when "gain" is 1."""
+    randn = torch.randn
+    c.add("permute_4d", {"op": "permute", "perm": [0, 2, 3, 1]},
+          lambda x: x.permute(0, 2, 3, 1).contiguous(), [randn(2, 3, 4, 5)], [True])
+    c.add("roll_2axes", {"op": "roll", "shifts": [-2, 3], "dims": [1, 2]},
+          lambda x: torch.roll(x, (-2, 3), (1, 2)), [randn(2, 5, 4, 3)], [True])
+    c.add("index_select", {"op": "index_select"}, lambda t, i: t.index_select(0, i),
+          [randn(5, 3), torch.tensor([4, 0, 4, 2, 1, 4, 0], dtype=torch.int64)], [True, False])
+    c.add("add_bcast_attn", {"op": "add_bcast"}, lambda x, b: x + b,
+          [randn(2, 3, 4, 4), randn(1, 3, 4, 4)], [True, True])
+    c.add("drop_path_eval", {"op": "drop_path", "p": 0.5, "training": 0}, lambda x: x * 1.0,
+          [randn(3, 4)], [True])
+    c.add("weight_norm", {"op": "weight_norm", "gain": 1},
+          lambda v, g: torch._weight_norm(v, g.view(-1, 1), 0),
+          [randn(4, 6), randn(4).abs() + 0.5], [True, True])
+
+
+def window_attention_cases(c):
+    """kd_window_attention against torchvision's shifted_window_attention core
+    (after the qkv linear, before proj): in0 qkv (Bw, N, 3C), in1 the bias
+    (heads, N, N), in2 the mask (nW, N, N) (no gradient); "heads". Appended
+    after the layout cases."""
+    randn = torch.randn
+
+    def attn(heads):
+        def fn(qkv, bias=None, mask=None):
+            Bw, N, C3 = qkv.shape
+            C = C3 // 3
+            q, k, v = qkv.reshape(Bw, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+            q = q * (C // heads) ** -0.5
+            a = q.matmul(k.transpose(-2, -1))
+            if bias is not None:
+                a = a + bias.unsqueeze(0)
+            if mask is not None:
+                nW = mask.shape[0]
+                a = (a.view(Bw // nW, nW, heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(Bw, heads, N, N)
+            a = F.softmax(a, dim=-1)
+            return a.matmul(v).transpose(1, 2).reshape(Bw, N, C)
+        return fn
+
+    mask = torch.zeros(2, 9, 9)
+    lab = torch.tensor([0, 0, 1, 0, 0, 1, 2, 2, 3])
+    mask[1] = (lab[:, None] != lab[None, :]).float() * -100.0
+    c.add("window_attention", {"op": "window_attention", "heads": 2}, attn(2),
+          [randn(4, 9, 12), 0.5 * randn(2, 9, 9), mask], [True, True, False])
+    c.add("window_attention_nobias", {"op": "window_attention", "heads": 3}, attn(3),
+          [randn(3, 5, 18)], [True])
+
+
 def build_ops():
     c = OpCases()
     randn = torch.randn
@@ -316,6 +413,10 @@ def build_ops():
     # function: a custom kd_function (tests/testutil.c kd_test_fn_polymul), y = a * b^2 + a / 2.
     c.add("function", {"op": "function"}, lambda a, b: a * b * b + 0.5 * a,
           [randn(3, 4, 5), randn(3, 4, 5)], [True, True])
+
+    transformer_cases(c)
+    layout_cases(c)
+    window_attention_cases(c)
 
     c.meta["cases"] = ",".join(c.names)
     c.meta["generator"] = "tools/gen_fixtures.py"

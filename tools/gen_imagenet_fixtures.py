@@ -58,8 +58,9 @@ NUM_CLASSES = 10
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def generated_weight(k, shape):
-    """The hash-generated float32 tensor for state_dict entry k."""
+def generated_weight(k, shape, fan_in=None):
+    """The hash-generated float32 tensor for state_dict entry k (fan_in:
+    prod(shape[1:]) unless given; 3 gives U(-1, 1) inputs)."""
     n = int(np.prod(shape))
     i = np.arange(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -69,29 +70,38 @@ def generated_weight(k, shape):
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     u = ((z >> np.uint64(40)).astype(np.float64) * 2.0 ** -23 - 1.0).astype(np.float32)
-    fan_in = int(np.prod(shape[1:]))
+    if fan_in is None:
+        fan_in = int(np.prod(shape[1:]))
     bound = np.float32(math.sqrt(3.0 / fan_in))
     return torch.from_numpy((u * bound).astype(np.float32).reshape(shape))
 
 
-def build(arch, calib):
-    model = getattr(tvm, arch)(weights=None, num_classes=NUM_CLASSES)
-    sd = model.state_dict()
-    new = {}
-    gen = []
+def fixture_state_dict(sd, derived=lambda name: False):
+    """The fixture's replacement of a state_dict and its "generated" codes:
+    1 hash-generated (two or more dimensions), 0 stored (1-d weights
+    1 + 0.2 N(0,1), other float tensors 0.1 N(0,1), running statistics and
+    integers as they are), 2 kept as they are but not stored (derived(name):
+    the test rebuilds them)."""
+    new, gen = {}, []
     for k, (name, t) in enumerate(sd.items()):
-        if t.dim() >= 2:
+        if derived(name):
+            new[name] = t.clone()
+            gen.append(2)
+        elif t.dim() >= 2:
             new[name] = generated_weight(k, tuple(t.shape))
             gen.append(1)
-            continue
-        gen.append(0)
-        if t.dtype == torch.float32 and not ("running_" in name):
-            if name.endswith(".weight"):
-                new[name] = 1.0 + 0.2 * torch.randn(t.shape)
-            else:
-                new[name] = 0.1 * torch.randn(t.shape)
         else:
-            new[name] = t.clone()
+            gen.append(0)
+            if t.dtype == torch.float32 and not ("running_" in name):
+                new[name] = (1.0 + 0.2 * torch.randn(t.shape)) if name.endswith(".weight") else 0.1 * torch.randn(t.shape)
+            else:
+                new[name] = t.clone()
+    return new, gen
+
+
+def build(arch, calib):
+    model = getattr(tvm, arch)(weights=None, num_classes=NUM_CLASSES)
+    new, gen = fixture_state_dict(model.state_dict())
     model.load_state_dict(new)
     # Running statistics: one training-mode pass with momentum 1.
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -81,6 +81,17 @@ typedef enum {
                           * before ops that need plain tensors (and the reverse for
                           * kd_graph_to_blocked); the backward reorders the gradient */
     KD_OP_FUNCTION,      /* a kd_function: plain-C forward and backward given by the caller */
+    /* Transformer ops (Swin, DINO heads). */
+    KD_OP_LAYERNORM,     /* over the last axis, affine (PyTorch nn.LayerNorm) */
+    KD_OP_GELU,          /* exact (erf) GELU, PyTorch nn.GELU() */
+    KD_OP_BMM,           /* batched matmul over leading dims, optional transposes */
+    KD_OP_PERMUTE,       /* general axis permutation (copy) */
+    KD_OP_ROLL,          /* cyclic shift along axes (torch.roll) */
+    KD_OP_INDEX_SELECT,  /* rows of a table by int64 index; backward scatter-adds */
+    KD_OP_ADD_BCAST,     /* x + b, b broadcast (numpy rules, same ndim) */
+    KD_OP_DROP_PATH,     /* stochastic depth: one keep/drop per sample (dim 0) */
+    KD_OP_WEIGHT_NORM,   /* w = g * v / ||v|| per row (torch weight_norm, dim 0) */
+    KD_OP_WINDOW_ATTENTION, /* fused multi-head (window) self-attention from packed qkv */
     KD_OP_COUNT
 } kd_op;
 
@@ -270,6 +281,59 @@ kd_tensor *kd_relu6(kd_graph *g, kd_tensor *x);
  * y = x * s[:, :, None, None] for x (N, C, H, W) and s (N, C), or
  * y = x * s[:, 0, None, None, None] for s (N, 1). Gradients flow to both. */
 kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s);
+
+/* ---------------------------------------------------- transformer ops
+ * Tokens are (..., D) with the feature axis last, as in PyTorch. */
+
+/* Layer normalisation over the last axis (D): y = (x - mean) / sqrt(var + eps)
+ * * gamma + beta with the biased variance; gamma and beta (D) or both NULL. */
+kd_tensor *kd_layernorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *beta, float eps);
+/* GELU with the exact erf form, x * 0.5 * (1 + erf(x / sqrt(2))) (any shape). */
+kd_tensor *kd_gelu(kd_graph *g, kd_tensor *x);
+/* Batched matmul: a (..., M, K) @ b (..., K, N) -> (..., M, N), the leading
+ * (batch) dims equal in a and b (ndim >= 3). trans_a: a is (..., K, M) and
+ * op(a) its transpose; trans_b likewise (q @ k^T is kd_bmm(g, q, k, 0, 1)). */
+kd_tensor *kd_bmm(kd_graph *g, kd_tensor *a, kd_tensor *b, int trans_a, int trans_b);
+/* y = x.permute(perm) made contiguous; perm a permutation of 0..ndim-1. */
+kd_tensor *kd_permute(kd_graph *g, kd_tensor *x, const int *perm);
+/* torch.roll(x, shifts, dims) over n axes (shifts may be negative). */
+kd_tensor *kd_roll(kd_graph *g, kd_tensor *x, int n, const int *dims, const int64_t *shifts);
+/* table (L, D), index (M) int64 in [0, L) -> (M, D), y[m] = table[index[m]];
+ * d table accumulates every row that was read (repeats add). */
+kd_tensor *kd_index_select(kd_graph *g, kd_tensor *table, const kd_tensor *index);
+/* x + b with b broadcast to x: same ndim, each b dim 1 or x's; the gradient
+ * of b sums over the broadcast axes. */
+kd_tensor *kd_add_bcast(kd_graph *g, kd_tensor *x, kd_tensor *b);
+/* Stochastic depth (torchvision StochasticDepth, mode "row"): each sample
+ * (index along dim 0) is kept with probability 1-p and scaled by 1/(1-p), or
+ * zeroed; counter-based mask from the graph's rng like kd_dropout. Identity
+ * when !training or p == 0. */
+kd_tensor *kd_drop_path(kd_graph *g, kd_tensor *x, float p, int training);
+/* Weight normalisation over rows: v (O, I), gain (O) or NULL for a gain of
+ * 1 (DINO's norm_last_layer) -> w (O, I), w[o] = gain[o] * v[o] / ||v[o]||.
+ * A weight-normalised linear layer is kd_linear(g, x, kd_weight_norm(...), b). */
+kd_tensor *kd_weight_norm(kd_graph *g, kd_tensor *v, kd_tensor *gain);
+/* Fused multi-head self-attention over windows (Swin's W-MSA, torchvision's
+ * shifted_window_attention after the qkv linear and before proj): qkv (Bw,
+ * N, 3C) packed as the qkv linear writes it, (Bw, N, 3, heads, C/heads);
+ * per window b and head h, softmax(q k^T * (C/heads)^-0.5 [+ bias[h]]
+ * [+ mask[b % nW]]) v, with q scaled first, written to (Bw, N, C) in
+ * (N, heads, C/heads) order. bias (heads, N, N) or NULL (differentiable:
+ * Swin's gathered relative position bias); mask (nW, N, N) or NULL (a
+ * constant: the shifted-window mask), nW dividing Bw. The same as the chain
+ * of permute, slice, scale, kd_bmm, kd_add_bcast, kd_softmax, kd_bmm,
+ * permute, without its copies. */
+kd_tensor *kd_window_attention(kd_graph *g, kd_tensor *qkv, kd_tensor *bias, const kd_tensor *mask, int64_t heads);
+/* Swin window helpers, composed of reshapes and kd_permute (so their
+ * gradients are the permutes'): x (N, H, W, C) with ws dividing H and W ->
+ * (N * H/ws * W/ws, ws*ws, C), windows in row-major order as in Swin's
+ * window_partition; kd_window_reverse inverts it given N, H, W. */
+kd_tensor *kd_window_partition(kd_graph *g, kd_tensor *x, int64_t ws);
+kd_tensor *kd_window_reverse(kd_graph *g, kd_tensor *win, int64_t ws, int64_t N, int64_t H, int64_t W);
+/* Swin patch merging's gather (torchvision PatchMerging before its norm and
+ * reduction): x (N, H, W, C), H and W even -> (N, H/2, W/2, 4C) =
+ * cat(x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]) on C. */
+kd_tensor *kd_patch_merge(kd_graph *g, kd_tensor *x);
 
 /* ------------------------------------------------------ custom functions
  * The C analogue of torch.autograd.Function: a fused loss or kernel written

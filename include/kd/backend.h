@@ -63,6 +63,7 @@ typedef enum {
     KD_ELTWISE_RELU = 0,   /* alpha = negative slope: 0 for ReLU, >0 for leaky ReLU */
     KD_ELTWISE_EXP,
     KD_ELTWISE_LOG,
+    KD_ELTWISE_GELU,       /* exact GELU x * 0.5 * (1 + erf(x / sqrt(2))); alpha unused */
     KD_ELTWISE_COUNT
 } kd_eltwise_kind;
 
@@ -121,10 +122,42 @@ struct kd_backend {
                       float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
                       float beta, float *C, int64_t ldc);
 
+    /* Batched gemm: for i in [0, batch), C_i = alpha * op(A_i) @ op(B_i) +
+     * beta * C_i as in gemm, with A_i = A + i * stride_a (floats), likewise
+     * B_i and C_i. */
+    kd_status (*gemm_batch)(kd_backend *be, int64_t batch, int trans_a, int trans_b, int64_t M,
+                            int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                            int64_t stride_a, const float *B, int64_t ldb, int64_t stride_b,
+                            float beta, float *C, int64_t ldc, int64_t stride_c);
+
+    /* Layer norm over the last axis: x and y (..., D) seen as (R, D) rows;
+     * y = (x - mean) * rstd * gamma + beta per row, rstd = 1/sqrt(var + eps)
+     * with the biased variance (PyTorch nn.LayerNorm). gamma and beta (D) or
+     * both NULL (no affine). save_mean and save_rstd (R elements) receive the
+     * row statistics; both NULL for inference. */
+    kd_status (*layernorm_forward)(kd_backend *be, float eps, const kd_tensor *x,
+                                   const kd_tensor *gamma, const kd_tensor *beta, kd_tensor *y,
+                                   kd_tensor *save_mean, kd_tensor *save_rstd);
+    /* With xhat = (x - mean) * rstd and g = dy * gamma: dx = rstd * (g -
+     * mean_D(g) - xhat * mean_D(g * xhat)), dgamma = sum_R(dy * xhat), dbeta =
+     * sum_R(dy). dx, dgamma, dbeta may each be NULL (dgamma/dbeta need gamma). */
+    kd_status (*layernorm_backward)(kd_backend *be, float eps, const kd_tensor *dy,
+                                    const kd_tensor *x, const kd_tensor *gamma,
+                                    const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                                    kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta,
+                                    int accumulate);
+
+    /* Softmax over the last axis: x and y (..., C) seen as (R, C) rows, y =
+     * exp(x - max) / sum(exp(x - max)) per row. */
+    kd_status (*softmax_forward)(kd_backend *be, const kd_tensor *x, kd_tensor *y);
+    /* dx (+)= y * (dy - sum_C(y * dy)) per row, from the forward's y. */
+    kd_status (*softmax_backward)(kd_backend *be, const kd_tensor *y, const kd_tensor *dy,
+                                  kd_tensor *dx, int accumulate);
+
     /* y = f(x) elementwise; alpha as documented per kind. */
     kd_status (*eltwise_forward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                  const kd_tensor *x, kd_tensor *y);
-    /* dx (+)= dy * f'(.) where `src` is x for LOG, y for EXP, and for RELU x or,
+    /* dx (+)= dy * f'(.) where `src` is x for LOG and GELU, y for EXP, and for RELU x or,
      * when alpha >= 0, y (only its sign is used; autograd passes y then). */
     kd_status (*eltwise_backward)(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                   const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,

@@ -43,6 +43,7 @@
 #include "kd/data.h"
 #include "kd/models.h"
 #include "kd/nn.h"
+#include "kd/optim.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -225,6 +226,15 @@ typedef struct kd_method_def {
      * queues, EMA copies); epoch_begin before the first step of an epoch. */
     kd_status (*after_step)(kd_method *m, kd_step_ctx *ctx);
     kd_status (*epoch_begin)(kd_method *m, int epoch);
+    /* Optional: runs after the backward (and the data-parallel gradient
+     * all-reduce), before the optimiser step: per-step optimiser settings
+     * (DINO's weight-decay schedule, kd_optim_set_weight_decay), gradient
+     * surgery on the student's and the method's .grad (DINO's per-tensor
+     * clipping) and held tensors (kd_optim_hold: DINO's frozen last layer). */
+    kd_status (*before_update)(kd_method *m, kd_step_ctx *ctx, kd_optim *opt);
+    /* Optional: the views per image when a setting decides them (DINO's
+     * 2 + local_crops_number); `views` is then the fewest. */
+    int (*num_views)(const kd_method *m);
     /* Optional: a stage before the first training epoch (SSKD trains the
      * teacher's self-supervision head). The training run calls it once per
      * invocation, after the method, the loader and the run directory exist
@@ -301,6 +311,10 @@ kd_status kd_method_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
  * def's own loss hook when it has one. */
 kd_status kd_method_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms);
 kd_status kd_method_after_step(kd_method *m, kd_step_ctx *ctx);
+/* The def's before_update hook, or nothing. */
+kd_status kd_method_before_update(kd_method *m, kd_step_ctx *ctx, kd_optim *opt);
+/* Views per image: the def's num_views hook, else its `views` (at least 1). */
+int kd_method_num_views(const kd_method *m);
 kd_status kd_method_epoch_begin(kd_method *m, int epoch);
 /* The def's prepare hook, or nothing when it has none. */
 kd_status kd_method_prepare(kd_method *m, const kd_prepare_ctx *ctx);

@@ -56,6 +56,9 @@ kd_status kd_extract_features(kd_model *m, kd_backend *be, const kd_dataset *ds,
 kd_status kd_l2_normalize_rows(float *x, int64_t n, int64_t dim);
 
 #define KD_KNN_MAX_K 16
+/* kd_eval_cfg.ckpt naming no file: the architecture `arch` at random
+ * initialisation (the seed), the baseline of self-supervised evaluation. */
+#define KD_EVAL_RANDOM_INIT "random"
 
 typedef struct {
     const float *train;          /* (n_train, dim), rows L2-normalised */
@@ -124,7 +127,7 @@ typedef enum { KD_EVAL_KNN = 1, KD_EVAL_LINEAR = 2 } kd_eval_mode;
 
 typedef struct {
     kd_eval_mode mode;
-    char ckpt[512];
+    char ckpt[512];   /* KD_EVAL_RANDOM_INIT: arch at random initialisation (seed) */
     char arch[48];    /* empty: the checkpoint's own */
     char data[512];
     char out[512];    /* run directory */

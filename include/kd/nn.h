@@ -74,6 +74,9 @@ void kd_init_normal(kd_tensor *w, float std, kd_rng *r);
 /* U(-bound, bound): PyTorch's default Linear/Conv init uses 1/sqrt(fan_in). */
 void kd_init_uniform(kd_tensor *w, float bound, kd_rng *r);
 void kd_init_constant(kd_tensor *w, float v);
+/* PyTorch nn.init.trunc_normal_(w, std=std, a=-2, b=2): N(0, std) redrawn
+ * outside the absolute bounds [-2, 2] (ViT, Swin and DINO use std 0.02). */
+void kd_init_trunc_normal(kd_tensor *w, float std, kd_rng *r);
 /* fan_in of a weight (O, I, KH, KW) or (O, I). */
 int64_t kd_fan_in(const kd_tensor *w);
 
@@ -112,6 +115,15 @@ typedef struct {
 kd_status kd_linear_layer_init(kd_linear_layer *l, kd_param_list *pl, const char *prefix,
                                int64_t in, int64_t out, int bias);
 kd_tensor *kd_linear_layer_forward(kd_graph *g, const kd_linear_layer *l, kd_tensor *x);
+
+/* nn.LayerNorm(ch) over the last axis: weight 1, bias 0 (both no decay). */
+typedef struct {
+    kd_tensor *weight, *bias; /* (C) */
+    float eps;                /* 1e-5 as PyTorch */
+} kd_ln_layer;
+
+kd_status kd_ln_layer_init(kd_ln_layer *l, kd_param_list *pl, const char *prefix, int64_t ch);
+kd_tensor *kd_ln_layer_forward(kd_graph *g, const kd_ln_layer *l, kd_tensor *x);
 /* PyTorch default Linear init: weight and bias U(+-1/sqrt(in)). */
 void kd_linear_layer_default_init(kd_linear_layer *l, kd_rng *r);
 

@@ -72,6 +72,19 @@ void kd_optim_zero_grad(kd_optim *o);
 /* Clips (if asked) and updates every parameter that has a gradient. */
 kd_status kd_optim_step(kd_optim *o);
 int64_t kd_optim_steps(const kd_optim *o);
+/* The weight decay of the tensors that decay, for the coming steps (a
+ * per-step schedule: DINO's cosine 0.04 -> 0.4); kd_optim_base_weight_decay
+ * is the configured value (kd_optim_cfg.weight_decay). */
+void kd_optim_set_weight_decay(kd_optim *o, double wd);
+double kd_optim_base_weight_decay(const kd_optim *o);
+/* Holds the optimised tensor p still during the optimiser's first `steps`
+ * steps, as torch skips a parameter whose .grad is None (DINO's
+ * cancel_gradients_last_layer): no update, no decay, no state change; its
+ * AdamW bias correction counts its own updates and SGD's momentum buffer
+ * starts at its first one. Stateless given the step count, so a resumed run
+ * (which sets it again) holds it the same. KD_ERR_NOT_FOUND when p is not
+ * optimised. */
+kd_status kd_optim_hold(kd_optim *o, const kd_tensor *p, int64_t steps);
 /* Global gradient L2 norm measured by the last step (before clipping; 0 when
  * clipping is off). */
 double kd_optim_last_grad_norm(const kd_optim *o);

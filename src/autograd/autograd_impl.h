@@ -62,6 +62,9 @@ typedef struct {
             void *params; /* arena copy of the caller's block */
             void *saved;  /* what the forward kept for the backward */
         } fn;
+        struct {
+            int64_t v[KD_MAX_DIMS]; /* permute: perm; roll: shift per axis in [0, n) */
+        } lay;
     } p;
 } kd__node;
 
@@ -117,7 +120,10 @@ enum {
     KD__K_BN = 2,      /* batchnorm_forward; batchnorm_backward */
     KD__K_POOL2D = 4,  /* pool2d_forward; pool2d_backward */
     KD__K_GEMM = 8,    /* gemm (forward and backward) */
-    KD__K_ELTWISE = 16 /* eltwise_forward; eltwise_backward */
+    KD__K_ELTWISE = 16, /* eltwise_forward; eltwise_backward */
+    KD__K_LN = 32,      /* layernorm_forward; layernorm_backward */
+    KD__K_GEMM_BATCH = 64, /* gemm_batch (forward and backward) */
+    KD__K_SOFTMAX = 128    /* softmax_forward; softmax_backward */
 };
 
 typedef struct {
@@ -272,5 +278,17 @@ kd_status kd__act_backward(kd_graph *g, kd__node *n); /* sigmoid .. relu6 (ops_a
 kd_status kd__mul_channel_backward(kd_graph *g, kd__node *n);
 kd_status kd__to_strided_backward(kd_graph *g, kd__node *n);
 kd_status kd__function_backward(kd_graph *g, kd__node *n); /* ops_function.c */
+/* transformer ops: the kernel flags and retain flags in graph.c's table are
+ * the implementer's to adjust (ops_norm.c, ops_layout.c) */
+kd_status kd__layernorm_backward(kd_graph *g, kd__node *n);
+kd_status kd__gelu_backward(kd_graph *g, kd__node *n);
+kd_status kd__bmm_backward(kd_graph *g, kd__node *n);
+kd_status kd__permute_backward(kd_graph *g, kd__node *n);
+kd_status kd__roll_backward(kd_graph *g, kd__node *n);
+kd_status kd__index_select_backward(kd_graph *g, kd__node *n);
+kd_status kd__add_bcast_backward(kd_graph *g, kd__node *n);
+kd_status kd__drop_path_backward(kd_graph *g, kd__node *n);
+kd_status kd__weight_norm_backward(kd_graph *g, kd__node *n);
+kd_status kd__window_attention_backward(kd_graph *g, kd__node *n); /* ops_attention.c */
 
 #endif /* KD_AUTOGRAD_IMPL_H */

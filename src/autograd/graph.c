@@ -72,7 +72,7 @@ const kd__op_entry kd__op_table[] = {
     KD__OP(KD_OP_TRANSPOSE, "transpose", kd_transpose, kd__transpose_backward, 0, 0),
     KD__OP(KD_OP_CONCAT, "concat", kd_concat, kd__concat_backward, 0, 0),
     KD__OP(KD_OP_SLICE, "slice", kd_slice, kd__slice_backward, 0, 0),
-    KD__OP(KD_OP_SOFTMAX, "softmax", kd_softmax, kd__softmax_backward, 0, OUT),
+    KD__OP(KD_OP_SOFTMAX, "softmax", kd_softmax, kd__softmax_backward, KD__K_SOFTMAX, OUT),
     KD__OP(KD_OP_LOG_SOFTMAX, "log_softmax", kd_log_softmax, kd__log_softmax_backward, 0, OUT),
     KD__OP(KD_OP_CROSS_ENTROPY, "cross_entropy", kd_cross_entropy, kd__cross_entropy_backward, 0,
            I0),
@@ -94,6 +94,22 @@ const kd__op_entry kd__op_table[] = {
     KD__OP(KD_OP_TO_STRIDED, "to_strided", kd_graph_to_strided, kd__to_strided_backward, 0, 0),
     KD__OP(KD_OP_FUNCTION, "function", kd_function_apply, kd__function_backward, 0,
            I0 | I1 | KD__RET_IN2 | OUT),
+    /* transformer ops: ops_norm.c (layernorm, gelu, bmm), ops_layout.c (the rest) */
+    KD__OP(KD_OP_LAYERNORM, "layernorm", kd_layernorm, kd__layernorm_backward, KD__K_LN,
+           I0 | I1 | SAVED), /* x, gamma, row mean/rstd */
+    KD__OP(KD_OP_GELU, "gelu", kd_gelu, kd__gelu_backward, KD__K_ELTWISE, I0),
+    KD__OP(KD_OP_BMM, "bmm", kd_bmm, kd__bmm_backward, KD__K_GEMM_BATCH, I0 | I1),
+    KD__OP(KD_OP_PERMUTE, "permute", kd_permute, kd__permute_backward, 0, 0),
+    KD__OP(KD_OP_ROLL, "roll", kd_roll, kd__roll_backward, 0, 0),
+    KD__OP(KD_OP_INDEX_SELECT, "index_select", kd_index_select, kd__index_select_backward, 0,
+           I1), /* the index */
+    KD__OP(KD_OP_ADD_BCAST, "add_bcast", kd_add_bcast, kd__add_bcast_backward, 0, 0),
+    KD__OP(KD_OP_DROP_PATH, "drop_path", kd_drop_path, kd__drop_path_backward, 0,
+           0), /* mask recomputed */
+    KD__OP(KD_OP_WEIGHT_NORM, "weight_norm", kd_weight_norm, kd__weight_norm_backward, 0,
+           I0 | I1), /* v, gain (norms recomputed) */
+    KD__OP(KD_OP_WINDOW_ATTENTION, "window_attention", kd_window_attention, kd__window_attention_backward, 0,
+           I0 | SAVED), /* qkv, the probabilities */
 };
 
 #undef I0
@@ -126,6 +142,18 @@ void kd__op_info_derive(const kd__op_entry *e, const kd_backend *be, kd_op_info 
     if (k & KD__K_ELTWISE) {
         fwd = fwd && be->eltwise_forward;
         bwd = bwd && be->eltwise_backward;
+    }
+    if (k & KD__K_LN) {
+        fwd = fwd && be->layernorm_forward;
+        bwd = bwd && be->layernorm_backward;
+    }
+    if (k & KD__K_GEMM_BATCH) {
+        fwd = fwd && be->gemm_batch;
+        bwd = bwd && be->gemm_batch;
+    }
+    if (k & KD__K_SOFTMAX) {
+        fwd = fwd && be->softmax_forward;
+        bwd = bwd && be->softmax_backward;
     }
     out->name = e->name;
     out->has_forward = fwd;

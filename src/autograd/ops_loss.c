@@ -1,6 +1,7 @@
 /*
  * ops_loss.c: row-wise ops over the last axis and the losses, in plain C:
- * softmax, log_softmax, l2_normalize, cross_entropy (with label smoothing),
+ * softmax (on the backend's softmax kernels), log_softmax, l2_normalize,
+ * cross_entropy (with label smoothing),
  * kl_div (DistillKL) and mse. Rows run in parallel; every reduction to a
  * scalar sums per-row (or per-block) values in a fixed order, in double.
  */
@@ -57,6 +58,12 @@ static kd_tensor *kd__softmax_any(kd_graph *g, kd_tensor *x, int logsm) {
     if (!y) return NULL;
     int64_t R, C;
     kd__rows(x, &R, &C);
+    if (!logsm) { /* the backend's kernel (oneDNN's softmax primitive on cpu) */
+        kd_status s = R * C > 0 ? g->be->softmax_forward(g->be, x, y) : KD_OK;
+        if (s != KD_OK) return kd__fail(g, s);
+        kd__record(g, op, y, 1, &x);
+        return g->status == KD_OK ? y : NULL;
+    }
     const float *xd = kd_f32(x);
     float *yd = kd_f32(y);
 #pragma omp parallel for schedule(static) if (R * C >= KD__PAR_MIN)
@@ -64,10 +71,7 @@ static kd_tensor *kd__softmax_any(kd_graph *g, kd_tensor *x, int logsm) {
         const float *xr = xd + r * C;
         float *yr = yd + r * C;
         float l = kd__lse(xr, C);
-        if (logsm)
-            for (int64_t c = 0; c < C; c++) yr[c] = xr[c] - l;
-        else
-            for (int64_t c = 0; c < C; c++) yr[c] = expf(xr[c] - l);
+        for (int64_t c = 0; c < C; c++) yr[c] = xr[c] - l;
     }
     kd__record(g, op, y, 1, &x);
     return g->status == KD_OK ? y : NULL;
@@ -84,6 +88,7 @@ static kd_status kd__softmax_any_backward(kd_graph *g, kd__node *n, int logsm) {
     if (!dx) return g->status;
     int64_t R, C;
     kd__rows(x, &R, &C);
+    if (!logsm) return R * C > 0 ? g->be->softmax_backward(g->be, y, y->grad, dx, acc) : KD_OK;
     const float *yd = kd_f32(y), *dy = kd_f32(y->grad);
     float *d = kd_f32(dx);
 #pragma omp parallel for schedule(static) if (R * C >= KD__PAR_MIN)
@@ -91,20 +96,11 @@ static kd_status kd__softmax_any_backward(kd_graph *g, kd__node *n, int logsm) {
         const float *yr = yd + r * C, *gr = dy + r * C;
         float *dr = d + r * C;
         double s = 0;
-        if (logsm) {
-            /* dx = dy - softmax(x) * sum(dy) */
-            for (int64_t c = 0; c < C; c++) s += gr[c];
-            for (int64_t c = 0; c < C; c++) {
-                float v = gr[c] - expf(yr[c]) * (float)s;
-                dr[c] = acc ? dr[c] + v : v;
-            }
-        } else {
-            /* dx = y * (dy - sum(y * dy)) */
-            for (int64_t c = 0; c < C; c++) s += (double)yr[c] * gr[c];
-            for (int64_t c = 0; c < C; c++) {
-                float v = yr[c] * (gr[c] - (float)s);
-                dr[c] = acc ? dr[c] + v : v;
-            }
+        /* dx = dy - softmax(x) * sum(dy) */
+        for (int64_t c = 0; c < C; c++) s += gr[c];
+        for (int64_t c = 0; c < C; c++) {
+            float v = gr[c] - expf(yr[c]) * (float)s;
+            dr[c] = acc ? dr[c] + v : v;
         }
     }
     return KD_OK;

@@ -385,6 +385,8 @@ static int kd__cmd_eval(int argc, char **argv) {
                    "                     classifier's data (--linear) or the kNN bank (--knn) [all]\n"
                    "  --seed N           the label subset, and the classifier's initialisation and data\n"
                    "                     order [0]\n"
+                   "  --ckpt random --model ARCH   the network at random initialisation (seeded by\n"
+                   "                     --seed): the baseline a pretrained encoder is measured against\n"
                    "Both write the run directory --out DIR: config.yaml, metrics.jsonl, summary.json\n"
                    "(and labels.txt with --labels); --batch is the feature-extraction batch.\n",
                    data, ld.epochs, ld.lr, ld.batch_size);

@@ -44,6 +44,8 @@ static const kd_method_def *const kd__methods[] = {
     &kd__method_simclrv2,
     &kd__method_dogo,
     &kd__method_ssld,
+    &kd__method_dino,
+    &kd__method_esvit,
 };
 #define KD__NMETHODS ((int)(sizeof kd__methods / sizeof kd__methods[0]))
 
@@ -470,6 +472,15 @@ kd_status kd_method_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
 
 kd_status kd_method_after_step(kd_method *m, kd_step_ctx *ctx) {
     return m->def->after_step ? m->def->after_step(m, ctx) : KD_OK;
+}
+
+kd_status kd_method_before_update(kd_method *m, kd_step_ctx *ctx, kd_optim *opt) {
+    return m->def->before_update ? m->def->before_update(m, ctx, opt) : KD_OK;
+}
+
+int kd_method_num_views(const kd_method *m) {
+    int v = m->def->num_views ? m->def->num_views(m) : m->def->views;
+    return v > 1 ? v : 1;
 }
 
 kd_status kd_method_epoch_begin(kd_method *m, int epoch) {

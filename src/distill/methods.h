@@ -26,6 +26,8 @@ extern const kd_method_def kd__method_moco;   /* He et al. / Chen et al.: MoCo v
 extern const kd_method_def kd__method_dogo;   /* Bhat et al.: DoGo, two self-supervised peers distilling online */
 extern const kd_method_def kd__method_ssld;   /* PaddleClas SSLD: symmetric KL on labeled + unlabeled images */
 extern const kd_method_def kd__method_simclrv2; /* Chen et al.: SimCLRv2's distillation on unlabeled data */
+extern const kd_method_def kd__method_dino;   /* Caron et al.: DINO self-distillation, EMA teacher, multi-crop */
+extern const kd_method_def kd__method_esvit;  /* Li et al.: EsViT, DINO's view term + region matching */
 extern const kd_method_def kd__method_seed;   /* Fang et al.: SEED, similarity distribution over a teacher queue */
 
 /* SSKD internals (sskd.c), for tests/test_sskd.c. kd__sskd_keep: the keep

@@ -36,6 +36,8 @@ kd_status kd__shufflev1_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
 kd_status kd__shufflev2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
 /* widths = bottleneck blocks per stage (3, 4, 6, 3 for ResNet50). */
 kd_status kd__resnetv2_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
+/* depth = index of the variant in swin.c's table (swin_t, swin_s, swin_b, swin_cifar, swin_mnist). */
+kd_status kd__swin_build(kd_model *m, const kd__arch_arg *arg, kd_rng *r);
 
 /* Helpers shared by the architecture files. */
 

@@ -47,6 +47,12 @@ static const kd__arch_row kd__archs[] = {
     {"mobilenet_v3_large", kd__mobilenetv3_build, {0, {0}}},
     {"mobilenet_v3_small", kd__mobilenetv3_build, {1, {0}}},
     {"efficientnet_b0", kd__efficientnet_build, {0, {0}}},
+    /* Swin Transformers (swin.c): torchvision's swin_t/s/b and two small ones. */
+    {"swin_t", kd__swin_build, {0, {0}}},
+    {"swin_s", kd__swin_build, {1, {0}}},
+    {"swin_b", kd__swin_build, {2, {0}}},
+    {"swin_cifar", kd__swin_build, {3, {0}}},
+    {"swin_mnist", kd__swin_build, {4, {0}}},
 };
 #define KD__NARCH ((int)(sizeof kd__archs / sizeof kd__archs[0]))
 

@@ -110,6 +110,17 @@ void kd_init_normal(kd_tensor *w, float std, kd_rng *r) {
     for (int64_t i = 0; i < n; i++) p[i] = std * kd_rng_normal(r);
 }
 
+void kd_init_trunc_normal(kd_tensor *w, float std, kd_rng *r) {
+    float *p = kd_f32(w);
+    int64_t n = kd_tensor_numel(w);
+    for (int64_t i = 0; i < n; i++) {
+        float v;
+        do v = std * kd_rng_normal(r);
+        while (v < -2.0f || v > 2.0f);
+        p[i] = v;
+    }
+}
+
 void kd_init_kaiming_normal_fan_out(kd_tensor *w, kd_rng *r) {
     /* fan_out = out_channels * receptive field; gain sqrt(2) for ReLU. */
     int64_t fan_out = w->shape[0];
@@ -209,4 +220,17 @@ kd_status kd_ema_update(kd_param_list *ema, const kd_param_list *src, double mom
         for (int64_t j = 0; j < n; j++) d[j] = d[j] * m + a * x[j];
     }
     return KD_OK;
+}
+
+kd_status kd_ln_layer_init(kd_ln_layer *l, kd_param_list *pl, const char *prefix, int64_t ch) {
+    memset(l, 0, sizeof *l);
+    KD_TRY(kd_params_new(pl, prefix, "weight", KD_F32, 1, &ch, KD_PARAM_NO_DECAY, &l->weight));
+    KD_TRY(kd_params_new(pl, prefix, "bias", KD_F32, 1, &ch, KD_PARAM_NO_DECAY, &l->bias));
+    kd_init_constant(l->weight, 1.0f);
+    l->eps = 1e-5f;
+    return KD_OK;
+}
+
+kd_tensor *kd_ln_layer_forward(kd_graph *g, const kd_ln_layer *l, kd_tensor *x) {
+    return kd_layernorm(g, x, l->weight, l->bias, l->eps);
 }

@@ -20,6 +20,7 @@ typedef struct {
     char *name[2];     /* state names, "<prefix><param><suffix>" */
     float lr_scale;
     int decay;         /* weight decay (and LARS adaptation) applies */
+    int64_t hold;      /* not updated during the first `hold` steps (kd_optim_hold) */
 } kd__slot;
 
 struct kd_optim {
@@ -30,6 +31,7 @@ struct kd_optim {
     int buf_ready;
     int64_t steps;
     double last_norm;
+    double wd0; /* the configured weight decay */
 };
 
 static const char *const kd__optim_names[] = {"sgd", "adamw", "lars"};
@@ -75,6 +77,7 @@ kd_status kd_optim_init(kd_optim **out, const kd_param_group *groups, int n_grou
     kd_optim *o = calloc(1, sizeof *o);
     if (!o) return kd_error(KD_ERR_NOMEM, "out of memory creating the optimiser");
     o->cfg = *cfg;
+    o->wd0 = cfg->weight_decay;
     o->nbuf = cfg->kind == KD_OPTIM_ADAMW ? 2 : (cfg->momentum > 0 ? 1 : 0);
     int total = 1;
     for (int gi = 0; gi < n_groups; gi++) total += groups[gi].params->n;
@@ -128,6 +131,17 @@ void kd_optim_free(kd_optim *o) {
 }
 
 void kd_optim_set_lr(kd_optim *o, double lr) { o->cfg.lr = lr; }
+void kd_optim_set_weight_decay(kd_optim *o, double wd) { o->cfg.weight_decay = wd; }
+double kd_optim_base_weight_decay(const kd_optim *o) { return o->wd0; }
+
+kd_status kd_optim_hold(kd_optim *o, const kd_tensor *p, int64_t steps) {
+    for (int i = 0; i < o->n; i++)
+        if (o->slots[i].p == p) {
+            o->slots[i].hold = steps > 0 ? steps : 0;
+            return KD_OK;
+        }
+    return kd_error(KD_ERR_NOT_FOUND, "optimiser: the tensor to hold is not optimised");
+}
 double kd_optim_get_lr(const kd_optim *o) { return o->cfg.lr; }
 int64_t kd_optim_steps(const kd_optim *o) { return o->steps; }
 double kd_optim_last_grad_norm(const kd_optim *o) { return o->last_norm; }
@@ -253,11 +267,11 @@ kd_status kd_optim_step(kd_optim *o) {
     const int first = !o->buf_ready;
     for (int i = 0; i < o->n; i++) {
         kd__slot *s = &o->slots[i];
-        if (!s->p->grad) continue;
+        if (!s->p->grad || o->steps < s->hold) continue;
         const double lr = c->lr * (double)s->lr_scale;
         switch (c->kind) {
-        case KD_OPTIM_SGD: kd__sgd(c, s, lr, first); break;
-        case KD_OPTIM_ADAMW: kd__adamw(c, s, lr, o->steps + 1); break;
+        case KD_OPTIM_SGD: kd__sgd(c, s, lr, s->hold ? o->steps == s->hold : first); break;
+        case KD_OPTIM_ADAMW: kd__adamw(c, s, lr, o->steps - s->hold + 1); break;
         case KD_OPTIM_LARS: kd__lars(c, s, lr); break;
         }
     }

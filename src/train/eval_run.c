@@ -95,6 +95,8 @@ static kd_status kd__eval_save_cfg(const kd_eval_cfg *c, const char *arch, const
 static kd_status kd__eval_check(const kd_eval_cfg *c) {
     if (c->mode != KD_EVAL_KNN && c->mode != KD_EVAL_LINEAR) return kd_error(KD_ERR_INVALID, "evaluation mode %d", c->mode);
     if (!c->ckpt[0]) return kd_error(KD_ERR_INVALID, "ckpt (the checkpoint to evaluate) is empty");
+    if (!strcmp(c->ckpt, KD_EVAL_RANDOM_INIT) && !c->arch[0])
+        return kd_error(KD_ERR_INVALID, "ckpt '%s' (the network at random initialisation) needs model", KD_EVAL_RANDOM_INIT);
     if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
     if (c->eval_batch < 1) return kd_error(KD_ERR_INVALID, "eval_batch must be >= 1, got %d", c->eval_batch);
     if (c->mode == KD_EVAL_KNN) {
@@ -310,7 +312,12 @@ kd_status kd_eval_run(const kd_eval_cfg *c, kd_eval_result *res) {
             }
     }
     kd_model_cfg mc = {kd_dataset_channels(test), classes, 0};
-    if ((s = kd_model_load_new(c->ckpt, arch, &mc, &m)) != KD_OK) goto done;
+    if (!strcmp(c->ckpt, KD_EVAL_RANDOM_INIT)) {
+        mc.seed = c->linear.seed;
+        if ((s = kd_model_create(arch, &mc, &m)) != KD_OK) goto done;
+    } else if ((s = kd_model_load_new(c->ckpt, arch, &mc, &m)) != KD_OK) {
+        goto done;
+    }
     const double tf0 = kd__now_s();
     int64_t d1 = 0, d2 = 0;
     if ((s = kd_extract_features(m, be, train, c->eval_batch, &tf, &ftr, &d1)) != KD_OK) goto done;

@@ -95,6 +95,12 @@ kd_status kd_trainer_init(kd_trainer **out, const kd_trainer_cfg *cfg) {
         if (s == KD_OK) kd_model_set_training(t->ema, 0);
     }
     if (s == KD_OK) s = kd_method_create_def(def, &cfg->method, &shp, &t->method);
+    if (s == KD_OK && kd_method_num_views(t->method) != t->n_views) { /* a setting decides them (DINO's crops) */
+        t->n_views = kd_method_num_views(t->method);
+        kd_tensor **v = realloc(t->views, (size_t)t->n_views * sizeof *v);
+        if (v) t->views = v;
+        else s = kd_error(KD_ERR_NOMEM, "out of memory creating the trainer");
+    }
     if (s == KD_OK) {
         kd_param_group groups[2] = {{"", kd_model_params(cfg->student), 1.0f},
                                     {"distill.", kd_method_params(t->method), 1.0f}};
@@ -232,6 +238,7 @@ kd_status kd_train_step(kd_trainer *t, const kd_batch *b, int epoch, int64_t ste
     if (t->dp && bs == KD_OK) bs = kd__dp_step_end(t->dp, g);
     KD_TRY(bs);
     kd_optim_set_lr(t->opt, lr);
+    KD_TRY(kd_method_before_update(t->method, &ctx, t->opt));
     KD_TRY(kd_optim_step(t->opt));
     KD_TRY(kd_method_after_step(t->method, &ctx));
     res->loss = sum;

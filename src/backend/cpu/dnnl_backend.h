@@ -27,4 +27,11 @@ int kd__cpu_cache_size(void);
 /* Bytes held by the backend's scratch buffer (0 after trim). */
 size_t kd__cpu_scratch_bytes(void);
 
+/* How gemm_batch runs: KD_CPU_BMM_AUTO (default) the matmul primitive unless
+ * A is transposed, then the loop; KD_CPU_BMM_MATMUL oneDNN's batched matmul
+ * primitive; KD_CPU_BMM_LOOP a loop of dnnl_sgemm. For tests (each path
+ * against ref) and the kernel lab; not thread-safe against running kernels. */
+enum { KD_CPU_BMM_AUTO = 0, KD_CPU_BMM_MATMUL = 1, KD_CPU_BMM_LOOP = 2 };
+void kd__cpu_set_bmm_mode(int mode);
+
 #endif /* KD_BACKEND_CPU_DNNL_BACKEND_H */

@@ -9,8 +9,8 @@
  *
  * Covered: conv2d (stride, padding, dilation, groups, optional bias) forward
  * and both backward passes; batch norm forward (training and eval) and
- * backward; max and average pooling; row-major gemm; ReLU/leaky ReLU, exp and
- * log. None of the kernels reads its `be` argument, so other backends may
+ * backward; max and average pooling; row-major gemm and batched gemm; layer
+ * norm forward and backward; softmax over the last axis forward and backward; ReLU/leaky ReLU, exp, log and exact GELU. None of the kernels reads its `be` argument, so other backends may
  * call them to fill gaps (see backend_impl.h).
  */
 #include "backend/backend_impl.h"
@@ -628,6 +628,190 @@ static kd_status ref_gemm(kd_backend *be, int trans_a, int trans_b, int64_t M, i
     return KD_OK;
 }
 
+/* Batched gemm: one ref_gemm per matrix, in order. */
+static kd_status ref_gemm_batch(kd_backend *be, int64_t batch, int trans_a, int trans_b, int64_t M,
+                                int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                                int64_t stride_a, const float *B, int64_t ldb, int64_t stride_b,
+                                float beta, float *C, int64_t ldc, int64_t stride_c) {
+    if (batch < 0)
+        return kd_error(KD_ERR_INVALID, "ref gemm_batch: negative batch %lld", (long long)batch);
+    for (int64_t i = 0; i < batch; i++)
+        KD_TRY(ref_gemm(be, trans_a, trans_b, M, N, K, alpha, A ? A + i * stride_a : NULL, lda,
+                        B ? B + i * stride_b : NULL, ldb, beta, C ? C + i * stride_c : NULL, ldc));
+    return KD_OK;
+}
+
+/* ------------------------------------------------------------- layernorm */
+
+/* x (..., D) as rows (R, D); checks the companions of a layernorm call. */
+static kd_status ref_ln_check(const kd_tensor *x, const kd_tensor *other, const char *op,
+                              const char *what, int64_t *R, int64_t *D) {
+    KD_TRY(ref_check_f32(x, op, "input"));
+    if (x->ndim < 1) return kd_error(KD_ERR_SHAPE, "ref %s: input needs at least one axis", op);
+    *D = x->shape[x->ndim - 1];
+    *R = *D ? kd_tensor_numel(x) / *D : 0;
+    if (other) {
+        KD_TRY(ref_check_f32(other, op, what));
+        if (!kd_tensor_same_shape(x, other))
+            return kd_error(KD_ERR_SHAPE, "ref %s: %s shape differs from the input", op, what);
+    }
+    return KD_OK;
+}
+
+/* Per row: mean and biased variance in double, rstd = 1/sqrt(var + eps),
+ * y = (x - mean) * rstd * gamma + beta. */
+static kd_status ref_layernorm_forward(kd_backend *be, float eps, const kd_tensor *x,
+                                       const kd_tensor *gamma, const kd_tensor *beta, kd_tensor *y,
+                                       kd_tensor *save_mean, kd_tensor *save_rstd) {
+    (void)be;
+    const char *op = "layernorm_forward";
+    int64_t R, D;
+    KD_TRY(ref_ln_check(x, y, op, "output", &R, &D));
+    if (gamma) KD_TRY(ref_check_vec(gamma, D, op, "gamma"));
+    if (beta) KD_TRY(ref_check_vec(beta, D, op, "beta"));
+    if (save_mean) KD_TRY(ref_check_vec(save_mean, R, op, "save_mean"));
+    if (save_rstd) KD_TRY(ref_check_vec(save_rstd, R, op, "save_rstd"));
+    const float *xd = kd_f32(x), *gd = gamma ? kd_f32(gamma) : NULL, *bd = beta ? kd_f32(beta) : NULL;
+    float *yd = kd_f32(y), *sm = save_mean ? kd_f32(save_mean) : NULL;
+    float *sr = save_rstd ? kd_f32(save_rstd) : NULL;
+
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = xd + r * D;
+        float *yr = yd + r * D;
+        double sum = 0.0, sq = 0.0;
+        for (int64_t d = 0; d < D; d++) sum += xr[d];
+        const double mean = sum / (double)D;
+        for (int64_t d = 0; d < D; d++) sq += (xr[d] - mean) * (xr[d] - mean);
+        const double rstd = 1.0 / sqrt(sq / (double)D + (double)eps);
+        for (int64_t d = 0; d < D; d++)
+            yr[d] = (float)((xr[d] - mean) * rstd * (gd ? gd[d] : 1.0) + (bd ? bd[d] : 0.0));
+        if (sm) sm[r] = (float)mean;
+        if (sr) sr[r] = (float)rstd;
+    }
+    return KD_OK;
+}
+
+static kd_status ref_layernorm_backward(kd_backend *be, float eps, const kd_tensor *dy,
+                                        const kd_tensor *x, const kd_tensor *gamma,
+                                        const kd_tensor *save_mean, const kd_tensor *save_rstd,
+                                        kd_tensor *dx, kd_tensor *dgamma, kd_tensor *dbeta,
+                                        int accumulate) {
+    (void)be;
+    (void)eps;
+    const char *op = "layernorm_backward";
+    int64_t R, D;
+    KD_TRY(ref_ln_check(x, dy, op, "output gradient", &R, &D));
+    if (dx) KD_TRY(ref_ln_check(x, dx, op, "input gradient", &R, &D));
+    if (gamma) KD_TRY(ref_check_vec(gamma, D, op, "gamma"));
+    KD_TRY(ref_check_vec(save_mean, R, op, "save_mean"));
+    KD_TRY(ref_check_vec(save_rstd, R, op, "save_rstd"));
+    if (dgamma) KD_TRY(ref_check_vec(dgamma, D, op, "gamma gradient"));
+    if (dbeta) KD_TRY(ref_check_vec(dbeta, D, op, "beta gradient"));
+    const float *dyd = kd_f32(dy), *xd = kd_f32(x), *gd = gamma ? kd_f32(gamma) : NULL;
+    const float *sm = kd_f32(save_mean), *sr = kd_f32(save_rstd);
+
+    if (dx) {
+        float *dxd = kd_f32(dx);
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < R; r++) {
+            const float *dyr = dyd + r * D, *xr = xd + r * D;
+            float *dxr = dxd + r * D;
+            const double mean = sm[r], rstd = sr[r];
+            double s1 = 0.0, s2 = 0.0; /* sum(g), sum(g * xhat) */
+            for (int64_t d = 0; d < D; d++) {
+                double gv = (double)dyr[d] * (gd ? gd[d] : 1.0);
+                s1 += gv;
+                s2 += gv * (xr[d] - mean) * rstd;
+            }
+            for (int64_t d = 0; d < D; d++) {
+                double gv = (double)dyr[d] * (gd ? gd[d] : 1.0);
+                double xhat = (xr[d] - mean) * rstd;
+                float v = (float)(rstd * (gv - s1 / (double)D - xhat * s2 / (double)D));
+                dxr[d] = accumulate ? dxr[d] + v : v;
+            }
+        }
+    }
+    if (dgamma || dbeta) {
+        float *dgd = dgamma ? kd_f32(dgamma) : NULL, *dbd = dbeta ? kd_f32(dbeta) : NULL;
+#pragma omp parallel for schedule(static)
+        for (int64_t d = 0; d < D; d++) {
+            double sg = 0.0, sb = 0.0;
+            for (int64_t r = 0; r < R; r++) {
+                double v = dyd[r * D + d];
+                sg += v * (xd[r * D + d] - (double)sm[r]) * (double)sr[r];
+                sb += v;
+            }
+            if (dgd) dgd[d] = accumulate ? dgd[d] + (float)sg : (float)sg;
+            if (dbd) dbd[d] = accumulate ? dbd[d] + (float)sb : (float)sb;
+        }
+    }
+    return KD_OK;
+}
+
+/* --------------------------------------------------------------- softmax */
+
+/* Rows of the last axis; checks that b has a's shape. */
+static kd_status ref_rows(const kd_tensor *a, const kd_tensor *b, const char *op, const char *wa,
+                          const char *wb, int64_t *R, int64_t *C) {
+    KD_TRY(ref_check_f32(a, op, wa));
+    KD_TRY(ref_check_f32(b, op, wb));
+    if (a->ndim < 1 || !kd_tensor_same_shape(a, b))
+        return kd_error(KD_ERR_SHAPE, "ref %s: %s and %s need one shape with at least one axis",
+                        op, wa, wb);
+    *C = a->shape[a->ndim - 1];
+    *R = *C ? kd_tensor_numel(a) / *C : 0;
+    return KD_OK;
+}
+
+/* Per row: l = max + log(sum(exp(x - max))) with the sum in double, then
+ * y = expf(x - l). */
+static kd_status ref_softmax_forward(kd_backend *be, const kd_tensor *x, kd_tensor *y) {
+    (void)be;
+    int64_t R, C;
+    KD_TRY(ref_rows(x, y, "softmax_forward", "input", "output", &R, &C));
+    const float *xd = kd_f32(x);
+    float *yd = kd_f32(y);
+#pragma omp parallel for schedule(static) if (R * C >= 32768)
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = xd + r * C;
+        float *yr = yd + r * C;
+        float m = -INFINITY;
+        for (int64_t c = 0; c < C; c++) m = xr[c] > m ? xr[c] : m;
+        float l = m;
+        if (m != -INFINITY) {
+            double s = 0;
+            for (int64_t c = 0; c < C; c++) s += exp((double)(xr[c] - m));
+            l = m + (float)log(s);
+        }
+        for (int64_t c = 0; c < C; c++) yr[c] = expf(xr[c] - l);
+    }
+    return KD_OK;
+}
+
+/* dx = y * (dy - sum(y * dy)), the row sum in double. */
+static kd_status ref_softmax_backward(kd_backend *be, const kd_tensor *y, const kd_tensor *dy,
+                                      kd_tensor *dx, int accumulate) {
+    (void)be;
+    int64_t R, C;
+    KD_TRY(ref_rows(y, dy, "softmax_backward", "output", "output gradient", &R, &C));
+    KD_TRY(ref_rows(y, dx, "softmax_backward", "output", "input gradient", &R, &C));
+    const float *yd = kd_f32(y), *gd = kd_f32(dy);
+    float *d = kd_f32(dx);
+#pragma omp parallel for schedule(static) if (R * C >= 32768)
+    for (int64_t r = 0; r < R; r++) {
+        const float *yr = yd + r * C, *gr = gd + r * C;
+        float *dr = d + r * C;
+        double s = 0;
+        for (int64_t c = 0; c < C; c++) s += (double)yr[c] * gr[c];
+        for (int64_t c = 0; c < C; c++) {
+            float v = yr[c] * (gr[c] - (float)s);
+            dr[c] = accumulate ? dr[c] + v : v;
+        }
+    }
+    return KD_OK;
+}
+
 /* --------------------------------------------------------------- eltwise */
 
 static kd_status ref_eltwise_check(kd_eltwise_kind kind, const kd_tensor *a, const kd_tensor *b,
@@ -644,7 +828,8 @@ static kd_status ref_eltwise_check(kd_eltwise_kind kind, const kd_tensor *a, con
     return KD_OK;
 }
 
-/* RELU: y = x > 0 ? x : alpha * x. EXP: y = exp(x). LOG: y = log(x). */
+/* RELU: y = x > 0 ? x : alpha * x. EXP: y = exp(x). LOG: y = log(x).
+ * GELU: y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), in double. */
 static kd_status ref_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                      const kd_tensor *x, kd_tensor *y) {
     (void)be;
@@ -660,6 +845,7 @@ static kd_status ref_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float
         case KD_ELTWISE_RELU: yd[i] = v > 0.0f ? v : alpha * v; break;
         case KD_ELTWISE_EXP: yd[i] = expf(v); break;
         case KD_ELTWISE_LOG: yd[i] = logf(v); break;
+        case KD_ELTWISE_GELU: yd[i] = (float)(0.5 * v * (1.0 + erf(v * M_SQRT1_2))); break;
         default: break;
         }
     }
@@ -668,7 +854,7 @@ static kd_status ref_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float
 
 /* RELU: dx = dy * (src > 0 ? 1 : alpha), src = x (or y when alpha >= 0: same
  * sign). EXP: dx = dy * y, src = y.
- * LOG: dx = dy / x, src = x. */
+ * LOG: dx = dy / x, src = x. GELU: dx = dy * (Phi(x) + x * phi(x)), src = x. */
 static kd_status ref_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                       const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
                                       int accumulate) {
@@ -686,6 +872,13 @@ static kd_status ref_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, floa
         case KD_ELTWISE_RELU: g = sd[i] > 0.0f ? dyd[i] : alpha * dyd[i]; break;
         case KD_ELTWISE_EXP: g = dyd[i] * sd[i]; break;
         case KD_ELTWISE_LOG: g = dyd[i] / sd[i]; break;
+        case KD_ELTWISE_GELU: {
+            /* d/dx x * Phi(x) = Phi(x) + x * phi(x) */
+            double v = sd[i];
+            double dphi = 0.5 * (1.0 + erf(v * M_SQRT1_2)) + v * exp(-0.5 * v * v) * (0.5 * M_2_SQRTPI * M_SQRT1_2);
+            g = (float)(dyd[i] * dphi);
+            break;
+        }
         default: break;
         }
         if (accumulate)
@@ -713,6 +906,11 @@ static kd_backend ref_backend = {
     .pool2d_forward = ref_pool2d_forward,
     .pool2d_backward = ref_pool2d_backward,
     .gemm = ref_gemm,
+    .gemm_batch = ref_gemm_batch,
+    .layernorm_forward = ref_layernorm_forward,
+    .layernorm_backward = ref_layernorm_backward,
+    .softmax_forward = ref_softmax_forward,
+    .softmax_backward = ref_softmax_backward,
     .eltwise_forward = ref_eltwise_forward,
     .eltwise_backward = ref_eltwise_backward,
     .trim = ref_trim,
