@@ -661,6 +661,69 @@ static void test_distill_np2(void **state) {
     compare_runs(one, out, "distill kd -np 2");
 }
 
+/* Method state across ranks: MoCo's queue takes the keys of every rank
+ * (concat_all_gather), so after one step of global batch 16 over 2 ranks its
+ * pointer is 16 (8 if each rank enqueued its own), and CRD's memory banks take
+ * the rows of every rank: after one step they equal one process's (the
+ * embeddings of the first step come from the same initial weights, batch
+ * norm synchronised), where a rank-local update would leave half the batch's
+ * rows at their initial values. */
+static void test_method_state_np2(void **state) {
+    (void)state;
+    need_mpi();
+    char moco[900], path[1000];
+    run_dir(moco, sizeof moco, "moco_np2");
+    kd_test_proc p = run_mpi("2", NULL, (const char *const[]){"pretrain", "--method", "moco", "--data", g_data,
+                                                            "--model", "resnet8", "--epochs", "1", "--batch-size",
+                                                            "16", "--max-steps-per-epoch", "1", "--backend", "ref",
+                                                            "--threads", "1", "--progress", "0", "--set", "moco.K=64",
+                                                            "--sync-bn", "1", "--out", moco, NULL});
+    kd_test_expect_ok(&p, "moco -np 2");
+    kd_test_proc_free(&p);
+    snprintf(path, sizeof path, "%s/last.safetensors", moco);
+    kd_st_file *f = kd_test_st_open(path);
+    const kd_st_entry *ptr = kd_test_st_entry(f, "distill.queue_ptr");
+    if (((const int64_t *)ptr->data)[0] != 16)
+        fail_msg("moco -np 2: queue_ptr is %lld after one step of global batch 16, want 16",
+                 (long long)((const int64_t *)ptr->data)[0]);
+    kd_st_close(f);
+
+    char teacher[900], tckpt[1000], one[900], two[900];
+    run_dir(teacher, sizeof teacher, "crd_teacher");
+    p = run_one((const char *const[]){"train", "--data", g_data, "--model", "resnet8", "--epochs", "1", "--batch-size",
+                                      "16", "--backend", "ref", "--threads", "1", "--progress", "0", "--out", teacher,
+                                      NULL});
+    kd_test_expect_ok(&p, "teacher");
+    kd_test_proc_free(&p);
+    snprintf(tckpt, sizeof tckpt, "%s/last.safetensors", teacher);
+    run_dir(one, sizeof one, "crd_one");
+    run_dir(two, sizeof two, "crd_np2");
+#define CRD(o)                                                                                                       \
+    "distill", "--method", "crd", "--teacher-ckpt", tckpt, "--teacher", "resnet8", "--data", g_data, "--model",     \
+        "resnet8", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16", "--backend", "ref",         \
+        "--threads", "1", "--progress", "0", "--set", "crd.nce_k=32", "--sync-bn", "1", "--out", (o)
+    p = run_one((const char *const[]){CRD(one), NULL});
+    kd_test_expect_ok(&p, "crd, one process");
+    kd_test_proc_free(&p);
+    p = run_mpi("2", NULL, (const char *const[]){CRD(two), NULL});
+    kd_test_expect_ok(&p, "crd -np 2");
+    kd_test_proc_free(&p);
+#undef CRD
+    char pa[1000], pb[1000];
+    snprintf(pa, sizeof pa, "%s/last.safetensors", one);
+    snprintf(pb, sizeof pb, "%s/last.safetensors", two);
+    kd_st_file *a = kd_test_st_open(pa), *b = kd_test_st_open(pb);
+    const char *banks[2] = {"distill.contrast.memory_v1", "distill.contrast.memory_v2"};
+    for (int k = 0; k < 2; k++) {
+        const kd_st_entry *ea = kd_test_st_entry(a, "%s", banks[k]), *eb = kd_test_st_entry(b, "%s", banks[k]);
+        int64_t n = 1;
+        for (int d = 0; d < ea->ndim; d++) n *= ea->shape[d];
+        KD_ASSERT_CLOSE((const float *)eb->data, (const float *)ea->data, n, 1e-4, 1e-3, banks[k]);
+    }
+    kd_st_close(a);
+    kd_st_close(b);
+}
+
 /* ------------------------------------------------------------------ resume */
 
 static void test_resume_same_ranks(void **state) {
@@ -958,6 +1021,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_np3_equals_one),
         cmocka_unit_test(test_np2_without_sync_bn_differs),
         cmocka_unit_test(test_distill_np2),
+        cmocka_unit_test(test_method_state_np2),
         cmocka_unit_test(test_resume_same_ranks),
         cmocka_unit_test(test_resume_other_ranks),
         cmocka_unit_test(test_rank_dies),

@@ -242,15 +242,16 @@ out.append("## Every run\n")
 out.append("| method | seed | top-1 last % | best top-1 % | wall s |")
 out.append("|---|---|---|---|---|")
 out += per_run
-# The "Few labels" section (tools/few_labels.sh writes it between its
-# markers) is kept as it stands.
+# The sections other scripts write between their markers ("few-labels":
+# tools/few_labels.sh, "esvit": tools/esvit_results.sh) are kept as they stand.
 few = ""
 try:
     with open(doc) as f:
         old = f.read()
-    a, b = old.find("<!-- few-labels -->"), old.find("<!-- /few-labels -->")
-    if a >= 0 and b > a:
-        few = "\n" + old[a:b + len("<!-- /few-labels -->")] + "\n"
+    for tag in ("few-labels", "esvit"):
+        a, b = old.find("<!-- %s -->" % tag), old.find("<!-- /%s -->" % tag)
+        if a >= 0 and b > a:
+            few += "\n" + old[a:b + len("<!-- /%s -->" % tag)] + "\n"
 except OSError:
     pass
 with open(doc, "w") as f:

@@ -83,6 +83,12 @@ kd_status kd_dist_bcast(void *buf, int64_t bytes, int root);
 /* Rank r's `bytes` bytes of send land at recv + r * bytes on every rank. */
 kd_status kd_dist_allgather(const void *send, void *recv, int64_t bytes);
 kd_status kd_dist_barrier(void);
+/* concat_all_gather of PyTorch's SSL code: every rank's n rows of row_bytes
+ * (n equal on all ranks, else an error naming `what` and both counts), in
+ * rank order, into a new malloc'd *out of *n_out = size * n rows (a copy
+ * with one process). The caller frees *out. */
+kd_status kd_dist_gather_rows(const void *rows, int64_t n, int64_t row_bytes, const char *what, void **out,
+                              int64_t *n_out);
 
 /* Bytes this process has passed to the all-reduce calls since start (the
  * figure of docs/DISTRIBUTED.md), and seconds spent in kd_dist_wait. */

@@ -302,6 +302,32 @@ kd_status kd_dist_allgather(const void *send, void *recv, int64_t bytes) {
 kd_status kd_dist_barrier(void) { return KD_OK; }
 #endif
 
+kd_status kd_dist_gather_rows(const void *rows, int64_t n, int64_t row_bytes, const char *what, void **out,
+                              int64_t *n_out) {
+    *out = NULL;
+    *n_out = 0;
+    int size = kd__size > 1 ? kd__size : 1;
+    int64_t *ns = malloc((size_t)size * sizeof *ns);
+    if (!ns) return kd_error(KD_ERR_NOMEM, "out of memory gathering %s", what);
+    kd_status s = kd_dist_allgather(&n, ns, sizeof n);
+    for (int r = 0; s == KD_OK && r < size; r++)
+        if (ns[r] != n)
+            s = kd_error(KD_ERR_INVALID, "gathering %s: rank %d has %lld rows, rank %d has %lld (every rank must take "
+                                         "the same batch)",
+                         what, r, (long long)ns[r], kd_dist_rank(), (long long)n);
+    free(ns);
+    if (s != KD_OK) return s;
+    void *all = malloc((size_t)(size * n * row_bytes > 0 ? size * n * row_bytes : 1));
+    if (!all) return kd_error(KD_ERR_NOMEM, "out of memory gathering %s", what);
+    if ((s = kd_dist_allgather(rows, all, n * row_bytes)) != KD_OK) {
+        free(all);
+        return s;
+    }
+    *out = all;
+    *n_out = size * n;
+    return KD_OK;
+}
+
 kd_status kd_dist_agree(kd_status s, int *flag) {
     if (kd__size <= 1) return s;
     int64_t mine[2] = {(int64_t)s, flag ? *flag : 0};

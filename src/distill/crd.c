@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "distill/crd.h"
+#include "kd/dist.h"
 #include "distill/methods.h"
 
 enum { KD__CRD_EXACT = 0, KD__CRD_RELAX, KD__CRD_QUEUE };
@@ -250,17 +251,43 @@ static kd_status kd__crd_after_step(kd_method *m, kd_step_ctx *ctx) {
     kd__crd_state *st = kd_method_state(m);
     if (!st->v1 || !st->v2) return KD_OK; /* no term this step (beta 0) */
     const float *v1 = kd_f32(st->v1), *v2 = kd_f32(st->v2);
+    const int64_t *index = st->index;
+    int64_t B = st->batch;
+    st->v1 = st->v2 = NULL;
+    /* Data parallel: every rank applies the rows of all ranks, in rank
+     * order, so the banks (queues) stay identical across ranks. */
+    void *g1 = NULL, *g2 = NULL, *gi = NULL;
+    if (kd_dist_size() > 1) {
+        int64_t n = 0, rb = a->feat_dim * (int64_t)sizeof(float);
+        kd_status s = kd_dist_gather_rows(v1, B, rb, "crd's student embeddings", &g1, &n);
+        if (s == KD_OK) s = kd_dist_gather_rows(v2, B, rb, "crd's teacher embeddings", &g2, &n);
+        if (s == KD_OK && a->mode != KD__CRD_QUEUE)
+            s = kd_dist_gather_rows(index, B, sizeof *index, "crd's sample indices", &gi, &n);
+        if (s != KD_OK) {
+            free(g1);
+            free(g2);
+            free(gi);
+            return s;
+        }
+        v1 = g1;
+        v2 = g2;
+        if (gi) index = gi;
+        B = n;
+    }
+    kd_status s = KD_OK;
     if (a->mode == KD__CRD_QUEUE) {
         int64_t *ptr = (int64_t *)st->queue_ptr->data, p1 = *ptr, p2 = *ptr;
-        kd__crd_enqueue(st->mem_v1, &p1, v1, st->batch);
-        kd__crd_enqueue(st->mem_v2, &p2, v2, st->batch);
+        kd__crd_enqueue(st->mem_v1, &p1, v1, B);
+        kd__crd_enqueue(st->mem_v2, &p2, v2, B);
         *ptr = p1;
     } else {
-        KD_TRY(kd__crd_bank_update(kd_f32(st->mem_v1), a->feat_dim, st->index, v1, st->batch, a->nce_m));
-        KD_TRY(kd__crd_bank_update(kd_f32(st->mem_v2), a->feat_dim, st->index, v2, st->batch, a->nce_m));
+        s = kd__crd_bank_update(kd_f32(st->mem_v1), a->feat_dim, index, v1, B, a->nce_m);
+        if (s == KD_OK) s = kd__crd_bank_update(kd_f32(st->mem_v2), a->feat_dim, index, v2, B, a->nce_m);
     }
-    st->v1 = st->v2 = NULL;
-    return KD_OK;
+    free(g1);
+    free(g2);
+    free(gi);
+    return s;
 }
 
 static void kd__crd_free(kd_method *m) {

@@ -6,7 +6,8 @@
  *     teacher = EMA of the student backbone and heads (ctx->ema and the
  *               buffers "teacher_head.*", "teacher_head_dense.*"), its batch
  *               norm on batch statistics as the official teacher (never put
- *               in eval mode), forwarded on the 2 global crops only;
+ *               in eval mode) but without stochastic depth (the official
+ *               teachers have none), forwarded on the 2 global crops only;
  *     student: the 2 global crops in one forward, the local crops in another
  *               (MultiCropWrapper: one forward per resolution);
  *     head = Linear-GELU-Linear-GELU-Linear, L2 normalise, weight-normalised
@@ -620,6 +621,15 @@ static kd_status kd__dino_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
 
 /* ------------------------------------------------------------ the step */
 
+/* Whether a net has batch norm (running statistics). */
+static int kd__has_batchnorm(const kd_param_list *pl) {
+    for (int i = 0; i < pl->n; i++) {
+        const size_t L = strlen(pl->items[i].name);
+        if (L >= 12 && !strcmp(pl->items[i].name + L - 12, "running_mean")) return 1;
+    }
+    return 0;
+}
+
 /* One forward of `model` over views [v0, v1) stacked. */
 static kd_status kd__views_forward(kd_graph *g, kd_model *model, const kd_step_batch *b, int v0, int v1,
                                    kd_model_out *o) {
@@ -642,11 +652,14 @@ static kd_status kd__dino_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
     memset(&ctx->s, 0, sizeof ctx->s);
     memset(&ctx->t, 0, sizeof ctx->t);
     /* Teacher: the 2 global crops, batch statistics (the official teacher
-     * stays in training mode), no gradient. */
+     * stays in training mode), no gradient, and no stochastic depth (DINO
+     * builds it without drop_path_rate, EsViT with 0.0): training mode for
+     * a net with batch norm, eval mode (only stochastic depth and dropout
+     * differ) for one without, such as the Swins. */
     kd_model_out to, sog, sol;
     int prev = kd_graph_set_grad_enabled(g, 0);
     int was = kd_model_training(ctx->ema);
-    kd_model_set_training(ctx->ema, 1);
+    kd_model_set_training(ctx->ema, kd__has_batchnorm(kd_model_params(ctx->ema)));
     kd_status s = kd__views_forward(g, ctx->ema, ctx->batch, 0, 2, &to);
     kd_model_set_training(ctx->ema, was);
     kd_tensor *tcls = s == KD_OK ? kd_method_feat(g, &to, -1, 0) : NULL;

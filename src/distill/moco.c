@@ -196,9 +196,8 @@ static kd_status kd__moco_after_step(kd_method *m, kd_step_ctx *ctx) {
     kd__moco_state *st = kd_method_state(m);
     if (!st->k) return KD_OK;
     kd_tensor *k = st->k;
-    kd__queue_push(&st->queue, kd_f32(k), k->shape[0]);
     st->k = NULL;
-    return KD_OK;
+    return kd__queue_push(&st->queue, kd_f32(k), k->shape[0]);
 }
 
 const kd_method_def kd__method_moco = {

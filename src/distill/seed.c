@@ -117,9 +117,9 @@ static kd_status kd__seed_after_step(kd_method *m, kd_step_ctx *ctx) {
     (void)ctx;
     kd__seed_state *st = kd_method_state(m);
     if (!st->zt) return KD_OK;
-    kd__queue_push(&st->queue, kd_f32(st->zt), st->zt->shape[0]);
+    kd_tensor *zt = st->zt;
     st->zt = NULL;
-    return KD_OK;
+    return kd__queue_push(&st->queue, kd_f32(zt), zt->shape[0]);
 }
 
 const kd_method_def kd__method_seed = {

@@ -1,9 +1,11 @@
 /* What the self-supervised methods share (ssl.h): projection heads, NT-Xent,
  * the soft cross-entropy of SEED and MoCo, the FIFO queue, the views. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "distill/ssl.h"
+#include "kd/dist.h"
 #include "kd/io.h"
 
 /* A batch norm for (N, C) whose bias is a zero buffer (Keras center=False). */
@@ -205,7 +207,7 @@ kd_status kd__queue_init(kd__queue *q, kd_param_list *pl, int64_t dim, int64_t K
     return KD_OK;
 }
 
-void kd__queue_push(kd__queue *q, const float *keys, int64_t B) {
+static void kd__queue_put(kd__queue *q, const float *keys, int64_t B) {
     const int64_t D = q->q->shape[0], K = q->q->shape[1];
     int64_t *ptr = (int64_t *)q->ptr->data, p = *ptr;
     float *x = kd_f32(q->q);
@@ -214,6 +216,21 @@ void kd__queue_push(kd__queue *q, const float *keys, int64_t B) {
         p = (p + 1) % K;
     }
     *ptr = p;
+}
+
+kd_status kd__queue_push(kd__queue *q, const float *keys, int64_t B) {
+    if (kd_dist_size() <= 1) {
+        kd__queue_put(q, keys, B);
+        return KD_OK;
+    }
+    /* concat_all_gather: every rank enqueues the keys of all ranks, in rank
+     * order, so the queues stay identical across ranks. */
+    void *all = NULL;
+    int64_t n = 0;
+    KD_TRY(kd_dist_gather_rows(keys, B, q->q->shape[0] * (int64_t)sizeof(float), "the queue's keys", &all, &n));
+    kd__queue_put(q, all, n);
+    free(all);
+    return KD_OK;
 }
 
 void kd__ssl_views_cfg(kd_ssl_aug_cfg *out, int size, int simclr, float strength, float blur_p, float crop_min,

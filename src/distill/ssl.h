@@ -68,8 +68,10 @@ typedef struct {
 } kd__queue;
 kd_status kd__queue_init(kd__queue *q, kd_param_list *pl, int64_t dim, int64_t K, kd_rng *r);
 /* _dequeue_and_enqueue: columns ptr .. ptr + B - 1 (mod K) take the rows of
- * keys (B, D); ptr advances by B mod K. */
-void kd__queue_push(kd__queue *q, const float *keys, int64_t B);
+ * keys (B, D); ptr advances by B mod K. In a data-parallel run the keys of
+ * every rank are gathered first (MoCo's and SEED's concat_all_gather) and
+ * enqueued in rank order, so every rank holds the same queue. */
+kd_status kd__queue_push(kd__queue *q, const float *keys, int64_t B);
 
 /* The views' augmentation of the self-supervised methods:
  *   simclr 1: SimCLR's (tf2/data_util.py): random-resized crop area

@@ -155,10 +155,10 @@ static kd_status kd__swin_check_map(const kd_model *m, int stage, int64_t H, int
 /* One Swin block on x (B, H, W, C). */
 static kd_tensor *kd__swin_block_forward(kd_graph *g, const kd__swin_block *b, kd_tensor *x, int64_t ws,
                                          int training) {
-    int64_t B = x->shape[0], H = x->shape[1], W = x->shape[2], C = x->shape[3];
+    int64_t B = x->shape[0], H = x->shape[1], W = x->shape[2];
     int64_t pH = H < ws ? ws : H, pW = W < ws ? ws : W;
     int64_t sh = ws >= pH ? 0 : b->shift, sw = ws >= pW ? 0 : b->shift;
-    int64_t heads = b->heads, hd = C / heads, N = ws * ws, nW = (pH / ws) * (pW / ws), Bw = B * nW;
+    int64_t heads = b->heads, N = ws * ws;
 
     kd_tensor *h = kd_ln_layer_forward(g, &b->norm1, x);
     h = kd__pad_end(g, kd__pad_end(g, h, 1, pH), 2, pW);
