@@ -252,59 +252,6 @@ uint64_t kd__dp_params_hash(const kd_param_list *pl) {
     return h;
 }
 
-kd_status kd__dp_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
-                          double *top1, double *top5, double *loss) {
-    kd_loader_cfg lc = {.batch_size = batch, .shuffle = 0, .num_workers = 1, .transform = *tf,
-                        .shard_rank = kd_dist_rank(), .shard_count = kd_dist_size()};
-    lc.transform.pad_crop = 0;
-    lc.transform.hflip = 0;
-    kd_loader *ld = NULL;
-    kd_graph *g = NULL;
-    KD_TRY(kd_loader_init(&ld, ds, &lc));
-    kd_status s = kd_graph_init(&g, be);
-    if (s != KD_OK) {
-        kd_loader_free(ld);
-        return s;
-    }
-    int was_training = kd_model_training(m);
-    kd_model_set_training(m, 0);
-    kd_graph_set_grad_enabled(g, 0);
-    int C, H, W;
-    kd_loader_sample_shape(ld, &C, &H, &W);
-    int64_t h1 = 0, h5 = 0;
-    double sums[4] = {0, 0, 0, 0}; /* top-1 hits, top-5 hits, loss sum, images */
-    kd_batch b;
-    int r = 0;
-    s = kd_loader_start_epoch(ld, 0);
-    while (s == KD_OK && (r = kd_loader_next(ld, &b)) == 1) {
-        if (b.n == 0) continue; /* this rank's share of a short last batch */
-        kd_graph_reset(g);
-        int64_t xs[4] = {b.n, C, H, W};
-        kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
-        kd_tensor *y = kd_graph_wrap(g, KD_I32, 1, &b.n, b.y);
-        kd_model_out o;
-        if ((s = kd_model_forward(m, g, x, 0, &o)) != KD_OK) break;
-        kd_tensor *ce = kd_cross_entropy(g, o.logits, y, 0.0f);
-        if ((s = kd_graph_status(g)) != KD_OK) break;
-        sums[2] += (double)kd_f32(ce)[0] * (double)b.n;
-        kd__count_hits(kd_f32(o.logits), b.y, b.n, o.logits->shape[1], &h1, &h5);
-        sums[3] += (double)b.n;
-    }
-    if (s == KD_OK && r < 0) s = (kd_status)r;
-    kd_model_set_training(m, was_training);
-    kd_graph_free(g);
-    kd_loader_free(ld);
-    KD_TRY(s);
-    sums[0] = (double)h1;
-    sums[1] = (double)h5;
-    KD_TRY(kd_dist_allreduce_f64(sums, 4));
-    if (sums[3] == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
-    *top1 = 100.0 * sums[0] / sums[3];
-    *top5 = 100.0 * sums[1] / sums[3];
-    *loss = sums[2] / sums[3];
-    return KD_OK;
-}
-
 kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5) {
     enum { MAXT = 60 };
     static double terms[MAXT];

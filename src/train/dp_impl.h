@@ -53,10 +53,6 @@ kd_status kd__dp_check_same(uint64_t hash, const char *what);
 kd_status kd__dp_bcast_params(kd_param_list *pl, int root);
 /* The hash of every tensor of pl (values, names, shapes). */
 uint64_t kd__dp_params_hash(const kd_param_list *pl);
-/* kd_evaluate on this process's shard of ds (rows [r*n/R, (r+1)*n/R) of
- * each batch), the sums added over the processes. */
-kd_status kd__dp_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
-                          double *top1, double *top5, double *loss);
 /* A step's figures for the global batch: *n (this rank's images in, the
  * global batch's out), sr's loss and term values (this rank's means in, the
  * global batch's means out; term_values then points to a buffer of this

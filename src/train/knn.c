@@ -40,7 +40,7 @@ kd_status kd_extract_features(kd_model *m, kd_backend *be, const kd_dataset *ds,
     *feat = NULL;
     *dim = 0;
     kd__feat_ctx fc = {NULL, kd_dataset_size(ds), 0};
-    kd_status s = kd__eval_pass(m, be, ds, batch, tf, kd__feat_batch, &fc);
+    kd_status s = kd__eval_pass(m, be, ds, batch, tf, 0, kd__feat_batch, &fc);
     if (s == KD_OK && !fc.feat) s = kd_error(KD_ERR_INVALID, "dataset '%s' is empty", kd_dataset_name(ds));
     if (s != KD_OK) {
         free(fc.feat);

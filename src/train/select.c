@@ -170,7 +170,7 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         goto done;
     }
     kd__sel_acc acc = {probs, classes, nc};
-    if ((s = kd__eval_pass(t, be, cand, cfg->batch > 0 ? cfg->batch : 256, &tf, kd__sel_batch, &acc)) != KD_OK)
+    if ((s = kd__eval_pass(t, be, cand, cfg->batch > 0 ? cfg->batch : 256, &tf, 0, kd__sel_batch, &acc)) != KD_OK)
         goto done;
     if ((s = kd_select_topk(probs, cidx, nc, classes, cfg->per_class, &sel, &n_sel)) != KD_OK) goto done;
     all = malloc(sizeof(int64_t) * (size_t)(n_lab + n_sel + 1));

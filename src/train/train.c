@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "kd/io.h"
+#include "kd/dist.h"
 #include "kd/train.h"
 #include "train/dp_impl.h"
 #include "train/train_impl.h"
@@ -77,8 +78,12 @@ void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k,
 }
 
 kd_status kd__eval_pass(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
-                        kd__eval_fn fn, void *user) {
+                        int sharded, kd__eval_fn fn, void *user) {
     kd_loader_cfg lc = {.batch_size = batch, .shuffle = 0, .num_workers = 1, .transform = *tf};
+    if (sharded) {
+        lc.shard_rank = kd_dist_rank();
+        lc.shard_count = kd_dist_size();
+    }
     lc.transform.pad_crop = 0;
     lc.transform.hflip = 0;
     kd_loader *ld = NULL;
@@ -98,6 +103,7 @@ kd_status kd__eval_pass(kd_model *m, kd_backend *be, const kd_dataset *ds, int b
     int r = 0;
     s = kd_loader_start_epoch(ld, 0);
     while (s == KD_OK && (r = kd_loader_next(ld, &b)) == 1) {
+        if (b.n == 0) continue; /* this rank's share of a short last batch */
         kd_graph_reset(g);
         int64_t xs[4] = {b.n, C, H, W};
         kd_tensor *x = kd_graph_wrap(g, KD_F32, 4, xs, b.x);
@@ -129,15 +135,22 @@ static kd_status kd__eval_acc_batch(void *user, const kd_batch *b, kd_graph *g, 
     return KD_OK;
 }
 
+kd_status kd__evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
+                       int sharded, double *top1, double *top5, double *loss) {
+    kd__eval_acc a = {0};
+    KD_TRY(kd__eval_pass(m, be, ds, batch, tf, sharded, kd__eval_acc_batch, &a));
+    double sums[4] = {(double)a.h1, (double)a.h5, a.lsum, (double)a.seen};
+    if (sharded) KD_TRY(kd_dist_allreduce_f64(sums, 4));
+    if (sums[3] == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
+    *top1 = 100.0 * sums[0] / sums[3];
+    *top5 = 100.0 * sums[1] / sums[3];
+    *loss = sums[2] / sums[3];
+    return KD_OK;
+}
+
 kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch,
                       const kd_transform_cfg *tf, double *top1, double *top5, double *loss) {
-    kd__eval_acc a = {0};
-    KD_TRY(kd__eval_pass(m, be, ds, batch, tf, kd__eval_acc_batch, &a));
-    if (a.seen == 0) return kd_error(KD_ERR_INVALID, "evaluation set '%s' is empty", kd_dataset_name(ds));
-    *top1 = 100.0 * (double)a.h1 / (double)a.seen;
-    *top5 = 100.0 * (double)a.h5 / (double)a.seen;
-    *loss = a.lsum / (double)a.seen;
-    return KD_OK;
+    return kd__evaluate(m, be, ds, batch, tf, 0, top1, top5, loss);
 }
 
 /* ----------------------------------------------------------- the run */
@@ -729,7 +742,7 @@ static kd_status kd__run_evaluate(kd__run *r, double *top1, double *top5, double
     const kd_train_cfg *c = &r->c;
     if (r->nranks <= 1) return kd_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, top1, top5, loss);
     KD_TRY(kd__dp_bcast_params(kd_model_params(r->student), 0));
-    return kd__dp_evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, top1, top5, loss);
+    return kd__evaluate(r->student, r->be, r->test, c->eval_batch, &r->tf, 1, top1, top5, loss);
 }
 
 /* Start-up of a data-parallel run, on every rank once each has set up: the

@@ -45,9 +45,15 @@ void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k,
 /* The evaluation pass (kd_evaluate, kd_extract_features): ds in dataset
  * order, batches of `batch`, transform tf without its crop and flip, m in
  * eval mode with gradients off (its mode restored after); fn gets each
- * batch, the graph and the forward's outputs (valid until it returns). */
+ * batch, the graph and the forward's outputs (valid until it returns).
+ * sharded: this process's shard of each batch in a data-parallel run (the
+ * loader's shard_rank/count from kd_dist; an empty share is skipped). */
 typedef kd_status (*kd__eval_fn)(void *user, const kd_batch *b, kd_graph *g, const kd_model_out *o);
 kd_status kd__eval_pass(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
-                        kd__eval_fn fn, void *user);
+                        int sharded, kd__eval_fn fn, void *user);
+/* kd_evaluate; sharded: each process evaluates its shard and the hits, loss
+ * sums and counts are summed over the processes (every rank gets the result). */
+kd_status kd__evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int batch, const kd_transform_cfg *tf,
+                       int sharded, double *top1, double *top5, double *loss);
 
 #endif
