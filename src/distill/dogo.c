@@ -158,12 +158,10 @@ static kd_status kd__dogo_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *te
 static kd_status kd__dogo_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
     kd__dogo_state *st = kd_method_state(m);
     kd_graph *g = ctx->g;
-    if (ctx->batch->n_views != 2)
-        return kd_error(KD_ERR_INVALID, "dogo needs 2 views of each image (the batch has %d)", ctx->batch->n_views);
+    kd_tensor *x;
     memset(&ctx->s, 0, sizeof ctx->s);
     memset(&ctx->t, 0, sizeof ctx->t);
-    kd_tensor *x = kd__ssl_stack_views(g, ctx->batch);
-    KD_TRY(kd_graph_status(g));
+    KD_TRY(kd__ssl_stack_views(g, ctx->batch, "dogo", &x));
     KD_TRY(kd_model_forward(ctx->student, g, x, 0, &ctx->s));
     kd_model_set_training(st->peer, kd_method_training(m));
     KD_TRY(kd_model_forward(st->peer, g, x, 0, &ctx->t));

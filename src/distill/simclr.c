@@ -88,13 +88,10 @@ static kd_status kd__simclr_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *
 }
 
 static kd_status kd__simclr_step(kd_method *m, kd_step_ctx *ctx, kd_loss_terms *terms) {
-    kd_graph *g = ctx->g;
-    if (ctx->batch->n_views != 2)
-        return kd_error(KD_ERR_INVALID, "simclr needs 2 views of each image (the batch has %d)", ctx->batch->n_views);
+    kd_tensor *x;
     memset(&ctx->s, 0, sizeof ctx->s);
-    kd_tensor *x = kd__ssl_stack_views(g, ctx->batch);
-    KD_TRY(kd_graph_status(g));
-    KD_TRY(kd_model_forward(ctx->student, g, x, 0, &ctx->s));
+    KD_TRY(kd__ssl_stack_views(ctx->g, ctx->batch, "simclr", &x));
+    KD_TRY(kd_model_forward(ctx->student, ctx->g, x, 0, &ctx->s));
     return kd_method_loss(m, ctx, terms);
 }
 

@@ -273,8 +273,11 @@ kd_tensor *kd__ssl_rowdot(kd_graph *g, kd_tensor *a, kd_tensor *b) {
     return kd_matmul(g, kd_mul(g, a, b), ones);
 }
 
-kd_tensor *kd__ssl_stack_views(kd_graph *g, const kd_step_batch *b) {
+kd_status kd__ssl_stack_views(kd_graph *g, const kd_step_batch *b, const char *who, kd_tensor **x) {
+    *x = NULL;
+    if (b->n_views != 2)
+        return kd_error(KD_ERR_INVALID, "%s needs 2 views of each image (the batch has %d)", who, b->n_views);
     kd_tensor *v[2] = {kd_graph_to_strided(g, b->x[0]), kd_graph_to_strided(g, b->x[1])};
-    if (!v[0] || !v[1]) return NULL;
-    return kd_concat(g, v, 2, 0);
+    if (v[0] && v[1]) *x = kd_concat(g, v, 2, 0);
+    return kd_graph_status(g);
 }

@@ -96,8 +96,9 @@ kd_status kd__ssl_view(const char *who, kd_ssl_aug_cfg *aug, int in_h, int simcl
  * SEED's z_s.z_t). */
 kd_tensor *kd__ssl_rowdot(kd_graph *g, kd_tensor *a, kd_tensor *b);
 
-/* The images of view 0 and view 1 stacked into one (2B, C, H, W) batch, the
- * layout SimCLR's one forward over both views uses. */
-kd_tensor *kd__ssl_stack_views(kd_graph *g, const kd_step_batch *b);
+/* *x = the images of view 0 and view 1 stacked into one (2B, C, H, W)
+ * batch, the layout SimCLR's one forward over both views uses; a batch
+ * without exactly 2 views is an error naming the method `who`. */
+kd_status kd__ssl_stack_views(kd_graph *g, const kd_step_batch *b, const char *who, kd_tensor **x);
 
 #endif
