@@ -11,7 +11,10 @@ lines of bench_peak (tagged "kind": "peak"). For every row and framework the
 rounds are combined as: median = median of the rounds' medians, min = the
 lowest repeat, max = the highest repeat. PyTorch is reported in the layout
 (NCHW or channels_last) whose combined median is higher, with that layout's
-peak RSS. The machine's peak is the highest bench_peak figure of the run.
+peak RSS; so is PyTorch's bf16 autocast (lines with "precision": "bf16"),
+which kd bf16 is compared with (kd bf16/PT bf16). A second table lists the
+oneDNN implementations of each row's convolutions (the lines' "impls": kd
+f32, kd bf16, and PyTorch f32 / bf16 in the layout the first table reports). The machine's peak is the highest bench_peak figure of the run.
 With --baseline, also writes the regression-guard baseline (bench/guard.sh)
 from GUARD.jsonl (bench/guard.sh --measure) plus this run's rows.
 """
@@ -43,6 +46,7 @@ def combine(ms):
         "rounds": len(ms),
         "repeats_x_steps": [ms[0]["repeats"], ms[0]["steps"]],
         **({"blas": ms[0]["blas"]} if "blas" in ms[0] else {}),
+        **({"impls": ms[0]["impls"]} if "impls" in ms[0] else {}),
     }
 
 
@@ -59,6 +63,8 @@ def summarise(raw):
             order.append(key)
         if r["framework"] == "kd":
             fw = "kd:bf16" if r.get("precision") == "bf16" else "kd"
+        elif r.get("precision") == "bf16":
+            fw = "pytorch-bf16:" + r["layout"]
         else:
             fw = "pytorch:" + r["layout"]
         rows[key].setdefault(fw, []).append(r)
@@ -73,6 +79,15 @@ def summarise(raw):
             best = max(torch, key=lambda k: torch[k]["img_s_median"])
             row["pytorch"] = dict(torch[best], layout=best)
             row["pytorch_layouts"] = {k: v["img_s_median"] for k, v in torch.items()}
+        torch_bf = {fw[len("pytorch-bf16:"):]: combine(ms) for fw, ms in d.items()
+                    if fw.startswith("pytorch-bf16:")}
+        if torch_bf:
+            best = max(torch_bf, key=lambda k: torch_bf[k]["img_s_median"])
+            row["pytorch_bf16"] = dict(torch_bf[best], layout=best)
+            row["pytorch_bf16_layouts"] = {k: v["img_s_median"] for k, v in torch_bf.items()}
+            if "pytorch" in row:
+                row["ratio_pytorch_bf16_over_fp32"] = round(
+                    row["pytorch_bf16"]["img_s_median"] / row["pytorch"]["img_s_median"], 3)
         if "kd:bf16" in d:
             row["kd_bf16"] = combine(d["kd:bf16"])
             b = row["kd_bf16"]["img_s_median"]
@@ -80,6 +95,8 @@ def summarise(raw):
                 row["ratio_bf16_over_fp32"] = round(b / row["kd"]["img_s_median"], 3)
             if "pytorch" in row:
                 row["ratio_bf16_over_pytorch"] = round(b / row["pytorch"]["img_s_median"], 3)
+            if "pytorch_bf16" in row:
+                row["ratio_bf16_over_pytorch_bf16"] = round(b / row["pytorch_bf16"]["img_s_median"], 3)
         if "kd" in row and "pytorch" in row:
             row["ratio_kd_over_pytorch"] = round(row["kd"]["img_s_median"] / row["pytorch"]["img_s_median"], 3)
             if row["kd"]["flops_per_image"] != row["pytorch"]["flops_per_image"]:
@@ -103,8 +120,11 @@ def table(s):
     hdr = ("row", "kd img/s med [min-max]", "PyTorch img/s med [min-max] (layout)", "kd/PT",
            "kd GFLOP/s (% peak)", "GFLOP/img", "peak RSS kd / PT (MiB)")
     bf = any("kd_bf16" in r for r in s["rows"])
+    pbf = any("pytorch_bf16" in r for r in s["rows"])
     if bf:
-        hdr += ("kd bf16 img/s med [min-max]", "bf16/fp32", "bf16/PT", "bf16 RSS (MiB)")
+        hdr += ("kd bf16 img/s med [min-max]", "bf16/fp32", "bf16/PT f32", "bf16 RSS (MiB)")
+    if pbf:
+        hdr += ("PT bf16 img/s med [min-max] (layout)", "PT bf16/f32", "kd bf16/PT bf16")
     lines = []
     for r in s["rows"]:
         k, p = r.get("kd"), r.get("pytorch")
@@ -123,7 +143,37 @@ def table(s):
                       f"{r['ratio_bf16_over_fp32']:.2f}" if "ratio_bf16_over_fp32" in r else "-",
                       f"{r['ratio_bf16_over_pytorch']:.2f}" if "ratio_bf16_over_pytorch" in r else "-",
                       f"{b['peak_rss_mib']:.0f}") if b else ("-", "-", "-", "-"))
+        if pbf:
+            q = r.get("pytorch_bf16")
+            line += ((f"{q['img_s_median']:.1f} [{q['img_s_min']:.1f}-{q['img_s_max']:.1f}] ({q['layout']})",
+                      f"{r['ratio_pytorch_bf16_over_fp32']:.2f}" if "ratio_pytorch_bf16_over_fp32" in r else "-",
+                      f"{r['ratio_bf16_over_pytorch_bf16']:.2f}" if "ratio_bf16_over_pytorch_bf16" in r else "-")
+                     if q else ("-", "-", "-"))
         lines.append(line)
+    return hdr, lines
+
+
+def impl_cell(m):
+    """One measurement's "impls" as "fwd X; bwd-d Y; bwd-w Z" (kinds the row has)."""
+    if not m or "impls" not in m:
+        return "-"
+    im = m["impls"]
+    parts = [f"{label} {im[k]}" for k, label in (("fwd", "fwd"), ("bwd_data", "bwd-d"), ("bwd_weights", "bwd-w"))
+             if im.get(k)]
+    return "; ".join(parts) if parts else "no oneDNN conv"
+
+
+def impl_table(s):
+    """The oneDNN convolution implementations of every row, per framework and precision."""
+    hdr = ("row", "kd f32", "kd bf16", "PyTorch f32", "PyTorch bf16")
+    lines = []
+    for r in s["rows"]:
+        p, q = r.get("pytorch"), r.get("pytorch_bf16")
+        lines.append((r["row"], impl_cell(r.get("kd")), impl_cell(r.get("kd_bf16")),
+                      impl_cell(p) + (f" ({p['layout']})" if p and "impls" in p else ""),
+                      impl_cell(q) + (f" ({q['layout']})" if q and "impls" in q else "")))
+    if all(all(c == "-" for c in x[1:]) for x in lines):
+        return hdr, []
     return hdr, lines
 
 
@@ -144,6 +194,11 @@ def main():
           f"(runs: {', '.join(str(p) for p in s['peak_runs'])})")
     for x in [hdr] + lines:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(x)))
+    ihdr, ilines = impl_table(s)
+    if ilines:
+        print("oneDNN convolution implementations (fwd / bwd-data / bwd-weights):")
+        for x in ilines:
+            print("  " + " | ".join(x))
     for r in s["rows"]:
         if "flops_mismatch" in r:
             print(f"WARNING: {r['row']}: kd and PyTorch count different FLOPs {r['flops_mismatch']}")
@@ -153,6 +208,12 @@ def main():
             f.write("| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr) + "\n")
             for x in lines:
                 f.write("| " + " | ".join(x) + " |\n")
+            if ilines:
+                f.write("\noneDNN implementations of the convolutions (fwd: forward, bwd-d: backward "
+                        "data, bwd-w: backward weights; '+' joins several):\n\n")
+                f.write("| " + " | ".join(ihdr) + " |\n|" + "---|" * len(ihdr) + "\n")
+                for x in ilines:
+                    f.write("| " + " | ".join(x) + " |\n")
     if "--baseline" in opts:
         guard = load(opts["--guard"])
         # The highest peak of the whole run: under load the FMA loop is slowed

@@ -7,8 +7,9 @@
 #   bash bench/run.sh --quick          1 round, fewer repeats: a rough look (10-25 minutes on 2 cores)
 #   options: --rounds N   --rows resnet20,kd   (row names or model names, comma-separated)
 #            --write-baseline          also rewrite bench/baseline.json (the CI guard's baseline)
-#            --no-bf16                 skip kd's bf16 runs (default: measured wherever the CPU has
-#                                      AVX-512-BF16 or AMX, as a fourth process per row and round)
+#            --no-bf16                 skip the bf16 runs (default: measured wherever the CPU has
+#                                      AVX-512-BF16 or AMX: kd bf16 and PyTorch bf16 autocast in
+#                                      each layout, three more processes per row and round)
 #   env:     KD_BENCH_BUILD=DIR        build directory (default build)
 #            KD_BENCH_TORCH_BLAS=DIR   directory with the libblas.so.3 PyTorch should use
 #                                      (default: Debian's OpenBLAS, openblas-pthread, where
@@ -25,7 +26,10 @@
 #      measurement in its own process (so its peak RSS is its own), alternating which
 #      framework goes first, so that machine noise hits both;
 #      kd with --precision bf16 runs in the same rotation (bf16 convolutions, float32
-#      master weights; its speed-up over kd fp32 and PyTorch fp32 is reported per row);
+#      master weights; its speed-up over kd fp32 and PyTorch fp32 is reported per row),
+#      and so does PyTorch's bf16 autocast (torch_step.py --precision bf16) in NCHW and
+#      channels_last, which kd bf16 is compared with; every kd and PyTorch line also
+#      names the oneDNN implementations its convolutions ran ("impls");
 #   4. prints the table (bench/report.py) and writes bench/results/latest.json and
 #      latest.md; the raw lines go to bench/results/raw-<date>.jsonl.
 # Rows: train and inference of resnet8x4, resnet32x4, wrn_16_2, wrn_40_2, resnet20,
@@ -36,7 +40,7 @@
 # headers of bench/train_step.c and bench/torch_step.py. The Swin rows: torchvision's
 # swin_t at 224x224 (batch 8, 1000 classes) and swin_cifar at 32x32 (batch 64, 100
 # classes), PyTorch in NCHW only (channels_last only touches the patch conv) and no
-# kd bf16 column (bf16 covers convolutions, not the Linear layers that dominate Swin).
+# bf16 runs (kd's bf16 covers convolutions, not the Linear layers that dominate Swin).
 # BLAS: Debian's PyTorch runs Linear layers and matmuls through the system
 # libblas.so.3, which is netlib's reference BLAS unless OpenBLAS is installed (10x
 # slower on Swin's Linear layers). PyTorch's processes therefore get OpenBLAS
@@ -84,7 +88,7 @@ fi
 # Row table: name, mode, model, teacher, steps per timed repeat (full run),
 # then optional KEY=VALUE fields: method (--method) and n_train (--n-train),
 # batch (default 64), size (image side, default 32), classes (default 100),
-# layouts (PyTorch layouts, default nchw,channels_last), bf16 (0: no kd bf16 run).
+# layouts (PyTorch layouts, default nchw,channels_last), bf16 (0: no bf16 runs, kd or PyTorch).
 # Steps are sized so a repeat lasts a few seconds on a 2-core machine.
 swin_opts="layouts=nchw bf16=0"
 rows=(
@@ -155,13 +159,19 @@ for spec in "${rows[@]}"; do
   for ((r = 1; r <= rounds; r++)); do
     runs=(kd)
     for l in ${layouts//,/ }; do runs+=("pytorch:$l"); done
-    [ $row_bf16 -eq 0 ] || runs+=(kd:bf16)
+    if [ $row_bf16 -eq 1 ]; then
+      runs+=(kd:bf16)
+      for l in ${layouts//,/ }; do runs+=("pytorch-bf16:$l"); done
+    fi
     if [ $((r % 2)) -eq 0 ]; then runs=($(printf '%s\n' "${runs[@]}" | tac)); fi
     for fw in "${runs[@]}"; do
       if [ "$fw" = kd ]; then
         cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}")
       elif [ "$fw" = kd:bf16 ]; then
         cmd=("${clean_env[@]}" "$bin/bench_train_step" "${args[@]}" --precision bf16)
+      elif [ "${fw%%:*}" = pytorch-bf16 ]; then
+        cmd=("${clean_env[@]}" "${torch_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#*:}"
+             --precision bf16)
       else
         cmd=("${clean_env[@]}" "${torch_env[@]}" "$py" bench/torch_step.py "${args[@]}" --layout "${fw#pytorch:}")
       fi

@@ -7,7 +7,7 @@ Usage (one measurement per process, so ru_maxrss is this measurement's own):
     /usr/bin/python3 bench/torch_step.py --model resnet8x4 --teacher resnet32x4 --mode kd
         [--layout nchw|channels_last] [--batch 64] [--threads 2] [--classes 100]
         [--warmup 5] [--repeats 5] [--steps 10] [--lr 0.01] [--method kd|crd] [--n-train N]
-        [--size 32]
+        [--size 32] [--precision f32|bf16] [--no-impls]
 
 Needs only Debian's python3-torch (1.13). Prints one JSON line with the keys
 bench_train_step prints.
@@ -29,6 +29,19 @@ One step:
          CIFAR100InstanceSample), so here they are drawn outside the timed
          step (one fresh draw per step, made before timing); kd draws them
          inside its step. Image i of the batch is training image i.
+--precision bf16: PyTorch's own bf16 mixed precision, the forward passes
+and the loss under torch.autocast('cpu', dtype=torch.bfloat16) (float32
+weights, SGD in float32); convolutions and linear layers run in bf16, batch
+norm as autocast decides. Measure it only on CPUs with native bf16
+(AVX-512-BF16 or AMX), as bench/run.sh does.
+
+Kernels: after timing, one more step runs with oneDNN's verbose mode on
+(torch.backends.mkldnn.verbose, its output captured from fd 1) and "impls"
+lists the distinct oneDNN implementations of its convolutions as
+{"fwd", "bwd_data", "bwd_weights"} (names joined by '+', the same form as
+bench_train_step's); "" where no convolution of that kind ran on oneDNN
+(PyTorch then used its own kernels, e.g. im2col + BLAS). --no-impls skips it.
+
 The batch is one fixed tensor (N, 3, S, S) (S = --size, default 32; 224 for
 the ImageNet-size rows) of uniform noise in [-1, 1) with
 random labels; no data loading is timed. torch.set_num_threads(threads); the
@@ -52,11 +65,14 @@ BLAS: the "blas" key of the line names the BLAS library this process mapped
 bench/run.sh points it at OpenBLAS where one is found, see docs/PERFORMANCE.md).
 """
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -214,6 +230,36 @@ def crd_draws(labels, n, batch, K, count, seed=3):
     return out
 
 
+def onednn_conv_impls(step):
+    """Runs step() once with oneDNN's verbose mode on and returns the distinct
+    implementations of the convolutions it executed, per kind."""
+    names = {"fwd": set(), "bwd_data": set(), "bwd_weights": set()}
+    kinds = {"forward_training": "fwd", "forward_inference": "fwd", "forward": "fwd",
+             "backward_data": "bwd_data", "backward_weights": "bwd_weights"}
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                step()
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        # onednn_verbose,exec,cpu,convolution,IMPL,PROP_KIND,... (oneDNN 2.x)
+        fs = line.split(",")
+        if (len(fs) > 5 and fs[0].endswith("_verbose") and fs[1] == "exec"
+                and fs[3] == "convolution" and fs[5] in kinds):
+            names[kinds[fs[5]]].add(fs[4])
+    return {k: "+".join(sorted(v)) for k, v in names.items()}
+
+
 def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -234,6 +280,8 @@ def main():
     ap.add_argument("--method", default="kd", choices=("kd", "crd"))
     ap.add_argument("--n-train", type=int, default=0)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--precision", default="f32", choices=("f32", "bf16"))
+    ap.add_argument("--no-impls", action="store_true")
     a = ap.parse_args()
     a.n_train = max(a.n_train, a.batch)
 
@@ -266,36 +314,44 @@ def main():
         embed_s, embed_t = Embed(fs.shape[1]), Embed(ft.shape[1])
         contrast = ContrastMemory(128, a.n_train)
         params += list(embed_s.parameters()) + list(embed_t.parameters())
-        draws = crd_draws(labels, a.n_train, a.batch, 16384, a.warmup + a.repeats * a.steps)
+        draws = crd_draws(labels, a.n_train, a.batch, 16384, a.warmup + a.repeats * a.steps + 1)
         index = torch.arange(a.batch)
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)
+
+    def amp():
+        """The forward passes' precision context: autocast to bf16, or nothing."""
+        if a.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     if a.mode == "infer":
         student.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), amp():
                 student(x)
     else:
         student.train()
 
-        def step():
+        def forward_loss():
             if crd:
                 with torch.no_grad():
                     ft, t = features(teacher, x)
                 fs, s = features(student, x)
                 out_v1, out_v2 = contrast(embed_s(fs), embed_t(ft), index, draws.pop())
-                loss = F.cross_entropy(s, y) + 0.8 * (contrast_loss(out_v1, a.n_train) +
+                return F.cross_entropy(s, y) + 0.8 * (contrast_loss(out_v1, a.n_train) +
                                                       contrast_loss(out_v2, a.n_train)).squeeze()
-            else:
-                if teacher is not None:
-                    with torch.no_grad():
-                        t = teacher(x)
-                s = student(x)
-                if teacher is not None:
-                    loss = 0.1 * F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
-                else:
-                    loss = F.cross_entropy(s, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t = teacher(x)
+            s = student(x)
+            if teacher is not None:
+                return 0.1 * F.cross_entropy(s, y) + 0.9 * distill_kl(s, t, 4.0)
+            return F.cross_entropy(s, y)
+
+        def step():
+            with amp():
+                loss = forward_loss()
             v = loss.item()
             if v != v or abs(v) == float("inf"):
                 sys.exit(f"torch_step: loss became {v}")
@@ -312,10 +368,12 @@ def main():
             step()
         ips.append(a.steps * a.batch / (time.perf_counter() - t0))
     med = statistics.median(ips)
+    impls = None if a.no_impls else onednn_conv_impls(step)
     print(json.dumps({
         "framework": "pytorch", "method": a.method if a.mode == "kd" else "none", "n_train": a.n_train,
         "model": a.model, "teacher": a.teacher if a.mode == "kd" else None,
-        "mode": a.mode, "layout": a.layout, "backend": "torch " + torch.__version__,
+        "mode": a.mode, "layout": a.layout, "precision": a.precision,
+        "backend": "torch " + torch.__version__,
         "batch": a.batch, "threads": torch.get_num_threads(), "classes": a.classes, "size": a.size,
         "warmup": a.warmup, "repeats": a.repeats, "steps": a.steps,
         "img_s_median": round(med, 2), "img_s_min": round(min(ips), 2), "img_s_max": round(max(ips), 2),
@@ -324,6 +382,7 @@ def main():
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_start_mib": round(rss_start, 1),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
         "blas": blas_library(), "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "default"),
+        **({"impls": impls} if impls is not None else {}),
     }))
 
 

@@ -42,7 +42,13 @@
  *
  * OpenMP: like the kd program (src/cli/main.c), the binary re-executes itself
  * once with GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY, GOMP_SPINCOUNT or
- * KD_OMP_TUNED is already set, so it measures what `kd train` runs. */
+ * KD_OMP_TUNED is already set, so it measures what `kd train` runs.
+ *
+ * Kernels: with the cpu backend the line ends with "impls", the distinct
+ * oneDNN implementations of the row's convolutions ({"fwd", "bwd_data",
+ * "bwd_weights"}: names such as "jit:avx512_core" joined by '+', "" where the
+ * row has none; kd__cpu_conv_impls). The FLOP-counting forward's batch-1
+ * primitives are trimmed from the cache first, so only the timed step's count. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +61,9 @@
 #include "kd/models.h"
 #include "kd/optim.h"
 #include "kd/train.h"
+#ifdef KD_WITH_DNNL
+#include "backend/cpu/dnnl_backend.h"
+#endif
 
 typedef struct {
     const char *model, *teacher, *mode, *backend, *precision, *method;
@@ -211,6 +220,9 @@ int main(int argc, char **argv) {
     double fwd = forward_flops_per_image(student, c.size);
     double t_fwd = teacher ? forward_flops_per_image(teacher, c.size) : 0.0;
     double flops_img = infer ? fwd : 3.0 * fwd + t_fwd;
+    /* Drop the counting pass's (batch 1, float32) primitives: "impls" below
+     * names those of the timed step only. Untimed; warmup recreates them. */
+    if (g_real_be->trim) g_real_be->trim(g_real_be);
 
     /* One fixed batch: x (N, 3, S, S) in [-1, 1), labels (N) in [0, classes);
      * the training set's labels: the batch's, then j mod classes. */
@@ -292,11 +304,24 @@ int main(int argc, char **argv) {
            "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"size\": %d, \"warmup\": %d, \"repeats\": %d, "
            "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
            "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
-           "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"}\n",
+           "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"",
            c.method, (long long)c.n_train, c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
            c.batch, kd_get_num_threads(), c.classes, c.size, c.warmup, c.repeats, c.steps, med, ips[0],
            ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
            peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");
+#ifdef KD_WITH_DNNL
+    if (!strcmp(c.backend, "cpu")) {
+        static const char *keys[3] = {"fwd", "bwd_data", "bwd_weights"};
+        char names[512];
+        printf(", \"impls\": {");
+        for (int i = 0; i < 3; i++) {
+            kd__cpu_conv_impls(i, names, sizeof names);
+            printf("%s\"%s\": \"%s\"", i ? ", " : "", keys[i], names);
+        }
+        printf("}");
+    }
+#endif
+    printf("}\n");
     free(ips);
     free(xb);
     free(yb);

@@ -607,6 +607,29 @@ static void test_cache_reuse_and_trim(void **state) {
     assert_int_equal(kd__cpu_cache_size(), 1);
 }
 
+/* kd__cpu_conv_impls names the implementation oneDNN chose for each cached
+ * conv kind (oneDNN's names are "kind:isa", e.g. "jit:avx512_core"). */
+static void test_conv_impls(void **state) {
+    (void)state;
+    char buf[256];
+    g_cpu->trim(g_cpu);
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_FWD, buf, sizeof buf), 0);
+    assert_string_equal(buf, "");
+    conv_once(2, 8, 10);
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_FWD, buf, sizeof buf), 1);
+    assert_non_null(strchr(buf, ':'));
+    assert_null(strchr(buf, '+'));
+    assert_string_not_equal(buf, "ref");
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_BWD_DATA, buf, sizeof buf), 0);
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_BWD_WEIGHTS, buf, sizeof buf), 0);
+    assert_int_equal(kd__cpu_conv_impls(3, buf, sizeof buf), 0);
+    char small[2] = {'x', 'x'}; /* too short for any name: empty, terminated */
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_FWD, small, sizeof small), 1);
+    assert_string_equal(small, "");
+    g_cpu->trim(g_cpu);
+    assert_int_equal(kd__cpu_conv_impls(KD_CPU_CONV_FWD, buf, sizeof buf), 0);
+}
+
 /* Same inputs, same thread count: bitwise the same outputs. */
 static void test_deterministic(void **state) {
     (void)state;
@@ -673,6 +696,7 @@ int main(void) {
         cmocka_unit_test(test_gemm),
         cmocka_unit_test(test_eltwise),
         cmocka_unit_test(test_cache_reuse_and_trim),
+        cmocka_unit_test(test_conv_impls),
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_errors),
     };

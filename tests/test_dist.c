@@ -33,7 +33,11 @@
  *    memory): the -np 2 run equals one process as above, and the gradient
  *    bytes of every step crossed the veth interface (its counters). Skipped
  *    where network namespaces cannot be made (not root, no iproute2, a
- *    container without CAP_SYS_ADMIN).
+ *    container without CAP_SYS_ADMIN);
+ *  - Slurm: `srun -n 2 --mpi=pmix` of the same run equals `mpirun -np 2` bit
+ *    for bit (step losses, every tensor of last.safetensors); `srun -n 2
+ *    --mpi=none` fails with one error line. Skipped where `srun -n 1 true`
+ *    does not run within 20 s (no Slurm cluster, as in CI).
  *
  * Tolerance of the equality tests. A rank's gradient is (rows / global
  * rows) times the gradient of the mean loss over its rows, and the ranks'
@@ -304,7 +308,7 @@ static kd_test_proc run_argv(const char *const *argv, double timeout_s) {
      * processes started by mpirun run without leak detection; kd's own code
      * is leak-checked by the single-process runs (here and in test_cli). */
     int mpi = 0;
-    for (int i = 0; argv[i]; i++) mpi |= strcmp(argv[i], KD_MPIEXEC) == 0;
+    for (int i = 0; argv[i]; i++) mpi |= strcmp(argv[i], KD_MPIEXEC) == 0 || strcmp(argv[i], "srun") == 0;
     char *asan_old = getenv("ASAN_OPTIONS") ? strdup(getenv("ASAN_OPTIONS")) : NULL;
     if (mpi) {
         char v[1200];
@@ -986,6 +990,123 @@ static void test_two_hosts_netns(void **state) {
         fail_msg("-np 2 over TCP between namespaces differs from -np 2 over shared memory: %s", msg);
 }
 
+/* ------------------------------------------------------------------ Slurm */
+
+/* Whether an executable `name` is on PATH. */
+static int on_path(const char *name) {
+    const char *path = getenv("PATH");
+    char buf[1024];
+    while (path && *path) {
+        const char *e = strchr(path, ':');
+        size_t len = e ? (size_t)(e - path) : strlen(path);
+        snprintf(buf, sizeof buf, "%.*s/%s", (int)len, path, name);
+        if (len && access(buf, X_OK) == 0) return 1;
+        path = e ? e + 1 : NULL;
+    }
+    return 0;
+}
+
+/* Whether `srun -n 1 true` finishes with status 0 within 20 s (a Slurm
+ * cluster answers here); no srun, or a controller that does not answer: 0. */
+static int srun_works(void) {
+    const char *av[] = {"srun", "-n", "1", "--immediate=10", "true", NULL};
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+    pid_t pid;
+    int rc = posix_spawnp(&pid, av[0], &fa, NULL, (char *const *)av, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) return 0;
+    const double t0 = kd_test_now();
+    int ws = 0;
+    for (;;) {
+        pid_t w = waitpid(pid, &ws, WNOHANG);
+        if (w == pid) return WIFEXITED(ws) && WEXITSTATUS(ws) == 0;
+        if (w < 0 && errno != EINTR) return 0;
+        if (kd_test_now() - t0 > 20) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &ws, 0);
+            return 0;
+        }
+        usleep(20000);
+    }
+}
+
+/* Slurm's srun starting the ranks through PMIx (`srun --mpi=pmix`, kd's
+ * launcher "pmix"): the -np 2 training equals mpirun's -np 2 bit for bit
+ * (the same two shards, the same a + b sums), step losses and every tensor
+ * of last.safetensors, optimiser state included. srun without a PMI
+ * (--mpi=none) fails with one error line from task 0 instead of training two
+ * unrelated copies into one run directory. Skipped where srun does not run
+ * (CI installs no Slurm; docs/DISTRIBUTED.md "Slurm" sets up one node). */
+static void test_srun_np2(void **state) {
+    (void)state;
+    need_mpi();
+    if (!srun_works()) {
+        fprintf(stderr, "[test_dist] srun -n 1 true does not run here (no Slurm cluster): the srun case is skipped\n");
+        skip();
+    }
+    char ref[900];
+    run_dir(ref, sizeof ref, "np2");
+    char ref_ckpt[1000];
+    snprintf(ref_ckpt, sizeof ref_ckpt, "%s/last.safetensors", ref);
+    struct stat st;
+    if (stat(ref_ckpt, &st) != 0) { /* test_np2_equals_one did not run: its mpirun -np 2 run */
+        run_dir(ref, sizeof ref, "np2_for_srun");
+        snprintf(ref_ckpt, sizeof ref_ckpt, "%s/last.safetensors", ref);
+        kd_test_proc p = run_mpi("2", g_small_buckets, (const char *const[]){TRAIN(ref, "16", "1"), NULL});
+        kd_test_expect_ok(&p, "mpirun -np 2");
+        kd_test_proc_free(&p);
+    }
+    char out[900];
+    run_dir(out, sizeof out, "srun2");
+    const char *const srun[] = {"srun", "-n", "2", "--overcommit", "--mpi=pmix", "--kill-on-bad-exit=1", NULL};
+    const char *const args[] = {TRAIN(out, "16", "1"), NULL};
+    const char *av[MAXARG];
+    int k = 0;
+    for (int i = 0; srun[i]; i++) av[k++] = srun[i];
+    av[k++] = KD_EXE;
+    for (int i = 0; args[i] && k < MAXARG - 1; i++) av[k++] = args[i];
+    av[k] = NULL;
+    setenv("KD_DIST_BUCKET_KB", "16", 1); /* srun passes the environment on (--export=ALL) */
+    kd_test_proc p = run_argv(av, TIMEOUT);
+    unsetenv("KD_DIST_BUCKET_KB");
+    kd_test_expect_ok(&p, "srun -n 2 --mpi=pmix");
+    if (!strstr(p.err, "data parallel: 2 ranks")) {
+        kd_test_proc_dump(&p, NULL);
+        fail_msg("srun -n 2 --mpi=pmix: rank 0 did not report 2 ranks");
+    }
+    kd_test_proc_free(&p);
+    double la[256], lb[256];
+    int na = step_losses(ref, la, 256), nb = step_losses(out, lb, 256);
+    if (na != nb || na < 10) fail_msg("srun -n 2: %d step records, mpirun -np 2: %d", nb, na);
+    for (int i = 0; i < na; i++)
+        if (la[i] != lb[i]) fail_msg("srun -n 2: step %d loss %.9g, mpirun -np 2 %.9g", i + 1, lb[i], la[i]);
+    char b[1000], msg[512];
+    snprintf(b, sizeof b, "%s/last.safetensors", out);
+    if (kd_test_ckpts_differ(ref_ckpt, b, KD_TEST_CKPT_ALL, msg, sizeof msg))
+        fail_msg("srun -n 2 --mpi=pmix gives other weights than mpirun -np 2: %s", msg);
+    fprintf(stderr, "[test_dist] srun -n 2 --mpi=pmix: %d step losses and last.safetensors equal mpirun -np 2 bit for bit\n",
+            na);
+    /* Without a PMI the two tasks cannot join: one error, no training. */
+    char none[900];
+    run_dir(none, sizeof none, "srun2_none");
+    const char *const args2[] = {TRAIN(none, "16", "1"), NULL};
+    k = 0;
+    const char *const srun2[] = {"srun", "-n", "2", "--overcommit", "--mpi=none", NULL};
+    for (int i = 0; srun2[i]; i++) av[k++] = srun2[i];
+    av[k++] = KD_EXE;
+    for (int i = 0; args2[i] && k < MAXARG - 1; i++) av[k++] = args2[i];
+    av[k] = NULL;
+    p = run_argv(av, TIMEOUT);
+    expect_one_error(&p, 1, "srun --mpi=pmix");
+    kd_test_proc_free(&p);
+    snprintf(b, sizeof b, "%s/last.safetensors", none);
+    if (stat(b, &st) == 0) fail_msg("srun -n 2 --mpi=none trained into %s", none);
+}
+
 /* ------------------------------------------------------------------ main */
 
 static int group_setup(void **state) {
@@ -1030,6 +1151,16 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_ranks_disagree_config),
         cmocka_unit_test(test_ranks_disagree_data),
         cmocka_unit_test_teardown(test_two_hosts_netns, netns_teardown),
+        cmocka_unit_test(test_srun_np2),
     };
-    return cmocka_run_group_tests(tests, group_setup, NULL);
+    /* The Slurm case belongs to the suite only where srun is installed
+     * (there, a cluster that does not answer skips it); without srun the
+     * program runs the other cases, so their passes are not hidden behind a
+     * skip. */
+    size_t n = sizeof tests / sizeof tests[0];
+    if (!on_path("srun")) {
+        fprintf(stderr, "[test_dist] srun is not installed: the Slurm case is not part of this run\n");
+        n--;
+    }
+    return _cmocka_run_group_tests("test_dist", tests, n, group_setup, NULL);
 }

@@ -9,7 +9,10 @@
  * never touches MPI at run time: rank 0 of 1, and every collective below is
  * a no-op (or a copy). A build without MPI (KD_WITH_MPI undefined) started by
  * a launcher that asks for more than one process fails in kd_dist_init
- * instead of running N unrelated copies that write the same run directory.
+ * instead of running N unrelated copies that write the same run directory;
+ * so does any build started by srun as one of N > 1 tasks without PMIx or
+ * PMI (`srun --mpi=none`, Slurm's default MpiDefault: SLURM_STEP_NUM_TASKS
+ * alone), task 0 (SLURM_PROCID) printing the error.
  *
  * Every collective is posted non-blocking and waited for with a deadline
  * (kd_dist_set_timeout; KD_DIST_TIMEOUT seconds in the environment, default

@@ -770,7 +770,7 @@ static int kd__main(int argc, char **argv) {
 int main(int argc, char **argv) {
     kd__tune_openmp(argv);
     if (kd_dist_init() != KD_OK) {
-        fprintf(stderr, "kd: %s\n", kd_last_error());
+        if (!kd_dist_error_quiet()) fprintf(stderr, "kd: %s\n", kd_last_error());
         kd_dist_finalize();
         return KD_EXIT_FAIL;
     }

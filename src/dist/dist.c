@@ -43,6 +43,14 @@ static const char *kd__detect(int *want) {
         if ((v = getenv("SLURM_STEP_NUM_TASKS"))) *want = atoi(v);
         return "pmix";
     }
+    /* srun sets SLURM_STEP_NUM_TASKS in every task of a step (not in a batch
+     * script itself); without PMIx or PMI variables beside it (srun
+     * --mpi=none, Slurm's default MpiDefault) the tasks cannot find each
+     * other: kd_dist_init refuses rather than train N unrelated copies. */
+    if ((v = getenv("SLURM_STEP_NUM_TASKS")) && atoi(v) > 1) {
+        *want = atoi(v);
+        return "srun";
+    }
     return NULL;
 }
 
@@ -114,6 +122,19 @@ static kd_status kd__wait_req(MPI_Request *rq, const char *what) {
     return s;
 }
 
+/* srun started this process as one of want tasks without a PMI: an error,
+ * reported by task 0 alone (SLURM_PROCID); MPI is not started. */
+static kd_status kd__srun_without_pmi(int want) {
+    const char *v = getenv("SLURM_PROCID");
+    kd__rank = v ? atoi(v) : 0;
+    kd__size = want;
+    kd_dist_mark_collective(0);
+    return kd_error(KD_ERR_INVALID,
+                    "srun started %d tasks without PMIx (srun --mpi=none, or Slurm's MpiDefault), so they cannot "
+                    "join one job and would train %d unrelated copies: start kd with srun --mpi=pmix (or mpirun)",
+                    want, want);
+}
+
 kd_status kd_dist_init(void) {
     if (kd__inited) return KD_OK;
     kd__inited = 1;
@@ -122,6 +143,7 @@ kd_status kd_dist_init(void) {
     int want = 0;
     const char *l = kd__detect(&want);
     if (!l) return KD_OK;
+    if (strcmp(l, "srun") == 0) return kd__srun_without_pmi(want);
     int flag = 0;
     MPI_Initialized(&flag);
     if (!flag) {

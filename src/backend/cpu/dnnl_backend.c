@@ -54,6 +54,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -1919,6 +1920,44 @@ int kd__cpu_cache_size(void) {
 size_t kd__cpu_scratch_bytes(void) {
     pthread_mutex_lock(&g_cpu.lock);
     size_t n = g_cpu.scratch_cap;
+    pthread_mutex_unlock(&g_cpu.lock);
+    return n;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+int kd__cpu_conv_impls(int which, char *buf, size_t cap) {
+    static const prim_kind kinds[3] = {PK_CONV_FWD, PK_CONV_BWD_DATA, PK_CONV_BWD_WEIGHTS};
+    if (cap) buf[0] = '\0';
+    if (which < 0 || which > 2) return 0;
+    enum { MAX_NAMES = 32 };
+    const char *names[MAX_NAMES];
+    int n = 0;
+    pthread_mutex_lock(&g_cpu.lock);
+    for (int b = 0; b < CPU_BUCKETS; b++) {
+        for (const prim_entry *e = g_cpu.buckets[b]; e; e = e->next) {
+            if (e->key.kind != (int32_t)kinds[which]) continue;
+            const char *name = "ref";
+            if (e->pd && (dnnl_primitive_desc_query(e->pd, dnnl_query_impl_info_str, 0, &name) !=
+                              dnnl_success || !name))
+                name = "?";
+            int seen = 0;
+            for (int i = 0; i < n && !seen; i++) seen = !strcmp(names[i], name);
+            if (!seen && n < MAX_NAMES) names[n++] = name;
+        }
+    }
+    qsort(names, (size_t)n, sizeof names[0], cmp_str);
+    size_t len = 0;
+    for (int i = 0; i < n && cap; i++) {
+        int w = snprintf(buf + len, cap - len, "%s%s", i ? "+" : "", names[i]);
+        if (w < 0 || (size_t)w >= cap - len) { /* no room for this name: drop its part */
+            buf[len] = '\0';
+            break;
+        }
+        len += (size_t)w;
+    }
     pthread_mutex_unlock(&g_cpu.lock);
     return n;
 }
