@@ -93,15 +93,7 @@ L += ["", "Command: `EPOCHS=%s TRAIN=%s LOCAL=%s bash tools/esvit_results.sh` (e
       "runs/esvit/log.txt)." % (epochs, train, local), "<!-- /esvit -->"]
 section = "\n".join(L) + "\n"
 print(section)
-try:
-    old = open(doc).read()
-except OSError:
-    old = ""
-a, b = old.find("<!-- esvit -->"), old.find("<!-- /esvit -->")
-if a >= 0 and b > a:
-    new = old[:a] + section + old[b + len("<!-- /esvit -->"):].lstrip("\n")
-else:
-    new = old.rstrip("\n") + "\n\n" + section
-with open(doc, "w") as fh:
-    fh.write(new)
+sys.path.insert(0, "tools")
+from doc_section import replace_section  # noqa: E402
+replace_section(doc, "esvit", section)
 PY

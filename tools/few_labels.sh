@@ -191,15 +191,7 @@ L += ["", "Commands: `PT_EPOCHS=%s D_EPOCHS=%s FT_EPOCHS=%s SEEDS=\"%s\" FRACS=\
           pt, de, ft, " ".join(seeds), " ".join(fracs)), "<!-- /few-labels -->"]
 section = "\n".join(L) + "\n"
 print(section)
-try:
-    old = open(doc).read()
-except OSError:
-    old = ""
-a, b = old.find("<!-- few-labels -->"), old.find("<!-- /few-labels -->")
-if a >= 0 and b > a:
-    new = old[:a] + section + old[b + len("<!-- /few-labels -->"):].lstrip("\n")
-else:
-    new = old.rstrip("\n") + "\n\n" + section
-with open(doc, "w") as fh:
-    fh.write(new)
+sys.path.insert(0, "tools")
+from doc_section import replace_section  # noqa: E402
+replace_section(doc, "few-labels", section)
 EOF
