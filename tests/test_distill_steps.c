@@ -139,7 +139,7 @@ static void run_method(const char *method, const char *backend) {
                                               (long long)loss_spread->count, steps);
     const double param_spread = json_member(spread, "param_abs", KD_JSON_NUMBER, method)->number;
 
-    kd_model_cfg mc = {3, classes, 0};
+    kd_model_cfg mc = {.in_channels = 3, .num_classes = classes, .seed = 0};
     kd_model *student = NULL, *teacher = NULL;
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "student"), &mc, &student));
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "teacher"), &mc, &teacher));

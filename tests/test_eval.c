@@ -304,7 +304,7 @@ static void test_features_are_pooled_embedding(void **state) {
     kd_dataset *ds = NULL;
     KD_ASSERT_OK(kd_dataset_from_memory("tiny", n, 1, 8, 8, img, lab, 3, &ds));
     kd_model *m = NULL;
-    kd_model_cfg mc = {1, 3, 5};
+    kd_model_cfg mc = {.in_channels = 1, .num_classes = 3, .seed = 5};
     KD_ASSERT_OK(kd_model_create("resnet8", &mc, &m));
     kd_backend *be = NULL;
     KD_ASSERT_OK(kd_backend_get("ref", &be));

@@ -172,7 +172,7 @@ static void test_knn_run(void **state) {
     KD_ASSERT_OK(kd_dataset_open(g_data, 1, &tr));
     KD_ASSERT_OK(kd_dataset_open(g_data, 0, &te));
     kd_model *m = NULL;
-    kd_model_cfg mc = {1, 4, 0};
+    kd_model_cfg mc = {.in_channels = 1, .num_classes = 4, .seed = 0};
     KD_ASSERT_OK(kd_model_load_new(g_ckpt, NULL, &mc, &m));
     kd_backend *be = NULL;
     KD_ASSERT_OK(kd_backend_get("ref", &be));

@@ -32,7 +32,7 @@ static void test_param_counts(void **state) {
                 {"mobile_half", 0.81}, {"ShuffleV1", 0.95},  {"ShuffleV2", 1.36},   {"ResNet50", 23.71}};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         kd_model *m = NULL;
-        kd_model_cfg cfg = {3, 100, 1};
+        kd_model_cfg cfg = {.in_channels = 3, .num_classes = 100, .seed = 1};
         KD_ASSERT_OK(kd_model_create(rows[i].name, &cfg, &m));
         double got = (double)kd_model_num_params(m) / 1e6;
         printf("  %-12s %.4f M (published %.2f M)\n", rows[i].name, got, rows[i].millions);
@@ -51,7 +51,7 @@ static void test_param_counts(void **state) {
         const char *want = kd_st_meta(f, "params");
         assert_non_null(want);
         kd_model *m = NULL;
-        kd_model_cfg cfg = {3, 100, 1};
+        kd_model_cfg cfg = {.in_channels = 3, .num_classes = 100, .seed = 1};
         KD_ASSERT_OK(kd_model_create(exact[i], &cfg, &m));
         printf("  %-12s %lld (PyTorch %s)\n", exact[i], (long long)kd_model_num_params(m), want);
         assert_int_equal(kd_model_num_params(m), atoll(want));
@@ -63,7 +63,7 @@ static void test_param_counts(void **state) {
 static void test_unknown_model(void **state) {
     (void)state;
     kd_model *m = NULL;
-    kd_model_cfg cfg = {3, 10, 0};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = 10, .seed = 0};
     assert_int_equal(kd_model_create("resnet9000", &cfg, &m), KD_ERR_NOT_FOUND);
     assert_null(m);
     assert_non_null(strstr(kd_last_error(), "resnet9000"));
@@ -114,7 +114,7 @@ static void test_forward_shapes(void **state) {
         if (row < 0) continue; /* not a CIFAR-zoo family (ImageNet models have their own test) */
         for (int v = 0; v < 2; v++) {
             int C = v ? 3 : 1, H = v ? 32 : 28;
-            kd_model_cfg cfg = {C, 7, 3};
+            kd_model_cfg cfg = {.in_channels = C, .num_classes = 7, .seed = 3};
             kd_model *m = NULL;
             KD_ASSERT_OK(kd_model_create(names[i], &cfg, &m));
             kd_graph *g = NULL;
@@ -147,7 +147,7 @@ static void test_forward_shapes(void **state) {
  * shape); *f is left open on the fixture. */
 static kd_model *resnet8_at_init(kd_st_file **f) {
     *f = kd_test_st_open(KD_FIXTURE("resnet8_5steps.safetensors"));
-    kd_model_cfg cfg = {3, 10, 0};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = 10, .seed = 0};
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
     KD_ASSERT_OK(kd__load_params(kd_model_params(m), *f, "init."));
@@ -340,7 +340,7 @@ static void test_resnet8_steady_state_cpu(void **state) {
         return;
     }
     enum { N = 16, STEPS = 5, WARMUP = 2 };
-    kd_model_cfg cfg = {3, 10, 1};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = 10, .seed = 1};
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create("resnet8", &cfg, &m));
     kd_param_list *pl = kd_model_params(m);

@@ -139,7 +139,7 @@ static int all_zero(const kd_st_entry *e) {
  * step; and nothing else. */
 static void check_layout(const char *path, const char *const *modules, int n_modules, int n_trainable) {
     kd_st_file *f = kd_test_st_open(path);
-    kd_model_cfg mc = {1, 4, 0};
+    kd_model_cfg mc = {.in_channels = 1, .num_classes = 4, .seed = 0};
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create("resnet8", &mc, &m));
     kd_param_list *pl = kd_model_params(m);

@@ -233,7 +233,7 @@ static void run_trajectory(const char *backend) {
     kd_json_free(w);
     kd_json *sp = NULL;
     KD_ASSERT_OK(kd_json_parse(kd_st_meta(f, "f32_spread"), strlen(kd_st_meta(f, "f32_spread")), "spread", &sp));
-    kd_model_cfg mc = {3, classes, 0};
+    kd_model_cfg mc = {.in_channels = 3, .num_classes = classes, .seed = 0};
     kd_model *student = NULL, *teacher = NULL;
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "student"), &mc, &student));
     KD_ASSERT_OK(kd_model_create(kd_st_meta(f, "teacher"), &mc, &teacher));

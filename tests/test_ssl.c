@@ -202,6 +202,135 @@ static void test_simclr_step(void **state) {
     kd_model_free(student);
 }
 
+/* SimCLRv2's fine-tuning from the projection head (ft_proj_selector, the
+ * model's head_layers): a resnet8 with head_layers 1 loads an encoder of
+ * `kd pretrain --method simclr` (its head.0 / head.1 become the layer before
+ * the classifier), computes fc(relu(bn(W emb))) (checked against a double
+ * reference built from the model's own embedding), keeps the layers in its
+ * checkpoints (metadata head_layers, read back by kd_model_load_new), and
+ * refuses the files it cannot start from. */
+static kd_model *make_ft(int head_layers, uint64_t seed) {
+    kd_model_cfg mc = {.in_channels = 1, .num_classes = CLASSES, .seed = seed, .head_layers = head_layers};
+    kd_model *m = NULL;
+    KD_ASSERT_OK(kd_model_create("resnet8", &mc, &m));
+    return m;
+}
+
+static kd_tensor *eval_logits(kd_model *m, kd_graph *g, const float *x, kd_tensor **emb) {
+    kd_model_set_training(m, 0);
+    kd_graph_reset(g);
+    int64_t xs[4] = {B, 1, SIDE, SIDE};
+    kd_tensor *xt = kd_graph_wrap(g, KD_F32, 4, xs, (void *)x);
+    kd_model_out o;
+    KD_ASSERT_OK(kd_model_forward(m, g, xt, 0, &o));
+    if (emb) *emb = kd_graph_to_strided(g, o.feat[o.n_feat - 1]);
+    return kd_graph_to_strided(g, o.logits);
+}
+
+static const float *param(kd_model *m, const char *name) {
+    kd_param *p = kd_params_find(kd_model_params(m), name);
+    if (!p) fail_msg("model has no tensor %s", name);
+    return kd_f32(p->t);
+}
+
+static void test_ft_proj_selector(void **state) {
+    (void)state;
+    const char *dir = kd_test_tmpdir("ft_proj");
+    char enc[600], ft_path[600], plain_path[600], mlp[600];
+    snprintf(enc, sizeof enc, "%s/encoder.safetensors", dir);
+    snprintf(ft_path, sizeof ft_path, "%s/ft.safetensors", dir);
+    snprintf(plain_path, sizeof plain_path, "%s/plain.safetensors", dir);
+    snprintf(mlp, sizeof mlp, "%s/moco.safetensors", dir);
+    /* The encoders: SimCLR's (SimCLRv2 head) and MoCo's (MLP head). */
+    kd_model *pre = make_student();
+    kd_trainer *tr = make_trainer(pre, "simclr", NULL, NULL, NULL, NULL);
+    KD_ASSERT_OK(kd_encoder_save(pre, kd_trainer_method(tr), enc));
+    const kd_param_list *hp = kd_method_params(kd_trainer_method(tr));
+    const kd_param *h0 = kd_params_find(hp, "head.0.weight");
+    assert_non_null(h0);
+    kd_model *pre2 = make_student();
+    kd_trainer *tr2 = make_trainer(pre2, "moco", NULL, NULL, NULL, NULL);
+    KD_ASSERT_OK(kd_encoder_save(pre2, kd_trainer_method(tr2), mlp));
+
+    kd_model *ft = make_ft(1, 9);
+    const int64_t d = kd_model_feat_dim(ft);
+    assert_non_null(kd_params_find(kd_model_params(ft), "head.1.running_var"));
+    assert_null(kd_params_find(kd_model_params(ft), "head.3.weight"));
+    KD_ASSERT_OK(kd_model_load(ft, enc));
+    assert_memory_equal(param(ft, "head.0.weight"), kd_f32(h0->t), (size_t)(d * d) * sizeof(float));
+    /* Non-trivial running statistics and affine parameters of head.1. */
+    float *bn[4] = {(float *)param(ft, "head.1.weight"), (float *)param(ft, "head.1.bias"),
+                    (float *)param(ft, "head.1.running_mean"), (float *)param(ft, "head.1.running_var")};
+    kd_test_fill_uniform(bn[0], d, 0.5f, 1.5f, 31);
+    kd_test_fill_uniform(bn[1], d, -0.2f, 0.2f, 32);
+    kd_test_fill_uniform(bn[2], d, -0.05f, 0.05f, 33);
+    kd_test_fill_uniform(bn[3], d, 0.001f, 0.01f, 34);
+
+    float x[B * SIDE * SIDE];
+    kd_test_fill_uniform(x, B * SIDE * SIDE, -1.0f, 1.0f, 35);
+    kd_backend *be = NULL;
+    KD_ASSERT_OK(kd_backend_get("ref", &be));
+    kd_graph *g = NULL;
+    KD_ASSERT_OK(kd_graph_init(&g, be));
+    kd_tensor *emb = NULL, *lg = eval_logits(ft, g, x, &emb);
+    assert_non_null(lg);
+    assert_int_equal(emb->shape[1], d);
+    /* Reference: logits = fc.W relu(gamma (W0 e - mu) / sqrt(var + 1e-5) + beta) + fc.b, in double. */
+    const float *w0 = param(ft, "head.0.weight"), *fw = param(ft, "fc.weight"), *fb = param(ft, "fc.bias");
+    float want[B * CLASSES];
+    double *h = malloc((size_t)d * sizeof *h);
+    for (int i = 0; i < B; i++) {
+        const float *e = kd_f32(emb) + i * d;
+        for (int64_t j = 0; j < d; j++) {
+            double z = 0;
+            for (int64_t k = 0; k < d; k++) z += (double)w0[j * d + k] * e[k];
+            z = bn[0][j] * (z - bn[2][j]) / sqrt((double)bn[3][j] + 1e-5) + bn[1][j];
+            h[j] = z > 0 ? z : 0;
+        }
+        for (int c = 0; c < CLASSES; c++) {
+            double z = fb[c];
+            for (int64_t j = 0; j < d; j++) z += (double)fw[c * d + j] * h[j];
+            want[i * CLASSES + c] = (float)z;
+        }
+    }
+    free(h);
+    KD_ASSERT_CLOSE(kd_f32(lg), want, B * CLASSES, 1e-5, 1e-4, "logits through head layer 1");
+    float got[B * CLASSES];
+    memcpy(got, kd_f32(lg), sizeof got);
+
+    /* The fine-tuned checkpoint keeps the layer: loaded without saying so. */
+    KD_ASSERT_OK(kd_model_save(ft, ft_path));
+    kd_model_cfg mc0 = {.in_channels = 1, .num_classes = CLASSES, .seed = 0};
+    kd_model *back = NULL;
+    KD_ASSERT_OK(kd_model_load_new(ft_path, NULL, &mc0, &back));
+    assert_int_equal(kd_model_config(back)->head_layers, 1);
+    kd_tensor *lg2 = eval_logits(back, g, x, NULL);
+    assert_memory_equal(kd_f32(lg2), got, sizeof got);
+
+    /* Files it cannot start from. */
+    kd_model *plain = make_ft(0, 9);
+    ASSERT_ERR(kd_model_load(plain, ft_path), KD_ERR_SHAPE, "1 projection-head layer before its classifier");
+    KD_ASSERT_OK(kd_model_save(plain, plain_path));
+    ASSERT_ERR(kd_model_load(ft, plain_path), KD_ERR_INVALID, "no SimCLRv2 head (head.0, head.1)");
+    ASSERT_ERR(kd_model_load(ft, mlp), KD_ERR_INVALID, "has a 'mlp' projection head");
+    kd_model *ft2 = make_ft(2, 9);
+    KD_ASSERT_OK(kd_model_load(ft2, enc)); /* head.3 / head.4 from the encoder too */
+    assert_non_null(kd_params_find(kd_model_params(ft2), "head.4.running_mean"));
+    kd_model_cfg bad = {.in_channels = 1, .num_classes = CLASSES, .head_layers = 3};
+    kd_model *m3 = NULL;
+    ASSERT_ERR(kd_model_create("resnet8", &bad, &m3), KD_ERR_INVALID, "must be 0, 1 or 2");
+
+    kd_graph_free(g);
+    kd_model_free(ft2);
+    kd_model_free(plain);
+    kd_model_free(back);
+    kd_model_free(ft);
+    kd_trainer_free(tr2);
+    kd_model_free(pre2);
+    kd_trainer_free(tr);
+    kd_model_free(pre);
+}
+
 /* SSLD's per-class top-k against a sort of each class's column (an
  * independent reference), with ties broken by the smaller index. */
 static int cmp_cand(const void *a, const void *b) {
@@ -254,6 +383,7 @@ int main(void) {
         cmocka_unit_test(test_select_topk),
         cmocka_unit_test(test_moco_step),
         cmocka_unit_test(test_simclr_step),
+        cmocka_unit_test(test_ft_proj_selector),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -40,7 +40,7 @@ static int g_verbose;
 
 static kd_model *create(const char *arch, int in_ch, int num_classes) {
     kd_model *m = NULL;
-    kd_model_cfg cfg = {in_ch, num_classes, 7};
+    kd_model_cfg cfg = {.in_channels = in_ch, .num_classes = num_classes, .seed = 7};
     if (kd_model_create(arch, &cfg, &m) != KD_OK) fail_msg("%s: %s", arch, kd_last_error());
     return m;
 }

@@ -71,7 +71,7 @@ static int g_verbose;
 
 static kd_model *create(const char *arch, int num_classes) {
     kd_model *m = NULL;
-    kd_model_cfg cfg = {3, num_classes, 7};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = num_classes, .seed = 7};
     if (kd_model_create(arch, &cfg, &m) != KD_OK) fail_msg("%s: %s", arch, kd_last_error());
     return m;
 }

@@ -193,7 +193,7 @@ static void run_zoo(const char *arch, kd_backend *be) {
     kd_json *feats = meta_json(f, "feats"), *pres = meta_json(f, "preacts");
     assemble_torch_file(f, sd, syn, torch_path);
 
-    kd_model_cfg cfg = {3, 100, 7};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = 100, .seed = 7};
     kd_model *m = NULL;
     KD_ASSERT_OK(kd_model_create(arch, &cfg, &m));
     assert_int_equal(kd_model_params(m)->n, sd->count); /* no tensor beyond PyTorch's */
@@ -237,7 +237,7 @@ static void test_zoo_ref(void **state) {
  * tensors, same function. */
 static void test_mobile_half_alias(void **state) {
     (void)state;
-    kd_model_cfg cfg = {3, 100, 7};
+    kd_model_cfg cfg = {.in_channels = 3, .num_classes = 100, .seed = 7};
     kd_model *a = NULL, *b = NULL;
     KD_ASSERT_OK(kd_model_create("MobileNetV2", &cfg, &a));
     KD_ASSERT_OK(kd_model_create("mobile_half", &cfg, &b));

@@ -58,6 +58,12 @@ typedef struct {
     int in_channels;  /* 3 for CIFAR, 1 for MNIST-like data */
     int num_classes;
     uint64_t seed;    /* weight initialisation */
+    /* SimCLRv2 fine-tuning from the projection head (google-research/simclr
+     * ft_proj_selector): the first head_layers layers of the SimCLRv2 head
+     * (Linear(d, d, no bias) -> BN -> ReLU; PyTorch names head.0/head.1,
+     * head.3/head.4, as an encoder checkpoint of kd pretrain holds them) sit
+     * between the embedding and the classifier. 0 (default), 1 or 2. */
+    int head_layers;
 } kd_model_cfg;
 
 typedef struct kd_model kd_model;

@@ -51,6 +51,7 @@ typedef struct {
     char teacher[48];       /* teacher architecture; empty: read from the checkpoint */
     char teacher_ckpt[512]; /* teacher weights (safetensors) */
     char init_ckpt[512];    /* optional initial weights for the student */
+    int ft_proj_selector;   /* SimCLRv2: classifier on head layer k of init_ckpt's projection head (0: the embedding) */
     /* method and loss weights (NaN: the method's published default) */
     kd_distill_cfg distill;
     /* optimisation */
@@ -266,7 +267,8 @@ kd_status kd_evaluate(kd_model *m, kd_backend *be, const kd_dataset *ds, int bat
  * state) are ignored. */
 kd_status kd_model_load(kd_model *m, const char *path);
 /* Creates the model named in the checkpoint's metadata ("arch") unless arch
- * is given, and loads it. */
+ * is given, and loads it; cfg's head_layers is replaced by the checkpoint's
+ * ("head_layers", 0 when absent). */
 kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_cfg *cfg,
                             kd_model **out);
 /* Writes the model's state dict (PyTorch names) with metadata, atomically. */

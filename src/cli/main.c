@@ -542,7 +542,7 @@ static int kd__cmd_eval(int argc, char **argv) {
     if (kd_dataset_open(data, 0, &test) != KD_OK) goto done;
     int classes = kd_dataset_num_classes(train);
     if (kd_dataset_num_classes(test) > classes) classes = kd_dataset_num_classes(test);
-    kd_model_cfg mc = {kd_dataset_channels(test), classes, 0};
+    kd_model_cfg mc = {.in_channels = kd_dataset_channels(test), .num_classes = classes, .seed = 0};
     if (kd_model_load_new(ckpt, arch, &mc, &m) != KD_OK) goto done;
     kd_transform_cfg tf = {.normalize = 1};
     kd_dataset_norm(train, tf.mean, tf.std);

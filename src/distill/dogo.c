@@ -68,7 +68,8 @@ static kd_status kd__dogo_setup(kd_method *m, const kd_method_shapes *shp) {
     if (!arch) return kd_error(KD_ERR_INVALID, "dogo: set dogo.peer, the architecture of peer 2");
     st->in_h = shp->in_h;
     kd_rng r;
-    kd_model_cfg mc = {shp->in_channels, shp->num_classes, kd_rng_key(kd_method_cfg(m)->seed, 0x646f676full)};
+    kd_model_cfg mc = {.in_channels = shp->in_channels, .num_classes = shp->num_classes,
+                       .seed = kd_rng_key(kd_method_cfg(m)->seed, 0x646f676full)};
     kd_status s = kd_model_create(arch, &mc, &st->peer);
     if (s != KD_OK) return kd_error(s == KD_ERR_NOT_FOUND ? KD_ERR_INVALID : s, "dogo.peer: %s", kd_last_error());
     kd_param_list *pl = kd_method_params(m);

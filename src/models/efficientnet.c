@@ -58,7 +58,7 @@ static kd_status kd__effnet_forward(kd_model *m, kd_graph *g, kd_tensor *x, int 
     kd__effnet *r = m->impl;
     int tr = m->training;
     kd_tensor *emb = kd__mbnet_trunk(g, &r->stem, r->blocks, r->nblocks, &r->last, x, tr, flags, out);
-    out->logits = kd_linear_layer_forward(g, &r->fc, kd_dropout(g, emb, r->dropout, tr));
+    out->logits = kd__classify(m, g, &r->fc, kd_dropout(g, emb, r->dropout, tr));
     return kd_graph_status(g);
 }
 

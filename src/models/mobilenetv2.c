@@ -72,7 +72,7 @@ static kd_status kd__mbv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fl
     kd_tensor *emb = kd_global_avgpool(g, h);
     out->feat[5] = emb;
     out->n_feat = 6;
-    out->logits = kd_linear_layer_forward(g, &v->classifier, emb);
+    out->logits = kd__classify(m, g, &v->classifier, emb);
     /* RepDistiller defines no pre-activation features for this network. */
     if (flags & KD_FWD_PREACT)
         for (int k = 0; k < out->n_feat; k++) out->preact[k] = out->feat[k];

@@ -64,7 +64,7 @@ static kd_status kd__mnv3_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fl
     kd__mnv3 *r = m->impl;
     int tr = m->training;
     kd_tensor *emb = kd__mbnet_trunk(g, &r->stem, r->blocks, r->nblocks, &r->last, x, tr, flags, out);
-    kd_tensor *z = kd_hardswish(g, kd_linear_layer_forward(g, &r->fc1, emb));
+    kd_tensor *z = kd_hardswish(g, kd__classify(m, g, &r->fc1, emb));
     z = kd_dropout(g, z, r->dropout, tr);
     out->logits = kd_linear_layer_forward(g, &r->fc2, z);
     return kd_graph_status(g);

@@ -17,7 +17,14 @@ struct kd_model {
     int64_t feat_dim;
     const kd__model_vt *vt;
     void *impl;
+    /* cfg.head_layers layers of the SimCLRv2 head before the classifier. */
+    kd_linear_layer neck_lin[2];
+    kd_bn_layer neck_bn[2];
 };
+
+/* The classifier of every architecture: fc(emb), after the projection-head
+ * layers of cfg.head_layers when there are any (kd_model_cfg). */
+kd_tensor *kd__classify(kd_model *m, kd_graph *g, const kd_linear_layer *fc, kd_tensor *emb);
 
 /* Constructors: fill m->params, m->impl, m->vt, m->feat_dim. `arg` comes from
  * the registry row (e.g. depth and widths). */

@@ -71,6 +71,29 @@ static const kd__arch_row *kd__find_arch(const char *arch) {
 
 int kd_model_exists(const char *arch) { return arch && kd__find_arch(arch) != NULL; }
 
+/* The head layers of cfg.head_layers, named as KD__HEAD_SIMCLR names them
+ * (src/distill/ssl.c): head.{3k} Linear(d, d, no bias), N(0, 0.01), and
+ * head.{3k+1} BatchNorm1d(d). */
+static kd_status kd__neck_init(kd_model *m, kd_rng *r) {
+    const int64_t d = m->feat_dim;
+    for (int k = 0; k < m->cfg.head_layers; k++) {
+        char name[16];
+        snprintf(name, sizeof name, "head.%d", 3 * k);
+        KD_TRY(kd_linear_layer_init(&m->neck_lin[k], &m->params, name, d, d, 0));
+        kd_init_normal(m->neck_lin[k].weight, 0.01f, r);
+        snprintf(name, sizeof name, "head.%d", 3 * k + 1);
+        KD_TRY(kd_bn_layer_init(&m->neck_bn[k], &m->params, name, d));
+    }
+    return KD_OK;
+}
+
+kd_tensor *kd__classify(kd_model *m, kd_graph *g, const kd_linear_layer *fc, kd_tensor *emb) {
+    for (int k = 0; k < m->cfg.head_layers; k++)
+        emb = kd_relu(g, kd_bn_layer_forward(g, &m->neck_bn[k],
+                                             kd_linear_layer_forward(g, &m->neck_lin[k], emb), m->training));
+    return kd_linear_layer_forward(g, fc, emb);
+}
+
 kd_status kd_model_create(const char *arch, const kd_model_cfg *cfg, kd_model **out) {
     *out = NULL;
     const kd__arch_row *row = arch ? kd__find_arch(arch) : NULL;
@@ -84,6 +107,10 @@ kd_status kd_model_create(const char *arch, const kd_model_cfg *cfg, kd_model **
     if (cfg->in_channels < 1 || cfg->num_classes < 1)
         return kd_error(KD_ERR_INVALID, "model '%s': in_channels %d and num_classes %d must be >= 1",
                         arch, cfg->in_channels, cfg->num_classes);
+    if (cfg->head_layers < 0 || cfg->head_layers > 2)
+        return kd_error(KD_ERR_INVALID, "model '%s': head_layers (ft_proj_selector) %d must be 0, 1 or 2: "
+                        "the classifier sits on the embedding or on the first one or two layers of the "
+                        "SimCLRv2 projection head", arch, cfg->head_layers);
     kd_model *m = calloc(1, sizeof *m);
     if (!m) return kd_error(KD_ERR_NOMEM, "out of memory creating model '%s'", arch);
     snprintf(m->arch, sizeof m->arch, "%s", arch);
@@ -92,6 +119,7 @@ kd_status kd_model_create(const char *arch, const kd_model_cfg *cfg, kd_model **
     kd_rng r;
     kd_rng_init(&r, cfg->seed, kd_rng_key(0x6d6f64656cull, 0)); /* "model" stream */
     kd_status s = row->build(m, &row->arg, &r);
+    if (s == KD_OK) s = kd__neck_init(m, &r);
     if (s != KD_OK) {
         kd_model_free(m);
         return s;

@@ -74,7 +74,7 @@ static kd_status kd__resnet_forward(kd_model *m, kd_graph *g, kd_tensor *x, int 
     out->feat[4] = emb;
     if (pa) out->preact[4] = emb;
     out->n_feat = 5;
-    out->logits = kd_linear_layer_forward(g, &r->fc, emb);
+    out->logits = kd__classify(m, g, &r->fc, emb);
     return kd_graph_status(g);
 }
 

@@ -83,7 +83,7 @@ static kd_status kd__resnet_in_forward(kd_model *m, kd_graph *g, kd_tensor *x, i
     out->feat[5] = emb;
     if (pa) out->preact[5] = emb;
     out->n_feat = 6;
-    out->logits = kd_linear_layer_forward(g, &r->fc, emb);
+    out->logits = kd__classify(m, g, &r->fc, emb);
     return kd_graph_status(g);
 }
 static const kd__model_vt kd__resnet_in_vt = {kd__resnet_in_forward, kd__resnet_in_free};

@@ -75,7 +75,7 @@ static kd_status kd__resnetv2_forward(kd_model *m, kd_graph *g, kd_tensor *x, in
     out->feat[5] = emb;
     if (pa) out->preact[5] = emb;
     out->n_feat = 6;
-    out->logits = kd_linear_layer_forward(g, &r->linear, emb);
+    out->logits = kd__classify(m, g, &r->linear, emb);
     return kd_graph_status(g);
 }
 static const kd__model_vt kd__resnetv2_vt = {kd__resnetv2_forward, kd__resnetv2_free};

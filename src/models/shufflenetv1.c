@@ -82,7 +82,7 @@ static kd_status kd__sv1_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     out->feat[4] = emb;
     if (pa) out->preact[4] = emb;
     out->n_feat = 5;
-    out->logits = kd_linear_layer_forward(g, &v->linear, emb);
+    out->logits = kd__classify(m, g, &v->linear, emb);
     return kd_graph_status(g);
 }
 static const kd__model_vt kd__sv1_vt = {kd__sv1_forward, kd__sv1_free};

@@ -245,7 +245,7 @@ static kd_status kd__swin_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fl
     kd_tensor *emb = kd_global_avgpool(g, map);
     out->feat[v->nstage + 1] = out->preact[v->nstage + 1] = emb;
     out->n_feat = v->nstage + 2;
-    out->logits = kd_linear_layer_forward(g, &s->head, emb);
+    out->logits = kd__classify(m, g, &s->head, emb);
     kd__trunk_keep(g, sc, out->logits, out);
     return kd_graph_status(g);
 }

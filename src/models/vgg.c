@@ -69,7 +69,7 @@ static kd_status kd__vgg_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     out->feat[5] = emb;
     if (pa) out->preact[5] = emb;
     out->n_feat = 6;
-    out->logits = kd_linear_layer_forward(g, &v->classifier, emb);
+    out->logits = kd__classify(m, g, &v->classifier, emb);
     return kd_graph_status(g);
 }
 

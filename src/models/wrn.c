@@ -65,7 +65,7 @@ static kd_status kd__wrn_forward(kd_model *m, kd_graph *g, kd_tensor *x, int fla
     kd_tensor *emb = kd_global_avgpool(g, act);
     out->feat[4] = emb;
     out->n_feat = 5;
-    out->logits = kd_linear_layer_forward(g, &w->fc, emb);
+    out->logits = kd__classify(m, g, &w->fc, emb);
     if (flags & KD_FWD_PREACT) {
         /* As RepDistiller: the next BN applied to each stage output (this
          * runs those BNs again, updating running statistics in training mode,

@@ -31,6 +31,10 @@ kd_status kd__ckpt_add_model(kd_st_writer *w, kd_model *m) {
     KD_TRY(kd_st_writer_set_meta(w, "in_channels", v));
     snprintf(v, sizeof v, "%d", mc->num_classes);
     KD_TRY(kd_st_writer_set_meta(w, "num_classes", v));
+    if (mc->head_layers > 0) {
+        snprintf(v, sizeof v, "%d", mc->head_layers);
+        KD_TRY(kd_st_writer_set_meta(w, "head_layers", v));
+    }
     KD_TRY(kd_st_writer_set_meta(w, "kd_version", kd_version()));
     return KD_OK;
 }
@@ -73,10 +77,34 @@ kd_status kd__load_params(kd_param_list *pl, const kd_st_file *f, const char *pr
     return KD_OK;
 }
 
+/* A model with head layers before its classifier (kd_model_cfg.head_layers,
+ * the ft_proj_selector setting) loads a checkpoint of the same kind (its
+ * metadata "head_layers"), or, to start a fine-tune, an encoder whose
+ * projection head is SimCLRv2's (metadata "head" simclr, tensors head.0.*). */
+static kd_status kd__check_head_layers(const kd_model *m, const kd_st_file *f) {
+    const char *hl = kd_st_meta(f, "head_layers"), *head = kd_st_meta(f, "head");
+    const int want = kd_model_config(m)->head_layers, have = hl ? atoi(hl) : 0;
+    if (hl && have != want)
+        return kd_error(KD_ERR_SHAPE, "%s holds a model with %d projection-head layer%s before its classifier "
+                        "(ft_proj_selector %d); this model has %d (ft_proj_selector %d)", kd_st_path(f), have,
+                        have == 1 ? "" : "s", have, want, want);
+    if (hl || want == 0) return KD_OK;
+    if ((head && strcmp(head, "simclr")) || !kd_st_find(f, "head.0.weight") || !kd_st_find(f, "head.1.weight")) {
+        char what[64];
+        if (head) snprintf(what, sizeof what, "a '%s' projection head", head);
+        else snprintf(what, sizeof what, "no SimCLRv2 head (head.0, head.1)");
+        return kd_error(KD_ERR_INVALID, "ft_proj_selector %d fine-tunes from the first %s of the SimCLRv2 projection "
+                        "head, but %s has %s: give the encoder.safetensors of `kd pretrain --method simclr`, or "
+                        "set ft_proj_selector 0", want, want == 1 ? "layer" : "layers", kd_st_path(f), what);
+    }
+    return KD_OK;
+}
+
 kd_status kd__model_load_from(kd_model *m, const kd_st_file *f) {
     const char *arch = kd_st_meta(f, "arch");
     if (arch && strcmp(arch, kd_model_arch(m)) != 0)
         return kd_error(KD_ERR_SHAPE, "%s holds a '%s' model, not a '%s'", kd_st_path(f), arch, kd_model_arch(m));
+    KD_TRY(kd__check_head_layers(m, f));
     return kd__load_params(kd_model_params(m), f, "");
 }
 
@@ -99,6 +127,8 @@ kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_c
         goto done;
     }
     kd_model_cfg mc = *cfg;
+    const char *hl = kd_st_meta(f, "head_layers");
+    mc.head_layers = hl ? atoi(hl) : 0; /* the file's; range-checked by kd_model_create */
     /* A checkpoint's own class count wins, so a mismatch is reported as such. */
     const char *nc = kd_st_meta(f, "num_classes");
     if (nc && atoi(nc) > 0 && atoi(nc) != cfg->num_classes) {

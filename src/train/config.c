@@ -44,6 +44,10 @@ static const kd__setting kd__settings[] = {
     KD__S("teacher", KD__T_STR, teacher, "teacher architecture (default: from the checkpoint)"),
     KD__S("teacher_ckpt", KD__T_STR, teacher_ckpt, "teacher weights (safetensors, PyTorch names)"),
     KD__S("init_ckpt", KD__T_STR, init_ckpt, "initial weights for the model (optional)"),
+    KD__S("ft_proj_selector", KD__T_INT, ft_proj_selector,
+          "SimCLRv2 fine-tuning: the classifier sits on layer k of the SimCLRv2 projection head that init_ckpt "
+          "(kd pretrain's encoder.safetensors) holds, the head layers train with the network; 0: on the "
+          "embedding, 1: the paper's 1% labels setting, 2"),
     KD__S("method", KD__T_STR, distill.method, "distillation method (`kd distill --method list`); its settings are <method>.<name>"),
     KD__S("gamma", KD__T_FLOAT, distill.gamma, "cross-entropy weight (default: the method's)"),
     KD__S("alpha", KD__T_FLOAT, distill.alpha, "KL soft-label weight (default: the method's)"),
@@ -297,12 +301,12 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
     if (isnan(c->distill.T)) c->distill.T = m->T;
     c->distill.seed = c->seed;
     if (!kd_model_exists(c->model)) {
-        kd_model_cfg mc = {1, 1, 0};
+        kd_model_cfg mc = {.in_channels = 1, .num_classes = 1, .seed = 0};
         kd_model *tmp = NULL;
         return kd_model_create(c->model, &mc, &tmp); /* fails with the list of names */
     }
     if (c->teacher[0] && !kd_model_exists(c->teacher)) {
-        kd_model_cfg mc = {1, 1, 0};
+        kd_model_cfg mc = {.in_channels = 1, .num_classes = 1, .seed = 0};
         kd_model *tmp = NULL;
         kd_model_create(c->teacher, &mc, &tmp);
         return kd_error(KD_ERR_NOT_FOUND, "teacher: %s", kd_last_error());
@@ -317,6 +321,12 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         return kd_error(KD_ERR_INVALID, "image_size %d and resize %d must be >= 0", c->image_size, c->resize);
     if (c->workers < 0) return kd_error(KD_ERR_INVALID, "workers must be >= 0, got %d", c->workers);
     if (!c->out[0]) return kd_error(KD_ERR_INVALID, "out (run directory) is empty");
+    if (c->ft_proj_selector < 0 || c->ft_proj_selector > 2)
+        return kd_error(KD_ERR_INVALID, "ft_proj_selector %d must be 0 (the classifier on the embedding), 1 or 2 "
+                        "(on that layer of the SimCLRv2 projection head)", c->ft_proj_selector);
+    if (c->ft_proj_selector > 0 && !c->init_ckpt[0])
+        return kd_error(KD_ERR_INVALID, "ft_proj_selector %d fine-tunes from a pretrained projection head: set "
+                        "init_ckpt to the encoder.safetensors of `kd pretrain --method simclr`", c->ft_proj_selector);
     const kd_method_def *tid = c->train_indices[0] && c->labels[0] ? kd_method_find(c->distill.method) : NULL;
     if (tid && tid->labels == KD_LABELS_REQUIRED)
         return kd_error(KD_ERR_INVALID, "train_indices %s with labels %s: method '%s' trains on the labeled images "

@@ -139,7 +139,7 @@ static kd_status kd__eval_arch(const kd_eval_cfg *c, char *arch, size_t n, int *
     }
     if (!kd_model_exists(arch)) {
         *config_error = 1;
-        kd_model_cfg mc = {1, 1, 0};
+        kd_model_cfg mc = {.in_channels = 1, .num_classes = 1, .seed = 0};
         kd_model *tmp = NULL;
         kd_model_create(arch, &mc, &tmp); /* the message lists the known names */
         return kd_error(KD_ERR_NOT_FOUND, "%s: architecture '%s' is unknown: %s", c->ckpt, arch, kd_last_error());
@@ -311,7 +311,7 @@ kd_status kd_eval_run(const kd_eval_cfg *c, kd_eval_result *res) {
                 goto done;
             }
     }
-    kd_model_cfg mc = {kd_dataset_channels(test), classes, 0};
+    kd_model_cfg mc = {.in_channels = kd_dataset_channels(test), .num_classes = classes, .seed = 0};
     if (!strcmp(c->ckpt, KD_EVAL_RANDOM_INIT)) {
         mc.seed = c->linear.seed;
         if ((s = kd_model_create(arch, &mc, &m)) != KD_OK) goto done;

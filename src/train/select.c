@@ -152,7 +152,7 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         goto done;
     }
     int classes = kd_dataset_num_classes(full);
-    kd_model_cfg mc = {kd_dataset_channels(full), classes, 0};
+    kd_model_cfg mc = {.in_channels = kd_dataset_channels(full), .num_classes = classes, .seed = 0};
     s = kd_model_load_new(cfg->teacher_ckpt, NULL, &mc, &t);
     if (s != KD_OK) {
         s = kd_error(s, "teacher: %s", kd_last_error());

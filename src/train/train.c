@@ -533,7 +533,8 @@ static kd_status kd__setup(kd__run *r, int resume) {
                         "than batch_size %d: no batch would remain",
                         def->name, c->data, (long long)kd_dataset_size(r->train), c->batch_size);
     }
-    kd_model_cfg mc = {kd_dataset_channels(r->train), classes, c->seed};
+    kd_model_cfg mc = {.in_channels = kd_dataset_channels(r->train), .num_classes = classes, .seed = c->seed,
+                       .head_layers = c->ft_proj_selector};
     KD_TRY(kd_model_create(c->model, &mc, &r->student));
     if (c->init_ckpt[0] && !resume) KD_TRY(kd_model_load(r->student, c->init_ckpt));
 
