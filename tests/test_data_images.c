@@ -612,31 +612,7 @@ static void test_file_list(void **state) {
 
 /* ---------------------------------------------------------------- STL-10 */
 
-#define STL 96
-/* The pixel (c, y, x) of STL-10 image i of split `tag`. */
-static uint8_t stl_pix(int tag, int64_t i, int c, int y, int x) {
-    return (uint8_t)((i * 37 + c * 101 + y * 3 + x * 7 + tag * 11 + (x * y) % 5) & 255);
-}
-
-static void write_stl_split(const char *dir, const char *split, int tag, int64_t n, int labels) {
-    char path[2048];
-    size_t rec = 3 * STL * STL;
-    uint8_t *b = malloc((size_t)n * rec);
-    for (int64_t i = 0; i < n; i++)
-        for (int c = 0; c < 3; c++)
-            for (int y = 0; y < STL; y++)
-                for (int x = 0; x < STL; x++) /* column-major per channel */
-                    b[(size_t)i * rec + (size_t)c * STL * STL + (size_t)x * STL + y] = stl_pix(tag, i, c, y, x);
-    snprintf(path, sizeof path, "%s/%s_X.bin", dir, split);
-    write_bytes(path, b, (size_t)n * rec);
-    free(b);
-    if (!labels) return;
-    uint8_t *l = malloc((size_t)n);
-    for (int64_t i = 0; i < n; i++) l[i] = (uint8_t)(1 + (i * 3 + tag) % 10);
-    snprintf(path, sizeof path, "%s/%s_y.bin", dir, split);
-    write_bytes(path, l, (size_t)n);
-    free(l);
-}
+#define STL KD_TEST_STL
 
 static void check_stl(const kd_dataset *ds, int tag, int64_t n, int labels) {
     assert_int_equal(kd_dataset_size(ds), n);
@@ -654,7 +630,7 @@ static void check_stl(const kd_dataset *ds, int tag, int64_t n, int labels) {
         for (int c = 0; c < 3; c++)
             for (int y = 0; y < STL; y++)
                 for (int x = 0; x < STL; x++)
-                    if (im.data[(c * STL + y) * STL + x] != stl_pix(tag, i, c, y, x))
+                    if (im.data[(c * STL + y) * STL + x] != kd_test_stl10_pix(tag, i, c, y, x))
                         fail_msg("image %lld (%d, %d, %d)", (long long)i, c, y, x);
     }
     kd_image_free(&im);
@@ -666,9 +642,9 @@ static void test_stl10(void **state) {
     char dir[2048];
     snprintf(dir, sizeof dir, "%s/stl10_binary", root);
     mkdir_p(dir);
-    write_stl_split(dir, "train", 1, 7, 1);
-    write_stl_split(dir, "test", 2, 5, 1);
-    write_stl_split(dir, "unlabeled", 3, 11, 0);
+    kd_test_write_stl10_split(dir, "train", 1, 7, 1);
+    kd_test_write_stl10_split(dir, "test", 2, 5, 1);
+    kd_test_write_stl10_split(dir, "unlabeled", 3, 11, 0);
     kd_dataset *tr = NULL, *te = NULL, *un = NULL;
     KD_ASSERT_OK(kd_dataset_open(root, 1, &tr)); /* finds stl10_binary/ */
     char spec[2100];
@@ -742,7 +718,7 @@ static void test_stl10(void **state) {
 static void test_stl10_errors(void **state) {
     (void)state;
     const char *dir = tmpdir("stl_err");
-    write_stl_split(dir, "train", 1, 3, 1);
+    kd_test_write_stl10_split(dir, "train", 1, 3, 1);
     char p[2048];
     kd_dataset *ds = NULL;
     /* Images file not a whole number of records. */
@@ -755,7 +731,7 @@ static void test_stl10_errors(void **state) {
     write_bytes(p, "", 0);
     ASSERT_ERR(kd_dataset_open_stl10(dir, KD_SPLIT_TRAIN, &ds), KD_ERR_FORMAT, "train_X.bin: size 0 bytes");
     /* Label count and range. */
-    write_stl_split(dir, "train", 1, 3, 1);
+    kd_test_write_stl10_split(dir, "train", 1, 3, 1);
     snprintf(p, sizeof p, "%s/train_y.bin", dir);
     write_bytes(p, "\x01\x02", 2);
     ASSERT_ERR(kd_dataset_open_stl10(dir, KD_SPLIT_TRAIN, &ds), KD_ERR_FORMAT, "train_y.bin: 2 labels, but");
@@ -767,7 +743,7 @@ static void test_stl10_errors(void **state) {
     ASSERT_ERR(kd_dataset_open_stl10(dir, KD_SPLIT_TRAIN, &ds), KD_ERR_NOT_FOUND, "train_y.bin");
     ASSERT_ERR(kd_dataset_open_stl10(dir, KD_SPLIT_TEST, &ds), KD_ERR_NOT_FOUND, "test_X.bin: no such file");
     /* Truncated after opening: the read names the file and record. */
-    write_stl_split(dir, "train", 1, 3, 1);
+    kd_test_write_stl10_split(dir, "train", 1, 3, 1);
     KD_ASSERT_OK(kd_dataset_open_stl10(dir, KD_SPLIT_TRAIN, &ds));
     snprintf(p, sizeof p, "%s/train_X.bin", dir);
     assert_int_equal(truncate(p, 27648 + 100), 0);

@@ -117,6 +117,33 @@ void kd_test_put_be32(unsigned char *p, uint32_t v) {
     p[3] = (unsigned char)v;
 }
 
+uint8_t kd_test_stl10_pix(int tag, int64_t i, int c, int y, int x) {
+    return (uint8_t)((i * 37 + c * 101 + y * 3 + x * 7 + tag * 11 + (x * y) % 5) & 255);
+}
+
+void kd_test_write_stl10_split(const char *dir, const char *split, int tag, int64_t n, int labels) {
+    char path[2048];
+    const int S = KD_TEST_STL;
+    size_t rec = 3 * (size_t)S * S;
+    uint8_t *b = malloc((size_t)n * rec);
+    if (!b) fail_msg("out of memory writing %s/%s_X.bin", dir, split);
+    for (int64_t i = 0; i < n; i++)
+        for (int c = 0; c < 3; c++)
+            for (int y = 0; y < S; y++)
+                for (int x = 0; x < S; x++) /* column-major per channel */
+                    b[(size_t)i * rec + (size_t)c * S * S + (size_t)x * S + y] = kd_test_stl10_pix(tag, i, c, y, x);
+    snprintf(path, sizeof path, "%s/%s_X.bin", dir, split);
+    kd_test_write_file(path, b, (size_t)n * rec);
+    free(b);
+    if (!labels) return;
+    uint8_t *l = malloc((size_t)n);
+    if (!l) fail_msg("out of memory writing %s/%s_y.bin", dir, split);
+    for (int64_t i = 0; i < n; i++) l[i] = (uint8_t)(1 + (i * 3 + tag) % 10);
+    snprintf(path, sizeof path, "%s/%s_y.bin", dir, split);
+    kd_test_write_file(path, l, (size_t)n);
+    free(l);
+}
+
 static void kd__test_write_cifar_file(const char *path, int n, uint64_t seed) {
     const size_t rec = 2 + 3072;
     unsigned char *b = malloc(rec * (size_t)n);

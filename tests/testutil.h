@@ -83,6 +83,14 @@ extern const kd_function kd_test_fn_polymul;
 /* Writes n bytes to path (created or truncated); fails the test on error. */
 void kd_test_write_file(const char *path, const void *data, size_t n);
 
+/* STL-10's binary format (96x96x3 records): the pixel (c, y, x) of image i
+ * of a generated split `tag`, and DIR/<split>_X.bin of n such images
+ * (column-major per channel, as STL-10 stores it) with, when labels != 0,
+ * DIR/<split>_y.bin holding 1 + (i * 3 + tag) % 10. */
+#define KD_TEST_STL 96
+uint8_t kd_test_stl10_pix(int tag, int64_t i, int c, int y, int x);
+void kd_test_write_stl10_split(const char *dir, const char *split, int tag, int64_t n, int labels);
+
 /* Stores v big-endian (IDX headers) at p[0..3]. */
 void kd_test_put_be32(unsigned char *p, uint32_t v);
 

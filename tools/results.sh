@@ -243,12 +243,13 @@ out.append("| method | seed | top-1 last % | best top-1 % | wall s |")
 out.append("|---|---|---|---|---|")
 out += per_run
 # The sections other scripts write between their markers ("few-labels":
-# tools/few_labels.sh, "esvit": tools/esvit_results.sh) are kept as they stand.
+# tools/few_labels.sh, "esvit": tools/esvit_results.sh, "bf16-accuracy":
+# tools/bf16_accuracy.sh) are kept as they stand.
 few = ""
 try:
     with open(doc) as f:
         old = f.read()
-    for tag in ("few-labels", "esvit"):
+    for tag in ("few-labels", "esvit", "bf16-accuracy"):
         a, b = old.find("<!-- %s -->" % tag), old.find("<!-- /%s -->" % tag)
         if a >= 0 and b > a:
             few += "\n" + old[a:b + len("<!-- /%s -->" % tag)] + "\n"

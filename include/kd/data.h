@@ -230,6 +230,21 @@ kd_status kd_dataset_select(const kd_dataset *ds, const int64_t *idx, int64_t n,
  * idx[0..n) (strictly increasing) and -1 for every other sample. */
 kd_status kd_dataset_keep_labels(const kd_dataset *ds, const int64_t *idx, int64_t n, kd_dataset **out);
 
+/* A dataset of a's samples, then b's (index a_size + j is b's sample j):
+ * labeled and unlabeled images in one epoch (the run setting `unlabeled`).
+ * With drop_b_labels every b label reads -1; otherwise b's labels are kept
+ * and must lie below a's num_classes. num_classes, class names, split and
+ * is_train are a's. Any sources mix: two in-memory datasets give an
+ * in-memory copy; otherwise the result is lazy (kd_dataset_image returns
+ * NULL) and holds copies of a's and b's record indices or paths, never the
+ * images of lazy parts (STL-10's 100000 unlabeled images stay in their
+ * file); kd_dataset_read, kd_dataset_probe and kd_dataset_path go to the
+ * part that holds the sample. a and b may be freed afterwards. Height and
+ * width are a's when both have fixed sizes, else 0. Errors: KD_ERR_SHAPE
+ * naming both datasets when their channels differ or both have fixed sizes
+ * that differ; KD_ERR_INVALID for a kept b label outside a's classes. */
+kd_status kd_dataset_concat(const kd_dataset *a, const kd_dataset *b, int drop_b_labels, kd_dataset **out);
+
 void kd_dataset_free(kd_dataset *ds); /* NULL is fine */
 
 int64_t kd_dataset_size(const kd_dataset *ds);

@@ -40,6 +40,9 @@ typedef struct {
                                 set becomes those images, after `labels` marked the labeled ones */
     char labels[512];     /* label subset: "" all labels, "P%", "N" per class or a file of indices
                              (kd_dataset_label_subset); see kd_train_run */
+    char unlabeled[512];  /* "" none; else a dataset spec or directory (as `data`) whose unlabeled split
+                             (STL-10 unlabeled_X.bin, a folder's unlabeled/, else its training images
+                             without labels) joins every epoch (kd_dataset_concat), labels -1 */
     int pad_crop;         /* random-crop padding; -1: 4 for 32x32 images, 2 for smaller */
     int hflip;            /* random horizontal flip */
     int workers;          /* loader threads; 0 = in the training thread */

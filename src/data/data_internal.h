@@ -15,6 +15,7 @@ typedef enum {
     KD__SRC_MEMORY = 0, /* images[] */
     KD__SRC_STL10,      /* records of `path`, read with pread(fd) */
     KD__SRC_FILES,      /* one image file per sample */
+    KD__SRC_CONCAT,     /* parts[] (concat.c): sample i is part k's sample i - part_start[k] */
 } kd__source;
 
 struct kd_dataset {
@@ -36,6 +37,11 @@ struct kd_dataset {
     /* Class names (folders, STL-10): class k is cpool + coffs[k]. */
     char *cpool;
     int64_t *coffs;
+    /* KD__SRC_CONCAT: owned copies of the parts (never themselves concats;
+     * their labels are unused: labels[] above is the concat's) */
+    struct kd_dataset **parts;
+    int nparts;
+    int64_t *part_start; /* (nparts + 1) */
     char path[4096]; /* images file (STL-10) or root folder / list, for messages */
 };
 
@@ -101,6 +107,16 @@ void kd__class_groups_pick(kd__class_groups *g, const int64_t *quota, uint64_t s
  * count, class names and split kept. */
 kd_status kd__dataset_keep(const kd_dataset *ds, const char *name, const uint8_t *keep, int64_t n,
                            kd_dataset **out);
+
+/* KD__SRC_CONCAT (concat.c): the part holding sample i of ds, and the
+ * sample's index in it. */
+const kd_dataset *kd__concat_locate(const kd_dataset *ds, int64_t i, int64_t *j);
+/* kd__dataset_keep of a concat: each part keeps its samples, labels from
+ * ds; a single remaining part is returned as a plain dataset. */
+kd_status kd__concat_keep(const kd_dataset *ds, const char *name, const uint8_t *keep, int64_t n,
+                          kd_dataset **out);
+/* Frees the parts of a concat (kd_dataset_free). */
+void kd__concat_free_parts(kd_dataset *ds);
 
 int kd__is_dir(const char *path);
 /* 1 if name ends with .jpg, .jpeg or .png (any case) and is not hidden. */

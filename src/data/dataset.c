@@ -131,6 +131,7 @@ kd_status kd_dataset_from_memory(const char *name, int64_t n, int c, int h, int 
 void kd_dataset_free(kd_dataset *ds) {
     if (!ds) return;
     if (ds->source == KD__SRC_STL10 && ds->fd >= 0) close(ds->fd);
+    if (ds->source == KD__SRC_CONCAT) kd__concat_free_parts(ds);
     free(ds->images);
     free(ds->labels);
     free(ds->recs);
@@ -169,6 +170,11 @@ const char *kd_dataset_path(const kd_dataset *ds, int64_t i) {
     if (i < 0 || i >= ds->n) return NULL;
     if (ds->source == KD__SRC_FILES) return ds->pool + ds->offs[i];
     if (ds->source == KD__SRC_STL10) return ds->path;
+    if (ds->source == KD__SRC_CONCAT) {
+        int64_t j;
+        const kd_dataset *part = kd__concat_locate(ds, i, &j);
+        return kd_dataset_path(part, j);
+    }
     return NULL;
 }
 
@@ -299,6 +305,11 @@ kd_status kd_dataset_read(const kd_dataset *ds, int64_t i, kd_image *im) {
         break;
     case KD__SRC_FILES:
         return kd_image_read(ds->pool + ds->offs[i], im);
+    case KD__SRC_CONCAT: {
+        int64_t j;
+        const kd_dataset *part = kd__concat_locate(ds, i, &j);
+        return kd_dataset_read(part, j, im);
+    }
     }
     im->c = ds->c;
     im->h = ds->h;
@@ -311,6 +322,11 @@ kd_status kd_dataset_probe(const kd_dataset *ds, int64_t i, int *c, int *h, int 
         return kd_error(KD_ERR_INVALID, "dataset %s: sample %lld outside [0, %lld)", ds->name,
                         (long long)i, (long long)ds->n);
     if (ds->source == KD__SRC_FILES) return kd_image_probe(ds->pool + ds->offs[i], c, h, w);
+    if (ds->source == KD__SRC_CONCAT) {
+        int64_t j;
+        const kd_dataset *part = kd__concat_locate(ds, i, &j);
+        return kd_dataset_probe(part, j, c, h, w);
+    }
     *c = ds->c;
     *h = ds->h;
     *w = ds->w;
@@ -463,6 +479,7 @@ void kd__class_groups_pick(kd__class_groups *g, const int64_t *quota, uint64_t s
 kd_status kd__dataset_keep(const kd_dataset *ds, const char *name, const uint8_t *keep, int64_t n,
                            kd_dataset **out) {
     *out = NULL;
+    if (ds->source == KD__SRC_CONCAT) return kd__concat_keep(ds, name, keep, n, out);
     if (ds->source != KD__SRC_MEMORY) return kd__subset_lazy(ds, name, n, keep, out);
     kd_dataset *sub = NULL;
     KD_TRY(kd__dataset_alloc(name, n, ds->c, ds->h, ds->w, ds->train, &sub));

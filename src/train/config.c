@@ -34,6 +34,11 @@ static const kd__setting kd__settings[] = {
     KD__S("train_indices", KD__T_STR, train_indices,
           "train on these training images only: a file of dataset indices (kd select's output; empty: all), "
           "after labels marked the labeled ones"),
+    KD__S("unlabeled", KD__T_STR, unlabeled,
+          "extra unlabeled images in every epoch: a dataset spec or directory as for data (stl10:DIR reads its "
+          "unlabeled_X.bin, an image folder its unlabeled/ or all its images, any other dataset its training "
+          "images without labels); for methods with optional or no labels; normalisation stays that of the "
+          "labeled training split (empty: none)"),
     KD__S("pad_crop", KD__T_INT, pad_crop, "random-crop padding in pixels (-1: 4 for 32x32, 2 for smaller)"),
     KD__S("hflip", KD__T_BOOL, hflip, "random horizontal flip (0/1)"),
     KD__S("workers", KD__T_INT, workers, "data-loading threads (0: in the training thread)"),
@@ -332,6 +337,11 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
         return kd_error(KD_ERR_INVALID, "train_indices %s with labels %s: method '%s' trains on the labeled images "
                         "alone; train_indices serves methods with optional labels (ssld, simclrv2)",
                         c->train_indices, c->labels, tid->name);
+    const kd_method_def *um = c->unlabeled[0] ? kd_method_find(c->distill.method) : NULL;
+    if (um && um->labels == KD_LABELS_REQUIRED)
+        return kd_error(KD_ERR_INVALID, "unlabeled %s: method '%s' needs a label on every training image; the "
+                        "unlabeled setting serves methods with optional or no labels (simclrv2, ssld, seed, "
+                        "kd pretrain's)", c->unlabeled, um->name);
     if (c->train_indices[0] && c->train_subset > 0)
         return kd_error(KD_ERR_INVALID, "train_subset %lld and train_indices %s cannot be combined: the indices are "
                         "of the whole training split (set train_subset 0)", (long long)c->train_subset,

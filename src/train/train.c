@@ -222,6 +222,7 @@ typedef struct {
     int64_t ep_seen;         /* images of the last finished epoch (ep_terms stays until the next one starts) */
     int config_error;        /* the method refused the settings or the pair at setup */
     kd__run_labels_out labels; /* the `labels` subset (labels_run.c) */
+    int64_t n_unlabeled;       /* images the `unlabeled` setting added to the training set */
     /* Data parallelism (data_parallel.c): ranks, and whether this process
      * writes the run directory (rank 0); no_shard: kd__open_loader makes a
      * loader of whole batches. */
@@ -503,6 +504,36 @@ static kd_status kd__setup(kd__run *r, int resume) {
     if (kd_dataset_channels(r->train) != kd_dataset_channels(r->test) ||
         kd_dataset_height(r->train) != kd_dataset_height(r->test))
         return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);
+    if (c->unlabeled[0]) {
+        /* Extra images without labels (STL-10's unlabeled_X.bin, a folder, a
+         * labeled set's training images) after the labeled ones, in every
+         * epoch; the normalisation stays the labeled training split's. */
+        if (!r->labels.norm_done) {
+            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
+            r->labels.norm_done = 1;
+        }
+        kd_dataset *un = NULL, *both = NULL;
+        kd_status us = kd_dataset_open_split(c->unlabeled, KD_SPLIT_UNLABELED, &un);
+        if (us == KD_OK) us = kd_dataset_concat(r->train, un, 1, &both);
+        if (us == KD_OK) r->n_unlabeled = kd_dataset_size(un);
+        kd_dataset_free(un);
+        if (us != KD_OK) {
+            r->config_error = 1;
+            return kd_error(us, "unlabeled %s: %s", c->unlabeled, kd_last_error());
+        }
+        if (kd_dataset_height(both) == 0 && kd_dataset_height(r->train) > 0 && !c->image_size) {
+            kd_dataset_free(both);
+            r->config_error = 1;
+            return kd_error(KD_ERR_INVALID, "unlabeled %s: its images differ in size, and those of %s are %dx%d: set "
+                            "image_size (e.g. %d) to bring every image to one size", c->unlabeled, c->data,
+                            kd_dataset_height(r->train), kd_dataset_width(r->train), kd_dataset_height(r->train));
+        }
+        kd_log_msg(KD_LOG_INFO, "unlabeled %s: %lld images without labels join the %lld of %s in every epoch",
+                   c->unlabeled, (long long)r->n_unlabeled, (long long)(kd_dataset_size(both) - r->n_unlabeled),
+                   c->data);
+        kd_dataset_free(r->train);
+        r->train = both;
+    }
     int classes = kd_dataset_num_classes(r->train);
     if (kd_dataset_num_classes(r->test) > classes) classes = kd_dataset_num_classes(r->test);
     /* Warns when the training labels leave the evaluation labels' range, and
@@ -514,6 +545,9 @@ static kd_status kd__setup(kd__run *r, int resume) {
         for (int64_t i = 0; i < n; i++) unl += kd_dataset_label(r->train, i) < 0;
         if (unl) {
             r->config_error = 1;
+            if (c->unlabeled[0])
+                return kd_error(KD_ERR_INVALID, "method '%s' needs labels, but the %lld images of unlabeled %s have none",
+                                def->name, (long long)r->n_unlabeled, c->unlabeled);
             return kd_error(KD_ERR_INVALID, "method '%s' needs labels, but %lld of the %lld training images of %s have none",
                             def->name, (long long)unl, (long long)n, c->data);
         }
@@ -715,6 +749,11 @@ static kd_status kd__write_summary(kd__run *r, const kd_train_result *res) {
     if (r->labels.idx) {
         KD__NUM("labeled_images", r->labels.n);
     }
+    if (r->c.unlabeled[0]) {
+        fprintf(f, ",\n  \"unlabeled\": ");
+        kd_json_write_string(f, r->c.unlabeled);
+        KD__NUM("unlabeled_images", r->n_unlabeled);
+    }
     fprintf(f, ",\n  \"train_loss_terms\": {");
     for (int i = 0; i < r->ep_terms.n; i++) {
         fprintf(f, "%s\"%s\": ", i ? ", " : "", r->ep_terms.name[i]);
@@ -790,7 +829,7 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         r->ep_terms.n = 0;
         KD_TRY(kd_loader_start_epoch(r->loader, epoch));
         double t0 = kd__now(), lsum = 0;
-        int64_t seen = 0, hits = 0, h5 = 0;
+        int64_t seen = 0, hits = 0;
         kd_batch b;
         int got;
         int64_t step = 0;
@@ -808,7 +847,6 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
             /* Data parallelism: the global batch's loss, terms and hits. */
             if (r->nranks > 1) KD_TRY(kd__dp_reduce_step(&sr, &nb, &bh1, &bh5));
             hits += bh1;
-            h5 += bh5;
             KD_TRY(kd__terms_add(&r->ep_terms, &sr, (double)nb));
             lsum += sr.loss * (double)nb;
             seen += nb;
