@@ -432,6 +432,64 @@ static void test_unlabeled_run(void **state) {
     kd_test_proc_free(&p);
 }
 
+/* Reads a kd select file: the indices (after the '#' header) into idx. */
+static int read_indices(const char *path, int64_t *idx, int cap) {
+    char *text = kd_test_slurp(path, NULL);
+    if (!text) fail_msg("cannot read %s", path);
+    int n = 0;
+    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+        if (line[0] == '#') continue;
+        if (n >= cap) fail_msg("%s: more than %d indices", path, cap);
+        idx[n++] = strtoll(line, NULL, 10);
+    }
+    free(text);
+    return n;
+}
+
+/* SSLD from another source: kd select --unlabeled ranks the training split's
+ * unlabeled images and the source's, numbered after the split's (with K above
+ * the candidate count every image is kept: indices 0 .. 95, against 0 .. 63
+ * without the source), and kd distill --method ssld --unlabeled with those
+ * train_indices trains on all 96. */
+static void test_unlabeled_select(void **state) {
+    (void)state;
+    char a[PATHN], b[PATHN], t[PATHN], tck[PATHN + 32], sel[PATHN], sel0[PATHN], out[PATHN], path[PATHN + 64];
+    snprintf(a, sizeof a, "%s/labeled_s", g_root);
+    snprintf(b, sizeof b, "%s/extra_s", g_root);
+    kd_test_write_idx(a, 64, 16, 8);
+    kd_test_write_idx(b, 32, 8, 8);
+    snprintf(t, sizeof t, "%s/teacher_s", g_root);
+    snprintf(tck, sizeof tck, "%s/last.safetensors", t);
+    kd_test_proc p = RUN("train", FLAGS(a, t), "--max-steps-per-epoch", "1");
+    kd_test_expect_ok(&p, "teacher");
+    kd_test_proc_free(&p);
+    snprintf(sel, sizeof sel, "%s/sel_unl.txt", g_root);
+    snprintf(sel0, sizeof sel0, "%s/sel_base.txt", g_root);
+    p = RUN("select", "--teacher-ckpt", tck, "--data", a, "--labels", "2", "--per-class", "1000", "--backend", "ref",
+            "--out", sel, "--unlabeled", b);
+    kd_test_expect_ok(&p, "kd select --unlabeled");
+    kd_test_proc_free(&p);
+    p = RUN("select", "--teacher-ckpt", tck, "--data", a, "--labels", "2", "--per-class", "1000", "--backend", "ref",
+            "--out", sel0);
+    kd_test_expect_ok(&p, "kd select");
+    kd_test_proc_free(&p);
+    int64_t idx[128];
+    int n = read_indices(sel, idx, 128);
+    assert_int_equal(n, 96);
+    for (int i = 0; i < n; i++) assert_int_equal(idx[i], i);
+    assert_int_equal(read_indices(sel0, idx, 128), 64);
+    snprintf(out, sizeof out, "%s/run_ssld", g_root);
+    p = RUN("distill", "--method", "ssld", "--teacher-ckpt", tck, "--labels", "2", "--train-indices", sel,
+            "--unlabeled", b, FLAGS(a, out));
+    kd_test_expect_ok(&p, "kd distill --method ssld --unlabeled");
+    kd_test_proc_free(&p);
+    snprintf(path, sizeof path, "%s/summary.json", out);
+    kd_json *doc = read_json(path);
+    const kd_json *v = kd_json_get(doc, "train_images");
+    assert_true(v && v->type == KD_JSON_NUMBER && v->number == 96);
+    kd_json_free(doc);
+}
+
 /* Refusals before training, exit 2 naming `unlabeled`: a method that needs
  * labels (kd train), images with another channel count (RGB JPEGs after
  * grey IDX images), a missing directory. */
@@ -473,7 +531,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_concat_memory),   cmocka_unit_test(test_concat_stl10),
         cmocka_unit_test(test_concat_folder),   cmocka_unit_test(test_concat_errors),
-        cmocka_unit_test(test_unlabeled_run),   cmocka_unit_test(test_unlabeled_refused),
+        cmocka_unit_test(test_unlabeled_run),
+        cmocka_unit_test(test_unlabeled_select),   cmocka_unit_test(test_unlabeled_refused),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }

@@ -241,6 +241,9 @@ typedef struct {
     char data[512];
     char teacher_ckpt[512];
     char labels[512]; /* the label subset spec or file ("" : no labeled image) */
+    /* "" or a dataset spec whose unlabeled images join the candidates, numbered
+     * after the training split's (as the run setting `unlabeled` numbers them) */
+    char unlabeled[512];
     uint64_t seed;    /* of the label subset */
     int64_t per_class;
     char out[512];    /* the index file to write (atomically) */

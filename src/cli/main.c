@@ -670,12 +670,13 @@ static int kd__cmd_select(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf("usage: kd select --teacher-ckpt FILE --per-class K --out FILE [--data DIR] [--labels SPEC]\n"
-                   "                 [--seed N] [--threads N] [--batch N] [--backend cpu|ref]\n\n"
+                   "                 [--unlabeled SPEC] [--seed N] [--threads N] [--batch N] [--backend cpu|ref]\n\n"
                    "SSLD's data selection: the teacher scores every training image outside the label subset\n"
-                   "(--labels, seeded by --seed as in kd train); for each class the K images with the highest\n"
-                   "probability of that class are kept. FILE gets them and the labeled images, one dataset\n"
-                   "index per line: the train_indices of `kd distill --method ssld --train-indices FILE\n"
-                   "--labels SPEC --seed N`.\n");
+                   "(--labels, seeded by --seed as in kd train) and, with --unlabeled, every image of that\n"
+                   "source (e.g. stl10:DIR's unlabeled_X.bin), numbered after the training split's; for each\n"
+                   "class the K images with the highest probability of that class are kept. FILE gets them and\n"
+                   "the labeled images, one dataset index per line: the train_indices of `kd distill --method\n"
+                   "ssld --train-indices FILE --labels SPEC --seed N [--unlabeled SPEC]`.\n");
             return 0;
         }
         if (strncmp(a, "--", 2) != 0 || i + 1 >= argc) {
@@ -688,6 +689,7 @@ static int kd__cmd_select(int argc, char **argv) {
         if (!strcmp(a, "--teacher-ckpt")) snprintf(c.teacher_ckpt, sizeof c.teacher_ckpt, "%s", v);
         else if (!strcmp(a, "--data")) snprintf(c.data, sizeof c.data, "%s", v);
         else if (!strcmp(a, "--labels")) snprintf(c.labels, sizeof c.labels, "%s", v);
+        else if (!strcmp(a, "--unlabeled")) snprintf(c.unlabeled, sizeof c.unlabeled, "%s", v);
         else if (!strcmp(a, "--out")) snprintf(c.out, sizeof c.out, "%s", v);
         else if (!strcmp(a, "--backend")) snprintf(c.backend, sizeof c.backend, "%s", v);
         else if (!strcmp(a, "--per-class") || !strcmp(a, "--seed") || !strcmp(a, "--threads") || !strcmp(a, "--batch")) {

@@ -33,7 +33,8 @@ static const kd__setting kd__settings[] = {
           "optional labels see the rest unlabeled (empty: all labels)"),
     KD__S("train_indices", KD__T_STR, train_indices,
           "train on these training images only: a file of dataset indices (kd select's output; empty: all), "
-          "after labels marked the labeled ones"),
+          "after labels marked the labeled ones; with unlabeled, its images are numbered after the training "
+          "split's"),
     KD__S("unlabeled", KD__T_STR, unlabeled,
           "extra unlabeled images in every epoch: a dataset spec or directory as for data (stl10:DIR reads its "
           "unlabeled_X.bin, an image folder its unlabeled/ or all its images, any other dataset its training "

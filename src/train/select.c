@@ -125,7 +125,7 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
     kd_set_num_threads(cfg->threads);
     KD_TRY(kd_backend_get(cfg->backend[0] ? cfg->backend : "cpu", &be));
     KD_TRY(kd_dataset_open(cfg->data, 1, &full));
-    const int64_t N = kd_dataset_size(full);
+    int64_t N = kd_dataset_size(full);
     if (cfg->labels[0]) {
         s = kd_dataset_label_subset(full, cfg->labels, cfg->seed, &lab, &n_lab);
         if (s != KD_OK) {
@@ -133,7 +133,26 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
             goto done;
         }
     }
-    /* Candidates: the training images outside the labeled subset. */
+    /* The normalisation of the training split (kd train's, with or without unlabeled). */
+    kd_transform_cfg tf;
+    memset(&tf, 0, sizeof tf);
+    tf.normalize = 1;
+    kd_dataset_norm(full, tf.mean, tf.std);
+    if (cfg->unlabeled[0]) {
+        kd_dataset *un = NULL, *both = NULL;
+        s = kd_dataset_open_split(cfg->unlabeled, KD_SPLIT_UNLABELED, &un);
+        if (s == KD_OK) s = kd_dataset_concat(full, un, 1, &both);
+        kd_dataset_free(un);
+        if (s != KD_OK) {
+            s = kd_error(s, "unlabeled %s: %s", cfg->unlabeled, kd_last_error());
+            res->config_error = 1;
+            goto done;
+        }
+        kd_dataset_free(full);
+        full = both;
+        N = kd_dataset_size(full);
+    }
+    /* Candidates: the images outside the labeled subset. */
     uint8_t *is_lab = calloc((size_t)N, 1);
     cidx = malloc(sizeof(int64_t) * (size_t)(N ? N : 1));
     if (!is_lab || !cidx) {
@@ -160,10 +179,6 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         goto done;
     }
     if ((s = kd_dataset_select(full, cidx, nc, &cand)) != KD_OK) goto done;
-    kd_transform_cfg tf;
-    memset(&tf, 0, sizeof tf);
-    tf.normalize = 1;
-    kd_dataset_norm(full, tf.mean, tf.std);
     probs = malloc(sizeof(float) * (size_t)(nc * classes));
     if (!probs) {
         s = kd_error(KD_ERR_NOMEM, "select: out of memory for %lld x %d probabilities", (long long)nc, classes);
@@ -196,9 +211,10 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         s = kd_error(KD_ERR_NOMEM, "select: out of memory");
         goto done;
     }
-    fprintf(f, "# kd select: %lld images of %s (training split): %lld labeled (labels %s, seed %llu) and %lld "
+    fprintf(f, "# kd select: %lld images of %s (training split%s%s): %lld labeled (labels %s, seed %llu) and %lld "
             "selected by %s, the %lld most probable of each class; one dataset index per line\n",
-            (long long)n_all, cfg->data, (long long)n_lab, cfg->labels[0] ? cfg->labels : "none",
+            (long long)n_all, cfg->data, cfg->unlabeled[0] ? ", then the unlabeled images of " : "",
+            cfg->unlabeled, (long long)n_lab, cfg->labels[0] ? cfg->labels : "none",
             (unsigned long long)cfg->seed, (long long)u, cfg->teacher_ckpt, (long long)cfg->per_class);
     for (int64_t i = 0; i < n_all; i++) fprintf(f, "%lld\n", (long long)all[i]);
     fclose(f);

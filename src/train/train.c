@@ -482,32 +482,14 @@ static kd_status kd__setup(kd__run *r, int resume) {
         r->config_error |= r->labels.config_error;
         KD_TRY(ls);
     }
-    if (c->train_indices[0]) {
-        /* kd select's images (labeled + selected), indices of the whole
-         * split: after labels only where that kept the split whole. */
-        int64_t *ti = NULL, nt = 0;
-        kd_status ts = kd_dataset_indices_read(c->train_indices, r->train, &ti, &nt);
-        kd_dataset *sub = NULL;
-        if (ts == KD_OK && !r->labels.norm_done) { /* the whole split's normalisation */
-            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
-            r->labels.norm_done = 1;
-        }
-        if (ts == KD_OK) ts = kd_dataset_select(r->train, ti, nt, &sub);
-        free(ti);
-        if (ts != KD_OK) {
-            r->config_error = 1;
-            return kd_error(ts, "train_indices: %s", kd_last_error());
-        }
-        kd_dataset_free(r->train);
-        r->train = sub;
-    }
     if (kd_dataset_channels(r->train) != kd_dataset_channels(r->test) ||
         kd_dataset_height(r->train) != kd_dataset_height(r->test))
         return kd_error(KD_ERR_FORMAT, "%s: train and test images differ in shape", c->data);
     if (c->unlabeled[0]) {
         /* Extra images without labels (STL-10's unlabeled_X.bin, a folder, a
-         * labeled set's training images) after the labeled ones, in every
-         * epoch; the normalisation stays the labeled training split's. */
+         * labeled set's training images) after the training split's, in
+         * every epoch; the normalisation stays the training split's; the
+         * train_indices below (kd select's) number this concatenation. */
         if (!r->labels.norm_done) {
             kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
             r->labels.norm_done = 1;
@@ -533,6 +515,26 @@ static kd_status kd__setup(kd__run *r, int resume) {
                    c->data);
         kd_dataset_free(r->train);
         r->train = both;
+    }
+    if (c->train_indices[0]) {
+        /* kd select's images (labeled + selected), indices of the whole
+         * split (and the unlabeled images after it): after labels only where
+         * that kept the split whole. */
+        int64_t *ti = NULL, nt = 0;
+        kd_status ts = kd_dataset_indices_read(c->train_indices, r->train, &ti, &nt);
+        kd_dataset *sub = NULL;
+        if (ts == KD_OK && !r->labels.norm_done) { /* the whole split's normalisation */
+            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
+            r->labels.norm_done = 1;
+        }
+        if (ts == KD_OK) ts = kd_dataset_select(r->train, ti, nt, &sub);
+        free(ti);
+        if (ts != KD_OK) {
+            r->config_error = 1;
+            return kd_error(ts, "train_indices: %s", kd_last_error());
+        }
+        kd_dataset_free(r->train);
+        r->train = sub;
     }
     int classes = kd_dataset_num_classes(r->train);
     if (kd_dataset_num_classes(r->test) > classes) classes = kd_dataset_num_classes(r->test);
