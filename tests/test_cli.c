@@ -513,6 +513,57 @@ static void test_workers_and_seed(void **state) {
         fail_msg("--seed 7 gives the same weights as --seed 0");
 }
 
+/* The test_top1 of epoch record k (1-based) of dir's metrics.jsonl into buf
+ * ("" when the record has none). */
+static void epoch_test_top1(const char *dir, int k, char *buf, size_t n) {
+    char path[PATHN];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    char *m = kd_test_slurp(path, NULL);
+    assert_non_null(m);
+    buf[0] = '\0';
+    char *q = m;
+    for (int i = 0; i < k; i++) {
+        q = strstr(q, "\"type\": \"epoch\"");
+        if (!q) fail_msg("%s has fewer than %d epoch records", path, k);
+        q++;
+    }
+    char *eol = strchr(q, '\n'), *t = strstr(q, "\"test_top1\": ");
+    if (t && (!eol || t < eol)) {
+        t += strlen("\"test_top1\": ");
+        size_t len = strcspn(t, ",}");
+        snprintf(buf, n, "%.*s", (int)len, t);
+    }
+    free(m);
+}
+
+/* eval_every 2 over 3 epochs: the test split is evaluated after epochs 2 and
+ * 3 only (epoch 1's record has no test fields), training is untouched (the
+ * checkpoint equals run A's bit for bit, optimiser state included) and the
+ * last epoch's test top-1 is run A's; eval_every 0 is refused. */
+static void test_eval_every(void **state) {
+    (void)state;
+    need_run_a();
+    char e[DIRN], la[PATHN], le[PATHN], a1[64], e1[64];
+    tmp_path(e, sizeof e, "run_eval_every");
+    kd_test_proc p = RUN("train", TRAIN_FLAGS(g_data, e, "3"), "--eval-every", "2");
+    kd_test_expect_ok(&p, "kd train --eval-every 2");
+    kd_test_proc_free(&p);
+    run_a_file(la, sizeof la, "last.safetensors");
+    snprintf(le, sizeof le, "%s/last.safetensors", e);
+    compare_ckpts(la, le, KD_TEST_CKPT_WITH_OPTIM);
+    epoch_test_top1(e, 1, e1, sizeof e1);
+    if (e1[0]) fail_msg("epoch 1 was evaluated (test_top1 %s) with eval_every 2", e1);
+    for (int k = 2; k <= 3; k++) {
+        epoch_test_top1(e, k, e1, sizeof e1);
+        epoch_test_top1(g_run_a, k, a1, sizeof a1);
+        if (!e1[0] || strcmp(a1, e1)) fail_msg("epoch %d: test_top1 '%s' with eval_every 2, '%s' without", k, e1, a1);
+    }
+    tmp_path(e, sizeof e, "run_eval_every0");
+    p = RUN("train", TRAIN_FLAGS(g_data, e, "3"), "--eval-every", "0");
+    EXPECT_FAIL(&p, 2, "eval_every");
+    kd_test_proc_free(&p);
+}
+
 /* ============================================================ 3. resume */
 
 static void test_resume_after_pause(void **state) {
@@ -2036,6 +2087,7 @@ int main(void) {
         cmocka_unit_test(test_eval_of_run),
         cmocka_unit_test(test_config_reproduces),
         cmocka_unit_test(test_workers_and_seed),
+        cmocka_unit_test(test_eval_every),
         cmocka_unit_test(test_resume_after_pause),
         cmocka_unit_test(test_resume_after_kill),
         cmocka_unit_test(test_distill),

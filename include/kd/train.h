@@ -80,6 +80,7 @@ typedef struct {
     int progress;     /* -1: a bar on a terminal, log lines otherwise; 0: lines; 1: bar */
     int log_every;    /* steps between step lines in metrics.jsonl (0: epochs only) */
     int eval_batch;
+    int eval_every;   /* test-split evaluation every N epochs and after the last (1) */
     int64_t max_steps_per_epoch; /* 0: whole epochs (tests use small values) */
     int stop_after;              /* >0: stop (resumably) after this many epochs of this invocation */
     int allow_thread_change;     /* 1: a resume may use another compute thread count than the

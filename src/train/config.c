@@ -87,6 +87,8 @@ static const kd__setting kd__settings[] = {
     KD__S("progress", KD__T_INT, progress, "-1: bar on a terminal; 0: log lines; 1: bar"),
     KD__S("log_every", KD__T_INT, log_every, "steps between step records in metrics.jsonl (0: none)"),
     KD__S("eval_batch", KD__T_INT, eval_batch, "evaluation batch size"),
+    KD__S("eval_every", KD__T_INT, eval_every,
+          "evaluate on the test split every N epochs and after the last one (training is the same for any N)"),
     KD__S("max_steps_per_epoch", KD__T_I64, max_steps_per_epoch, "cut epochs short (0: whole epochs)"),
     KD__S("stop_after", KD__T_INT, stop_after, "pause after N epochs of this invocation; --resume continues (0: never)"),
     KD__S("allow_thread_change", KD__T_BOOL, allow_thread_change,
@@ -135,6 +137,7 @@ void kd_train_cfg_defaults(kd_train_cfg *c) {
     c->progress = -1;
     c->log_every = 50;
     c->eval_batch = 256;
+    c->eval_every = 1;
 }
 
 static const kd__setting *kd__find(const char *key) {
@@ -322,6 +325,7 @@ kd_status kd_train_cfg_resolve(kd_train_cfg *c) {
     if (c->epochs < 1) return kd_error(KD_ERR_INVALID, "epochs must be >= 1, got %d", c->epochs);
     if (c->batch_size < 1) return kd_error(KD_ERR_INVALID, "batch_size must be >= 1, got %d", c->batch_size);
     if (c->eval_batch < 1) return kd_error(KD_ERR_INVALID, "eval_batch must be >= 1, got %d", c->eval_batch);
+    if (c->eval_every < 1) return kd_error(KD_ERR_INVALID, "eval_every must be >= 1, got %d", c->eval_every);
     if (!(c->lr > 0)) return kd_error(KD_ERR_INVALID, "lr must be > 0, got %g", c->lr);
     if (c->image_size < 0 || c->resize < 0)
         return kd_error(KD_ERR_INVALID, "image_size %d and resize %d must be >= 0", c->image_size, c->resize);

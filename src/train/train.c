@@ -872,9 +872,12 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         train_time += ep_time;
         images += seen;
         if (r->bar) fputc('\n', stderr);
-        KD_TRY(kd__run_evaluate(r, &top1, &top5, &tloss));
-        int best = top1 > r->best_top1 || r->best_epoch == 0;
-        if (best) {
+        /* Evaluation every eval_every epochs and at the last epoch of this
+         * invocation (it changes no training state: the numbers of the
+         * epochs trained are the same for any eval_every). */
+        const int evaluated = (epoch + 1) % c->eval_every == 0 || epoch + 1 == end_epoch;
+        if (evaluated) KD_TRY(kd__run_evaluate(r, &top1, &top5, &tloss));
+        if (evaluated && (top1 > r->best_top1 || r->best_epoch == 0)) {
             r->best_top1 = top1;
             r->best_epoch = epoch + 1;
             char path[600];
@@ -894,10 +897,12 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                     lsum / (double)seen);
             for (int i = 0; i < r->ep_terms.n; i++)
                 fprintf(r->metrics, ", \"train_%s\": %.9g", r->ep_terms.name[i], r->ep_terms.sum[i] / (double)seen);
-            fprintf(r->metrics,
-                    ", \"train_top1\": %.6g, \"test_top1\": %.6g, \"test_top5\": %.6g, "
-                    "\"test_loss\": %.9g, \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n",
-                    100.0 * (double)hits / (double)seen, top1, top5, tloss, ips, ep_time, wall);
+            fprintf(r->metrics, ", \"train_top1\": %.6g", 100.0 * (double)hits / (double)seen);
+            if (evaluated)
+                fprintf(r->metrics, ", \"test_top1\": %.6g, \"test_top5\": %.6g, \"test_loss\": %.9g", top1, top5,
+                        tloss);
+            fprintf(r->metrics, ", \"images_per_s\": %.1f, \"epoch_s\": %.3f, \"wall_s\": %.3f}\n", ips, ep_time,
+                    wall);
             KD_TRY(kd__metrics_sync(r->metrics, c->out));
             KD_TRY(kd__save_last(r, epoch + 1, wall, train_time, images));
             if (kd_method_get_def(kd_trainer_method(r->tr))->labels == KD_LABELS_ABSENT) {
@@ -908,9 +913,11 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
             KD_TRY(kd__write_curves(c->out));
         }
         last_epoch_done = epoch + 1;
-        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  test top1 %.2f%% top5 %.2f%%  %.0f img/s  %.1fs",
-                   epoch + 1, c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, top1,
-                   top5, ips, ep_time);
+        char test_text[64] = "test not evaluated (eval_every)";
+        if (evaluated) snprintf(test_text, sizeof test_text, "test top1 %.2f%% top5 %.2f%%", top1, top5);
+        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  %s  %.0f img/s  %.1fs", epoch + 1,
+                   c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, test_text, ips,
+                   ep_time);
         r->ep_seen = seen;
     }
     if (r->nranks > 1 && train_time > r->train_time_before) { /* data parallelism: docs/DISTRIBUTED.md */
@@ -959,8 +966,8 @@ kd_status kd_train_run(const kd_train_cfg *cfg, kd_train_result *res) { return k
  * no checkpoint yet and starts again. */
 static kd_status kd__resume_cfg(const char *dir, const char *const *keys, const char *const *values, int n,
                                 kd_train_cfg *out, int *fresh) {
-    static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "stop_after",
-                                          "allow_thread_change"};
+    static const char *const runtime[] = {"threads", "workers", "progress", "log_every", "eval_every",
+                                          "stop_after", "allow_thread_change"};
     kd_train_cfg c;
     kd_train_cfg_defaults(&c);
     char path[600];
@@ -976,7 +983,7 @@ static kd_status kd__resume_cfg(const char *dir, const char *const *keys, const 
         if (!ok)
             return kd_error(KD_ERR_INVALID,
                             "a resumed run keeps its settings (%s); only threads, workers, progress, log_every, "
-                            "stop_after and allow_thread_change may change, not %s",
+                            "eval_every, stop_after and allow_thread_change may change, not %s",
                             path, keys[i]);
         KD_TRY(kd_train_cfg_set(&c, keys[i], values[i]));
     }
