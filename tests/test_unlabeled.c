@@ -478,6 +478,34 @@ static void test_unlabeled_select(void **state) {
     assert_int_equal(n, 96);
     for (int i = 0; i < n; i++) assert_int_equal(idx[i], i);
     assert_int_equal(read_indices(sel0, idx, 128), 64);
+    /* Training images 10 and 20 made copies of test images 0 and 3: no
+     * candidates (SSLD leaves the evaluation images out). */
+    char d[PATHN], img[PATHN + 64], seld[PATHN];
+    snprintf(d, sizeof d, "%s/dups_s", g_root);
+    kd_test_write_idx(d, 64, 16, 8);
+    size_t ntr = 0, nte = 0;
+    snprintf(img, sizeof img, "%s/train-images-idx3-ubyte", d);
+    unsigned char *tr = (unsigned char *)kd_test_slurp(img, &ntr);
+    snprintf(path, sizeof path, "%s/t10k-images-idx3-ubyte", d);
+    unsigned char *te = (unsigned char *)kd_test_slurp(path, &nte);
+    assert_true(tr && te && ntr == 16 + 64 * 64 && nte == 16 + 16 * 64);
+    memcpy(tr + 16 + 10 * 64, te + 16 + 0 * 64, 64);
+    memcpy(tr + 16 + 20 * 64, te + 16 + 3 * 64, 64);
+    kd_test_write_file(img, tr, ntr);
+    free(tr);
+    free(te);
+    snprintf(seld, sizeof seld, "%s/sel_dups.txt", g_root);
+    p = RUN("select", "--teacher-ckpt", tck, "--data", d, "--per-class", "1000", "--backend", "ref", "--out", seld);
+    kd_test_expect_ok(&p, "kd select on data with copies of test images");
+    if (!strstr(p.out, "2 copies of test images excluded")) fail_msg("kd select printed: %s", p.out);
+    kd_test_proc_free(&p);
+    n = read_indices(seld, idx, 128);
+    assert_int_equal(n, 62);
+    for (int i = 0, want = 0; i < n; i++, want++) {
+        if (want == 10 || want == 20) want++;
+        assert_int_equal(idx[i], want);
+    }
+
     snprintf(out, sizeof out, "%s/run_ssld", g_root);
     p = RUN("distill", "--method", "ssld", "--teacher-ckpt", tck, "--labels", "2", "--train-indices", sel,
             "--unlabeled", b, FLAGS(a, out));

@@ -254,6 +254,7 @@ typedef struct {
 
 typedef struct {
     int64_t labeled, selected, total;
+    int64_t test_duplicates; /* candidates equal to an evaluation image, left out */
     int config_error; /* bad settings, found before the teacher ran */
 } kd_select_result;
 

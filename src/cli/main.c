@@ -716,8 +716,8 @@ static int kd__cmd_select(int argc, char **argv) {
         kd__fail("select");
         return r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
     }
-    printf("%s: %lld images (%lld labeled, %lld selected)\n", c.out, (long long)r.total, (long long)r.labeled,
-           (long long)r.selected);
+    printf("%s: %lld images (%lld labeled, %lld selected; %lld copies of test images excluded)\n", c.out,
+           (long long)r.total, (long long)r.labeled, (long long)r.selected, (long long)r.test_duplicates);
     return 0;
 }
 

@@ -112,6 +112,71 @@ static int kd__cmp_i64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* FNV-1a over an image's shape and bytes. */
+static uint64_t kd__image_hash(const kd_image *im) {
+    uint64_t h = 1469598103934665603ull;
+    const int dims[3] = {im->c, im->h, im->w};
+    const unsigned char *d = (const unsigned char *)dims;
+    for (size_t i = 0; i < sizeof dims; i++) h = (h ^ d[i]) * 1099511628211ull;
+    const size_t n = (size_t)im->c * (size_t)im->h * (size_t)im->w;
+    for (size_t i = 0; i < n; i++) h = (h ^ im->data[i]) * 1099511628211ull;
+    return h;
+}
+
+static int kd__cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* SSLD removes the evaluation images from the unlabeled candidates (PaddleClas
+ * ssld.md): drops from cidx[0..*nc) every candidate of ds whose pixels equal
+ * an image of `test` (same shape and bytes: a hash, then a byte comparison),
+ * keeping the order; *dropped gets the count. Near-duplicates (resized,
+ * re-encoded) are not detected. */
+static kd_status kd__drop_test_duplicates(const kd_dataset *ds, const kd_dataset *test, int64_t *cidx, int64_t *nc,
+                                         int64_t *dropped) {
+    *dropped = 0;
+    const int64_t nt = kd_dataset_size(test);
+    if (nt == 0 || *nc == 0) return KD_OK;
+    uint64_t *h = malloc(sizeof *h * (size_t)nt);
+    kd_image im = {0}, tim = {0};
+    kd_status s = h ? KD_OK : kd_error(KD_ERR_NOMEM, "select: out of memory hashing %lld test images",
+                                                   (long long)nt);
+    for (int64_t i = 0; s == KD_OK && i < nt; i++) {
+        if ((s = kd_dataset_read(test, i, &im)) == KD_OK) h[i] = kd__image_hash(&im);
+    }
+    uint64_t *sorted = NULL;
+    if (s == KD_OK && !(sorted = malloc(sizeof *sorted * (size_t)nt)))
+        s = kd_error(KD_ERR_NOMEM, "select: out of memory");
+    if (s == KD_OK) {
+        memcpy(sorted, h, sizeof *sorted * (size_t)nt);
+        qsort(sorted, (size_t)nt, sizeof *sorted, kd__cmp_u64);
+    }
+    int64_t kept = 0;
+    for (int64_t k = 0; s == KD_OK && k < *nc; k++) {
+        if ((s = kd_dataset_read(ds, cidx[k], &im)) != KD_OK) break;
+        uint64_t hk = kd__image_hash(&im);
+        int dup = 0;
+        if (bsearch(&hk, sorted, (size_t)nt, sizeof *sorted, kd__cmp_u64)) {
+            /* Confirm byte for byte against every test image of that hash. */
+            size_t n = (size_t)im.c * (size_t)im.h * (size_t)im.w;
+            for (int64_t i = 0; s == KD_OK && i < nt && !dup; i++) {
+                if (h[i] != hk) continue;
+                if ((s = kd_dataset_read(test, i, &tim)) != KD_OK) break;
+                dup = tim.c == im.c && tim.h == im.h && tim.w == im.w && !memcmp(tim.data, im.data, n);
+            }
+        }
+        if (dup) ++*dropped;
+        else cidx[kept++] = cidx[k];
+    }
+    if (s == KD_OK) *nc = kept;
+    kd_image_free(&im);
+    kd_image_free(&tim);
+    free(sorted);
+    free(h);
+    return s;
+}
+
 kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
     memset(res, 0, sizeof *res);
     kd_status s = KD_OK;
@@ -165,6 +230,18 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
     for (int64_t i = 0; i < N; i++)
         if (!is_lab[i]) cidx[nc++] = i;
     free(is_lab);
+    /* The evaluation split's images are no candidates (when the data has one). */
+    kd_dataset *test = NULL;
+    if (kd_dataset_open(cfg->data, 0, &test) == KD_OK) {
+        s = kd__drop_test_duplicates(full, test, cidx, &nc, &res->test_duplicates);
+        kd_dataset_free(test);
+        if (s != KD_OK) goto done;
+        if (res->test_duplicates)
+            kd_log_msg(KD_LOG_INFO, "select: %lld candidates are copies of test images of %s: not selectable",
+                       (long long)res->test_duplicates, cfg->data);
+    } else {
+        kd_clear_error();
+    }
     if (nc == 0) {
         s = kd_error(KD_ERR_INVALID, "select: every training image of %s is labeled: nothing to select", cfg->data);
         res->config_error = 1;
@@ -212,10 +289,12 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         goto done;
     }
     fprintf(f, "# kd select: %lld images of %s (training split%s%s): %lld labeled (labels %s, seed %llu) and %lld "
-            "selected by %s, the %lld most probable of each class; one dataset index per line\n",
+            "selected by %s, the %lld most probable of each class (%lld copies of test images excluded); one "
+            "dataset index per line\n",
             (long long)n_all, cfg->data, cfg->unlabeled[0] ? ", then the unlabeled images of " : "",
             cfg->unlabeled, (long long)n_lab, cfg->labels[0] ? cfg->labels : "none",
-            (unsigned long long)cfg->seed, (long long)u, cfg->teacher_ckpt, (long long)cfg->per_class);
+            (unsigned long long)cfg->seed, (long long)u, cfg->teacher_ckpt, (long long)cfg->per_class,
+            (long long)res->test_duplicates);
     for (int64_t i = 0; i < n_all; i++) fprintf(f, "%lld\n", (long long)all[i]);
     fclose(f);
     s = kd_file_write_atomic(cfg->out, text, len);
