@@ -564,6 +564,55 @@ static void test_eval_every(void **state) {
     kd_test_proc_free(&p);
 }
 
+/* kd export: run A's model alone (every tensor of last.safetensors without
+ * the optim. / distill. / ema. prefixes, byte-identical, and nothing else),
+ * which kd eval scores exactly as the run's last epoch; --ema without an EMA
+ * copy, the checkpoint itself as --out and a missing file exit 2. */
+static void test_export(void **state) {
+    (void)state;
+    need_run_a();
+    char la[PATHN], ex[PATHN], msg[256];
+    run_a_file(la, sizeof la, "last.safetensors");
+    tmp_path(ex, sizeof ex, "exported.safetensors");
+    kd_test_proc p = RUN("export", "--ckpt", g_run_a, "--out", ex);
+    kd_test_expect_ok(&p, "kd export");
+    kd_test_proc_free(&p);
+    kd_st_file *a = kd_test_st_open(la), *e = kd_test_st_open(ex);
+    int model = 0;
+    for (int i = 0; i < kd_st_count(a); i++) {
+        const kd_st_entry *t = kd_st_get(a, i);
+        if (!strncmp(t->name, "optim.", 6) || !strncmp(t->name, "distill.", 8) || !strncmp(t->name, "ema.", 4))
+            continue;
+        model++;
+        const kd_st_entry *u = kd_st_find(e, t->name);
+        if (!u) fail_msg("the export lacks %s", t->name);
+        if (u->nbytes != t->nbytes || memcmp(u->data, t->data, t->nbytes))
+            fail_msg("%s differs between %s and the export", t->name, la);
+    }
+    assert_true(model > 0);
+    assert_int_equal(kd_st_count(e), model);
+    assert_string_equal(kd_st_meta(e, "arch"), "resnet8");
+    kd_st_close(a);
+    kd_st_close(e);
+    /* kd eval of the export = the run's last epoch. */
+    p = RUN("eval", "--ckpt", ex, "--data", g_data, "--backend", "ref", "--threads", "2");
+    kd_test_expect_ok(&p, "kd eval of the export");
+    char last[64];
+    epoch_test_top1(g_run_a, 3, last, sizeof last);
+    snprintf(msg, sizeof msg, "top1 %.2f%%", atof(last));
+    if (!strstr(p.out, msg)) fail_msg("kd eval of the export printed %s; the run's last epoch had %s", p.out, msg);
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", la, "--out", ex, "--ema");
+    EXPECT_FAIL(&p, 2, "no EMA copy");
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", la, "--out", la);
+    EXPECT_FAIL(&p, 2, "the checkpoint itself");
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", "nope.safetensors", "--out", ex);
+    EXPECT_FAIL(&p, 2, "nope.safetensors");
+    kd_test_proc_free(&p);
+}
+
 /* ============================================================ 3. resume */
 
 static void test_resume_after_pause(void **state) {
@@ -2088,6 +2137,7 @@ int main(void) {
         cmocka_unit_test(test_config_reproduces),
         cmocka_unit_test(test_workers_and_seed),
         cmocka_unit_test(test_eval_every),
+        cmocka_unit_test(test_export),
         cmocka_unit_test(test_resume_after_pause),
         cmocka_unit_test(test_resume_after_kill),
         cmocka_unit_test(test_distill),

@@ -279,6 +279,14 @@ kd_status kd_model_load(kd_model *m, const char *path);
  * ("head_layers", 0 when absent). */
 kd_status kd_model_load_new(const char *path, const char *arch, const kd_model_cfg *cfg,
                             kd_model **out);
+/* Writes the model of checkpoint `ckpt` (a run's last.safetensors: model,
+ * optimiser state, method tensors, EMA copy) alone to `out`: its tensors
+ * under their PyTorch state_dict names and the model metadata (arch,
+ * in_channels, num_classes, head_layers), nothing else, so that PyTorch
+ * loads it with load_state_dict(strict=True). ema 1 exports the EMA copy
+ * ("ema.*": MoCo's key encoder, a DINO teacher) instead. `out` is written
+ * as every checkpoint (temporary file, fsync, rename). */
+kd_status kd_model_export(const char *ckpt, const char *out, int ema);
 /* Writes the model's state dict (PyTorch names) with metadata, atomically. */
 kd_status kd_model_save(kd_model *m, const char *path);
 /* The encoder a self-supervised run gives (encoder.safetensors): the model's

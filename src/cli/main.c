@@ -9,10 +9,12 @@
  * Exit status: 0 success, 1 failure while running, 2 bad command line. */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kd/dist.h"
@@ -721,6 +723,63 @@ static int kd__cmd_select(int argc, char **argv) {
     return 0;
 }
 
+/* `kd export`: the student alone from a run's checkpoint (kd_model_export). */
+static int kd__cmd_export(int argc, char **argv) {
+    char ckpt[1024] = "", out[1024] = "";
+    int ema = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: kd export --ckpt FILE|RUN_DIR --out FILE [--ema]\n\n"
+                   "Writes the model of a checkpoint (RUN_DIR: its last.safetensors) alone: its tensors under\n"
+                   "PyTorch's state_dict names and the model metadata, without the optimiser state, the\n"
+                   "method's tensors or the EMA copy, for model.load_state_dict(strict=True) or kd eval.\n"
+                   "--ema exports the EMA copy instead (MoCo's key encoder, a DINO/EsViT teacher).\n");
+            return 0;
+        }
+        if (!strcmp(a, "--ema")) {
+            ema = 1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0 || i + 1 >= argc) {
+            fprintf(stderr, "kd export: %s '%s' (see --help)\n",
+                    strncmp(a, "--", 2) ? "unexpected argument" : "a value is missing after", a);
+            return KD_EXIT_USAGE;
+        }
+        const char *v = argv[++i];
+        if (!strcmp(a, "--ckpt")) snprintf(ckpt, sizeof ckpt, "%s", v);
+        else if (!strcmp(a, "--out")) snprintf(out, sizeof out, "%s", v);
+        else {
+            fprintf(stderr, "kd export: unknown option '%s' (see --help)\n", a);
+            return KD_EXIT_USAGE;
+        }
+    }
+    if (!ckpt[0] || !out[0]) {
+        fprintf(stderr, "kd export: --ckpt FILE and --out FILE are required\n");
+        return KD_EXIT_USAGE;
+    }
+    struct stat st;
+    if (stat(ckpt, &st) == 0 && S_ISDIR(st.st_mode)) {
+        size_t n = strlen(ckpt);
+        if (n + sizeof "/last.safetensors" > sizeof ckpt) {
+            fprintf(stderr, "kd export: run directory path %s is too long\n", ckpt);
+            return KD_EXIT_USAGE;
+        }
+        snprintf(ckpt + n, sizeof ckpt - n, "/last.safetensors");
+    }
+    char rc[PATH_MAX], ro[PATH_MAX];
+    if (realpath(ckpt, rc) && realpath(out, ro) && !strcmp(rc, ro)) {
+        fprintf(stderr, "kd export: --out %s is the checkpoint itself: choose another file\n", out);
+        return KD_EXIT_USAGE;
+    }
+    if (kd_model_export(ckpt, out, ema) != KD_OK) {
+        kd__fail("export");
+        return KD_EXIT_USAGE;
+    }
+    printf("%s: the model of %s%s\n", out, ckpt, ema ? " (its EMA copy)" : "");
+    return 0;
+}
+
 static void kd__usage(void) {
     char names[256];
     kd__ssl_method_names(names, sizeof names, ", ");
@@ -731,6 +790,7 @@ static void kd__usage(void) {
            "  pretrain  self-supervised pretraining without labels (--method %s)\n"
            "  select    choose unlabeled images a teacher is surest of, per class (SSLD)\n"
            "  eval      evaluate a checkpoint on a dataset's test split\n"
+           "  export    write the model of a run's checkpoint alone (PyTorch state_dict names)\n"
            "  info      describe a checkpoint or a dataset\n",
            kd_version(), names);
 }
@@ -763,7 +823,9 @@ static int kd__main(int argc, char **argv) {
     if (!strcmp(cmd, "eval")) return kd__cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "select")) return kd__cmd_select(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return kd__cmd_info(argc - 2, argv + 2);
-    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, pretrain, select, eval, info)\n", cmd);
+    if (!strcmp(cmd, "export")) return kd__cmd_export(argc - 2, argv + 2);
+    fprintf(stderr, "kd: unknown command '%s' (commands: train, distill, pretrain, select, eval, export, info)\n",
+            cmd);
     return KD_EXIT_USAGE;
 }
 

@@ -146,3 +146,37 @@ done:
     kd_st_close(f);
     return s;
 }
+
+kd_status kd_model_export(const char *ckpt, const char *out, int ema) {
+    kd_st_file *f = NULL;
+    KD_TRY(kd_st_open(ckpt, &f));
+    const char *arch = kd_st_meta(f, "arch"), *ic = kd_st_meta(f, "in_channels"), *nc = kd_st_meta(f, "num_classes");
+    const char *hl = kd_st_meta(f, "head_layers");
+    kd_model *m = NULL;
+    kd_status s = KD_OK;
+    if (!arch || !ic || !nc || atoi(ic) < 1 || atoi(nc) < 1) {
+        s = kd_error(KD_ERR_FORMAT, "%s is not a checkpoint written by kd (its metadata lacks arch, in_channels or "
+                     "num_classes)", ckpt);
+        goto done;
+    }
+    kd_model_cfg mc = {.in_channels = atoi(ic), .num_classes = atoi(nc), .head_layers = hl ? atoi(hl) : 0};
+    if ((s = kd_model_create(arch, &mc, &m)) != KD_OK) goto done;
+    if (ema) {
+        const kd_param_list *pl = kd_model_params(m);
+        char first[256];
+        snprintf(first, sizeof first, "ema.%s", pl->n ? pl->items[0].name : "");
+        if (!kd_st_find(f, first)) {
+            s = kd_error(KD_ERR_INVALID, "%s holds no EMA copy of the model (no tensor %s): the run had no EMA "
+                         "role; export the model itself (ema 0)", ckpt, first);
+            goto done;
+        }
+        s = kd__load_params(kd_model_params(m), f, "ema.");
+    } else {
+        s = kd__model_load_from(m, f);
+    }
+    if (s == KD_OK) s = kd_model_save(m, out);
+done:
+    kd_model_free(m);
+    kd_st_close(f);
+    return s;
+}
