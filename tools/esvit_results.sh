@@ -27,15 +27,7 @@ TRAIN=${TRAIN:-10000}
 LOCAL=${LOCAL:-2}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-run() { # run DIR CMD...: skips a finished run (summary.json present)
-    local dir=$1
-    shift
-    if [ -f "$dir/summary.json" ]; then return 0; fi
-    rm -rf "$dir"
-    log "$*"
-    "$@" >>"$OUT/log.txt" 2>&1
-}
+. tools/run_lib.sh
 PRE=(--model swin_mnist --data "$DATA" --train-subset "$TRAIN" --epochs "$EPOCHS" --batch-size 128
      --optimizer adamw --lr 2.5e-4 --weight-decay 0.04 --schedule cosine --warmup-epochs 1 --min-lr 1e-6
      --threads "$THREADS" --workers 1 --progress 0)
