@@ -13,16 +13,22 @@
 #      evaluation on the label subset;
 #   5. SSLD: kd select keeps the SEL_PER_CLASS unlabeled images per class the
 #      fine-tuned resnet20 is surest of, then symmetric-KL distillation into
-#      the small student on those and the labeled ones;
+#      the small student on those and the labeled ones, then a short
+#      fine-tune on the labels (PaddleClas's last step);
 #   6. DoGo: two resnet8 peers pretrained together (DOGO=1 only: the slowest
 #      step), then linear evaluation of the student peer on the label subset.
 #
 # Usage: tools/few_labels.sh [OUT]      (default runs/few_labels)
 # Environment: PT_EPOCHS (pretraining, 4), D_EPOCHS (distillation, 4),
-# FT_EPOCHS (fine-tuning and training on the labels alone, 60), SEEDS ("0 1 2",
+# FT_EPOCHS (fine-tuning and training on the labels alone with 1% labels, 60),
+# FT_EPOCHS_10 (the same with 10%, 30: the paper's 60 and 30), EVAL_EVERY (test
+# evaluation every N epochs of the supervised runs, 10; the last epoch is always
+# evaluated and training does not depend on it), SSLD_FT_EPOCHS (SSLD's closing
+# fine-tune on the labels, lr 0.005, 10), SEEDS ("0 1 2",
 # for the steps that use labels), FRACS ("1% 10%"), THREADS (2), SEL_PER_CLASS
 # (1000), DOGO (0: skip DoGo; 1: run it, PT_EPOCHS epochs), EXTRA (more
-# flags for every training run, e.g. "--max-steps-per-epoch 2" for a smoke test).
+# flags for every training run, e.g. "--max-steps-per-epoch 2" for a smoke test),
+# TABLE_ONLY (1: run nothing, rebuild the table from the runs that exist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KD=${KD:-build/kd}
@@ -31,20 +37,15 @@ OUT=${1:-runs/few_labels}
 PT_EPOCHS=${PT_EPOCHS:-4}
 D_EPOCHS=${D_EPOCHS:-4}
 FT_EPOCHS=${FT_EPOCHS:-60}
+FT_EPOCHS_10=${FT_EPOCHS_10:-30}
+EVAL_EVERY=${EVAL_EVERY:-10}
+SSLD_FT_EPOCHS=${SSLD_FT_EPOCHS:-10}
 SEEDS=${SEEDS:-"0 1 2"}
 FRACS=${FRACS:-"1% 10%"}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 COMMON=(--data "$DATA" --threads "$THREADS" --workers 1 --progress 0 ${EXTRA:-})
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
-run() { # run DIR CMD...: skips a finished run (summary.json present)
-    local dir=$1
-    shift
-    if [ -f "$dir/summary.json" ]; then return 0; fi
-    rm -rf "$dir"
-    log "$*"
-    "$@" >>"$OUT/log.txt" 2>&1
-}
+. tools/run_lib.sh
 top1() { /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d.get('$2', d.get('top1')))" "$1"; }
 
 # Self-supervised pretraining: SimCLR, SGD momentum 0.9, lr 0.3 at batch 256, cosine, wd 1e-4.
@@ -70,9 +71,11 @@ if [ "${DOGO:-0}" = 1 ]; then
         --out "$OUT/dogo-resnet8"
 fi
 SEL_PER_CLASS=${SEL_PER_CLASS:-1000}
-SUP=(--batch-size 64 --lr 0.05 --weight-decay 5e-4 --schedule cosine --epochs "$FT_EPOCHS")
 for frac in $FRACS; do
     f=${frac%\%}
+    ft=$FT_EPOCHS
+    [ "$f" = 10 ] && ft=$FT_EPOCHS_10
+    SUP=(--batch-size 64 --lr 0.05 --weight-decay 5e-4 --schedule cosine --epochs "$ft" --eval-every "$EVAL_EVERY")
     for seed in $SEEDS; do
         s="p$f-s$seed"
         # 1. the small student on the labels alone
@@ -90,7 +93,7 @@ for frac in $FRACS; do
         # 3. SimCLRv2: fine-tune the pretrained resnet20 on the subset (whole network, wd 0), then distil
         run "$OUT/ft-resnet20-$s" "$KD" train --model resnet20 --init-ckpt "$OUT/simclr-resnet20/encoder.safetensors" \
             --labels "$frac" --seed "$seed" --batch-size 64 --lr 0.05 --weight-decay 0 --schedule cosine \
-            --epochs "$FT_EPOCHS" "${COMMON[@]}" --out "$OUT/ft-resnet20-$s"
+            --epochs "$ft" --eval-every "$EVAL_EVERY" "${COMMON[@]}" --out "$OUT/ft-resnet20-$s"
         run "$OUT/distill-resnet8-$s" "$KD" distill --method simclrv2 --model resnet8 \
             --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
             --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" \
@@ -98,13 +101,13 @@ for frac in $FRACS; do
         # 3b. the same from the projection head's first layer (ft_proj_selector 1: the paper's 1% setting)
         run "$OUT/ft1-resnet20-$s" "$KD" train --model resnet20 --init-ckpt "$OUT/simclr-resnet20/encoder.safetensors" \
             --ft-proj-selector 1 --labels "$frac" --seed "$seed" --batch-size 64 --lr 0.05 --weight-decay 0 \
-            --schedule cosine --epochs "$FT_EPOCHS" "${COMMON[@]}" --out "$OUT/ft1-resnet20-$s"
+            --schedule cosine --epochs "$ft" --eval-every "$EVAL_EVERY" "${COMMON[@]}" --out "$OUT/ft1-resnet20-$s"
         run "$OUT/distill1-resnet8-$s" "$KD" distill --method simclrv2 --model resnet8 \
             --teacher-ckpt "$OUT/ft1-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
             --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" \
             --out "$OUT/distill1-resnet8-$s"
         # 5. SSLD on the labeled images and those the fine-tuned teacher selects
-        if [ ! -f "$OUT/select-$s.txt" ]; then
+        if [ ! -f "$OUT/select-$s.txt" ] && [ "${TABLE_ONLY:-0}" != 1 ]; then
             log "$KD select --teacher-ckpt $OUT/ft-resnet20-$s/last.safetensors --labels $frac --seed $seed"
             "$KD" select --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
                 --per-class "$SEL_PER_CLASS" --data "$DATA" --threads "$THREADS" --out "$OUT/select-$s.txt" \
@@ -114,6 +117,10 @@ for frac in $FRACS; do
             --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
             --train-indices "$OUT/select-$s.txt" --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 \
             --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" --out "$OUT/ssld-resnet8-$s"
+        # 5b. SSLD's last step (PaddleClas): a short fine-tune on the labels with a small learning rate
+        run "$OUT/ssldft-resnet8-$s" "$KD" train --model resnet8 --init-ckpt "$OUT/ssld-resnet8-$s/last.safetensors" \
+            --labels "$frac" --seed "$seed" --batch-size 64 --lr 0.005 --weight-decay 5e-4 --schedule cosine \
+            --epochs "$SSLD_FT_EPOCHS" --eval-every "$EVAL_EVERY" "${COMMON[@]}" --out "$OUT/ssldft-resnet8-$s"
         if [ -f "$OUT/dogo-resnet8/encoder.safetensors" ]; then
             run "$OUT/lin-dogo-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/dogo-resnet8/encoder.safetensors" \
                 --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-dogo-resnet8-$s"
@@ -125,9 +132,10 @@ done
 # DOC (docs/RESULTS.md) between the "few-labels" markers (tools/results.sh
 # keeps that section) and printed.
 DOC=${DOC:-docs/RESULTS.md}
-/usr/bin/python3 - "$OUT" "$FRACS" "$SEEDS" "$DOC" "$PT_EPOCHS" "$D_EPOCHS" "$FT_EPOCHS" "$("$KD" --version)" <<'EOF'
+/usr/bin/python3 - "$OUT" "$FRACS" "$SEEDS" "$DOC" "$PT_EPOCHS" "$D_EPOCHS" "$FT_EPOCHS" "$FT_EPOCHS_10" \
+    "$EVAL_EVERY" "$SSLD_FT_EPOCHS" "$("$KD" --version)" <<'EOF'
 import json, os, platform, statistics, sys, time
-out, fracs, seeds, doc, pt, de, ft, version = sys.argv[1:]
+out, fracs, seeds, doc, pt, de, ft, ft10, ev, sft, version = sys.argv[1:]
 fracs, seeds = fracs.split(), seeds.split()
 def summ(d):
     p = os.path.join(out, d, "summary.json")
@@ -162,6 +170,7 @@ rows = [("resnet8 trained on the labels alone", "sup-resnet8"),
         ("SimCLRv2 step 3 from that teacher: distilled into resnet8 on all 60000 images", "distill1-resnet8"),
         ("SEED resnet20 -> resnet8, linear probe on the labels", "lin-seed-resnet8"),
         ("SSLD: fine-tuned resnet20 -> resnet8 on labeled + selected images", "ssld-resnet8"),
+        ("SSLD, then a short fine-tune on the labels (lr 0.005, %s epochs)" % sft, "ssldft-resnet8"),
         ("DoGo: resnet8 with a resnet8 peer, linear probe on the labels", "lin-dogo-resnet8")]
 L = ["<!-- few-labels -->", "## Few labels (Fashion-MNIST, the 60000 training images without labels)", "",
      "Generated by `tools/few_labels.sh` on %s with %s (%s; %d CPUs). Edit the script, not this section." % (
@@ -169,15 +178,16 @@ L = ["<!-- few-labels -->", "## Few labels (Fashion-MNIST, the 60000 training im
      "Test top-1 (%%) on the 10000 test images, last epoch, mean +- sample std over seeds %s (the seed draws "
      "the label subset, the initialisation and the data order; the self-supervised pretraining runs once, "
      "seed 0). Pretraining %s epochs, distillation %s epochs, fine-tuning and training on the labels %s "
-     "epochs. Wall times are one run's on the 2-core machine (runs that shared it with other jobs took longer). "
-     "SSLD trains the same epochs on its ~10,600 images (labeled + 1000 selected per class), so it takes about "
-     "6x fewer steps than the SimCLRv2 distillation on 60,000." % (", ".join(seeds), pt, de, ft), "",
-     "| model | " + " | ".join(f"{f} labels" for f in fracs) + " | wall s / run |",
+     "epochs with 1%% labels, %s with 10%% (the paper's 60 and 30). Wall times are one run's on the 2-core machine (runs that shared it with other jobs took longer). "
+     "SSLD trains the same epochs on the labeled images plus at most 1000 selected per class (about 10,600 "
+     "images with 1%% labels), so it takes several times fewer steps than the SimCLRv2 distillation on 60,000." % (", ".join(seeds), pt, de, ft, ft10), "",
+     "| model | " + " | ".join(f"{f} labels" for f in fracs) + " | wall s / run (%s) |" % " / ".join(fracs),
      "|---|" + "---|" * len(fracs) + "---|"]
 for name, prefix in rows:
     if all(not vals(prefix, f) for f in fracs):
         continue
-    L.append(f"| {name} | " + " | ".join(cell(prefix, f) for f in fracs) + " | " + wcell(prefix, fracs[0]) + " |")
+    L.append(f"| {name} | " + " | ".join(cell(prefix, f) for f in fracs) + " | " +
+             " / ".join(wcell(prefix, f) for f in fracs) + " |")
 L.append("")
 for d, what in (("knn-simclr-resnet8", "SimCLR resnet8"), ("knn-simclr-resnet20", "SimCLR resnet20")):
     s = summ(d)
@@ -197,9 +207,10 @@ for f, dname in [(f, d) for f in fracs for d in ("distill-resnet8", "distill1-re
         sel = "ft_proj_selector 1" if dname.startswith("distill1") else "ft_proj_selector 0"
         L.append("- %s labels: the distilled resnet8 (%s) is %+.2f points from resnet8 on the labels alone (%s one "
                  "std of %.2f)." % (f, sel, gap, "beyond" if abs(gap) > sd else "within", sd))
-L += ["", "Commands: `PT_EPOCHS=%s D_EPOCHS=%s FT_EPOCHS=%s SEEDS=\"%s\" FRACS=\"%s\" bash tools/few_labels.sh` "
-      "(each step's command line is in runs/few_labels/log.txt; README \"Few labels\" lists them)." % (
-          pt, de, ft, " ".join(seeds), " ".join(fracs)), "<!-- /few-labels -->"]
+L += ["", "Commands: `PT_EPOCHS=%s D_EPOCHS=%s FT_EPOCHS=%s FT_EPOCHS_10=%s EVAL_EVERY=%s SSLD_FT_EPOCHS=%s SEEDS=\"%s\" "
+      "FRACS=\"%s\" bash tools/few_labels.sh` (each step's command line is in runs/few_labels/log.txt; README "
+      "\"Few labels\" lists them)." % (pt, de, ft, ft10, ev, sft, " ".join(seeds), " ".join(fracs)),
+      "<!-- /few-labels -->"]
 section = "\n".join(L) + "\n"
 print(section)
 sys.path.insert(0, "tools")
