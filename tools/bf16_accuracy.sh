@@ -67,7 +67,8 @@ L = ["<!-- bf16-accuracy -->", "## bf16 against fp32 (Fashion-MNIST)", "",
      "images, batch 128, SGD lr 0.05 momentum 0.9, cosine, weight decay 5e-4; KD (Hinton, T 4) from a resnet20 "
      "teacher trained once in float32 (%s epochs, seed 0, %s%% test top-1). Test top-1 (%%) on the 10000 test "
      "images, last epoch, mean +- sample std over seeds %s; the paired difference is each seed's bf16 run minus "
-     "its own fp32 run." % (epochs, tepochs,
+     "its own fp32 run. Wall times are one run's, on the 2-core machine (runs that shared it with other jobs "
+     "took longer: compare speeds in bench/, not here)." % (epochs, tepochs,
                             "%.2f" % summ("teacher-resnet20")["top1"] if summ("teacher-resnet20") else "-",
                             ", ".join(seeds)), "",
      "| run | fp32 | bf16 | bf16 - fp32 (paired) | within 0.3 | wall s fp32 / bf16 |", "|---|---|---|---|---|---|"]
