@@ -277,7 +277,7 @@ kd_status kd_select_run(const kd_select_cfg *cfg, kd_select_result *res) {
         if (u == 0 || all[u - 1] != all[i]) all[u++] = all[i];
     res->selected = u;
     res->labeled = n_lab;
-    memcpy(all + u, lab, sizeof(int64_t) * (size_t)n_lab);
+    if (n_lab) memcpy(all + u, lab, sizeof(int64_t) * (size_t)n_lab); /* lab is NULL without labels */
     int64_t n_all = u + n_lab;
     qsort(all, (size_t)n_all, sizeof *all, kd__cmp_i64);
     res->total = n_all;
