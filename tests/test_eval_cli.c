@@ -8,6 +8,7 @@
  * unknown flag, k <= 0 or larger than the training set, an unknown
  * architecture, a fraction that leaves a class empty, flags of the other
  * mode, an existing result) one message and exit 2, before any work. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -394,6 +395,20 @@ static void test_train_labels(void **state) {
     kd_json *s = read_json(out, "summary.json");
     assert_int_equal((int)num(s, "train_images"), 4 * 3);
     assert_int_equal((int)num(s, "labeled_images"), 4 * 3);
+    /* The run normalises by the whole training split, as kd eval does, not
+     * by the 12 labeled images: kd eval of its checkpoint gives the run's
+     * own last test loss. */
+    char ck[1300], loss[64];
+    snprintf(ck, sizeof ck, "%s/last.safetensors", out);
+    p = RUN("eval", "--ckpt", ck, EVAL_FLAGS, "--json");
+    kd_test_expect_ok(&p, "kd eval of the --labels run");
+    const char *l = strstr(p.out, "\"loss\": ");
+    assert_non_null(l);
+    snprintf(loss, sizeof loss, "%s", l + 8);
+    kd_test_proc_free(&p);
+    double run_loss = num(s, "test_loss"), eval_loss = strtod(loss, NULL);
+    if (fabs(run_loss - eval_loss) > 2e-6 * fabs(run_loss) + 1e-6)
+        fail_msg("kd eval's test loss %.6f differs from the run's %.6f: another normalisation", eval_loss, run_loss);
     kd_json_free(s);
     int64_t idx[64];
     int n = read_indices(out, idx, 64);

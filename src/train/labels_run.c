@@ -50,10 +50,6 @@ kd_status kd__run_labels(const kd_train_cfg *c, int resume, kd_dataset **train, 
         o->config_error = 1;
         return s;
     }
-    /* The normalisation of the whole training split, as `kd eval` uses,
-     * not of the labeled images. */
-    kd_dataset_norm(full, o->mean, o->std);
-    o->norm_done = 1;
     kd_dataset *next = NULL;
     if (use == KD_LABELS_REQUIRED) s = kd_dataset_select(full, o->idx, o->n, &next);
     else s = kd_dataset_keep_labels(full, o->idx, o->n, &next);

@@ -477,6 +477,10 @@ static kd_status kd__setup(kd__run *r, int resume) {
         kd_dataset_free(r->train);
         r->train = sub;
     }
+    /* The normalisation, decided here once: the training split's as a whole
+     * (as `kd eval` computes it), before labels, unlabeled and train_indices
+     * change which images are trained on. */
+    kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
     if (c->labels[0]) {
         kd_status ls = kd__run_labels(c, resume, &r->train, &r->labels);
         r->config_error |= r->labels.config_error;
@@ -490,10 +494,6 @@ static kd_status kd__setup(kd__run *r, int resume) {
          * labeled set's training images) after the training split's, in
          * every epoch; the normalisation stays the training split's; the
          * train_indices below (kd select's) number this concatenation. */
-        if (!r->labels.norm_done) {
-            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
-            r->labels.norm_done = 1;
-        }
         kd_dataset *un = NULL, *both = NULL;
         kd_status us = kd_dataset_open_split(c->unlabeled, KD_SPLIT_UNLABELED, &un);
         if (us == KD_OK) us = kd_dataset_concat(r->train, un, 1, &both);
@@ -523,10 +523,6 @@ static kd_status kd__setup(kd__run *r, int resume) {
         int64_t *ti = NULL, nt = 0;
         kd_status ts = kd_dataset_indices_read(c->train_indices, r->train, &ti, &nt);
         kd_dataset *sub = NULL;
-        if (ts == KD_OK && !r->labels.norm_done) { /* the whole split's normalisation */
-            kd_dataset_norm(r->train, r->labels.mean, r->labels.std);
-            r->labels.norm_done = 1;
-        }
         if (ts == KD_OK) ts = kd_dataset_select(r->train, ti, nt, &sub);
         free(ti);
         if (ts != KD_OK) {
@@ -614,12 +610,6 @@ static kd_status kd__setup(kd__run *r, int resume) {
     r->tf.normalize = 1;
     r->tf.out_h = r->tf.out_w = c->image_size;
     r->tf.resize = c->resize;
-    if (r->labels.norm_done) {
-        memcpy(r->tf.mean, r->labels.mean, sizeof r->tf.mean);
-        memcpy(r->tf.std, r->labels.std, sizeof r->tf.std);
-    } else {
-        kd_dataset_norm(r->train, r->tf.mean, r->tf.std);
-    }
     KD_TRY(kd__open_loader(r));
     /* The probe runs at view 0's size: images of varying size know it only
      * from the loader, and a method's view_transform may change it. A

@@ -20,16 +20,13 @@ kd_status kd__write_curves(const char *dir);
  * the labeled images alone (KD_LABELS_REQUIRED, and `kd train`), every
  * image with the others' labels -1 (KD_LABELS_OPTIONAL), or unchanged with
  * a warning (KD_LABELS_ABSENT, or labels empty: idx NULL). A resumed run
- * reads OUT/labels.txt when present. mean/std: the whole split's
- * normalisation (norm_done 1 when set). config_error: the spec could not be
+ * reads OUT/labels.txt when present. config_error: the spec could not be
  * met on this dataset (a bad command line). */
 typedef struct {
     int64_t *idx, n; /* the labeled dataset indices (malloc'd), or NULL */
     int64_t n_split; /* images of the whole training split */
     char split_name[128];
     int from_file;
-    float mean[4], std[4];
-    int norm_done;
     int config_error;
 } kd__run_labels_out;
 kd_status kd__run_labels(const kd_train_cfg *c, int resume, kd_dataset **train, kd__run_labels_out *o);
