@@ -91,11 +91,6 @@ static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int6
     return kd__cpu_cache_insert(st, &k, h, s, &op, fwd ? NULL : &hint, out);
 }
 
-static kd_status bn_entry(cpu_state *st, prim_kind kind, const int64_t d4[4], int blk, float eps, unsigned flags,
-                          dnnl_prop_kind_t prop, prim_entry **out) {
-    return norm_entry(st, kind, 4, d4, blk, eps, flags, prop, out);
-}
-
 /* The backward of a batch norm (nstat = nparam = channels) or a layer norm
  * (nstat rows, nparam columns) once its entry e exists. Scratch floats: var
  * (nstat), dgamma, dbeta, a zero shift (nparam each), then dx when
@@ -160,7 +155,7 @@ static kd_status bn_fwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     int64_t d4[4];
     bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(bn_entry(st, PK_BN_FWD, d4, blocked(x), p->eps, flags,
+    KD_TRY(norm_entry(st, PK_BN_FWD, 4, d4, blocked(x), p->eps, flags,
                     p->training ? dnnl_forward_training : dnnl_forward_inference, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
@@ -245,7 +240,7 @@ static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     int64_t d4[4];
     bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(bn_entry(st, PK_BN_BWD, d4, blocked(x), p->eps, flags, dnnl_backward, &e));
+    KD_TRY(norm_entry(st, PK_BN_BWD, 4, d4, blocked(x), p->eps, flags, dnnl_backward, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     return norm_bwd_run(st, e, p->eps, C, C, dy, x, gamma, save_mean, save_rstd, dx, dgamma, dbeta, accumulate);
 }
@@ -273,20 +268,14 @@ kd_status kd__cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, cons
 
 /* ------------------------------------------------------------- layer norm */
 
-static kd_status ln_entry(cpu_state *st, prim_kind kind, int64_t R, int64_t D, float eps, unsigned flags,
-                          dnnl_prop_kind_t prop, prim_entry **out) {
-    const int64_t dims[2] = {R, D};
-    return norm_entry(st, kind, 2, dims, 0, eps, flags, prop, out);
-}
-
 static kd_status ln_fwd_locked(cpu_state *st, float eps, const kd_tensor *x,
                                const kd_tensor *gamma, const kd_tensor *beta, kd_tensor *y,
                                kd_tensor *save_mean, kd_tensor *save_rstd, int *use_ref) {
-    int64_t D = x->shape[x->ndim - 1], R = kd_tensor_numel(x) / D;
+    int64_t D = x->shape[x->ndim - 1], R = kd_tensor_numel(x) / D, rd[2] = {R, D};
     unsigned flags = gamma ? dnnl_use_scale | dnnl_use_shift : 0u;
     int train = save_mean && save_rstd;
     prim_entry *e;
-    KD_TRY(ln_entry(st, PK_LN_FWD, R, D, eps, flags,
+    KD_TRY(norm_entry(st, PK_LN_FWD, 2, rd, 0, eps, flags,
                     train ? dnnl_forward_training : dnnl_forward_inference, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     KD_TRY(kd__cpu_scratch_reserve_for(st, e, train ? (size_t)R : 0));
@@ -339,10 +328,10 @@ static kd_status ln_bwd_locked(cpu_state *st, float eps, const kd_tensor *dy, co
                                const kd_tensor *gamma, const kd_tensor *save_mean,
                                const kd_tensor *save_rstd, kd_tensor *dx, kd_tensor *dgamma,
                                kd_tensor *dbeta, int accumulate, int *use_ref) {
-    int64_t D = x->shape[x->ndim - 1], R = kd_tensor_numel(x) / D;
+    int64_t D = x->shape[x->ndim - 1], R = kd_tensor_numel(x) / D, rd[2] = {R, D};
     unsigned flags = gamma ? dnnl_use_scale | dnnl_use_shift : 0u;
     prim_entry *e;
-    KD_TRY(ln_entry(st, PK_LN_BWD, R, D, eps, flags, gamma ? dnnl_backward : dnnl_backward_data,
+    KD_TRY(norm_entry(st, PK_LN_BWD, 2, rd, 0, eps, flags, gamma ? dnnl_backward : dnnl_backward_data,
                     &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     return norm_bwd_run(st, e, eps, R, D, dy, x, gamma, save_mean, save_rstd, dx, dgamma, dbeta, accumulate);

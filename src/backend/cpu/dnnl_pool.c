@@ -89,50 +89,19 @@ static kd_status pool_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg,
 }
 
 /* Max pooling forward: y = the window's maximum and ws = its flat index
- * (h * W + w) by PyTorch's rule (the first maximum; a NaN wins, the last one;
- * padding never does). One thread per (n, c) plane. */
-static void maxpool_argmax(const pool_shape *q, const float *x, float *y, int32_t *ws) {
-    int64_t planes = q->N * q->C;
-#pragma omp parallel for schedule(static)
-    for (int64_t pl = 0; pl < planes; pl++) {
-        const float *xp = x + pl * q->H * q->W;
-        float *yp = y + pl * q->OH * q->OW;
-        int32_t *wp = ws + pl * q->OH * q->OW;
-        for (int64_t oh = 0; oh < q->OH; oh++) {
-            int64_t h0 = oh * q->stride[0] - q->pad_l[0], h1 = h0 + q->kernel[0];
-            if (h0 < 0) h0 = 0;
-            if (h1 > q->H) h1 = q->H;
-            for (int64_t ow = 0; ow < q->OW; ow++) {
-                int64_t w0 = ow * q->stride[1] - q->pad_l[1], w1 = w0 + q->kernel[1];
-                if (w0 < 0) w0 = 0;
-                if (w1 > q->W) w1 = q->W;
-                float best = -INFINITY;
-                int64_t arg = -1;
-                for (int64_t h = h0; h < h1; h++)
-                    for (int64_t w = w0; w < w1; w++) {
-                        float v = xp[h * q->W + w];
-                        if (arg < 0 || v > best || isnan(v)) best = v, arg = h * q->W + w;
-                    }
-                yp[oh * q->OW + ow] = best;
-                wp[oh * q->OW + ow] = (int32_t)arg;
-            }
-        }
-    }
-}
-
-/* The same on NCHW16C x, y and ws (ws in y's blocked order, its values the
- * flat h*W+w index within the channel's plane as in the plain version).
- * One thread per (n, channel block, output row); the 16 lanes of a block
- * run side by side with the same tie rule per lane. */
-static void maxpool_argmax_blocked(const pool_shape *q, const float *x, float *y, int32_t *ws) {
-    enum { B = KD_LAYOUT_BLOCK };
-    int64_t rows = q->N * (q->C / B) * q->OH;
+ * (h * W + w) within the channel's plane, by PyTorch's rule (the first
+ * maximum; a NaN wins, the last one; padding never does). x, y and ws are
+ * `groups` planes of L lanes side by side: plain NCHW is N*C groups of one
+ * lane, NCHW16C N*C/16 groups of 16 (ws in y's layout). One thread per
+ * (group, output row); every lane keeps its own maximum. */
+static void maxpool_argmax(const pool_shape *q, int64_t groups, int L, const float *x, float *y, int32_t *ws) {
+    int64_t rows = groups * q->OH;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        int64_t nb = r / q->OH, oh = r % q->OH;
-        const float *xp = x + nb * q->H * q->W * B;
-        float *yp = y + (nb * q->OH + oh) * q->OW * B;
-        int32_t *wp = ws + (nb * q->OH + oh) * q->OW * B;
+        int64_t g = r / q->OH, oh = r % q->OH;
+        const float *xp = x + g * q->H * q->W * L;
+        float *yp = y + (g * q->OH + oh) * q->OW * L;
+        int32_t *wp = ws + (g * q->OH + oh) * q->OW * L;
         int64_t h0 = oh * q->stride[0] - q->pad_l[0], h1 = h0 + q->kernel[0];
         if (h0 < 0) h0 = 0;
         if (h1 > q->H) h1 = q->H;
@@ -140,61 +109,38 @@ static void maxpool_argmax_blocked(const pool_shape *q, const float *x, float *y
             int64_t w0 = ow * q->stride[1] - q->pad_l[1], w1 = w0 + q->kernel[1];
             if (w0 < 0) w0 = 0;
             if (w1 > q->W) w1 = q->W;
-            float best[B];
-            int32_t arg[B];
-            for (int l = 0; l < B; l++) best[l] = -INFINITY, arg[l] = -1;
+            float *best = yp + ow * L;
+            int32_t *arg = wp + ow * L;
+            for (int l = 0; l < L; l++) best[l] = -INFINITY, arg[l] = -1;
             for (int64_t h = h0; h < h1; h++)
                 for (int64_t w = w0; w < w1; w++) {
-                    const float *v = xp + (h * q->W + w) * B;
+                    const float *v = xp + (h * q->W + w) * L;
                     int32_t idx = (int32_t)(h * q->W + w);
-                    for (int l = 0; l < B; l++)
+                    for (int l = 0; l < L; l++)
                         if (arg[l] < 0 || v[l] > best[l] || isnan(v[l])) best[l] = v[l], arg[l] = idx;
                 }
-            for (int l = 0; l < B; l++) yp[ow * B + l] = best[l], wp[ow * B + l] = arg[l];
         }
     }
 }
 
-/* Blocked backward: dx[n, c, ws] (+)= dy on NCHW16C dy, ws, dx; one thread
- * per (n, channel block), fixed order. Returns the count of bad indices. */
-static int64_t maxpool_scatter_blocked(int64_t nblocks, int64_t in_plane, int64_t out_plane,
-                                       const float *dy, const int32_t *ws, float *dx,
-                                       int accumulate) {
-    enum { B = KD_LAYOUT_BLOCK };
+/* Max pooling backward: dx[.., ws] (+)= dy over `groups` planes of L lanes
+ * (as maxpool_argmax), one thread per group in a fixed order, so
+ * deterministic. Returns the number of indices outside the plane (skipped;
+ * -1 marks an empty window and is not counted). */
+static int64_t maxpool_scatter(int64_t groups, int L, int64_t in_plane, int64_t out_plane, const float *dy,
+                               const int32_t *ws, float *dx, int accumulate) {
     int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad)
-    for (int64_t nb = 0; nb < nblocks; nb++) {
-        float *dxp = dx + nb * in_plane * B;
-        if (!accumulate) memset(dxp, 0, (size_t)(in_plane * B) * sizeof(float));
-        const float *dyp = dy + nb * out_plane * B;
-        const int32_t *wp = ws + nb * out_plane * B;
-        for (int64_t i = 0; i < out_plane * B; i++) {
+    for (int64_t g = 0; g < groups; g++) {
+        float *dxp = dx + g * in_plane * L;
+        if (!accumulate) memset(dxp, 0, (size_t)(in_plane * L) * sizeof(float));
+        const float *dyp = dy + g * out_plane * L;
+        const int32_t *wp = ws + g * out_plane * L;
+        for (int64_t i = 0; i < out_plane * L; i++) {
             int32_t a = wp[i];
             if (a >= 0 && a < in_plane)
-                dxp[a * B + i % B] += dyp[i];
+                dxp[a * L + i % L] += dyp[i];
             else if (a != -1)
-                bad++;
-        }
-    }
-    return bad;
-}
-
-/* Max pooling backward: dx[n, c, ws] (+)= dy, one thread per plane in a
- * fixed order, so deterministic. Returns the number of indices outside the
- * plane (skipped; -1 marks an empty window and is not counted). */
-static int64_t maxpool_scatter(int64_t planes, int64_t in_plane, int64_t out_plane,
-                               const float *dy, const int32_t *ws, float *dx, int accumulate) {
-    int64_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad)
-    for (int64_t pl = 0; pl < planes; pl++) {
-        float *dxp = dx + pl * in_plane;
-        if (!accumulate) memset(dxp, 0, (size_t)in_plane * sizeof(float));
-        const float *dyp = dy + pl * out_plane;
-        const int32_t *wp = ws + pl * out_plane;
-        for (int64_t i = 0; i < out_plane; i++) {
-            if (wp[i] >= 0 && wp[i] < in_plane)
-                dxp[wp[i]] += dyp[i];
-            else if (wp[i] != -1)
                 bad++;
         }
     }
@@ -222,13 +168,11 @@ kd_status kd__cpu_pool2d_forward(kd_backend *be, const kd_pool2d_params *p, cons
     if (!use_ref && p->kind == KD_POOL_MAX) {
         pool_shape q;
         pool_shape_init(&q, p, x, y);
-        if (q.xb && q.yb && blocked(ws)) {
-            maxpool_argmax_blocked(&q, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
-            return KD_OK;
-        }
-        if (q.xb || q.yb || blocked(ws))
+        int all_b = q.xb && q.yb && blocked(ws);
+        if (!all_b && (q.xb || q.yb || blocked(ws)))
             return kd_error(KD_ERR_UNSUPPORTED, "cpu max pooling: x, y and ws must share a layout");
-        maxpool_argmax(&q, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
+        int L = all_b ? KD_LAYOUT_BLOCK : 1;
+        maxpool_argmax(&q, q.N * q.C / L, L, kd_f32(x), kd_f32(y), (int32_t *)ws->data);
         return KD_OK;
     }
     kd_status s = KD_OK;
@@ -265,13 +209,9 @@ kd_status kd__cpu_pool2d_backward(kd_backend *be, const kd_pool2d_params *p,
         int all_b = blocked(dy) && blocked(dx) && blocked(ws);
         if (!all_b && (blocked(dy) || blocked(dx) || blocked(ws)))
             return kd_error(KD_ERR_UNSUPPORTED, "cpu max pooling: dy, ws and dx must share a layout");
-        int64_t bad = all_b ? maxpool_scatter_blocked(planes / KD_LAYOUT_BLOCK, H * W,
-                                                      dy->shape[2] * dy->shape[3], kd_f32(dy),
-                                                      (const int32_t *)ws->data, kd_f32(dx),
-                                                      accumulate)
-                            : maxpool_scatter(planes, H * W, dy->shape[2] * dy->shape[3],
-                                              kd_f32(dy), (const int32_t *)ws->data, kd_f32(dx),
-                                              accumulate);
+        int L = all_b ? KD_LAYOUT_BLOCK : 1;
+        int64_t bad = maxpool_scatter(planes / L, L, H * W, dy->shape[2] * dy->shape[3], kd_f32(dy),
+                                      (const int32_t *)ws->data, kd_f32(dx), accumulate);
         if (bad)
             return kd_error(KD_ERR_INVALID,
                             "cpu pool2d_backward: %lld argmax indices fall outside the %lldx%lld input plane",
