@@ -88,67 +88,8 @@ static const char *tmp_path(char *buf, size_t n, const char *name) {
         "--threads", "2", "--workers", "1", "--out", (out), "--progress", "0", "--lr", "0.1", "--schedule", "cosine", \
         "--hflip", "1", "--pad-crop", "1", "--log-every", "4"
 
-/* Lines of text that are not log lines ("[kd info] ..."). */
-static int count_lines(const char *s, int skip_log, const char **first) {
-    int n = 0;
-    *first = NULL;
-    for (const char *l = s; *l;) {
-        const char *e = strchr(l, '\n');
-        size_t len = e ? (size_t)(e - l) : strlen(l);
-        if (len > 0 && !(skip_log && strncmp(l, "[kd ", 4) == 0)) {
-            if (!*first) *first = l;
-            n++;
-        }
-        l += len + (e ? 1 : 0);
-    }
-    return n;
-}
-
-static int contains_ci(const char *hay, size_t len, const char *needle) {
-    size_t m = strlen(needle);
-    for (size_t i = 0; i + m <= len; i++) {
-        size_t j = 0;
-        while (j < m && (hay[i + j] | 0x20) == (needle[j] | 0x20)) j++;
-        if (j == m) return 1;
-    }
-    return 0;
-}
-
-/* Checks a failure: the exact exit status (or 1..2 when want < 0), no signal,
- * and one error line on stderr (log lines aside; none at all when
- * strict_one_line) that contains every NULL-terminated needle
- * (case-insensitive). */
-static void expect_fail_v(const kd_test_proc *p, int want, int strict_one_line, const char *const *needles) {
-    if (p->signal) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("kd died from signal %d", p->signal);
-    }
-    int status_ok = want >= 0 ? p->status == want : (p->status == 1 || p->status == 2);
-    if (!status_ok) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("expected exit status %d, got %d", want, p->status);
-    }
-    const char *first;
-    int all = count_lines(p->err, 0, &first);
-    int errs = count_lines(p->err, 1, &first);
-    if (errs != 1 || (strict_one_line && all != 1)) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("expected exactly one error line on stderr, got %d (%d lines in all)", errs, all);
-    }
-    const char *e = strchr(first, '\n');
-    size_t len = e ? (size_t)(e - first) : strlen(first);
-    if (strncmp(first, "kd", 2) != 0) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("the error line does not start with 'kd'");
-    }
-    for (int i = 0; needles[i]; i++)
-        if (!contains_ci(first, len, needles[i])) {
-            kd_test_proc_dump(p, NULL);
-            fail_msg("the error line does not name '%s'", needles[i]);
-        }
-}
-#define EXPECT_FAIL(p, want, ...) expect_fail_v((p), (want), 1, (const char *const[]){__VA_ARGS__, NULL})
-#define EXPECT_FAIL_AFTER_LOG(p, want, ...) expect_fail_v((p), (want), 0, (const char *const[]){__VA_ARGS__, NULL})
+#define EXPECT_FAIL KD_TEST_EXPECT_FAIL
+#define EXPECT_FAIL_AFTER_LOG KD_TEST_EXPECT_FAIL_AFTER_LOG
 
 /* ---------------------------------------------------------- checkpoints */
 
@@ -1029,8 +970,8 @@ static void bad_setting(const char *flag, const char *value, const char *setting
                          value);
     EXPECT_FAIL(&p, want, value);
     const char *first;
-    count_lines(p.err, 1, &first);
-    if (!contains_ci(first, strcspn(first, "\n"), setting) && !contains_ci(first, strcspn(first, "\n"), flag + 2)) {
+    kd_test_count_lines(p.err, 1, &first);
+    if (!kd_test_contains_ci(first, strcspn(first, "\n"), setting) && !kd_test_contains_ci(first, strcspn(first, "\n"), flag + 2)) {
         kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not name the setting %s", setting);
     }
@@ -1165,15 +1106,15 @@ static void test_nan_loss(void **state) {
                          "--lr", "0.05", "--schedule", "multistep", "--milestones", "1", "--lr-decay", "1e30");
     EXPECT_FAIL_AFTER_LOG(&p, 1, "epoch 2", "last.safetensors");
     const char *first;
-    count_lines(p.err, 1, &first);
+    kd_test_count_lines(p.err, 1, &first);
     size_t len = strcspn(first, "\n");
-    if (!contains_ci(first, len, "nan") && !contains_ci(first, len, "inf")) {
+    if (!kd_test_contains_ci(first, len, "nan") && !kd_test_contains_ci(first, len, "inf")) {
         kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not say NaN or inf");
     }
     /* It names the loss term and the step: "loss term 'ce' became NaN at epoch 2 step S". */
     const char *st = strstr(first, "step ");
-    if (!contains_ci(first, len, "'ce'") || !st || st > first + len || st[5] < '1' || st[5] > '9') {
+    if (!kd_test_contains_ci(first, len, "'ce'") || !st || st > first + len || st[5] < '1' || st[5] > '9') {
         kd_test_proc_dump(&p, NULL);
         fail_msg("the message does not name the loss term 'ce' and the step");
     }
@@ -1501,7 +1442,7 @@ static void test_method_list(void **state) {
         }
         size_t len = strcspn(line, "\n");
         const char *next = line + len + (line[len] == '\n');
-        if (!contains_ci(line, len, d->summary) || !contains_ci(next, strcspn(next, "\n"), d->paper ? d->paper : "-")) {
+        if (!kd_test_contains_ci(line, len, d->summary) || !kd_test_contains_ci(next, strcspn(next, "\n"), d->paper ? d->paper : "-")) {
             kd_test_proc_dump(&p, NULL);
             fail_msg("method %s: summary or paper missing from its entry", d->name);
         }
@@ -1544,7 +1485,7 @@ static void test_method_help(void **state) {
             snprintf(def, sizeof def, "[%s]", d->args[a].def);
             size_t len;
             const char *line = line_with(p.out, key, &len);
-            if (!line || !contains_ci(line, len, def)) {
+            if (!line || !kd_test_contains_ci(line, len, def)) {
                 kd_test_proc_dump(&p, NULL);
                 fail_msg("--method %s --help: no line with %s and its default %s", d->name, key, def);
             }
@@ -1625,7 +1566,7 @@ static void test_set_other_method(void **state) {
                              no_data(), "--out", out, "--progress", "0");
         EXPECT_FAIL(&p, 2, key, own);
         const char *first;
-        count_lines(p.err, 1, &first);
+        kd_test_count_lines(p.err, 1, &first);
         /* The method in use, kd, as a word of its own (not inside "kd distill:"). */
         const char *msg = strstr(first, ": ");
         if (!msg || !contains_word(msg, strcspn(msg, "\n"), "kd")) {
@@ -1650,7 +1591,7 @@ static void test_unknown_method_lists(void **state) {
     kd_test_proc p = RUN("distill", "--method", "foo", "--data", no_data(), "--out", out, "--progress", "0");
     EXPECT_FAIL(&p, 2, "'foo'");
     const char *first;
-    count_lines(p.err, 1, &first);
+    kd_test_count_lines(p.err, 1, &first);
     size_t len = strcspn(first, "\n");
     int n;
     const kd_method_def *const *defs = kd_method_defs(&n);
@@ -2108,7 +2049,7 @@ static void test_milestone_warning(void **state) {
     kd_test_expect_ok(&p, "kd train --epochs 3");
     size_t len;
     const char *l = line_with(p.err, "150,180,210", &len);
-    if (!l || !contains_ci(l, len, "warn") || !contains_ci(l, len, "epochs 3")) {
+    if (!l || !kd_test_contains_ci(l, len, "warn") || !kd_test_contains_ci(l, len, "epochs 3")) {
         kd_test_proc_dump(&p, NULL);
         fail_msg("no warning on stderr about milestones 150,180,210 beyond epochs 3");
     }

@@ -37,40 +37,7 @@ static const char *path_in(char *buf, size_t n, const char *name) {
     return buf;
 }
 
-/* Exit status want, no signal, exactly one non-log line on stderr starting
- * with "kd" and holding every needle. */
-static void expect_fail_v(const kd_test_proc *p, int want, const char *const *needles) {
-    if (p->signal || p->status != want) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("expected exit status %d, got %d (signal %d)", want, p->status, p->signal);
-    }
-    int lines = 0;
-    const char *first = NULL;
-    for (const char *l = p->err; *l;) {
-        const char *e = strchr(l, '\n');
-        size_t len = e ? (size_t)(e - l) : strlen(l);
-        if (len && strncmp(l, "[kd ", 4) != 0) {
-            if (!first) first = l;
-            lines++;
-        }
-        l += len + (e ? 1 : 0);
-    }
-    if (lines != 1 || strncmp(first, "kd", 2) != 0) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("expected one error line starting with 'kd', got %d lines", lines);
-    }
-    size_t len = strcspn(first, "\n");
-    for (int i = 0; needles[i]; i++) {
-        char *line = strndup(first, len);
-        int ok = strstr(line, needles[i]) != NULL;
-        free(line);
-        if (!ok) {
-            kd_test_proc_dump(p, NULL);
-            fail_msg("the error line does not name '%s'", needles[i]);
-        }
-    }
-}
-#define EXPECT_FAIL(p, want, ...) expect_fail_v((p), (want), (const char *const[]){__VA_ARGS__, NULL})
+#define EXPECT_FAIL KD_TEST_EXPECT_FAIL_AFTER_LOG
 
 static kd_json *read_json(const char *dir, const char *file) {
     char p[1400];
@@ -289,7 +256,7 @@ static void test_bad_input(void **state) {
 #define BAD(want_status, ...)                                                                   \
     do {                                                                                        \
         p = RUN("eval", "--ckpt", g_ckpt, EVAL_FLAGS, "--out", out, __VA_ARGS__);               \
-        expect_fail_v(&p, (want_status), needles);                                              \
+        kd_test_expect_fail(&p, (want_status), 0, needles);                                         \
         kd_test_proc_free(&p);                                                                  \
         assert_false(exists(out));                                                              \
     } while (0)

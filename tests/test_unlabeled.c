@@ -338,19 +338,7 @@ static char g_root[1024];
         "--threads", "2", "--workers", "1", "--out", (out), "--progress", "0", "--lr", "0.1", "--schedule",    \
         "cosine", "--log-every", "1"
 
-/* Exit status want and the stderr line naming every needle. */
-static void expect_fail(const kd_test_proc *p, int want, const char *const *needles) {
-    if (p->status != want) {
-        kd_test_proc_dump(p, NULL);
-        fail_msg("expected exit status %d, got %d", want, p->status);
-    }
-    for (int i = 0; needles[i]; i++)
-        if (!strstr(p->err, needles[i])) {
-            kd_test_proc_dump(p, NULL);
-            fail_msg("stderr does not name '%s'", needles[i]);
-        }
-}
-#define EXPECT_FAIL(p, want, ...) expect_fail((p), (want), (const char *const[]){__VA_ARGS__, NULL})
+#define EXPECT_FAIL KD_TEST_EXPECT_FAIL_AFTER_LOG
 
 static kd_json *read_json(const char *path) {
     size_t n = 0;

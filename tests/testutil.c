@@ -273,6 +273,60 @@ void kd_test_expect_ok(const kd_test_proc *p, const char *what) {
     }
 }
 
+int kd_test_count_lines(const char *s, int skip_log, const char **first) {
+    int n = 0;
+    *first = NULL;
+    for (const char *l = s; *l;) {
+        const char *e = strchr(l, '\n');
+        size_t len = e ? (size_t)(e - l) : strlen(l);
+        if (len > 0 && !(skip_log && strncmp(l, "[kd ", 4) == 0)) {
+            if (!*first) *first = l;
+            n++;
+        }
+        l += len + (e ? 1 : 0);
+    }
+    return n;
+}
+
+int kd_test_contains_ci(const char *hay, size_t len, const char *needle) {
+    size_t m = strlen(needle);
+    for (size_t i = 0; i + m <= len; i++) {
+        size_t j = 0;
+        while (j < m && (hay[i + j] | 0x20) == (needle[j] | 0x20)) j++;
+        if (j == m) return 1;
+    }
+    return 0;
+}
+
+void kd_test_expect_fail(const kd_test_proc *p, int want, int strict_one_line, const char *const *needles) {
+    if (p->signal) {
+        kd_test_proc_dump(p, NULL);
+        fail_msg("kd died from signal %d", p->signal);
+    }
+    int status_ok = want >= 0 ? p->status == want : (p->status == 1 || p->status == 2);
+    if (!status_ok) {
+        kd_test_proc_dump(p, NULL);
+        fail_msg("expected exit status %d, got %d", want, p->status);
+    }
+    const char *first;
+    int all = kd_test_count_lines(p->err, 0, &first);
+    int errs = kd_test_count_lines(p->err, 1, &first);
+    if (errs != 1 || (strict_one_line && all != 1)) {
+        kd_test_proc_dump(p, NULL);
+        fail_msg("expected exactly one error line on stderr, got %d (%d lines in all)", errs, all);
+    }
+    size_t len = strcspn(first, "\n");
+    if (strncmp(first, "kd", 2) != 0) {
+        kd_test_proc_dump(p, NULL);
+        fail_msg("the error line does not start with 'kd'");
+    }
+    for (int i = 0; needles[i]; i++)
+        if (!kd_test_contains_ci(first, len, needles[i])) {
+            kd_test_proc_dump(p, NULL);
+            fail_msg("the error line does not name '%s'", needles[i]);
+        }
+}
+
 /* ------------------------------------ the tiny IDX dataset and checkpoints */
 
 static void kd__test_write_idx_split(const char *dir, const char *prefix, int n, int side, uint64_t seed) {

@@ -140,6 +140,19 @@ void kd_test_proc_free(kd_test_proc *p);
 void kd_test_proc_dump(const kd_test_proc *p, const char *what);
 /* Fails the test, printing the run's stdout and stderr, unless it exited 0. */
 void kd_test_expect_ok(const kd_test_proc *p, const char *what);
+/* Lines of s that are not empty (nor log lines "[kd ...]" when skip_log);
+ * *first the first of them (NULL when none). */
+int kd_test_count_lines(const char *s, int skip_log, const char **first);
+/* 1 when the len bytes at hay hold needle, ASCII case-insensitively. */
+int kd_test_contains_ci(const char *hay, size_t len, const char *needle);
+/* Checks a failed run: the exact exit status (1 or 2 when want < 0), no
+ * signal, and exactly one error line on stderr, starting with "kd" and
+ * holding every NULL-terminated needle (case-insensitive); log lines
+ * ("[kd info] ...") may come before it unless strict_one_line. */
+void kd_test_expect_fail(const kd_test_proc *p, int want, int strict_one_line, const char *const *needles);
+#define KD_TEST_EXPECT_FAIL(p, want, ...) kd_test_expect_fail((p), (want), 1, (const char *const[]){__VA_ARGS__, NULL})
+#define KD_TEST_EXPECT_FAIL_AFTER_LOG(p, want, ...)                                                            \
+    kd_test_expect_fail((p), (want), 0, (const char *const[]){__VA_ARGS__, NULL})
 
 /* ------------------------------------ the tiny IDX dataset and checkpoints */
 
