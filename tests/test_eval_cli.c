@@ -7,7 +7,11 @@
  * them, and a resumed run reading its labels.txt back; every bad input (an
  * unknown flag, k <= 0 or larger than the training set, an unknown
  * architecture, a fraction that leaves a class empty, flags of the other
- * mode, an existing result) one message and exit 2, before any work. */
+ * mode, an existing result) one message and exit 2, before any work; the
+ * flag tables of kd eval, select and export: every documented flag has a
+ * generated help line, every help line's flag is accepted, defaults shown are
+ * the library's, and an unknown flag, a missing value and a value out of
+ * range give exit 2 and one line naming the flag. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -346,6 +350,130 @@ static void test_bad_input(void **state) {
 #undef BAD
 }
 
+/* ------------------------------------- the flag tables of eval, select, export */
+
+/* The flags each command documents (its usage in docs and the README): the
+ * help must give each its own line "  --flag ...", and every flag with a help
+ * line must be accepted by the parser. */
+static const char *const g_eval_flags[] = {"--ckpt", "--data", "--model", "--batch", "--threads", "--backend",
+                                           "--json", "--knn", "--k", "--temperature", "--linear", "--epochs",
+                                           "--lr", "--batch-size", "--out", "--labels", "--seed", NULL};
+static const char *const g_select_flags[] = {"--teacher-ckpt", "--per-class", "--out", "--data", "--labels",
+                                             "--unlabeled", "--seed", "--threads", "--batch", "--backend", NULL};
+static const char *const g_export_flags[] = {"--ckpt", "--out", "--ema", NULL};
+
+/* The help line of flag ("  --flag" then a space or the end), or NULL. */
+static const char *help_line(const char *help, const char *flag) {
+    size_t n = strlen(flag);
+    for (const char *l = help; l && *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL)
+        if (!strncmp(l, "  ", 2) && !strncmp(l + 2, flag, n) && (l[2 + n] == ' ' || l[2 + n] == '\n'))
+            return l;
+    return NULL;
+}
+
+/* 1 when the line starting at l holds s. */
+static int line_has(const char *l, const char *s) {
+    char line[512];
+    size_t n = strcspn(l, "\n");
+    if (n >= sizeof line) n = sizeof line - 1;
+    memcpy(line, l, n);
+    line[n] = '\0';
+    return strstr(line, s) != NULL;
+}
+
+static void check_help_covers_parser(const char *cmd, const char *const *flags) {
+    kd_test_proc p = RUN(cmd, "--help");
+    kd_test_expect_ok(&p, cmd);
+    if (!strstr(p.out, "usage: kd ")) fail_msg("kd %s --help has no usage line", cmd);
+    for (int i = 0; flags[i]; i++)
+        if (!help_line(p.out, flags[i])) {
+            kd_test_proc_dump(&p, NULL);
+            fail_msg("kd %s --help has no line for %s", cmd, flags[i]);
+        }
+    /* Every flag line of the help names a flag the parser knows: given
+     * without its value it is refused as incomplete, never as unknown. */
+    int lines = 0;
+    for (const char *l = p.out; l && *l; l = strchr(l, '\n') ? strchr(l, '\n') + 1 : NULL) {
+        if (strncmp(l, "  --", 4) != 0) continue;
+        char flag[64];
+        size_t n = strcspn(l + 2, " \n");
+        if (n >= sizeof flag) fail_msg("kd %s --help: a flag line too long", cmd);
+        memcpy(flag, l + 2, n);
+        flag[n] = '\0';
+        if (!strcmp(cmd, "eval") && !strcmp(flag, "--ckpt") && line_has(l, "--ckpt random")) continue; /* prose */
+        lines++;
+        kd_test_proc q = RUN(cmd, flag);
+        if (q.status != 2 || strstr(q.err, "unknown option")) {
+            kd_test_proc_dump(&q, flag);
+            fail_msg("kd %s does not accept %s, which its help lists", cmd, flag);
+        }
+        kd_test_proc_free(&q);
+    }
+    int want = 0;
+    while (flags[want]) want++;
+    if (lines != want) {
+        kd_test_proc_dump(&p, NULL);
+        fail_msg("kd %s --help has %d flag lines, expected %d", cmd, lines, want);
+    }
+    kd_test_proc_free(&p);
+}
+
+static void test_flag_tables(void **state) {
+    (void)state;
+    check_help_covers_parser("eval", g_eval_flags);
+    check_help_covers_parser("select", g_select_flags);
+    check_help_covers_parser("export", g_export_flags);
+    /* Defaults in the help come from the library's defaults. */
+    kd_eval_cfg d;
+    kd_eval_cfg_defaults(&d);
+    kd_test_proc p = RUN("eval", "--help");
+    char want[64];
+    snprintf(want, sizeof want, "[%d,%d]", d.k[0], d.k[1]);
+    assert_int_equal(d.n_k, 2);
+    const char *l = help_line(p.out, "--k");
+    if (!l || !line_has(l, want)) fail_msg("the --k help line lacks %s", want);
+    snprintf(want, sizeof want, "[%d]", d.linear.epochs);
+    l = help_line(p.out, "--epochs");
+    if (!l || !line_has(l, want)) fail_msg("the --epochs help line lacks %s", want);
+    kd_test_proc_free(&p);
+    /* An unknown flag, a missing value and a value out of range: exit 2 and
+     * one line naming the flag, for each command. */
+    p = RUN("eval", "--ckpt", "x.safetensors", "--frobnicate", "1");
+    KD_TEST_EXPECT_FAIL(&p, 2, "unknown option", "--frobnicate");
+    kd_test_proc_free(&p);
+    p = RUN("eval", "--ckpt", "x.safetensors", "--knn", "--temperature");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--temperature", "needs a value");
+    kd_test_proc_free(&p);
+    p = RUN("eval", "--linear", "--ckpt", "x.safetensors", "--out", "o", "--epochs", "1000001");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--epochs", "'1000001'", "1..1000000");
+    kd_test_proc_free(&p);
+    p = RUN("eval", "--ckpt=x.safetensors", "--batch=0");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--batch", "'0'", "1..");
+    kd_test_proc_free(&p);
+    p = RUN("select", "--teacher-ckpt", "t.safetensors", "--per-klass", "2");
+    KD_TEST_EXPECT_FAIL(&p, 2, "unknown option", "--per-klass");
+    kd_test_proc_free(&p);
+    p = RUN("select", "--teacher-ckpt", "t.safetensors", "--out", "f.txt", "--per-class");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--per-class", "needs a value");
+    kd_test_proc_free(&p);
+    p = RUN("select", "--teacher-ckpt", "t.safetensors", "--out", "f.txt", "--per-class", "2", "--threads", "-3");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--threads", "'-3'", "0..");
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", "a.safetensors", "--emma");
+    KD_TEST_EXPECT_FAIL(&p, 2, "unknown option", "--emma");
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", "a.safetensors", "--out");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--out", "needs a value");
+    kd_test_proc_free(&p);
+    p = RUN("export", "--ckpt", "a.safetensors", "--out", "b.safetensors", "--ema=2");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--ema", "no value");
+    kd_test_proc_free(&p);
+    /* A missing required flag names them all. */
+    p = RUN("select", "--teacher-ckpt", "t.safetensors", "--out", "f.txt");
+    KD_TEST_EXPECT_FAIL(&p, 2, "--per-class", "required");
+    kd_test_proc_free(&p);
+}
+
 /* ------------------------------------------------ the labels run setting */
 
 #define TRAIN_FLAGS(out)                                                                                       \
@@ -474,6 +602,7 @@ int main(void) {
         cmocka_unit_test(test_knn_run),
         cmocka_unit_test(test_linear_run),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_flag_tables),
         cmocka_unit_test(test_train_labels),
         cmocka_unit_test(test_train_labels_resume),
         cmocka_unit_test(test_train_labels_bad),

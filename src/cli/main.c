@@ -22,6 +22,8 @@
 #include "kd/io.h"
 #include "kd/train.h"
 
+#include "cli/flags.h"
+
 #define KD_EXIT_FAIL 1
 #define KD_EXIT_USAGE 2
 
@@ -312,202 +314,149 @@ static int kd__cmd_train(const char *cmd, int argc, char **argv) {
     return 0;
 }
 
-/* A whole number in [lo, hi] or a finite double > 0 for a flag of kd eval;
- * prints the message and returns 0 when v is not one. */
-static int kd__eval_int(const char *flag, const char *v, long lo, long hi, int *out) {
-    char *end;
-    errno = 0;
-    long x = strtol(v, &end, 10);
-    if (!*v || *end || errno || x < lo || x > hi) {
-        fprintf(stderr, "kd eval: invalid value '%s' for %s: expected an integer in %ld..%ld\n", v, flag, lo, hi);
-        return 0;
+/* ------------------------------------------------------------------ kd eval */
+
+/* kd eval's modes (the kd__flag.modes bits) and their names in messages. */
+enum { KD__EVAL_ACCURACY = 1u, KD__EVAL_KNN = 2u, KD__EVAL_LINEAR = 4u };
+static const char *const kd__eval_mode_names[] = {"the accuracy mode", "--knn", "--linear"};
+
+typedef struct {
+    kd_eval_cfg ec; /* every setting but the mode */
+    int json, knn, linear;
+} kd__eval_opts;
+
+static void kd__eval_defaults(kd__eval_opts *o) {
+    memset(o, 0, sizeof *o);
+    kd_eval_cfg_defaults(&o->ec);
+}
+
+/* --k: 1 to KD_KNN_MAX_K comma-separated neighbour counts. */
+static int kd__eval_parse_k(const kd__flag *f, const char *v, void *opts, char *err, size_t n) {
+    kd_eval_cfg *ec = &((kd__eval_opts *)opts)->ec;
+    int k[KD_KNN_MAX_K], n_k = 0;
+    for (const char *q = v;;) {
+        char *end;
+        errno = 0;
+        long x = strtol(q, &end, 10);
+        if (end == q || (*end && *end != ',') || errno || x < 1 || x > 1000000000L || n_k == KD_KNN_MAX_K) {
+            snprintf(err, n, "invalid value '%s' for %s: expected 1 to %d comma-separated neighbour counts, each >= 1",
+                     v, f->name, KD_KNN_MAX_K);
+            return 0;
+        }
+        k[n_k++] = (int)x;
+        if (!*end) break;
+        q = end + 1;
     }
-    *out = (int)x;
+    ec->n_k = n_k;
+    memcpy(ec->k, k, sizeof k[0] * (size_t)n_k);
     return 1;
 }
 
-static int kd__eval_pos(const char *flag, const char *v, double *out) {
-    char *end;
-    errno = 0;
-    double x = strtod(v, &end);
-    if (!*v || *end || errno || !isfinite(x) || !(x > 0)) {
-        fprintf(stderr, "kd eval: invalid value '%s' for %s: expected a number > 0\n", v, flag);
-        return 0;
-    }
-    *out = x;
-    return 1;
+static void kd__eval_show_k(const void *opts, char *buf, size_t n) {
+    const kd_eval_cfg *ec = &((const kd__eval_opts *)opts)->ec;
+    size_t off = 0;
+    buf[0] = '\0';
+    for (int j = 0; j < ec->n_k && off < n; j++) off += (size_t)snprintf(buf + off, n - off, j ? ",%d" : "%d", ec->k[j]);
 }
 
-/* Copies v into a setting of n bytes; prints the message and returns 0 when too long. */
-static int kd__eval_str(const char *flag, const char *v, char *dst, size_t n) {
-    if (strlen(v) >= n) {
-        fprintf(stderr, "kd eval: the value of %s is too long (%zu characters, at most %zu)\n", flag, strlen(v), n - 1);
-        return 0;
-    }
-    memcpy(dst, v, strlen(v) + 1);
-    return 1;
+static int kd__eval_check_labels(const char *v, char *err, size_t n) {
+    if (kd_label_spec_parse(v, NULL) == KD_OK) return 1;
+    snprintf(err, n, "%s", kd_last_error());
+    return 0;
+}
+
+#define KD__EV kd__eval_opts
+#define KD__EV_FEATURES (KD__EVAL_KNN | KD__EVAL_LINEAR)
+static const kd__flag kd__eval_flags[] = {
+    /* The mode switches first: the usage lines name them first. */
+    KD__FLAG_ROW_SWITCH("--knn", KD__EV, knn, .modes = KD__EVAL_KNN, .required = 1, .help = "evaluate by kNN"),
+    KD__FLAG_ROW_SWITCH("--linear", KD__EV, linear, .modes = KD__EVAL_LINEAR, .required = 1,
+                        .help = "evaluate by a linear classifier"),
+    KD__FLAG_ROW_STR("--ckpt", KD__EV, ec.ckpt, "FILE", .required = 1, .help = "the checkpoint (.safetensors)"),
+    KD__FLAG_ROW_STR("--data", KD__EV, ec.data, "DIR", .help = "the dataset, evaluated on its test split"),
+    KD__FLAG_ROW_STR("--model", KD__EV, ec.arch, "ARCH", .empty = "the checkpoint's own", .help = "the architecture"),
+    KD__FLAG_ROW_INT("--batch", KD__EV, ec.eval_batch, 1, 1000000000, "N",
+                     .help = "evaluation batch (--knn, --linear: the feature-extraction batch)"),
+    KD__FLAG_ROW_INT("--threads", KD__EV, ec.threads, 0, 1000000000, "N", .help = "compute threads (0: all cores)"),
+    KD__FLAG_ROW_STR("--backend", KD__EV, ec.backend, "cpu|ref", .help = "compute backend"),
+    KD__FLAG_ROW_SWITCH("--json", KD__EV, json, .help = "print the result as JSON (--knn, --linear: summary.json)"),
+    KD__FLAG_ROW_CUSTOM("--k", "LIST", kd__eval_parse_k, kd__eval_show_k, .modes = KD__EVAL_KNN,
+                        .help = "neighbour counts, comma-separated, each <= the training set"),
+    KD__FLAG_ROW_POS("--temperature", KD__EV, ec.temperature, "T", .modes = KD__EVAL_KNN,
+                     .help = "vote temperature"),
+    KD__FLAG_ROW_INT("--epochs", KD__EV, ec.linear.epochs, 1, 1000000, "N", .modes = KD__EVAL_LINEAR,
+                     .help = "epochs of the classifier"),
+    KD__FLAG_ROW_POS("--lr", KD__EV, ec.linear.lr, "X", .modes = KD__EVAL_LINEAR,
+                     .help = "learning rate of the classifier"),
+    KD__FLAG_ROW_INT("--batch-size", KD__EV, ec.linear.batch_size, 1, 1000000000, "N", .modes = KD__EVAL_LINEAR,
+                     .help = "batch size of the classifier"),
+    KD__FLAG_ROW_STR("--out", KD__EV, ec.out, "DIR", .modes = KD__EV_FEATURES, .required = 1,
+                     .help = "the run directory to write"),
+    KD__FLAG_ROW_STR("--labels", KD__EV, ec.labels, "SPEC", .modes = KD__EV_FEATURES, .empty = "all",
+                     .check = kd__eval_check_labels,
+                     .help = "the labeled training images, a seeded class-balanced subset (P% or N per class, or a "
+                             "file of dataset indices, labels.txt): the classifier's data (--linear) or the kNN "
+                             "bank (--knn)"),
+    KD__FLAG_ROW_U64("--seed", KD__EV, ec.linear.seed, "N", .modes = KD__EV_FEATURES,
+                     .help = "the label subset, and the classifier's initialisation and data order"),
+};
+#undef KD__EV
+#define KD__EVAL_NFLAGS ((int)(sizeof kd__eval_flags / sizeof kd__eval_flags[0]))
+
+static void kd__eval_help(void) {
+    kd__eval_opts d;
+    kd__eval_defaults(&d);
+    const kd__flag *t = kd__eval_flags;
+    kd__flags_usage(stdout, "usage: kd eval", t, KD__EVAL_NFLAGS, KD__EVAL_ACCURACY, 0);
+    kd__flags_usage(stdout, "       kd eval", t, KD__EVAL_NFLAGS, KD__EVAL_KNN, 1);
+    kd__flags_usage(stdout, "       kd eval", t, KD__EVAL_NFLAGS, KD__EVAL_LINEAR, 1);
+    printf("\nTop-1, top-5 and cross-entropy of the checkpoint on the test split of DIR\n"
+           "(default %s). ARCH defaults to the checkpoint's own.\n\n",
+           d.ec.data);
+    kd__flags_help(stdout, t, KD__EVAL_NFLAGS, &d, 0, 0);
+    printf("\n--knn: kNN classification of the checkpoint's pooled features (the input of its\n"
+           "  classifier) as DINO's eval_knn: features of the training and test splits with the\n"
+           "  evaluation transform, L2-normalised; each test image's k most cosine-similar\n"
+           "  training images vote for their class with weight exp(sim / T); top-1 and top-5 for\n"
+           "  each k. Ties: the smaller training index is nearer, the smaller class wins.\n");
+    kd__flags_help(stdout, t, KD__EVAL_NFLAGS, &d, KD__EVAL_KNN, 0);
+    printf("--linear: linear evaluation: the backbone frozen in eval mode, its pooled features\n"
+           "  computed once with the evaluation transform (no augmentation); a linear classifier\n"
+           "  (weight N(0,0.01), bias 0) trained on them with SGD (momentum 0.9, weight decay 0,\n"
+           "  cosine schedule per step) on the labeled training set; test top-1 and top-5.\n"
+           "  Deterministic in the seed.\n");
+    kd__flags_help(stdout, t, KD__EVAL_NFLAGS, &d, KD__EVAL_LINEAR, 0);
+    printf("Both:\n");
+    kd__flags_help(stdout, t, KD__EVAL_NFLAGS, &d, KD__EV_FEATURES, 0);
+    printf("  --ckpt random --model ARCH   the network at random initialisation (seeded by\n"
+           "                     --seed): the baseline a pretrained encoder is measured against\n"
+           "Both write the run directory --out DIR: config.yaml, metrics.jsonl, summary.json\n"
+           "(and labels.txt with --labels); --batch is the feature-extraction batch.\n");
 }
 
 static int kd__cmd_eval(int argc, char **argv) {
-    const char *ckpt = NULL, *data = "/usr/share/datasets/fashion-mnist", *arch = NULL, *backend = "cpu";
-    int batch = 256, json = 0, threads = 0;
-    kd_eval_cfg ec;
-    kd_eval_cfg_defaults(&ec);
-    int knn = 0, linear = 0;
-    const char *knn_flag = NULL, *linear_flag = NULL, *out = NULL;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            kd_linear_cfg ld = kd_linear_defaults();
-            printf("usage: kd eval --ckpt FILE [--data DIR] [--model ARCH] [--batch N] [--threads N]\n"
-                   "               [--backend cpu|ref] [--json]\n"
-                   "       kd eval --knn --ckpt FILE --out DIR [--k 20,200] [--temperature 0.07] [--labels SPEC]\n"
-                   "       kd eval --linear --ckpt FILE --out DIR [--labels SPEC] [--epochs N] [--lr X]\n"
-                   "               [--batch-size N] [--seed N] [...]\n\n"
-                   "Top-1, top-5 and cross-entropy of the checkpoint on the test split of DIR\n"
-                   "(default %s). ARCH defaults to the checkpoint's own.\n\n"
-                   "--knn: kNN classification of the checkpoint's pooled features (the input of its\n"
-                   "  classifier) as DINO's eval_knn: features of the training and test splits with the\n"
-                   "  evaluation transform, L2-normalised; each test image's k most cosine-similar\n"
-                   "  training images vote for their class with weight exp(sim / T); top-1 and top-5 for\n"
-                   "  each k. Ties: the smaller training index is nearer, the smaller class wins.\n"
-                   "  --k LIST           neighbour counts, comma-separated, each <= the training set [20,200]\n"
-                   "  --temperature T    vote temperature [0.07]\n"
-                   "--linear: linear evaluation: the backbone frozen in eval mode, its pooled features\n"
-                   "  computed once with the evaluation transform (no augmentation); a linear classifier\n"
-                   "  (weight N(0,0.01), bias 0) trained on them with SGD (momentum 0.9, weight decay 0,\n"
-                   "  cosine schedule per step) on the labeled training set; test top-1 and top-5.\n"
-                   "  Deterministic in the seed.\n"
-                   "  --epochs N         [%d]\n"
-                   "  --lr X             [%g]\n"
-                   "  --batch-size N     [%d]\n"
-                   "Both:\n"
-                   "  --labels SPEC      the labeled training images, a seeded class-balanced subset (P%% or\n"
-                   "                     N per class, or a file of dataset indices, labels.txt): the\n"
-                   "                     classifier's data (--linear) or the kNN bank (--knn) [all]\n"
-                   "  --seed N           the label subset, and the classifier's initialisation and data\n"
-                   "                     order [0]\n"
-                   "  --ckpt random --model ARCH   the network at random initialisation (seeded by\n"
-                   "                     --seed): the baseline a pretrained encoder is measured against\n"
-                   "Both write the run directory --out DIR: config.yaml, metrics.jsonl, summary.json\n"
-                   "(and labels.txt with --labels); --batch is the feature-extraction batch.\n",
-                   data, ld.epochs, ld.lr, ld.batch_size);
-            return 0;
-        }
-        if (!strcmp(a, "--json")) {
-            json = 1;
-            continue;
-        }
-        if (!strcmp(a, "--knn") || !strcmp(a, "--linear")) {
-            if (!strcmp(a, "--knn")) knn = 1;
-            else linear = 1;
-            continue;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "kd eval: %s needs a value\n", a);
-            return KD_EXIT_USAGE;
-        }
-        const char *v = argv[++i];
-        if (!strcmp(a, "--ckpt")) ckpt = v;
-        else if (!strcmp(a, "--data")) data = v;
-        else if (!strcmp(a, "--model")) arch = v;
-        else if (!strcmp(a, "--backend")) backend = v;
-        else if (!strcmp(a, "--out")) out = v;
-        else if (!strcmp(a, "--batch") || !strcmp(a, "--threads")) {
-            kd_train_cfg tmp;
-            kd_train_cfg_defaults(&tmp);
-            if (kd_train_cfg_set(&tmp, !strcmp(a, "--batch") ? "eval_batch" : "threads", v) != KD_OK) {
-                fprintf(stderr, "kd eval: %s\n", kd_last_error());
-                return KD_EXIT_USAGE;
-            }
-            if (!strcmp(a, "--batch")) batch = tmp.eval_batch;
-            else threads = tmp.threads;
-            if (batch < 1) {
-                fprintf(stderr, "kd eval: --batch must be >= 1\n");
-                return KD_EXIT_USAGE;
-            }
-        } else if (!strcmp(a, "--k")) {
-            knn_flag = a;
-            ec.n_k = 0;
-            for (const char *q = v;;) {
-                char *end;
-                errno = 0;
-                long x = strtol(q, &end, 10);
-                if (end == q || (*end && *end != ',') || errno || x < 1 || x > 1000000000L || ec.n_k == KD_KNN_MAX_K) {
-                    fprintf(stderr, "kd eval: invalid value '%s' for --k: expected 1 to %d comma-separated neighbour "
-                            "counts, each >= 1\n", v, KD_KNN_MAX_K);
-                    return KD_EXIT_USAGE;
-                }
-                ec.k[ec.n_k++] = (int)x;
-                if (!*end) break;
-                q = end + 1;
-            }
-        } else if (!strcmp(a, "--temperature")) {
-            knn_flag = a;
-            if (!kd__eval_pos(a, v, &ec.temperature)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--labels")) { /* both modes: the classifier's data, or kNN's bank */
-            if (!kd__eval_str(a, v, ec.labels, sizeof ec.labels)) return KD_EXIT_USAGE;
-            if (kd_label_spec_parse(v, NULL) != KD_OK) {
-                fprintf(stderr, "kd eval: %s\n", kd_last_error());
-                return KD_EXIT_USAGE;
-            }
-        } else if (!strcmp(a, "--epochs")) {
-            linear_flag = a;
-            if (!kd__eval_int(a, v, 1, 1000000L, &ec.linear.epochs)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--lr")) {
-            linear_flag = a;
-            if (!kd__eval_pos(a, v, &ec.linear.lr)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--batch-size")) {
-            linear_flag = a;
-            if (!kd__eval_int(a, v, 1, 1000000000L, &ec.linear.batch_size)) return KD_EXIT_USAGE;
-        } else if (!strcmp(a, "--seed")) { /* both modes: the label subset (and the classifier) */
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(v, &end, 10);
-            if (!*v || *end || errno || v[0] == '-') {
-                fprintf(stderr, "kd eval: invalid value '%s' for --seed: expected an unsigned integer\n", v);
-                return KD_EXIT_USAGE;
-            }
-            ec.linear.seed = s;
-        } else {
-            fprintf(stderr, "kd eval: unknown option '%s' (see --help)\n", a);
-            return KD_EXIT_USAGE;
-        }
+    kd__eval_opts o;
+    kd__eval_defaults(&o);
+    unsigned char given[KD__EVAL_NFLAGS];
+    int r = kd__flags_parse("eval", kd__eval_flags, KD__EVAL_NFLAGS, argc, argv, &o, given);
+    if (r == KD__FLAGS_HELP) {
+        kd__eval_help();
+        return 0;
     }
-    if (knn && linear) {
+    if (r != KD__FLAGS_GO_ON) return r;
+    if (o.knn && o.linear) {
         fprintf(stderr, "kd eval: choose one of --knn and --linear\n");
         return KD_EXIT_USAGE;
     }
-    if (knn_flag && !knn) {
-        fprintf(stderr, "kd eval: %s applies to --knn only\n", knn_flag);
-        return KD_EXIT_USAGE;
-    }
-    if (linear_flag && !linear) {
-        fprintf(stderr, "kd eval: %s applies to --linear only\n", linear_flag);
-        return KD_EXIT_USAGE;
-    }
-    if (out && !knn && !linear) {
-        fprintf(stderr, "kd eval: --out applies to --knn and --linear (the accuracy mode writes no run directory)\n");
-        return KD_EXIT_USAGE;
-    }
-    if (!ckpt) {
-        fprintf(stderr, "kd eval: --ckpt FILE is required\n");
-        return KD_EXIT_USAGE;
-    }
+    int knn = o.knn, linear = o.linear, json = o.json;
+    unsigned mode = knn ? KD__EVAL_KNN : linear ? KD__EVAL_LINEAR : KD__EVAL_ACCURACY;
+    r = kd__flags_check("eval", kd__eval_flags, KD__EVAL_NFLAGS, given, mode, kd__eval_mode_names);
+    if (r != KD__FLAGS_GO_ON) return r;
+    kd_eval_cfg ec = o.ec;
+    const char *ckpt = ec.ckpt, *data = ec.data, *arch = ec.arch[0] ? ec.arch : NULL, *backend = ec.backend;
+    int batch = ec.eval_batch, threads = ec.threads;
     if (knn || linear) {
         ec.mode = knn ? KD_EVAL_KNN : KD_EVAL_LINEAR;
-        if (!out) {
-            fprintf(stderr, "kd eval: --%s needs --out DIR (the run directory)\n", knn ? "knn" : "linear");
-            return KD_EXIT_USAGE;
-        }
-        if (!kd__eval_str("--ckpt", ckpt, ec.ckpt, sizeof ec.ckpt) ||
-            !kd__eval_str("--data", data, ec.data, sizeof ec.data) ||
-            !kd__eval_str("--model", arch ? arch : "", ec.arch, sizeof ec.arch) ||
-            !kd__eval_str("--backend", backend, ec.backend, sizeof ec.backend) ||
-            !kd__eval_str("--out", out, ec.out, sizeof ec.out))
-            return KD_EXIT_USAGE;
-        ec.eval_batch = batch;
-        ec.threads = threads;
         kd_eval_result er;
         if (kd_eval_run(&ec, &er) != KD_OK) {
             fprintf(stderr, "kd eval: %s\n", kd_last_error());
@@ -662,110 +611,103 @@ static int kd__cmd_info(int argc, char **argv) {
 }
 
 /* `kd select`: SSLD's selection of unlabeled images (kd_select_run). */
+static void kd__select_defaults(kd_select_cfg *c) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->data, sizeof c->data, "/usr/share/datasets/fashion-mnist");
+    snprintf(c->backend, sizeof c->backend, "cpu");
+    c->batch = 256;
+}
+
+#define KD__SC kd_select_cfg
+static const kd__flag kd__select_flags[] = {
+    KD__FLAG_ROW_STR("--teacher-ckpt", KD__SC, teacher_ckpt, "FILE", .required = 1,
+                     .help = "the teacher's checkpoint"),
+    KD__FLAG_ROW_I64("--per-class", KD__SC, per_class, 1, 1000000000, "K", .required = 1,
+                     .help = "images kept per class"),
+    KD__FLAG_ROW_STR("--out", KD__SC, out, "FILE", .required = 1, .help = "the index file to write"),
+    KD__FLAG_ROW_STR("--data", KD__SC, data, "DIR", .help = "the dataset"),
+    KD__FLAG_ROW_STR("--labels", KD__SC, labels, "SPEC", .empty = "none",
+                     .help = "the labeled subset, as kd train --labels"),
+    KD__FLAG_ROW_STR("--unlabeled", KD__SC, unlabeled, "SPEC", .empty = "none",
+                     .help = "a dataset whose unlabeled images join the candidates"),
+    KD__FLAG_ROW_U64("--seed", KD__SC, seed, "N", .help = "the seed of the label subset"),
+    KD__FLAG_ROW_INT("--threads", KD__SC, threads, 0, 1000000000, "N", .help = "compute threads (0: all cores)"),
+    KD__FLAG_ROW_INT("--batch", KD__SC, batch, 1, 1000000000, "N", .help = "the teacher's batch"),
+    KD__FLAG_ROW_STR("--backend", KD__SC, backend, "cpu|ref", .help = "compute backend"),
+};
+#undef KD__SC
+#define KD__SELECT_NFLAGS ((int)(sizeof kd__select_flags / sizeof kd__select_flags[0]))
+
 static int kd__cmd_select(int argc, char **argv) {
     kd_select_cfg c;
-    memset(&c, 0, sizeof c);
-    snprintf(c.data, sizeof c.data, "/usr/share/datasets/fashion-mnist");
-    c.per_class = 0;
-    c.batch = 256;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            printf("usage: kd select --teacher-ckpt FILE --per-class K --out FILE [--data DIR] [--labels SPEC]\n"
-                   "                 [--unlabeled SPEC] [--seed N] [--threads N] [--batch N] [--backend cpu|ref]\n\n"
-                   "SSLD's data selection: the teacher scores every training image outside the label subset\n"
-                   "(--labels, seeded by --seed as in kd train) and, with --unlabeled, every image of that\n"
-                   "source (e.g. stl10:DIR's unlabeled_X.bin), numbered after the training split's; for each\n"
-                   "class the K images with the highest probability of that class are kept. FILE gets them and\n"
-                   "the labeled images, one dataset index per line: the train_indices of `kd distill --method\n"
-                   "ssld --train-indices FILE --labels SPEC --seed N [--unlabeled SPEC]`.\n");
-            return 0;
-        }
-        if (strncmp(a, "--", 2) != 0 || i + 1 >= argc) {
-            fprintf(stderr, "kd select: %s '%s' (see --help)\n",
-                    strncmp(a, "--", 2) ? "unexpected argument" : "a value is missing after", a);
-            return KD_EXIT_USAGE;
-        }
-        const char *v = argv[++i];
-        char *end;
-        if (!strcmp(a, "--teacher-ckpt")) snprintf(c.teacher_ckpt, sizeof c.teacher_ckpt, "%s", v);
-        else if (!strcmp(a, "--data")) snprintf(c.data, sizeof c.data, "%s", v);
-        else if (!strcmp(a, "--labels")) snprintf(c.labels, sizeof c.labels, "%s", v);
-        else if (!strcmp(a, "--unlabeled")) snprintf(c.unlabeled, sizeof c.unlabeled, "%s", v);
-        else if (!strcmp(a, "--out")) snprintf(c.out, sizeof c.out, "%s", v);
-        else if (!strcmp(a, "--backend")) snprintf(c.backend, sizeof c.backend, "%s", v);
-        else if (!strcmp(a, "--per-class") || !strcmp(a, "--seed") || !strcmp(a, "--threads") || !strcmp(a, "--batch")) {
-            long long x = strtoll(v, &end, 10);
-            if (*end || !*v || x < 0 || (x < 1 && strcmp(a, "--seed") && strcmp(a, "--threads"))) {
-                fprintf(stderr, "kd select: invalid value '%s' for %s\n", v, a);
-                return KD_EXIT_USAGE;
-            }
-            if (!strcmp(a, "--per-class")) c.per_class = x;
-            else if (!strcmp(a, "--seed")) c.seed = (uint64_t)x;
-            else if (!strcmp(a, "--threads")) c.threads = (int)x;
-            else c.batch = (int)x;
-        } else {
-            fprintf(stderr, "kd select: unknown option '%s' (see --help)\n", a);
-            return KD_EXIT_USAGE;
-        }
+    kd__select_defaults(&c);
+    unsigned char given[KD__SELECT_NFLAGS];
+    int r = kd__flags_parse("select", kd__select_flags, KD__SELECT_NFLAGS, argc, argv, &c, given);
+    if (r == KD__FLAGS_HELP) {
+        kd_select_cfg d;
+        kd__select_defaults(&d);
+        kd__flags_usage(stdout, "usage: kd select", kd__select_flags, KD__SELECT_NFLAGS, 0, 0);
+        printf("\nSSLD's data selection: the teacher scores every training image outside the label subset\n"
+               "(--labels, seeded by --seed as in kd train) and, with --unlabeled, every image of that\n"
+               "source (e.g. stl10:DIR's unlabeled_X.bin), numbered after the training split's; for each\n"
+               "class the K images with the highest probability of that class are kept. FILE gets them and\n"
+               "the labeled images, one dataset index per line: the train_indices of `kd distill --method\n"
+               "ssld --train-indices FILE --labels SPEC --seed N [--unlabeled SPEC]`.\n\n");
+        kd__flags_help(stdout, kd__select_flags, KD__SELECT_NFLAGS, &d, 0, 1);
+        return 0;
     }
-    if (!c.teacher_ckpt[0] || !c.out[0] || c.per_class < 1) {
-        fprintf(stderr, "kd select: --teacher-ckpt FILE, --per-class K and --out FILE are required\n");
-        return KD_EXIT_USAGE;
-    }
-    kd_select_result r;
-    if (kd_select_run(&c, &r) != KD_OK) {
+    if (r == KD__FLAGS_GO_ON) r = kd__flags_check("select", kd__select_flags, KD__SELECT_NFLAGS, given, 0, NULL);
+    if (r != KD__FLAGS_GO_ON) return r;
+    kd_select_result res;
+    if (kd_select_run(&c, &res) != KD_OK) {
         kd__fail("select");
-        return r.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
+        return res.config_error ? KD_EXIT_USAGE : KD_EXIT_FAIL;
     }
     printf("%s: %lld images (%lld labeled, %lld selected; %lld copies of test images excluded)\n", c.out,
-           (long long)r.total, (long long)r.labeled, (long long)r.selected, (long long)r.test_duplicates);
+           (long long)res.total, (long long)res.labeled, (long long)res.selected, (long long)res.test_duplicates);
     return 0;
 }
 
 /* `kd export`: the student alone from a run's checkpoint (kd_model_export). */
+typedef struct {
+    char ckpt[1024], out[1024];
+    int ema;
+} kd__export_opts;
+
+static const kd__flag kd__export_flags[] = {
+    KD__FLAG_ROW_STR("--ckpt", kd__export_opts, ckpt, "FILE|RUN_DIR", .required = 1,
+                     .help = "the checkpoint, or a run directory (its last.safetensors)"),
+    KD__FLAG_ROW_STR("--out", kd__export_opts, out, "FILE", .required = 1, .help = "the file to write"),
+    KD__FLAG_ROW_SWITCH("--ema", kd__export_opts, ema, .help = "export the EMA copy instead"),
+};
+#define KD__EXPORT_NFLAGS ((int)(sizeof kd__export_flags / sizeof kd__export_flags[0]))
+
 static int kd__cmd_export(int argc, char **argv) {
-    char ckpt[1024] = "", out[1024] = "";
-    int ema = 0;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            printf("usage: kd export --ckpt FILE|RUN_DIR --out FILE [--ema]\n\n"
-                   "Writes the model of a checkpoint (RUN_DIR: its last.safetensors) alone: its tensors under\n"
-                   "PyTorch's state_dict names and the model metadata, without the optimiser state, the\n"
-                   "method's tensors or the EMA copy, for model.load_state_dict(strict=True) or kd eval.\n"
-                   "--ema exports the EMA copy instead (MoCo's key encoder, a DINO/EsViT teacher).\n");
-            return 0;
-        }
-        if (!strcmp(a, "--ema")) {
-            ema = 1;
-            continue;
-        }
-        if (strncmp(a, "--", 2) != 0 || i + 1 >= argc) {
-            fprintf(stderr, "kd export: %s '%s' (see --help)\n",
-                    strncmp(a, "--", 2) ? "unexpected argument" : "a value is missing after", a);
-            return KD_EXIT_USAGE;
-        }
-        const char *v = argv[++i];
-        if (!strcmp(a, "--ckpt")) snprintf(ckpt, sizeof ckpt, "%s", v);
-        else if (!strcmp(a, "--out")) snprintf(out, sizeof out, "%s", v);
-        else {
-            fprintf(stderr, "kd export: unknown option '%s' (see --help)\n", a);
-            return KD_EXIT_USAGE;
-        }
+    kd__export_opts o = {.ema = 0};
+    unsigned char given[KD__EXPORT_NFLAGS];
+    int r = kd__flags_parse("export", kd__export_flags, KD__EXPORT_NFLAGS, argc, argv, &o, given);
+    if (r == KD__FLAGS_HELP) {
+        const kd__export_opts d = {.ema = 0};
+        kd__flags_usage(stdout, "usage: kd export", kd__export_flags, KD__EXPORT_NFLAGS, 0, 0);
+        printf("\nWrites the model of a checkpoint (RUN_DIR: its last.safetensors) alone: its tensors under\n"
+               "PyTorch's state_dict names and the model metadata, without the optimiser state, the\n"
+               "method's tensors or the EMA copy, for model.load_state_dict(strict=True) or kd eval.\n"
+               "--ema exports the EMA copy instead (MoCo's key encoder, a DINO/EsViT teacher).\n\n");
+        kd__flags_help(stdout, kd__export_flags, KD__EXPORT_NFLAGS, &d, 0, 1);
+        return 0;
     }
-    if (!ckpt[0] || !out[0]) {
-        fprintf(stderr, "kd export: --ckpt FILE and --out FILE are required\n");
-        return KD_EXIT_USAGE;
-    }
+    if (r == KD__FLAGS_GO_ON) r = kd__flags_check("export", kd__export_flags, KD__EXPORT_NFLAGS, given, 0, NULL);
+    if (r != KD__FLAGS_GO_ON) return r;
+    char *ckpt = o.ckpt, *out = o.out;
+    int ema = o.ema;
     struct stat st;
     if (stat(ckpt, &st) == 0 && S_ISDIR(st.st_mode)) {
         size_t n = strlen(ckpt);
-        if (n + sizeof "/last.safetensors" > sizeof ckpt) {
+        if (n + sizeof "/last.safetensors" > sizeof o.ckpt) {
             fprintf(stderr, "kd export: run directory path %s is too long\n", ckpt);
             return KD_EXIT_USAGE;
         }
-        snprintf(ckpt + n, sizeof ckpt - n, "/last.safetensors");
+        snprintf(ckpt + n, sizeof o.ckpt - n, "/last.safetensors");
     }
     char rc[PATH_MAX], ro[PATH_MAX];
     if (realpath(ckpt, rc) && realpath(out, ro) && !strcmp(rc, ro)) {
