@@ -1,5 +1,7 @@
-/* Shared by the libFuzzer targets: a per-process scratch directory under /tmp
- * (created on first use, emptied before each input, removed at exit) and
+/* Shared by the libFuzzer targets: a per-process scratch directory under
+ * /dev/shm where it is writable (a memory file system: no journal or disk
+ * traffic per input), else /tmp (created on first use, emptied before each
+ * input, removed at exit) and
  * helpers that write the input (or parts of it) there for the parsers that
  * take paths. kd's own logging is silenced. */
 #ifndef KD_FUZZ_COMMON_H
@@ -38,7 +40,8 @@ static void kd__fuzz_cleanup(void) {
 /* The scratch directory, emptied. */
 static const char *kd_fuzz_dir(void) {
     if (!kd_fuzz_root[0]) {
-        snprintf(kd_fuzz_root, sizeof kd_fuzz_root, "/tmp/kdfuzz.%d.XXXXXX", (int)getpid());
+        const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+        snprintf(kd_fuzz_root, sizeof kd_fuzz_root, "%s/kdfuzz.%d.XXXXXX", base, (int)getpid());
         if (!mkdtemp(kd_fuzz_root)) abort();
         atexit(kd__fuzz_cleanup);
         kd_log_set_level(KD_LOG_QUIET);
