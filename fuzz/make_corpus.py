@@ -131,14 +131,18 @@ def main():
         b"gamma: 0.1\nsched: cosine\nprecision: bf16\n")
     put("config", "weird", b"# comment\n? complex\n: value\nlist: [1, 2]\nmap: {a: 1}\nanchor: &a x\nref: *a\n")
     put("config", "quoted", b"\"model\": 'resnet8'\nout: \"runs/x y\"\nseed: 0x10\nthreads: -1\n")
-    # CLI: byte 0 bit 0 = distill; NUL-separated arguments.
-    def cli(distill, *args):
-        return bytes([1 if distill else 0]) + b"\0".join(a.encode() for a in args)
+    # CLI: byte 0 % 5 picks train, distill, eval, select, export; NUL-separated arguments.
+    def cli(which, *args):
+        return bytes([which]) + b"\0".join(a.encode() for a in args)
     put("cli", "train", cli(0, "--model", "resnet8", "--epochs=3", "--data", "/nonexistent"))
     put("cli", "distill_set", cli(1, "--method", "kd", "--set", "kd.T=4", "--teacher", "resnet32x4"))
     put("cli", "resume", cli(1, "--resume", "runs/x", "--epochs", "9", "--set", "dkd.beta=8"))
     put("cli", "help", cli(0, "--help", "--lr", "0.1"))
     put("cli", "bad", cli(0, "positional", "--unknown-flag", "1"))
+    put("cli", "eval_knn", cli(2, "--knn", "--k", "5,20", "--ckpt", "x", "--out", "y", "--temperature=0.1"))
+    put("cli", "eval_linear", cli(2, "--linear", "--epochs", "3", "--labels", "10%", "--seed", "7", "--lr", "0.5"))
+    put("cli", "select", cli(3, "--per-class", "10", "--teacher-ckpt", "t", "--out", "o", "--batch", "-1"))
+    put("cli", "export", cli(4, "--ema", "--ckpt=a", "--out"))
 
 
 if __name__ == "__main__":
