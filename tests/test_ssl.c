@@ -15,6 +15,7 @@
 
 #include "kd/train.h"
 #include "testutil.h"
+#include "train/train_impl.h"
 
 #define SIDE 12
 #define B 8
@@ -378,9 +379,58 @@ static void test_select_topk(void **state) {
     free(index);
 }
 
+/* The training top-1/top-5 of a run whose batches mix labeled and unlabeled
+ * images (label -1, the methods with optional labels): counted on the
+ * labeled rows only, none read outside its row (row 0 unlabeled: ASan sees a
+ * read before the buffer). Reference: each row sorted (value descending,
+ * class ascending, torch.topk's order on CPU), the label's position its rank. */
+static const float *g_hits_row;
+static int cmp_class_rank(const void *a, const void *b) {
+    int i = *(const int *)a, j = *(const int *)b;
+    float u = g_hits_row[i], v = g_hits_row[j];
+    if (u != v) return u > v ? -1 : 1;
+    return i - j;
+}
+
+static void test_train_hits(void **state) {
+    (void)state;
+    enum { N = 200, K = 7 };
+    float *logits = malloc(sizeof(float) * N * K);
+    int32_t y[N];
+    kd_rng r;
+    kd_rng_init(&r, 5, 6);
+    for (int i = 0; i < N; i++) {
+        for (int c = 0; c < K; c++) logits[i * K + c] = (float)kd_rng_below(&r, 4); /* many ties */
+        y[i] = (int32_t)kd_rng_below(&r, K + 2) - 1; /* -1 .. K: unlabeled, labeled, out of range */
+    }
+    y[0] = -1;
+    y[1] = K;
+    int64_t want1 = 0, want5 = 0, want_n = 0;
+    int order[K];
+    for (int i = 0; i < N; i++) {
+        if (y[i] < 0 || y[i] >= K) continue;
+        want_n++;
+        g_hits_row = logits + i * K;
+        for (int c = 0; c < K; c++) order[c] = c;
+        qsort(order, K, sizeof order[0], cmp_class_rank);
+        int rank = 0;
+        while (order[rank] != y[i]) rank++;
+        want1 += rank == 0;
+        want5 += rank < 5;
+    }
+    int64_t h1 = 0, h5 = 0, n = 0;
+    kd__count_hits(logits, y, N, K, &h1, &h5, &n);
+    assert_int_equal(n, want_n);
+    assert_int_equal(h1, want1);
+    assert_int_equal(h5, want5);
+    assert_true(want_n > 100 && want_n < N - 20); /* both kinds of rows are there */
+    free(logits);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_select_topk),
+        cmocka_unit_test(test_train_hits),
         cmocka_unit_test(test_moco_step),
         cmocka_unit_test(test_simclr_step),
         cmocka_unit_test(test_ft_proj_selector),

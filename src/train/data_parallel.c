@@ -252,23 +252,25 @@ uint64_t kd__dp_params_hash(const kd_param_list *pl) {
     return h;
 }
 
-kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5) {
-    enum { MAXT = 60 };
+kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5, int64_t *labeled) {
+    enum { MAXT = 60, F = 5 };
     static double terms[MAXT];
-    double v[MAXT + 4];
+    double v[MAXT + F];
     if (sr->n_terms > MAXT) return kd_error(KD_ERR_INTERNAL, "%d loss terms: at most %d", sr->n_terms, MAXT);
     const double nl = (double)*n;
     v[0] = nl;
     v[1] = (double)*hits1;
     v[2] = (double)*hits5;
     v[3] = sr->loss * nl;
-    for (int i = 0; i < sr->n_terms; i++) v[4 + i] = sr->term_values[i] * nl;
-    KD_TRY(kd_dist_allreduce_f64(v, 4 + sr->n_terms));
+    v[4] = (double)*labeled;
+    for (int i = 0; i < sr->n_terms; i++) v[F + i] = sr->term_values[i] * nl;
+    KD_TRY(kd_dist_allreduce_f64(v, F + sr->n_terms));
     *n = (int64_t)v[0];
     *hits1 = (int64_t)v[1];
     *hits5 = (int64_t)v[2];
+    *labeled = (int64_t)v[4];
     sr->loss = v[3] / v[0];
-    for (int i = 0; i < sr->n_terms; i++) terms[i] = v[4 + i] / v[0];
+    for (int i = 0; i < sr->n_terms; i++) terms[i] = v[F + i] / v[0];
     sr->term_values = terms;
     return KD_OK;
 }

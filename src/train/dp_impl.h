@@ -56,7 +56,8 @@ uint64_t kd__dp_params_hash(const kd_param_list *pl);
 /* A step's figures for the global batch: *n (this rank's images in, the
  * global batch's out), sr's loss and term values (this rank's means in, the
  * global batch's means out; term_values then points to a buffer of this
- * file, valid until the next call) and the top-1/top-5 hits (summed). */
-kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5);
+ * file, valid until the next call), the top-1/top-5 hits and the count of
+ * labeled images they were counted on (summed). */
+kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5, int64_t *labeled);
 
 #endif

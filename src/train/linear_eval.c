@@ -34,7 +34,7 @@ static kd_status kd__linear_test(kd_graph *g, kd_tensor *W, kd_tensor *B, const 
         kd_tensor *ce = kd_cross_entropy(g, logits, yt, 0.0f);
         if ((s = kd_graph_status(g)) != KD_OK) break;
         lsum += (double)kd_f32(ce)[0] * (double)m;
-        kd__count_hits(kd_f32(logits), y + i0, m, logits->shape[1], h1, h5);
+        kd__count_hits(kd_f32(logits), y + i0, m, logits->shape[1], h1, h5, NULL);
     }
     kd_graph_set_grad_enabled(g, was);
     *loss = lsum / (double)n;

@@ -65,8 +65,11 @@ void kd_dataset_norm(const kd_dataset *ds, float mean[4], float std[4]) {
 }
 
 /* Top-1 and top-5 hits of logits (n, k) against labels (train_impl.h). */
-void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5) {
+void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5,
+                    int64_t *counted) {
     for (int64_t i = 0; i < n; i++) {
+        if (y[i] < 0 || y[i] >= k) continue; /* an unlabeled image (-1) */
+        if (counted) (*counted)++;
         const float *r = logits + i * k;
         float ly = r[y[i]];
         int64_t rank = 0; /* classes strictly better, ties broken by index as torch.topk does on CPU */
@@ -130,7 +133,7 @@ static kd_status kd__eval_acc_batch(void *user, const kd_batch *b, kd_graph *g, 
     kd_tensor *ce = kd_cross_entropy(g, o->logits, y, 0.0f);
     KD_TRY(kd_graph_status(g));
     a->lsum += (double)kd_f32(ce)[0] * (double)b->n;
-    kd__count_hits(kd_f32(o->logits), b->y, b->n, o->logits->shape[1], &a->h1, &a->h5);
+    kd__count_hits(kd_f32(o->logits), b->y, b->n, o->logits->shape[1], &a->h1, &a->h5, NULL);
     a->seen += b->n;
     return KD_OK;
 }
@@ -821,7 +824,7 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         r->ep_terms.n = 0;
         KD_TRY(kd_loader_start_epoch(r->loader, epoch));
         double t0 = kd__now(), lsum = 0;
-        int64_t seen = 0, hits = 0;
+        int64_t seen = 0, hits = 0, labeled = 0; /* train top-1: hits among the labeled images */
         kd_batch b;
         int got;
         int64_t step = 0;
@@ -834,11 +837,12 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                 return kd_error(s, "%s; the last good checkpoint is %s/last.safetensors", kd_last_error(), c->out);
             KD_TRY(s);
             lr = sr.lr;
-            int64_t nb = b.n, bh1 = 0, bh5 = 0;
-            if (sr.logits && b.y) kd__count_hits(sr.logits, b.y, b.n, sr.classes, &bh1, &bh5);
+            int64_t nb = b.n, bh1 = 0, bh5 = 0, bl = 0;
+            if (sr.logits && b.y) kd__count_hits(sr.logits, b.y, b.n, sr.classes, &bh1, &bh5, &bl);
             /* Data parallelism: the global batch's loss, terms and hits. */
-            if (r->nranks > 1) KD_TRY(kd__dp_reduce_step(&sr, &nb, &bh1, &bh5));
+            if (r->nranks > 1) KD_TRY(kd__dp_reduce_step(&sr, &nb, &bh1, &bh5, &bl));
             hits += bh1;
+            labeled += bl;
             KD_TRY(kd__terms_add(&r->ep_terms, &sr, (double)nb));
             lsum += sr.loss * (double)nb;
             seen += nb;
@@ -887,7 +891,7 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
                     lsum / (double)seen);
             for (int i = 0; i < r->ep_terms.n; i++)
                 fprintf(r->metrics, ", \"train_%s\": %.9g", r->ep_terms.name[i], r->ep_terms.sum[i] / (double)seen);
-            fprintf(r->metrics, ", \"train_top1\": %.6g", 100.0 * (double)hits / (double)seen);
+            if (labeled > 0) fprintf(r->metrics, ", \"train_top1\": %.6g", 100.0 * (double)hits / (double)labeled);
             if (evaluated)
                 fprintf(r->metrics, ", \"test_top1\": %.6g, \"test_top5\": %.6g, \"test_loss\": %.9g", top1, top5,
                         tloss);
@@ -905,9 +909,11 @@ static kd_status kd__train_loop(kd__run *r, kd_train_result *res) {
         last_epoch_done = epoch + 1;
         char test_text[64] = "test not evaluated (eval_every)";
         if (evaluated) snprintf(test_text, sizeof test_text, "test top1 %.2f%% top5 %.2f%%", top1, top5);
-        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)  train %.2f%%  %s  %.0f img/s  %.1fs", epoch + 1,
-                   c->epochs, lsum / (double)seen, terms_text, 100.0 * (double)hits / (double)seen, test_text, ips,
-                   ep_time);
+        char train_text[48] = "";
+        if (labeled > 0)
+            snprintf(train_text, sizeof train_text, "  train %.2f%%", 100.0 * (double)hits / (double)labeled);
+        kd_log_msg(KD_LOG_INFO, "epoch %d/%d  loss %.4f (%s)%s  %s  %.0f img/s  %.1fs", epoch + 1, c->epochs,
+                   lsum / (double)seen, terms_text, train_text, test_text, ips, ep_time);
         r->ep_seen = seen;
     }
     if (r->nranks > 1 && train_time > r->train_time_before) { /* data parallelism: docs/DISTRIBUTED.md */

@@ -37,7 +37,8 @@ kd_status kd__labels_write(const char *path, const kd__run_labels_out *o, const 
 /* Top-1 and top-5 hits of logits (n, k) against labels; a class ranks ahead
  * of the label when its logit is larger, or equal with a smaller index
  * (torch.topk on CPU). */
-void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5);
+void kd__count_hits(const float *logits, const int32_t *y, int64_t n, int64_t k, int64_t *top1, int64_t *top5,
+                    int64_t *counted);
 
 /* The evaluation pass (kd_evaluate, kd_extract_features): ds in dataset
  * order, batches of `batch`, transform tf without its crop and flip, m in
