@@ -3,7 +3,12 @@
  * google-research/simclr tf2/run.py with --train_mode=finetune and a teacher):
  *
  *     L = beta * tau^2 * mean_i CE(softmax(t_i / tau), s_i / tau)      over every image
- *       + labeled_weight * mean over the labeled images of CE(s_i, y_i)  (optional)
+ *       + labeled_weight * (1/N) sum over the labeled images of CE(s_i, y_i)  (optional)
+ *
+ * N is the batch size in both terms: the paper's equation 3 sums both over
+ * the data, so a labeled image weighs as much in the second as any image in
+ * the first, whatever the labeled share (a mean over the batch's few labeled
+ * images would weigh each of them B / n_lab times more: 100x with 1% labels).
  *
  * Images without a label (label -1, e.g. outside a `labels` subset) take
  * part in the first term only; the labeled term is off by default (weight 0,
@@ -24,7 +29,8 @@ static const kd_method_arg kd__simclrv2_arg_table[] = {
     KD__ARG(kd__simclrv2_args, tau, KD_ARG_FLOAT, "1.0",
             "distillation temperature (1.0: big-to-small; 0.1: self-distillation)"),
     KD__ARG(kd__simclrv2_args, labeled_weight, KD_ARG_FLOAT, "0",
-            "weight of the cross-entropy on the labeled images of the batch (the paper's optional (1 - a) term)"),
+            "weight of the cross-entropy summed over the labeled images of the batch, divided by the batch size "
+            "(the paper's optional (1 - a) term)"),
 };
 
 static kd_status kd__simclrv2_setup(kd_method *m, const kd_method_shapes *shp) {
@@ -52,7 +58,7 @@ static kd_status kd__simclrv2_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms
         const int64_t N = s->shape[0], C = s->shape[1];
         int64_t n_lab = 0;
         for (int64_t i = 0; i < N; i++) n_lab += ((const int32_t *)y->data)[i] >= 0;
-        if (n_lab > 0) { /* -(1/n_lab) sum over labeled rows of log_softmax(s)[i][y_i] */
+        if (n_lab > 0) { /* -(1/N) sum over labeled rows of log_softmax(s)[i][y_i] */
             kd_tensor *oh = kd_graph_zeros(g, KD_F32, 2, s->shape);
             KD_TRY(kd_graph_status(g));
             for (int64_t i = 0; i < N; i++) {
@@ -61,7 +67,7 @@ static kd_status kd__simclrv2_loss(kd_method *m, kd_step_ctx *ctx, kd_loss_terms
                     return kd_error(KD_ERR_INVALID, "simclrv2: label %d outside the %lld classes", c, (long long)C);
                 if (c >= 0) kd_f32(oh)[i * C + c] = 1.0f;
             }
-            kd_tensor *ce = kd_scale(g, kd_sum(g, kd_mul(g, kd_log_softmax(g, s), oh)), -1.0f / (float)n_lab);
+            kd_tensor *ce = kd_scale(g, kd_sum(g, kd_mul(g, kd_log_softmax(g, s), oh)), -1.0f / (float)N);
             KD_TRY(kd_graph_status(g));
             KD_TRY(kd_loss_terms_add(terms, "ce", kd_scale(g, ce, a->labeled_weight)));
         }

@@ -1,6 +1,8 @@
 """SimCLRv2's distillation loss (METHODS.md sections 7 and 13): tau^2 *
 CE(softmax(t / tau), s / tau) averaged over every image, plus the optional
-cross-entropy over the labeled images only (label -1: unlabeled)."""
+cross-entropy over the labeled images only (label -1: unlabeled), summed and
+divided by the batch size as the paper's equation 3 sums both terms over the
+data: every image weighs the same in both terms, whatever the labeled share."""
 import torch
 import torch.nn.functional as F
 
@@ -33,5 +35,5 @@ def terms(mod, case, s_feats, s_logits, t_feats, t_logits, y):
     out = {"simclrv2": WEIGHTS["beta"] * d}
     if w != 0:
         lab = y >= 0
-        out["ce"] = w * F.cross_entropy(s_logits[lab], y[lab])
+        out["ce"] = w * F.cross_entropy(s_logits[lab], y[lab], reduction="sum") / len(y)
     return out
