@@ -316,6 +316,29 @@ static void test_graph_precision(void **state) {
     assert_int_equal(kd_graph_precision(g), g_cpu->bf16 ? KD_BF16 : KD_F32);
     KD_ASSERT_OK(kd_graph_set_precision(g, KD_F32));
     assert_int_equal(kd_graph_precision(g), KD_F32);
+    /* Which convolutions run in bf16 (kd_conv2d): a stem reading 3 channels
+     * stays float32 (bit-identical to the float32 graph), one reading 16
+     * channels does not. */
+    if (g_cpu->bf16) {
+        for (int64_t C = 3; C <= 16; C += 13) {
+            kd_tensor *x = trand(tnew4(2, C, 8, 8), -1, 1), *w = trand(tnew4(16, C, 3, 3), -1, 1);
+            kd_conv2d_params p = {{1, 1}, {1, 1}, {1, 1}, 1, 0};
+            kd_tensor *y[2];
+            for (int bf = 0; bf < 2; bf++) {
+                KD_ASSERT_OK(kd_graph_set_precision(g, bf ? KD_BF16 : KD_F32));
+                kd_tensor *yy = kd_graph_to_strided(g, kd_conv2d(g, kd_graph_wrap(g, KD_F32, 4, x->shape, x->data),
+                                                                 kd_graph_wrap(g, KD_F32, 4, w->shape, w->data), NULL, &p));
+                KD_ASSERT_OK(kd_graph_status(g));
+                y[bf] = tclone(yy);
+            }
+            int same = memcmp(y[0]->data, y[1]->data, kd_tensor_nbytes(y[0])) == 0;
+            if (C < 16 && !same) fail_msg("bf16 graph: the %lld-channel stem conv did not stay float32", (long long)C);
+            if (C >= 16 && same) fail_msg("bf16 graph: the %lld-channel conv did not run in bf16", (long long)C);
+            kd_tensor_free(x), kd_tensor_free(w), kd_tensor_free(y[0]), kd_tensor_free(y[1]);
+            kd_graph_reset(g);
+        }
+        KD_ASSERT_OK(kd_graph_set_precision(g, KD_F32));
+    }
     kd_graph_free(g);
 }
 

@@ -86,7 +86,13 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
     if (!y) return NULL;
     kd_conv2d_params pc = *p;
-    pc.bf16 = g->conv_bf16;
+    /* bf16 precision: every convolution but those reading fewer than
+     * KD_LAYOUT_BLOCK channels, the stems on 1- or 3-channel images, which
+     * stay float32: raw pixels lose most to rounding (Fashion-MNIST resnet8,
+     * 3 epochs, 3 seeds: training -0.54 -> -0.38 and KD -0.23 -> +0.07
+     * points from float32; docs/RESULTS.md), and they are a few percent of
+     * the work. */
+    pc.bf16 = g->conv_bf16 && C >= KD_LAYOUT_BLOCK;
     kd_status s = g->be->conv2d_forward(g->be, &pc, x, w, b, y);
     if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_CONV2D, y, 3, in);
