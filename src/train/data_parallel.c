@@ -253,10 +253,19 @@ uint64_t kd__dp_params_hash(const kd_param_list *pl) {
 }
 
 kd_status kd__dp_reduce_step(kd_step_result *sr, int64_t *n, int64_t *hits1, int64_t *hits5, int64_t *labeled) {
-    enum { MAXT = 60, F = 5 };
-    static double terms[MAXT];
-    double v[MAXT + F];
-    if (sr->n_terms > MAXT) return kd_error(KD_ERR_INTERNAL, "%d loss terms: at most %d", sr->n_terms, MAXT);
+    enum { F = 5 };
+    /* The reduced term values live here until the next call (one training
+     * loop per process); grown to the largest count of terms seen. */
+    static double *terms, *v;
+    static int cap;
+    if (sr->n_terms + F > cap) {
+        int want = sr->n_terms + F;
+        double *nt = realloc(terms, sizeof *nt * (size_t)want), *nv = nt ? realloc(v, sizeof *nv * (size_t)want) : NULL;
+        if (nt) terms = nt;
+        if (nv) v = nv;
+        if (!nt || !nv) return kd_error(KD_ERR_NOMEM, "out of memory reducing %d loss terms", sr->n_terms);
+        cap = want;
+    }
     const double nl = (double)*n;
     v[0] = nl;
     v[1] = (double)*hits1;
