@@ -9,12 +9,16 @@
 #   3. the SimCLRv2 pipeline: a bigger encoder (resnet20) pretrained with
 #      SimCLR, fine-tuned on the label subset, distilled (method simclrv2, tau
 #      1) into the small student on all 60,000 images;
+#      (3a: with the optional labeled term, simclrv2.labeled_weight 1;
+#      3b: fine-tuned from the projection head's first layer)
 #   4. SEED from the bigger encoder into the small student, then linear
 #      evaluation on the label subset;
 #   5. SSLD: kd select keeps the SEL_PER_CLASS unlabeled images per class the
 #      fine-tuned resnet20 is surest of, then symmetric-KL distillation into
 #      the small student on those and the labeled ones, then a short
 #      fine-tune on the labels (PaddleClas's last step);
+#      Also with the SimCLRv2 distillation's budget (as many images seen as
+#      D_EPOCHS epochs on the 60,000), and the same closing fine-tune;
 #   6. DoGo: two resnet8 peers pretrained together (DOGO=1 only: the slowest
 #      step), then linear evaluation of the student peer on the label subset.
 #
@@ -98,6 +102,11 @@ for frac in $FRACS; do
             --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
             --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 --weight-decay 5e-4 --schedule cosine "${COMMON[@]}" \
             --out "$OUT/distill-resnet8-$s"
+        # 3a. the same with the paper's optional labeled term (simclrv2.labeled_weight 1: CE on the labeled images)
+        run "$OUT/distilllab-resnet8-$s" "$KD" distill --method simclrv2 --model resnet8 \
+            --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
+            --set simclrv2.labeled_weight=1 --epochs "$D_EPOCHS" --batch-size 128 --lr 0.05 --weight-decay 5e-4 \
+            --schedule cosine "${COMMON[@]}" --out "$OUT/distilllab-resnet8-$s"
         # 3b. the same from the projection head's first layer (ft_proj_selector 1: the paper's 1% setting)
         run "$OUT/ft1-resnet20-$s" "$KD" train --model resnet20 --init-ckpt "$OUT/simclr-resnet20/encoder.safetensors" \
             --ft-proj-selector 1 --labels "$frac" --seed "$seed" --batch-size 64 --lr 0.05 --weight-decay 0 \
@@ -121,6 +130,21 @@ for frac in $FRACS; do
         run "$OUT/ssldft-resnet8-$s" "$KD" train --model resnet8 --init-ckpt "$OUT/ssld-resnet8-$s/last.safetensors" \
             --labels "$frac" --seed "$seed" --batch-size 64 --lr 0.005 --weight-decay 5e-4 --schedule cosine \
             --epochs "$SSLD_FT_EPOCHS" --eval-every "$EVAL_EVERY" "${COMMON[@]}" --out "$OUT/ssldft-resnet8-$s"
+        # 5c. SSLD with the SimCLRv2 distillation's budget: as many images seen as D_EPOCHS epochs on the
+        # 60000 (the selection is several times smaller), then the same closing fine-tune
+        if [ -f "$OUT/select-$s.txt" ]; then
+            nsel=$(grep -vc '^#' "$OUT/select-$s.txt")
+            eq=$(( (D_EPOCHS * 60000 + nsel - 1) / nsel ))
+            run "$OUT/ssldeq-resnet8-$s" "$KD" distill --method ssld --model resnet8 \
+                --teacher-ckpt "$OUT/ft-resnet20-$s/last.safetensors" --labels "$frac" --seed "$seed" \
+                --train-indices "$OUT/select-$s.txt" --epochs "$eq" --batch-size 128 --lr 0.05 \
+                --weight-decay 5e-4 --schedule cosine --eval-every "$EVAL_EVERY" "${COMMON[@]}" \
+                --out "$OUT/ssldeq-resnet8-$s"
+            run "$OUT/ssldeqft-resnet8-$s" "$KD" train --model resnet8 \
+                --init-ckpt "$OUT/ssldeq-resnet8-$s/last.safetensors" --labels "$frac" --seed "$seed" \
+                --batch-size 64 --lr 0.005 --weight-decay 5e-4 --schedule cosine --epochs "$SSLD_FT_EPOCHS" \
+                --eval-every "$EVAL_EVERY" "${COMMON[@]}" --out "$OUT/ssldeqft-resnet8-$s"
+        fi
         if [ -f "$OUT/dogo-resnet8/encoder.safetensors" ]; then
             run "$OUT/lin-dogo-resnet8-$s" "$KD" eval --linear --ckpt "$OUT/dogo-resnet8/encoder.safetensors" \
                 --labels "$frac" --seed "$seed" --data "$DATA" --threads "$THREADS" --out "$OUT/lin-dogo-resnet8-$s"
@@ -166,11 +190,15 @@ rows = [("resnet8 trained on the labels alone", "sup-resnet8"),
         ("MoCo v2 resnet8, linear probe on the labels", "lin-moco-resnet8"),
         ("SimCLRv2 step 2: resnet20 pretrained, fine-tuned on the labels (the teacher)", "ft-resnet20"),
         ("SimCLRv2 step 3: distilled into resnet8 on all 60000 images", "distill-resnet8"),
+        ("SimCLRv2 step 3 with the labeled term (simclrv2.labeled_weight 1)", "distilllab-resnet8"),
         ("SimCLRv2 step 2 from the head's first layer (ft_proj_selector 1, the paper's 1% setting)", "ft1-resnet20"),
         ("SimCLRv2 step 3 from that teacher: distilled into resnet8 on all 60000 images", "distill1-resnet8"),
         ("SEED resnet20 -> resnet8, linear probe on the labels", "lin-seed-resnet8"),
         ("SSLD: fine-tuned resnet20 -> resnet8 on labeled + selected images", "ssld-resnet8"),
         ("SSLD, then a short fine-tune on the labels (lr 0.005, %s epochs)" % sft, "ssldft-resnet8"),
+        ("SSLD with the SimCLRv2 distillation's budget (as many images seen as %s epochs on 60000)" % de,
+         "ssldeq-resnet8"),
+        ("SSLD with that budget, then the short fine-tune on the labels", "ssldeqft-resnet8"),
         ("DoGo: resnet8 with a resnet8 peer, linear probe on the labels", "lin-dogo-resnet8")]
 L = ["<!-- few-labels -->", "## Few labels (Fashion-MNIST, the 60000 training images without labels)", "",
      "Generated by `tools/few_labels.sh` on %s with %s (%s; %d CPUs). Edit the script, not this section." % (
@@ -180,7 +208,9 @@ L = ["<!-- few-labels -->", "## Few labels (Fashion-MNIST, the 60000 training im
      "seed 0). Pretraining %s epochs, distillation %s epochs, fine-tuning and training on the labels %s "
      "epochs with 1%% labels, %s with 10%% (the paper's 60 and 30). Wall times are one run's on the 2-core machine (runs that shared it with other jobs took longer). "
      "SSLD trains the same epochs on the labeled images plus at most 1000 selected per class (about 10,600 "
-     "images with 1%% labels), so it takes several times fewer steps than the SimCLRv2 distillation on 60,000." % (", ".join(seeds), pt, de, ft, ft10), "",
+     "images with 1%% labels), so it takes several times fewer steps than the SimCLRv2 distillation on 60,000; "
+     "the rows 'with the SimCLRv2 distillation's budget' train it for as many images seen (ceil(%s x 60000 / "
+     "selection) epochs)." % (", ".join(seeds), pt, de, ft, ft10, de), "",
      "| model | " + " | ".join(f"{f} labels" for f in fracs) + " | wall s / run (%s) |" % " / ".join(fracs),
      "|---|" + "---|" * len(fracs) + "---|"]
 for name, prefix in rows:
@@ -207,6 +237,12 @@ for f, dname in [(f, d) for f in fracs for d in ("distill-resnet8", "distill1-re
         sel = "ft_proj_selector 1" if dname.startswith("distill1") else "ft_proj_selector 0"
         L.append("- %s labels: the distilled resnet8 (%s) is %+.2f points from resnet8 on the labels alone (%s one "
                  "std of %.2f)." % (f, sel, gap, "beyond" if abs(gap) > sd else "within", sd))
+for f in fracs:
+    a, b = vals("ft-resnet20", f), vals("sup-resnet8", f)
+    if len(a) > 1 and len(b) > 1:
+        L.append("- %s labels: the fine-tuned resnet20 teacher is %+.2f points from resnet8 on the labels alone; "
+                 "a student distilled without labels can at best approach its teacher." % (
+                     f, statistics.mean(a) - statistics.mean(b)))
 L += ["", "Commands: `PT_EPOCHS=%s D_EPOCHS=%s FT_EPOCHS=%s FT_EPOCHS_10=%s EVAL_EVERY=%s SSLD_FT_EPOCHS=%s SEEDS=\"%s\" "
       "FRACS=\"%s\" bash tools/few_labels.sh` (each step's command line is in runs/few_labels/log.txt; README "
       "\"Few labels\" lists them)." % (pt, de, ft, ft10, ev, sft, " ".join(seeds), " ".join(fracs)),
