@@ -262,3 +262,25 @@ void kd__flags_help(FILE *fp, const kd__flag *tab, int n, const void *defaults, 
         fputc('\n', fp);
     }
 }
+
+int kd__flags_run(const char *cmd, const kd__flag *tab, int n, int argc, char **argv, void *opts,
+                  const void *defaults, const char *about) {
+    unsigned char *given = malloc((size_t)n + 1);
+    if (!given) {
+        fprintf(stderr, "kd %s: out of memory\n", cmd);
+        return 1;
+    }
+    int r = kd__flags_parse(cmd, tab, n, argc, argv, opts, given);
+    if (r == KD__FLAGS_HELP) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "usage: kd %s", cmd);
+        kd__flags_usage(stdout, prefix, tab, n, 0, 0);
+        printf("\n%s\n", about);
+        kd__flags_help(stdout, tab, n, defaults, 0, 1);
+        r = 0;
+    } else if (r == KD__FLAGS_GO_ON) {
+        r = kd__flags_check(cmd, tab, n, given, 0, NULL);
+    }
+    free(given);
+    return r;
+}

@@ -105,4 +105,12 @@ void kd__flags_usage(FILE *fp, const char *prefix, const kd__flag *tab, int n, u
  * struct holding them), the help wrapped and aligned for the whole table. */
 void kd__flags_help(FILE *fp, const kd__flag *tab, int n, const void *defaults, unsigned modes, int all);
 
+/* The whole flag handling of a command without modes: parse into opts;
+ * --help prints the usage line ("usage: kd cmd ..."), about (a paragraph)
+ * and the flag lines with the defaults of `defaults`, and returns 0; a
+ * missing required flag or a bad flag prints one line and returns 2.
+ * Returns KD__FLAGS_GO_ON when the command should run. */
+int kd__flags_run(const char *cmd, const kd__flag *tab, int n, int argc, char **argv, void *opts,
+                  const void *defaults, const char *about);
+
 #endif

@@ -641,22 +641,16 @@ static const kd__flag kd__select_flags[] = {
 static int kd__cmd_select(int argc, char **argv) {
     kd_select_cfg c;
     kd__select_defaults(&c);
-    unsigned char given[KD__SELECT_NFLAGS];
-    int r = kd__flags_parse("select", kd__select_flags, KD__SELECT_NFLAGS, argc, argv, &c, given);
-    if (r == KD__FLAGS_HELP) {
-        kd_select_cfg d;
-        kd__select_defaults(&d);
-        kd__flags_usage(stdout, "usage: kd select", kd__select_flags, KD__SELECT_NFLAGS, 0, 0);
-        printf("\nSSLD's data selection: the teacher scores every training image outside the label subset\n"
-               "(--labels, seeded by --seed as in kd train) and, with --unlabeled, every image of that\n"
-               "source (e.g. stl10:DIR's unlabeled_X.bin), numbered after the training split's; for each\n"
-               "class the K images with the highest probability of that class are kept. FILE gets them and\n"
-               "the labeled images, one dataset index per line: the train_indices of `kd distill --method\n"
-               "ssld --train-indices FILE --labels SPEC --seed N [--unlabeled SPEC]`.\n\n");
-        kd__flags_help(stdout, kd__select_flags, KD__SELECT_NFLAGS, &d, 0, 1);
-        return 0;
-    }
-    if (r == KD__FLAGS_GO_ON) r = kd__flags_check("select", kd__select_flags, KD__SELECT_NFLAGS, given, 0, NULL);
+    kd_select_cfg d;
+    kd__select_defaults(&d);
+    int r = kd__flags_run(
+        "select", kd__select_flags, KD__SELECT_NFLAGS, argc, argv, &c, &d,
+        "SSLD's data selection: the teacher scores every training image outside the label subset\n"
+        "(--labels, seeded by --seed as in kd train) and, with --unlabeled, every image of that\n"
+        "source (e.g. stl10:DIR's unlabeled_X.bin), numbered after the training split's; for each\n"
+        "class the K images with the highest probability of that class are kept. FILE gets them and\n"
+        "the labeled images, one dataset index per line: the train_indices of `kd distill --method\n"
+        "ssld --train-indices FILE --labels SPEC --seed N [--unlabeled SPEC]`.\n");
     if (r != KD__FLAGS_GO_ON) return r;
     kd_select_result res;
     if (kd_select_run(&c, &res) != KD_OK) {
@@ -684,19 +678,13 @@ static const kd__flag kd__export_flags[] = {
 
 static int kd__cmd_export(int argc, char **argv) {
     kd__export_opts o = {.ema = 0};
-    unsigned char given[KD__EXPORT_NFLAGS];
-    int r = kd__flags_parse("export", kd__export_flags, KD__EXPORT_NFLAGS, argc, argv, &o, given);
-    if (r == KD__FLAGS_HELP) {
-        const kd__export_opts d = {.ema = 0};
-        kd__flags_usage(stdout, "usage: kd export", kd__export_flags, KD__EXPORT_NFLAGS, 0, 0);
-        printf("\nWrites the model of a checkpoint (RUN_DIR: its last.safetensors) alone: its tensors under\n"
-               "PyTorch's state_dict names and the model metadata, without the optimiser state, the\n"
-               "method's tensors or the EMA copy, for model.load_state_dict(strict=True) or kd eval.\n"
-               "--ema exports the EMA copy instead (MoCo's key encoder, a DINO/EsViT teacher).\n\n");
-        kd__flags_help(stdout, kd__export_flags, KD__EXPORT_NFLAGS, &d, 0, 1);
-        return 0;
-    }
-    if (r == KD__FLAGS_GO_ON) r = kd__flags_check("export", kd__export_flags, KD__EXPORT_NFLAGS, given, 0, NULL);
+    const kd__export_opts d = {.ema = 0};
+    int r = kd__flags_run(
+        "export", kd__export_flags, KD__EXPORT_NFLAGS, argc, argv, &o, &d,
+        "Writes the model of a checkpoint (RUN_DIR: its last.safetensors) alone: its tensors under\n"
+        "PyTorch's state_dict names and the model metadata, without the optimiser state, the\n"
+        "method's tensors or the EMA copy, for model.load_state_dict(strict=True) or kd eval.\n"
+        "--ema exports the EMA copy instead (MoCo's key encoder, a DINO/EsViT teacher).\n");
     if (r != KD__FLAGS_GO_ON) return r;
     char *ckpt = o.ckpt, *out = o.out;
     int ema = o.ema;
