@@ -23,6 +23,7 @@
  */
 #include "testutil.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -303,6 +304,9 @@ static void test_nograd_forward_peak(void **state) {
     kd_model_free(m);
 }
 
+/* The precision of the trainer's graph in train_steps. */
+static kd_dtype g_precision = KD_F32;
+
 typedef struct {
     float loss[3];
     size_t peak, heap_after_second, heap_end;
@@ -356,7 +360,7 @@ static run_result train_steps(const char *arch, const char *teacher, int flags, 
         }
         kd_sched sc = {.kind = KD_SCHED_CONSTANT, .base_lr = 0.05f, .epochs = 1};
         kd_trainer_cfg tc = {.student = m, .teacher = t, .method = dc, .optim = oc, .sched = sc,
-                             .be = kd_backend_default(), .precision = KD_F32, .in_channels = 3,
+                             .be = kd_backend_default(), .precision = g_precision, .in_channels = 3,
                              .height = (int)hw, .width = (int)hw, .num_classes = 10, .n_train = N, .seed = 5};
         KD_ASSERT_OK(kd_trainer_init(&tr, &tc));
         g = kd_trainer_graph(tr);
@@ -422,6 +426,39 @@ static void check_training(const char *arch, const char *teacher, int flags, int
                  on.heap_end - on.heap_after_second);
 }
 
+/* Precision bf16 keeps activations in bf16 (conv, BN, ReLU and residual
+ * outputs): the arena peak of resnet8 training steps, and of a KD step with
+ * a no-grad resnet8x4 teacher, must be at least 25% below float32's, with
+ * losses within bf16 rounding of float32's and nothing allocated on the heap
+ * once the arena is one block. */
+static void test_train_bf16_peak(void **state) {
+    (void)state;
+    kd_backend *be = kd_backend_default();
+    if (!be->bf16) {
+        fprintf(stderr, "  backend %s has no native bf16 on this CPU: skipped\n", be->name);
+        skip();
+    }
+    const char *teachers[2] = {NULL, "resnet8x4"};
+    for (int k = 0; k < 2; k++) {
+        run_result r[2];
+        for (int bf = 0; bf < 2; bf++) {
+            g_precision = bf ? KD_BF16 : KD_F32;
+            r[bf] = train_steps("resnet8", teachers[k], 0, 32, 1);
+        }
+        g_precision = KD_F32;
+        fprintf(stderr, "  resnet8%s%s: arena peak f32 %.2f MiB, bf16 %.2f MiB; losses %.5f %.5f / %.5f %.5f\n",
+                teachers[k] ? " <- " : "", teachers[k] ? teachers[k] : "", r[0].peak / 1048576.0,
+                r[1].peak / 1048576.0, r[0].loss[0], r[0].loss[2], r[1].loss[0], r[1].loss[2]);
+        if (r[1].peak * 4 > r[0].peak * 3)
+            fail_msg("bf16 arena peak %zu is not 25%% below float32's %zu", r[1].peak, r[0].peak);
+        for (int s = 0; s < 3; s++)
+            if (!(fabsf(r[1].loss[s] - r[0].loss[s]) <= 0.02f * fabsf(r[0].loss[s])))
+                fail_msg("step %d: bf16 loss %.6g against float32 %.6g", s, r[1].loss[s], r[0].loss[s]);
+        if (r[1].heap_end != r[1].heap_after_second)
+            fail_msg("bf16: %zu heap allocations in the third step", r[1].heap_end - r[1].heap_after_second);
+    }
+}
+
 static void test_train_resnet8(void **state) {
     (void)state;
     check_training("resnet8", NULL, 0, 32);
@@ -453,6 +490,7 @@ int main(void) {
         cmocka_unit_test(test_scope_retention),
         cmocka_unit_test(test_nograd_forward_peak),
         cmocka_unit_test(test_train_resnet8),
+        cmocka_unit_test(test_train_bf16_peak),
         cmocka_unit_test(test_train_mobile_half),
         cmocka_unit_test(test_train_shufflev2_wrn_preact),
         cmocka_unit_test(test_distill_step),

@@ -79,7 +79,8 @@ typedef enum {
     KD_OP_MUL_CHANNEL,   /* x (N, C, H, W) * s (N, C) or (N, 1) broadcast over H, W */
     KD_OP_TO_STRIDED,    /* layout conversion (values unchanged): NCHW16C -> strided
                           * before ops that need plain tensors (and the reverse for
-                          * kd_graph_to_blocked); the backward reorders the gradient */
+                          * kd_graph_to_blocked), and bf16 activations widened to
+                          * float32; the backward reorders the gradient */
     KD_OP_FUNCTION,      /* a kd_function: plain-C forward and backward given by the caller */
     /* Transformer ops (Swin, DINO heads). */
     KD_OP_LAYERNORM,     /* over the last axis, affine (PyTorch nn.LayerNorm) */
@@ -138,11 +139,13 @@ kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x);
 kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
 
 /* Compute precision of the graph's convolutions: KD_F32 (default) or KD_BF16
- * (bf16 multiplies, float32 accumulation; activations, gradients and the
- * parameters stay float32, so the optimiser keeps float32 master weights).
+ * (bf16 multiplies, float32 accumulation). In a bf16 graph blocked conv
+ * outputs are bf16 activations (KD_BF16, NCHW16C), which batch norm, ReLU /
+ * leaky ReLU and the add of two of them keep; every other op widens them to
+ * float32 first (kd_graph_to_strided gives float32 too). Gradients and the
+ * parameters stay float32, so the optimiser keeps float32 master weights.
  * KD_BF16 needs a backend with native bf16 (`be->bf16`): otherwise
- * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. Every
- * other op runs in float32 either way. */
+ * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. */
 kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute);
 kd_dtype kd_graph_precision(const kd_graph *g);
 

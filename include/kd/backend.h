@@ -39,9 +39,11 @@ typedef struct {
     int64_t dilation[2]; /* (h, w); 1 = dense */
     int64_t groups;
     /* Compute precision: 0 float32; 1 bfloat16 multiplies with float32
-     * accumulation (backends whose `bf16` is 1). Operands and results stay
-     * float32 in memory: the kernel rounds x (dy) and w to bf16 on the way
-     * in and writes float32 y, dx, dw. Backends without bf16 ignore it. */
+     * accumulation (backends whose `bf16` is 1). The kernel rounds float32
+     * x (dy) and w to bf16 on the way in and writes float32 dx, dw. x may
+     * be a bf16 activation (KD_BF16, NCHW16C), read as it is, and y may be
+     * one (written in bf16; by a float32 conv, rounded once). Backends
+     * without bf16 ignore the flag and never see bf16 tensors. */
     int bf16;
 } kd_conv2d_params;
 
@@ -76,7 +78,9 @@ struct kd_backend {
     int blocked_channels;
     /* 1 when conv2d kernels honour kd_conv2d_params.bf16 with native bf16
      * arithmetic (oneDNN on AVX-512-BF16 or AMX); set when the backend is
-     * first looked up. */
+     * first looked up. Such a backend also takes bf16 activations (KD_BF16,
+     * NCHW16C) as conv x and y, batch-norm x and y (float32 statistics and
+     * gradients) and ReLU x, y and backward src (float32 dy, dx). */
     int bf16;
 
     /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */

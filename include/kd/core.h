@@ -135,6 +135,26 @@ void kd_layout_to_nchw16c(float *dst, const float *src, int64_t N, int64_t C, in
                           int accumulate);
 void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
                           int accumulate);
+/* bfloat16 <-> float32 on raw buffers of n values. To bf16: round to
+ * nearest even, as PyTorch's .to(torch.bfloat16) and oneDNN; float32
+ * denormals (below 1.2e-38) become signed zeros, as vcvtneps2bf16 makes
+ * them, so that the vector path (AVX-512-BF16, picked at run time) and the
+ * scalar one give the same bits; a NaN stays a quiet NaN. To float32:
+ * exact. OpenMP over fixed blocks; deterministic. */
+void kd_bf16_from_f32(uint16_t *dst, const float *src, int64_t n);
+void kd_bf16_to_f32(float *dst, const uint16_t *src, int64_t n);
+static inline float kd_bf16_value(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+static inline uint16_t kd_bf16_round(float f) {
+    union { float f; uint32_t u; } v = {f};
+    uint32_t a = v.u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u); /* quiet NaN */
+    if (a < 0x00800000u) return (uint16_t)((v.u >> 16) & 0x8000u); /* denormal: signed zero */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
 /* Offset of element (n, c, hw) of a 4-d (N, C, H*W) tensor in `layout`. */
 static inline int64_t kd_layout_offset(kd_layout layout, int64_t n, int64_t c, int64_t hw,
                                        int64_t C, int64_t HW) {

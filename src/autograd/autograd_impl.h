@@ -199,9 +199,22 @@ int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor
 /* Same, but a KD_LAYOUT_NCHW16C tensor passes too (ops that keep layouts). */
 int kd__check_f32_any(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
 static inline int kd__blocked(const kd_tensor *t) { return t && t->layout == KD_LAYOUT_NCHW16C; }
-/* x converted to strided (a recorded KD_OP_TO_STRIDED node) when blocked,
- * else x; NULL stays NULL (and a failure returns NULL with the status set). */
+/* A bf16 activation: what convolutions of a bf16 graph write (always
+ * NCHW16C) and batch norm, ReLU / leaky ReLU and add keep. Every other op
+ * widens it to float32 first (kd__to_f32, kd__to_strided). */
+static inline int kd__bf16_act(const kd_tensor *t) {
+    return t && t->dtype == KD_BF16 && t->layout == KD_LAYOUT_NCHW16C;
+}
+/* kd__check_f32_any, or a bf16 activation (the ops that keep those). */
+int kd__check_act(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
+/* x converted to strided float32 (a recorded KD_OP_TO_STRIDED node) when
+ * blocked, else x; NULL stays NULL (and a failure returns NULL with the
+ * status set). */
 kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x);
+/* A bf16 activation x widened to float32 in its layout (a recorded
+ * KD_OP_TO_STRIDED node), else x: what ops without bf16 kernels call on
+ * inputs that may be activations. */
+kd_tensor *kd__to_f32(kd_graph *g, kd_tensor *x);
 /* 1 when ops of g may produce NCHW16C tensors of C channels. */
 int kd__blocked_ok(const kd_graph *g, int64_t C);
 /* Arena tensor in `layout` (KD_LAYOUT_NCHW16C: 4-d, C % 16 == 0, strides 0). */

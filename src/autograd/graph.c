@@ -379,6 +379,11 @@ int kd__check_f32_any(kd_graph *g, const char *op, const char *what, const kd_te
     return kd__check_f32(g, op, what, t);
 }
 
+int kd__check_act(kd_graph *g, const char *op, const char *what, const kd_tensor *t) {
+    if (kd__bf16_act(t)) return 1;
+    return kd__check_f32_any(g, op, what, t);
+}
+
 void *kd__scratch(kd_graph *g, size_t bytes) {
     void *p = kd_arena_alloc(g->arena, bytes);
     if (!p) kd__fail(g, kd_error(KD_ERR_NOMEM, "out of memory: the graph arena cannot grow by "
@@ -522,21 +527,40 @@ int kd__blocked_ok(const kd_graph *g, int64_t C) {
 
 /* ------------------------------------------------------ layout conversion */
 
-/* x reordered into `layout` (strided or NCHW16C), recorded as a
- * KD_OP_TO_STRIDED node whose backward reorders the gradient back. */
+/* x as a float32 tensor in `layout` (strided or NCHW16C): reordered, and
+ * widened when x is a bf16 activation; recorded as a KD_OP_TO_STRIDED node
+ * whose backward brings the gradient back to x's layout. */
 static kd_tensor *kd__relayout(kd_graph *g, kd_tensor *x, kd_layout layout) {
-    if (x->dtype != KD_F32 || x->ndim != 4 || x->shape[1] % KD_LAYOUT_BLOCK)
+    if ((x->dtype != KD_F32 && !kd__bf16_act(x)) || x->ndim != 4 || x->shape[1] % KD_LAYOUT_BLOCK)
         return kd__fail(g, kd_error(KD_ERR_INVALID, "to_strided: a blocked tensor must be a "
-                                                    "4-d float32 tensor with C %% 16 == 0"));
+                                                    "4-d float32 or bf16 tensor with C %% 16 == 0"));
     kd_tensor *y = kd__new_lay(g, KD_F32, 4, x->shape, layout);
     if (!y) return NULL;
     int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
-    if (layout == KD_LAYOUT_NCHW16C)
-        kd_layout_to_nchw16c(kd_f32(y), kd_f32(x), N, C, HW, 0);
-    else
-        kd_layout_to_strided(kd_f32(y), kd_f32(x), N, C, HW, 0);
+    const float *src = kd_f32(x);
+    kd_tensor *wide = NULL;
+    if (x->dtype == KD_BF16) {
+        if (layout == x->layout) {
+            kd_bf16_to_f32(kd_f32(y), (const uint16_t *)x->data, kd_tensor_numel(x));
+            src = NULL;
+        } else {
+            if (!(wide = kd__tmp_like(g, x))) return NULL;
+            kd_bf16_to_f32(kd_f32(wide), (const uint16_t *)x->data, kd_tensor_numel(x));
+            src = kd_f32(wide);
+        }
+    }
+    if (src && layout == KD_LAYOUT_NCHW16C)
+        kd_layout_to_nchw16c(kd_f32(y), src, N, C, HW, 0);
+    else if (src)
+        kd_layout_to_strided(kd_f32(y), src, N, C, HW, 0);
+    kd__tmp_free(g, wide);
     kd__record(g, KD_OP_TO_STRIDED, y, 1, &x);
     return g->status == KD_OK ? y : NULL;
+}
+
+kd_tensor *kd__to_f32(kd_graph *g, kd_tensor *x) {
+    if (!x || g->status != KD_OK || x->dtype != KD_BF16) return x;
+    return kd__relayout(g, x, x->layout);
 }
 
 kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x) {
@@ -565,7 +589,9 @@ kd_status kd__to_strided_backward(kd_graph *g, kd__node *n) {
     kd_tensor *dx = kd__grad(g, x, &acc);
     if (!dx) return g->status;
     int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
-    if (x->layout == KD_LAYOUT_NCHW16C)
+    if (x->layout == dy->layout) /* a bf16 activation widened in place */
+        kd__axpy(kd_f32(dx), kd_f32(dy), 1.0f, kd_tensor_numel(dx), acc);
+    else if (x->layout == KD_LAYOUT_NCHW16C)
         kd_layout_to_nchw16c(kd_f32(dx), kd_f32(dy), N, C, HW, acc);
     else
         kd_layout_to_strided(kd_f32(dx), kd_f32(dy), N, C, HW, acc);

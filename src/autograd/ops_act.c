@@ -55,7 +55,7 @@ static inline float kd__relu6f(float v) { return fminf(fmaxf(v, 0.0f), 6.0f); }
 
 static kd_tensor *kd__act(kd_graph *g, kd_op op, const char *name, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
-    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, name, "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(x);
@@ -148,6 +148,7 @@ kd_tensor *kd_mul_channel(kd_graph *g, kd_tensor *x, kd_tensor *s) {
     kd_tensor *in[2] = {x, s};
     char bx[96], bs[96];
     if (!g || !kd__ok_inputs(g, "mul_channel", 2, in)) return NULL;
+    if (!(x = in[0] = kd__to_f32(g, x))) return NULL;
     if (!kd__check_f32_any(g, "mul_channel", "x", x) || !kd__check_f32(g, "mul_channel", "s", s))
         return NULL;
     if (x->ndim < 2 || s->ndim != 2 || s->shape[0] != x->shape[0] ||

@@ -470,7 +470,7 @@ kd_tensor *kd_drop_path(kd_graph *g, kd_tensor *x, float p, int training) {
         return kd__fail(g, kd_error(KD_ERR_INVALID, "drop_path: probability %g is outside [0, 1]",
                                     (double)p));
     if (!training || p == 0.0f) return x;
-    if (!kd__check_f32_any(g, "drop_path", "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, "drop_path", "input", x)) return NULL;
     if (x->ndim < 1)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "drop_path: input is a scalar (samples are "
                                                   "indexed along axis 0)"));

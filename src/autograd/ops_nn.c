@@ -20,7 +20,7 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     char bx[96], bw[96];
     if (!g || !kd__ok_inputs(g, "conv2d", 2, in)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "conv2d: params are NULL"));
-    if (!kd__check_f32_any(g, "conv2d", "input", x) || !kd__check_f32(g, "conv2d", "weight", w) ||
+    if (!kd__check_act(g, "conv2d", "input", x) || !kd__check_f32(g, "conv2d", "weight", w) ||
         (b && !kd__check_f32(g, "conv2d", "bias", b)))
         return NULL;
     if (x->ndim != 4)
@@ -82,17 +82,19 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     } else if (blk && !kd__blocked(x) && C > 8) {
         blk = 0; /* plain to plain (oneDNN's GEMM convolution), not its reference kernel */
     }
-    int64_t ys[4] = {N, O, OH, OW};
-    kd_tensor *y = kd__new_lay(g, KD_F32, 4, ys, blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
-    if (!y) return NULL;
     kd_conv2d_params pc = *p;
     /* bf16 precision: every convolution but those reading fewer than
      * KD_LAYOUT_BLOCK channels, the stems on 1- or 3-channel images, which
      * stay float32: raw pixels lose most to rounding (Fashion-MNIST resnet8,
      * 3 epochs, 3 seeds: training -0.54 -> -0.38 and KD -0.23 -> +0.07
      * points from float32; docs/RESULTS.md), and they are a few percent of
-     * the work. */
+     * the work. In a bf16 graph every blocked output, a stem's included,
+     * is a bf16 activation (half the bytes kept for the backward). */
     pc.bf16 = g->conv_bf16 && C >= KD_LAYOUT_BLOCK;
+    int64_t ys[4] = {N, O, OH, OW};
+    kd_tensor *y = kd__new_lay(g, g->conv_bf16 && blk ? KD_BF16 : KD_F32, 4, ys,
+                               blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
+    if (!y) return NULL;
     kd_status s = g->be->conv2d_forward(g->be, &pc, x, w, b, y);
     if (s != KD_OK) return kd__fail(g, s);
     kd__node *n = kd__record(g, KD_OP_CONV2D, y, 3, in);
@@ -247,7 +249,14 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     char bx[96];
     if (!g || !kd__ok_inputs(g, "batchnorm", 1, in)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "batchnorm: params are NULL"));
-    if (!kd__check_f32_any(g, "batchnorm", "input", x)) return NULL;
+    /* A bf16 activation stays bf16 through a training-mode batch norm and
+     * through forwards that record nothing (a teacher); the others (eval
+     * mode with gradients, whose rule reads x as float32, synchronised
+     * statistics) widen it first. */
+    if (kd__bf16_act(x) && !((p->training && !g->bn_sum) || !g->grad_enabled)) {
+        if (!(x = in[0] = kd__to_f32(g, x))) return NULL;
+    }
+    if (!kd__check_act(g, "batchnorm", "input", x)) return NULL;
     if (x->ndim < 2 || x->ndim > 4)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "batchnorm: input %s must be (N, C), "
                                                   "(N, C, L) or (N, C, H, W)", SHP(x, bx)));
@@ -268,7 +277,7 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
     kd_tensor *bt = beta ? beta : kd__filled(g, C, 0.0f);
     kd_tensor *rm = running_mean ? running_mean : kd__filled(g, C, 0.0f);
     kd_tensor *rv = running_var ? running_var : kd__filled(g, C, 1.0f);
-    kd_tensor *y = kd__new_like(g, x);
+    kd_tensor *y = kd__new_lay(g, x->dtype, x->ndim, x->shape, x->layout);
     kd_tensor *smean = kd__new(g, KD_F32, 1, &C), *srstd = kd__new(g, KD_F32, 1, &C);
     if (!gm || !bt || !rm || !rv || !y || !smean || !srstd) return NULL;
     int view = x->ndim == 3;
@@ -605,8 +614,10 @@ kd_status kd__matmul_backward(kd_graph *g, kd__node *n) {
 static kd_tensor *kd__eltwise(kd_graph *g, kd_op op, const char *name, kd_eltwise_kind kind,
                               float alpha, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
-    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
-    kd_tensor *y = kd__new_like(g, x);
+    /* ReLU and leaky ReLU keep bf16 activations; exp and log widen them. */
+    if (kind != KD_ELTWISE_RELU && !(x = kd__to_f32(g, x))) return NULL;
+    if (!kd__check_act(g, name, "input", x)) return NULL;
+    kd_tensor *y = kd__new_lay(g, x->dtype, x->ndim, x->shape, x->layout);
     if (!y) return NULL;
     kd_status s = g->be->eltwise_forward(g->be, kind, alpha, x, y);
     if (s != KD_OK) return kd__fail(g, s);
@@ -663,7 +674,7 @@ kd_tensor *kd_pool2d(kd_graph *g, kd_tensor *x, const kd_pool2d_params *p) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
     if (!p) return kd__fail(g, kd_error(KD_ERR_INVALID, "pool2d: params are NULL"));
-    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, name, "input", x)) return NULL;
     if (x->ndim != 4)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "%s: input %s must be 4-d (N, C, H, W)", name,
                                     SHP(x, bx)));
@@ -727,7 +738,7 @@ kd_status kd__pool2d_backward(kd_graph *g, kd__node *n) {
 kd_tensor *kd_global_avgpool(kd_graph *g, kd_tensor *x) {
     char bx[96];
     if (!g || !kd__ok_inputs(g, "global_avgpool", 1, &x)) return NULL;
-    if (!kd__check_f32_any(g, "global_avgpool", "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, "global_avgpool", "input", x)) return NULL;
     if (x->ndim != 4 || x->shape[2] * x->shape[3] == 0)
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "global_avgpool: input %s must be 4-d "
                                                   "(N, C, H, W) with H, W > 0", SHP(x, bx)));

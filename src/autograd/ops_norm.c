@@ -106,7 +106,7 @@ kd_status kd__layernorm_backward(kd_graph *g, kd__node *n) {
 
 kd_tensor *kd_gelu(kd_graph *g, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, "gelu", 1, &x)) return NULL;
-    if (!kd__check_f32_any(g, "gelu", "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, "gelu", "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     if (kd_tensor_numel(x) > 0) {

@@ -23,13 +23,26 @@ static kd_tensor *kd__binary(kd_graph *g, kd_op op, const char *name, kd_tensor 
         if (!(a = in[0] = kd__to_strided(g, a)) || !(b = in[1] = kd__to_strided(g, b)))
             return NULL;
     }
-    if (!kd__check_f32_any(g, name, "a", a) || !kd__check_f32_any(g, name, "b", b)) return NULL;
+    /* Two bf16 activations add in bf16 (a residual sum); otherwise bf16
+     * operands are widened. */
+    const int b16 = op == KD_OP_ADD && kd__bf16_act(a) && kd__bf16_act(b);
+    if (!b16 && (!(a = in[0] = kd__to_f32(g, a)) || !(b = in[1] = kd__to_f32(g, b)))) return NULL;
+    if (!kd__check_act(g, name, "a", a) || !kd__check_act(g, name, "b", b)) return NULL;
     if (!kd_tensor_same_shape(a, b))
         return kd__fail(g, kd_error(KD_ERR_SHAPE, "%s: shapes %s and %s differ", name,
                                     SHP(a, ba), SHP(b, bb)));
-    kd_tensor *y = kd__new_like(g, a);
+    kd_tensor *y = kd__new_lay(g, a->dtype, a->ndim, a->shape, a->layout);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(a);
+    if (b16) {
+        /* bf16(float(a) + float(b)): the float32 sum rounded once. */
+        const uint16_t *restrict h0 = a->data, *restrict h1 = b->data;
+        uint16_t *restrict hy = y->data;
+#pragma omp parallel for simd schedule(static) if (n >= KD__PAR_MIN)
+        for (int64_t i = 0; i < n; i++) hy[i] = kd_bf16_round(kd_bf16_value(h0[i]) + kd_bf16_value(h1[i]));
+        kd__record(g, op, y, 2, in);
+        return g->status == KD_OK ? y : NULL;
+    }
     const float *restrict x0 = kd_f32(a), *restrict x1 = kd_f32(b);
     float *restrict yd = kd_f32(y);
     /* simd: -O2 does not vectorise loops it cannot prove alias-free. */
@@ -92,7 +105,7 @@ kd_status kd__mul_backward(kd_graph *g, kd__node *n) {
 
 kd_tensor *kd_scale(kd_graph *g, kd_tensor *x, float s) {
     if (!g || !kd__ok_inputs(g, "scale", 1, &x)) return NULL;
-    if (!kd__check_f32_any(g, "scale", "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, "scale", "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     kd__axpy(kd_f32(y), kd_f32(x), s, kd_tensor_numel(x), 0);
@@ -397,7 +410,7 @@ kd_status kd__slice_backward(kd_graph *g, kd__node *n) {
 static kd_tensor *kd__reduce(kd_graph *g, kd_op op, const char *name, kd_tensor *x) {
     if (!g || !kd__ok_inputs(g, name, 1, &x)) return NULL;
     /* A sum over every element reads any layout (the gradient is uniform). */
-    if (!kd__check_f32_any(g, name, "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, name, "input", x)) return NULL;
     kd_tensor *y = kd__new(g, KD_F32, 0, NULL);
     if (!y) return NULL;
     int64_t n = kd_tensor_numel(x);
@@ -477,7 +490,7 @@ kd_tensor *kd_dropout(kd_graph *g, kd_tensor *x, float p, int training) {
         return kd__fail(g, kd_error(KD_ERR_INVALID, "dropout: probability %g is outside [0, 1]",
                                     (double)p));
     if (!training || p == 0.0f) return x;
-    if (!kd__check_f32_any(g, "dropout", "input", x)) return NULL;
+    if (!(x = kd__to_f32(g, x)) || !kd__check_f32_any(g, "dropout", "input", x)) return NULL;
     kd_tensor *y = kd__new_like(g, x);
     if (!y) return NULL;
     uint64_t key = kd_rng_key(g->step_key, g->n_dropout++);

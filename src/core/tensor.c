@@ -160,3 +160,58 @@ void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, in
         }
     }
 }
+
+/* ------------------------------------------------------ bfloat16 conversion */
+
+#define KD__CVT_BLOCK 4096 /* values per OpenMP work item */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KD__HAVE_BF16_JIT 1
+#include <immintrin.h>
+/* 16 values at a time with vcvtneps2bf16 (round to nearest even, denormals
+ * to zero, quiet NaNs: the bits of kd_bf16_round). */
+__attribute__((target("avx512f,avx512bf16"))) static void kd__bf16_from_f32_avx(uint16_t *dst,
+                                                                                 const float *src,
+                                                                                 int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+        _mm256_storeu_si256((__m256i *)(void *)(dst + i), (__m256i)h);
+    }
+    for (; i < n; i++) dst[i] = kd_bf16_round(src[i]);
+}
+#endif
+
+static int kd__bf16_native(void) {
+#ifdef KD__HAVE_BF16_JIT
+    __builtin_cpu_init(); /* idempotent; needed before constructors have run */
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+void kd_bf16_from_f32(uint16_t *dst, const float *src, int64_t n) {
+    const int64_t nb = (n + KD__CVT_BLOCK - 1) / KD__CVT_BLOCK;
+    const int native = kd__bf16_native();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t i = b * KD__CVT_BLOCK, m = n - i < KD__CVT_BLOCK ? n - i : KD__CVT_BLOCK;
+#ifdef KD__HAVE_BF16_JIT
+        if (native) {
+            kd__bf16_from_f32_avx(dst + i, src + i, m);
+            continue;
+        }
+#endif
+        (void)native;
+        for (int64_t j = 0; j < m; j++) dst[i + j] = kd_bf16_round(src[i + j]);
+    }
+}
+
+void kd_bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t v = (uint32_t)src[i] << 16;
+        memcpy(&dst[i], &v, sizeof v);
+    }
+}

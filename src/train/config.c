@@ -82,7 +82,7 @@ static const kd__setting kd__settings[] = {
     KD__S("seed", KD__T_U64, seed, "random seed (weights, data order, augmentation)"),
     KD__S("threads", KD__T_INT, threads, "compute threads (0: all cores)"),
     KD__S("backend", KD__T_STR, backend, "compute backend: cpu (oneDNN) or ref (plain C)"),
-    KD__S("precision", KD__T_STR, precision, "convolution arithmetic: f32, or bf16 (AVX-512-BF16/AMX; float32 weights, activations, evaluation and stems on fewer than 16 channels)"),
+    KD__S("precision", KD__T_STR, precision, "convolution arithmetic and activations: f32, or bf16 (AVX-512-BF16/AMX; float32 weights, gradients, evaluation and stems on fewer than 16 channels)"),
     KD__S("out", KD__T_STR, out, "run directory"),
     KD__S("progress", KD__T_INT, progress, "-1: bar on a terminal; 0: log lines; 1: bar"),
     KD__S("log_every", KD__T_INT, log_every, "steps between step records in metrics.jsonl (0: none)"),

@@ -1,9 +1,11 @@
 /* Convolutions on oneDNN (dnnl_impl.h): forward, backward data and backward
  * weights (+ bias), activations in their tensors' layouts (plain NCHW or
  * NCHW16C), weights kd's OIHW reordered to and from the format oneDNN picks
- * (format_tag_any) through a cached reorder; bf16 operands converted in
- * scratch with float32 results (--precision bf16); configurations oneDNN
- * rejects on the ref kernels. */
+ * (format_tag_any) through a cached reorder. Precision bf16: the kernels
+ * read bf16 operands (float32 ones are rounded in scratch; bf16 activations,
+ * which are always NCHW16C, are read as they are) and write float32
+ * gradients; the forward writes a bf16 y when y is a bf16 tensor.
+ * Configurations oneDNN rejects go to the ref kernels. */
 #include "backend/cpu/dnnl_impl.h"
 #include <string.h>
 
@@ -41,7 +43,10 @@ static kd_status ref_conv_bwd_weights(kd_backend *be, const kd_conv2d_params *p,
 typedef struct {
     int64_t N, C, H, W, O, KH, KW, OH, OW, G;
     int xb, yb; /* x (dx) / y (dy) in NCHW16C */
-    int bf16;   /* bf16 operands (converted in scratch), f32 results */
+    int x16;    /* x is a bf16 tensor */
+    int y16;    /* forward: y is a bf16 tensor (a bf16 kernel writes bf16; a
+                 * float32 one, a stem's, writes float32 in scratch, rounded) */
+    int bf16;   /* bf16 operands (float32 ones converted in scratch) */
     /* (h, w) in dnnl_dims_t, the array type oneDNN reads; dil is (dilation - 1). */
     dnnl_dims_t stride, pad_l, pad_r, dil;
 } conv_shape;
@@ -55,7 +60,9 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
     c->G = p->groups > 0 ? p->groups : 1;
     c->xb = blocked(x);
     c->yb = blocked(y);
-    c->bf16 = p->bf16 && kd__backend_cpu()->bf16 == 1;
+    c->x16 = x->dtype == KD_BF16;
+    c->y16 = y->dtype == KD_BF16;
+    c->bf16 = (p->bf16 && kd__backend_cpu()->bf16 == 1) || c->x16;
     int64_t in[2] = {c->H, c->W}, out[2] = {c->OH, c->OW}, k[2] = {c->KH, c->KW};
     for (int i = 0; i < 2; i++) {
         c->stride[i] = p->stride[i];
@@ -69,7 +76,7 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
 static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_bias) {
     kd__cpu_key_init(k, kind);
     k->flags = has_bias;
-    k->lay = c->xb | c->yb << 1 | c->bf16 << 2;
+    k->lay = c->xb | c->yb << 1 | c->bf16 << 2 | (c->bf16 && c->y16) << 3;
     int64_t v[] = {c->N, c->C, c->H, c->W, c->O, c->KH, c->KW, c->OH, c->OW, c->G,
                    c->stride[0], c->stride[1], c->pad_l[0], c->pad_l[1], c->dil[0], c->dil[1]};
     memcpy(k->d, v, sizeof v);
@@ -101,7 +108,8 @@ static dnnl_status_t conv_plain_wmd(const conv_shape *c, dnnl_memory_desc_t *wei
  * (O, C/G, KH, KW) or (G, O/G, C/G, KH, KW), bias (O), dst (N, O, OH, OW).
  * All float32, except in bf16 mode, where what the kernel reads is bf16
  * (forward: src, weights; backward data: diff_dst, weights; backward
- * weights: src, diff_dst) and what it writes stays float32. kind 0 gives the
+ * weights: src, diff_dst) and what it writes stays float32 but for a bf16
+ * forward y. kind 0 gives the
  * all-bf16 forward that backward pds are hinted with. */
 static dnnl_status_t conv_mds(const conv_shape *c, int kind, dnnl_memory_desc_t *src,
                               dnnl_memory_desc_t *wei, dnnl_memory_desc_t *bias,
@@ -112,7 +120,7 @@ static dnnl_status_t conv_mds(const conv_shape *c, int kind, dnnl_memory_desc_t 
     if (c->bf16) {
         ts = kind == PK_CONV_BWD_DATA ? dnnl_f32 : dnnl_bf16;
         tw = kind == PK_CONV_BWD_WEIGHTS ? dnnl_f32 : dnnl_bf16;
-        td = kind == PK_CONV_FWD ? dnnl_f32 : dnnl_bf16;
+        td = kind == PK_CONV_FWD ? (c->y16 ? dnnl_bf16 : dnnl_f32) : dnnl_bf16; /* bf16 kernels only */
     }
     dnnl_dims_t sd = {c->N, c->C, c->H, c->W}, dd = {c->N, c->O, c->OH, c->OW}, bd = {c->O};
     dnnl_status_t s = dnnl_memory_desc_init_by_tag(src, 4, sd, ts, src_tag);
@@ -238,26 +246,33 @@ static kd_status conv_fwd_locked(cpu_state *st, const kd_conv2d_params *p, const
     prim_entry *e;
     KD_TRY(conv_entry(st, PK_CONV_FWD, &c, b != NULL, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
-    int64_t nx = kd_tensor_numel(x);
-    KD_TRY(kd__cpu_scratch_reserve_for(st, e, c.bf16 ? bf16_floats(nx) : 0));
+    int64_t nx = kd_tensor_numel(x), ny = kd_tensor_numel(y);
+    const int cvt = c.bf16 && !c.x16;    /* a float32 x read as bf16 */
+    const int round_y = c.y16 && !c.bf16; /* a float32 kernel's y stored as bf16 */
+    size_t nxs = cvt ? bf16_floats(nx) : 0;
+    KD_TRY(kd__cpu_scratch_reserve_for(st, e, nxs + (round_y ? (size_t)ny : 0)));
     const void *xp = x->data, *wp = w->data;
-    if (c.bf16) {
+    void *yp = y->data;
+    if (cvt) {
         xp = kd__cpu_scratch_floats(st, e, 0);
-        kd__cpu_cvt_f32_bf16((uint16_t *)xp, kd_f32(x), nx);
+        kd_bf16_from_f32((uint16_t *)xp, kd_f32(x), nx);
     }
+    if (round_y) yp = kd__cpu_scratch_floats(st, e, nxs);
     if (e->wre) {
         wp = conv_wbuf(st, e);
         KD_TRY(conv_run_reorder(st, e, w->data, (void *)wp));
     }
-    exec_arg a[4] = {{DNNL_ARG_SRC, xp}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, y->data},
+    exec_arg a[4] = {{DNNL_ARG_SRC, xp}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, yp},
                      {DNNL_ARG_BIAS, b ? b->data : NULL}};
-    return kd__cpu_entry_execute(st, e, a, b ? 4 : 3);
+    KD_TRY(kd__cpu_entry_execute(st, e, a, b ? 4 : 3));
+    if (round_y) kd_bf16_from_f32((uint16_t *)y->data, (const float *)yp, ny);
+    return KD_OK;
 }
 
 kd_status kd__cpu_conv2d_forward(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,
                                  const kd_tensor *w, const kd_tensor *b, kd_tensor *y) {
-    if (!act_4d(x) || !plain_4d(w) || !act_4d(y) || (b && !plain_f32(b)) || p->groups < 1 ||
-        kd_tensor_numel(y) == 0 || kd_tensor_numel(x) == 0)
+    if (!act_4d_any(x) || !plain_4d(w) || !act_4d_any(y) || (b && !plain_f32(b)) ||
+        p->groups < 1 || kd_tensor_numel(y) == 0 || kd_tensor_numel(x) == 0)
         return ref_conv_fwd(be, p, x, w, b, y);
     int use_ref = 0;
     kd_status s;
@@ -282,7 +297,7 @@ static kd_status conv_bwd_data_locked(cpu_state *st, const kd_conv2d_params *p,
     const void *dyp = dy->data, *wp = w->data;
     if (c.bf16) {
         dyp = kd__cpu_scratch_floats(st, e, nacc);
-        kd__cpu_cvt_f32_bf16((uint16_t *)dyp, kd_f32(dy), ndy);
+        kd_bf16_from_f32((uint16_t *)dyp, kd_f32(dy), ndy);
     }
     if (e->wre) {
         wp = conv_wbuf(st, e);
@@ -318,6 +333,7 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
      * in float32 for the stride-2 3x3 convs of the CIFAR ResNets (measured
      * here, same process). Those run in float32; 1x1 and stride-1 stay bf16. */
     if (c.bf16 && (c.stride[0] > 1 || c.stride[1] > 1) && (c.KH > 1 || c.KW > 1)) c.bf16 = 0;
+    c.y16 = 0; /* dy is a float32 gradient */
     prim_entry *e;
     KD_TRY(conv_entry(st, PK_CONV_BWD_WEIGHTS, &c, db != NULL, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
@@ -325,17 +341,26 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
     int64_t nw = kd_tensor_numel(dw), nb = db ? kd_tensor_numel(db) : 0;
     size_t nw_pad = align64((size_t)nw * sizeof(float)) / sizeof(float);
     size_t nacc = accumulate ? nw_pad + align64((size_t)nb * sizeof(float)) / sizeof(float) : 0;
-    /* scratch floats: [dw, db when accumulating | x in bf16 | dy in bf16] */
+    /* scratch floats: [dw, db when accumulating | x converted | dy in bf16].
+     * x is converted when its type is not the kernel's: a float32 x read as
+     * bf16, or a bf16 x for a float32 kernel (the stride-2 rule above). */
     int64_t nx = kd_tensor_numel(x), ndy = kd_tensor_numel(dy);
-    KD_TRY(kd__cpu_scratch_reserve_for(st, e, nacc + (c.bf16 ? bf16_floats(nx) + bf16_floats(ndy) : 0)));
+    const int cvt_x = c.bf16 != c.x16;
+    size_t nxs = !cvt_x ? 0 : c.bf16 ? bf16_floats(nx) : align64((size_t)nx * sizeof(float)) / sizeof(float);
+    KD_TRY(kd__cpu_scratch_reserve_for(st, e, nacc + nxs + (c.bf16 ? bf16_floats(ndy) : 0)));
     float *ow = accumulate ? kd__cpu_scratch_floats(st, e, 0) : kd_f32(dw);
     float *ob = !db ? NULL : accumulate ? kd__cpu_scratch_floats(st, e, nw_pad) : kd_f32(db);
     const void *xp = x->data, *dyp = dy->data;
-    if (c.bf16) {
+    if (cvt_x) {
         xp = kd__cpu_scratch_floats(st, e, nacc);
-        dyp = kd__cpu_scratch_floats(st, e, nacc + bf16_floats(nx));
-        kd__cpu_cvt_f32_bf16((uint16_t *)xp, kd_f32(x), nx);
-        kd__cpu_cvt_f32_bf16((uint16_t *)dyp, kd_f32(dy), ndy);
+        if (c.bf16)
+            kd_bf16_from_f32((uint16_t *)xp, kd_f32(x), nx);
+        else
+            kd_bf16_to_f32((float *)xp, (const uint16_t *)x->data, nx);
+    }
+    if (c.bf16) {
+        dyp = kd__cpu_scratch_floats(st, e, nacc + nxs);
+        kd_bf16_from_f32((uint16_t *)dyp, kd_f32(dy), ndy);
     }
     /* Weights in the pd's format land in the weights buffer, then reorder to OIHW. */
     exec_arg a[4] = {{DNNL_ARG_SRC, xp}, {DNNL_ARG_DIFF_DST, dyp},
@@ -353,7 +378,7 @@ static kd_status conv_bwd_weights_locked(cpu_state *st, const kd_conv2d_params *
 kd_status kd__cpu_conv2d_backward_weights(kd_backend *be, const kd_conv2d_params *p,
                                           const kd_tensor *dy, const kd_tensor *x,
                                           kd_tensor *dw, kd_tensor *db, int accumulate) {
-    if (!act_4d(dy) || !act_4d(x) || !plain_4d(dw) || (db && !plain_f32(db)) ||
+    if (!act_4d(dy) || !act_4d_any(x) || !plain_4d(dw) || (db && !plain_f32(db)) ||
         p->groups < 1 || kd_tensor_numel(dy) == 0 || kd_tensor_numel(x) == 0)
         return ref_conv_bwd_weights(be, p, dy, x, dw, db, accumulate);
     int use_ref = 0;

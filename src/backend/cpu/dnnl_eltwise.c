@@ -115,11 +115,14 @@ static dnnl_alg_kind_t eltwise_alg(kd_eltwise_kind kind) {
     }
 }
 
+/* The eltwise entry of `kind` on n values, float32, or bf16 when `bf16` (a
+ * forward on bf16 activations). */
 static kd_status eltwise_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg, float alpha,
-                               int64_t n, prim_entry **out) {
+                               int64_t n, int bf16, prim_entry **out) {
     prim_key k;
     kd__cpu_key_init(&k, kind);
     k.alg = alg;
+    k.lay = bf16;
     k.d[0] = n;
     k.f[0] = alpha;
     uint64_t h = kd__cpu_key_hash(&k);
@@ -128,7 +131,7 @@ static kd_status eltwise_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t al
     dnnl_memory_desc_t md;
     dnnl_eltwise_desc_t op, hint;
     dnnl_dims_t dims = {n};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_x);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, 1, dims, bf16 ? dnnl_bf16 : dnnl_f32, dnnl_x);
     if (s == dnnl_success)
         s = dnnl_eltwise_forward_desc_init(kind == PK_ELTWISE_FWD ? &op : &hint,
                                            dnnl_forward_training, alg, &md, alpha, 0.f);
@@ -140,7 +143,8 @@ static kd_status eltwise_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t al
 static kd_status eltwise_fwd_locked(cpu_state *st, kd_eltwise_kind kind, float alpha,
                                     const kd_tensor *x, kd_tensor *y, int *use_ref) {
     prim_entry *e;
-    KD_TRY(eltwise_entry(st, PK_ELTWISE_FWD, eltwise_alg(kind), alpha, kd_tensor_numel(x), &e));
+    KD_TRY(eltwise_entry(st, PK_ELTWISE_FWD, eltwise_alg(kind), alpha, kd_tensor_numel(x),
+                         x->dtype == KD_BF16, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     KD_TRY(kd__cpu_scratch_reserve_for(st, e, 0));
     exec_arg a[2] = {{DNNL_ARG_SRC, x->data}, {DNNL_ARG_DST, y->data}};
@@ -164,6 +168,19 @@ kd_status kd__cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float al
         kd_tensor xv = flat_view(x), yv = flat_view(y);
         return kd__cpu_eltwise_forward(be, kind, alpha, &xv, &yv);
     }
+    if (x->dtype == KD_BF16 || y->dtype == KD_BF16) {
+        /* bf16 activations: ReLU only (the graph widens x for the others). */
+        kd_status s = KD_OK;
+        int use_ref = 0;
+        if (kind != KD_ELTWISE_RELU || x->dtype != y->dtype || kd_tensor_numel(x) != kd_tensor_numel(y))
+            return kd_error(KD_ERR_INVALID, "cpu eltwise: bf16 operands need ReLU with a bf16 x and y");
+        if (kd_tensor_numel(x) == 0) return KD_OK;
+        CPU_RUN_LOCKED(s, eltwise_fwd_locked(&kd__cpu_st, kind, alpha, x, y, &use_ref));
+        if (s == KD_OK && use_ref)
+            return kd_error(KD_ERR_BACKEND, "oneDNN: no bf16 ReLU kernel for %lld values",
+                            (long long)kd_tensor_numel(x));
+        return s;
+    }
     /* oneDNN 2.6's log has up to ~4e-6 absolute error (98,000 ulp near x = 1),
      * which matters for log-ratios in distillation losses: use libm's logf. */
     int use_ref = !plain_f32(x) || !plain_f32(y) || kd_tensor_numel(x) == 0 ||
@@ -180,7 +197,7 @@ static kd_status eltwise_bwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
                                     int accumulate, int *use_ref) {
     int64_t n = kd_tensor_numel(dx);
     prim_entry *e;
-    KD_TRY(eltwise_entry(st, PK_ELTWISE_BWD, eltwise_alg(kind), alpha, n, &e));
+    KD_TRY(eltwise_entry(st, PK_ELTWISE_BWD, eltwise_alg(kind), alpha, n, 0, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     KD_TRY(kd__cpu_scratch_reserve_for(st, e, accumulate ? (size_t)n : 0));
     float *out = accumulate ? kd__cpu_scratch_floats(st, e, 0) : kd_f32(dx);
@@ -191,9 +208,32 @@ static kd_status eltwise_bwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
     return KD_OK;
 }
 
+/* ReLU backward on a bf16 src (x or y of a ReLU on bf16 activations) with
+ * float32 dy and dx: dx (+)= src > 0 ? dy : alpha * dy, the rule of the
+ * float32 kernels (a NaN src passes dy, as PyTorch's threshold_backward).
+ * The sign test reads the bf16 bits: positive and nonzero. */
+static void relu_bwd_bf16(float alpha, const float *restrict dy, const uint16_t *restrict src,
+                          float *restrict dx, int64_t n, int accumulate) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float d = (int16_t)src[i] > 0 ? dy[i] : alpha * dy[i];
+        dx[i] = accumulate ? dx[i] + d : d;
+    }
+}
+
 kd_status kd__cpu_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                    const kd_tensor *dy, const kd_tensor *src, kd_tensor *dx,
                                    int accumulate) {
+    if (src->dtype == KD_BF16) {
+        if (kind != KD_ELTWISE_RELU || dy->dtype != KD_F32 || dx->dtype != KD_F32 ||
+            dy->layout != src->layout || dx->layout != src->layout ||
+            kd_tensor_numel(dy) != kd_tensor_numel(src) || kd_tensor_numel(dx) != kd_tensor_numel(src))
+            return kd_error(KD_ERR_INVALID, "cpu eltwise backward: a bf16 src needs ReLU with "
+                                            "float32 dy and dx of its layout and size");
+        relu_bwd_bf16(alpha, kd_f32(dy), (const uint16_t *)src->data, kd_f32(dx),
+                      kd_tensor_numel(dx), accumulate);
+        return KD_OK;
+    }
     if ((blocked(dy) || blocked(src) || blocked(dx)) && dy->layout == dx->layout &&
         src->layout == dx->layout) {
         kd_tensor dyv = flat_view(dy), sv = flat_view(src), dxv = flat_view(dx);

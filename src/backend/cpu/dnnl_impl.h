@@ -169,6 +169,16 @@ static inline int act_4d(const kd_tensor *t) {
     return plain_4d(t);
 }
 
+/* A bf16 activation (precision bf16): always NCHW16C, C % 16 == 0. */
+static inline int act16(const kd_tensor *t) {
+    return blocked(t) && t->dtype == KD_BF16 && t->device == KD_DEVICE_CPU && t->data &&
+           t->ndim == 4 && t->shape[1] % KD_LAYOUT_BLOCK == 0;
+}
+
+/* act_4d, or a bf16 activation (the kernels that take those: conv, batch
+ * norm, ReLU). */
+static inline int act_4d_any(const kd_tensor *t) { return act_4d(t) || act16(t); }
+
 static inline dnnl_format_tag_t act_tag(int is_blocked) { return is_blocked ? dnnl_nChw16c : dnnl_nchw; }
 
 /* oneDNN checks (in + pl + pr - ext) / stride + 1 == out with integer
@@ -180,11 +190,9 @@ static inline int64_t right_pad(int64_t in, int64_t out, int64_t ext, int64_t st
 
 /* dst += src, n floats. */
 void kd__cpu_add_into(float *restrict dst, const float *restrict src, int64_t n);
-/* dst = bf16(src), n values, rounded to nearest even (vcvtneps2bf16 where
- * compiled in; float32 denormals flushed to zero as oneDNN does). */
-void kd__cpu_cvt_f32_bf16(uint16_t *dst, const float *src, int64_t n);
 
-/* Plain heap copies of blocked operands for the ref kernels (rare path). */
+/* Plain float32 heap copies of blocked operands (float32 or bf16) for the
+ * ref kernels (rare path). */
 #define PS_MAX 6
 typedef struct {
     int n;

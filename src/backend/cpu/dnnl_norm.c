@@ -1,7 +1,10 @@
 /* Normalisations on oneDNN (dnnl_impl.h): batch norm forward (training,
  * eval) and backward, with the running statistics and save_rstd computed
  * here (oneDNN does not update them); layer norm forward and backward over
- * the last axis, rstd from oneDNN's variance. */
+ * the last axis, rstd from oneDNN's variance. A bf16 batch-norm input (a
+ * bf16 activation) gives a bf16 output with float32 statistics; its
+ * backward widens x to float32 in scratch and runs the float32 kernel, so
+ * that gradients stay float32. */
 #include "backend/cpu/dnnl_impl.h"
 #include <math.h>
 #include <string.h>
@@ -55,16 +58,16 @@ static void bn_dims4(const kd_tensor *x, int64_t d[4]) {
 }
 
 /* The cache entry of a batch norm (PK_BN_*: dims (N, C, H, W) in the
- * activation layout `blk`) or a layer norm (PK_LN_*: dims (R, D), plain) of
- * `kind`: the forward with `prop`, or the backward against a training
- * forward as its hint. */
-static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int64_t *dims, int blk, float eps,
+ * activation layout of bit 0 of `lay`, bf16 data when bit 1 is set) or a
+ * layer norm (PK_LN_*: dims (R, D), plain float32) of `kind`: the forward
+ * with `prop`, or the backward against a training forward as its hint. */
+static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int64_t *dims, int lay, float eps,
                             unsigned flags, dnnl_prop_kind_t prop, prim_entry **out) {
     prim_key k;
     kd__cpu_key_init(&k, kind);
     k.flags = (int32_t)flags;
     k.prop = prop;
-    k.lay = blk;
+    k.lay = lay;
     for (int i = 0; i < ndims; i++) k.d[i] = dims[i];
     k.f[0] = eps;
     uint64_t h = kd__cpu_key_hash(&k);
@@ -74,7 +77,8 @@ static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int6
     dnnl_memory_desc_t md;
     dnnl_dims_t dd;
     for (int i = 0; i < ndims; i++) dd[i] = dims[i];
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, ndims, dd, dnnl_f32, bn ? act_tag(blk) : dnnl_ab);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, ndims, dd, (lay & 2) ? dnnl_bf16 : dnnl_f32,
+                                                   bn ? act_tag(lay & 1) : dnnl_ab);
     union {
         dnnl_batch_normalization_desc_t b;
         dnnl_layer_normalization_desc_t l;
@@ -93,9 +97,10 @@ static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int6
 
 /* The backward of a batch norm (nstat = nparam = channels) or a layer norm
  * (nstat rows, nparam columns) once its entry e exists. Scratch floats: var
- * (nstat), dgamma, dbeta, a zero shift (nparam each), then dx when
- * accumulating or not wanted; the parameter gradients always land in scratch
- * first, so that NULL outputs and accumulate=1 take one path. */
+ * (nstat), dgamma, dbeta, a zero shift (nparam each), dx when accumulating
+ * or not wanted, then x widened to float32 when it is bf16; the parameter
+ * gradients always land in scratch first, so that NULL outputs and
+ * accumulate=1 take one path. */
 static kd_status norm_bwd_run(cpu_state *st, prim_entry *e, float eps, int64_t nstat, int64_t nparam,
                               const kd_tensor *dy, const kd_tensor *x, const kd_tensor *gamma,
                               const kd_tensor *save_mean, const kd_tensor *save_rstd, kd_tensor *dx,
@@ -104,12 +109,20 @@ static kd_status norm_bwd_run(cpu_state *st, prim_entry *e, float eps, int64_t n
     const int dx_scratch = accumulate || !dx;
     const size_t spad = align64((size_t)nstat * sizeof(float)) / sizeof(float);
     const size_t ppad = align64((size_t)nparam * sizeof(float)) / sizeof(float);
-    KD_TRY(kd__cpu_scratch_reserve_for(st, e, spad + 3 * ppad + (dx_scratch ? (size_t)n : 0)));
+    const size_t npad = align64((size_t)n * sizeof(float)) / sizeof(float);
+    const int x16 = x->dtype == KD_BF16;
+    KD_TRY(kd__cpu_scratch_reserve_for(st, e, spad + 3 * ppad + (dx_scratch ? npad : 0) + (x16 ? npad : 0)));
     float *var = kd__cpu_scratch_floats(st, e, 0);
     float *dg = kd__cpu_scratch_floats(st, e, spad);
     float *dbt = kd__cpu_scratch_floats(st, e, spad + ppad);
     float *shift = kd__cpu_scratch_floats(st, e, spad + 2 * ppad);
     float *dxo = dx_scratch ? kd__cpu_scratch_floats(st, e, spad + 3 * ppad) : kd_f32(dx);
+    const void *xp = x->data;
+    if (x16) {
+        float *xw = kd__cpu_scratch_floats(st, e, spad + 3 * ppad + (dx_scratch ? npad : 0));
+        kd_bf16_to_f32(xw, (const uint16_t *)x->data, n);
+        xp = xw;
+    }
     /* oneDNN wants the variance; rebuild it from rstd = 1/sqrt(var + eps). */
     const float *rstd = kd_f32(save_rstd);
 #pragma omp parallel for schedule(static) if (nstat > 65536)
@@ -117,7 +130,7 @@ static kd_status norm_bwd_run(cpu_state *st, prim_entry *e, float eps, int64_t n
         double r = rstd[i];
         var[i] = (float)(1.0 / (r * r) - (double)eps);
     }
-    exec_arg a[9] = {{DNNL_ARG_SRC, x->data},  {DNNL_ARG_MEAN, save_mean->data},
+    exec_arg a[9] = {{DNNL_ARG_SRC, xp},       {DNNL_ARG_MEAN, save_mean->data},
                      {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_DIFF_DST, dy->data},
                      {DNNL_ARG_DIFF_SRC, dxo}};
     int na = 5;
@@ -155,7 +168,7 @@ static kd_status bn_fwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     int64_t d4[4];
     bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(norm_entry(st, PK_BN_FWD, 4, d4, blocked(x), p->eps, flags,
+    KD_TRY(norm_entry(st, PK_BN_FWD, 4, d4, blocked(x) | (x->dtype == KD_BF16) << 1, p->eps, flags,
                     p->training ? dnnl_forward_training : dnnl_forward_inference, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
@@ -208,7 +221,7 @@ kd_status kd__cpu_batchnorm_forward(kd_backend *be, const kd_bn_params *p, const
     /* The ref kernel reports the invalid cases (training on one value per
      * channel, missing statistics) with its messages. */
     int64_t N, C, S;
-    int use_ref = blocked(x) ? !act_4d(x) || y->layout != x->layout
+    int use_ref = blocked(x) ? !act_4d_any(x) || y->layout != x->layout || y->dtype != x->dtype
                              : !plain_f32(x) || !plain_f32(y);
     use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0;
     if (!use_ref) {
@@ -252,7 +265,7 @@ kd_status kd__cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, cons
                                      int accumulate) {
     /* Parameter gradients without gamma cannot come from a primitive without
      * use_scale. */
-    int use_ref = blocked(x) ? !act_4d(x) || dy->layout != x->layout ||
+    int use_ref = blocked(x) ? !act_4d_any(x) || !act_4d(dy) || dy->layout != x->layout ||
                                    (dx && dx->layout != x->layout)
                              : !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx));
     use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0 || (!gamma && (dgamma || dbeta));
