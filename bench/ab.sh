@@ -9,7 +9,8 @@
 # A row is MODEL/MODE (train, infer) or kd:TEACHER->STUDENT. Defaults: 3
 # rounds, the rows of bench/run.sh. Both binaries take the same flags
 # (batch 64, 2 threads, 100 classes, 3x32x32; 2 warm-up steps, 3 timed runs
-# of 5 steps per process).
+# of 5 steps per process). AB_FLAGS adds flags to both (e.g.
+# AB_FLAGS="--precision bf16").
 set -euo pipefail
 A=$1; B=$2; ROUNDS=${3:-3}; shift 3 || shift $#
 ROWS=("$@")
@@ -20,7 +21,8 @@ run() { # binary row -> img/s median
   local bin=$1 row=$2 args
   if [[ $row == kd:* ]]; then local p=${row#kd:}; args=(--model "${p#*->}" --teacher "${p%->*}" --mode kd)
   else args=(--model "${row%/*}" --mode "${row#*/}"); fi
-  "$bin" "${args[@]}" --threads 2 --warmup 2 --repeats 3 --steps 5 | sed -n 's/.*"img_s_median": \([0-9.]*\).*/\1/p'
+  # shellcheck disable=SC2086 # AB_FLAGS is a list of flags
+  "$bin" "${args[@]}" --threads 2 --warmup 2 --repeats 3 --steps 5 ${AB_FLAGS:-} | sed -n 's/.*"img_s_median": \([0-9.]*\).*/\1/p'
 }
 for ((r = 0; r < ROUNDS; r++)); do
   for row in "${ROWS[@]}"; do

@@ -213,6 +213,17 @@ static double max_rel_err(const kd_tensor *a, const kd_tensor *b) {
     return m;
 }
 
+/* The conv params of c, with precision bf16 or not, and its output size. */
+static kd_conv2d_params conv_cfg_params(const conv_cfg *c, int bf16) {
+    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups, bf16};
+    return p;
+}
+
+static void conv_cfg_out(const conv_cfg *c, int64_t *OH, int64_t *OW) {
+    *OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
+    *OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
+}
+
 /* params.bf16 = 1: the cpu kernels must compute exactly the float32 conv of
  * the bf16-rounded operands (what they read: x and w forward, dy and w for
  * backward data, x and dy for backward weights), up to float32 summation
@@ -222,11 +233,9 @@ static double max_rel_err(const kd_tensor *a, const kd_tensor *b) {
  * activations, accumulate 0 and 1. */
 static void check_conv_bf16(const conv_cfg *c, int blk) {
     if (!g_cpu->bf16) return;
-    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups, 1};
-    kd_conv2d_params pf = p;
-    pf.bf16 = 0;
-    int64_t OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
-    int64_t OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
+    kd_conv2d_params p = conv_cfg_params(c, 1), pf = conv_cfg_params(c, 0);
+    int64_t OH, OW;
+    conv_cfg_out(c, &OH, &OW);
     char msg[200];
     kd_tensor *x = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1);
     kd_tensor *w = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
@@ -351,11 +360,9 @@ static int all_bf16(const kd_tensor *t) {
  * (the ref kernel) up to one rounding of y; backward weights reads the bf16
  * x (float32 kernel for strided 3x3: x widened exactly). */
 static void check_conv_bf16_act(const conv_cfg *c) {
-    kd_conv2d_params p = {{c->stride, c->stride}, {c->pad, c->pad}, {c->dil, c->dil}, c->groups, 1};
-    kd_conv2d_params pf = p;
-    pf.bf16 = 0;
-    int64_t OH = kd_conv_out_size(c->H, c->K, c->stride, c->pad, c->dil);
-    int64_t OW = kd_conv_out_size(c->W, c->K, c->stride, c->pad, c->dil);
+    kd_conv2d_params p = conv_cfg_params(c, 1), pf = conv_cfg_params(c, 0);
+    int64_t OH, OW;
+    conv_cfg_out(c, &OH, &OW);
     char msg[200];
     kd_tensor *x = trand(tnew4(c->N, c->C, c->H, c->W), -1, 1), *xr;
     kd_tensor *w = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
