@@ -131,8 +131,9 @@ void kd_graph_set_rng(kd_graph *g, uint64_t seed, uint64_t step_key);
  * effect on backends without blocked layouts. */
 int kd_graph_set_layout_opt(kd_graph *g, int on);
 int kd_graph_layout_opt(const kd_graph *g);
-/* x in plain strided layout: x itself when it is strided, else a converted
- * copy (differentiable). NULL in, NULL out. */
+/* x as a plain strided float32 tensor: x itself when it is one, else a
+ * converted copy (differentiable; a bf16 activation is widened exactly).
+ * NULL in, NULL out. */
 kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x);
 /* x in KD_LAYOUT_NCHW16C when the backend supports it and x is a 4-d float32
  * tensor with C % 16 == 0 (differentiable); otherwise x itself. */
