@@ -1860,7 +1860,11 @@ static void test_sskd_refusals(void **state) {
 
 /* One short distillation run of method d (2 steps, 1 epoch) into out, with
  * --set key=value when key is given (and the setting the tiny data needs). */
-static void run_method(const kd_method_def *d, const char *key, const char *value, const char *out) {
+/* A short run of method d (2 steps of 1 epoch) into out, with --set key=value
+ * when key is given and the NULL-terminated flags `extra` (may be NULL) last,
+ * where they override the defaults. */
+static void run_method_ex(const kd_method_def *d, const char *key, const char *value, const char *out,
+                          const char *const *extra) {
     char teacher[PATHN], set[300];
     if (d->labels == KD_LABELS_ABSENT && d->teacher != KD_TEACHER_NONE)
         ssl_teacher(teacher, sizeof teacher);
@@ -1887,12 +1891,17 @@ static void run_method(const kd_method_def *d, const char *key, const char *valu
         args[n++] = "--set";
         args[n++] = tset[k];
     }
+    for (int k = 0; extra && extra[k] && n < 63; k++) args[n++] = extra[k];
     args[n] = NULL;
     kd_test_proc p = kd_test_run_kd(g_root, args);
     char what[128];
     snprintf(what, sizeof what, "kd distill --method %s", d->name);
     kd_test_expect_ok(&p, what);
     kd_test_proc_free(&p);
+}
+
+static void run_method(const kd_method_def *d, const char *key, const char *value, const char *out) {
+    run_method_ex(d, key, value, out, NULL);
 }
 
 /* config.yaml without the comment line (it names the file) and the out line. */
@@ -1982,6 +1991,37 @@ static void test_method_settings_recorded(void **state) {
     }
     printf("  %d methods with settings: recorded and repeated\n", tried);
     if (!tried) skip();
+}
+
+/* Every registered method, 2 steps with --precision bf16 on the cpu backend:
+ * bf16 activations reach each method's features, heads and losses, which
+ * must take them (widened where an op has no bf16 kernel); the run finishes
+ * with finite loss (a NaN loss fails the run) and logs the method's named
+ * terms, and config.yaml records the precision. Skipped where the CPU has no
+ * native bf16. */
+static void test_every_method_bf16(void **state) {
+    (void)state;
+    kd_backend *be = NULL;
+    if (kd_backend_get("cpu", &be) != KD_OK || !be->bf16) {
+        printf("  no native bf16 on this CPU: skipped\n");
+        skip();
+    }
+    need_run_a();
+    static const char *const extra[] = {"--backend", "cpu", "--precision", "bf16", NULL};
+    int n;
+    const kd_method_def *const *defs = kd_method_defs(&n);
+    for (int i = 0; i < n; i++) {
+        const kd_method_def *d = defs[i];
+        char out[DIRN], name[96];
+        snprintf(name, sizeof name, "run_bf16_%s", d->name);
+        tmp_path(out, sizeof out, name);
+        run_method_ex(d, NULL, NULL, out, extra);
+        const char *terms[8];
+        int nt = method_terms(d, terms);
+        check_run_terms(out, terms, nt);
+        expect_config_value(out, "precision", "bf16");
+    }
+    printf("  %d methods ran in bf16\n", n);
 }
 
 /* A handwritten YAML config with top-level "<method>.<setting>: value" keys
@@ -2129,6 +2169,7 @@ int main(void) {
         cmocka_unit_test(test_crd_refusals),
         cmocka_unit_test(test_sskd_refusals),
         cmocka_unit_test(test_method_settings_recorded),
+        cmocka_unit_test(test_every_method_bf16),
         cmocka_unit_test(test_pretrain),
         cmocka_unit_test(test_select),
         cmocka_unit_test(test_yaml_method_keys),
