@@ -622,6 +622,48 @@ static void test_bf16_graph(void **state) {
     kd_tensor_free(x), kd_tensor_free(lab);
 }
 
+static kd_status sum_identity(double *buf, int64_t n, void *user) {
+    (void)buf, (void)n, (void)user;
+    return KD_OK;
+}
+
+/* Synchronised batch norm (here one process: the sum is the identity) reads
+ * float32, so in a bf16 graph it gets the conv's bf16 activation widened,
+ * with gradients on or off (a no-grad forward in training mode: a key
+ * encoder), and matches the unsynchronised bf16 batch norm within one bf16
+ * rounding of y. */
+static void test_bf16_sync_bn(void **state) {
+    (void)state;
+    if (!g_cpu->bf16) {
+        fprintf(stderr, "test_bf16_sync_bn: this CPU has no native bf16; skipped\n");
+        return;
+    }
+    kd_tensor *x = trand(tnew4(4, 16, 6, 6), -1, 1), *w = trand(tnew4(16, 16, 1, 1), -0.5f, 0.5f);
+    kd_conv2d_params cp = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
+    kd_bn_params bp = {1e-5f, 0.1f, 1};
+    for (int grad = 0; grad <= 1; grad++) {
+        kd_tensor *y[2];
+        for (int sync = 0; sync <= 1; sync++) {
+            kd_graph *g = NULL;
+            KD_ASSERT_OK(kd_graph_init(&g, g_cpu));
+            KD_ASSERT_OK(kd_graph_set_precision(g, KD_BF16));
+            kd_graph_set_grad_enabled(g, grad);
+            if (sync) kd_graph_set_sync_bn(g, sum_identity, NULL, 1.0);
+            kd_tensor *h = kd_conv2d(g, kd_graph_wrap(g, KD_F32, 4, x->shape, x->data),
+                                     kd_graph_wrap(g, KD_F32, 4, w->shape, w->data), NULL, &cp);
+            kd_tensor *o = kd_graph_to_strided(g, kd_batchnorm(g, h, NULL, NULL, NULL, NULL, &bp));
+            KD_ASSERT_OK(kd_graph_status(g));
+            y[sync] = tclone(o);
+            kd_graph_free(g);
+        }
+        char msg[96];
+        snprintf(msg, sizeof msg, "bf16 graph, grad %d: synchronised batch norm", grad);
+        CLOSE(y[1], y[0], 1e-2, 1e-2, msg);
+        kd_tensor_free(y[0]), kd_tensor_free(y[1]);
+    }
+    kd_tensor_free(x), kd_tensor_free(w);
+}
+
 static void test_bf16_activations(void **state) {
     (void)state;
     check_bf16_conversions();
@@ -1056,6 +1098,7 @@ int main(void) {
         cmocka_unit_test(test_conv_bf16),
         cmocka_unit_test(test_bf16_activations),
         cmocka_unit_test(test_bf16_graph),
+        cmocka_unit_test(test_bf16_sync_bn),
         cmocka_unit_test(test_graph_precision),
         cmocka_unit_test(test_batchnorm),
         cmocka_unit_test(test_batchnorm_running_steps),

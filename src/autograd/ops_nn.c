@@ -253,7 +253,7 @@ kd_tensor *kd_batchnorm(kd_graph *g, kd_tensor *x, kd_tensor *gamma, kd_tensor *
      * through forwards that record nothing (a teacher); the others (eval
      * mode with gradients, whose rule reads x as float32, synchronised
      * statistics) widen it first. */
-    if (kd__bf16_act(x) && !((p->training && !g->bn_sum) || !g->grad_enabled)) {
+    if (kd__bf16_act(x) && ((p->training && g->bn_sum) || (!p->training && g->grad_enabled))) {
         if (!(x = in[0] = kd__to_f32(g, x))) return NULL;
     }
     if (!kd__check_act(g, "batchnorm", "input", x)) return NULL;
