@@ -611,7 +611,11 @@ kd_status kd__read_whole_file(const char *path, size_t head_len, kd__size_fn siz
     if (!S_ISREG(sb.st_mode)) return kd_error(KD_ERR_IO, "%s: not a regular file", path);
     gzFile f = gzopen(path, "rb");
     if (!f) return kd_error(KD_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    gzbuffer(f, 1 << 18);
+    /* 256 KiB buffers for large files (fewer reads), but no larger than the
+     * file: zlib allocates 3x this per open, which small files (a short list
+     * or a test split of a few records) would pay in page faults. */
+    const off_t big = (off_t)1 << 18, small = 8192;
+    gzbuffer(f, (unsigned)(sb.st_size > big ? big : sb.st_size < small ? small : sb.st_size));
     kd_status st = KD_OK;
     uint8_t *p = NULL;
     size_t cap = 0, n = 0;
