@@ -26,7 +26,7 @@ kd_tensor *kd__cpu_ps_plain(plain_set *ps, const kd_tensor *t, int is_out, kd_st
     kd_tensor_set_shape(c, t->ndim, t->shape);
     size_t bytes = kd_tensor_nbytes(c);
     /* a bf16 tensor is widened into the second half first, then reordered */
-    c->data = kd_aligned_alloc(bytes ? 2 * bytes : 64);
+    c->data = kd_aligned_alloc(bytes ? (t->dtype == KD_BF16 ? 2 : 1) * bytes : 64);
     if (!c->data) {
         *s = kd_error(KD_ERR_NOMEM, "cpu backend: out of memory for a plain copy of %zu bytes",
                       bytes);
