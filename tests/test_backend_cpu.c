@@ -194,16 +194,29 @@ static kd_tensor *round_bf16(const kd_tensor *t) {
 }
 
 /* A copy of plain t in KD_LAYOUT_NCHW16C (C % 16 == 0), or back. */
+/* Offset of (n, c, hw) in `l`, written out here independently of the
+ * library's kd_layout_offset. */
+static int64_t test_offset(kd_layout l, int64_t n, int64_t c, int64_t hw, int64_t C, int64_t HW) {
+    if (l == KD_LAYOUT_NCHW16C) return (((n * (C / 16) + c / 16) * HW) + hw) * 16 + c % 16;
+    if (l == KD_LAYOUT_NHWC) return (n * HW + hw) * C + c;
+    return (n * C + c) * HW + hw;
+}
+
+/* A float32 copy of 4-d t in layout `to` (from t's own layout). */
 static kd_tensor *relayout(const kd_tensor *t, kd_layout to) {
     kd_tensor *r = tclone(t);
     int64_t N = t->shape[0], C = t->shape[1], HW = t->shape[2] * t->shape[3];
-    if (to == KD_LAYOUT_NCHW16C)
-        kd_layout_to_nchw16c(kd_f32(r), kd_f32(t), N, C, HW, 0);
-    else
-        kd_layout_to_strided(kd_f32(r), kd_f32(t), N, C, HW, 0);
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t j = 0; j < HW; j++)
+                kd_f32(r)[test_offset(to, n, c, j, C, HW)] = kd_f32(t)[test_offset(t->layout, n, c, j, C, HW)];
     r->layout = to;
     return r;
 }
+
+/* The layout of the bf16 activations the kernel checks below build:
+ * NCHW16C or NHWC (both run). */
+static kd_layout g_act = KD_LAYOUT_NCHW16C;
 
 static double max_rel_err(const kd_tensor *a, const kd_tensor *b) {
     double m = 0, s = 0;
@@ -316,9 +329,9 @@ static void test_conv_bf16(void **state) {
  * here (round_bf16, independent of the library's conversion); *wide (if
  * given) gets the plain float32 tensor of the same rounded values. */
 static kd_tensor *bf16_act(const kd_tensor *t, kd_tensor **wide) {
-    kd_tensor *r = round_bf16(t), *rb = relayout(r, KD_LAYOUT_NCHW16C);
+    kd_tensor *r = round_bf16(t), *rb = relayout(r, g_act);
     kd_tensor *h = tnew(KD_BF16, 4, t->shape);
-    h->layout = KD_LAYOUT_NCHW16C;
+    h->layout = g_act;
     uint16_t *hd = h->data;
     for (int64_t i = 0; i < kd_tensor_numel(t); i++) {
         uint32_t u;
@@ -339,7 +352,7 @@ static kd_tensor *widen(const kd_tensor *h) {
         uint32_t u = (uint32_t)hd[i] << 16;
         memcpy(&kd_f32(b)[i], &u, 4);
     }
-    b->layout = KD_LAYOUT_NCHW16C;
+    b->layout = h->layout;
     kd_tensor *r = relayout(b, KD_LAYOUT_STRIDED);
     kd_tensor_free(b);
     return r;
@@ -368,9 +381,9 @@ static void check_conv_bf16_act(const conv_cfg *c) {
     kd_tensor *w = trand(tnew4(c->O, c->C / c->groups, c->K, c->K), -1, 1);
     kd_tensor *dy = trand(tnew4(c->N, c->O, OH, OW), -1, 1);
     kd_tensor *wr = round_bf16(w), *dyr = round_bf16(dy), *xh = bf16_act(x, &xr);
-    kd_tensor *dyk = relayout(dy, KD_LAYOUT_NCHW16C);
+    kd_tensor *dyk = relayout(dy, g_act);
     kd_tensor *y0 = tnew4(c->N, c->O, OH, OW), *yh = tnew(KD_BF16, 4, y0->shape);
-    yh->layout = KD_LAYOUT_NCHW16C;
+    yh->layout = g_act;
     KD_ASSERT_OK(g_ref->conv2d_forward(g_ref, &pf, xr, wr, NULL, y0));
     KD_ASSERT_OK(g_cpu->conv2d_forward(g_cpu, &p, xh, w, NULL, yh));
     kd_tensor *y1 = widen(yh);
@@ -408,7 +421,7 @@ static void check_bn_bf16_act(int training) {
     kd_tensor *rm0 = trand(tnew1(C), -0.2f, 0.2f), *rv0 = trand(tnew1(C), 0.5f, 1.5f);
     kd_tensor *rm1 = tclone(rm0), *rv1 = tclone(rv0);
     kd_tensor *y0 = tnew(KD_F32, 4, shape), *yh = tnew(KD_BF16, 4, shape);
-    yh->layout = KD_LAYOUT_NCHW16C;
+    yh->layout = g_act;
     kd_tensor *sm0 = tnew1(C), *sr0 = tnew1(C), *sm1 = tnew1(C), *sr1 = tnew1(C);
     KD_ASSERT_OK(g_ref->batchnorm_forward(g_ref, &p, xr, gamma, beta, rm0, rv0, y0, sm0, sr0));
     KD_ASSERT_OK(g_cpu->batchnorm_forward(g_cpu, &p, xh, gamma, beta, rm1, rv1, yh, sm1, sr1));
@@ -420,9 +433,9 @@ static void check_bn_bf16_act(int training) {
     CLOSE(sr1, sr0, 1e-5, 1e-4, msg);
     CLOSE(rm1, rm0, 1e-5, 1e-4, msg);
     CLOSE(rv1, rv0, 1e-5, 1e-4, msg);
-    kd_tensor *dy = trand(tnew(KD_F32, 4, shape), -1, 1), *dyk = relayout(dy, KD_LAYOUT_NCHW16C);
+    kd_tensor *dy = trand(tnew(KD_F32, 4, shape), -1, 1), *dyk = relayout(dy, g_act);
     for (int acc = 0; acc <= 1; acc++) {
-        kd_tensor *dx0 = trand(tnew(KD_F32, 4, shape), -1, 1), *dxk = relayout(dx0, KD_LAYOUT_NCHW16C);
+        kd_tensor *dx0 = trand(tnew(KD_F32, 4, shape), -1, 1), *dxk = relayout(dx0, g_act);
         kd_tensor *dg0 = trand(tnew1(C), -1, 1), *db0 = trand(tnew1(C), -1, 1);
         kd_tensor *dg1 = tclone(dg0), *db1 = tclone(db0);
         KD_ASSERT_OK(g_ref->batchnorm_backward(g_ref, &p, dy, xr, gamma, sm0, sr0, dx0, dg0, db0, acc));
@@ -452,15 +465,15 @@ static void check_relu_bf16_act(float alpha) {
     for (int64_t i = 0; i < kd_tensor_numel(x); i += 17) kd_f32(x)[i] = (i / 17) % 2 ? 0.0f : -0.0f;
     kd_tensor *xr, *xh = bf16_act(x, &xr);
     kd_tensor *y0 = tnew(KD_F32, 4, shape), *yh = tnew(KD_BF16, 4, shape);
-    yh->layout = KD_LAYOUT_NCHW16C;
+    yh->layout = g_act;
     KD_ASSERT_OK(g_ref->eltwise_forward(g_ref, KD_ELTWISE_RELU, alpha, xr, y0));
     KD_ASSERT_OK(g_cpu->eltwise_forward(g_cpu, KD_ELTWISE_RELU, alpha, xh, yh));
     kd_tensor *y1 = widen(yh), *y0r = round_bf16(y0);
     snprintf(msg, sizeof msg, "bf16-activation relu alpha %g: forward", alpha);
     CLOSE(y1, y0r, 0, 0, msg);
-    kd_tensor *dy = trand(tnew(KD_F32, 4, shape), -1, 1), *dyk = relayout(dy, KD_LAYOUT_NCHW16C);
+    kd_tensor *dy = trand(tnew(KD_F32, 4, shape), -1, 1), *dyk = relayout(dy, g_act);
     for (int acc = 0; acc <= 1; acc++) {
-        kd_tensor *dx0 = trand(tnew(KD_F32, 4, shape), -1, 1), *dxk = relayout(dx0, KD_LAYOUT_NCHW16C);
+        kd_tensor *dx0 = trand(tnew(KD_F32, 4, shape), -1, 1), *dxk = relayout(dx0, g_act);
         KD_ASSERT_OK(g_ref->eltwise_backward(g_ref, KD_ELTWISE_RELU, alpha, dy, xr, dx0, acc));
         KD_ASSERT_OK(g_cpu->eltwise_backward(g_cpu, KD_ELTWISE_RELU, alpha, dyk, xh, dxk, acc));
         kd_tensor *dx1 = relayout(dxk, KD_LAYOUT_STRIDED);
@@ -503,7 +516,39 @@ static void check_bf16_conversions(void) {
         if (u != (uint32_t)h[i] << 16) fail_msg("kd_bf16_to_f32 is not exact at %lld", (long long)i);
     }
     kd_tensor_free(t), kd_tensor_free(r);
+}
 
+/* kd_layout_convert between every pair of the three 4-d layouts (and the
+ * same-layout copy), overwriting and accumulating, against test_offset. */
+static void check_layout_convert(void) {
+    static const kd_layout L[3] = {KD_LAYOUT_STRIDED, KD_LAYOUT_NCHW16C, KD_LAYOUT_NHWC};
+    int64_t N = 2, C = 32, H = 3, W = 5, HW = H * W;
+    kd_tensor *x = trand(tnew4(N, C, H, W), -2, 2), *d0 = trand(tnew4(N, C, H, W), -2, 2);
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int acc = 0; acc <= 1; acc++) {
+                kd_tensor *src = relayout(x, L[a]), *dst = relayout(d0, L[b]);
+                kd_layout_convert(kd_f32(dst), L[b], kd_f32(src), L[a], N, C, HW, acc);
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t c = 0; c < C; c++)
+                        for (int64_t j = 0; j < HW; j++) {
+                            float want = kd_f32(x)[test_offset(KD_LAYOUT_STRIDED, n, c, j, C, HW)];
+                            if (acc) want += kd_f32(d0)[test_offset(KD_LAYOUT_STRIDED, n, c, j, C, HW)];
+                            float got = kd_f32(dst)[test_offset(L[b], n, c, j, C, HW)];
+                            if (got != want)
+                                fail_msg("kd_layout_convert %d -> %d acc %d: (%lld, %lld, %lld) is %g, expected %g",
+                                         (int)L[a], (int)L[b], acc, (long long)n, (long long)c, (long long)j,
+                                         (double)got, (double)want);
+                        }
+                kd_tensor_free(src), kd_tensor_free(dst);
+            }
+    kd_tensor_free(x), kd_tensor_free(d0);
+}
+
+/* The plain float32 copies the cpu backend hands its ref kernels for a bf16
+ * activation in g_act (kd__cpu_ps_plain), and the write-back of an output
+ * (kd__cpu_ps_finish). */
+static void check_bf16_plain_copies(void) {
     kd_tensor *x = trand(tnew4(2, 32, 3, 5), -2, 2), *xr, *xh = bf16_act(x, &xr);
     plain_set ps = {0};
     kd_status s = KD_OK;
@@ -575,49 +620,60 @@ static void test_bf16_graph(void **state) {
     int64_t N = 8;
     kd_tensor *x = trand(tnew4(N, 3, 16, 16), -1, 1), *lab = tnew(KD_I32, 1, &N);
     for (int64_t i = 0; i < N; i++) ((int32_t *)lab->data)[i] = (int32_t)(i * 3 % 10);
-    float loss[2];
-    size_t peak[2];
-    for (int bf = 0; bf < 2; bf++) {
+    /* The float32 graph once, then the bf16 graph with each bf16 layout. */
+    float loss_f32 = 0;
+    size_t peak_f32 = 0;
+    for (int run = 0; run < 3; run++) {
+        const int bf = run > 0;
+        const kd_layout lay = run == 2 ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
+        for (int i = 0; i < NET_PARAMS && bf; i++) memset(pr[1][i]->grad->data, 0, kd_tensor_nbytes(pr[1][i]->grad));
         kd_graph *g = NULL;
         KD_ASSERT_OK(kd_graph_init(&g, g_cpu));
         KD_ASSERT_OK(kd_graph_set_precision(g, bf ? KD_BF16 : KD_F32));
+        KD_ASSERT_OK(kd_graph_set_bf16_layout(g, lay));
+        assert_int_equal(kd_graph_bf16_layout(g), lay);
         kd_tensor *blk[4];
-        loss[bf] = small_net(g, pr[bf], x, lab, blk);
-        peak[bf] = kd_graph_peak_bytes(g);
+        float loss = small_net(g, pr[bf], x, lab, blk);
+        size_t peak = kd_graph_peak_bytes(g);
         for (int k = 0; k < 4; k++) {
             kd_dtype want = bf ? KD_BF16 : KD_F32; /* the stem's float32 result is stored in bf16 too */
-            if (blk[k]->dtype != want || blk[k]->layout != KD_LAYOUT_NCHW16C)
-                fail_msg("%s graph: block tensor %d is %s, expected blocked %s", bf ? "bf16" : "f32", k,
-                         kd_dtype_name(blk[k]->dtype), kd_dtype_name(want));
+            if (blk[k]->dtype != want || blk[k]->layout != lay)
+                fail_msg("%s graph: block tensor %d is %s in layout %d, expected %s in %d", bf ? "bf16" : "f32", k,
+                         kd_dtype_name(blk[k]->dtype), (int)blk[k]->layout, kd_dtype_name(want), (int)lay);
         }
         if (bf) { /* widening is exact, and what it widens holds bf16 values */
             kd_tensor *w = kd_graph_to_strided(g, blk[3]), *ref = widen(blk[3]);
             assert_int_equal(w->dtype, KD_F32);
+            assert_int_equal(w->layout, KD_LAYOUT_STRIDED);
             assert_true(all_bf16(w));
             CLOSE(w, ref, 0, 0, "to_strided of a bf16 activation");
             kd_tensor_free(ref);
         }
         kd_graph_free(g);
-    }
-    fprintf(stderr, "  small net: loss f32 %.6f bf16 %.6f, arena peak %zu / %zu bytes\n", loss[0], loss[1],
-            peak[0], peak[1]);
-    if (fabs(loss[1] - loss[0]) > 1e-2 * fabs(loss[0])) fail_msg("bf16 loss %g vs f32 %g", loss[1], loss[0]);
-    if (loss[1] == loss[0]) fail_msg("bf16 loss equals the f32 loss: bf16 was not used");
-    for (int i = 0; i < NET_PARAMS; i++) {
-        double num = 0, den = 0;
-        const float *a = kd_f32(pr[1][i]->grad), *b = kd_f32(pr[0][i]->grad);
-        for (int64_t j = 0; j < kd_tensor_numel(pr[0][i]); j++) {
-            num += ((double)a[j] - b[j]) * ((double)a[j] - b[j]);
-            den += (double)b[j] * b[j];
+        if (!bf) {
+            loss_f32 = loss, peak_f32 = peak;
+            continue;
         }
-        double rel = sqrt(num / (den > 0 ? den : 1));
-        /* Measured: 0.6-12% in the conv and BN parameters (5-9% with bf16
-         * convolutions on float32 activations): BN's backward subtracts
-         * nearly equal terms at this random init. A lost or misplaced
-         * gradient is off by ~100%. */
-        if (rel > 0.2) fail_msg("parameter %d: bf16 gradient is %.3g (relative L2) from f32's", i, rel);
+        fprintf(stderr, "  small net, bf16 layout %s: loss f32 %.6f bf16 %.6f, arena peak %zu / %zu bytes\n",
+                lay == KD_LAYOUT_NHWC ? "NHWC" : "NCHW16C", loss_f32, loss, peak_f32, peak);
+        if (fabs(loss - loss_f32) > 1e-2 * fabs(loss_f32)) fail_msg("bf16 loss %g vs f32 %g", loss, loss_f32);
+        if (loss == loss_f32) fail_msg("bf16 loss equals the f32 loss: bf16 was not used");
+        for (int i = 0; i < NET_PARAMS; i++) {
+            double num = 0, den = 0;
+            const float *a = kd_f32(pr[1][i]->grad), *b = kd_f32(pr[0][i]->grad);
+            for (int64_t j = 0; j < kd_tensor_numel(pr[0][i]); j++) {
+                num += ((double)a[j] - b[j]) * ((double)a[j] - b[j]);
+                den += (double)b[j] * b[j];
+            }
+            double rel = sqrt(num / (den > 0 ? den : 1));
+            /* Measured: 0.6-12% in the conv and BN parameters (5-9% with bf16
+             * convolutions on float32 activations): BN's backward subtracts
+             * nearly equal terms at this random init. A lost or misplaced
+             * gradient is off by ~100%. */
+            if (rel > 0.2) fail_msg("parameter %d: bf16 gradient is %.3g (relative L2) from f32's", i, rel);
+        }
+        if (peak * 10 > peak_f32 * 8) fail_msg("bf16 arena peak %zu is not 20%% below f32's %zu", peak, peak_f32);
     }
-    if (peak[1] * 10 > peak[0] * 8) fail_msg("bf16 arena peak %zu is not 20%% below f32's %zu", peak[1], peak[0]);
     for (int i = 0; i < NET_PARAMS; i++) kd_tensor_free(pr[0][i]), kd_tensor_free(pr[1][i]);
     kd_tensor_free(x), kd_tensor_free(lab);
 }
@@ -641,12 +697,15 @@ static void test_bf16_sync_bn(void **state) {
     kd_tensor *x = trand(tnew4(4, 16, 6, 6), -1, 1), *w = trand(tnew4(16, 16, 1, 1), -0.5f, 0.5f);
     kd_conv2d_params cp = {{1, 1}, {0, 0}, {1, 1}, 1, 0};
     kd_bn_params bp = {1e-5f, 0.1f, 1};
-    for (int grad = 0; grad <= 1; grad++) {
+    for (int run = 0; run < 4; run++) {
+        const int grad = run & 1;
+        const kd_layout lay = run & 2 ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
         kd_tensor *y[2];
         for (int sync = 0; sync <= 1; sync++) {
             kd_graph *g = NULL;
             KD_ASSERT_OK(kd_graph_init(&g, g_cpu));
             KD_ASSERT_OK(kd_graph_set_precision(g, KD_BF16));
+            KD_ASSERT_OK(kd_graph_set_bf16_layout(g, lay));
             kd_graph_set_grad_enabled(g, grad);
             if (sync) kd_graph_set_sync_bn(g, sum_identity, NULL, 1.0);
             kd_tensor *h = kd_conv2d(g, kd_graph_wrap(g, KD_F32, 4, x->shape, x->data),
@@ -657,7 +716,8 @@ static void test_bf16_sync_bn(void **state) {
             kd_graph_free(g);
         }
         char msg[96];
-        snprintf(msg, sizeof msg, "bf16 graph, grad %d: synchronised batch norm", grad);
+        snprintf(msg, sizeof msg, "bf16 graph (%s), grad %d: synchronised batch norm",
+                 lay == KD_LAYOUT_NHWC ? "NHWC" : "NCHW16C", grad);
         CLOSE(y[1], y[0], 1e-2, 1e-2, msg);
         kd_tensor_free(y[0]), kd_tensor_free(y[1]);
     }
@@ -667,6 +727,12 @@ static void test_bf16_sync_bn(void **state) {
 static void test_bf16_activations(void **state) {
     (void)state;
     check_bf16_conversions();
+    check_layout_convert();
+    for (int l = 0; l < 2; l++) {
+        g_act = l ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
+        check_bf16_plain_copies();
+    }
+    g_act = KD_LAYOUT_NCHW16C;
     if (!g_cpu->bf16) {
         fprintf(stderr, "test_bf16_activations: this CPU has no native bf16; kernels skipped\n");
         return;
@@ -677,11 +743,15 @@ static void test_bf16_activations(void **state) {
         {2, 64, 6, 6, 32, 1, 1, 0, 1, 1, 0},   /* 1x1 */
         {2, 32, 8, 8, 64, 1, 2, 0, 1, 1, 0},   /* strided 1x1 (a downsample projection) */
     };
-    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) check_conv_bf16_act(&cs[i]);
-    check_bn_bf16_act(1);
-    check_bn_bf16_act(0);
-    check_relu_bf16_act(0.0f);
-    check_relu_bf16_act(0.1f);
+    for (int l = 0; l < 2; l++) { /* kd's two bf16 activation layouts */
+        g_act = l ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
+        for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) check_conv_bf16_act(&cs[i]);
+        check_bn_bf16_act(1);
+        check_bn_bf16_act(0);
+        check_relu_bf16_act(0.0f);
+        check_relu_bf16_act(0.1f);
+    }
+    g_act = KD_LAYOUT_NCHW16C;
 }
 
 /* The graph setting: bf16 only where the backend has it natively; the

@@ -141,7 +141,8 @@ kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
 
 /* Compute precision of the graph's convolutions: KD_F32 (default) or KD_BF16
  * (bf16 multiplies, float32 accumulation). In a bf16 graph blocked conv
- * outputs are bf16 activations (KD_BF16, NCHW16C), which batch norm, ReLU /
+ * outputs are bf16 activations (KD_BF16, in the graph's bf16 layout: see
+ * kd_graph_set_bf16_layout), which batch norm, ReLU /
  * leaky ReLU and the add of two of them keep; every other op widens them to
  * float32 first (kd_graph_to_strided gives float32 too). Gradients and the
  * parameters stay float32, so the optimiser keeps float32 master weights.
@@ -149,6 +150,16 @@ kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
  * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. */
 kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute);
 kd_dtype kd_graph_precision(const kd_graph *g);
+/* Layout of the bf16 activations of a bf16 graph: KD_LAYOUT_NCHW16C or
+ * KD_LAYOUT_NHWC (channels-last). The default is the backend's
+ * `bf16_layout` (the cpu backend: NHWC on CPUs with AMX, whose bf16
+ * backward convolutions oneDNN runs only channels-last, NCHW16C elsewhere);
+ * KD_BF16_LAYOUT=nhwc or =nchw16c in the environment overrides it (to
+ * compare). Either way an NHWC activation is widened to plain float32 for
+ * every op but conv, batch norm, ReLU / leaky ReLU and add. Returns
+ * KD_ERR_INVALID for another layout. */
+kd_status kd_graph_set_bf16_layout(kd_graph *g, kd_layout layout);
+kd_layout kd_graph_bf16_layout(const kd_graph *g);
 
 /* A sum over the processes of a data-parallel run, in place on n doubles;
  * every process calls it at the same points with the same n. */

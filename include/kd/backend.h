@@ -15,7 +15,9 @@
  *     `blocked_channels` == 16 the activations of conv2d, batch norm (4-d),
  *     pool2d and eltwise kernels (x, y, dy, dx, and max pooling's ws) may
  *     also be KD_LAYOUT_NCHW16C, each read and written in the layout its own
- *     descriptor says (a conv may take plain x and write blocked y). Weights,
+ *     descriptor says (a conv may take plain x and write blocked y); on a
+ *     backend with `bf16`, conv, batch norm and eltwise operands may also be
+ *     KD_LAYOUT_NHWC (kd_graph_set_bf16_layout). Weights,
  *     biases, per-channel vectors and their gradients are always plain
  *     (OIHW as in PyTorch). Shapes are checked by the caller (autograd);
  *     kernels may assume them.
@@ -79,9 +81,15 @@ struct kd_backend {
     /* 1 when conv2d kernels honour kd_conv2d_params.bf16 with native bf16
      * arithmetic (oneDNN on AVX-512-BF16 or AMX); set when the backend is
      * first looked up. Such a backend also takes bf16 activations (KD_BF16,
-     * NCHW16C) as conv x and y, batch-norm x and y (float32 statistics and
-     * gradients) and ReLU x, y and backward src (float32 dy, dx). */
+     * NCHW16C or NHWC) as conv x and y, batch-norm x and y (float32
+     * statistics and gradients) and ReLU x, y and backward src (float32 dy,
+     * dx), and the float32 gradients and conv inputs of those layouts. */
     int bf16;
+    /* The layout of bf16 activations that reaches this machine's fastest
+     * bf16 kernels: KD_LAYOUT_NCHW16C, or KD_LAYOUT_NHWC where oneDNN's
+     * bf16 backward convolutions run only channels-last (AMX); set with
+     * `bf16`. The graph's default (kd_graph_set_bf16_layout). */
+    int bf16_layout;
 
     /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */
     kd_status (*conv2d_forward)(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,

@@ -84,9 +84,13 @@ typedef enum { KD_DEVICE_CPU = 0, KD_DEVICE_CUDA } kd_device;
  * elementwise loops over the flat buffer are exact when every operand has the
  * same layout; the `stride` fields of such a tensor are unused (0). The
  * autograd layer creates them only on backends with `blocked_channels` (see
- * backend.h). KD_LAYOUT_OPAQUE is reserved for a backend's own descriptor
- * (`layout_desc`). */
-typedef enum { KD_LAYOUT_STRIDED = 0, KD_LAYOUT_OPAQUE, KD_LAYOUT_NCHW16C } kd_layout;
+ * backend.h). KD_LAYOUT_NHWC is channels-last: a 4-d tensor of shape
+ * (N, C, H, W) stored as [N][H][W][C], also without padding and with unused
+ * strides; the autograd layer uses it only for the bf16 activations of
+ * graphs on CPUs whose fastest bf16 kernels want it (AMX; backend.h
+ * `bf16_layout`). KD_LAYOUT_OPAQUE is reserved for a backend's own
+ * descriptor (`layout_desc`). */
+typedef enum { KD_LAYOUT_STRIDED = 0, KD_LAYOUT_OPAQUE, KD_LAYOUT_NCHW16C, KD_LAYOUT_NHWC } kd_layout;
 
 #define KD_LAYOUT_BLOCK 16 /* channel block of KD_LAYOUT_NCHW16C */
 
@@ -135,6 +139,15 @@ void kd_layout_to_nchw16c(float *dst, const float *src, int64_t N, int64_t C, in
                           int accumulate);
 void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
                           int accumulate);
+/* The same between contiguous NCHW and NHWC (any C). */
+void kd_layout_to_nhwc(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                       int accumulate);
+void kd_layout_nhwc_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                               int accumulate);
+/* Any of the three 4-d layouts (KD_LAYOUT_STRIDED contiguous, NCHW16C, NHWC)
+ * to any other, or a copy (accumulate) when they are the same. */
+void kd_layout_convert(float *dst, kd_layout dst_layout, const float *src, kd_layout src_layout,
+                       int64_t N, int64_t C, int64_t HW, int accumulate);
 /* bfloat16 <-> float32 on raw buffers of n values. To bf16: round to
  * nearest even, as PyTorch's .to(torch.bfloat16) and oneDNN; float32
  * denormals (below 1.2e-38) become signed zeros, as vcvtneps2bf16 makes
@@ -161,6 +174,7 @@ static inline int64_t kd_layout_offset(kd_layout layout, int64_t n, int64_t c, i
     if (layout == KD_LAYOUT_NCHW16C)
         return ((n * (C / KD_LAYOUT_BLOCK) + c / KD_LAYOUT_BLOCK) * HW + hw) * KD_LAYOUT_BLOCK +
                c % KD_LAYOUT_BLOCK;
+    if (layout == KD_LAYOUT_NHWC) return (n * HW + hw) * C + c;
     return (n * C + c) * HW + hw;
 }
 

@@ -159,6 +159,7 @@ struct kd_graph {
     int grad_enabled;
     int layout_opt;   /* blocked activations (backend has blocked_channels) */
     int conv_bf16;    /* kd_graph_set_precision(KD_BF16): convs in bf16 */
+    kd_layout bf16_layout; /* of bf16 activations: NCHW16C or NHWC (kd_graph_set_bf16_layout) */
     uint64_t seed, step_key; /* dropout streams */
     uint32_t n_dropout;      /* dropout calls this step (stream index) */
     size_t heap_allocs;      /* tape and mem-table growth, leaf .grad allocations */
@@ -199,11 +200,17 @@ int kd__check_f32(kd_graph *g, const char *op, const char *what, const kd_tensor
 /* Same, but a KD_LAYOUT_NCHW16C tensor passes too (ops that keep layouts). */
 int kd__check_f32_any(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
 static inline int kd__blocked(const kd_tensor *t) { return t && t->layout == KD_LAYOUT_NCHW16C; }
-/* A bf16 activation: what convolutions of a bf16 graph write (always
- * NCHW16C) and batch norm, ReLU / leaky ReLU and add keep. Every other op
- * widens it to float32 first (kd__to_f32, kd__to_strided). */
+/* In one of the activation layouts without strides: NCHW16C or NHWC. */
+static inline int kd__packed(const kd_tensor *t) {
+    return t && (t->layout == KD_LAYOUT_NCHW16C || t->layout == KD_LAYOUT_NHWC);
+}
+/* A bf16 activation: what convolutions of a bf16 graph write (in the
+ * graph's bf16_layout, NCHW16C or NHWC) and batch norm, ReLU / leaky ReLU
+ * and add keep. Every other op widens it to float32 first (kd__to_f32,
+ * kd__to_strided); an NHWC one always to plain NCHW, so that no other op
+ * meets that layout. */
 static inline int kd__bf16_act(const kd_tensor *t) {
-    return t && t->dtype == KD_BF16 && t->layout == KD_LAYOUT_NCHW16C;
+    return t && t->dtype == KD_BF16 && kd__packed(t);
 }
 /* kd__check_f32_any, or a bf16 activation (the ops that keep those). */
 int kd__check_act(kd_graph *g, const char *op, const char *what, const kd_tensor *t);
@@ -211,13 +218,17 @@ int kd__check_act(kd_graph *g, const char *op, const char *what, const kd_tensor
  * blocked, else x; NULL stays NULL (and a failure returns NULL with the
  * status set). */
 kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x);
-/* A bf16 activation x widened to float32 in its layout (a recorded
- * KD_OP_TO_STRIDED node), else x: what ops without bf16 kernels call on
- * inputs that may be activations. */
+/* A bf16 activation x widened to float32 (a recorded KD_OP_TO_STRIDED
+ * node) in its layout when NCHW16C, plain when NHWC, else x: what ops
+ * without bf16 kernels call on inputs that may be activations. */
 kd_tensor *kd__to_f32(kd_graph *g, kd_tensor *x);
+/* x in `layout` (a recorded KD_OP_TO_STRIDED node, widening a bf16
+ * activation), or x when it already is. */
+kd_tensor *kd__to_layout(kd_graph *g, kd_tensor *x, kd_layout layout);
 /* 1 when ops of g may produce NCHW16C tensors of C channels. */
 int kd__blocked_ok(const kd_graph *g, int64_t C);
-/* Arena tensor in `layout` (KD_LAYOUT_NCHW16C: 4-d, C % 16 == 0, strides 0). */
+/* Arena tensor in `layout` (KD_LAYOUT_NCHW16C: 4-d, C % 16 == 0, strides 0;
+ * KD_LAYOUT_NHWC: 4-d, strides 0). */
 kd_tensor *kd__new_lay(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape,
                        kd_layout layout);
 /* Arena float32 tensor, contiguous, leaf without grad. NULL (status set) on OOM. */

@@ -235,6 +235,10 @@ kd_status kd_graph_init(kd_graph **out, kd_backend *be) {
     /* Blocked activations wherever the backend has them; KD_LAYOUT_OPT=0
      * keeps every activation plain (for comparisons and debugging). */
     g->layout_opt = be->blocked_channels == KD_LAYOUT_BLOCK && !(lo && lo[0] == '0');
+    g->bf16_layout = be->bf16_layout == KD_LAYOUT_NHWC ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
+    const char *bl = getenv("KD_BF16_LAYOUT");
+    if (bl && !strcmp(bl, "nhwc")) g->bf16_layout = KD_LAYOUT_NHWC;
+    else if (bl && !strcmp(bl, "nchw16c")) g->bf16_layout = KD_LAYOUT_NCHW16C;
     g->status = KD_OK;
     *out = g;
     return KD_OK;
@@ -326,6 +330,16 @@ kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute) {
 }
 
 kd_dtype kd_graph_precision(const kd_graph *g) { return g->conv_bf16 ? KD_BF16 : KD_F32; }
+
+kd_status kd_graph_set_bf16_layout(kd_graph *g, kd_layout layout) {
+    if (layout != KD_LAYOUT_NCHW16C && layout != KD_LAYOUT_NHWC)
+        return kd_error(KD_ERR_INVALID, "bf16 layout %d: bf16 activations are NCHW16C or NHWC",
+                        (int)layout);
+    g->bf16_layout = layout;
+    return KD_OK;
+}
+
+kd_layout kd_graph_bf16_layout(const kd_graph *g) { return g->bf16_layout; }
 
 int kd_graph_set_mem_release(kd_graph *g, int on) {
     int prev = g->mem_release;
@@ -510,9 +524,9 @@ kd_tensor *kd__new(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape) {
 kd_tensor *kd__new_lay(kd_graph *g, kd_dtype dt, int ndim, const int64_t *shape,
                        kd_layout layout) {
     kd_tensor *t = kd__new(g, dt, ndim, shape);
-    if (t && layout == KD_LAYOUT_NCHW16C) {
+    if (t && (layout == KD_LAYOUT_NCHW16C || layout == KD_LAYOUT_NHWC)) {
         t->layout = layout;
-        for (int i = 0; i < ndim; i++) t->stride[i] = 0; /* unused for blocked tensors */
+        for (int i = 0; i < ndim; i++) t->stride[i] = 0; /* unused for packed tensors */
     }
     return t;
 }
@@ -527,13 +541,17 @@ int kd__blocked_ok(const kd_graph *g, int64_t C) {
 
 /* ------------------------------------------------------ layout conversion */
 
-/* x as a float32 tensor in `layout` (strided or NCHW16C): reordered, and
- * widened when x is a bf16 activation; recorded as a KD_OP_TO_STRIDED node
- * whose backward brings the gradient back to x's layout. */
+/* x as a float32 tensor in `layout` (strided, NCHW16C or NHWC): reordered,
+ * and widened when x is a bf16 activation; recorded as a KD_OP_TO_STRIDED
+ * node whose backward brings the gradient back to x's layout. */
 static kd_tensor *kd__relayout(kd_graph *g, kd_tensor *x, kd_layout layout) {
-    if ((x->dtype != KD_F32 && !kd__bf16_act(x)) || x->ndim != 4 || x->shape[1] % KD_LAYOUT_BLOCK)
-        return kd__fail(g, kd_error(KD_ERR_INVALID, "to_strided: a blocked tensor must be a "
-                                                    "4-d float32 or bf16 tensor with C %% 16 == 0"));
+    int needs_blocks = layout == KD_LAYOUT_NCHW16C || x->layout == KD_LAYOUT_NCHW16C;
+    if ((x->dtype != KD_F32 && !kd__bf16_act(x)) || x->ndim != 4 ||
+        (needs_blocks && x->shape[1] % KD_LAYOUT_BLOCK) ||
+        (x->layout == KD_LAYOUT_STRIDED && !kd_tensor_is_contiguous(x)))
+        return kd__fail(g, kd_error(KD_ERR_INVALID, "to_strided: a relayout takes a contiguous "
+                                                    "4-d float32 or bf16 tensor (C %% 16 == 0 "
+                                                    "to or from NCHW16C)"));
     kd_tensor *y = kd__new_lay(g, KD_F32, 4, x->shape, layout);
     if (!y) return NULL;
     int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
@@ -549,10 +567,7 @@ static kd_tensor *kd__relayout(kd_graph *g, kd_tensor *x, kd_layout layout) {
             src = kd_f32(wide);
         }
     }
-    if (src && layout == KD_LAYOUT_NCHW16C)
-        kd_layout_to_nchw16c(kd_f32(y), src, N, C, HW, 0);
-    else if (src)
-        kd_layout_to_strided(kd_f32(y), src, N, C, HW, 0);
+    if (src) kd_layout_convert(kd_f32(y), layout, src, x->layout, N, C, HW, 0);
     kd__tmp_free(g, wide);
     kd__record(g, KD_OP_TO_STRIDED, y, 1, &x);
     return g->status == KD_OK ? y : NULL;
@@ -560,12 +575,19 @@ static kd_tensor *kd__relayout(kd_graph *g, kd_tensor *x, kd_layout layout) {
 
 kd_tensor *kd__to_f32(kd_graph *g, kd_tensor *x) {
     if (!x || g->status != KD_OK || x->dtype != KD_BF16) return x;
-    return kd__relayout(g, x, x->layout);
+    return kd__relayout(g, x, x->layout == KD_LAYOUT_NHWC ? KD_LAYOUT_STRIDED : x->layout);
 }
 
 kd_tensor *kd__to_strided(kd_graph *g, kd_tensor *x) {
-    if (!x || g->status != KD_OK || x->layout != KD_LAYOUT_NCHW16C) return x;
+    if (!x || g->status != KD_OK || !kd__packed(x)) return x;
     return kd__relayout(g, x, KD_LAYOUT_STRIDED);
+}
+
+/* x in `layout` for a convolution that reads it so (f32 or a bf16
+ * activation); x itself when it already is. */
+kd_tensor *kd__to_layout(kd_graph *g, kd_tensor *x, kd_layout layout) {
+    if (!x || g->status != KD_OK || x->layout == layout) return x;
+    return kd__relayout(g, x, layout);
 }
 
 kd_tensor *kd_graph_to_strided(kd_graph *g, kd_tensor *x) {
@@ -591,10 +613,8 @@ kd_status kd__to_strided_backward(kd_graph *g, kd__node *n) {
     int64_t N = x->shape[0], C = x->shape[1], HW = x->shape[2] * x->shape[3];
     if (x->layout == dy->layout) /* a bf16 activation widened in place */
         kd__axpy(kd_f32(dx), kd_f32(dy), 1.0f, kd_tensor_numel(dx), acc);
-    else if (x->layout == KD_LAYOUT_NCHW16C)
-        kd_layout_to_nchw16c(kd_f32(dx), kd_f32(dy), N, C, HW, acc);
     else
-        kd_layout_to_strided(kd_f32(dx), kd_f32(dy), N, C, HW, acc);
+        kd_layout_convert(kd_f32(dx), x->layout, kd_f32(dy), dy->layout, N, C, HW, acc);
     return KD_OK;
 }
 
@@ -726,7 +746,7 @@ kd_tensor *kd_graph_scope_return(kd_graph *g, size_t scope, kd_tensor *keep) {
 static kd_tensor *kd__grad_new(kd_graph *g, const kd_tensor *t) {
     kd_tensor *d = kd__desc(g, KD_F32, t->ndim, t->shape);
     if (!d) return NULL;
-    if (t->layout == KD_LAYOUT_NCHW16C) {
+    if (t->layout == KD_LAYOUT_NCHW16C || t->layout == KD_LAYOUT_NHWC) {
         d->layout = t->layout;
         for (int i = 0; i < d->ndim; i++) d->stride[i] = 0; /* as kd__new_lay */
     }

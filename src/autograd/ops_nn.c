@@ -69,18 +69,30 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
     int blk = kd__blocked_ok(g, O) &&
               (G == 1 || (G == C && G == O) ||
                ((C / G) % KD_LAYOUT_BLOCK == 0 && (O / G) % KD_LAYOUT_BLOCK == 0));
-    if (!blk && kd__blocked(x)) {
+    if (!blk && kd__packed(x)) {
         if (!(x = in[0] = kd__to_strided(g, x))) return NULL;
+    }
+    /* The output's layout: NCHW16C, or NHWC for a bf16 graph whose bf16
+     * activations are NHWC (then the input goes NHWC too, whatever it was:
+     * oneDNN has no JIT kernel between plain and channels-last). */
+    kd_layout lay = blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED;
+    if (blk && g->conv_bf16 && g->bf16_layout == KD_LAYOUT_NHWC) {
+        lay = KD_LAYOUT_NHWC;
+        if (!(x = in[0] = kd__to_layout(g, x, KD_LAYOUT_NHWC))) return NULL;
     }
     /* A plain input of whole channel blocks feeding a blocked output is
      * reordered first: oneDNN 2.6 has no JIT kernel for plain-to-blocked
      * convolutions beyond the few input channels of a stem, and its reference
      * kernel takes seconds (a 1x1 convolution on a plain feature map handed
      * to a distillation regressor). */
-    if (blk && !kd__blocked(x) && C % KD_LAYOUT_BLOCK == 0) {
+    if (lay == KD_LAYOUT_NCHW16C && kd__packed(x) && !kd__blocked(x)) {
+        if (!(x = in[0] = kd__to_strided(g, x))) return NULL;
+    }
+    if (lay == KD_LAYOUT_NCHW16C && !kd__blocked(x) && C % KD_LAYOUT_BLOCK == 0) {
         if (!(x = in[0] = kd_graph_to_blocked(g, x))) return NULL;
-    } else if (blk && !kd__blocked(x) && C > 8) {
+    } else if (lay == KD_LAYOUT_NCHW16C && !kd__blocked(x) && C > 8) {
         blk = 0; /* plain to plain (oneDNN's GEMM convolution), not its reference kernel */
+        lay = KD_LAYOUT_STRIDED;
     }
     kd_conv2d_params pc = *p;
     /* bf16 precision: every convolution but those reading fewer than
@@ -92,8 +104,7 @@ kd_tensor *kd_conv2d(kd_graph *g, kd_tensor *x, kd_tensor *w, kd_tensor *b,
      * is a bf16 activation (half the bytes kept for the backward). */
     pc.bf16 = g->conv_bf16 && C >= KD_LAYOUT_BLOCK;
     int64_t ys[4] = {N, O, OH, OW};
-    kd_tensor *y = kd__new_lay(g, g->conv_bf16 && blk ? KD_BF16 : KD_F32, 4, ys,
-                               blk ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED);
+    kd_tensor *y = kd__new_lay(g, g->conv_bf16 && blk ? KD_BF16 : KD_F32, 4, ys, lay);
     if (!y) return NULL;
     kd_status s = g->be->conv2d_forward(g->be, &pc, x, w, b, y);
     if (s != KD_OK) return kd__fail(g, s);
@@ -109,7 +120,7 @@ static void kd__bias_grad_nchw(float *db, const float *dy, int64_t N, int64_t O,
     for (int64_t o = 0; o < O; o++) {
         double s = 0;
         for (int64_t i = 0; i < N; i++) {
-            if (lay == KD_LAYOUT_NCHW16C) {
+            if (lay != KD_LAYOUT_STRIDED) {
                 for (int64_t j = 0; j < HW; j++) s += dy[kd_layout_offset(lay, i, o, j, O, HW)];
                 continue;
             }
@@ -192,7 +203,7 @@ static kd_status kd__bn_sync_forward(kd_graph *g, const kd_bn_params *p, const k
                                      kd_tensor *save_rstd, double *count) {
     const int64_t N = x->shape[0], C = x->shape[1], S = kd_tensor_numel(x) / (N * C);
     const kd_layout lay = x->layout;
-    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
+    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : lay == KD_LAYOUT_NHWC ? C : 1;
     double *buf = kd__scratch(g, (size_t)(C + 1) * sizeof *buf), *mean = kd__scratch(g, (size_t)C * sizeof *mean);
     if (!buf || !mean) return g->status ? g->status : kd_error(KD_ERR_NOMEM, "batchnorm: out of memory");
     const float *xd = kd_f32(x);
@@ -315,7 +326,7 @@ static void kd__bn_eval_backward(const float *dy, const float *x, const float *m
                                  const float *rstd, const float *gamma, float *dx, float *dgamma,
                                  float *dbeta, int64_t N, int64_t C, int64_t S, int acc,
                                  kd_layout lay) {
-    int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
+    int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : lay == KD_LAYOUT_NHWC ? C : 1;
 #pragma omp parallel for schedule(static) if (N * C * S >= KD__PAR_MIN)
     for (int64_t c = 0; c < C; c++) {
         double sg = 0, sb = 0;
@@ -375,7 +386,7 @@ static kd_status kd__batchnorm_backward_sync(kd_graph *g, kd__node *n) {
     kd_tensor *x = n->in[0], *gamma = n->in[1], *beta = n->in[2], *dy = n->out->grad;
     const int64_t N = x->shape[0], C = x->shape[1], S = kd_tensor_numel(x) / (N * C);
     const kd_layout lay = x->layout;
-    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : 1;
+    const int64_t step = lay == KD_LAYOUT_NCHW16C ? KD_LAYOUT_BLOCK : lay == KD_LAYOUT_NHWC ? C : 1;
     double *loc = kd__scratch(g, (size_t)C * 2 * sizeof *loc), *glob = kd__scratch(g, (size_t)C * 2 * sizeof *glob);
     if (!loc || !glob) return g->status ? g->status : kd_error(KD_ERR_NOMEM, "batchnorm: out of memory");
     const float *dyd = kd_f32(dy), *xd = kd_f32(x), *gd = kd_f32(gamma);

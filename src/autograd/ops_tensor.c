@@ -295,7 +295,7 @@ kd_tensor *kd_concat(kd_graph *g, kd_tensor *const *xs, int n, int dim) {
         return kd__fail(g, kd_error(KD_ERR_INVALID, "concat: needs at least one input"));
     if (!kd__ok_inputs(g, "concat", n, xs)) return NULL;
     int any_blocked = 0;
-    for (int k = 0; k < n; k++) any_blocked |= kd__blocked(xs[k]);
+    for (int k = 0; k < n; k++) any_blocked |= kd__packed(xs[k]);
     if (any_blocked) {
         kd_tensor **cv = kd__scratch(g, (size_t)n * sizeof *cv);
         if (!cv) return NULL;

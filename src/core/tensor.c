@@ -161,6 +161,65 @@ void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, in
     }
 }
 
+/* Per sample, a (R, K) row-major matrix to its (K, R) transpose, in tiles
+ * of 16 x 16 (both sides stay in cache); dst = or += src. */
+static void kd__transpose_samples(float *dst, const float *src, int64_t N, int64_t R, int64_t K,
+                                  int accumulate) {
+    const int64_t T = 16, RT = (R + T - 1) / T;
+#pragma omp parallel for schedule(static) if (N * R * K >= 32768)
+    for (int64_t nt = 0; nt < N * RT; nt++) {
+        const int64_t n = nt / RT, r0 = (nt % RT) * T, r1 = r0 + T < R ? r0 + T : R;
+        const float *s = src + n * R * K;
+        float *d = dst + n * R * K;
+        for (int64_t k0 = 0; k0 < K; k0 += T) {
+            const int64_t k1 = k0 + T < K ? k0 + T : K;
+            for (int64_t k = k0; k < k1; k++) {
+                if (accumulate)
+                    for (int64_t r = r0; r < r1; r++) d[k * R + r] += s[r * K + k];
+                else
+                    for (int64_t r = r0; r < r1; r++) d[k * R + r] = s[r * K + k];
+            }
+        }
+    }
+}
+
+void kd_layout_to_nhwc(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                       int accumulate) {
+    kd__transpose_samples(dst, src, N, C, HW, accumulate);
+}
+
+void kd_layout_nhwc_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
+                               int accumulate) {
+    kd__transpose_samples(dst, src, N, HW, C, accumulate);
+}
+
+void kd_layout_convert(float *dst, kd_layout dst_layout, const float *src, kd_layout src_layout,
+                       int64_t N, int64_t C, int64_t HW, int accumulate) {
+    const int64_t n = N * C * HW;
+    if (dst_layout == src_layout) {
+#pragma omp parallel for schedule(static) if (n >= 32768)
+        for (int64_t i = 0; i < n; i++) dst[i] = accumulate ? dst[i] + src[i] : src[i];
+    } else if (src_layout == KD_LAYOUT_STRIDED && dst_layout == KD_LAYOUT_NCHW16C) {
+        kd_layout_to_nchw16c(dst, src, N, C, HW, accumulate);
+    } else if (src_layout == KD_LAYOUT_NCHW16C && dst_layout == KD_LAYOUT_STRIDED) {
+        kd_layout_to_strided(dst, src, N, C, HW, accumulate);
+    } else if (src_layout == KD_LAYOUT_STRIDED && dst_layout == KD_LAYOUT_NHWC) {
+        kd_layout_to_nhwc(dst, src, N, C, HW, accumulate);
+    } else if (src_layout == KD_LAYOUT_NHWC && dst_layout == KD_LAYOUT_STRIDED) {
+        kd_layout_nhwc_to_strided(dst, src, N, C, HW, accumulate);
+    } else { /* NCHW16C <-> NHWC: rare (a user's mix), element by element */
+#pragma omp parallel for schedule(static) if (n >= 32768)
+        for (int64_t nc = 0; nc < N * C; nc++) {
+            const int64_t i = nc / C, c = nc % C;
+            for (int64_t j = 0; j < HW; j++) {
+                float v = src[kd_layout_offset(src_layout, i, c, j, C, HW)];
+                float *d = dst + kd_layout_offset(dst_layout, i, c, j, C, HW);
+                *d = accumulate ? *d + v : v;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------ bfloat16 conversion */
 
 #define KD__CVT_BLOCK 4096 /* values per OpenMP work item */

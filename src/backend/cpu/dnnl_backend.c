@@ -37,14 +37,16 @@
  *     backend. Kernels that need temporaries (accumulate=1, statistics) take
  *     them from the same buffer, after the scratchpad part.
  *   - Activations are plain NCHW or kd's blocked NCHW16C (oneDNN nChw16c),
- *     each operand in its own tensor's layout (blocked_channels = 16). A conv
- *     with a blocked operand is created with dnnl_format_tag_any weights:
+ *     each operand in its own tensor's layout (blocked_channels = 16); the
+ *     bf16 activations of a bf16 graph may be NHWC instead (oneDNN nhwc:
+ *     `bf16_layout`, picked below, on AMX CPUs). A conv
+ *     with a packed operand is created with dnnl_format_tag_any weights:
  *     kd's weights stay OIHW, and a cached reorder (OIHW -> the pd's format
  *     before forward / backward data; the pd's format -> OIHW after backward
  *     weights) runs into the scratch buffer every call (weights change every
  *     step; they are small). All-plain convs keep plain OIHW weights. The
  *     formats are chosen in one place (conv_layout_tags).
- *   - A configuration that ends on the ref kernels with blocked operands
+ *   - A configuration that ends on the ref kernels with packed operands
  *     runs them on plain heap copies (a rare path: shapes oneDNN rejects).
  *
  * Threading and determinism: oneDNN runs on OpenMP with kd's thread count;
@@ -62,6 +64,7 @@ static kd_backend g_cpu_backend = {
     .device = KD_DEVICE_CPU,
     .blocked_channels = KD_LAYOUT_BLOCK,
     .bf16 = -1, /* resolved by kd__backend_cpu() */
+    .bf16_layout = KD_LAYOUT_NCHW16C,
     .conv2d_forward = kd__cpu_conv2d_forward,
     .conv2d_backward_data = kd__cpu_conv2d_backward_data,
     .conv2d_backward_weights = kd__cpu_conv2d_backward_weights,
@@ -91,6 +94,14 @@ static void cpu_detect_bf16(void) {
     int native = ((int)isa & (int)dnnl_cpu_isa_avx512_core_bf16) ==
                  (int)dnnl_cpu_isa_avx512_core_bf16;
     g_cpu_backend.bf16 = native && !(env && env[0] == '0');
+    /* oneDNN's AMX backward-data and backward-weights convolutions take
+     * only nhwc activations (jit_avx512_core_amx_conv_kernel.cpp: "TODO:
+     * enable support for nChw16c"), and its brgemm convolutions need nhwc
+     * in every pass; with nChw16c an AMX CPU would run AMX in the forward
+     * at most. Without AMX, nChw16c is as fast or faster
+     * (bench/conv_layouts.c, docs/PERFORMANCE.md). */
+    int amx = ((int)isa & (int)dnnl_cpu_isa_avx512_core_amx) == (int)dnnl_cpu_isa_avx512_core_amx;
+    g_cpu_backend.bf16_layout = amx ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
 }
 
 kd_backend *kd__backend_cpu(void) {

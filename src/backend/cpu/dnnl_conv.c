@@ -1,9 +1,9 @@
 /* Convolutions on oneDNN (dnnl_impl.h): forward, backward data and backward
- * weights (+ bias), activations in their tensors' layouts (plain NCHW or
- * NCHW16C), weights kd's OIHW reordered to and from the format oneDNN picks
- * (format_tag_any) through a cached reorder. Precision bf16: the kernels
- * read bf16 operands (float32 ones are rounded in scratch; bf16 activations,
- * which are always NCHW16C, are read as they are) and write float32
+ * weights (+ bias), activations in their tensors' layouts (plain NCHW,
+ * NCHW16C or NHWC), weights kd's OIHW reordered to and from the format
+ * oneDNN picks (format_tag_any) through a cached reorder. Precision bf16:
+ * the kernels read bf16 operands (float32 ones are rounded in scratch; bf16
+ * activations, NCHW16C or NHWC, are read as they are) and write float32
  * gradients; the forward writes a bf16 y when y is a bf16 tensor.
  * Configurations oneDNN rejects go to the ref kernels. */
 #include "backend/cpu/dnnl_impl.h"
@@ -42,7 +42,7 @@ static kd_status ref_conv_bwd_weights(kd_backend *be, const kd_conv2d_params *p,
 
 typedef struct {
     int64_t N, C, H, W, O, KH, KW, OH, OW, G;
-    int xb, yb; /* x (dx) / y (dy) in NCHW16C */
+    kd_layout xl, yl; /* of x (dx) / y (dy): STRIDED, NCHW16C or NHWC */
     int x16;    /* x is a bf16 tensor */
     int y16;    /* forward: y is a bf16 tensor (a bf16 kernel writes bf16; a
                  * float32 one, a stem's, writes float32 in scratch, rounded) */
@@ -58,8 +58,8 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
     c->O = w->shape[0], c->KH = w->shape[2], c->KW = w->shape[3];
     c->OH = y->shape[2], c->OW = y->shape[3];
     c->G = p->groups > 0 ? p->groups : 1;
-    c->xb = blocked(x);
-    c->yb = blocked(y);
+    c->xl = x->layout;
+    c->yl = y->layout;
     c->x16 = x->dtype == KD_BF16;
     c->y16 = y->dtype == KD_BF16;
     c->bf16 = (p->bf16 && kd__backend_cpu()->bf16 == 1) || c->x16;
@@ -76,7 +76,7 @@ static void conv_shape_init(conv_shape *c, const kd_conv2d_params *p, const kd_t
 static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_bias) {
     kd__cpu_key_init(k, kind);
     k->flags = has_bias;
-    k->lay = c->xb | c->yb << 1 | c->bf16 << 2 | (c->bf16 && c->y16) << 3;
+    k->lay = (int)c->xl | (int)c->yl << 2 | c->bf16 << 4 | (c->bf16 && c->y16) << 5;
     int64_t v[] = {c->N, c->C, c->H, c->W, c->O, c->KH, c->KW, c->OH, c->OW, c->G,
                    c->stride[0], c->stride[1], c->pad_l[0], c->pad_l[1], c->dil[0], c->dil[1]};
     memcpy(k->d, v, sizeof v);
@@ -89,9 +89,11 @@ static void conv_key(prim_key *k, prim_kind kind, const conv_shape *c, int has_b
  * the forward's format on the backward passes falls back to ref:any). */
 static void conv_layout_tags(const conv_shape *c, dnnl_format_tag_t *src, dnnl_format_tag_t *dst,
                              dnnl_format_tag_t *wei) {
-    *src = act_tag(c->xb);
-    *dst = act_tag(c->yb);
-    *wei = (c->xb || c->yb) ? dnnl_format_tag_any : c->G > 1 ? dnnl_goihw : dnnl_oihw;
+    *src = act_tag_of(c->xl);
+    *dst = act_tag_of(c->yl);
+    *wei = (c->xl != KD_LAYOUT_STRIDED || c->yl != KD_LAYOUT_STRIDED) ? dnnl_format_tag_any
+           : c->G > 1                                                 ? dnnl_goihw
+                                                                      : dnnl_oihw;
 }
 
 /* kd's weight layout: OIHW, or GOIHW for grouped convs. */
@@ -224,7 +226,7 @@ static kd_status conv_entry(cpu_state *st, prim_kind kind, const conv_shape *c, 
             &op, dnnl_convolution_direct, &src, &wei, bmd, &dst, c->stride, c->dil, c->pad_l,
             c->pad_r);
     KD_TRY(kd__cpu_cache_insert(st, &k, h, s, &op, kind == PK_CONV_FWD ? NULL : &hint, out));
-    if ((*out)->pd && (c->xb || c->yb || c->bf16)) {
+    if ((*out)->pd && (c->xl != KD_LAYOUT_STRIDED || c->yl != KD_LAYOUT_STRIDED || c->bf16)) {
         kd_status ks = conv_weight_reorder(st, *out, kind, c);
         if (ks != KD_OK) {
             /* Keep the cache consistent: the entry stays, rejected. */

@@ -151,11 +151,11 @@ static kd_status eltwise_fwd_locked(cpu_state *st, kd_eltwise_kind kind, float a
     return kd__cpu_entry_execute(st, e, a, 2);
 }
 
-/* An elementwise operand of a blocked tensor seen as a flat plain tensor of
+/* An elementwise operand of a packed tensor seen as a flat plain tensor of
  * the same shape (exact when every operand has the same layout). */
 static kd_tensor flat_view(const kd_tensor *t) {
     kd_tensor v = *t;
-    if (blocked(t)) {
+    if (packed(t)) {
         v.layout = KD_LAYOUT_STRIDED;
         kd_tensor_set_shape(&v, t->ndim, t->shape);
     }
@@ -164,7 +164,7 @@ static kd_tensor flat_view(const kd_tensor *t) {
 
 kd_status kd__cpu_eltwise_forward(kd_backend *be, kd_eltwise_kind kind, float alpha,
                                   const kd_tensor *x, kd_tensor *y) {
-    if ((blocked(x) || blocked(y)) && x->layout == y->layout) {
+    if ((packed(x) || packed(y)) && x->layout == y->layout) {
         kd_tensor xv = flat_view(x), yv = flat_view(y);
         return kd__cpu_eltwise_forward(be, kind, alpha, &xv, &yv);
     }
@@ -234,7 +234,7 @@ kd_status kd__cpu_eltwise_backward(kd_backend *be, kd_eltwise_kind kind, float a
                       kd_tensor_numel(dx), accumulate);
         return KD_OK;
     }
-    if ((blocked(dy) || blocked(src) || blocked(dx)) && dy->layout == dx->layout &&
+    if ((packed(dy) || packed(src) || packed(dx)) && dy->layout == dx->layout &&
         src->layout == dx->layout) {
         kd_tensor dyv = flat_view(dy), sv = flat_view(src), dxv = flat_view(dx);
         return kd__cpu_eltwise_backward(be, kind, alpha, &dyv, &sv, &dxv, accumulate);

@@ -56,7 +56,7 @@ typedef struct {
     int32_t alg;   /* dnnl_alg_kind_t (conv, pool, eltwise) */
     int32_t flags; /* conv: has bias; bn: dnnl_normalization_flags_t */
     int32_t prop;  /* dnnl_prop_kind_t */
-    int32_t lay;   /* layout bits: 1 src (x / dx) blocked, 2 dst (y / dy) blocked */
+    int32_t lay;   /* layout bits of the operands (per primitive kind: conv_key, norm_entry, ...) */
     int64_t d[CPU_KEY_DIMS];
     float f[2];    /* eltwise alpha; bn eps */
 } prim_key;
@@ -159,26 +159,32 @@ static inline int plain_f32(const kd_tensor *t) {
 static inline int plain_4d(const kd_tensor *t) { return plain_f32(t) && t->ndim == 4; }
 
 static inline int blocked(const kd_tensor *t) { return t && t->layout == KD_LAYOUT_NCHW16C; }
-
-/* A 4-d float32 activation oneDNN can take: plain contiguous NCHW, or
- * NCHW16C with C % 16 == 0. */
-static inline int act_4d(const kd_tensor *t) {
-    if (blocked(t))
-        return t->dtype == KD_F32 && t->device == KD_DEVICE_CPU && t->data && t->ndim == 4 &&
-               t->shape[1] % KD_LAYOUT_BLOCK == 0;
-    return plain_4d(t);
+/* NCHW16C or NHWC: the activation layouts without strides. */
+static inline int packed(const kd_tensor *t) {
+    return t && (t->layout == KD_LAYOUT_NCHW16C || t->layout == KD_LAYOUT_NHWC);
 }
 
-/* A bf16 activation (precision bf16): always NCHW16C, C % 16 == 0. */
-static inline int act16(const kd_tensor *t) {
-    return blocked(t) && t->dtype == KD_BF16 && t->device == KD_DEVICE_CPU && t->data &&
-           t->ndim == 4 && t->shape[1] % KD_LAYOUT_BLOCK == 0;
+/* A packed 4-d activation of dtype dt on the CPU (NCHW16C needs C % 16 == 0). */
+static inline int packed_4d(const kd_tensor *t, kd_dtype dt) {
+    return packed(t) && t->dtype == dt && t->device == KD_DEVICE_CPU && t->data && t->ndim == 4 &&
+           (t->layout == KD_LAYOUT_NHWC || t->shape[1] % KD_LAYOUT_BLOCK == 0);
 }
+
+/* A 4-d float32 activation oneDNN can take: plain contiguous NCHW, NCHW16C
+ * with C % 16 == 0, or NHWC. */
+static inline int act_4d(const kd_tensor *t) { return packed(t) ? packed_4d(t, KD_F32) : plain_4d(t); }
+
+/* A bf16 activation (precision bf16): NCHW16C (C % 16 == 0) or NHWC. */
+static inline int act16(const kd_tensor *t) { return packed_4d(t, KD_BF16); }
 
 /* act_4d, or a bf16 activation (the kernels that take those: conv, batch
  * norm, ReLU). */
 static inline int act_4d_any(const kd_tensor *t) { return act_4d(t) || act16(t); }
 
+/* oneDNN's tag for a 4-d activation in kd layout `l`. */
+static inline dnnl_format_tag_t act_tag_of(kd_layout l) {
+    return l == KD_LAYOUT_NCHW16C ? dnnl_nChw16c : l == KD_LAYOUT_NHWC ? dnnl_nhwc : dnnl_nchw;
+}
 static inline dnnl_format_tag_t act_tag(int is_blocked) { return is_blocked ? dnnl_nChw16c : dnnl_nchw; }
 
 /* oneDNN checks (in + pl + pr - ext) / stride + 1 == out with integer

@@ -46,10 +46,10 @@ static void bn_dims(const kd_tensor *x, int64_t *N, int64_t *C, int64_t *S) {
     for (int i = 2; i < x->ndim; i++) *S *= x->shape[i];
 }
 
-/* The 4-d dims oneDNN gets for a bn input: (N, C, H, W) of a blocked x,
+/* The 4-d dims oneDNN gets for a bn input: (N, C, H, W) of a packed x,
  * else x (N, C) or (N, C, d2...) seen as (N, C, S, 1). */
 static void bn_dims4(const kd_tensor *x, int64_t d[4]) {
-    if (blocked(x)) {
+    if (packed(x)) {
         for (int i = 0; i < 4; i++) d[i] = x->shape[i];
         return;
     }
@@ -57,8 +57,14 @@ static void bn_dims4(const kd_tensor *x, int64_t d[4]) {
     d[3] = 1;
 }
 
+/* The layout bits of a batch norm's entry: x's kd_layout (bits 0-1:
+ * strided, NCHW16C or NHWC), bf16 data in bit 2 when `data16`. */
+static int bn_lay(const kd_tensor *x, int data16) {
+    return (int)(packed(x) ? x->layout : KD_LAYOUT_STRIDED) | data16 << 2;
+}
+
 /* The cache entry of a batch norm (PK_BN_*: dims (N, C, H, W) in the
- * activation layout of bit 0 of `lay`, bf16 data when bit 1 is set) or a
+ * activation layout and data type of `lay`, bn_lay) or a
  * layer norm (PK_LN_*: dims (R, D), plain float32) of `kind`: the forward
  * with `prop`, or the backward against a training forward as its hint. */
 static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int64_t *dims, int lay, float eps,
@@ -77,8 +83,8 @@ static kd_status norm_entry(cpu_state *st, prim_kind kind, int ndims, const int6
     dnnl_memory_desc_t md;
     dnnl_dims_t dd;
     for (int i = 0; i < ndims; i++) dd[i] = dims[i];
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, ndims, dd, (lay & 2) ? dnnl_bf16 : dnnl_f32,
-                                                   bn ? act_tag(lay & 1) : dnnl_ab);
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&md, ndims, dd, (lay & 4) ? dnnl_bf16 : dnnl_f32,
+                                                   bn ? act_tag_of((kd_layout)(lay & 3)) : dnnl_ab);
     union {
         dnnl_batch_normalization_desc_t b;
         dnnl_layer_normalization_desc_t l;
@@ -168,7 +174,7 @@ static kd_status bn_fwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     int64_t d4[4];
     bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(norm_entry(st, PK_BN_FWD, 4, d4, blocked(x) | (x->dtype == KD_BF16) << 1, p->eps, flags,
+    KD_TRY(norm_entry(st, PK_BN_FWD, 4, d4, bn_lay(x, x->dtype == KD_BF16), p->eps, flags,
                     p->training ? dnnl_forward_training : dnnl_forward_inference, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
 
@@ -221,7 +227,7 @@ kd_status kd__cpu_batchnorm_forward(kd_backend *be, const kd_bn_params *p, const
     /* The ref kernel reports the invalid cases (training on one value per
      * channel, missing statistics) with its messages. */
     int64_t N, C, S;
-    int use_ref = blocked(x) ? !act_4d_any(x) || y->layout != x->layout || y->dtype != x->dtype
+    int use_ref = packed(x) ? !act_4d_any(x) || y->layout != x->layout || y->dtype != x->dtype
                              : !plain_f32(x) || !plain_f32(y);
     use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0;
     if (!use_ref) {
@@ -253,7 +259,7 @@ static kd_status bn_bwd_locked(cpu_state *st, const kd_bn_params *p, const kd_te
     int64_t d4[4];
     bn_dims4(x, d4);
     prim_entry *e;
-    KD_TRY(norm_entry(st, PK_BN_BWD, 4, d4, blocked(x), p->eps, flags, dnnl_backward, &e));
+    KD_TRY(norm_entry(st, PK_BN_BWD, 4, d4, bn_lay(x, 0), p->eps, flags, dnnl_backward, &e));
     if (!e->pd) return *use_ref = 1, KD_OK;
     return norm_bwd_run(st, e, p->eps, C, C, dy, x, gamma, save_mean, save_rstd, dx, dgamma, dbeta, accumulate);
 }
@@ -265,7 +271,7 @@ kd_status kd__cpu_batchnorm_backward(kd_backend *be, const kd_bn_params *p, cons
                                      int accumulate) {
     /* Parameter gradients without gamma cannot come from a primitive without
      * use_scale. */
-    int use_ref = blocked(x) ? !act_4d_any(x) || !act_4d(dy) || dy->layout != x->layout ||
+    int use_ref = packed(x) ? !act_4d_any(x) || !act_4d(dy) || dy->layout != x->layout ||
                                    (dx && dx->layout != x->layout)
                              : !plain_f32(x) || !plain_f32(dy) || (dx && !plain_f32(dx));
     use_ref = use_ref || x->ndim < 2 || kd_tensor_numel(x) == 0 || (!gamma && (dgamma || dbeta));

@@ -30,6 +30,10 @@ static kd_status ref_pool_bwd(kd_backend *be, const kd_pool2d_params *p, const k
 
 /* ---------------------------------------------------------------- pooling */
 
+/* The operands pooling runs here: plain or NCHW16C float32 (an NHWC one, which
+ * the graph never makes, goes to the ref kernels through plain copies). */
+static int pool_4d(const kd_tensor *t) { return act_4d(t) && t->layout != KD_LAYOUT_NHWC; }
+
 typedef struct {
     int64_t N, C, H, W, OH, OW;
     int xb, yb; /* x (dx) / y (dy) in NCHW16C */
@@ -161,7 +165,7 @@ static kd_status pool_fwd_locked(cpu_state *st, const kd_pool2d_params *p, const
 
 kd_status kd__cpu_pool2d_forward(kd_backend *be, const kd_pool2d_params *p, const kd_tensor *x,
                                  kd_tensor *y, kd_tensor *ws) {
-    int use_ref = !act_4d(x) || !act_4d(y) || kd_tensor_numel(y) == 0 ||
+    int use_ref = !pool_4d(x) || !pool_4d(y) || kd_tensor_numel(y) == 0 ||
                   kd_tensor_numel(x) == 0 ||
                   (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
                                               kd_tensor_numel(ws) != kd_tensor_numel(y)));
@@ -200,7 +204,7 @@ static kd_status pool_bwd_locked(cpu_state *st, const kd_pool2d_params *p, const
 kd_status kd__cpu_pool2d_backward(kd_backend *be, const kd_pool2d_params *p,
                                   const kd_tensor *dy, const kd_tensor *ws, kd_tensor *dx,
                                   int accumulate) {
-    if (!act_4d(dy) || !act_4d(dx) || kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0 ||
+    if (!pool_4d(dy) || !pool_4d(dx) || kd_tensor_numel(dy) == 0 || kd_tensor_numel(dx) == 0 ||
         (p->kind == KD_POOL_MAX && (!ws || ws->dtype != KD_I32 ||
                                     kd_tensor_numel(ws) != kd_tensor_numel(dy))))
         return ref_pool_bwd(be, p, dy, ws, dx, accumulate);
