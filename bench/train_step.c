@@ -300,15 +300,25 @@ int main(int argc, char **argv) {
     }
     qsort(ips, (size_t)c.repeats, sizeof ips[0], cmp_d);
     double med = c.repeats % 2 ? ips[c.repeats / 2] : 0.5 * (ips[c.repeats / 2 - 1] + ips[c.repeats / 2]);
+    /* The layout of the bf16 activations (kd_graph_bf16_layout: NHWC on AMX
+     * CPUs, or as KD_BF16_LAYOUT says). */
+    const char *bf16_layout = "none";
+    if (!strcmp(c.precision, "bf16")) {
+        kd_graph *tg = NULL;
+        if (kd_graph_init(&tg, g_real_be) == KD_OK)
+            bf16_layout = kd_graph_bf16_layout(tg) == KD_LAYOUT_NHWC ? "nhwc" : "nchw16c";
+        kd_graph_free(tg);
+    }
     printf("{\"framework\": \"kd\", \"method\": \"%s\", \"n_train\": %lld, \"model\": \"%s\", \"teacher\": %s%s%s, \"mode\": \"%s\", \"layout\": \"nchw\", "
            "\"backend\": \"%s\", \"precision\": \"%s\", \"batch\": %d, \"threads\": %d, \"classes\": %d, \"size\": %d, \"warmup\": %d, \"repeats\": %d, "
            "\"steps\": %d, \"img_s_median\": %.2f, \"img_s_min\": %.2f, \"img_s_max\": %.2f, "
            "\"flops_per_image\": %.0f, \"fwd_flops_per_image\": %.0f, \"gflops_median\": %.3f, "
-           "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\"",
+           "\"gflops_max\": %.3f, \"peak_rss_mib\": %.1f, \"rss_start_mib\": %.1f, \"gomp_spincount\": \"%s\", "
+           "\"bf16_layout\": \"%s\"",
            c.method, (long long)c.n_train, c.model, kd_mode ? "\"" : "", kd_mode ? c.teacher : "null", kd_mode ? "\"" : "", c.mode, c.backend, c.precision,
            c.batch, kd_get_num_threads(), c.classes, c.size, c.warmup, c.repeats, c.steps, med, ips[0],
            ips[c.repeats - 1], flops_img, fwd, med * flops_img * 1e-9, ips[c.repeats - 1] * flops_img * 1e-9,
-           peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default");
+           peak_rss_mib(), rss_start, getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "default", bf16_layout);
 #ifdef KD_WITH_DNNL
     if (!strcmp(c.backend, "cpu")) {
         static const char *keys[3] = {"fwd", "bwd_data", "bwd_weights"};
