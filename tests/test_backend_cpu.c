@@ -764,6 +764,12 @@ static void test_graph_precision(void **state) {
     assert_non_null(strstr(kd_last_error(), "'ref'"));
     assert_int_equal(kd_graph_precision(g), KD_F32);
     assert_int_equal(kd_graph_set_precision(g, KD_I32), KD_ERR_INVALID);
+    /* bf16 activations are NCHW16C or NHWC; anything else is refused and
+     * leaves the setting as it was. */
+    KD_ASSERT_OK(kd_graph_set_bf16_layout(g, KD_LAYOUT_NHWC));
+    assert_int_equal(kd_graph_set_bf16_layout(g, KD_LAYOUT_STRIDED), KD_ERR_INVALID);
+    assert_non_null(strstr(kd_last_error(), "NCHW16C or NHWC"));
+    assert_int_equal(kd_graph_bf16_layout(g), KD_LAYOUT_NHWC);
     kd_graph_free(g);
     KD_ASSERT_OK(kd_graph_init(&g, g_cpu));
     assert_int_equal(kd_graph_set_precision(g, KD_BF16), g_cpu->bf16 ? KD_OK : KD_ERR_UNSUPPORTED);
