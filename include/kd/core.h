@@ -139,11 +139,6 @@ void kd_layout_to_nchw16c(float *dst, const float *src, int64_t N, int64_t C, in
                           int accumulate);
 void kd_layout_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
                           int accumulate);
-/* The same between contiguous NCHW and NHWC (any C). */
-void kd_layout_to_nhwc(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
-                       int accumulate);
-void kd_layout_nhwc_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
-                               int accumulate);
 /* Any of the three 4-d layouts (KD_LAYOUT_STRIDED contiguous, NCHW16C, NHWC)
  * to any other, or a copy (accumulate) when they are the same. */
 void kd_layout_convert(float *dst, kd_layout dst_layout, const float *src, kd_layout src_layout,

@@ -183,16 +183,6 @@ static void kd__transpose_samples(float *dst, const float *src, int64_t N, int64
     }
 }
 
-void kd_layout_to_nhwc(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
-                       int accumulate) {
-    kd__transpose_samples(dst, src, N, C, HW, accumulate);
-}
-
-void kd_layout_nhwc_to_strided(float *dst, const float *src, int64_t N, int64_t C, int64_t HW,
-                               int accumulate) {
-    kd__transpose_samples(dst, src, N, HW, C, accumulate);
-}
-
 void kd_layout_convert(float *dst, kd_layout dst_layout, const float *src, kd_layout src_layout,
                        int64_t N, int64_t C, int64_t HW, int accumulate) {
     const int64_t n = N * C * HW;
@@ -204,9 +194,9 @@ void kd_layout_convert(float *dst, kd_layout dst_layout, const float *src, kd_la
     } else if (src_layout == KD_LAYOUT_NCHW16C && dst_layout == KD_LAYOUT_STRIDED) {
         kd_layout_to_strided(dst, src, N, C, HW, accumulate);
     } else if (src_layout == KD_LAYOUT_STRIDED && dst_layout == KD_LAYOUT_NHWC) {
-        kd_layout_to_nhwc(dst, src, N, C, HW, accumulate);
+        kd__transpose_samples(dst, src, N, C, HW, accumulate); /* (C, HW) -> (HW, C) */
     } else if (src_layout == KD_LAYOUT_NHWC && dst_layout == KD_LAYOUT_STRIDED) {
-        kd_layout_nhwc_to_strided(dst, src, N, C, HW, accumulate);
+        kd__transpose_samples(dst, src, N, HW, C, accumulate); /* (HW, C) -> (C, HW) */
     } else { /* NCHW16C <-> NHWC: rare (a user's mix), element by element */
 #pragma omp parallel for schedule(static) if (n >= 32768)
         for (int64_t nc = 0; nc < N * C; nc++) {

@@ -185,7 +185,6 @@ static inline int act_4d_any(const kd_tensor *t) { return act_4d(t) || act16(t);
 static inline dnnl_format_tag_t act_tag_of(kd_layout l) {
     return l == KD_LAYOUT_NCHW16C ? dnnl_nChw16c : l == KD_LAYOUT_NHWC ? dnnl_nhwc : dnnl_nchw;
 }
-static inline dnnl_format_tag_t act_tag(int is_blocked) { return is_blocked ? dnnl_nChw16c : dnnl_nchw; }
 
 /* oneDNN checks (in + pl + pr - ext) / stride + 1 == out with integer
  * division; give it the exact right padding the output needs (never below 0). */

@@ -77,8 +77,8 @@ static kd_status pool_entry(cpu_state *st, prim_kind kind, dnnl_alg_kind_t alg,
     dnnl_memory_desc_t src, dst;
     dnnl_pooling_desc_t op, hint;
     dnnl_dims_t sd = {q->N, q->C, q->H, q->W}, dd = {q->N, q->C, q->OH, q->OW};
-    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&src, 4, sd, dnnl_f32, act_tag(q->xb));
-    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(&dst, 4, dd, dnnl_f32, act_tag(q->yb));
+    dnnl_status_t s = dnnl_memory_desc_init_by_tag(&src, 4, sd, dnnl_f32, act_tag_of(q->xb ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED));
+    if (s == dnnl_success) s = dnnl_memory_desc_init_by_tag(&dst, 4, dd, dnnl_f32, act_tag_of(q->yb ? KD_LAYOUT_NCHW16C : KD_LAYOUT_STRIDED));
     /* Forward runs as inference: max pooling's argmax is kd's own format. */
     if (s == dnnl_success)
         s = dnnl_pooling_forward_desc_init(kind == PK_POOL_FWD ? &op : &hint,
