@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "autograd/autograd_impl.h"
 #include "backend/backend_impl.h"
 #include "backend/cpu/dnnl_backend.h"
 #include "backend/cpu/dnnl_impl.h"
@@ -756,6 +757,64 @@ static void test_bf16_activations(void **state) {
 
 /* The graph setting: bf16 only where the backend has it natively; the
  * refusal names the backend and leaves the graph in float32. */
+typedef struct {
+    kd_graph *g;
+    kd_status st;
+} set_bf16_arg;
+
+static void set_bf16(void *a) {
+    set_bf16_arg *x = a;
+    x->st = kd_graph_set_precision(x->g, KD_BF16);
+}
+
+/* /proc/cpuinfo's own answer to "Intel, AVX-512-BF16, no AMX": 1, 0, or -1
+ * when it cannot be read. */
+static int cpuinfo_intel_bf16_no_amx(void) {
+    size_t n = 0;
+    char *s = kd_test_slurp("/proc/cpuinfo", &n);
+    if (!s) return -1;
+    char *end = strstr(s, "\n\n"); /* the first processor only */
+    if (end) *end = '\0';
+    int r = strstr(s, "GenuineIntel") && strstr(s, " avx512_bf16") && !strstr(s, " amx_bf16");
+    free(s);
+    return r;
+}
+
+/* A bf16 graph on a backend whose bf16 is known to be slower than float32
+ * (Intel without AMX) is allowed and says so on stderr; on other backends
+ * it is silent. The cpu backend's own flag matches /proc/cpuinfo. */
+static void test_bf16_slow_warning(void **state) {
+    (void)state;
+    kd_log_level lvl = kd_log_get_level();
+    kd_log_set_level(KD_LOG_WARN);
+    for (int slow = 0; slow < 2; slow++) {
+        kd_backend be = *g_cpu;
+        be.bf16 = 1;
+        be.bf16_slow = slow;
+        kd__bf16_slow_warning_rearm();
+        /* The second graph in the process says nothing more. */
+        for (int k = 0; k < 2; k++) {
+            set_bf16_arg a = {NULL, KD_OK};
+            KD_ASSERT_OK(kd_graph_init(&a.g, &be));
+            char *err = kd_test_capture_stderr(set_bf16, &a);
+            KD_ASSERT_OK(a.st);
+            assert_int_equal(kd_graph_precision(a.g), KD_BF16);
+            int warned = strstr(err, "precision bf16") && strstr(err, "slower than float32");
+            if (warned != (slow && k == 0)) fail_msg("bf16_slow %d, graph %d: stderr was '%s'", slow, k, err);
+            free(err);
+            kd_graph_free(a.g);
+        }
+    }
+    kd_log_set_level(lvl);
+    int want = cpuinfo_intel_bf16_no_amx();
+    if (want < 0 || getenv("KD_BF16") || getenv("ONEDNN_MAX_CPU_ISA") || getenv("DNNL_MAX_CPU_ISA")) {
+        skip();
+    }
+    if (g_cpu->bf16_slow != (g_cpu->bf16 == 1 && want))
+        fail_msg("cpu backend bf16_slow %d, bf16 %d, but /proc/cpuinfo says Intel with AVX-512-BF16 and no AMX: %d",
+                 g_cpu->bf16_slow, g_cpu->bf16, want);
+}
+
 static void test_graph_precision(void **state) {
     (void)state;
     kd_graph *g = NULL;
@@ -1176,6 +1235,7 @@ int main(void) {
         cmocka_unit_test(test_bf16_graph),
         cmocka_unit_test(test_bf16_sync_bn),
         cmocka_unit_test(test_graph_precision),
+        cmocka_unit_test(test_bf16_slow_warning),
         cmocka_unit_test(test_batchnorm),
         cmocka_unit_test(test_batchnorm_running_steps),
         cmocka_unit_test(test_pool),

@@ -196,6 +196,29 @@ char *kd_test_slurp(const char *path, size_t *n) {
     return buf;
 }
 
+char *kd_test_capture_stderr(void (*fn)(void *arg), void *arg) {
+    fflush(stderr);
+    FILE *t = tmpfile();
+    assert_non_null(t);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    assert_true(dup2(fileno(t), 2) >= 0);
+    fn(arg);
+    fflush(stderr);
+    assert_true(dup2(saved, 2) >= 0);
+    close(saved);
+    assert_int_equal(fseek(t, 0, SEEK_END), 0);
+    long n = ftell(t);
+    assert_true(n >= 0);
+    char *out = malloc((size_t)n + 1);
+    assert_non_null(out);
+    rewind(t);
+    size_t got = fread(out, 1, (size_t)n, t);
+    out[got] = '\0';
+    fclose(t);
+    return out;
+}
+
 double kd_test_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -103,6 +103,10 @@ void kd_test_write_cifar100(const char *dir, int n_train, int n_test, uint64_t s
 /* The whole file, NUL-terminated, or NULL when unreadable; *n its length. */
 char *kd_test_slurp(const char *path, size_t *n);
 
+/* Runs fn(arg) with this process's stderr (fd 2) sent to a temporary file
+ * and returns what it wrote there, NUL-terminated (free it). */
+char *kd_test_capture_stderr(void (*fn)(void *arg), void *arg);
+
 /* Seconds on a monotonic clock. */
 double kd_test_now(void);
 

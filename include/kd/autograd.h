@@ -147,7 +147,9 @@ kd_tensor *kd_graph_to_blocked(kd_graph *g, kd_tensor *x);
  * float32 first (kd_graph_to_strided gives float32 too). Gradients and the
  * parameters stay float32, so the optimiser keeps float32 master weights.
  * KD_BF16 needs a backend with native bf16 (`be->bf16`): otherwise
- * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. */
+ * KD_ERR_UNSUPPORTED with a message, and the setting is unchanged. On a
+ * backend whose bf16 is known to be slower than float32 (`be->bf16_slow`)
+ * KD_BF16 is set and a warning (once per process) is logged that says so. */
 kd_status kd_graph_set_precision(kd_graph *g, kd_dtype compute);
 kd_dtype kd_graph_precision(const kd_graph *g);
 /* Layout of the bf16 activations of a bf16 graph: KD_LAYOUT_NCHW16C or

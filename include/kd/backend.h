@@ -90,6 +90,14 @@ struct kd_backend {
      * bf16 backward convolutions run only channels-last (AMX); set with
      * `bf16`. The graph's default (kd_graph_set_bf16_layout). */
     int bf16_layout;
+    /* 1 where this machine's bf16 convolutions are known to run slower than
+     * its float32 ones, so that bf16 saves memory but costs time: Intel CPUs
+     * with AVX-512-BF16 and no AMX, whose `vdpbf16ps` does not outrun two
+     * fp32 FMA ports (oneDNN's avx512_core_bf16 kernels measured 0.43-0.67x
+     * the fp32 ones on a Xeon, docs/PERFORMANCE.md). 0 otherwise (AMX; AMD
+     * Zen 4, where they run about twice as fast). kd_graph_set_precision
+     * warns when bf16 is asked for on such a backend. Set with `bf16`. */
+    int bf16_slow;
 
     /* x (N, C, H, W), w (O, C/groups, KH, KW), b (O) or NULL -> y (N, O, OH, OW). */
     kd_status (*conv2d_forward)(kd_backend *be, const kd_conv2d_params *p, const kd_tensor *x,

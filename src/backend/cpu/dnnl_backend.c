@@ -58,6 +58,10 @@
 #include "backend/cpu/dnnl_impl.h"
 
 #include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 static kd_backend g_cpu_backend = {
     .name = "cpu",
@@ -102,6 +106,21 @@ static void cpu_detect_bf16(void) {
      * (bench/conv_layouts.c, docs/PERFORMANCE.md). */
     int amx = ((int)isa & (int)dnnl_cpu_isa_avx512_core_amx) == (int)dnnl_cpu_isa_avx512_core_amx;
     g_cpu_backend.bf16_layout = amx ? KD_LAYOUT_NHWC : KD_LAYOUT_NCHW16C;
+    /* Without AMX, an Intel core's bf16 dot product (one `vdpbf16ps` port,
+     * 32 multiply-adds a cycle) does not beat its two fp32 FMA ports, and
+     * oneDNN's avx512_core_bf16 convolutions ran 0.43-0.67x its fp32 ones on
+     * a Xeon (bench/results/conv-layouts-*-intel-20261206.md); AMD's Zen 4
+     * runs them about twice as fast as fp32 (docs/PERFORMANCE.md). */
+    char vendor[13] = "";
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (__get_cpuid(0, &a, &b, &c, &d)) {
+        memcpy(vendor, &b, 4);
+        memcpy(vendor + 4, &d, 4);
+        memcpy(vendor + 8, &c, 4);
+    }
+#endif
+    g_cpu_backend.bf16_slow = g_cpu_backend.bf16 == 1 && !amx && !strcmp(vendor, "GenuineIntel");
 }
 
 kd_backend *kd__backend_cpu(void) {
