@@ -265,10 +265,11 @@ kd_tensor *kd__grad_acc(kd_graph *g, kd_tensor *t);
  * when all are fresh, else 1 (fresh ones zeroed first). -1 on failure. */
 int kd__grads_common(kd_graph *g, int k, kd_tensor *const *ts, kd_tensor **out);
 
-/* Elementwise helpers (plain C, OpenMP-parallel). dst (+)= s * src. */
 /* kd_graph_set_precision warns about slow bf16 once per process; this lets
  * it warn again (tests). */
 void kd__bf16_slow_warning_rearm(void);
+
+/* Elementwise helpers (plain C, OpenMP-parallel). dst (+)= s * src. */
 void kd__axpy(float *restrict dst, const float *restrict src, float s, int64_t n, int acc);
 /* Deterministic sum in double: fixed blocks summed in parallel, then in order. */
 double kd__sum_f64(kd_graph *g, const float *x, int64_t n);
