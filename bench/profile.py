@@ -54,16 +54,23 @@ def conv_flops(desc):
     return 2.0 * v["mb"] * v["oc"] * v["oh"] * v["ow"] * od * (v["ic"] // g) * v["kh"] * v["kw"] * kd
 
 
-def env_for(framework):
+def env_for(framework, threads, cpuinfo):
+    """Each framework's environment, by bench/run.sh's rules (the reference:
+    keep the two in step): OpenMP settings cleared so each framework gets its
+    own default; PyTorch gets OpenBLAS (KD_BENCH_TORCH_BLAS, default Debian's
+    openblas-pthread; "system" keeps the system libblas) with as many threads,
+    and OPENBLAS_CORETYPE=SkylakeX on AVX-512 CPUs."""
     env = dict(os.environ)
     for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KD_OMP_TUNED", "OMP_NUM_THREADS",
               "ONEDNN_VERBOSE", "DNNL_VERBOSE"):
         env.pop(k, None)
     if framework == "torch":
-        blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
-        if os.path.isdir(blas):
+        blas = os.environ.get("KD_BENCH_TORCH_BLAS", "/usr/lib/x86_64-linux-gnu/openblas-pthread")
+        if blas != "system" and os.path.exists(os.path.join(blas, "libblas.so.3")):
             env["LD_LIBRARY_PATH"] = blas
-            env["OPENBLAS_CORETYPE"] = "SkylakeX"
+            env["OPENBLAS_NUM_THREADS"] = str(threads)
+            if re.search(r"\bavx512f\b", cpuinfo):
+                env["OPENBLAS_CORETYPE"] = "SkylakeX"
     return env
 
 
@@ -98,8 +105,7 @@ def prim_sums(out):
     return s
 
 
-def profile(name, base_cmd, framework, steps_lo=3, steps_hi=13):
-    env = env_for(framework)
+def profile(name, base_cmd, env, steps_lo=3, steps_hi=13):
     clean = last_json(run(base_cmd, env))
     step_ms = 1000.0 * clean["batch"] / clean["img_s_median"]
     # OMP_WAIT_POLICY=active: printing each line takes long enough that
@@ -163,23 +169,20 @@ def main():
     a = ap.parse_args()
     common = ["--model", a.model, "--mode", a.mode, "--threads", str(a.threads), "--batch", str(a.batch),
               "--precision", a.precision]
-    peak_line = last_json(run([os.path.join(a.build, "bench", "bench_peak"), "--threads", str(a.threads)],
-                              env_for("kd")))
-    peak = peak_line["peak_gflops"]
-    cpu = ""
     with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    flags = open("/proc/cpuinfo").read()
-    amx = "amx_bf16" in flags
-    runs = [profile("kd %s" % a.precision, [os.path.join(a.build, "bench", "bench_train_step")] + common, "kd")]
+        cpuinfo = f.read()
+    m = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
+    cpu = m.group(1).strip() if m else ""
+    amx = "amx_bf16" in cpuinfo
+    kd_env, torch_env = env_for("kd", a.threads, cpuinfo), env_for("torch", a.threads, cpuinfo)
+    peak_line = last_json(run([os.path.join(a.build, "bench", "bench_peak"), "--threads", str(a.threads)], kd_env))
+    peak = peak_line["peak_gflops"]
+    runs = [profile("kd %s" % a.precision, [os.path.join(a.build, "bench", "bench_train_step")] + common, kd_env)]
     if not a.no_torch:
         for layout in ("nchw", "channels_last"):
             runs.append(profile("PyTorch %s %s" % (a.precision if a.precision == "f32" else "bf16 autocast", layout),
                                 ["/usr/bin/python3", os.path.join(ROOT, "bench", "torch_step.py"), "--no-impls",
-                                 "--layout", layout] + common, "torch"))
+                                 "--layout", layout] + common, torch_env))
     md = ["# Step profile: %s %s, %s, batch %d, %d threads\n" % (a.model, a.mode, a.precision, a.batch, a.threads),
           "CPU: %s (%s); fp32 peak (bench_peak): %.1f GFLOP/s.\n" % (cpu, "AMX" if amx else "no AMX", peak),
           "Command: `python3 bench/profile.py --model %s --mode %s --precision %s`\n" % (a.model, a.mode, a.precision)]
